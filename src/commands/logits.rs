@@ -1,0 +1,80 @@
+//! `blackmamba logits`: teacher-forced outputs of given token ids, for checking a port or a
+//! checkpoint against a reference.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+
+use crate::commands::ModelArgs;
+use crate::model::probe::Probe;
+use crate::model::{Logits, Model};
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+    /// Output safetensors file: logits [L, V] f32, experts [n_moe, L] i64, router_probs [n_moe, L, E] f32.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use the cached path: the first token prefilled, then one step per token.
+    #[arg(long)]
+    pub step: bool,
+}
+
+/// Logits (L, V) and the probe of a teacher-forced pass.
+pub fn teacher_forced(model: &Model, ids: &[u32], step: bool) -> crate::Result<(Tensor, Probe)> {
+    model.check_ids(ids)?;
+    let mut state = model.new_state(1)?;
+    let mut probe = Probe::new();
+    let dev = &model.device;
+    let logits = if step {
+        let first = Tensor::from_slice(&ids[..1], (1, 1), dev)?;
+        let mut rows = vec![model.forward(&first, &mut state, Logits::All, Some(&mut probe))?.squeeze(0)?];
+        for &id in &ids[1..] {
+            rows.push(model.step(&Tensor::from_slice(&[id], 1, dev)?, &mut state, Some(&mut probe))?);
+        }
+        Tensor::cat(&rows, 0)?
+    } else {
+        let t = Tensor::from_slice(ids, (1, ids.len()), dev)?;
+        model.forward(&t, &mut state, Logits::All, Some(&mut probe))?.squeeze(0)?
+    };
+    Ok((logits, probe))
+}
+
+/// The `experts` [n_moe, L] and `router_probs` [n_moe, L, E_max] tensors of a probe.
+pub fn routing_tensors(probe: &Probe, max_experts: usize) -> crate::Result<(Tensor, Tensor)> {
+    let l = probe.n_tokens;
+    let n = probe.moe.len();
+    let mut experts = Vec::with_capacity(n * l);
+    let mut probs = vec![0f32; n * l * max_experts];
+    for (m, rec) in probe.moe.iter().enumerate() {
+        experts.extend(rec.experts.iter().map(|&e| i64::from(e)));
+        for t in 0..l {
+            for e in 0..rec.n_experts {
+                probs[(m * l + t) * max_experts + e] = rec.prob(t, e);
+            }
+        }
+    }
+    Ok((Tensor::from_vec(experts, (n, l), &Device::Cpu)?, Tensor::from_vec(probs, (n, l, max_experts), &Device::Cpu)?))
+}
+
+pub fn run(m: &ModelArgs, a: &LogitsArgs) -> anyhow::Result<()> {
+    if a.ids.is_empty() {
+        anyhow::bail!("--ids: give at least one token id");
+    }
+    let loaded = super::load(m)?;
+    let model = &loaded.model;
+    let (logits, probe) = teacher_forced(model, &a.ids, a.step)?;
+    let (experts, probs) = routing_tensors(&probe, model.cfg.max_experts())?;
+    let mut out = HashMap::new();
+    out.insert("logits".to_string(), logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+    out.insert("experts".to_string(), experts);
+    out.insert("router_probs".to_string(), probs);
+    crate::model::weights::save_safetensors(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {} ({} positions, {} MoE layers)", a.out.display(), a.ids.len(), probe.moe.len());
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! blackmamba: a terminal playground for BlackMamba, Zyphra's Mamba + mixture-of-experts language
+//! model. The library holds the model (exact against the reference), its loaders, Sinkhorn
+//! routing, sampling and generation; the binary adds the CLI and the TUI.
+
+pub mod commands;
+pub mod embedded;
+pub mod error;
+pub mod generate;
+pub mod hub;
+pub mod loader;
+pub mod model;
+pub mod rng;
+pub mod sampling;
+pub mod sinkhorn;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,194 @@
+//! Where a model comes from (`--model`), and loading it with its tokenizer onto a device.
+//!
+//! * nothing: the embedded default model (or, while none ships, a random demo model);
+//! * `random:tiny|1.5b|2.8b[@seed]`: random weights of those shapes (benchmarks, demos);
+//! * a folder with `config.json`, the weights and optionally `tokenizer.json`;
+//! * a hub id such as `Zyphra/BlackMamba-2.8B` (see [`crate::hub`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::model::config::Config;
+use crate::model::random::{random_weights, RandomInit};
+use crate::model::weights::{check_and_convert, read_tensors, WeightFiles};
+use crate::model::Model;
+use crate::tokenizer;
+
+/// A model source named on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The model shipped in the binary.
+    Embedded,
+    /// Random weights of a named shape.
+    Random { shape: String, seed: u64 },
+    /// A local folder.
+    Dir(PathBuf),
+    /// A Hugging Face hub repository.
+    Hub { repo: String, revision: Option<String> },
+}
+
+impl ModelSource {
+    /// Parses `--model`: `None` is the embedded model; an existing path is a folder; `random:…`
+    /// is random weights; `2.8b` / `1.5b` are aliases of the Zyphra repos; `owner/name` is a hub id.
+    pub fn parse(arg: Option<&str>, revision: Option<&str>) -> Result<Self> {
+        let Some(arg) = arg else { return Ok(Self::Embedded) };
+        if let Some(rest) = arg.strip_prefix("random:") {
+            let (shape, seed) = match rest.split_once('@') {
+                Some((s, seed)) => (s, seed.parse().map_err(|_| Error::Invalid(format!("--model {arg}: seed '{seed}' is not a number")))?),
+                None => (rest, 0),
+            };
+            if !["tiny", "1.5b", "2.8b"].contains(&shape) {
+                return Err(Error::Invalid(format!("--model {arg}: unknown random shape '{shape}'; use random:tiny, random:1.5b or random:2.8b")));
+            }
+            return Ok(Self::Random { shape: shape.into(), seed });
+        }
+        let path = Path::new(arg);
+        if path.exists() {
+            if !path.is_dir() {
+                return Err(Error::Invalid(format!("--model {arg}: expected a folder holding config.json and the weights, found a file")));
+            }
+            return Ok(Self::Dir(path.to_path_buf()));
+        }
+        let repo = match arg.to_ascii_lowercase().as_str() {
+            "2.8b" | "blackmamba-2.8b" => "Zyphra/BlackMamba-2.8B".to_string(),
+            "1.5b" | "blackmamba-1.5b" => "Zyphra/BlackMamba-1.5B".to_string(),
+            _ if arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.contains('\\') => arg.to_string(),
+            _ => return Err(Error::Invalid(format!("--model {arg}: no such folder, and not a hub id (owner/name) or random:SHAPE"))),
+        };
+        Ok(Self::Hub { repo, revision: revision.map(str::to_string) })
+    }
+
+    /// A short name for status lines.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Embedded => "embedded".into(),
+            Self::Random { shape, seed } => format!("random:{shape}@{seed}"),
+            Self::Dir(p) => p.display().to_string(),
+            Self::Hub { repo, .. } => repo.clone(),
+        }
+    }
+}
+
+/// Config of a random shape.
+pub fn random_config(shape: &str) -> Config {
+    match shape {
+        "1.5b" => Config::blackmamba_1_5b(),
+        "2.8b" => Config::blackmamba_2_8b(),
+        _ => demo_config(),
+    }
+}
+
+/// The small shape of the demo model (GPT-NeoX vocabulary).
+pub fn demo_config() -> Config {
+    Config {
+        num_layers: 4,
+        hidden_size: 64,
+        state_size: 16,
+        conv_dimension: 4,
+        vocab_size: 50304,
+        expansion_factor: 2,
+        mamba_moe_layers: vec!["r".into(), "8".into(), "r".into(), "8".into()],
+        ffn_hidden_size: 128,
+        add_bias_linear: false,
+        swiglu: true,
+        max_sequence_length: 2048,
+        expert_activation: Default::default(),
+        layernorm_epsilon: 1e-5,
+    }
+}
+
+/// A loaded model with its tokenizer and what the UI should say about it.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub label: String,
+    /// Set for random weights: the UI shows a banner.
+    pub untrained: bool,
+    pub load_secs: f64,
+}
+
+/// Options of [`load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOpts {
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Loads a model and its tokenizer.
+pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts) -> Result<Loaded> {
+    let t0 = Instant::now();
+    let (model, tok_path, untrained) = match source {
+        ModelSource::Embedded => match crate::embedded::default_model_dir() {
+            Some(dir) => {
+                let (m, t) = load_dir(&dir, device, dtype)?;
+                (m, t, false)
+            }
+            None => (random_model("tiny", 0, device, dtype)?, None, true),
+        },
+        ModelSource::Random { shape, seed } => (random_model(shape, *seed, device, dtype)?, None, true),
+        ModelSource::Dir(dir) => {
+            let (m, t) = load_dir(dir, device, dtype)?;
+            (m, t, false)
+        }
+        ModelSource::Hub { repo, revision } => {
+            let dir = crate::hub::resolve(repo, revision.as_deref())?;
+            let (m, t) = load_dir(&dir, device, dtype)?;
+            (m, t, false)
+        }
+    };
+    let tokenizer = match opts.tokenizer.clone().or(tok_path) {
+        Some(p) => {
+            let t = tokenizer::from_file(&p)?;
+            tokenizer::check_fits(&t, model.cfg.vocab_size, &format!("tokenizer {}", p.display()))?;
+            t
+        }
+        None => tokenizer::neox()?,
+    };
+    Ok(Loaded { model, tokenizer, label: source.label(), untrained, load_secs: t0.elapsed().as_secs_f64() })
+}
+
+/// A model with random weights of a named shape.
+pub fn random_model(shape: &str, seed: u64, device: &Device, dtype: DType) -> Result<Model> {
+    let cfg = random_config(shape);
+    let w = random_weights(&cfg, RandomInit { seed, perturb: false }, dtype, device)?;
+    Model::from_tensors(&cfg, w, dtype, device)
+}
+
+/// Loads `config.json` and the weights of a folder; returns the folder's tokenizer path if any.
+pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Option<PathBuf>)> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(Error::bad_file(dir, "no config.json in this folder; --model needs a folder with config.json and the weights"));
+    }
+    let cfg = Config::from_file(&cfg_path)?;
+    let files = WeightFiles::find(dir)?;
+    let raw = read_tensors(&files, device)?;
+    let w = check_and_convert(&cfg, raw, dtype)?;
+    let model = Model::from_tensors(&cfg, w, dtype, device)?;
+    let tok = dir.join("tokenizer.json");
+    Ok((model, tok.is_file().then_some(tok)))
+}
+
+/// Picks the device: `cuda` when asked or when built with CUDA and a GPU is there, else CPU.
+pub fn device(name: Option<&str>) -> Result<Device> {
+    match name {
+        Some("cpu") => Ok(Device::Cpu),
+        Some("cuda") => Device::new_cuda(0).map_err(|e| Error::Invalid(format!("--device cuda: no usable GPU ({e}); build with --features cuda on a machine with an NVIDIA driver, or use --device cpu"))),
+        Some(other) => Err(Error::Invalid(format!("--device {other}: use cpu or cuda"))),
+        None => Ok(if candle_core::utils::cuda_is_available() { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
+    }
+}
+
+/// Parses `--dtype`; the default is bf16 on a GPU and f32 on the CPU.
+pub fn dtype(name: Option<&str>, device: &Device) -> Result<DType> {
+    match name {
+        None => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+        Some("f32") => Ok(DType::F32),
+        Some("bf16") => Ok(DType::BF16),
+        Some("f16") => Ok(DType::F16),
+        Some(other) => Err(Error::Invalid(format!("--dtype {other}: use f32, bf16 or f16"))),
+    }
+}

@@ -1,0 +1,199 @@
+//! The BlackMamba model (Anthony et al., "BlackMamba: Mixture of Experts for State-Space Models",
+//! arXiv 2402.01771; reference: Zyphra/BlackMamba `mamba_model.py`, `mamba_block.py`).
+//!
+//! embedding → half-blocks (pre-RMSNorm, f32 residual stream; each a Mamba mixer, a SwitchMLP or a
+//! dense MLP) → final LayerNorm with bias → tied LM head (SPEC §2).
+
+pub mod config;
+pub mod linear;
+pub mod mamba;
+pub mod moe;
+pub mod probe;
+pub mod pth;
+pub mod pth_write;
+pub mod random;
+pub mod scan;
+pub mod state;
+pub mod weights;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use config::{Config, LayerKind};
+use linear::{layer_norm, rms_norm};
+use mamba::{take, MambaMixer};
+use moe::{Mlp, Routing, SwitchMlp};
+use probe::{MambaRecord, MoeRecord, Probe};
+use state::State;
+
+/// The mixer of one half-block.
+#[derive(Debug, Clone)]
+pub enum Mixer {
+    Mamba(MambaMixer),
+    Moe(SwitchMlp),
+    Dense(Mlp),
+}
+
+/// One half-block: RMSNorm then a mixer.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// (d) f32
+    pub norm: Tensor,
+    pub mixer: Mixer,
+}
+
+/// Which logits a full-sequence call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position: (B, L, V).
+    All,
+    /// Only the last position: (B, 1, V) — all a prefill needs.
+    Last,
+}
+
+/// The model: weights plus how to run them.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: Config,
+    /// (V, d): the embedding, also the LM head
+    pub embedding: Tensor,
+    pub layers: Vec<Block>,
+    /// (d) f32 each
+    pub final_w: Tensor,
+    pub final_b: Tensor,
+    /// The matmul dtype.
+    pub dtype: DType,
+    pub device: Device,
+    pub routing: Routing,
+    /// Use only ops autograd can differentiate (fine-tuning).
+    pub differentiable: bool,
+}
+
+impl Model {
+    /// Builds the model from checked tensors (see [`weights::check_and_convert`]).
+    pub fn from_tensors(cfg: &Config, mut w: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        let embedding = take(&mut w, "embedding.word_embeddings.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("decoder.layers.{i}");
+            let norm = take(&mut w, &format!("{p}.norm.weight"))?.to_dtype(DType::F32)?;
+            let m = format!("{p}.mixer");
+            let mixer = match cfg.layer_kind(i) {
+                LayerKind::Mamba => Mixer::Mamba(MambaMixer::new(cfg, &m, &mut w)?),
+                LayerKind::Moe { experts } => Mixer::Moe(SwitchMlp::new(cfg, &m, experts, &mut w)?),
+                LayerKind::Dense => Mixer::Dense(Mlp::new(cfg, &m, &mut w)?),
+            };
+            layers.push(Block { norm, mixer });
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            embedding,
+            layers,
+            final_w: take(&mut w, "decoder.final_layernorm.weight")?.to_dtype(DType::F32)?,
+            final_b: take(&mut w, "decoder.final_layernorm.bias")?.to_dtype(DType::F32)?,
+            dtype,
+            device: device.clone(),
+            routing: Routing::Greedy,
+            differentiable: false,
+        })
+    }
+
+    /// Checks every id against the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            Some(&id) => Err(Error::TokenOutOfVocab { id, vocab: self.cfg.vocab_size }),
+            None => Ok(()),
+        }
+    }
+
+    /// A fresh zero state for `batch` sequences.
+    pub fn new_state(&self, batch: usize) -> Result<State> {
+        State::new(&self.cfg, batch, &self.device)
+    }
+
+    fn probe_slots(&self, probe: &mut Probe) {
+        if probe.moe.is_empty() && probe.mamba.is_empty() {
+            for (i, b) in self.layers.iter().enumerate() {
+                match &b.mixer {
+                    Mixer::Moe(m) => probe.moe.push(MoeRecord { layer: i, n_experts: m.experts.len(), ..Default::default() }),
+                    Mixer::Mamba(_) => probe.mamba.push(MambaRecord { layer: i, ..Default::default() }),
+                    Mixer::Dense(_) => {}
+                }
+            }
+        }
+    }
+
+    /// Full-sequence pass: ids (B, L) u32 -> f32 logits (B, L, V) or (B, 1, V), continuing from
+    /// `state` (a fresh state for a new sequence) and leaving it after the last token.
+    pub fn forward(&self, ids: &Tensor, state: &mut State, logits: Logits, probe: Option<&mut Probe>) -> Result<Tensor> {
+        let (bsz, len) = ids.dims2()?;
+        if len == 0 {
+            return Err(Error::Invalid("empty input: at least one token is needed".into()));
+        }
+        let x = self.embedding.index_select(&ids.flatten_all()?, 0)?.reshape((bsz, len, ()))?; // (B, L, d)
+        let h = self.run_blocks(x, state, probe, true)?; // (B, L, d) f32
+        let h = match logits {
+            Logits::All => h,
+            Logits::Last => h.narrow(1, len - 1, 1)?,
+        };
+        state.pos += len;
+        self.head(&h)
+    }
+
+    /// One token per sequence: ids (B) u32 -> f32 logits (B, V), advancing `state`.
+    pub fn step(&self, ids: &Tensor, state: &mut State, probe: Option<&mut Probe>) -> Result<Tensor> {
+        let x = self.embedding.index_select(ids, 0)?; // (B, d)
+        let h = self.run_blocks(x, state, probe, false)?; // (B, d) f32
+        state.pos += 1;
+        self.head(&h)
+    }
+
+    /// The residual stack (SPEC §2). `seq` picks the full-sequence mixers, else the step ones.
+    fn run_blocks(&self, x: Tensor, state: &mut State, mut probe: Option<&mut Probe>, seq: bool) -> Result<Tensor> {
+        if let Some(p) = probe.as_deref_mut() {
+            self.probe_slots(p);
+            p.n_tokens += x.elem_count() / self.cfg.hidden_size;
+        }
+        let eps = self.cfg.layernorm_epsilon;
+        let mut res = x.to_dtype(DType::F32)?; // residual stream, f32
+        let (mut moe_slot, mut mamba_slot) = (0, 0);
+        for (i, block) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&res, &block.norm, eps, self.differentiable)?.to_dtype(self.dtype)?;
+            let out = match &block.mixer {
+                Mixer::Mamba(m) => {
+                    let st = state.layers[i].as_mut().ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
+                    let rec = probe.as_deref_mut().map(|p| &mut p.mamba[mamba_slot]);
+                    mamba_slot += 1;
+                    if seq {
+                        m.forward(&normed, st, rec)?
+                    } else {
+                        m.step(&normed, st, rec)?
+                    }
+                }
+                Mixer::Moe(m) => {
+                    let rec = probe.as_deref_mut().map(|p| &mut p.moe[moe_slot]);
+                    moe_slot += 1;
+                    m.forward(&normed, self.routing, rec)?
+                }
+                Mixer::Dense(m) => m.forward(&normed)?,
+            };
+            res = (res + out.to_dtype(DType::F32)?)?;
+        }
+        Ok(res)
+    }
+
+    /// Final LayerNorm + tied head: h (.., d) f32 -> (.., V) f32.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.layernorm_epsilon;
+        let out = layer_norm(h, &self.final_w, &self.final_b, eps, self.differentiable)?.to_dtype(self.embedding.dtype())?;
+        let dims = out.dims().to_vec();
+        let d = dims[dims.len() - 1];
+        let logits = out.reshape(((), d))?.matmul(&self.embedding.t()?)?; // (n, V)
+        let mut shape = dims;
+        let last = shape.len() - 1;
+        shape[last] = self.cfg.vocab_size;
+        Ok(logits.to_dtype(DType::F32)?.reshape(shape)?)
+    }
+}

@@ -1,0 +1,146 @@
+//! The MoE mixer (SwitchMLP, SPEC §3; Fedus et al., "Switch Transformers"; Zyphra `switch_mlp.py`)
+//! and its expert, which is also the dense MLP of a `"1"` layer.
+//!
+//! Router with bias → sigmoid → top-1; the chosen expert computes fc2(act(fc1_gate x) ⊙ fc1_up x)
+//! and its output is scaled by the sigmoid probability (not renormalised). Tokens are grouped per
+//! expert, so each expert runs only on its own tokens. While fine-tuning, Sinkhorn over the batch
+//! picks the experts (under no-grad) and the router learns only through the gate value.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+use crate::model::config::{Activation, Config};
+use crate::model::linear::Linear;
+use crate::model::mamba::take;
+use crate::model::probe::MoeRecord;
+use crate::sinkhorn::{greedy, sinkhorn, SinkhornOpts};
+
+/// How tokens pick their expert.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Routing {
+    /// argmax of the router logits (inference, as the released code).
+    #[default]
+    Greedy,
+    /// Sinkhorn-balanced over the tokens of the call (training, SPEC §3).
+    Sinkhorn(SinkhornOpts),
+}
+
+/// One expert / dense MLP: fc2(act(fc1[:f] x) ⊙ fc1[f:] x), or fc2(act(fc1 x)) without gating.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub gated: bool,
+    pub act: Activation,
+}
+
+impl Mlp {
+    /// Takes `{p}.linear_fc1.*` and `{p}.linear_fc2.*` out of `w`.
+    pub fn new(cfg: &Config, p: &str, w: &mut HashMap<String, Tensor>) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(take(w, &format!("{p}.linear_fc1.weight"))?, w.remove(&format!("{p}.linear_fc1.bias"))),
+            fc2: Linear::new(take(w, &format!("{p}.linear_fc2.weight"))?, w.remove(&format!("{p}.linear_fc2.bias"))),
+            gated: cfg.swiglu,
+            act: cfg.expert_activation,
+        })
+    }
+
+    /// x (n, d) -> (n, d), in the weight dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let a = self.fc1.forward(x)?; // (n, fc1_rows)
+        let h = if self.gated {
+            let f = a.dim(D::Minus1)? / 2;
+            let gate = a.narrow(D::Minus1, 0, f)?; // (n, f)
+            let up = a.narrow(D::Minus1, f, f)?; // (n, f)
+            (self.activate(&gate)? * up)?
+        } else {
+            self.activate(&a)?
+        };
+        self.fc2.forward(&h) // (n, d)
+    }
+
+    fn activate(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.act {
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::Silu => candle_nn::ops::silu(x)?,
+        })
+    }
+}
+
+/// The SwitchMLP mixer: router + experts.
+#[derive(Debug, Clone)]
+pub struct SwitchMlp {
+    /// (E, d) weight and (E) bias, f32
+    pub router: Linear,
+    pub experts: Vec<Mlp>,
+}
+
+impl SwitchMlp {
+    pub fn new(cfg: &Config, p: &str, n_experts: usize, w: &mut HashMap<String, Tensor>) -> Result<Self> {
+        let router = Linear::new(
+            take(w, &format!("{p}.router.weight"))?.to_dtype(DType::F32)?,
+            Some(take(w, &format!("{p}.router.bias"))?.to_dtype(DType::F32)?),
+        );
+        let experts = (0..n_experts).map(|e| Mlp::new(cfg, &format!("{p}.local_experts.{e}"), w)).collect::<Result<Vec<_>>>()?;
+        Ok(Self { router, experts })
+    }
+
+    /// x (.., d) -> (.., d). Tokens route independently (greedy) or jointly (Sinkhorn).
+    pub fn forward(&self, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d = dims[dims.len() - 1];
+        let xs = x.reshape(((), d))?; // (T, d)
+        let n_tok = xs.dim(0)?;
+        let n_exp = self.experts.len();
+        let logits = self.router.forward(&xs.to_dtype(DType::F32)?)?; // (T, E) f32
+        let host: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?; // routing is decided on the host
+        let (experts, trace) = match routing {
+            Routing::Greedy => (greedy(&host, n_tok, n_exp), None),
+            Routing::Sinkhorn(opts) => {
+                let r = sinkhorn(&host, n_tok, n_exp, &opts);
+                (r.assignment.clone(), Some(r))
+            }
+        };
+        let probs = candle_nn::ops::sigmoid(&logits)?; // (T, E)
+        let idx = Tensor::from_slice(&experts, (n_tok, 1), xs.device())?;
+        let gate = probs.gather(&idx, 1)?; // (T, 1): σ(r)[e*], the router's only gradient path
+        let wdt = self.experts[0].fc1.weight.dtype();
+        let xs = xs.to_dtype(wdt)?;
+        let y = if n_tok == 1 {
+            self.experts[experts[0] as usize].forward(&xs)?
+        } else {
+            // group tokens by expert: one gather in, one gather back
+            let mut order: Vec<u32> = (0..n_tok as u32).collect();
+            order.sort_by_key(|&t| experts[t as usize]);
+            let mut inverse = vec![0u32; n_tok];
+            for (pos, &t) in order.iter().enumerate() {
+                inverse[t as usize] = pos as u32;
+            }
+            let order_t = Tensor::from_slice(&order, n_tok, xs.device())?;
+            let sorted = xs.index_select(&order_t, 0)?; // (T, d) grouped by expert
+            let counts = crate::sinkhorn::loads(&experts, n_exp);
+            let mut outs = Vec::with_capacity(n_exp);
+            let mut off = 0;
+            for (e, &n) in counts.iter().enumerate() {
+                if n > 0 {
+                    outs.push(self.experts[e].forward(&sorted.narrow(0, off, n)?)?); // (n, d)
+                    off += n;
+                }
+            }
+            let ys = Tensor::cat(&outs, 0)?; // (T, d) grouped
+            ys.index_select(&Tensor::from_slice(&inverse, n_tok, xs.device())?, 0)? // (T, d) token order
+        };
+        let y = y.to_dtype(DType::F32)?.broadcast_mul(&gate)?; // scale by the gate, f32
+        if let Some(p) = probe {
+            p.n_experts = n_exp;
+            p.logits.extend_from_slice(&host);
+            p.experts.extend_from_slice(&experts);
+            if let Some(t) = trace {
+                p.sinkhorn = Some(t);
+            }
+        }
+        Ok(y.reshape(dims)?)
+    }
+}

@@ -1,0 +1,221 @@
+//! Checkpoint files -> named tensors, checked against the names and shapes that `config.json`
+//! implies (SPEC §4). Reads `pytorch_model.bin` (torch zip pickle, state dict under `"model"`) and
+//! `*.safetensors` (one file, or shards listed in `model.safetensors.index.json`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::config::{Config, LayerKind};
+use crate::model::pth;
+
+/// Name -> expected shape of every tensor in a checkpoint of this config, in file order.
+pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.hidden_size;
+    let di = cfg.d_inner();
+    let bias = cfg.add_bias_linear;
+    let mut out: Vec<(String, Vec<usize>)> = vec![("embedding.word_embeddings.weight".into(), vec![cfg.vocab_size, d])];
+    for i in 0..cfg.num_layers {
+        let p = format!("decoder.layers.{i}");
+        out.push((format!("{p}.norm.weight"), vec![d]));
+        let m = format!("{p}.mixer");
+        let mlp = |out: &mut Vec<(String, Vec<usize>)>, q: &str| {
+            out.push((format!("{q}.linear_fc1.weight"), vec![cfg.fc1_rows(), d]));
+            if bias {
+                out.push((format!("{q}.linear_fc1.bias"), vec![cfg.fc1_rows()]));
+            }
+            out.push((format!("{q}.linear_fc2.weight"), vec![d, cfg.ffn_hidden_size]));
+            if bias {
+                out.push((format!("{q}.linear_fc2.bias"), vec![d]));
+            }
+        };
+        match cfg.layer_kind(i) {
+            LayerKind::Mamba => {
+                out.push((format!("{m}.A_log"), vec![di, cfg.state_size]));
+                out.push((format!("{m}.D"), vec![di]));
+                out.push((format!("{m}.in_proj.weight"), vec![2 * di, d]));
+                if bias {
+                    out.push((format!("{m}.in_proj.bias"), vec![2 * di]));
+                }
+                out.push((format!("{m}.conv1d.weight"), vec![di, 1, cfg.conv_dimension]));
+                out.push((format!("{m}.conv1d.bias"), vec![di]));
+                out.push((format!("{m}.x_proj.weight"), vec![cfg.x_proj_rows(), di]));
+                out.push((format!("{m}.dt_proj.weight"), vec![di, cfg.dt_rank()]));
+                out.push((format!("{m}.dt_proj.bias"), vec![di]));
+                out.push((format!("{m}.out_proj.weight"), vec![d, di]));
+                if bias {
+                    out.push((format!("{m}.out_proj.bias"), vec![d]));
+                }
+            }
+            LayerKind::Dense => mlp(&mut out, &m),
+            LayerKind::Moe { experts } => {
+                out.push((format!("{m}.router.weight"), vec![experts, d]));
+                out.push((format!("{m}.router.bias"), vec![experts]));
+                for e in 0..experts {
+                    mlp(&mut out, &format!("{m}.local_experts.{e}"));
+                }
+            }
+        }
+    }
+    out.push(("decoder.final_layernorm.weight".into(), vec![d]));
+    out.push(("decoder.final_layernorm.bias".into(), vec![d]));
+    out
+}
+
+/// Names whose tensors stay in f32 whatever the model dtype (SPEC §9: A_log, D, norms; the
+/// router and dt bias are tiny and feed an argmax / a softplus, so they stay exact too).
+pub fn keeps_f32(name: &str) -> bool {
+    name.ends_with("A_log")
+        || name.ends_with(".D")
+        || name.contains("norm")
+        || name.contains("router")
+        || name.ends_with("dt_proj.bias")
+        || name.ends_with("conv1d.weight")
+        || name.ends_with("conv1d.bias")
+}
+
+/// The weight files of a model directory, in the order they are looked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightFiles {
+    Safetensors(Vec<PathBuf>),
+    Pth(PathBuf),
+}
+
+impl WeightFiles {
+    /// Finds the weights in `dir`: `model.safetensors`, the shards of
+    /// `model.safetensors.index.json`, any single `*.safetensors`, then `pytorch_model.bin`.
+    pub fn find(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Ok(Self::Safetensors(vec![single]));
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            return Ok(Self::Safetensors(read_index(&index)?));
+        }
+        let mut st: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .collect();
+        st.sort();
+        if st.len() == 1 {
+            return Ok(Self::Safetensors(st));
+        }
+        let bin = dir.join("pytorch_model.bin");
+        if bin.is_file() {
+            return Ok(Self::Pth(bin));
+        }
+        if st.len() > 1 {
+            return Err(Error::bad_file(dir, "several .safetensors files but no model.safetensors.index.json to say which belong together"));
+        }
+        Err(Error::bad_file(dir, "no weights found: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"))
+    }
+}
+
+fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::bad_file(index, "has no \"weight_map\" object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (name, file) in map {
+        let f = file.as_str().ok_or_else(|| Error::bad_file(index, format!("weight_map entry '{name}' is not a file name")))?;
+        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+            return Err(Error::bad_file(index, format!("weight_map entry '{name}' names a file outside the folder: '{f}'")));
+        }
+        let p = dir.join(f);
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::bad_file(f, "shard listed in model.safetensors.index.json is missing"));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every tensor of the files onto `device`, as stored (dtype conversion happens later).
+pub fn read_tensors(files: &WeightFiles, device: &Device) -> Result<HashMap<String, Tensor>> {
+    match files {
+        WeightFiles::Pth(path) => pth::read_state_dict(path, Some("model"), device),
+        WeightFiles::Safetensors(paths) => {
+            let mut out = HashMap::new();
+            for p in paths {
+                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+                let st = safetensors::SafeTensors::deserialize(&bytes)
+                    .map_err(|e| Error::bad_file(p, format!("not a valid safetensors file ({e}); re-download or re-convert it")))?;
+                for (name, view) in st.tensors() {
+                    let t = candle_core::safetensors::Load::load(&view, device)
+                        .map_err(|e| Error::bad_file(p, format!("tensor '{name}': {e}")))?;
+                    if out.insert(name.clone(), t).is_some() {
+                        return Err(Error::bad_file(p, format!("tensor '{name}' appears in more than one shard")));
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Checks names and shapes against the config, then converts each tensor to the dtype it is
+/// computed in: `dtype` for matrices, f32 for what [`keeps_f32`] names.
+pub fn check_and_convert(cfg: &Config, mut tensors: HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    let expected = expected_tensors(cfg);
+    let mut out = HashMap::with_capacity(expected.len());
+    for (name, shape) in &expected {
+        let t = tensors.remove(name).ok_or_else(|| Error::MissingTensor {
+            name: name.clone(),
+            expected: shape.clone(),
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                name: name.clone(),
+                expected: shape.clone(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let want = if keeps_f32(name) { DType::F32 } else { dtype };
+        out.insert(name.clone(), t.to_dtype(want)?);
+    }
+    // The torch model's own names of the tied head may appear in files saved from a live model.
+    for alias in ["output_layer.weight", "embedding.weight"] {
+        tensors.remove(alias);
+    }
+    let leftover: BTreeMap<_, _> = tensors.into_iter().collect();
+    if let Some((name, t)) = leftover.into_iter().next() {
+        return Err(Error::UnexpectedTensor {
+            name,
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+/// Writes tensors as one safetensors file, atomically (temp file + rename).
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = tmp_path(path);
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::bad_file(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A sibling temp path for atomic writes.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
+}
+
+/// Writes bytes atomically (temp file + rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

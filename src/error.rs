@@ -77,9 +77,6 @@ impl Error {
 
     /// Shorthand for an [`Error::Io`] error.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 }

@@ -62,7 +62,12 @@ pub enum GenEvent<'a> {
     /// The prompt was read; telemetry of its tokens when probing.
     Prefilled { n_tokens: usize, probe: Option<&'a Probe> },
     /// A new token; `text` is the newly completed text (may be empty); `probe` its telemetry.
-    Token { id: u32, pos: usize, text: &'a str, probe: Option<&'a Probe> },
+    Token {
+        id: u32,
+        pos: usize,
+        text: &'a str,
+        probe: Option<&'a Probe>,
+    },
     /// Text held back until the end (an incomplete character or a partial stop string).
     Tail { text: &'a str },
 }
@@ -103,13 +108,20 @@ pub fn generate(
     let logits = model.forward(&ids, state, Logits::Last, p.as_mut())?; // (1, 1, V)
     let mut logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     let prefill_secs = t0.elapsed().as_secs_f64();
-    on_event(GenEvent::Prefilled { n_tokens: prompt.len(), probe: p.as_ref() })?;
+    on_event(GenEvent::Prefilled {
+        n_tokens: prompt.len(),
+        probe: p.as_ref(),
+    })?;
 
     let mut stream = TokenStream::new();
     let mut out = Vec::new();
     let mut text = String::new(); // everything decoded
     let mut shown = 0; // bytes of `text` already reported
-    let mut stats = GenStats { prompt_tokens: prompt.len(), prefill_secs, ..Default::default() };
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        prefill_secs,
+        ..Default::default()
+    };
     let t_decode = Instant::now();
     let mut stop = StopReason::MaxTokens;
     let mut pending = None;
@@ -133,7 +145,12 @@ pub fn generate(
             text.push_str(&piece);
         }
         // Stop strings: end at the first match; show only what can no longer start one.
-        let hit = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text[shown.min(text.len())..].find(s.as_str()).map(|i| shown + i)).min();
+        let hit = params
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text[shown.min(text.len())..].find(s.as_str()).map(|i| shown + i))
+            .min();
         let safe = match hit {
             Some(at) => at,
             None => safe_prefix(&text, shown, &params.stop),
@@ -142,7 +159,12 @@ pub fn generate(
         shown = safe.max(shown);
         let pos = state.pos;
         if hit.is_some() {
-            on_event(GenEvent::Token { id, pos, text: &new, probe: None })?;
+            on_event(GenEvent::Token {
+                id,
+                pos,
+                text: &new,
+                probe: None,
+            })?;
             text.truncate(safe);
             stop = StopReason::StopString;
             pending = Some(id);
@@ -150,14 +172,24 @@ pub fn generate(
         }
         // Feed the token to get the next logits (also gives its telemetry).
         if out.len() == params.max_tokens {
-            on_event(GenEvent::Token { id, pos, text: &new, probe: None })?;
+            on_event(GenEvent::Token {
+                id,
+                pos,
+                text: &new,
+                probe: None,
+            })?;
             pending = Some(id);
             break;
         }
         let mut sp = probe.then(Probe::new);
         let l = model.step(&Tensor::from_slice(&[id], 1, dev)?, state, sp.as_mut())?;
         logits = l.flatten_all()?.to_vec1()?;
-        on_event(GenEvent::Token { id, pos, text: &new, probe: sp.as_ref() })?;
+        on_event(GenEvent::Token {
+            id,
+            pos,
+            text: &new,
+            probe: sp.as_ref(),
+        })?;
     }
     if stop != StopReason::StopString {
         if let Some(rest) = stream.flush(tok)? {
@@ -170,7 +202,13 @@ pub fn generate(
     }
     stats.gen_tokens = out.len();
     stats.decode_secs = t_decode.elapsed().as_secs_f64() - (stats.ttft_secs - prefill_secs).max(0.0);
-    Ok(GenOutcome { tokens: out, text, stats, stop, pending })
+    Ok(GenOutcome {
+        tokens: out,
+        text,
+        stats,
+        stop,
+        pending,
+    })
 }
 
 /// The end of the part of `text` (from `shown`) that cannot be the start of a stop string.

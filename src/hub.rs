@@ -61,5 +61,7 @@ pub fn resolve(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
     };
     let cfg = r.get("config.json").map_err(|e| fail("config.json", e))?;
     r.get("pytorch_model.bin").map_err(|e| fail("pytorch_model.bin", e))?;
-    cfg.parent().map(PathBuf::from).ok_or_else(|| Error::Invalid("bad cache path".into()))
+    cfg.parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| Error::Invalid("bad cache path".into()))
 }

@@ -38,18 +38,26 @@ impl ModelSource {
         let Some(arg) = arg else { return Ok(Self::Embedded) };
         if let Some(rest) = arg.strip_prefix("random:") {
             let (shape, seed) = match rest.split_once('@') {
-                Some((s, seed)) => (s, seed.parse().map_err(|_| Error::Invalid(format!("--model {arg}: seed '{seed}' is not a number")))?),
+                Some((s, seed)) => (
+                    s,
+                    seed.parse()
+                        .map_err(|_| Error::Invalid(format!("--model {arg}: seed '{seed}' is not a number")))?,
+                ),
                 None => (rest, 0),
             };
             if !["tiny", "1.5b", "2.8b"].contains(&shape) {
-                return Err(Error::Invalid(format!("--model {arg}: unknown random shape '{shape}'; use random:tiny, random:1.5b or random:2.8b")));
+                return Err(Error::Invalid(format!(
+                    "--model {arg}: unknown random shape '{shape}'; use random:tiny, random:1.5b or random:2.8b"
+                )));
             }
             return Ok(Self::Random { shape: shape.into(), seed });
         }
         let path = Path::new(arg);
         if path.exists() {
             if !path.is_dir() {
-                return Err(Error::Invalid(format!("--model {arg}: expected a folder holding config.json and the weights, found a file")));
+                return Err(Error::Invalid(format!(
+                    "--model {arg}: expected a folder holding config.json and the weights, found a file"
+                )));
             }
             return Ok(Self::Dir(path.to_path_buf()));
         }
@@ -57,9 +65,16 @@ impl ModelSource {
             "2.8b" | "blackmamba-2.8b" => "Zyphra/BlackMamba-2.8B".to_string(),
             "1.5b" | "blackmamba-1.5b" => "Zyphra/BlackMamba-1.5B".to_string(),
             _ if arg.split('/').count() == 2 && !arg.starts_with('.') && !arg.contains('\\') => arg.to_string(),
-            _ => return Err(Error::Invalid(format!("--model {arg}: no such folder, and not a hub id (owner/name) or random:SHAPE"))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "--model {arg}: no such folder, and not a hub id (owner/name) or random:SHAPE"
+                )))
+            }
         };
-        Ok(Self::Hub { repo, revision: revision.map(str::to_string) })
+        Ok(Self::Hub {
+            repo,
+            revision: revision.map(str::to_string),
+        })
     }
 
     /// A short name for status lines.
@@ -147,7 +162,13 @@ pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts
         }
         None => tokenizer::neox()?,
     };
-    Ok(Loaded { model, tokenizer, label: source.label(), untrained, load_secs: t0.elapsed().as_secs_f64() })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        label: source.label(),
+        untrained,
+        load_secs: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// A model with random weights of a named shape.
@@ -161,7 +182,10 @@ pub fn random_model(shape: &str, seed: u64, device: &Device, dtype: DType) -> Re
 pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Option<PathBuf>)> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.is_file() {
-        return Err(Error::bad_file(dir, "no config.json in this folder; --model needs a folder with config.json and the weights"));
+        return Err(Error::bad_file(
+            dir,
+            "no config.json in this folder; --model needs a folder with config.json and the weights",
+        ));
     }
     let cfg = Config::from_file(&cfg_path)?;
     let files = WeightFiles::find(dir)?;
@@ -176,9 +200,17 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Opt
 pub fn device(name: Option<&str>) -> Result<Device> {
     match name {
         Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Device::new_cuda(0).map_err(|e| Error::Invalid(format!("--device cuda: no usable GPU ({e}); build with --features cuda on a machine with an NVIDIA driver, or use --device cpu"))),
+        Some("cuda") => Device::new_cuda(0).map_err(|e| {
+            Error::Invalid(format!(
+                "--device cuda: no usable GPU ({e}); build with --features cuda on a machine with an NVIDIA driver, or use --device cpu"
+            ))
+        }),
         Some(other) => Err(Error::Invalid(format!("--device {other}: use cpu or cuda"))),
-        None => Ok(if candle_core::utils::cuda_is_available() { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
+        None => Ok(if candle_core::utils::cuda_is_available() {
+            Device::new_cuda(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
     }
 }
 

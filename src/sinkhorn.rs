@@ -44,7 +44,11 @@ pub struct SinkhornOpts {
 
 impl Default for SinkhornOpts {
     fn default() -> Self {
-        Self { variant: Variant::Zyphra, max_iters: 1000, tol: 1e-4 }
+        Self {
+            variant: Variant::Zyphra,
+            max_iters: 1000,
+            tol: 1e-4,
+        }
     }
 }
 
@@ -86,7 +90,14 @@ pub fn sinkhorn(cost: &[f32], n_tokens: usize, n_experts: usize, opts: &Sinkhorn
     let (t, e) = (n_tokens, n_experts);
     debug_assert_eq!(cost.len(), t * e);
     if t == 0 || e == 0 {
-        return SinkhornResult { n_tokens: t, n_experts: e, plan: vec![], assignment: vec![], trace: vec![], converged: true };
+        return SinkhornResult {
+            n_tokens: t,
+            n_experts: e,
+            plan: vec![],
+            assignment: vec![],
+            trace: vec![],
+            converged: true,
+        };
     }
     let scale = match opts.variant {
         Variant::Zyphra => 2.0,
@@ -115,7 +126,12 @@ pub fn sinkhorn(cost: &[f32], n_tokens: usize, n_experts: usize, opts: &Sinkhorn
         let abs_change = d1.iter().zip(&prev).map(|(a, b)| (a - b).abs()).sum::<f64>() / ef;
         let mean_d1 = d1.iter().map(|x| x.abs()).sum::<f64>() / ef;
         let (row_err, col_err) = marginal_errors(&k, &d0, &d1, t, e);
-        trace.push(SinkhornIter { abs_change, rel_change: abs_change / mean_d1.max(f64::MIN_POSITIVE), row_err, col_err });
+        trace.push(SinkhornIter {
+            abs_change,
+            rel_change: abs_change / mean_d1.max(f64::MIN_POSITIVE),
+            row_err,
+            col_err,
+        });
         if abs_change <= opts.tol {
             converged = true;
             break;
@@ -134,7 +150,14 @@ pub fn sinkhorn(cost: &[f32], n_tokens: usize, n_experts: usize, opts: &Sinkhorn
         }
         assignment[i] = best.0 as u32;
     }
-    SinkhornResult { n_tokens: t, n_experts: e, plan, assignment, trace, converged }
+    SinkhornResult {
+        n_tokens: t,
+        n_experts: e,
+        plan,
+        assignment,
+        trace,
+        converged,
+    }
 }
 
 fn marginal_errors(k: &[f64], d0: &[f64], d1: &[f64], t: usize, e: usize) -> (f64, f64) {

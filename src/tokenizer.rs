@@ -27,7 +27,11 @@ pub fn neox() -> Result<Tokenizer> {
 
 /// Encodes text without special tokens (the models take no BOS).
 pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(tok.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    Ok(tok
+        .encode(text, false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?
+        .get_ids()
+        .to_vec())
 }
 
 /// Decodes ids, keeping special tokens out.

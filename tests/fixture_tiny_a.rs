@@ -1,6 +1,8 @@
 //! The golden fixture `tests/fixtures/tiny-a` (outputs of Zyphra's reference code): logits of every
 //! prompt through both paths, experts, router probabilities, the cached run, and Sinkhorn.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 use blackmamba::commands::logits::{routing_tensors, teacher_forced};
@@ -19,11 +21,25 @@ fn model() -> Model {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn ids(exp: &std::collections::HashMap<String, Tensor>, k: usize) -> Vec<u32> {
-    exp[&format!("ids.{k}")].to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+    exp[&format!("ids.{k}")]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
 }
 
 #[test]
@@ -37,7 +53,11 @@ fn full_sequence_and_step_paths_match_the_reference() {
             let d = max_abs(&logits, &exp[&format!("logits.{k}")]);
             assert!(d < 1e-4, "prompt {k} (len {}), step={step}: max |Δ logits| = {d}", ids.len());
             let (experts, probs) = routing_tensors(&probe, 8).unwrap();
-            assert_eq!(experts.to_vec2::<i64>().unwrap(), exp[&format!("experts.{k}")].to_vec2::<i64>().unwrap(), "prompt {k} step={step}: experts");
+            assert_eq!(
+                experts.to_vec2::<i64>().unwrap(),
+                exp[&format!("experts.{k}")].to_vec2::<i64>().unwrap(),
+                "prompt {k} step={step}: experts"
+            );
             let dp = max_abs(&probs, &exp[&format!("router_probs.{k}")]);
             assert!(dp < 1e-5, "prompt {k} step={step}: max |Δ router probs| = {dp}");
         }
@@ -53,7 +73,10 @@ fn prefill_of_eight_then_steps_matches_the_reference_cached_run() {
     let head = Tensor::from_slice(&ids[..8], (1, 8), &Device::Cpu).unwrap();
     let mut rows = vec![m.forward(&head, &mut state, Logits::All, None).unwrap().squeeze(0).unwrap()];
     for &id in &ids[8..] {
-        rows.push(m.step(&Tensor::from_slice(&[id], 1, &Device::Cpu).unwrap(), &mut state, None).unwrap());
+        rows.push(
+            m.step(&Tensor::from_slice(&[id], 1, &Device::Cpu).unwrap(), &mut state, None)
+                .unwrap(),
+        );
     }
     let got = Tensor::cat(&rows, 0).unwrap();
     let d = max_abs(&got, &exp["step_logits.3"]);
@@ -71,7 +94,10 @@ fn every_prefix_length_then_steps_equals_the_full_sequence() {
         let head = Tensor::from_slice(&ids[..p], (1, p), &Device::Cpu).unwrap();
         let mut rows = vec![m.forward(&head, &mut state, Logits::All, None).unwrap().squeeze(0).unwrap()];
         for &id in &ids[p..] {
-            rows.push(m.step(&Tensor::from_slice(&[id], 1, &Device::Cpu).unwrap(), &mut state, None).unwrap());
+            rows.push(
+                m.step(&Tensor::from_slice(&[id], 1, &Device::Cpu).unwrap(), &mut state, None)
+                    .unwrap(),
+            );
         }
         let d = max_abs(&Tensor::cat(&rows, 0).unwrap(), &full);
         assert!(d < 2e-5, "prefix {p}: max |Δ| = {d}");
@@ -85,7 +111,16 @@ fn sinkhorn_reproduces_the_reference_including_iteration_counts() {
         let cost = &st[&format!("cost.{k}")];
         let (t, e) = cost.dims2().unwrap();
         let c: Vec<f32> = cost.flatten_all().unwrap().to_vec1().unwrap();
-        let r = sinkhorn(&c, t, e, &SinkhornOpts { variant: Variant::Zyphra, max_iters: 10_000, tol: 1e-4 });
+        let r = sinkhorn(
+            &c,
+            t,
+            e,
+            &SinkhornOpts {
+                variant: Variant::Zyphra,
+                max_iters: 10_000,
+                tol: 1e-4,
+            },
+        );
         let want_iters = st[&format!("iters.{k}")].to_vec1::<i64>().unwrap()[0] as usize;
         assert_eq!(r.iters(), want_iters, "case {k}: iterations");
         assert!(r.converged);

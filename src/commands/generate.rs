@@ -63,7 +63,9 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let outcome = generate(model, &loaded.tokenizer, &mut state, &ids, &params, false, &cancel, |ev| {
         if let GenEvent::Token { text, .. } | GenEvent::Tail { text } = ev {
-            out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| crate::Error::io("stdout", e))?;
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| crate::Error::io("stdout", e))?;
         }
         Ok(())
     })?;

@@ -59,7 +59,10 @@ pub fn routing_tensors(probe: &Probe, max_experts: usize) -> crate::Result<(Tens
             }
         }
     }
-    Ok((Tensor::from_vec(experts, (n, l), &Device::Cpu)?, Tensor::from_vec(probs, (n, l, max_experts), &Device::Cpu)?))
+    Ok((
+        Tensor::from_vec(experts, (n, l), &Device::Cpu)?,
+        Tensor::from_vec(probs, (n, l, max_experts), &Device::Cpu)?,
+    ))
 }
 
 pub fn run(m: &ModelArgs, a: &LogitsArgs) -> anyhow::Result<()> {
@@ -75,6 +78,11 @@ pub fn run(m: &ModelArgs, a: &LogitsArgs) -> anyhow::Result<()> {
     out.insert("experts".to_string(), experts);
     out.insert("router_probs".to_string(), probs);
     crate::model::weights::save_safetensors(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote {} ({} positions, {} MoE layers)", a.out.display(), a.ids.len(), probe.moe.len());
+    eprintln!(
+        "wrote {} ({} positions, {} MoE layers)",
+        a.out.display(),
+        a.ids.len(),
+        probe.moe.len()
+    );
     Ok(())
 }

@@ -59,6 +59,8 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
     let device = crate::loader::device(m.device.as_deref())?;
     let dtype = crate::loader::dtype(m.dtype.as_deref(), &device)?;
-    let opts = crate::loader::LoadOpts { tokenizer: m.tokenizer.clone() };
+    let opts = crate::loader::LoadOpts {
+        tokenizer: m.tokenizer.clone(),
+    };
     crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))
 }

@@ -80,13 +80,14 @@ fn get_bool(obj: &serde_json::Map<String, Value>, key: &str, default: bool) -> R
 impl Config {
     /// Parses `config.json` text, checking every key; errors name the key and the value.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| Error::config("(file)", format!("is not valid JSON: {e}")))?;
-        let obj = root
-            .as_object()
-            .ok_or_else(|| Error::config("(file)", "must be a JSON object"))?;
+        let root: Value = serde_json::from_str(text).map_err(|e| Error::config("(file)", format!("is not valid JSON: {e}")))?;
+        let obj = root.as_object().ok_or_else(|| Error::config("(file)", "must be a JSON object"))?;
         // An earlier hub revision called it `padded_vocab_size`.
-        let vocab_key = if obj.contains_key("vocab_size") { "vocab_size" } else { "padded_vocab_size" };
+        let vocab_key = if obj.contains_key("vocab_size") {
+            "vocab_size"
+        } else {
+            "padded_vocab_size"
+        };
         let layers = match obj.get("mamba_moe_layers") {
             None => return Err(Error::config("mamba_moe_layers", "is missing")),
             Some(Value::Array(a)) => a
@@ -103,13 +104,23 @@ impl Config {
             None | Some(Value::Null) => Activation::Gelu,
             Some(Value::String(s)) if s == "gelu" => Activation::Gelu,
             Some(Value::String(s)) if s == "silu" => Activation::Silu,
-            Some(v) => return Err(Error::config("expert_activation", format!("must be \"gelu\" or \"silu\", found {v}"))),
+            Some(v) => {
+                return Err(Error::config(
+                    "expert_activation",
+                    format!("must be \"gelu\" or \"silu\", found {v}"),
+                ))
+            }
         };
         let layernorm_epsilon = match obj.get("layernorm_epsilon") {
             None | Some(Value::Null) => default_eps(),
             Some(v) => match v.as_f64() {
                 Some(e) if e > 0.0 && e < 1.0 => e,
-                _ => return Err(Error::config("layernorm_epsilon", format!("must be a small positive number, found {v}"))),
+                _ => {
+                    return Err(Error::config(
+                        "layernorm_epsilon",
+                        format!("must be a small positive number, found {v}"),
+                    ))
+                }
             },
         };
         let has_ffn = layers.iter().any(|l| !l.starts_with('r'));
@@ -119,7 +130,13 @@ impl Config {
             state_size: get_usize(obj, "state_size", Some(16))?,
             conv_dimension: get_usize(obj, "conv_dimension", Some(4))?,
             vocab_size: get_usize(obj, vocab_key, None).map_err(|_| {
-                Error::config("vocab_size", format!("is missing or invalid: {}", obj.get(vocab_key).map_or("absent".into(), Value::to_string)))
+                Error::config(
+                    "vocab_size",
+                    format!(
+                        "is missing or invalid: {}",
+                        obj.get(vocab_key).map_or("absent".into(), Value::to_string)
+                    ),
+                )
             })?,
             expansion_factor: get_usize(obj, "expansion_factor", Some(2))?,
             ffn_hidden_size: get_usize(obj, "ffn_hidden_size", if has_ffn { None } else { Some(1) })?,

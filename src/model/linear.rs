@@ -49,6 +49,19 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
+    /// Visits `{prefix}.weight`, `.bias` and the adapter's `.lora_a` / `.lora_b`.
+    pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f(&format!("{prefix}.weight"), &mut self.weight)?;
+        if let Some(b) = &mut self.bias {
+            f(&format!("{prefix}.bias"), b)?;
+        }
+        if let Some(l) = &mut self.lora {
+            f(&format!("{prefix}.lora_a"), &mut l.a)?;
+            f(&format!("{prefix}.lora_b"), &mut l.b)?;
+        }
+        Ok(())
+    }
+
     /// The effective weight W + scale·B·A (for merging adapters).
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {

@@ -21,7 +21,7 @@ use crate::model::state::LayerState;
 #[derive(Debug, Clone)]
 pub struct MambaMixer {
     pub in_proj: Linear,
-    /// (d_inner, K) f32, from conv1d.weight (d_inner, 1, K)
+    /// (d_inner, 1, K) f32: conv1d.weight as in the checkpoint
     pub conv_w: Tensor,
     /// (d_inner) f32
     pub conv_b: Tensor,
@@ -41,7 +41,10 @@ pub struct MambaMixer {
 }
 
 pub(crate) fn take(w: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
-    w.remove(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), expected: vec![] })
+    w.remove(name).ok_or_else(|| Error::MissingTensor {
+        name: name.to_string(),
+        expected: vec![],
+    })
 }
 
 impl MambaMixer {
@@ -49,8 +52,7 @@ impl MambaMixer {
     pub fn new(cfg: &Config, p: &str, w: &mut HashMap<String, Tensor>) -> Result<Self> {
         let opt = |w: &mut HashMap<String, Tensor>, n: &str| w.remove(&format!("{p}.{n}"));
         let in_proj = Linear::new(take(w, &format!("{p}.in_proj.weight"))?, opt(w, "in_proj.bias"));
-        let conv = take(w, &format!("{p}.conv1d.weight"))?; // (d_inner, 1, K)
-        let conv_w = conv.squeeze(1)?.to_dtype(DType::F32)?; // (d_inner, K)
+        let conv_w = take(w, &format!("{p}.conv1d.weight"))?.to_dtype(DType::F32)?; // (d_inner, 1, K)
         Ok(Self {
             in_proj,
             conv_w,
@@ -68,6 +70,19 @@ impl MambaMixer {
         })
     }
 
+    /// Visits every tensor with its name relative to the mixer (`in_proj.weight`, ...).
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        self.in_proj.visit_mut("in_proj", f)?;
+        f("conv1d.weight", &mut self.conv_w)?;
+        f("conv1d.bias", &mut self.conv_b)?;
+        self.x_proj.visit_mut("x_proj", f)?;
+        self.dt_proj.visit_mut("dt_proj", f)?;
+        f("dt_proj.bias", &mut self.dt_bias)?;
+        f("A_log", &mut self.a_log)?;
+        f("D", &mut self.d)?;
+        self.out_proj.visit_mut("out_proj", f)
+    }
+
     /// Full sequence: x (B, L, d) -> (B, L, d), from and into `state`.
     pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
         let (_b, len, _d) = x.dims3()?;
@@ -75,13 +90,15 @@ impl MambaMixer {
         let xz = self.in_proj.forward(x)?; // (B, L, 2·di)  eq. 1: [u; z] = W_in x
         let u = xz.narrow(D::Minus1, 0, di)?.to_dtype(DType::F32)?; // (B, L, di)
         let z = xz.narrow(D::Minus1, di, di)?.to_dtype(DType::F32)?; // (B, L, di)
-        // eq. 2: causal depthwise conv over [previous K−1 inputs ; u]
+                                                                     // eq. 2: causal depthwise conv over [previous K−1 inputs ; u]
         let prev = state.conv.narrow(2, 1, k - 1)?.transpose(1, 2)?; // (B, K−1, di)
         let u_ext = Tensor::cat(&[&prev, &u], 1)?; // (B, L+K−1, di)
+        let conv_w = self.conv_w.squeeze(1)?; // (di, K)
         let mut c = self.conv_b.unsqueeze(0)?.unsqueeze(0)?; // (1, 1, di)
         for tap in 0..k {
-            let w_tap = self.conv_w.narrow(1, tap, 1)?.squeeze(1)?; // (di)
-            c = u_ext.narrow(1, tap, len)?.broadcast_mul(&w_tap)?.broadcast_add(&c)?; // (B, L, di)
+            let w_tap = conv_w.narrow(1, tap, 1)?.squeeze(1)?; // (di)
+            c = u_ext.narrow(1, tap, len)?.broadcast_mul(&w_tap)?.broadcast_add(&c)?;
+            // (B, L, di)
         }
         let new_conv = u_ext.narrow(1, len - 1, k)?.transpose(1, 2)?.contiguous()?; // (B, di, K)
         let v = candle_nn::ops::silu(&c)?; // eq. 3: (B, L, di)
@@ -127,9 +144,12 @@ impl MambaMixer {
         let xz = self.in_proj.forward(x)?; // (B, 2·di)
         let u = xz.narrow(1, 0, di)?.to_dtype(DType::F32)?; // (B, di)
         let z = xz.narrow(1, di, di)?.to_dtype(DType::F32)?; // (B, di)
-        // shift the conv window left by one and append u_t in slot K−1
+                                                             // shift the conv window left by one and append u_t in slot K−1
         let conv = Tensor::cat(&[&state.conv.narrow(2, 1, k - 1)?, &u.unsqueeze(2)?], 2)?; // (B, di, K)
-        let c = conv.broadcast_mul(&self.conv_w)?.sum(D::Minus1)?.broadcast_add(&self.conv_b)?; // (B, di)
+        let c = conv
+            .broadcast_mul(&self.conv_w.squeeze(1)?)?
+            .sum(D::Minus1)?
+            .broadcast_add(&self.conv_b)?; // (B, di)
         let v = candle_nn::ops::silu(&c)?; // (B, di)
         let (delta, bm, cm) = self.ssm_params(&v)?; // (B, di), (B, N), (B, N)
         let a = self.a_log.exp()?.neg()?; // (di, N)
@@ -137,7 +157,7 @@ impl MambaMixer {
         let db = (&delta * &v)?.unsqueeze(2)?.broadcast_mul(&bm.unsqueeze(1)?)?; // (B, di, N)
         let h = ((da * &state.ssm)? + db)?; // eq. 7
         let y = h.matmul(&cm.unsqueeze(2)?)?.squeeze(2)?; // (B, di): Σ_n h·C
-        let y = (y + (&v).broadcast_mul(&self.d)?)?;
+        let y = (y + v.broadcast_mul(&self.d)?)?;
         let y = (y * candle_nn::ops::silu(&z)?)?;
         let out = self.out_proj.forward(&y.to_dtype(self.out_proj.weight.dtype())?)?; // (B, d)
         if let Some(p) = probe {

@@ -100,10 +100,89 @@ impl Model {
         })
     }
 
+    /// Visits every tensor (adapters included) under its checkpoint name, e.g.
+    /// `decoder.layers.0.mixer.in_proj.weight` or `...in_proj.lora_a`.
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f("embedding.word_embeddings.weight", &mut self.embedding)?;
+        for (i, b) in self.layers.iter_mut().enumerate() {
+            let p = format!("decoder.layers.{i}");
+            f(&format!("{p}.norm.weight"), &mut b.norm)?;
+            let mut g = |n: &str, t: &mut Tensor| f(&format!("{p}.mixer.{n}"), t);
+            match &mut b.mixer {
+                Mixer::Mamba(m) => m.visit_mut(&mut g)?,
+                Mixer::Moe(m) => m.visit_mut(&mut g)?,
+                Mixer::Dense(m) => m.visit_mut("", &mut g)?,
+            }
+        }
+        f("decoder.final_layernorm.weight", &mut self.final_w)?;
+        f("decoder.final_layernorm.bias", &mut self.final_b)
+    }
+
+    /// Every tensor under its checkpoint name (clones are cheap: storage is shared).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        let mut me = self.clone();
+        me.visit_mut(&mut |n, t| {
+            out.push((n.to_string(), t.clone()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Writes `config.json` and `model.safetensors` (adapters merged in) into `dir`, atomically.
+    pub fn save_dir(&self, dir: &std::path::Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut merged = self.clone();
+        merged.visit_linears_mut(&mut |l| {
+            l.weight = l.merged_weight()?;
+            l.lora = None;
+            Ok(())
+        })?;
+        let mut map = HashMap::new();
+        for (n, t) in merged.named_tensors()? {
+            let t = if weights::keeps_f32(&n) {
+                t.to_dtype(DType::F32)?
+            } else {
+                t.to_dtype(dtype)?
+            };
+            map.insert(n, t.to_device(&Device::Cpu)?);
+        }
+        weights::write_atomic(&dir.join("config.json"), self.cfg.to_json_string()?.as_bytes())?;
+        weights::save_safetensors(&map, &dir.join("model.safetensors"))
+    }
+
+    /// Visits every linear layer (for adapters).
+    pub fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&mut linear::Linear) -> Result<()>) -> Result<()> {
+        for b in &mut self.layers {
+            match &mut b.mixer {
+                Mixer::Mamba(m) => {
+                    for l in [&mut m.in_proj, &mut m.x_proj, &mut m.dt_proj, &mut m.out_proj] {
+                        f(l)?;
+                    }
+                }
+                Mixer::Moe(m) => {
+                    f(&mut m.router)?;
+                    for e in &mut m.experts {
+                        f(&mut e.fc1)?;
+                        f(&mut e.fc2)?;
+                    }
+                }
+                Mixer::Dense(m) => {
+                    f(&mut m.fc1)?;
+                    f(&mut m.fc2)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every id against the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         match ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            Some(&id) => Err(Error::TokenOutOfVocab { id, vocab: self.cfg.vocab_size }),
+            Some(&id) => Err(Error::TokenOutOfVocab {
+                id,
+                vocab: self.cfg.vocab_size,
+            }),
             None => Ok(()),
         }
     }
@@ -117,8 +196,15 @@ impl Model {
         if probe.moe.is_empty() && probe.mamba.is_empty() {
             for (i, b) in self.layers.iter().enumerate() {
                 match &b.mixer {
-                    Mixer::Moe(m) => probe.moe.push(MoeRecord { layer: i, n_experts: m.experts.len(), ..Default::default() }),
-                    Mixer::Mamba(_) => probe.mamba.push(MambaRecord { layer: i, ..Default::default() }),
+                    Mixer::Moe(m) => probe.moe.push(MoeRecord {
+                        layer: i,
+                        n_experts: m.experts.len(),
+                        ..Default::default()
+                    }),
+                    Mixer::Mamba(_) => probe.mamba.push(MambaRecord {
+                        layer: i,
+                        ..Default::default()
+                    }),
                     Mixer::Dense(_) => {}
                 }
             }
@@ -163,7 +249,9 @@ impl Model {
             let normed = rms_norm(&res, &block.norm, eps, self.differentiable)?.to_dtype(self.dtype)?;
             let out = match &block.mixer {
                 Mixer::Mamba(m) => {
-                    let st = state.layers[i].as_mut().ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
+                    let st = state.layers[i]
+                        .as_mut()
+                        .ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
                     let rec = probe.as_deref_mut().map(|p| &mut p.mamba[mamba_slot]);
                     mamba_slot += 1;
                     if seq {

@@ -40,11 +40,23 @@ impl Mlp {
     /// Takes `{p}.linear_fc1.*` and `{p}.linear_fc2.*` out of `w`.
     pub fn new(cfg: &Config, p: &str, w: &mut HashMap<String, Tensor>) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(take(w, &format!("{p}.linear_fc1.weight"))?, w.remove(&format!("{p}.linear_fc1.bias"))),
-            fc2: Linear::new(take(w, &format!("{p}.linear_fc2.weight"))?, w.remove(&format!("{p}.linear_fc2.bias"))),
+            fc1: Linear::new(
+                take(w, &format!("{p}.linear_fc1.weight"))?,
+                w.remove(&format!("{p}.linear_fc1.bias")),
+            ),
+            fc2: Linear::new(
+                take(w, &format!("{p}.linear_fc2.weight"))?,
+                w.remove(&format!("{p}.linear_fc2.bias")),
+            ),
             gated: cfg.swiglu,
             act: cfg.expert_activation,
         })
+    }
+
+    /// Visits `{prefix}linear_fc1.*` and `{prefix}linear_fc2.*` (prefix ends in a dot or is empty).
+    pub fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        self.fc1.visit_mut(&format!("{prefix}linear_fc1"), f)?;
+        self.fc2.visit_mut(&format!("{prefix}linear_fc2"), f)
     }
 
     /// x (n, d) -> (n, d), in the weight dtype.
@@ -83,8 +95,19 @@ impl SwitchMlp {
             take(w, &format!("{p}.router.weight"))?.to_dtype(DType::F32)?,
             Some(take(w, &format!("{p}.router.bias"))?.to_dtype(DType::F32)?),
         );
-        let experts = (0..n_experts).map(|e| Mlp::new(cfg, &format!("{p}.local_experts.{e}"), w)).collect::<Result<Vec<_>>>()?;
+        let experts = (0..n_experts)
+            .map(|e| Mlp::new(cfg, &format!("{p}.local_experts.{e}"), w))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self { router, experts })
+    }
+
+    /// Visits `router.*` and `local_experts.{e}.*`.
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        self.router.visit_mut("router", f)?;
+        for (e, x) in self.experts.iter_mut().enumerate() {
+            x.visit_mut(&format!("local_experts.{e}."), f)?;
+        }
+        Ok(())
     }
 
     /// x (.., d) -> (.., d). Tokens route independently (greedy) or jointly (Sinkhorn).
@@ -130,7 +153,8 @@ impl SwitchMlp {
                 }
             }
             let ys = Tensor::cat(&outs, 0)?; // (T, d) grouped
-            ys.index_select(&Tensor::from_slice(&inverse, n_tok, xs.device())?, 0)? // (T, d) token order
+            ys.index_select(&Tensor::from_slice(&inverse, n_tok, xs.device())?, 0)?
+            // (T, d) token order
         };
         let y = y.to_dtype(DType::F32)?.broadcast_mul(&gate)?; // scale by the gate, f32
         if let Some(p) = probe {

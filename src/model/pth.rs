@@ -58,7 +58,11 @@ type PResult<T> = std::result::Result<T, String>;
 
 impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or("the pickle ends early (truncated file?)")?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or("the pickle ends early (truncated file?)")?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -76,7 +80,10 @@ impl<'a> Machine<'a> {
     }
     fn line(&mut self) -> PResult<String> {
         let rest = &self.data[self.pos..];
-        let n = rest.iter().position(|&c| c == b'\n').ok_or("the pickle ends inside a global name")?;
+        let n = rest
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or("the pickle ends inside a global name")?;
         let s = String::from_utf8_lossy(&rest[..n]).into_owned();
         self.pos += n + 1;
         Ok(s)
@@ -85,13 +92,19 @@ impl<'a> Machine<'a> {
         self.stack.pop().ok_or_else(|| "pickle stack underflow (corrupt file?)".to_string())
     }
     fn pop_mark(&mut self) -> PResult<Vec<Obj>> {
-        let at = self.stack.iter().rposition(|o| *o == Obj::Mark).ok_or("pickle mark missing (corrupt file?)")?;
+        let at = self
+            .stack
+            .iter()
+            .rposition(|o| *o == Obj::Mark)
+            .ok_or("pickle mark missing (corrupt file?)")?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
         Ok(items)
     }
     fn top(&mut self) -> PResult<&mut Obj> {
-        self.stack.last_mut().ok_or_else(|| "pickle stack underflow (corrupt file?)".to_string())
+        self.stack
+            .last_mut()
+            .ok_or_else(|| "pickle stack underflow (corrupt file?)".to_string())
     }
     fn global(&mut self, module: String, name: String) -> PResult<()> {
         if !ALLOWED_GLOBALS.iter().any(|(m, n)| *m == module && *n == name) {
@@ -158,7 +171,11 @@ impl<'a> Machine<'a> {
                 }
                 b'h' | b'j' => {
                     let k = if op == b'h' { u32::from(self.u8()?) } else { self.u32()? };
-                    let v = self.memo.get(&k).cloned().ok_or_else(|| format!("pickle memo {k} missing (corrupt file?)"))?;
+                    let v = self
+                        .memo
+                        .get(&k)
+                        .cloned()
+                        .ok_or_else(|| format!("pickle memo {k} missing (corrupt file?)"))?;
                     self.stack.push(v);
                 }
                 b'(' => self.stack.push(Obj::Mark),
@@ -311,13 +328,18 @@ fn storage_dtype(class: &str) -> Option<DType> {
 
 fn usizes(o: &Obj) -> Option<Vec<usize>> {
     match o {
-        Obj::Tuple(v) | Obj::List(v) => v.iter().map(|x| if let Obj::Int(i) = x { usize::try_from(*i).ok() } else { None }).collect(),
+        Obj::Tuple(v) | Obj::List(v) => v
+            .iter()
+            .map(|x| if let Obj::Int(i) = x { usize::try_from(*i).ok() } else { None })
+            .collect(),
         _ => None,
     }
 }
 
 fn tensor_info(value: &Obj) -> std::result::Result<TensorInfo, String> {
-    let Obj::Call(f, args) = value else { return Err("is not a tensor".into()) };
+    let Obj::Call(f, args) = value else {
+        return Err("is not a tensor".into());
+    };
     let (f, args) = match (&**f, &**args) {
         (Obj::Global(_, n), Obj::Tuple(a)) if n == "_rebuild_parameter" => match a.first() {
             Some(Obj::Call(f2, a2)) => (&**f2, &**a2),
@@ -328,12 +350,18 @@ fn tensor_info(value: &Obj) -> std::result::Result<TensorInfo, String> {
     if !matches!(f, Obj::Global(_, n) if n == "_rebuild_tensor_v2") {
         return Err("is not a tensor".into());
     }
-    let Obj::Tuple(a) = args else { return Err("has malformed tensor arguments".into()) };
+    let Obj::Tuple(a) = args else {
+        return Err("has malformed tensor arguments".into());
+    };
     if a.len() < 4 {
         return Err("has too few tensor arguments".into());
     }
-    let Obj::PersId(pid) = &a[0] else { return Err("has no storage reference".into()) };
-    let Obj::Tuple(p) = &**pid else { return Err("has a malformed storage reference".into()) };
+    let Obj::PersId(pid) = &a[0] else {
+        return Err("has no storage reference".into());
+    };
+    let Obj::Tuple(p) = &**pid else {
+        return Err("has a malformed storage reference".into());
+    };
     let (class, key) = match (p.get(1), p.get(2)) {
         (Some(Obj::Global(_, c)), Some(Obj::Str(k))) => (c.clone(), k.clone()),
         _ => return Err("has a malformed storage reference".into()),
@@ -354,7 +382,13 @@ fn tensor_info(value: &Obj) -> std::result::Result<TensorInfo, String> {
     if class == "IntStorage" {
         return Err("has int32 storage, which weights never use".into());
     }
-    Ok(TensorInfo { dtype, shape, stride, offset, key })
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        stride,
+        offset,
+        key,
+    })
 }
 
 /// Reads the state dict of a torch zip checkpoint (under `key`, e.g. `"model"`) onto `device`.
@@ -372,7 +406,14 @@ pub fn read_state_dict(path: &Path, key: Option<&str>, device: &Device) -> Resul
     zip.by_name(&pkl_name)
         .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
         .map_err(|e| bad(format!("cannot read data.pkl ({e}); the file is corrupt or truncated")))?;
-    let root = Machine { data: &pkl, pos: 0, stack: Vec::new(), memo: HashMap::new() }.run().map_err(bad)?;
+    let root = Machine {
+        data: &pkl,
+        pos: 0,
+        stack: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
+    .map_err(bad)?;
     let dict = match (key, root) {
         (Some(k), Obj::Dict(items)) => match items.into_iter().find(|(n, _)| *n == Obj::Str(k.into())) {
             Some((_, v)) => v,
@@ -380,7 +421,9 @@ pub fn read_state_dict(path: &Path, key: Option<&str>, device: &Device) -> Resul
         },
         (_, root) => root,
     };
-    let Obj::Dict(items) = dict else { return Err(bad("the state dict is not a dictionary".into())) };
+    let Obj::Dict(items) = dict else {
+        return Err(bad("the state dict is not a dictionary".into()));
+    };
     let mut out = HashMap::new();
     for (name, value) in items {
         let Obj::Str(name) = name else { continue };
@@ -391,19 +434,28 @@ pub fn read_state_dict(path: &Path, key: Option<&str>, device: &Device) -> Resul
     Ok(out)
 }
 
-fn read_tensor<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, prefix: &str, info: &TensorInfo) -> std::result::Result<Tensor, String> {
+fn read_tensor<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    prefix: &str,
+    info: &TensorInfo,
+) -> std::result::Result<Tensor, String> {
     let entry = format!("{prefix}data/{}", info.key);
     let mut f = zip.by_name(&entry).map_err(|e| format!("storage '{entry}' missing ({e})"))?;
     let esize = info.dtype.size_in_bytes();
     let numel: usize = info.shape.iter().product();
     // The last element any stride reaches, so a short storage is caught before reading.
-    let span = if numel == 0 { 0 } else { 1 + info.shape.iter().zip(&info.stride).map(|(d, s)| (d - 1) * s).sum::<usize>() };
+    let span = if numel == 0 {
+        0
+    } else {
+        1 + info.shape.iter().zip(&info.stride).map(|(d, s)| (d - 1) * s).sum::<usize>()
+    };
     let need = (info.offset + span) * esize;
     if (f.size() as usize) < need {
         return Err(format!("storage holds {} bytes but the tensor needs {need} (truncated?)", f.size()));
     }
     let mut bytes = vec![0u8; need];
-    f.read_exact(&mut bytes).map_err(|e| format!("cannot read storage ({e}); file corrupt or truncated"))?;
+    f.read_exact(&mut bytes)
+        .map_err(|e| format!("cannot read storage ({e}); file corrupt or truncated"))?;
     let flat = Tensor::from_raw_buffer(&bytes[info.offset * esize..], info.dtype, &[span], &Device::Cpu).map_err(|e| e.to_string())?;
     let contiguous: Vec<usize> = {
         let mut s = vec![1usize; info.shape.len()];
@@ -413,7 +465,10 @@ fn read_tensor<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, prefix: &s
         s
     };
     if numel == 0 || info.stride == contiguous {
-        return flat.narrow(0, 0, numel).and_then(|t| t.reshape(Shape::from(info.shape.clone()))).map_err(|e| e.to_string());
+        return flat
+            .narrow(0, 0, numel)
+            .and_then(|t| t.reshape(Shape::from(info.shape.clone())))
+            .map_err(|e| e.to_string());
     }
     // General strides: gather the elements through an index tensor.
     let mut idx = Vec::with_capacity(numel);
@@ -429,7 +484,9 @@ fn read_tensor<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, prefix: &s
         }
     }
     let idx = Tensor::from_vec(idx, numel, &Device::Cpu).map_err(|e| e.to_string())?;
-    flat.index_select(&idx, 0).and_then(|t| t.reshape(Shape::from(info.shape.clone()))).map_err(|e| e.to_string())
+    flat.index_select(&idx, 0)
+        .and_then(|t| t.reshape(Shape::from(info.shape.clone())))
+        .map_err(|e| e.to_string())
 }
 
 /// Writes a state dict as a torch zip checkpoint `{"model": OrderedDict}` (f32/bf16/f16/i64),

@@ -62,7 +62,11 @@ pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
         h_prev = h.narrow(1, lc - 1, 1)?.squeeze(1)?; // (B, di, N)
         start += lc;
     }
-    let y = if ys.len() == 1 { ys.pop().unwrap_or(h_prev.zeros_like()?) } else { Tensor::cat(&ys, 1)? };
+    let y = if ys.len() == 1 {
+        ys.pop().unwrap_or(h_prev.zeros_like()?)
+    } else {
+        Tensor::cat(&ys, 1)?
+    };
     let h_norm = if want_norm { Some(Tensor::cat(&norms, 1)?) } else { None };
     Ok(ScanOut { y, h_last: h_prev, h_norm })
 }

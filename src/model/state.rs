@@ -45,12 +45,13 @@ impl State {
     pub fn to_host(&self) -> Result<StateSnapshot> {
         let mut layers = Vec::new();
         for l in self.layers.iter().flatten() {
-            layers.push((
-                l.conv.flatten_all()?.to_vec1::<f32>()?,
-                l.ssm.flatten_all()?.to_vec1::<f32>()?,
-            ));
+            layers.push((l.conv.flatten_all()?.to_vec1::<f32>()?, l.ssm.flatten_all()?.to_vec1::<f32>()?));
         }
-        Ok(StateSnapshot { pos: self.pos, batch: self.batch, layers })
+        Ok(StateSnapshot {
+            pos: self.pos,
+            batch: self.batch,
+            layers,
+        })
     }
 
     /// Rebuilds a state from a host snapshot, checking it fits `cfg`.
@@ -58,7 +59,9 @@ impl State {
         let mut st = Self::new(cfg, snap.batch, device)?;
         let mut it = snap.layers.iter();
         for l in st.layers.iter_mut().flatten() {
-            let (conv, ssm) = it.next().ok_or_else(|| Error::Invalid("state snapshot has fewer layers than the model".into()))?;
+            let (conv, ssm) = it
+                .next()
+                .ok_or_else(|| Error::Invalid("state snapshot has fewer layers than the model".into()))?;
             if conv.len() != l.conv.elem_count() || ssm.len() != l.ssm.elem_count() {
                 return Err(Error::Invalid("state snapshot does not match the model's sizes".into()));
             }

@@ -109,9 +109,15 @@ impl WeightFiles {
             return Ok(Self::Pth(bin));
         }
         if st.len() > 1 {
-            return Err(Error::bad_file(dir, "several .safetensors files but no model.safetensors.index.json to say which belong together"));
+            return Err(Error::bad_file(
+                dir,
+                "several .safetensors files but no model.safetensors.index.json to say which belong together",
+            ));
         }
-        Err(Error::bad_file(dir, "no weights found: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"))
+        Err(Error::bad_file(
+            dir,
+            "no weights found: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin",
+        ))
     }
 }
 
@@ -125,9 +131,14 @@ fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, file) in map {
-        let f = file.as_str().ok_or_else(|| Error::bad_file(index, format!("weight_map entry '{name}' is not a file name")))?;
+        let f = file
+            .as_str()
+            .ok_or_else(|| Error::bad_file(index, format!("weight_map entry '{name}' is not a file name")))?;
         if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-            return Err(Error::bad_file(index, format!("weight_map entry '{name}' names a file outside the folder: '{f}'")));
+            return Err(Error::bad_file(
+                index,
+                format!("weight_map entry '{name}' names a file outside the folder: '{f}'"),
+            ));
         }
         let p = dir.join(f);
         if !files.contains(&p) {

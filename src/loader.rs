@@ -14,7 +14,7 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::config::Config;
 use crate::model::random::{random_weights, RandomInit};
-use crate::model::weights::{check_and_convert, read_tensors, WeightFiles};
+use crate::model::weights::{check_and_convert, check_index, read_tensors_with, tensor_index, WeightFiles};
 use crate::model::Model;
 use crate::tokenizer;
 
@@ -126,10 +126,47 @@ pub struct Loaded {
     pub load_secs: f64,
 }
 
+/// A step of loading, for progress bars and the TUI.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadProgress {
+    /// "download FILE", "convert", "read" or "ready"
+    pub stage: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Receives [`LoadProgress`] reports (from the loading thread).
+pub type ProgressFn = std::sync::Arc<dyn Fn(&LoadProgress) + Send + Sync>;
+
 /// Options of [`load`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct LoadOpts {
     pub tokenizer: Option<PathBuf>,
+    pub progress: Option<ProgressFn>,
+    /// The hub environment; `None` reads the process environment.
+    pub hub: Option<crate::hub::HubEnv>,
+}
+
+impl std::fmt::Debug for LoadOpts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOpts")
+            .field("tokenizer", &self.tokenizer)
+            .field("progress", &self.progress.is_some())
+            .field("hub", &self.hub)
+            .finish()
+    }
+}
+
+impl LoadOpts {
+    fn report(&self, stage: &str, done: u64, total: u64) {
+        if let Some(p) = &self.progress {
+            p(&LoadProgress {
+                stage: stage.to_string(),
+                done,
+                total,
+            });
+        }
+    }
 }
 
 /// Loads a model and its tokenizer.
@@ -138,30 +175,44 @@ pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts
     let (model, tok_path, untrained) = match source {
         ModelSource::Embedded => match crate::embedded::default_model_dir() {
             Some(dir) => {
-                let (m, t) = load_dir(&dir, device, dtype)?;
+                let (m, t) = load_dir_with(&dir, device, dtype, opts)?;
                 (m, t, false)
             }
             None => (random_model("tiny", 0, device, dtype)?, None, true),
         },
         ModelSource::Random { shape, seed } => (random_model(shape, *seed, device, dtype)?, None, true),
         ModelSource::Dir(dir) => {
-            let (m, t) = load_dir(dir, device, dtype)?;
+            let (m, t) = load_dir_with(dir, device, dtype, opts)?;
             (m, t, false)
         }
         ModelSource::Hub { repo, revision } => {
-            let dir = crate::hub::resolve(repo, revision.as_deref())?;
-            let (m, t) = load_dir(&dir, device, dtype)?;
+            let env = opts.hub.clone().unwrap_or_else(crate::hub::HubEnv::from_env);
+            let dir = crate::hub::resolve_with(&env, repo, revision.as_deref(), &mut |f, d, t| {
+                opts.report(&format!("download {f}"), d, t)
+            })?;
+            // First load: convert the pickle to safetensors beside it; later loads memory-map that.
+            crate::model::convert::ensure_safetensors(&dir, &mut |d, t| opts.report("convert", d as u64, t as u64))?;
+            let (m, t) = load_dir_with(&dir, device, dtype, opts)?;
             (m, t, false)
         }
     };
+    // The hub repos ship no tokenizer: they use the embedded GPT-NeoX one, which must fit.
+    let strict = matches!(source, ModelSource::Hub { .. });
     let tokenizer = match opts.tokenizer.clone().or(tok_path) {
         Some(p) => {
             let t = tokenizer::from_file(&p)?;
             tokenizer::check_fits(&t, model.cfg.vocab_size, &format!("tokenizer {}", p.display()))?;
             t
         }
-        None => tokenizer::neox()?,
+        None => {
+            let t = tokenizer::neox()?;
+            if strict {
+                tokenizer::check_fits(&t, model.cfg.vocab_size, "the GPT-NeoX-20B tokenizer")?;
+            }
+            t
+        }
     };
+    opts.report("ready", 1, 1);
     Ok(Loaded {
         model,
         tokenizer,
@@ -180,6 +231,12 @@ pub fn random_model(shape: &str, seed: u64, device: &Device, dtype: DType) -> Re
 
 /// Loads `config.json` and the weights of a folder; returns the folder's tokenizer path if any.
 pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Option<PathBuf>)> {
+    load_dir_with(dir, device, dtype, &LoadOpts::default())
+}
+
+/// [`load_dir`] with progress reports: names and shapes are checked from the file headers
+/// before any tensor data is read.
+pub fn load_dir_with(dir: &Path, device: &Device, dtype: DType, opts: &LoadOpts) -> Result<(Model, Option<PathBuf>)> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.is_file() {
         return Err(Error::bad_file(
@@ -189,7 +246,8 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<(Model, Opt
     }
     let cfg = Config::from_file(&cfg_path)?;
     let files = WeightFiles::find(dir)?;
-    let raw = read_tensors(&files, device)?;
+    check_index(&cfg, &tensor_index(&files)?)?;
+    let raw = read_tensors_with(&files, device, &mut |d, t| opts.report("read", d as u64, t as u64))?;
     let w = check_and_convert(&cfg, raw, dtype)?;
     let model = Model::from_tensors(&cfg, w, dtype, device)?;
     let tok = dir.join("tokenizer.json");

@@ -17,7 +17,7 @@ pub struct LogitsArgs {
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ids: Vec<u32>,
-    /// Output safetensors file: logits [L, V] f32, experts [n_moe, L] i64, router_probs [n_moe, L, E] f32.
+    /// Output safetensors file: logits [L, V] f32, experts [n_moe, L] i64, router_probs [n_moe, L, E] f32, ids [L] i64.
     #[arg(long)]
     pub out: PathBuf,
     /// Use the cached path: the first token prefilled, then one step per token.
@@ -77,6 +77,8 @@ pub fn run(m: &ModelArgs, a: &LogitsArgs) -> anyhow::Result<()> {
     out.insert("logits".to_string(), logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
     out.insert("experts".to_string(), experts);
     out.insert("router_probs".to_string(), probs);
+    let ids: Vec<i64> = a.ids.iter().map(|&i| i64::from(i)).collect();
+    out.insert("ids".to_string(), Tensor::from_vec(ids, a.ids.len(), &Device::Cpu)?);
     crate::model::weights::save_safetensors(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
         "wrote {} ({} positions, {} MoE layers)",

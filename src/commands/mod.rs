@@ -1,7 +1,9 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
+pub mod check;
 pub mod generate;
 pub mod logits;
+pub mod random_checkpoint;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -42,6 +44,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Write teacher-forced logits, experts and router probabilities of token ids to safetensors.
     Logits(logits::LogitsArgs),
+    /// Load a checkpoint, run a fixed prompt, report NaN/inf and speed; compare with a reference.
+    Check(check::CheckArgs),
+    /// Write a checkpoint of random weights in the release format (benchmarks and tests).
+    RandomCheckpoint(random_checkpoint::RandomCheckpointArgs),
 }
 
 /// Runs the parsed command line.
@@ -49,6 +55,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Generate(a)) => generate::run(&cli.model, &a),
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
+        Some(Command::Check(a)) => check::run(&cli.model, &a),
+        Some(Command::RandomCheckpoint(a)) => random_checkpoint::run(&a),
         None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
     }
 }
@@ -61,6 +69,34 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     let dtype = crate::loader::dtype(m.dtype.as_deref(), &device)?;
     let opts = crate::loader::LoadOpts {
         tokenizer: m.tokenizer.clone(),
+        progress: Some(cli_progress()),
+        hub: None,
     };
     crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))
+}
+
+/// A progress bar on stderr for downloads, conversion and reading (hidden when not a terminal).
+fn cli_progress() -> crate::loader::ProgressFn {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{msg:>24} [{bar:30}] {percent:>3}% {eta}").map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    let stage = std::sync::Mutex::new(String::new());
+    std::sync::Arc::new(move |p: &crate::loader::LoadProgress| {
+        if p.stage == "ready" {
+            bar.finish_and_clear();
+            return;
+        }
+        if let Ok(mut s) = stage.lock() {
+            if *s != p.stage {
+                s.clone_from(&p.stage);
+                bar.set_message(p.stage.clone());
+                bar.set_position(0);
+            }
+        }
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })
 }

@@ -5,6 +5,7 @@
 //! dense MLP) → final LayerNorm with bias → tied LM head (SPEC §2).
 
 pub mod config;
+pub mod convert;
 pub mod linear;
 pub mod mamba;
 pub mod moe;

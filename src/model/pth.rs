@@ -391,47 +391,88 @@ fn tensor_info(value: &Obj) -> std::result::Result<TensorInfo, String> {
     })
 }
 
+/// The tensors of a torch zip checkpoint, known from its pickle before any data is read.
+#[derive(Debug, Clone)]
+pub struct PthIndex {
+    pub path: std::path::PathBuf,
+    prefix: String,
+    /// (name, where its data is), in file order
+    pub entries: Vec<(String, TensorInfo)>,
+}
+
+impl PthIndex {
+    /// Reads the pickle of `path` and indexes the state dict under `key` (e.g. `"model"`).
+    pub fn open(path: &Path, key: Option<&str>) -> Result<Self> {
+        let bad = |msg: String| Error::bad_file(path, msg);
+        let mut zip = open_zip(path)?;
+        let pkl_name = (0..zip.len())
+            .filter_map(|i| zip.name_for_index(i).and_then(|r| r.ok()).map(|s| s.to_string()))
+            .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
+            .ok_or_else(|| bad("no data.pkl inside: not a torch checkpoint".into()))?;
+        let prefix = pkl_name.strip_suffix("data.pkl").unwrap_or("").to_string();
+        let mut pkl = Vec::new();
+        zip.by_name(&pkl_name)
+            .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
+            .map_err(|e| bad(format!("cannot read data.pkl ({e}); the file is corrupt or truncated")))?;
+        let root = Machine {
+            data: &pkl,
+            pos: 0,
+            stack: Vec::new(),
+            memo: HashMap::new(),
+        }
+        .run()
+        .map_err(bad)?;
+        let dict = match (key, root) {
+            (Some(k), Obj::Dict(items)) => match items.into_iter().find(|(n, _)| *n == Obj::Str(k.into())) {
+                Some((_, v)) => v,
+                None => return Err(bad(format!("no '{k}' entry at the top level (expected {{\"{k}\": state_dict}})"))),
+            },
+            (_, root) => root,
+        };
+        let Obj::Dict(items) = dict else {
+            return Err(bad("the state dict is not a dictionary".into()));
+        };
+        let mut entries = Vec::with_capacity(items.len());
+        for (name, value) in items {
+            let Obj::Str(name) = name else { continue };
+            let info = tensor_info(&value).map_err(|m| bad(format!("entry '{name}' {m}")))?;
+            entries.push((name, info));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            prefix,
+            entries,
+        })
+    }
+
+    /// Reads every tensor onto `device`, calling `each(done, total)` after each one.
+    pub fn read_all(&self, device: &Device, each: &mut dyn FnMut(usize, usize)) -> Result<HashMap<String, Tensor>> {
+        let mut zip = open_zip(&self.path)?;
+        let mut out = HashMap::with_capacity(self.entries.len());
+        for (i, (name, info)) in self.entries.iter().enumerate() {
+            let t = read_tensor(&mut zip, &self.prefix, info).map_err(|m| Error::bad_file(&self.path, format!("tensor '{name}': {m}")))?;
+            out.insert(name.clone(), t.to_device(device)?);
+            each(i + 1, self.entries.len());
+        }
+        Ok(out)
+    }
+
+    /// Reads one tensor (on the CPU).
+    pub fn read_one(&self, zip: &mut zip::ZipArchive<std::io::BufReader<std::fs::File>>, info: &TensorInfo) -> Result<Tensor> {
+        read_tensor(zip, &self.prefix, info).map_err(|m| Error::bad_file(&self.path, m))
+    }
+}
+
+/// Opens the zip archive of a torch checkpoint.
+pub fn open_zip(path: &Path) -> Result<zip::ZipArchive<std::io::BufReader<std::fs::File>>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| Error::bad_file(path, format!("not a torch zip checkpoint or truncated ({e}); re-download it")))
+}
+
 /// Reads the state dict of a torch zip checkpoint (under `key`, e.g. `"model"`) onto `device`.
 pub fn read_state_dict(path: &Path, key: Option<&str>, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bad = |msg: String| Error::bad_file(path, msg);
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| bad(format!("not a torch zip checkpoint or truncated ({e}); re-download it")))?;
-    let pkl_name = (0..zip.len())
-        .filter_map(|i| zip.name_for_index(i).and_then(|r| r.ok()).map(|s| s.to_string()))
-        .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
-        .ok_or_else(|| bad("no data.pkl inside: not a torch checkpoint".into()))?;
-    let prefix = pkl_name.strip_suffix("data.pkl").unwrap_or("").to_string();
-    let mut pkl = Vec::new();
-    zip.by_name(&pkl_name)
-        .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
-        .map_err(|e| bad(format!("cannot read data.pkl ({e}); the file is corrupt or truncated")))?;
-    let root = Machine {
-        data: &pkl,
-        pos: 0,
-        stack: Vec::new(),
-        memo: HashMap::new(),
-    }
-    .run()
-    .map_err(bad)?;
-    let dict = match (key, root) {
-        (Some(k), Obj::Dict(items)) => match items.into_iter().find(|(n, _)| *n == Obj::Str(k.into())) {
-            Some((_, v)) => v,
-            None => return Err(bad(format!("no '{k}' entry at the top level (expected {{\"{k}\": state_dict}})"))),
-        },
-        (_, root) => root,
-    };
-    let Obj::Dict(items) = dict else {
-        return Err(bad("the state dict is not a dictionary".into()));
-    };
-    let mut out = HashMap::new();
-    for (name, value) in items {
-        let Obj::Str(name) = name else { continue };
-        let info = tensor_info(&value).map_err(|m| bad(format!("entry '{name}' {m}")))?;
-        let t = read_tensor(&mut zip, &prefix, &info).map_err(|m| bad(format!("tensor '{name}': {m}")))?;
-        out.insert(name, t.to_device(device)?);
-    }
-    Ok(out)
+    PthIndex::open(path, key)?.read_all(device, &mut |_, _| {})
 }
 
 fn read_tensor<R: Read + std::io::Seek>(

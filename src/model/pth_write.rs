@@ -110,7 +110,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 }
 
 /// Little-endian bytes of a flat tensor.
-fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match t.dtype() {
         DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),

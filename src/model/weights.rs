@@ -154,27 +154,124 @@ fn read_index(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads every tensor of the files onto `device`, as stored (dtype conversion happens later).
-pub fn read_tensors(files: &WeightFiles, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// A read-only memory map of a weights file.
+#[allow(unsafe_code)]
+pub fn mmap(path: &Path) -> Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and lives only while we copy tensors out of it; a file changed
+    // underneath by another process gives wrong bytes (caught by the shape/size checks), not UB in
+    // our code paths beyond what any reader of a mutating file sees.
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
+}
+
+fn bad_st(p: &Path, e: impl std::fmt::Display) -> Error {
+    Error::bad_file(p, format!("not a valid safetensors file ({e}); re-download or re-convert it"))
+}
+
+/// Names and shapes of every tensor in the files, read from headers only (no tensor data).
+pub fn tensor_index(files: &WeightFiles) -> Result<Vec<(String, Vec<usize>)>> {
     match files {
-        WeightFiles::Pth(path) => pth::read_state_dict(path, Some("model"), device),
+        WeightFiles::Pth(path) => Ok(pth::PthIndex::open(path, Some("model"))?
+            .entries
+            .into_iter()
+            .map(|(n, i)| (n, i.shape))
+            .collect()),
         WeightFiles::Safetensors(paths) => {
-            let mut out = HashMap::new();
+            let mut out = Vec::new();
             for p in paths {
-                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                let st = safetensors::SafeTensors::deserialize(&bytes)
-                    .map_err(|e| Error::bad_file(p, format!("not a valid safetensors file ({e}); re-download or re-convert it")))?;
-                for (name, view) in st.tensors() {
-                    let t = candle_core::safetensors::Load::load(&view, device)
-                        .map_err(|e| Error::bad_file(p, format!("tensor '{name}': {e}")))?;
-                    if out.insert(name.clone(), t).is_some() {
-                        return Err(Error::bad_file(p, format!("tensor '{name}' appears in more than one shard")));
-                    }
+                let map = mmap(p)?;
+                let (_, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad_st(p, e))?;
+                for (name, info) in meta.tensors() {
+                    out.push((name, info.shape.clone()));
                 }
             }
             Ok(out)
         }
     }
+}
+
+/// Checks names and shapes from the files' headers against the config before reading any data:
+/// the first missing, unexpected or misshapen tensor is the error.
+pub fn check_index(cfg: &Config, index: &[(String, Vec<usize>)]) -> Result<()> {
+    let found: HashMap<&str, &Vec<usize>> = index.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let expected = expected_tensors(cfg);
+    for (name, shape) in &expected {
+        match found.get(name.as_str()) {
+            None => {
+                return Err(Error::MissingTensor {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                })
+            }
+            Some(s) if *s != shape => {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: (*s).clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<_> = index
+        .iter()
+        .filter(|(n, _)| !known.contains(n.as_str()) && !is_tied_alias(n))
+        .collect();
+    extra.sort();
+    if let Some((name, shape)) = extra.first() {
+        return Err(Error::UnexpectedTensor {
+            name: name.clone(),
+            found: shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The torch model's own names of the tied embedding / head, present in files saved from a live
+/// model; they duplicate `embedding.word_embeddings.weight` and are ignored.
+fn is_tied_alias(name: &str) -> bool {
+    name == "output_layer.weight" || name == "embedding.weight"
+}
+
+/// Reads every tensor of the files onto `device`, as stored (dtype conversion happens later);
+/// `each(done, total)` is called after each tensor.
+pub fn read_tensors_with(files: &WeightFiles, device: &Device, each: &mut dyn FnMut(usize, usize)) -> Result<HashMap<String, Tensor>> {
+    match files {
+        WeightFiles::Pth(path) => pth::PthIndex::open(path, Some("model"))?.read_all(device, each),
+        WeightFiles::Safetensors(paths) => {
+            let maps = paths.iter().map(|p| mmap(p).map(|m| (p, m))).collect::<Result<Vec<_>>>()?;
+            let total: usize = maps
+                .iter()
+                .map(|(p, m)| {
+                    safetensors::SafeTensors::read_metadata(m)
+                        .map(|(_, meta)| meta.tensors().len())
+                        .map_err(|e| bad_st(p, e))
+                })
+                .sum::<Result<usize>>()?;
+            let mut out = HashMap::new();
+            for (p, map) in &maps {
+                let st = safetensors::SafeTensors::deserialize(map).map_err(|e| bad_st(p, e))?;
+                for (name, view) in st.tensors() {
+                    if is_tied_alias(&name) {
+                        continue;
+                    }
+                    let t = candle_core::safetensors::Load::load(&view, device)
+                        .map_err(|e| Error::bad_file(*p, format!("tensor '{name}': {e}")))?;
+                    if out.insert(name.clone(), t).is_some() {
+                        return Err(Error::bad_file(*p, format!("tensor '{name}' appears in more than one shard")));
+                    }
+                    each(out.len(), total);
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Reads every tensor of the files onto `device`, as stored.
+pub fn read_tensors(files: &WeightFiles, device: &Device) -> Result<HashMap<String, Tensor>> {
+    read_tensors_with(files, device, &mut |_, _| {})
 }
 
 /// Checks names and shapes against the config, then converts each tensor to the dtype it is
@@ -197,10 +294,7 @@ pub fn check_and_convert(cfg: &Config, mut tensors: HashMap<String, Tensor>, dty
         let want = if keeps_f32(name) { DType::F32 } else { dtype };
         out.insert(name.clone(), t.to_dtype(want)?);
     }
-    // The torch model's own names of the tied head may appear in files saved from a live model.
-    for alias in ["output_layer.weight", "embedding.weight"] {
-        tensors.remove(alias);
-    }
+    tensors.retain(|n, _| !is_tied_alias(n));
     let leftover: BTreeMap<_, _> = tensors.into_iter().collect();
     if let Some((name, t)) = leftover.into_iter().next() {
         return Err(Error::UnexpectedTensor {

@@ -4,6 +4,7 @@ pub mod check;
 pub mod generate;
 pub mod logits;
 pub mod random_checkpoint;
+pub mod train_tokenizer;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -48,6 +49,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Write a checkpoint of random weights in the release format (benchmarks and tests).
     RandomCheckpoint(random_checkpoint::RandomCheckpointArgs),
+    /// Train a small byte-level BPE tokenizer (GPT-NeoX layout: id 0 is end-of-text) on text files.
+    TrainTokenizer(train_tokenizer::TrainTokenizerArgs),
 }
 
 /// Runs the parsed command line.
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
         Some(Command::Check(a)) => check::run(&cli.model, &a),
         Some(Command::RandomCheckpoint(a)) => random_checkpoint::run(&a),
+        Some(Command::TrainTokenizer(a)) => train_tokenizer::run(&a),
         None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
     }
 }

@@ -158,29 +158,22 @@ pub fn generate(
         let new = text.get(shown..safe).unwrap_or_default().to_string();
         shown = safe.max(shown);
         let pos = state.pos;
-        if hit.is_some() {
+        // A stop string or the token budget ends it here; this last token is not fed.
+        if hit.is_some() || out.len() == params.max_tokens {
             on_event(GenEvent::Token {
                 id,
                 pos,
                 text: &new,
                 probe: None,
             })?;
-            text.truncate(safe);
-            stop = StopReason::StopString;
             pending = Some(id);
+            if hit.is_some() {
+                text.truncate(safe);
+                stop = StopReason::StopString;
+            }
             break;
         }
         // Feed the token to get the next logits (also gives its telemetry).
-        if out.len() == params.max_tokens {
-            on_event(GenEvent::Token {
-                id,
-                pos,
-                text: &new,
-                probe: None,
-            })?;
-            pending = Some(id);
-            break;
-        }
         let mut sp = probe.then(Probe::new);
         let l = model.step(&Tensor::from_slice(&[id], 1, dev)?, state, sp.as_mut())?;
         logits = l.flatten_all()?.to_vec1()?;

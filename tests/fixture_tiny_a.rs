@@ -5,11 +5,14 @@
 
 use std::path::Path;
 
+mod common;
+
 use blackmamba::commands::logits::{routing_tensors, teacher_forced};
 use blackmamba::loader::load_dir;
 use blackmamba::model::{Logits, Model};
 use blackmamba::sinkhorn::{sinkhorn, SinkhornOpts, Variant};
 use candle_core::{safetensors::load, DType, Device, Tensor};
+use common::max_abs;
 
 fn fixture() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-a"))
@@ -17,20 +20,6 @@ fn fixture() -> &'static Path {
 
 fn model() -> Model {
     load_dir(fixture(), &Device::Cpu, DType::F32).expect("fixture loads").0
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn ids(exp: &std::collections::HashMap<String, Tensor>, k: usize) -> Vec<u32> {

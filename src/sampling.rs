@@ -90,26 +90,28 @@ impl Sampler {
         if p.temperature <= 0.0 {
             return argmax(&l);
         }
-        // candidates sorted by logit, descending (NaN last)
+        // Candidates, cut down in linear time before anything is sorted: top-k by selection,
+        // min-p in logit space (p_i ≥ min_p·p_max  ⟺  l_i ≥ l_max + T·ln min_p).
         let mut idx: Vec<u32> = (0..l.len() as u32).filter(|&i| l[i as usize].is_finite()).collect();
         if idx.is_empty() {
             return argmax(&l);
         }
-        idx.sort_unstable_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]));
+        let desc = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]);
         if p.top_k > 0 && idx.len() > p.top_k {
+            idx.select_nth_unstable_by(p.top_k - 1, desc);
             idx.truncate(p.top_k);
         }
+        if p.min_p > 0.0 {
+            let lmax = idx.iter().map(|&i| l[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+            let cut = lmax + (p.temperature * p.min_p.ln()) as f32;
+            idx.retain(|&i| l[i as usize] >= cut);
+        }
+        idx.sort_unstable_by(desc);
         let t = p.temperature as f32;
         let top = l[idx[0] as usize] / t;
         let mut probs: Vec<f64> = idx.iter().map(|&i| f64::from((l[i as usize] / t - top).exp())).collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
-        if p.min_p > 0.0 {
-            let cut = probs[0] * p.min_p;
-            let keep = probs.iter().take_while(|&&x| x >= cut).count().max(1);
-            idx.truncate(keep);
-            probs.truncate(keep);
-        }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
             let mut keep = probs.len();

@@ -1,7 +1,9 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
+pub mod analyze;
 pub mod generate;
 pub mod logits;
+pub mod trace;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -42,6 +44,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Write teacher-forced logits, experts and router probabilities of token ids to safetensors.
     Logits(logits::LogitsArgs),
+    /// Write per-token routing and state telemetry of a text as JSON lines or CSV.
+    Trace(trace::TraceArgs),
+    /// Write a routing report (report.md, report.json, --plot PNGs) of a model on a text.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Runs the parsed command line.
@@ -49,6 +55,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Generate(a)) => generate::run(&cli.model, &a),
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
+        Some(Command::Trace(a)) => trace::run(&cli.model, &a),
+        Some(Command::Analyze(a)) => analyze::run(&cli.model, &a),
         None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
     }
 }

@@ -53,6 +53,15 @@ fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| s / n as f64)
 }
 
+/// "layer 3" or "layers 1–17" for a run of layer reports.
+fn span(ls: &[super::report::LayerReport]) -> String {
+    match ls {
+        [one] => format!("layer {}", one.layer),
+        [first, .., last] => format!("layers {}–{}", first.layer, last.layer),
+        [] => "no layer".into(),
+    }
+}
+
 /// Renders the whole report.
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
@@ -111,11 +120,11 @@ fn summary(s: &mut String, r: &Report) {
         if !late.is_empty() {
             let _ = writeln!(
                 s,
-                "- Balance by depth: the mean CV of the expert loads is {} in the first {} MoE layers and {} in the last {}.",
+                "- Balance by depth: the mean CV of the expert loads is {} in {} and {} in {}.",
                 f3(a),
-                early.len(),
+                span(early),
                 f3(b),
-                late.len()
+                span(late)
             );
         }
     }

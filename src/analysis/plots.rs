@@ -394,6 +394,7 @@ pub fn sinkhorn_convergence(series: &[ConvergenceSeries], size: (u32, u32), path
                 c.configure_mesh()
                     .x_desc("iteration")
                     .x_labels(n_iter.min(10))
+                    .y_labels(5)
                     .x_label_formatter(&|x| format!("{x:.0}"))
                     .y_label_formatter(&|y| format!("{y:.0e}"))
                     .label_style(("sans-serif", 12))

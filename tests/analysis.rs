@@ -447,3 +447,26 @@ fn plots_of_one_layer_and_one_token_draw() {
     let err = plots::sinkhorn_convergence(&one, (400, 300), &p).unwrap_err().to_string();
     assert!(err.contains("no traces"), "{err}");
 }
+
+#[test]
+fn a_model_without_moe_layers_still_gets_a_report() {
+    let m = tiny_model(&tiny_config(&["r", "1"], 16, VOCAB), 2);
+    let c = collect(&m, opts(64, 0, 32));
+    let tok = blackmamba::tokenizer::neox().unwrap();
+    let info = RunInfo {
+        model: "dense".into(),
+        untrained: true,
+        input: "text".into(),
+        num_layers: 2,
+        chunk: 64,
+        reset_every: 0,
+    };
+    let mut r = Report::build(&info, &c, Some(("same", &c.routes)), &tok, ReportOpts::default()).unwrap();
+    assert!(r.layers.is_empty() && r.mamba.len() == 1);
+    let dir = tempfile::tempdir().unwrap();
+    assert!(analysis::write_plots(&mut r, &c.routes, &tok, 10, dir.path()).unwrap().is_empty());
+    r.write(dir.path()).unwrap();
+    assert!(std::fs::read_to_string(dir.path().join("report.md"))
+        .unwrap()
+        .contains("no MoE layers"));
+}

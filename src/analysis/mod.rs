@@ -126,7 +126,7 @@ pub fn write_plots(report: &mut Report, routes: &RouteTable, tok: &Tokenizer, he
             written.push(PLOT_FILES[3].to_string());
         }
     }
-    if let Some(d) = &report.drift {
+    if let Some(d) = report.drift.as_ref().filter(|d| !d.layers.is_empty()) {
         plots::drift_by_layer(&d.layers, &d.other_model, size, &dir.join(PLOT_FILES[4]))?;
         written.push(PLOT_FILES[4].to_string());
     }

@@ -13,10 +13,11 @@ use crate::model::state::State;
 use crate::model::{Logits, Model};
 
 /// Text blocks of roughly `block_bytes` each. A block ends after a line `…x\n` (x not
-/// whitespace) when the next line starts with a non-whitespace character: the GPT-2/NeoX
+/// whitespace; for `…x\r\n` between the `\r` and the `\n`) when the next line starts with a
+/// non-whitespace character: the GPT-2/NeoX
 /// pre-tokenizer splits there anyway, so tokenising the blocks one by one gives the same ids as
-/// tokenising the whole text. If no such cut shows up within 16 blocks' worth of text, the block
-/// is cut at the next line end anyway (ids may then differ at that one cut).
+/// tokenising the whole text. If no such cut shows up within 16 blocks' worth of text (and 64 KiB),
+/// the block is cut at the next line end anyway (ids may then differ at that one cut).
 pub struct TextBlocks<R> {
     reader: R,
     name: String,
@@ -54,12 +55,21 @@ impl<R: BufRead> TextBlocks<R> {
     }
 }
 
-/// Whether a cut between `prev` (a whole line) and `next` keeps the tokenisation unchanged.
-fn safe_cut(prev: &str, next: &str) -> bool {
-    let Some(body) = prev.strip_suffix('\n') else { return false };
-    let prev_ok = body.chars().next_back().is_some_and(|c| !c.is_whitespace());
+/// Where a cut between `prev` (a whole line) and `next` keeps the tokenisation unchanged: the
+/// number of bytes at the end of `prev` that must move to the next block (0 after `x\n`, 1 to cut
+/// `x\r\n` between `\r` and `\n`), or `None`.
+fn safe_cut(prev: &str, next: &str) -> Option<usize> {
     let next_ok = next.chars().next().is_some_and(|c| !c.is_whitespace());
-    prev_ok && next_ok
+    let ends_word = |body: &str| body.chars().next_back().is_some_and(|c| !c.is_whitespace());
+    if !next_ok {
+        None
+    } else if prev.strip_suffix("\r\n").is_some_and(ends_word) {
+        Some(1)
+    } else if prev.strip_suffix('\n').is_some_and(ends_word) {
+        Some(0)
+    } else {
+        None
+    }
 }
 
 impl<R: BufRead> Iterator for TextBlocks<R> {
@@ -87,8 +97,12 @@ impl<R: BufRead> Iterator for TextBlocks<R> {
             };
             if self.buf.len() >= self.block_bytes {
                 let prev = &self.buf[last_line_end..];
-                if safe_cut(prev, &line) || self.buf.len() >= 16 * self.block_bytes {
-                    self.next = Some(line);
+                let forced = self.buf.len() >= (16 * self.block_bytes).max(1 << 16);
+                let cut = safe_cut(prev, &line).or(forced.then_some(0));
+                if let Some(carry) = cut {
+                    let mut tail = self.buf.split_off(self.buf.len() - carry);
+                    tail.push_str(&line);
+                    self.next = Some(tail);
                     return Some(Ok(std::mem::take(&mut self.buf)));
                 }
             }
@@ -301,15 +315,27 @@ mod tests {
     #[test]
     fn block_tokenisation_matches_whole_text() {
         let tok = crate::tokenizer::neox().unwrap();
-        let text = "The cat sat.\n  Indented code();\nNext line\n\n\nAfter blanks   spaced\n(paren)\n42 is a number\n\tTab\nend";
-        let whole = crate::tokenizer::encode(&tok, text).unwrap();
-        for bytes in [1, 8, 30] {
+        let lf = "The cat sat.\n  Indented code();\nNext line\n\n\nAfter blanks   spaced\n(paren)\n42 is a number\n\tTab\nend";
+        let crlf = lf.replace('\n', "\r\n");
+        for (text, bytes) in [lf, crlf.as_str()].into_iter().flat_map(|t| [1, 8, 30].map(|b| (t, b))) {
+            let whole = crate::tokenizer::encode(&tok, text).unwrap();
+            let n_blocks = TextBlocks::new(text.as_bytes(), "t", bytes).count();
+            assert!(bytes > 8 || n_blocks > 3, "the text is cut ({n_blocks} blocks of {bytes})");
             let mut ids = Vec::new();
             for b in TextBlocks::new(text.as_bytes(), "t", bytes) {
                 ids.extend(crate::tokenizer::encode(&tok, &b.unwrap()).unwrap());
             }
-            assert_eq!(ids, whole, "block size {bytes}");
+            assert_eq!(ids, whole, "block size {bytes}, {text:?}");
         }
+    }
+
+    #[test]
+    fn text_without_safe_cuts_is_still_cut_in_bounded_blocks() {
+        let text = "  indented\n".repeat(20_000); // 220 kB, every line starts with spaces
+        let blocks: Vec<String> = TextBlocks::new(text.as_bytes(), "t", 1000).map(|b| b.unwrap()).collect();
+        assert!(blocks.len() >= 3, "{} blocks", blocks.len());
+        assert!(blocks.iter().all(|b| b.len() <= (1 << 16) + 11));
+        assert_eq!(blocks.concat(), text);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! in a Mamba-MoE as they do in Transformer MoEs, and why the later layers lose balance. The input
 //! streams through the model in chunks that carry the recurrent state ([`input`]); the probe's
 //! routes, router logits and state norms are either written per token ([`trace`]) or gathered
-//! ([`collect`]) into a [`report::Report`] (balance by depth, tokens per expert with PMI,
+//! ([`collect()`]) into a [`report::Report`] (balance by depth, tokens per expert with PMI,
 //! determinism, stickiness, co-activation, Sinkhorn on windows, drift between two models), written
 //! as `report.json` and `report.md`, with PNG figures ([`plots`]). The measures themselves are
 //! pure functions in [`metrics`], shared with the TUI.

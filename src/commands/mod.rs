@@ -1,9 +1,11 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
+pub mod analyze;
 pub mod check;
 pub mod generate;
 pub mod logits;
 pub mod random_checkpoint;
+pub mod trace;
 pub mod train_tokenizer;
 
 use clap::{Args, Parser, Subcommand};
@@ -51,6 +53,10 @@ pub enum Command {
     RandomCheckpoint(random_checkpoint::RandomCheckpointArgs),
     /// Train a small byte-level BPE tokenizer (GPT-NeoX layout: id 0 is end-of-text) on text files.
     TrainTokenizer(train_tokenizer::TrainTokenizerArgs),
+    /// Write per-token routing and state telemetry of a text as JSON lines or CSV.
+    Trace(trace::TraceArgs),
+    /// Write a routing report (report.md, report.json, --plot PNGs) of a model on a text.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Runs the parsed command line.
@@ -61,6 +67,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Check(a)) => check::run(&cli.model, &a),
         Some(Command::RandomCheckpoint(a)) => random_checkpoint::run(&a),
         Some(Command::TrainTokenizer(a)) => train_tokenizer::run(&a),
+        Some(Command::Trace(a)) => trace::run(&cli.model, &a),
+        Some(Command::Analyze(a)) => analyze::run(&cli.model, &a),
         None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
     }
 }

@@ -1,0 +1,78 @@
+//! `blackmamba trace`: per-token routing and state telemetry of a text, streamed to JSONL or CSV.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::analysis::input::{self, Input, StreamOpts};
+use crate::analysis::trace::{Format, TraceWriter};
+use crate::commands::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The text to trace.
+    #[arg(long, conflicts_with = "input")]
+    pub prompt: Option<String>,
+    /// A UTF-8 text file to trace (read in blocks; any length).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Output file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// jsonl or csv (default: csv when --out ends in .csv, else jsonl).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Tokens per forward call (the state carries over, so this only trades memory for speed).
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Start a fresh state every N tokens (0 = the whole input is one sequence).
+    #[arg(long, default_value_t = 0)]
+    pub reset_every: usize,
+    /// Stop after N tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_tokens: usize,
+}
+
+pub fn run(m: &ModelArgs, a: &TraceArgs) -> anyhow::Result<()> {
+    let input = Input::from_args(a.prompt.as_deref(), a.input.as_deref())?;
+    let format = a.format.unwrap_or_else(|| {
+        if a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+            Format::Csv
+        } else {
+            Format::Jsonl
+        }
+    });
+    let loaded = super::load(m)?;
+    if loaded.untrained {
+        eprintln!(
+            "note: {} has untrained random weights; its routing is not a trained model's",
+            loaded.label
+        );
+    }
+    let opts = StreamOpts {
+        chunk: a.chunk,
+        reset_every: a.reset_every,
+        max_tokens: a.max_tokens,
+    };
+    let mut w = TraceWriter::create(&a.out, format).with_context(|| format!("creating {}", a.out.display()))?;
+    let t0 = std::time::Instant::now();
+    let res = input::run_input(&loaded.model, &loaded.tokenizer, &input, opts, &mut |c| {
+        w.write_chunk(c.start, c.ids, c.probe, &loaded.tokenizer)
+    });
+    let tokens = match res {
+        Ok(n) => n,
+        Err(e) => {
+            w.abandon();
+            return Err(e).with_context(|| format!("tracing {}", input.label()));
+        }
+    };
+    let rows = w.finish()?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "wrote {} ({rows} tokens, {format:?}) in {secs:.1} s ({:.0} tok/s)",
+        a.out.display(),
+        tokens as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

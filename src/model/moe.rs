@@ -27,7 +27,7 @@ pub enum Routing {
     Sinkhorn(SinkhornOpts),
 }
 
-/// One expert / dense MLP: fc2(act(fc1[:f] x) ⊙ fc1[f:] x), or fc2(act(fc1 x)) without gating.
+/// One expert / dense MLP: `fc2(act(fc1[:f] x) ⊙ fc1[f:] x)`, or `fc2(act(fc1 x))` without gating.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub fc1: Linear,

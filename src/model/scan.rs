@@ -1,5 +1,5 @@
 //! The selective scan of the full-sequence (prefill) path, built from tensor ops (SPEC §5 step 7,
-//! §10): per channel i and state n, h_t = a_t·h_{t−1} + b_t with a_t = exp(Δ_t[i]·A[i,n]) and
+//! §10): per channel i and state n, `h_t = a_t·h_{t−1} + b_t` with `a_t = exp(Δ_t[i]·A[i,n])` and
 //! b_t = Δ_t[i]·B_t[n]·v_t[i]. The pairs (a, b) compose associatively, (a₁,b₁)∘(a₂,b₂) =
 //! (a₁a₂, a₂b₁ + b₂), so each chunk of the sequence is scanned in ⌈log₂ chunk⌉ whole-tensor rounds
 //! (Hillis–Steele), and h is carried from chunk to chunk. Only products of decays ≤ 1 appear, so
@@ -14,7 +14,7 @@ pub const SCAN_CHUNK: usize = 64;
 
 /// Output of [`selective_scan`].
 pub struct ScanOut {
-    /// Σ_n h_t[i,n]·C_t[n], without the D skip term: (B, L, d_inner)
+    /// `Σ_n h_t[i,n]·C_t[n]`, without the D skip term: (B, L, d_inner)
     pub y: Tensor,
     /// h at the last position: (B, d_inner, N)
     pub h_last: Tensor,

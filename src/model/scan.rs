@@ -1,6 +1,6 @@
 //! The selective scan of the full-sequence (prefill) path, built from tensor ops (SPEC §5 step 7,
 //! §10): per channel i and state n, `h_t = a_t·h_{t−1} + b_t` with `a_t = exp(Δ_t[i]·A[i,n])` and
-//! b_t = Δ_t[i]·B_t[n]·v_t[i]. The pairs (a, b) compose associatively, (a₁,b₁)∘(a₂,b₂) =
+//! `b_t = Δ_t[i]·B_t[n]·v_t[i]`. The pairs (a, b) compose associatively, (a₁,b₁)∘(a₂,b₂) =
 //! (a₁a₂, a₂b₁ + b₂), so each chunk of the sequence is scanned in ⌈log₂ chunk⌉ whole-tensor rounds
 //! (Hillis–Steele), and h is carried from chunk to chunk. Only products of decays ≤ 1 appear, so
 //! it is stable on any length. Autograd sees every op, so fine-tuning differentiates through it.

@@ -17,7 +17,7 @@ pub struct LogitsArgs {
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ids: Vec<u32>,
-    /// Output safetensors file: logits [L, V] f32, experts [n_moe, L] i64, router_probs [n_moe, L, E] f32, ids [L] i64.
+    /// Output safetensors file: `logits` (L, V) f32, `experts` (n_moe, L) i64, `router_probs` (n_moe, L, E) f32, `ids` (L) i64.
     #[arg(long)]
     pub out: PathBuf,
     /// Use the cached path: the first token prefilled, then one step per token.

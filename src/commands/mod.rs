@@ -1,7 +1,11 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
+pub mod eval;
+pub mod finetune;
 pub mod generate;
 pub mod logits;
+pub mod merge;
+pub mod train;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -34,6 +38,9 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 for the matrices (default: bf16 on GPU, f32 on CPU).
     #[arg(long, global = true)]
     pub dtype: Option<String>,
+    /// A fine-tuned adapter folder (from `finetune` or `train`) to put on the model.
+    #[arg(long, global = true)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,6 +49,14 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Write teacher-forced logits, experts and router probabilities of token ids to safetensors.
     Logits(logits::LogitsArgs),
+    /// Fine-tune a model on text or JSONL chat data (LoRA, router-only or full).
+    Finetune(finetune::FinetuneArgs),
+    /// Train a model from random weights of a config.json (full training).
+    Train(train::TrainArgs),
+    /// Print the loss and perplexity of a model (and adapter) on a data file.
+    Eval(eval::EvalArgs),
+    /// Merge an adapter into its base model and write a model folder.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs the parsed command line.
@@ -49,6 +64,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Generate(a)) => generate::run(&cli.model, &a),
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
+        Some(Command::Finetune(a)) => finetune::run(&cli.model, &a),
+        Some(Command::Train(a)) => train::run(&cli.model, &a),
+        Some(Command::Eval(a)) => eval::run(&cli.model, &a),
+        Some(Command::Merge(a)) => merge::run(&cli.model, &a),
         None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
     }
 }
@@ -62,5 +81,10 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     let opts = crate::loader::LoadOpts {
         tokenizer: m.tokenizer.clone(),
     };
-    crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))
+    let mut loaded = crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))?;
+    if let Some(dir) = &m.adapter {
+        crate::finetune::adapter::apply(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
+        loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
+    }
+    Ok(loaded)
 }

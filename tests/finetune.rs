@@ -329,3 +329,34 @@ fn eval_loss_is_the_mean_token_cross_entropy() {
     assert!((got.loss - sum / n as f64).abs() < 1e-4, "{} vs {}", got.loss, sum / n as f64);
     assert!((got.perplexity - got.loss.exp()).abs() < 1e-9 * got.perplexity);
 }
+
+#[test]
+fn bf16_model_trains_f32_masters() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write(dir.path(), "text.txt", &TEXT.repeat(2));
+    let cfg_m = config(&["r", "4"], 16);
+    let w = blackmamba::model::random::random_weights(
+        &cfg_m,
+        blackmamba::model::random::RandomInit { seed: 9, perturb: false },
+        DType::BF16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let base = Model::from_tensors(&cfg_m, w, DType::BF16, &Device::Cpu).unwrap();
+    let mut cfg = run_config(data, dir.path().join("out"), Method::Full, 12);
+    cfg.lr = 1e-2;
+    let (mut t, losses) = run(&base, cfg, 12);
+    assert!(mean(&losses[9..]) < mean(&losses[..3]), "{losses:?}");
+    // the served model keeps the base dtypes; the checkpoint holds the f32 masters
+    let m = t.model().unwrap();
+    for ((n, a), (_, b)) in m.named_tensors().unwrap().iter().zip(base.named_tensors().unwrap()) {
+        assert_eq!(a.dtype(), b.dtype(), "{n}");
+    }
+    t.save().unwrap();
+    let st = blackmamba::model::weights::read_tensors(
+        &blackmamba::model::weights::WeightFiles::Safetensors(vec![dir.path().join("out/model.safetensors")]),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(st.values().all(|t| t.dtype() == DType::F32));
+}

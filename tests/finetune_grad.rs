@@ -163,3 +163,38 @@ fn lora_gradients_match_finite_differences() {
     let batch = batch_of(ft_common::TEXT, 12, 3);
     assert_eq!(check(&m, &vars, &batch, 13), vars.len());
 }
+
+#[test]
+fn fused_cross_entropy_matches_its_tensor_op_twin() {
+    use blackmamba::finetune::loss::nll_sum_slow;
+    let mut rng = Rng::new(21);
+    let (n, v) = (37, 301);
+    let x: Vec<f32> = (0..n * v).map(|_| (3.0 * rng.normal()) as f32).collect();
+    let t: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+    let x = Var::from_vec(x, (n, v), &Device::Cpu).unwrap();
+    let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+    let fast = nll_sum(x.as_tensor(), &t).unwrap();
+    let slow = nll_sum_slow(x.as_tensor(), &t).unwrap();
+    let (a, b) = (scalar(&fast), scalar(&slow));
+    assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+    let ga = fast.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+    let gb = slow.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+    let d = scalar(
+        &(ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .max_keepdim(1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap(),
+    );
+    assert!(d < 1e-6, "gradients differ by {d}");
+    // a target outside the classes is an error, not a panic
+    let bad = Tensor::from_vec(vec![v as u32; n], n, &Device::Cpu).unwrap();
+    assert!(nll_sum(x.as_tensor(), &bad).is_err());
+}

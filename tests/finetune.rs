@@ -121,6 +121,9 @@ fn resumed_run_equals_uninterrupted_run() {
     let (mut t, mut resumed) = run(&base, mk("b"), 5);
     t.save().unwrap();
     drop(t);
+    // a fresh run does not overwrite a checkpoint
+    let err = Trainer::new(&base, &byte_tokenizer(), mk("b")).err().unwrap().to_string();
+    assert!(err.contains("already holds a checkpoint") && err.contains("--resume"), "{err}");
     let mut cfg = mk("b");
     cfg.resume = Some(dir.path().join("b"));
     let (_, rest) = run(&base, cfg, 3);

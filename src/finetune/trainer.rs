@@ -62,6 +62,14 @@ impl Trainer {
     /// makes the trainable tensors, and resumes from `cfg.resume` when set.
     pub fn new(base: &Model, tok: &Tokenizer, cfg: FinetuneConfig) -> Result<Self> {
         cfg.validate()?;
+        let same_dir = cfg.resume.as_ref().is_some_and(|r| same_path(r, &cfg.out));
+        if cfg.out.join(STATE_FILE).is_file() && !same_dir {
+            return Err(Error::Invalid(format!(
+                "{} already holds a checkpoint; continue it with --resume {}, or choose another --out",
+                cfg.out.display(),
+                cfg.out.display()
+            )));
+        }
         let vocab = base.cfg.vocab_size;
         let ds = data::load(&cfg.data, cfg.format, tok, cfg.seq_len, vocab)?;
         let (train, mut held_out, eval_bad) = match &cfg.eval_data {
@@ -367,6 +375,14 @@ impl Trainer {
             }
             Ok(())
         })
+    }
+}
+
+/// Whether two paths name the same folder.
+fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 

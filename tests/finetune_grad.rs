@@ -115,8 +115,11 @@ fn whole_model_gradients_match_finite_differences() {
     m.routing = Routing::Sinkhorn(SinkhornOpts::default());
     let vars = all_vars(&mut m);
     let batch = batch_of(ft_common::TEXT, 12, 3);
-    let n = check(&m, &vars, &batch, 11);
-    assert_eq!(n, vars.len());
+    assert_eq!(check(&m, &vars, &batch, 11), vars.len());
+    // a sequence longer than one scan chunk (64): h is carried across the chunk border
+    let long = batch_of(ft_common::TEXT, 70, 1);
+    assert_eq!(long.ids.dim(1).unwrap(), 70);
+    assert_eq!(check(&m, &vars, &long, 12), vars.len());
     // every kind of tensor was among them
     for part in [
         "embedding",

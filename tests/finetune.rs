@@ -363,3 +363,57 @@ fn bf16_model_trains_f32_masters() {
     .unwrap();
     assert!(st.values().all(|t| t.dtype() == DType::F32));
 }
+
+#[test]
+fn schedule_clipping_and_adamw_by_hand() {
+    use blackmamba::finetune::optim::{clip_scale, decays, global_norm, lr_at, AdamW, AdamWParams, Param};
+    // warmup 4 to 1e-3, cosine to 1e-4 at the last of 20 steps
+    let lrs: Vec<f64> = (0..20).map(|s| lr_at(s, 20, 1e-3, 4, 0.1)).collect();
+    assert!((lrs[0] - 2.5e-4).abs() < 1e-12 && (lrs[3] - 1e-3).abs() < 1e-12);
+    assert!((lrs[4] - 1e-3).abs() < 1e-12 && (lrs[19] - 1e-4).abs() < 1e-12);
+    assert!(lrs[4..].windows(2).all(|w| w[1] < w[0]));
+    assert_eq!(clip_scale(0.5, 1.0), 1.0);
+    assert!((clip_scale(4.0, 1.0) * 4.0 - 1.0).abs() < 1e-6);
+    assert_eq!(clip_scale(4.0, 0.0), 1.0);
+    assert!(!decays("decoder.layers.0.mixer.A_log") && !decays("decoder.layers.0.mixer.D"));
+    assert!(!decays("decoder.layers.1.norm.weight") && !decays("decoder.layers.0.mixer.dt_proj.bias"));
+    assert!(decays("decoder.layers.0.mixer.in_proj.weight") && decays("x.in_proj.lora_a"));
+
+    let g = Tensor::new(&[3.0f32, -4.0], &Device::Cpu).unwrap();
+    assert!((global_norm(std::slice::from_ref(&g)).unwrap() - 5.0).abs() < 1e-6);
+    let var = candle_core::Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let params = vec![Param {
+        name: "w".into(),
+        var: var.clone(),
+        decay: true,
+    }];
+    let hp = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut opt = AdamW::new(&params, hp).unwrap();
+    opt.step(&params, std::slice::from_ref(&g), 0.01, 0.5).unwrap();
+    opt.step(&params, &[g], 0.01, 0.5).unwrap();
+    // by hand, per element: g' = 0.5 g; two steps with the same gradient give m̂ = g', v̂ = g'²
+    let want: Vec<f32> = [(1.0f64, 3.0f64), (2.0, -4.0)]
+        .iter()
+        .map(|&(w0, gr)| {
+            let gs = 0.5 * gr;
+            let step = |w: f64| w * (1.0 - 0.01 * 0.1) - 0.01 * gs / (gs.abs() + 1e-8);
+            step(step(w0)) as f32
+        })
+        .collect();
+    let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn the_trainer_can_move_to_an_engine_thread() {
+    fn send<T: Send>() {}
+    send::<Trainer>();
+    send::<blackmamba::finetune::StepReport>();
+}

@@ -56,7 +56,7 @@ impl DataFormat {
     }
 }
 
-/// One training sequence: `ids[t]` is predicted from `ids[..t]` where `mask[t]` (mask[0] unused).
+/// One training sequence: `ids[t]` is predicted from `ids[..t]` where `mask[t]` (`mask[0]` unused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
     pub ids: Vec<u32>,

@@ -8,7 +8,7 @@ use crate::model::moe::Routing;
 use crate::model::probe::Probe;
 use crate::model::Model;
 
-/// Sum over rows of −log softmax(logits)[target]: logits (n, V) f32, targets (n) u32 -> scalar.
+/// Sum over rows of −log softmax(logits)\[target\]: logits (n, V) f32, targets (n) u32 -> scalar.
 /// The fused [`CrossEntropy`] op on the CPU; its tensor-op twin [`nll_sum_slow`] elsewhere.
 pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
@@ -26,7 +26,7 @@ pub fn nll_sum_slow(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Fused cross-entropy: (n, V) f32 logits and (n) u32 targets -> (n) f32 with
-/// logsumexp(row) − row[target], in one pass per row and without the (n, V) log-softmax the
+/// logsumexp(row) − row\[target\], in one pass per row and without the (n, V) log-softmax the
 /// tensor-op form keeps for its backward. Backward: (softmax − onehot) · grad.
 pub struct CrossEntropy;
 

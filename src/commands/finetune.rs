@@ -217,8 +217,12 @@ pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: Finet
             }
         };
         let msg = format!(
-            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
-            r.loss, r.lr, r.grad_norm, r.tokens_per_s
+            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{}",
+            r.loss,
+            r.lr,
+            r.grad_norm,
+            r.tokens_per_s,
+            routing_summary(&r)
         );
         if let Some(ev) = r.eval_loss {
             let line = format!("step {}: eval loss {ev:.4} (perplexity {:.2})", r.step, ev.exp());
@@ -252,6 +256,23 @@ pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: Finet
     }
     eprintln!("saved to {} (metrics in {})", out.display(), out.join("metrics.jsonl").display());
     Ok(())
+}
+
+/// The busiest expert's load over the mean (worst MoE layer) and the most Sinkhorn iterations.
+fn routing_summary(r: &StepReport) -> String {
+    let worst = r
+        .expert_load
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mean = l.iter().sum::<usize>() as f64 / l.len() as f64;
+            l.iter().copied().max().unwrap_or(0) as f64 / mean.max(1e-9)
+        })
+        .fold(0f64, f64::max);
+    match r.sinkhorn_iters.iter().max() {
+        Some(it) => format!(" experts max/mean {worst:.2} sinkhorn {it} it"),
+        None => String::new(),
+    }
 }
 
 /// Prints the skipped lines of a data file (the first ten, then a count).

@@ -7,6 +7,7 @@ pub mod chat_template;
 pub mod commands;
 pub mod embedded;
 pub mod error;
+pub mod finetune;
 pub mod generate;
 pub mod hub;
 pub mod loader;

@@ -2,10 +2,14 @@
 
 pub mod analyze;
 pub mod check;
+pub mod eval;
+pub mod finetune;
 pub mod generate;
 pub mod logits;
+pub mod merge;
 pub mod random_checkpoint;
 pub mod trace;
+pub mod train;
 pub mod train_tokenizer;
 
 use clap::{Args, Parser, Subcommand};
@@ -39,6 +43,9 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 for the matrices (default: bf16 on GPU, f32 on CPU).
     #[arg(long, global = true)]
     pub dtype: Option<String>,
+    /// A fine-tuned adapter folder (from `finetune` or `train`) to put on the model.
+    #[arg(long, global = true)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +64,14 @@ pub enum Command {
     Trace(trace::TraceArgs),
     /// Write a routing report (report.md, report.json, --plot PNGs) of a model on a text.
     Analyze(analyze::AnalyzeArgs),
+    /// Fine-tune a model on text or JSONL chat data (LoRA, router-only or full).
+    Finetune(finetune::FinetuneArgs),
+    /// Train a model from random weights of a config.json (full training).
+    Train(train::TrainArgs),
+    /// Print the loss and perplexity of a model (and adapter) on a data file.
+    Eval(eval::EvalArgs),
+    /// Merge an adapter into its base model and write a model folder.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs the parsed command line.
@@ -69,6 +84,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::TrainTokenizer(a)) => train_tokenizer::run(&a),
         Some(Command::Trace(a)) => trace::run(&cli.model, &a),
         Some(Command::Analyze(a)) => analyze::run(&cli.model, &a),
+        Some(Command::Finetune(a)) => finetune::run(&cli.model, &a),
+        Some(Command::Train(a)) => train::run(&cli.model, &a),
+        Some(Command::Eval(a)) => eval::run(&cli.model, &a),
+        Some(Command::Merge(a)) => merge::run(&cli.model, &a),
         None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
     }
 }
@@ -84,7 +103,12 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
         progress: Some(cli_progress()),
         hub: None,
     };
-    crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))
+    let mut loaded = crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))?;
+    if let Some(dir) = &m.adapter {
+        crate::finetune::adapter::apply(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
+        loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
+    }
+    Ok(loaded)
 }
 
 /// A progress bar on stderr for downloads, conversion and reading (hidden when not a terminal).

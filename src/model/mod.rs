@@ -229,6 +229,21 @@ impl Model {
         self.head(&h)
     }
 
+    /// Full-sequence pass that returns the logits of chosen positions only: `rows` (n) u32
+    /// indexes the flattened B·L positions -> (n, V) f32. Training uses it to run the head only
+    /// where a loss applies.
+    pub fn forward_rows(&self, ids: &Tensor, state: &mut State, rows: &Tensor, probe: Option<&mut Probe>) -> Result<Tensor> {
+        let (bsz, len) = ids.dims2()?;
+        if len == 0 {
+            return Err(Error::Invalid("empty input: at least one token is needed".into()));
+        }
+        let x = self.embedding.index_select(&ids.flatten_all()?, 0)?.reshape((bsz, len, ()))?; // (B, L, d)
+        let h = self.run_blocks(x, state, probe, true)?; // (B, L, d) f32
+        let h = h.reshape((bsz * len, ()))?.index_select(rows, 0)?; // (n, d)
+        state.pos += len;
+        self.head(&h)
+    }
+
     /// One token per sequence: ids (B) u32 -> f32 logits (B, V), advancing `state`.
     pub fn step(&self, ids: &Tensor, state: &mut State, probe: Option<&mut Probe>) -> Result<Tensor> {
         let x = self.embedding.index_select(ids, 0)?; // (B, d)
@@ -253,7 +268,7 @@ impl Model {
                     let st = state.layers[i]
                         .as_mut()
                         .ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
-                    let rec = probe.as_deref_mut().map(|p| &mut p.mamba[mamba_slot]);
+                    let rec = probe.as_deref_mut().filter(|p| !p.moe_only).map(|p| &mut p.mamba[mamba_slot]);
                     mamba_slot += 1;
                     if seq {
                         m.forward(&normed, st, rec)?

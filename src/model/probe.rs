@@ -48,6 +48,8 @@ pub struct Probe {
     pub n_tokens: usize,
     pub moe: Vec<MoeRecord>,
     pub mamba: Vec<MambaRecord>,
+    /// Record the MoE layers only (training: the Mamba norms would cost host copies).
+    pub moe_only: bool,
 }
 
 impl Probe {

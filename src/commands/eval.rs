@@ -1,0 +1,56 @@
+//! `blackmamba eval`: loss and perplexity of a model (with `--adapter`, of base + adapter) on a
+//! data file, routed as at inference (greedy top-1).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::commands::ModelArgs;
+use crate::finetune::data::{self, DataFormat};
+use crate::finetune::loss::{evaluate, inference_view};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Data file: plain text or JSONL (as for finetune).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// text or jsonl (default: by extension).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Tokens per sequence (text is cut into windows of this length; longer JSONL lines are cut).
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}
+
+pub fn run(m: &ModelArgs, a: &EvalArgs) -> anyhow::Result<()> {
+    if a.seq_len < 2 || a.batch == 0 {
+        anyhow::bail!("--seq-len must be at least 2 and --batch at least 1");
+    }
+    let format = a.format.as_deref().map(DataFormat::parse).transpose()?.unwrap_or_default();
+    let loaded = super::load(m)?;
+    let ds = data::load(&a.data, format, &loaded.tokenizer, a.seq_len, loaded.model.cfg.vocab_size)?;
+    if !ds.bad.is_empty() {
+        eprintln!(
+            "{}: skipped {} line(s), e.g. line {}: {}",
+            a.data.display(),
+            ds.bad.len(),
+            ds.bad[0].line,
+            ds.bad[0].reason
+        );
+    }
+    let model = inference_view(&loaded.model)?;
+    let r = evaluate(&model, &ds.examples, a.batch)?;
+    println!(
+        "{}: loss {:.4} nats/token, perplexity {:.3} over {} tokens ({} sequences) [{}]",
+        a.data.display(),
+        r.loss,
+        r.perplexity,
+        r.tokens,
+        ds.examples.len(),
+        loaded.label
+    );
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! `blackmamba finetune`: LoRA, router-only or full fine-tuning with a progress bar; and the
+//! options and loop it shares with `blackmamba train`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::commands::ModelArgs;
+use crate::finetune::data::BadLine;
+use crate::finetune::{DataFormat, FinetuneConfig, Method, StepReport, Target, Trainer};
+
+/// Options shared by `finetune` and `train` (unset ones take the command's defaults).
+#[derive(Debug, Args, Clone)]
+pub struct RunOpts {
+    /// Training data: plain text, or JSONL with {"prompt","response"} / {"messages":[...]} / {"text"}.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// text or jsonl (default: by extension, .jsonl/.json are JSONL).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Output folder (checkpoint, metrics.jsonl). Default with --resume: the resumed folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run whose checkpoint is in this folder.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Optimiser steps in total.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Decoupled weight decay (not applied to A_log, D, norms, biases).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long)]
+    pub clip: Option<f64>,
+    /// Tokens per training sequence.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Sequences per micro-batch (Sinkhorn balances the experts over a micro-batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Micro-batches per optimiser step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Evaluate on held-out data every N steps (0 = before and after only).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Held-out data file (default: hold out --eval-fraction of --data).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of --data held out when no --eval-data is given.
+    #[arg(long)]
+    pub eval_fraction: Option<f64>,
+    /// Most held-out examples to evaluate (0 = all).
+    #[arg(long)]
+    pub eval_max: Option<usize>,
+    /// Save a checkpoint every N steps (0 = at the end only).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Seed of the adapter init, the held-out split and the data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl RunOpts {
+    /// Fills `cfg` (which holds the command's defaults) from the options given.
+    pub fn apply(&self, cfg: &mut FinetuneConfig) -> anyhow::Result<()> {
+        cfg.data = self.data.clone();
+        if let Some(f) = &self.format {
+            cfg.format = DataFormat::parse(f)?;
+        }
+        cfg.resume = self.resume.clone();
+        cfg.out = match (&self.out, &self.resume) {
+            (Some(o), _) => o.clone(),
+            (None, Some(r)) => r.clone(),
+            (None, None) => anyhow::bail!("--out: give the folder to write the checkpoint and metrics into"),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = self.$f.clone() { cfg.$f = v; })* };
+        }
+        set!(
+            steps,
+            lr,
+            warmup,
+            weight_decay,
+            clip,
+            seq_len,
+            batch,
+            grad_accum,
+            eval_every,
+            eval_fraction,
+            eval_max,
+            save_every,
+            seed
+        );
+        cfg.eval_data = self.eval_data.clone();
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub run: RunOpts,
+    /// lora, router or full.
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    /// LoRA targets, comma-separated: in_proj,x_proj,dt_proj,out_proj,experts (or all).
+    #[arg(long, default_value = "all")]
+    pub targets: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// LoRA alpha (the adapter is scaled by alpha/rank).
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Also train the routers with --method lora.
+    #[arg(long)]
+    pub train_router: bool,
+}
+
+pub fn run(m: &ModelArgs, a: &FinetuneArgs) -> anyhow::Result<()> {
+    let mut cfg = FinetuneConfig {
+        method: Method::parse(&a.method)?,
+        targets: Target::parse_list(&a.targets)?,
+        rank: a.rank,
+        alpha: a.alpha,
+        train_router: a.train_router,
+        ..FinetuneConfig::default()
+    };
+    a.run.apply(&mut cfg)?;
+    let loaded = super::load(m)?;
+    if loaded.untrained {
+        eprintln!("note: {} has untrained random weights", loaded.label);
+    }
+    cfg.base_model = loaded.label.clone();
+    drive(&loaded.model, &loaded.tokenizer, cfg)
+}
+
+/// Runs a trainer to the end with a progress bar: eval before and after, Ctrl-C saves and exits,
+/// a non-finite loss stops without saving.
+pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: FinetuneConfig) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // a second Ctrl-C while a step runs quits at once
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let out = cfg.out.clone();
+    let mut t = Trainer::new(base, tok, cfg).context("setting up the run")?;
+    let c = t.config().clone();
+    let (n_train, n_eval) = t.data_sizes();
+    report_bad("data", &c.data, &t.bad_lines);
+    if let Some(e) = &c.eval_data {
+        report_bad("eval data", e, &t.eval_bad_lines);
+    }
+    eprintln!(
+        "{} on {}: {} trainable values; {n_train} training and {n_eval} held-out examples; {} steps of {}×{} sequences of ≤{} tokens{}",
+        c.method.name(),
+        c.base_model,
+        t.n_trainable(),
+        c.steps,
+        c.grad_accum,
+        c.batch,
+        c.seq_len,
+        if t.steps_done() > 0 {
+            format!("; resuming at step {}", t.steps_done())
+        } else {
+            String::new()
+        }
+    );
+    let before = t.eval()?;
+    if let Some(e) = before {
+        eprintln!(
+            "eval before: loss {:.4}, perplexity {:.2} ({} tokens)",
+            e.loss, e.perplexity, e.tokens
+        );
+        t.log_eval(e.loss)?;
+    }
+    let pb = ProgressBar::new(c.steps as u64).with_position(t.steps_done() as u64);
+    pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.enable_steady_tick(Duration::from_millis(500));
+    let every = (c.steps / 20).max(1);
+    let mut last: Option<StepReport> = None;
+    while !t.done() {
+        if stop.load(Ordering::SeqCst) {
+            pb.abandon();
+            t.save()?;
+            eprintln!(
+                "interrupted at step {}: checkpoint saved to {}; continue with --resume {}",
+                t.steps_done(),
+                out.display(),
+                out.display()
+            );
+            return Ok(());
+        }
+        let r = match t.step() {
+            Ok(r) => r,
+            Err(e) => {
+                pb.abandon();
+                return Err(e.into());
+            }
+        };
+        let msg = format!(
+            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{}",
+            r.loss,
+            r.lr,
+            r.grad_norm,
+            r.tokens_per_s,
+            routing_summary(&r)
+        );
+        if let Some(ev) = r.eval_loss {
+            let line = format!("step {}: eval loss {ev:.4} (perplexity {:.2})", r.step, ev.exp());
+            if pb.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                pb.println(line);
+            }
+        }
+        if pb.is_hidden() && (r.step % every == 0 || r.step == c.steps) {
+            eprintln!("step {}/{}: {msg}", r.step, c.steps);
+        }
+        pb.set_position(r.step as u64);
+        pb.set_message(msg);
+        last = Some(r);
+    }
+    pb.finish();
+    t.save()?;
+    if let Some(r) = &last {
+        eprintln!("final training loss {:.4}", r.loss);
+    }
+    match (before, last.and_then(|r| r.eval_loss)) {
+        (Some(b), Some(a)) => eprintln!(
+            "eval after: loss {a:.4}, perplexity {:.2} (before: {:.4}, {:.2})",
+            a.exp(),
+            b.loss,
+            b.perplexity
+        ),
+        (None, _) => eprintln!("no held-out data: pass --eval-data or a non-zero --eval-fraction to measure it"),
+        _ => {}
+    }
+    eprintln!("saved to {} (metrics in {})", out.display(), out.join("metrics.jsonl").display());
+    Ok(())
+}
+
+/// The busiest expert's load over the mean (worst MoE layer) and the most Sinkhorn iterations.
+fn routing_summary(r: &StepReport) -> String {
+    let worst = r
+        .expert_load
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mean = l.iter().sum::<usize>() as f64 / l.len() as f64;
+            l.iter().copied().max().unwrap_or(0) as f64 / mean.max(1e-9)
+        })
+        .fold(0f64, f64::max);
+    match r.sinkhorn_iters.iter().max() {
+        Some(it) => format!(" experts max/mean {worst:.2} sinkhorn {it} it"),
+        None => String::new(),
+    }
+}
+
+/// Prints the skipped lines of a data file (the first ten, then a count).
+fn report_bad(what: &str, path: &std::path::Path, bad: &[BadLine]) {
+    if bad.is_empty() {
+        return;
+    }
+    eprintln!("{what} {}: skipped {} line(s):", path.display(), bad.len());
+    for b in bad.iter().take(10) {
+        eprintln!("  line {}: {}", b.line, b.reason);
+    }
+    if bad.len() > 10 {
+        eprintln!("  ... and {} more", bad.len() - 10);
+    }
+}

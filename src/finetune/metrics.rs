@@ -1,0 +1,119 @@
+//! `DIR/metrics.jsonl`: one JSON object per optimiser step (the [`StepReport`] without the
+//! Sinkhorn plans), plus `{"step": N, "eval_loss": …}` lines for evaluations outside a step.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::finetune::StepReport;
+use crate::model::weights::write_atomic;
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsLine {
+    pub step: usize,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tokens_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub expert_load: Vec<Vec<usize>>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub sinkhorn_iters: Vec<usize>,
+    /// Seconds since the run (or its resume) started.
+    pub elapsed_s: f64,
+}
+
+impl MetricsLine {
+    pub fn from_report(r: &StepReport, elapsed_s: f64) -> Self {
+        Self {
+            step: r.step,
+            loss: Some(r.loss),
+            lr: Some(r.lr),
+            grad_norm: Some(r.grad_norm),
+            tokens_per_s: Some(r.tokens_per_s),
+            eval_loss: r.eval_loss,
+            expert_load: r.expert_load.clone(),
+            sinkhorn_iters: r.sinkhorn_iters.clone(),
+            elapsed_s,
+        }
+    }
+
+    pub fn eval(step: usize, eval_loss: f64, elapsed_s: f64) -> Self {
+        Self {
+            step,
+            loss: None,
+            lr: None,
+            grad_norm: None,
+            tokens_per_s: None,
+            eval_loss: Some(eval_loss),
+            expert_load: vec![],
+            sinkhorn_iters: vec![],
+            elapsed_s,
+        }
+    }
+}
+
+/// Appends lines to `metrics.jsonl`.
+#[derive(Debug)]
+pub struct Metrics {
+    path: PathBuf,
+}
+
+impl Metrics {
+    /// Starts the file in `dir`. A fresh run starts it empty; a run resumed from the checkpoint in
+    /// `resumed.0` at step `resumed.1` starts with that folder's lines up to that step (lines of
+    /// later steps are dropped: those steps run again).
+    pub fn open(dir: &Path, resumed: Option<(&Path, usize)>) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(METRICS_FILE);
+        let kept = match resumed {
+            Some((from, step)) if from.join(METRICS_FILE).is_file() => {
+                let old = from.join(METRICS_FILE);
+                let text = std::fs::read_to_string(&old).map_err(|e| Error::io(&old, e))?;
+                text.lines()
+                    .filter(|l| serde_json::from_str::<MetricsLine>(l).is_ok_and(|m| m.step <= step))
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>()
+            }
+            _ => String::new(),
+        };
+        write_atomic(&path, kept.as_bytes())?;
+        Ok(Self { path })
+    }
+
+    pub fn push(&mut self, line: &MetricsLine) -> Result<()> {
+        let mut text = serde_json::to_string(line).map_err(|e| Error::Invalid(format!("metrics line: {e}")))?;
+        text.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .map_err(|e| Error::io(&self.path, e))?;
+        f.write_all(text.as_bytes()).map_err(|e| Error::io(&self.path, e))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads a `metrics.jsonl` (for summaries and tests).
+pub fn read(path: &Path) -> Result<Vec<MetricsLine>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::bad_file(path, format!("line {}: {e}", i + 1))))
+        .collect()
+}

@@ -1,0 +1,484 @@
+//! The training loop: one optimiser step per [`Trainer::step`] call.
+//!
+//! The model runs its differentiable path (`differentiable = true`: tensor-op norms) with
+//! Sinkhorn routing over each micro-batch (SPEC §3: experts chosen under no-grad on the host,
+//! gate = σ(router logit of the chosen expert), so the router learns only through the gate).
+//! Trainable tensors are f32 `Var`s (the master copies); where the model computes in bf16 the
+//! model holds a cast of the master, rebuilt after each update, so gradients reach the f32 copy.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::finetune::adapter::{AdapterMeta, ADAPTER_FILE, FORMAT as ADAPTER_FORMAT, META_FILE, MODEL_FILE};
+use crate::finetune::checkpoint::{self, CheckpointFiles, TrainerState, OPTIMIZER_FILE, STATE_FILE};
+use crate::finetune::data::{self, BadLine, Batch, Batcher, DataCursor, Example};
+use crate::finetune::lora::{attach, init_adapter, merge_all, visit_named_linears, LinearKind};
+use crate::finetune::loss::{batch_nll, evaluate, inference_view, EvalResult};
+use crate::finetune::metrics::{Metrics, MetricsLine};
+use crate::finetune::optim::{clip_scale, decays, global_norm, lr_at, AdamW, AdamWParams, Param};
+use crate::finetune::{FinetuneConfig, Method, StepReport};
+use crate::model::moe::Routing;
+use crate::model::probe::Probe;
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::sinkhorn::loads;
+
+/// Params the model holds as a cast: name -> (param index, model dtype).
+type Casts = HashMap<String, (usize, DType)>;
+
+/// A fine-tuning or training run.
+pub struct Trainer {
+    cfg: FinetuneConfig,
+    /// The model being trained: trainable tensors are (casts of) the params' vars.
+    model: Model,
+    params: Vec<Param>,
+    /// Params the model holds as a cast (bf16 model): name -> (param index, model dtype).
+    casts: Casts,
+    opt: AdamW,
+    train: Vec<Example>,
+    held_out: Vec<Example>,
+    /// Lines skipped in the training and the eval file.
+    pub bad_lines: Vec<BadLine>,
+    pub eval_bad_lines: Vec<BadLine>,
+    batcher: Batcher,
+    step: usize,
+    data_hash: String,
+    tok: Tokenizer,
+    metrics: Metrics,
+    started: Instant,
+    last_loss: Option<f64>,
+    /// Step of the last checkpoint written or resumed from.
+    last_saved: Option<usize>,
+    /// Why training stopped for good (non-finite loss).
+    failed: Option<String>,
+}
+
+impl Trainer {
+    /// Sets up a run on a copy of `base` (any adapter on it is merged in first): loads the data,
+    /// makes the trainable tensors, and resumes from `cfg.resume` when set.
+    pub fn new(base: &Model, tok: &Tokenizer, cfg: FinetuneConfig) -> Result<Self> {
+        cfg.validate()?;
+        let same_dir = cfg.resume.as_ref().is_some_and(|r| same_path(r, &cfg.out));
+        if cfg.out.join(STATE_FILE).is_file() && !same_dir {
+            return Err(Error::Invalid(format!(
+                "{} already holds a checkpoint; continue it with --resume {}, or choose another --out",
+                cfg.out.display(),
+                cfg.out.display()
+            )));
+        }
+        let vocab = base.cfg.vocab_size;
+        let ds = data::load(&cfg.data, cfg.format, tok, cfg.seq_len, vocab)?;
+        let (train, mut held_out, eval_bad) = match &cfg.eval_data {
+            Some(p) => {
+                let ev = data::load(p, cfg.format, tok, cfg.seq_len, vocab)?;
+                (ds.examples, ev.examples, ev.bad)
+            }
+            None => {
+                let (t, e) = data::split(ds.examples, cfg.eval_fraction, cfg.seed);
+                (t, e, vec![])
+            }
+        };
+        if cfg.eval_max > 0 {
+            held_out.truncate(cfg.eval_max);
+        }
+
+        let mut model = base.clone();
+        merge_all(&mut model)?;
+        model.differentiable = true;
+        model.routing = Routing::Sinkhorn(cfg.sinkhorn);
+        let (params, casts) = make_params(&mut model, &cfg)?;
+        if params.is_empty() {
+            return Err(Error::Invalid(format!(
+                "--method {}: this model has nothing to train that way (no MoE layer for router, or no layer of the --targets)",
+                cfg.method.name()
+            )));
+        }
+        let hp = AdamWParams {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut opt = AdamW::new(&params, hp)?;
+        let mut step = 0;
+        let mut cursor = DataCursor::default();
+        let mut last_loss = None;
+        let mut last_saved = None;
+        if let Some(dir) = &cfg.resume {
+            let ck = checkpoint::load(dir, &model.device)?;
+            check_resumable(&ck.state, &cfg, &ds.hash, &params, dir)?;
+            let mut moments = Vec::with_capacity(params.len());
+            for (p, (m, v)) in params.iter().zip(ck.moments) {
+                let w = ck
+                    .weights
+                    .get(&p.name)
+                    .ok_or_else(|| Error::bad_file(dir.join(&ck.meta.weights), format!("checkpoint has no tensor '{}'", p.name)))?;
+                p.var.set(&w.to_dtype(DType::F32)?)?;
+                moments.push((m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?));
+            }
+            opt.moments = moments;
+            opt.t = ck.state.adam_t;
+            step = ck.state.step;
+            cursor = ck.state.cursor;
+            last_loss = ck.state.last_loss;
+            last_saved = Some(step);
+        }
+        let metrics = Metrics::open(&cfg.out, cfg.resume.as_deref().map(|d| (d, step)))?;
+        let mut me = Self {
+            batcher: Batcher::new(train.len(), cfg.seed, cursor),
+            cfg,
+            model,
+            params,
+            casts,
+            opt,
+            train,
+            held_out,
+            bad_lines: ds.bad,
+            eval_bad_lines: eval_bad,
+            step,
+            data_hash: ds.hash,
+            tok: tok.clone(),
+            metrics,
+            started: Instant::now(),
+            last_loss,
+            last_saved,
+            failed: None,
+        };
+        me.refresh_casts()?;
+        Ok(me)
+    }
+
+    /// One optimiser step over `grad_accum` micro-batches.
+    pub fn step(&mut self) -> Result<StepReport> {
+        if let Some(why) = &self.failed {
+            return Err(Error::Invalid(format!("training has stopped: {why}")));
+        }
+        if self.done() {
+            return Err(Error::Invalid(format!(
+                "training is finished ({} of {} steps); raise --steps to go on",
+                self.step, self.cfg.steps
+            )));
+        }
+        let t0 = Instant::now();
+        let lr = lr_at(self.step, self.cfg.steps, self.cfg.lr, self.cfg.warmup, self.cfg.min_lr_ratio);
+        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.batcher.next(self.cfg.batch)).collect();
+        let total_targets: usize = micro.iter().flatten().map(|&i| self.train[i].n_targets()).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let (mut nll_total, mut n_inputs) = (0f64, 0usize);
+        let mut expert_load: Vec<Vec<usize>> = Vec::new();
+        let mut sinkhorn = Vec::new();
+        for idx in &micro {
+            let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+            let batch = Batch::new(&refs, &self.model.device)?;
+            let mut probe = Probe {
+                moe_only: true,
+                ..Probe::default()
+            };
+            let nll = batch_nll(&self.model, &batch, Some(&mut probe))?;
+            let store = (&nll / total_targets.max(1) as f64)?.backward()?;
+            nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            n_inputs += batch.n_inputs;
+            for (g, p) in grads.iter_mut().zip(&self.params) {
+                if let Some(new) = store.get(p.var.as_tensor()) {
+                    *g = Some(match g.take() {
+                        Some(acc) => (acc + new)?,
+                        None => new.clone(),
+                    });
+                }
+            }
+            if expert_load.is_empty() {
+                expert_load = probe.moe.iter().map(|r| vec![0; r.n_experts]).collect();
+            }
+            for (acc, rec) in expert_load.iter_mut().zip(&probe.moe) {
+                for (a, l) in acc.iter_mut().zip(loads(&rec.experts, rec.n_experts)) {
+                    *a += l;
+                }
+            }
+            sinkhorn = probe.moe.into_iter().filter_map(|r| r.sinkhorn).collect();
+        }
+        let loss = nll_total / total_targets.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(self.fail(format!("the loss is {loss} at step {}", self.step + 1)));
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.params)
+            .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let grad_norm = global_norm(&grads)?;
+        if !grad_norm.is_finite() {
+            return Err(self.fail(format!("the gradient norm is {grad_norm} at step {}", self.step + 1)));
+        }
+        self.opt.step(&self.params, &grads, lr, clip_scale(grad_norm, self.cfg.clip))?;
+        self.step += 1;
+        self.last_loss = Some(loss);
+        self.refresh_casts()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let eval_due = (self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0) || self.done();
+        let eval_loss = if eval_due { self.eval()?.map(|e| e.loss) } else { None };
+        let report = StepReport {
+            step: self.step,
+            total_steps: self.cfg.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: if secs > 0.0 { n_inputs as f64 / secs } else { 0.0 },
+            eval_loss,
+            sinkhorn_iters: sinkhorn.iter().map(|s| s.iters()).collect(),
+            expert_load,
+            sinkhorn,
+        };
+        self.metrics
+            .push(&MetricsLine::from_report(&report, self.started.elapsed().as_secs_f64()))?;
+        if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !self.done() {
+            self.save()?;
+        }
+        Ok(report)
+    }
+
+    /// Records a fatal problem and builds the error that says what is kept.
+    fn fail(&mut self, what: String) -> Error {
+        let kept = match self.last_saved {
+            Some(s) => format!("the last good checkpoint (step {s}) in {} is kept", self.cfg.out.display()),
+            None => "no checkpoint had been saved yet".to_string(),
+        };
+        let msg = format!("{what}; training stopped without applying it, {kept}; try a lower --lr or check the data");
+        self.failed = Some(msg.clone());
+        Error::Invalid(msg)
+    }
+
+    /// All steps done.
+    pub fn done(&self) -> bool {
+        self.step >= self.cfg.steps
+    }
+
+    /// Steps done so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    pub fn config(&self) -> &FinetuneConfig {
+        &self.cfg
+    }
+
+    /// Training and held-out example counts.
+    pub fn data_sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.held_out.len())
+    }
+
+    /// Number of trainable values.
+    pub fn n_trainable(&self) -> usize {
+        self.params.iter().map(|p| p.var.as_tensor().elem_count()).sum()
+    }
+
+    /// Held-out loss of the model as served (greedy routing); None without held-out data.
+    pub fn eval(&self) -> Result<Option<EvalResult>> {
+        if self.held_out.is_empty() {
+            return Ok(None);
+        }
+        let m = inference_view(&self.model)?;
+        evaluate(&m, &self.held_out, self.cfg.batch).map(Some)
+    }
+
+    /// Writes an eval result outside a step into metrics.jsonl (the "before" evaluation).
+    pub fn log_eval(&mut self, loss: f64) -> Result<()> {
+        self.metrics
+            .push(&MetricsLine::eval(self.step, loss, self.started.elapsed().as_secs_f64()))
+    }
+
+    /// The base model with the adapter (or the trained weights), ready to chat with: a snapshot
+    /// that later steps do not change.
+    pub fn model(&self) -> Result<Model> {
+        let mut m = self.model.clone();
+        m.visit_mut(&mut |_, t| {
+            // vars are updated in place by later steps: copy them; casts are rebuilt anyway
+            *t = if t.is_variable() { t.detach().copy()? } else { t.detach() };
+            Ok(())
+        })?;
+        m.routing = Routing::Greedy;
+        m.differentiable = false;
+        Ok(m)
+    }
+
+    /// Writes the checkpoint into `cfg.out` (atomically; see [`checkpoint`]).
+    pub fn save(&mut self) -> Result<()> {
+        if let Some(why) = &self.failed {
+            return Err(Error::Invalid(format!("not saving: {why}")));
+        }
+        let weights: HashMap<String, Tensor> = self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect();
+        let names: Vec<String> = self.params.iter().map(|p| p.name.clone()).collect();
+        let full = self.cfg.method == Method::Full;
+        let weights_file = if full { MODEL_FILE } else { ADAPTER_FILE };
+        let meta = AdapterMeta {
+            format: ADAPTER_FORMAT.into(),
+            method: self.cfg.method,
+            base_model: self.cfg.base_model.clone(),
+            base_config: self.model.cfg.clone(),
+            targets: if self.cfg.method == Method::Lora {
+                self.cfg.targets.clone()
+            } else {
+                vec![]
+            },
+            rank: self.cfg.rank,
+            alpha: self.cfg.alpha,
+            train_router: self.cfg.train_router || self.cfg.method == Method::Router,
+            step: self.step,
+            data_hash: self.data_hash.clone(),
+            weights: weights_file.into(),
+        };
+        let state = TrainerState {
+            format: checkpoint::FORMAT.into(),
+            step: self.step,
+            cursor: self.batcher.cursor,
+            adam_t: self.opt.t,
+            data_hash: self.data_hash.clone(),
+            params: names.clone(),
+            config: self.cfg.clone(),
+            last_loss: self.last_loss,
+        };
+        let mut blobs = Vec::new();
+        if full {
+            blobs.push(("config.json".to_string(), self.model.cfg.to_json_string()?.into_bytes()));
+            let tok = self.tok.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            blobs.push(("tokenizer.json".to_string(), tok.into_bytes()));
+        }
+        blobs.push((META_FILE.to_string(), to_json(&meta)?));
+        blobs.push((STATE_FILE.to_string(), to_json(&state)?));
+        let files = CheckpointFiles {
+            tensors: vec![
+                (weights_file.to_string(), weights),
+                (
+                    OPTIMIZER_FILE.to_string(),
+                    checkpoint::optimizer_tensors(&names, &self.opt.moments, self.step)?,
+                ),
+            ],
+            blobs,
+        };
+        checkpoint::write(&self.cfg.out, files)?;
+        self.last_saved = Some(self.step);
+        Ok(())
+    }
+
+    /// Rebuilds the model's casts of the masters (bf16 models) after an update.
+    fn refresh_casts(&mut self) -> Result<()> {
+        if self.casts.is_empty() {
+            return Ok(());
+        }
+        let (casts, params) = (&self.casts, &self.params);
+        self.model.visit_mut(&mut |name, t| {
+            if let Some(&(i, dt)) = casts.get(name) {
+                *t = params[i].var.as_tensor().to_dtype(dt)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Whether two paths name the same folder.
+fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Pretty JSON bytes of a checkpoint file.
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(v).map_err(|e| Error::Invalid(format!("serialising a checkpoint file: {e}")))
+}
+
+/// Makes the trainable tensors of `cfg.method` and puts them (or their casts) into `model`.
+fn make_params(model: &mut Model, cfg: &FinetuneConfig) -> Result<(Vec<Param>, Casts)> {
+    let mut params = Vec::new();
+    let mut casts = HashMap::new();
+    if cfg.method == Method::Lora {
+        let mut rng = Rng::new(cfg.seed ^ 0x10AA);
+        let device = model.device.clone();
+        let scale = cfg.alpha / cfg.rank as f64;
+        visit_named_linears(model, &mut |name, kind, l| {
+            let LinearKind::Target(t) = kind else { return Ok(()) };
+            if !cfg.targets.contains(&t) {
+                return Ok(());
+            }
+            let (out, inp) = l.weight.dims2()?;
+            let (a, b) = init_adapter(out, inp, cfg.rank.min(out.min(inp)).max(1), &mut rng, &device)?;
+            let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+            attach(name, l, va.as_tensor().clone(), vb.as_tensor().clone(), scale)?;
+            for (suffix, var) in [("lora_a", va), ("lora_b", vb)] {
+                let n = format!("{name}.{suffix}");
+                params.push(Param { decay: true, name: n, var });
+            }
+            Ok(())
+        })?;
+    }
+    let replace = |name: &str| match cfg.method {
+        Method::Full => true,
+        Method::Router => name.contains(".router."),
+        Method::Lora => cfg.train_router && name.contains(".router."),
+    };
+    model.visit_mut(&mut |name, t| {
+        if !replace(name) || name.ends_with(".lora_a") || name.ends_with(".lora_b") {
+            return Ok(());
+        }
+        let var = Var::from_tensor(&t.detach().to_dtype(DType::F32)?)?;
+        let dt = t.dtype();
+        if dt == DType::F32 {
+            *t = var.as_tensor().clone();
+        } else {
+            casts.insert(name.to_string(), (params.len(), dt));
+        }
+        params.push(Param {
+            name: name.to_string(),
+            decay: decays(name),
+            var,
+        });
+        Ok(())
+    })?;
+    Ok((params, casts))
+}
+
+/// Errors unless the checkpoint was made by a run this one can continue.
+fn check_resumable(st: &TrainerState, cfg: &FinetuneConfig, data_hash: &str, params: &[Param], dir: &std::path::Path) -> Result<()> {
+    let old = &st.config;
+    let mismatch = |what: &str, a: String, b: String| {
+        Err(Error::Invalid(format!(
+            "--resume {}: the checkpoint used {what} {a}, this run {b}; use the same setting to continue it",
+            dir.display()
+        )))
+    };
+    if old.method != cfg.method {
+        return mismatch("--method", old.method.name().into(), cfg.method.name().into());
+    }
+    if st.data_hash != data_hash {
+        return mismatch("data with sha256", st.data_hash.clone(), data_hash.to_string());
+    }
+    if old.seq_len != cfg.seq_len {
+        return mismatch("--seq-len", old.seq_len.to_string(), cfg.seq_len.to_string());
+    }
+    if old.seed != cfg.seed {
+        return mismatch("--seed", old.seed.to_string(), cfg.seed.to_string());
+    }
+    if old.eval_data != cfg.eval_data || old.eval_fraction != cfg.eval_fraction {
+        return mismatch("held-out data", format!("{:?}", old.eval_data), format!("{:?}", cfg.eval_data));
+    }
+    let names: Vec<&String> = params.iter().map(|p| &p.name).collect();
+    if st.params.iter().collect::<Vec<_>>() != names {
+        return mismatch(
+            "trainable tensors",
+            format!("{} ({:?} rank {})", st.params.len(), old.targets, old.rank),
+            format!("{} ({:?} rank {})", names.len(), cfg.targets, cfg.rank),
+        );
+    }
+    if old.rank != cfg.rank || old.alpha != cfg.alpha {
+        return mismatch(
+            "--rank/--alpha",
+            format!("{}/{}", old.rank, old.alpha),
+            format!("{}/{}", cfg.rank, cfg.alpha),
+        );
+    }
+    Ok(())
+}

@@ -7,6 +7,8 @@
   DEST/prose_eval.txt  every 50th document, held out
   DEST/chat.jsonl      chatterbot-corpus conversations as {"messages": [{"role", "content"}, ...]}
   DEST/chat_eval.jsonl every 20th conversation, held out
+  DEST/chat.txt        the training conversations as plain text in the chat template (for the
+                       tokenizer trainer)
 
 Only the Python standard library is used (the chatterbot YAML files are simple enough to parse by
 hand: lists of lists of strings)."""
@@ -112,9 +114,13 @@ def main():
     (dest / "prose.txt").write_text("\n\n".join(train) + "\n", encoding="utf-8")
     (dest / "prose_eval.txt").write_text("\n\n".join(held) + "\n", encoding="utf-8")
     convs = list(chat(raw))
-    with open(dest / "chat.jsonl", "w", encoding="utf-8") as f, open(dest / "chat_eval.jsonl", "w", encoding="utf-8") as g:
+    with open(dest / "chat.jsonl", "w", encoding="utf-8") as f, open(dest / "chat_eval.jsonl", "w", encoding="utf-8") as g, open(
+        dest / "chat.txt", "w", encoding="utf-8"
+    ) as t:
         for i, c in enumerate(convs):
             (g if i % 20 == 19 else f).write(json.dumps(c, ensure_ascii=False) + "\n")
+            if i % 20 != 19:
+                t.write("".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in c["messages"]) + "\n")
     chars = sum(len(d) for d in docs)
     print(f"prepare_corpus: {len(docs)} prose documents ({chars / 1e6:.1f} M chars), {len(convs)} conversations -> {dest}")
 

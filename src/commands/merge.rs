@@ -1,5 +1,6 @@
 //! `blackmamba merge`: base model + adapter -> a plain model folder (config.json,
-//! model.safetensors with the adapter folded into the weights, tokenizer.json).
+//! model.safetensors with the adapter folded into the weights, tokenizer.json). Without
+//! `--adapter` it re-saves the model itself, e.g. in another `--save-dtype`.
 
 use std::path::PathBuf;
 
@@ -20,9 +21,6 @@ pub struct MergeArgs {
 }
 
 pub fn run(m: &ModelArgs, a: &MergeArgs) -> anyhow::Result<()> {
-    if m.adapter.is_none() {
-        anyhow::bail!("merge needs --adapter DIR (and --model for its base)");
-    }
     let loaded = super::load(m)?;
     let dtype = match &a.save_dtype {
         Some(s) => crate::loader::dtype(Some(s), &loaded.model.device)?,

@@ -5,6 +5,7 @@
 pub mod chat_template;
 pub mod commands;
 pub mod embedded;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;
@@ -14,5 +15,6 @@ pub mod rng;
 pub mod sampling;
 pub mod sinkhorn;
 pub mod tokenizer;
+pub mod tui;
 
 pub use error::{Error, Result};

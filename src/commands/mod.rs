@@ -1,5 +1,6 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
+pub mod chat;
 pub mod generate;
 pub mod logits;
 
@@ -38,6 +39,8 @@ pub struct ModelArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Open the terminal UI (the default when no subcommand is given).
+    Chat(chat::ChatArgs),
     /// Generate text from a prompt, streaming it to stdout (stats on stderr).
     Generate(generate::GenerateArgs),
     /// Write teacher-forced logits, experts and router probabilities of token ids to safetensors.
@@ -49,7 +52,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Generate(a)) => generate::run(&cli.model, &a),
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
-        None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
+        Some(Command::Chat(a)) => chat::run(&cli.model, &a),
+        None => chat::run(&cli.model, &chat::ChatArgs::default()),
     }
 }
 

@@ -302,3 +302,73 @@ fn status_bar_reports_speed_and_bandwidth_on_gpu() {
     app.update(Msg::Engine(EngineEvent::Loaded(Box::new(info))));
     assert!(!ui::status_text(&app).contains("GB/s"));
 }
+
+#[test]
+fn expert_colouring_paints_generated_tokens_by_expert() {
+    let mut app = small_app();
+    let palette: Vec<_> = (0..8).map(|e| app.theme.expert_color(e)).collect();
+    let colours_in_chat = |app: &App| {
+        let term = draw(app, 80, 24);
+        let buf = term.backend().buffer().clone();
+        let mut found = std::collections::BTreeSet::new();
+        for y in 3..20 {
+            for x in 1..54 {
+                let c = &buf[(x, y)];
+                if let Some(i) = palette.iter().position(|&p| p == c.fg) {
+                    if !c.symbol().trim().is_empty() {
+                        found.insert(i);
+                    }
+                }
+            }
+        }
+        found
+    };
+    assert!(colours_in_chat(&app).is_empty(), "no expert colours until switched on");
+    key(&mut app, KeyCode::Char('e'), KeyModifiers::CONTROL);
+    assert!(app.chat.color_experts);
+    let found = colours_in_chat(&app);
+    assert!(found.len() >= 3, "tokens take their experts' colours: {found:?}");
+    // Ctrl-L picks the next MoE layer (half-block 3 of the demo model)
+    key(&mut app, KeyCode::Char('l'), KeyModifiers::CONTROL);
+    assert_eq!(app.chat.color_layer, 1);
+    assert!(screen(&app, 80, 24).contains("expert colours layer 3"));
+}
+
+#[test]
+fn finetune_form_edits_and_commands() {
+    use blackmamba::engine::protocol::{FinetuneEvent, FinetuneMethod, FinetuneStatus};
+    let mut app = small_app();
+    app.view = View::Finetune;
+    // dataset: Enter edits, typing replaces, Enter commits
+    key(&mut app, KeyCode::Enter, KeyModifiers::NONE);
+    for _ in 0.."data.jsonl".len() {
+        key(&mut app, KeyCode::Backspace, KeyModifiers::NONE);
+    }
+    for c in "my?data.jsonl".chars() {
+        key(&mut app, KeyCode::Char(c), KeyModifiers::NONE);
+    }
+    assert!(!app.help, "? is typed while editing a field");
+    key(&mut app, KeyCode::Enter, KeyModifiers::NONE);
+    assert_eq!(app.ft.spec.data, std::path::PathBuf::from("my?data.jsonl"));
+    // method: Right cycles lora → router
+    key(&mut app, KeyCode::Down, KeyModifiers::NONE);
+    key(&mut app, KeyCode::Right, KeyModifiers::NONE);
+    assert_eq!(app.ft.spec.method, FinetuneMethod::Router);
+    // learning rate doubles
+    for _ in 0..4 {
+        key(&mut app, KeyCode::Down, KeyModifiers::NONE);
+    }
+    key(&mut app, KeyCode::Right, KeyModifiers::NONE);
+    assert!((app.ft.spec.lr - 2e-4).abs() < 1e-12);
+    let cmds = key(&mut app, KeyCode::Char('s'), KeyModifiers::NONE);
+    match &cmds[..] {
+        [Command::Finetune(FinetuneCommand::Start(spec))] => assert_eq!(**spec, app.ft.spec),
+        other => panic!("{other:?}"),
+    }
+    // pause becomes resume once the engine says it is paused
+    app.update(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::Status(FinetuneStatus::Paused))));
+    let cmds = key(&mut app, KeyCode::Char('p'), KeyModifiers::NONE);
+    assert!(matches!(cmds[..], [Command::Finetune(FinetuneCommand::Resume)]));
+    let cmds = key(&mut app, KeyCode::Char('u'), KeyModifiers::NONE);
+    assert!(matches!(cmds[..], [Command::Finetune(FinetuneCommand::UseFinetuned(true))]));
+}

@@ -1,10 +1,10 @@
 //! The engine side of fine-tuning: takes [`FinetuneCommand`]s, runs one trainer step per engine
-//! loop turn while running, and reports progress as [`FinetuneEvent`]s.
+//! loop turn while running, and reports progress as [`FinetuneEvent`](crate::engine::protocol::FinetuneEvent)s.
 //!
 //! The trainer (`crate::finetune::Trainer`) is written in parallel; until it is wired in here,
 //! every command is answered with a plain error. Wiring it in means: hold the trainer in
 //! [`Finetuning`], build it on `Start`, call `step()` in [`Finetuning::step`] and turn its
-//! `StepReport` into a [`FinetuneProgress`] (+ a Sinkhorn report with origin `Finetune`).
+//! `StepReport` into a [`FinetuneProgress`](crate::engine::protocol::FinetuneProgress) (+ a Sinkhorn report with origin `Finetune`).
 
 use crate::engine::protocol::{EngineEvent, FinetuneCommand};
 use crate::error::{Error, Result};

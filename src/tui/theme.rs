@@ -82,15 +82,16 @@ const KEYS: &[(&str, &str, bool)] = &[
 pub struct Theme {
     pub name: String,
     table: toml::Table,
+    /// Resolved colours, in the order of `KEYS` (lists: empty here, see `lists`); drawing looks
+    /// colours up per cell, so they are parsed once.
+    colors: Vec<Color>,
+    lists: Vec<Vec<Color>>,
 }
 
 impl Theme {
     /// The default theme (dark).
     pub fn default_theme() -> Self {
-        Self::builtin("dark").unwrap_or_else(|_| Self {
-            name: "dark".into(),
-            table: toml::Table::new(),
-        })
+        Self::builtin("dark").unwrap_or_else(|_| Self::from_table("dark", toml::Table::new()))
     }
 
     /// A built-in theme by name, with the user's overlay file for it if there is one.
@@ -100,17 +101,13 @@ impl Theme {
             Error::Invalid(format!("unknown theme '{name}'; use one of {} or a .toml file", names.join(", ")))
         })?;
         let table = parse(text, &format!("themes/{name}.toml"))?;
-        let mut theme = if name == "dark" {
-            Self {
-                name: name.into(),
-                table: toml::Table::new(),
-            }
+        let mut base = if name == "dark" {
+            toml::Table::new()
         } else {
-            Self::builtin("dark")?
+            Self::builtin("dark")?.table
         };
-        theme.name = name.into();
-        overlay(&mut theme.table, table);
-        Ok(theme)
+        overlay(&mut base, table);
+        Ok(Self::from_table(name, base))
     }
 
     /// `--theme NAME|FILE`: a built-in name (plus the user's overlay for it), or a TOML file.
@@ -142,38 +139,65 @@ impl Theme {
             Some(_) => return Err(located(text, file, "", "extends", "must be a theme name such as \"light\"")),
             None => "dark".into(),
         };
-        let mut theme = Self::builtin(&base).map_err(|e| located(text, file, "", "extends", &e.to_string()))?;
-        theme.name = match table.get("name") {
+        let mut merged = Self::builtin(&base)
+            .map_err(|e| located(text, file, "", "extends", &e.to_string()))?
+            .table;
+        let name = match table.get("name") {
             Some(toml::Value::String(s)) => s.clone(),
             _ => file.to_string(),
         };
-        overlay(&mut theme.table, table);
-        Ok(theme)
+        overlay(&mut merged, table);
+        Ok(Self::from_table(&name, merged))
     }
 
     fn apply_file(&mut self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let table = parse(&text, &path.display().to_string())?;
-        overlay(&mut self.table, table);
+        let mut merged = std::mem::take(&mut self.table);
+        overlay(&mut merged, table);
+        *self = Self::from_table(&self.name, merged);
         Ok(())
     }
 
+    /// A theme from a merged table, with every colour parsed once.
+    fn from_table(name: &str, table: toml::Table) -> Self {
+        let value = |section: &str, key: &str| table.get(section).and_then(|s| s.get(key)).cloned();
+        let parse = |v: &toml::Value| v.as_str().and_then(|s| Color::from_str(s).ok());
+        let colors = KEYS
+            .iter()
+            .map(|&(s, k, _)| value(s, k).as_ref().and_then(parse).unwrap_or(Color::Reset))
+            .collect();
+        let lists = KEYS
+            .iter()
+            .map(|&(s, k, _)| {
+                value(s, k)
+                    .as_ref()
+                    .and_then(toml::Value::as_array)
+                    .map(|a| a.iter().filter_map(parse).collect())
+                    .unwrap_or_default()
+            })
+            .collect();
+        Self {
+            name: name.to_string(),
+            table,
+            colors,
+            lists,
+        }
+    }
+
+    fn slot(section: &str, key: &str) -> Option<usize> {
+        KEYS.iter().position(|&(s, k, _)| s == section && k == key)
+    }
+
     fn color(&self, section: &str, key: &str) -> Color {
-        self.table
-            .get(section)
-            .and_then(|s| s.get(key))
-            .and_then(toml::Value::as_str)
-            .and_then(|s| Color::from_str(s).ok())
+        Self::slot(section, key)
+            .and_then(|i| self.colors.get(i))
+            .copied()
             .unwrap_or(Color::Reset)
     }
 
-    fn list(&self, section: &str, key: &str) -> Vec<Color> {
-        self.table
-            .get(section)
-            .and_then(|s| s.get(key))
-            .and_then(toml::Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().and_then(|s| Color::from_str(s).ok())).collect())
-            .unwrap_or_default()
+    fn list(&self, section: &str, key: &str) -> &[Color] {
+        Self::slot(section, key).and_then(|i| self.lists.get(i)).map_or(&[], Vec::as_slice)
     }
 
     /// The style of a role.

@@ -92,7 +92,11 @@ pub fn line_chart(app: &App, title: &str, x_label: &str, series: &[Series<'_>], 
     };
     let data: Vec<Vec<(f64, f64)>> = series
         .iter()
-        .map(|s| s.points.iter().filter_map(|&(x, y)| tr(y).map(|y| (x, y))).collect())
+        .map(|s| {
+            let pts: Vec<(f64, f64)> = s.points.iter().filter_map(|&(x, y)| tr(y).map(|y| (x, y))).collect();
+            // braille gives 2 dots per cell: more than 4 points per column cannot be seen
+            thin(&pts, 4 * usize::from(area.width).max(1))
+        })
         .collect();
     let all = data.iter().flatten();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
@@ -158,6 +162,33 @@ pub fn line_chart(app: &App, title: &str, x_label: &str, series: &[Series<'_>], 
         .render(area, buf);
 }
 
+/// At most about `max` points with the shape kept: per bucket of consecutive points, its lowest
+/// and highest point in x order.
+pub fn thin(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
+    if points.len() <= max || max < 2 {
+        return points.to_vec();
+    }
+    let per = points.len().div_ceil(max / 2);
+    let mut out = Vec::with_capacity(max);
+    for chunk in points.chunks(per) {
+        let (mut lo, mut hi) = (chunk[0], chunk[0]);
+        for &p in chunk {
+            if p.1 < lo.1 {
+                lo = p;
+            }
+            if p.1 > hi.1 {
+                hi = p;
+            }
+        }
+        let (a, b) = if lo.0 <= hi.0 { (lo, hi) } else { (hi, lo) };
+        out.push(a);
+        if b != a {
+            out.push(b);
+        }
+    }
+    out
+}
+
 /// A compact number: 3 significant digits, k/M suffixes.
 pub fn short(v: f64) -> String {
     let a = v.abs();
@@ -173,5 +204,30 @@ pub fn short(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thin_keeps_extremes_and_order() {
+        let pts: Vec<(f64, f64)> = (0..10_000).map(|i| (i as f64, ((i * 7919) % 1000) as f64)).collect();
+        let out = thin(&pts, 400);
+        assert!(out.len() <= 400, "{}", out.len());
+        assert!(out.windows(2).all(|w| w[0].0 < w[1].0), "x stays increasing");
+        let max = |v: &[(f64, f64)]| v.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+        let min = |v: &[(f64, f64)]| v.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+        assert_eq!((min(&out), max(&out)), (min(&pts), max(&pts)));
+        assert_eq!(thin(&pts[..50], 400), pts[..50].to_vec());
+    }
+
+    #[test]
+    fn bars_have_eighth_resolution() {
+        assert_eq!(bar(1.0, 1.0, 4), "████");
+        assert_eq!(bar(0.5, 1.0, 4), "██  ");
+        assert_eq!(bar(1.0 / 16.0, 1.0, 4), "▎   ");
+        assert_eq!(bar(f64::NAN, 1.0, 3), "   ");
     }
 }

@@ -78,3 +78,19 @@ fn the_tui_falls_back_to_the_default_theme_with_a_message() {
     assert_eq!(t.name, "high-contrast");
     assert!(warning.is_none());
 }
+
+#[test]
+fn theme_flag_works_with_and_without_the_chat_subcommand() {
+    use blackmamba::commands::{Cli, Command};
+    use clap::Parser;
+    let cli = Cli::try_parse_from(["blackmamba", "--theme", "light"]).unwrap();
+    assert!(cli.command.is_none());
+    assert_eq!(cli.chat.theme.as_deref(), Some("light"));
+    let cli = Cli::try_parse_from(["blackmamba", "chat", "--theme", "mine.toml", "--model", "random:tiny"]).unwrap();
+    match cli.command {
+        Some(Command::Chat(a)) => assert_eq!(a.or(cli.chat).theme.as_deref(), Some("mine.toml")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cli.model.model.as_deref(), Some("random:tiny"));
+    assert!(Cli::try_parse_from(["blackmamba", "generate", "--prompt", "x", "--theme", "light"]).is_err());
+}

@@ -51,6 +51,7 @@ fn chat_views_resize_and_quit_in_a_pty() {
         .unwrap();
     let home = tempfile::tempdir().unwrap();
     let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_blackmamba"));
+    cmd.args(["--theme", "high-contrast"]);
     cmd.env("TERM", "xterm-256color");
     cmd.env("HOME", home.path());
     cmd.env("XDG_CONFIG_HOME", home.path());

@@ -12,6 +12,15 @@ pub struct ChatArgs {
     pub theme: Option<String>,
 }
 
+impl ChatArgs {
+    /// These options, falling back to `other`'s (given before the subcommand).
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            theme: self.theme.or(other.theme),
+        }
+    }
+}
+
 pub fn run(m: &ModelArgs, a: &ChatArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     let load = LoadSpec {

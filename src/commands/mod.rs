@@ -14,6 +14,9 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// TUI options, also accepted without the `chat` subcommand.
+    #[command(flatten)]
+    pub chat: chat::ChatArgs,
 }
 
 /// Where the model comes from and where it runs: shared by every command.
@@ -52,8 +55,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Generate(a)) => generate::run(&cli.model, &a),
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
-        Some(Command::Chat(a)) => chat::run(&cli.model, &a),
-        None => chat::run(&cli.model, &chat::ChatArgs::default()),
+        Some(Command::Chat(a)) => chat::run(&cli.model, &a.or(cli.chat)),
+        None => chat::run(&cli.model, &cli.chat),
     }
 }
 

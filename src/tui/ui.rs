@@ -191,23 +191,28 @@ pub fn status_text(app: &App) -> String {
 fn status(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     buf.set_style(area, t.style(Role::Status));
-    if let Some(n) = &app.notice {
-        let style = if n.error {
-            t.style(Role::Error).bg(t.style(Role::Status).bg.unwrap_or_default())
-        } else {
-            t.style(Role::Status)
-        };
-        put(
-            buf,
-            area,
-            area.x,
-            area.y,
-            &format!(" {}", sanitize(&n.text).replace('\n', " ")),
-            style,
-        );
-        return;
+    let notice = app.notice.as_ref().map(|n| (n.error, sanitize(&n.text).replace('\n', " ")));
+    match notice {
+        // errors take the whole line
+        Some((true, text)) => {
+            let style = t.style(Role::Error).bg(t.style(Role::Status).bg.unwrap_or_default());
+            put(buf, area, area.x, area.y, &format!(" {text}"), style);
+        }
+        Some((false, text)) => {
+            let status = format!(" {} │ ", status_text(app));
+            put(buf, area, area.x, area.y, &status, t.style(Role::Status));
+            let x = area.x.saturating_add(width(&status).min(usize::from(u16::MAX)) as u16);
+            put(
+                buf,
+                area,
+                x,
+                area.y,
+                &text,
+                t.style(Role::Status).add_modifier(ratatui::style::Modifier::BOLD),
+            );
+        }
+        None => put(buf, area, area.x, area.y, &format!(" {}", status_text(app)), t.style(Role::Status)),
     }
-    put(buf, area, area.x, area.y, &format!(" {}", status_text(app)), t.style(Role::Status));
 }
 
 fn legend(app: &App, area: Rect, buf: &mut Buffer) {

@@ -148,8 +148,12 @@ fn tab_order_and_titles() {
     assert_eq!(app.view, View::Chat);
     key(&mut app, KeyCode::BackTab, KeyModifiers::SHIFT);
     assert_eq!(app.view, View::Finetune);
-    key(&mut app, KeyCode::F(3), KeyModifiers::NONE);
+    let cmds = key(&mut app, KeyCode::F(3), KeyModifiers::NONE);
     assert_eq!(app.view, View::Sinkhorn);
+    assert!(
+        matches!(cmds[..], [Command::Sinkhorn { window: 64, .. }]),
+        "entering the view refreshes it"
+    );
 }
 
 #[test]

@@ -359,19 +359,21 @@ impl App {
             }
             return;
         }
+        let goto = match k.code {
+            KeyCode::Tab if self.ft.editing.is_none() => Some(self.view.step(1)),
+            KeyCode::BackTab if self.ft.editing.is_none() => Some(self.view.step(-1)),
+            KeyCode::F(n @ 1..=5) => Some(View::ALL[usize::from(n) - 1]),
+            _ => None,
+        };
+        if let Some(v) = goto {
+            self.view = v;
+            // the Sinkhorn view runs on what the chat has so far (after the current answer)
+            if v == View::Sinkhorn && self.model.is_some() && self.fatal.is_none() {
+                out.push(self.sinkhorn_cmd());
+            }
+            return;
+        }
         match k.code {
-            KeyCode::Tab if self.ft.editing.is_none() => {
-                self.view = self.view.step(1);
-                return;
-            }
-            KeyCode::BackTab if self.ft.editing.is_none() => {
-                self.view = self.view.step(-1);
-                return;
-            }
-            KeyCode::F(n @ 1..=5) => {
-                self.view = View::ALL[usize::from(n) - 1];
-                return;
-            }
             KeyCode::Char('?') if !self.typing() => {
                 self.help = true;
                 self.help_scroll = 0;

@@ -175,8 +175,13 @@ fn never_panics_at_any_size() {
             }
         }
     }
-    // and before anything is loaded
-    let app = App::new(Theme::default_theme());
+    // and before anything is loaded, with odd progress numbers
+    let mut app = App::new(Theme::default_theme());
+    app.update(Msg::Engine(EngineEvent::LoadProgress {
+        stage: "x".into(),
+        done: 9,
+        total: 0,
+    }));
     for w in 1..=30 {
         for h in 1..=10 {
             draw(&app, w, h);

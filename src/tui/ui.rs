@@ -145,7 +145,7 @@ fn loading(app: &App, body: Rect, buf: &mut Buffer) {
     let spin = views::chat::SPINNER[(app.tick as usize) % 4];
     let secs = app.tick / TICKS_PER_SEC;
     let bw = usize::from(inner.width).saturating_sub(2);
-    let filled = (bw * done) / total.max(1);
+    let filled = (bw.saturating_mul(done) / total.max(1)).min(bw);
     lines(
         inner,
         buf,

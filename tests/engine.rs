@@ -315,3 +315,31 @@ fn finetune_says_plainly_it_is_not_available() {
     assert!(matches!(evs.last(), Some(EngineEvent::Done { id: 8, .. })));
     e.shutdown();
 }
+
+#[test]
+fn a_model_that_cannot_load_is_reported_not_panicked() {
+    let (tx, rx) = channel();
+    let spec = blackmamba::engine::protocol::LoadSpec {
+        model: Some("./no/such/model-folder".into()),
+        ..Default::default()
+    };
+    let e = Engine::spawn(
+        Source::Spec(spec),
+        Box::new(move |ev| {
+            let _ = tx.send(ev);
+        }),
+    )
+    .unwrap();
+    let fatal = loop {
+        match rx.recv_timeout(Duration::from_secs(30)).unwrap() {
+            EngineEvent::LoadProgress { .. } => {}
+            EngineEvent::Fatal(m) => break m,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(
+        fatal.contains("no/such/model-folder") && fatal.contains("loading the model failed"),
+        "{fatal}"
+    );
+    e.shutdown();
+}

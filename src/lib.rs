@@ -6,6 +6,7 @@ pub mod analysis;
 pub mod chat_template;
 pub mod commands;
 pub mod embedded;
+pub mod engine;
 pub mod error;
 pub mod finetune;
 pub mod generate;
@@ -16,5 +17,6 @@ pub mod rng;
 pub mod sampling;
 pub mod sinkhorn;
 pub mod tokenizer;
+pub mod tui;
 
 pub use error::{Error, Result};

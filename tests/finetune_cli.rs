@@ -174,7 +174,7 @@ fn bad_arguments_give_one_line_errors() {
             vec!["finetune", "--model", &base, "--data", &data, "--resume", &base],
             "trainer_state.json",
         ),
-        (vec!["merge", "--model", &base, "--out", &out], "--adapter"),
+        (vec!["merge", "--model", &base, "--out", &out, "--save-dtype", "f8"], "f8"),
         (vec!["eval", "--model", &base, "--data", &data, "--adapter", &base], "adapter.json"),
     ] {
         let (ok, _, err) = bm(&args);

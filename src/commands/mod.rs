@@ -1,6 +1,7 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
 pub mod analyze;
+pub mod chat;
 pub mod check;
 pub mod eval;
 pub mod finetune;
@@ -22,6 +23,9 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// TUI options, also accepted without the `chat` subcommand.
+    #[command(flatten)]
+    pub chat: chat::ChatArgs,
 }
 
 /// Where the model comes from and where it runs: shared by every command.
@@ -50,6 +54,8 @@ pub struct ModelArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Open the terminal UI (the default when no subcommand is given).
+    Chat(chat::ChatArgs),
     /// Generate text from a prompt, streaming it to stdout (stats on stderr).
     Generate(generate::GenerateArgs),
     /// Write teacher-forced logits, experts and router probabilities of token ids to safetensors.
@@ -88,7 +94,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Train(a)) => train::run(&cli.model, &a),
         Some(Command::Eval(a)) => eval::run(&cli.model, &a),
         Some(Command::Merge(a)) => merge::run(&cli.model, &a),
-        None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
+        Some(Command::Chat(a)) => chat::run(&cli.model, &a.or(cli.chat)),
+        None => chat::run(&cli.model, &cli.chat),
     }
 }
 

@@ -1,0 +1,191 @@
+//! Synthetic engine events (a made-up model and conversation with routing, state norms and
+//! Sinkhorn reports) for the snapshot tests and the render benchmark. Deterministic for a seed.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use crate::engine::protocol::{Command, EngineEvent, FinetuneEvent, FinetuneProgress, ModelInfo, ProbeRouting, Route, TokenRec};
+use crate::engine::telemetry::RouterHistory;
+use crate::generate::{GenStats, StopReason};
+use crate::model::probe::{MoeRecord, Probe};
+use crate::rng::Rng;
+use crate::tui::app::{App, Msg};
+
+/// A model description with `mamba` Mamba and `moe` MoE layers (alternating) of `experts` experts.
+pub fn model_info(pairs: usize, experts: usize, untrained: bool) -> ModelInfo {
+    ModelInfo {
+        label: if untrained {
+            "embedded".into()
+        } else {
+            "Zyphra/BlackMamba-2.8B".into()
+        },
+        untrained,
+        device: "cpu".into(),
+        is_gpu: false,
+        dtype: "f32".into(),
+        n_layers: 2 * pairs,
+        moe_layers: (0..pairs).map(|i| (2 * i + 1, experts)).collect(),
+        mamba_layers: (0..pairs).map(|i| 2 * i).collect(),
+        d_model: 64,
+        d_state: 16,
+        vocab: 50304,
+        params_total: 1_000_000,
+        params_active: 400_000,
+        bytes_per_token: 1.6e6,
+        load_secs: 0.25,
+        finetune_available: false,
+    }
+}
+
+const WORDS: [&str; 16] = [
+    " the", " state", " space", " model", " routes", " each", " token", " to", " one", " expert", ",", " and", " Mamba", " mixes", " time",
+    ".",
+];
+
+/// Types `text` into the app and presses Enter; returns the commands it sent.
+pub fn type_and_send(app: &mut App, text: &str) -> Vec<Command> {
+    for c in text.chars() {
+        app.update(Msg::Key(KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE)));
+    }
+    app.update(Msg::Key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)))
+}
+
+/// Synthetic telemetry of token `pos`.
+pub fn token(info: &ModelInfo, pos: usize, generated: bool, rng: &mut Rng) -> TokenRec {
+    let id = rng.below(WORDS.len()) as u32;
+    let mut routes = Vec::new();
+    for (slot, &(_, e)) in info.moe_layers.iter().enumerate() {
+        // a skewed, slowly drifting preference per layer
+        let favourite = (pos / 7 + slot) % e;
+        let expert = if rng.uniform() < 0.45 { favourite } else { rng.below(e) };
+        routes.push(Route {
+            expert: expert as u16,
+            prob: 0.3 + 0.6 * rng.uniform() as f32,
+        });
+    }
+    let n = info.mamba_layers.len();
+    TokenRec {
+        pos,
+        id,
+        piece: WORDS[id as usize].to_string(),
+        generated,
+        routes,
+        ssm_norm: (0..n)
+            .map(|k| (1.0 + k as f32) * (1.0 + (pos as f32 / 9.0).sin().abs()) + rng.uniform() as f32)
+            .collect(),
+        conv_norm: (0..n).map(|k| 0.5 + 0.1 * k as f32 + 0.3 * rng.uniform() as f32).collect(),
+        mean_delta: (0..n).map(|k| 0.02 + 0.01 * k as f32 + 0.005 * rng.uniform() as f32).collect(),
+    }
+}
+
+/// Loads `info` into the app and plays a conversation of `turns` turns with `answer` generated
+/// tokens each, plus a Sinkhorn report over the last 64 tokens.
+pub fn conversation(app: &mut App, info: &ModelInfo, turns: usize, answer: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    app.update(Msg::Engine(EngineEvent::Loaded(Box::new(info.clone()))));
+    let mut pos = 0;
+    let mut hist = RouterHistory::new(&info.moe_layers);
+    for k in 0..turns {
+        let cmds = type_and_send(app, &format!("Question {} about routing?", k + 1));
+        let Some(Command::Chat { id, text, .. }) = cmds.into_iter().next() else {
+            return;
+        };
+        app.update(Msg::Engine(EngineEvent::TurnStarted { id, user: text }));
+        let prompt: Vec<TokenRec> = (0..8)
+            .map(|_| {
+                pos += 1;
+                token(info, pos - 1, false, &mut rng)
+            })
+            .collect();
+        for t in &prompt {
+            push_logits(&mut hist, info, t, &mut rng);
+        }
+        app.update(Msg::Engine(EngineEvent::Prompt { id, tokens: prompt }));
+        for _ in 0..answer {
+            let rec = token(info, pos, true, &mut rng);
+            push_logits(&mut hist, info, &rec, &mut rng);
+            pos += 1;
+            let text = rec.piece.clone();
+            app.update(Msg::Engine(EngineEvent::Token {
+                id,
+                text,
+                rec: Box::new(rec),
+            }));
+        }
+        let stats = GenStats {
+            prompt_tokens: 8,
+            prefill_secs: 0.004,
+            gen_tokens: answer,
+            decode_secs: 0.01 * answer.saturating_sub(1) as f64,
+            ttft_secs: 0.012,
+        };
+        app.update(Msg::Engine(EngineEvent::Done {
+            id,
+            stats,
+            stop: StopReason::MaxTokens,
+        }));
+    }
+    let report = crate::engine::sinkhorn::window_report(&hist, 64, 200, 1e-4);
+    app.update(Msg::Engine(EngineEvent::Sinkhorn(Box::new(report))));
+}
+
+/// Router logits consistent with the token's chosen experts.
+fn push_logits(hist: &mut RouterHistory, info: &ModelInfo, t: &TokenRec, rng: &mut Rng) {
+    let moe = info
+        .moe_layers
+        .iter()
+        .zip(&t.routes)
+        .map(|(&(layer, e), r)| MoeRecord {
+            layer,
+            n_experts: e,
+            logits: (0..e)
+                .map(|j| rng.normal() as f32 * 0.5 + if j == usize::from(r.expert) { 1.5 } else { 0.0 })
+                .collect(),
+            experts: vec![u32::from(r.expert)],
+            sinkhorn: None,
+        })
+        .collect();
+    hist.push(
+        &Probe {
+            n_tokens: 1,
+            moe,
+            ..Probe::default()
+        },
+        t.pos,
+    );
+}
+
+/// Plays `steps` fine-tuning steps of a made-up run, with probe routing before and after.
+pub fn finetune(app: &mut App, info: &ModelInfo, steps: usize, total: usize) {
+    let mut rng = Rng::new(7);
+    for s in 1..=steps {
+        let loss = 3.0 * (-(s as f64) / 40.0).exp() + 1.2 + 0.05 * rng.uniform();
+        app.update(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::Progress(Box::new(
+            FinetuneProgress {
+                step: s,
+                total_steps: total,
+                loss,
+                lr: 1e-4,
+                grad_norm: 0.8,
+                tokens_per_s: 5120.0,
+                eval_loss: (s % 10 == 0).then_some(loss + 0.1),
+                expert_load: vec![vec![4; 8]; info.moe_layers.len()],
+                sinkhorn_iters: vec![12; info.moe_layers.len()],
+                elapsed_secs: s as f64 * 0.5,
+            },
+        )))));
+    }
+    for after in [false, true] {
+        let experts = info
+            .moe_layers
+            .iter()
+            .map(|&(_, e)| (0..24).map(|t| ((t + usize::from(after) * 3) % e) as u16).collect())
+            .collect();
+        app.update(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::ProbeRouting(Box::new(
+            ProbeRouting {
+                after,
+                pieces: vec![],
+                experts,
+            },
+        )))));
+    }
+}

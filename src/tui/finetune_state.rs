@@ -1,0 +1,223 @@
+//! The fine-tune panel's state: the form, the trainer's status and its progress history. Drawn by
+//! `views::finetune`; changed only through [`FinetuneState::key`] and [`FinetuneState::apply`].
+
+use std::path::PathBuf;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use crate::engine::protocol::{
+    FinetuneCommand, FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting,
+};
+use crate::tui::app::edit_line;
+use crate::tui::text::Editor;
+
+/// The form fields, in order.
+pub const FIELDS: [&str; 10] = [
+    "dataset",
+    "method",
+    "LoRA targets",
+    "LoRA rank",
+    "LoRA alpha",
+    "learning rate",
+    "steps",
+    "seq len",
+    "batch",
+    "output",
+];
+
+/// Most progress points kept for the charts.
+pub const MAX_HISTORY: usize = 20_000;
+
+/// Fine-tune panel state.
+#[derive(Debug, Clone)]
+pub struct FinetuneState {
+    pub sel: usize,
+    /// The text field being edited.
+    pub editing: Option<Editor>,
+    pub spec: FinetuneSpec,
+    pub status: FinetuneStatus,
+    pub history: Vec<FinetuneProgress>,
+    /// The last error or note about fine-tuning.
+    pub message: Option<String>,
+    /// A command was sent and no answer has come yet.
+    pub awaiting: bool,
+    pub using_finetuned: bool,
+    pub probe_before: Option<Box<ProbeRouting>>,
+    pub probe_after: Option<Box<ProbeRouting>>,
+    pub saved: Option<PathBuf>,
+}
+
+impl Default for FinetuneState {
+    fn default() -> Self {
+        Self {
+            sel: 0,
+            editing: None,
+            spec: FinetuneSpec {
+                data: PathBuf::from("data.jsonl"),
+                method: FinetuneMethod::Lora,
+                targets: vec!["in_proj".into(), "out_proj".into()],
+                rank: 8,
+                alpha: 16.0,
+                lr: 1e-4,
+                steps: 200,
+                seq_len: 256,
+                batch: 8,
+                out: PathBuf::from("adapter"),
+            },
+            status: FinetuneStatus::Idle,
+            history: Vec::new(),
+            message: None,
+            awaiting: false,
+            using_finetuned: false,
+            probe_before: None,
+            probe_after: None,
+            saved: None,
+        }
+    }
+}
+
+impl FinetuneState {
+    /// The shown value of field `i`.
+    pub fn value(&self, i: usize) -> String {
+        let s = &self.spec;
+        match i {
+            0 => s.data.display().to_string(),
+            1 => s.method.name().to_string(),
+            2 => s.targets.join(","),
+            3 => s.rank.to_string(),
+            4 => format!("{}", s.alpha),
+            5 => format!("{:.0e}", s.lr),
+            6 => s.steps.to_string(),
+            7 => s.seq_len.to_string(),
+            8 => s.batch.to_string(),
+            _ => s.out.display().to_string(),
+        }
+    }
+
+    /// Whether field `i` is typed (Enter edits) rather than stepped (Left/Right).
+    pub fn is_text(i: usize) -> bool {
+        matches!(i, 0 | 2 | 9)
+    }
+
+    fn set_text(&mut self, i: usize, v: &str) {
+        let v = v.trim();
+        match i {
+            0 => self.spec.data = PathBuf::from(v),
+            2 => self.spec.targets = v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect(),
+            _ => self.spec.out = PathBuf::from(v),
+        }
+    }
+
+    fn adjust(&mut self, i: usize, d: i64) {
+        let s = &mut self.spec;
+        let step = |x: usize, by: usize, lo: usize, hi: usize| {
+            let v = if d > 0 { x.saturating_add(by) } else { x.saturating_sub(by) };
+            v.clamp(lo, hi)
+        };
+        match i {
+            1 => {
+                let k = FinetuneMethod::ALL.iter().position(|&m| m == s.method).unwrap_or(0) as i64;
+                s.method = FinetuneMethod::ALL[(k + d).rem_euclid(3) as usize];
+            }
+            3 => s.rank = if d > 0 { (s.rank * 2).min(256) } else { (s.rank / 2).max(1) },
+            4 => {
+                s.alpha = if d > 0 {
+                    (s.alpha * 2.0).min(1024.0)
+                } else {
+                    (s.alpha / 2.0).max(0.5)
+                }
+            }
+            5 => s.lr = if d > 0 { (s.lr * 2.0).min(1.0) } else { (s.lr / 2.0).max(1e-7) },
+            6 => s.steps = step(s.steps, if s.steps >= 1000 { 100 } else { 10 }, 1, 1_000_000),
+            7 => {
+                s.seq_len = if d > 0 {
+                    (s.seq_len * 2).min(8192)
+                } else {
+                    (s.seq_len / 2).max(16)
+                }
+            }
+            8 => s.batch = step(s.batch, 1, 1, 1024),
+            _ => {}
+        }
+    }
+
+    /// A key in the panel; returns a command for the engine.
+    pub fn key(&mut self, k: KeyEvent) -> Option<FinetuneCommand> {
+        if let Some(ed) = self.editing.as_mut() {
+            match k.code {
+                KeyCode::Enter => {
+                    let text = ed.text.clone();
+                    self.editing = None;
+                    self.set_text(self.sel, &text);
+                }
+                KeyCode::Esc => self.editing = None,
+                _ => edit_line(ed, k),
+            }
+            return None;
+        }
+        if k.modifiers.contains(KeyModifiers::CONTROL) {
+            return None;
+        }
+        match k.code {
+            KeyCode::Up | KeyCode::Char('k') => self.sel = self.sel.saturating_sub(1),
+            KeyCode::Down | KeyCode::Char('j') => self.sel = (self.sel + 1).min(FIELDS.len() - 1),
+            KeyCode::Left | KeyCode::Char('h' | '-') => self.adjust(self.sel, -1),
+            KeyCode::Right | KeyCode::Char('l' | '+') => self.adjust(self.sel, 1),
+            KeyCode::Enter if Self::is_text(self.sel) => self.editing = Some(Editor::new(&self.value(self.sel))),
+            KeyCode::Enter => self.adjust(self.sel, 1),
+            KeyCode::Char('s') => return Some(FinetuneCommand::Start(Box::new(self.spec.clone()))),
+            KeyCode::Char('p') => {
+                return Some(if self.status == FinetuneStatus::Paused {
+                    FinetuneCommand::Resume
+                } else {
+                    FinetuneCommand::Pause
+                })
+            }
+            KeyCode::Char('x') => return Some(FinetuneCommand::Stop),
+            KeyCode::Char('w') => return Some(FinetuneCommand::Save),
+            KeyCode::Char('u') => return Some(FinetuneCommand::UseFinetuned(!self.using_finetuned)),
+            _ => {}
+        }
+        None
+    }
+
+    /// Applies fine-tuning news from the engine.
+    pub fn apply(&mut self, ev: FinetuneEvent) {
+        match ev {
+            FinetuneEvent::Status(s) => {
+                self.status = s;
+                self.message = None;
+            }
+            FinetuneEvent::Progress(p) => {
+                self.status = FinetuneStatus::Running;
+                if self.history.len() >= MAX_HISTORY {
+                    // keep every other point: the chart keeps its shape
+                    let mut k = 0;
+                    self.history.retain(|_| {
+                        k += 1;
+                        k % 2 == 0
+                    });
+                }
+                self.history.push(*p);
+            }
+            FinetuneEvent::Saved(p) => self.saved = Some(p),
+            FinetuneEvent::UsingFinetuned(b) => self.using_finetuned = b,
+            FinetuneEvent::ProbeRouting(r) => {
+                if r.after {
+                    self.probe_after = Some(r);
+                } else {
+                    self.probe_before = Some(r);
+                }
+            }
+        }
+    }
+
+    /// Seconds left at the recent pace.
+    pub fn eta_secs(&self) -> Option<f64> {
+        let last = self.history.last()?;
+        if last.step == 0 || last.elapsed_secs <= 0.0 {
+            return None;
+        }
+        Some(last.elapsed_secs / last.step as f64 * last.total_steps.saturating_sub(last.step) as f64)
+    }
+}

@@ -1,0 +1,7 @@
+//! One file per view; each draws the App without changing it.
+
+pub mod chat;
+pub mod finetune;
+pub mod routing;
+pub mod sinkhorn;
+pub mod state;

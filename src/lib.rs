@@ -10,6 +10,7 @@ pub mod generate;
 pub mod hub;
 pub mod loader;
 pub mod model;
+pub mod ops;
 pub mod rng;
 pub mod sampling;
 pub mod sinkhorn;

@@ -2,6 +2,7 @@
 //! model. The library holds the model (exact against the reference), its loaders, Sinkhorn
 //! routing, sampling and generation; the binary adds the CLI and the TUI.
 
+pub mod bench;
 pub mod chat_template;
 pub mod commands;
 pub mod embedded;

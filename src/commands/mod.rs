@@ -1,5 +1,6 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
+pub mod bench;
 pub mod generate;
 pub mod logits;
 
@@ -42,6 +43,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Write teacher-forced logits, experts and router probabilities of token ids to safetensors.
     Logits(logits::LogitsArgs),
+    /// Measure prefill and decode speed, launches per token, bandwidth and GPU memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -49,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Generate(a)) => generate::run(&cli.model, &a),
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
+        Some(Command::Bench(a)) => bench::run(&cli.model, &a),
         None => anyhow::bail!("the TUI is not built yet; try `blackmamba generate --prompt TEXT`"),
     }
 }

@@ -142,8 +142,10 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     return r;
 }
 
-// Up to 8 independent 16-byte loads in flight per lane.
+// Up to 8 independent 16-byte loads in flight per lane; rows start with 6 loaded ahead (a row of
+// 1,472 bf16 is 5.75 loads per lane).
 #define DOT_BATCH 8
+#define PRE_BATCH 6
 
 // Partial dot of one lane over a row of W (type T) with x (type T, shared or global), elements
 // [k0, k1). `vec`: the row and x are 16-byte aligned and k0, k1 are multiples of 16 / sizeof(T).
@@ -168,6 +170,36 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ w, const T* __re
     } else {
         for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(to_f(w[k]), to_f(x[k]), acc);
     }
+    return acc;
+}
+
+// Loads this lane's first PRE_BATCH 16-byte pieces of a row's [k0, k1) into registers (vec
+// rows only), so that the load latency overlaps whatever the kernel does before the product.
+template <typename T>
+__device__ __forceinline__ void row_preload(const T* __restrict__ w, int k0, int k1, bool vec, uint4 (&r)[PRE_BATCH]) {
+    if (!vec) return;
+    constexpr int V = 16 / sizeof(T);
+    const uint4* wv = reinterpret_cast<const uint4*>(w);
+    const int base = k0 / V + (threadIdx.x & 31), e = k1 / V;
+#pragma unroll
+    for (int u = 0; u < PRE_BATCH; u++)
+        if (base + 32 * u < e) r[u] = ld_stream(wv + base + 32 * u);
+}
+
+// lane_dot of a row whose first batch row_preload put in `r`.
+template <typename T>
+__device__ __forceinline__ float lane_dot_pre(const T* __restrict__ w, const T* __restrict__ x, int k0, int k1, bool vec,
+                                              const uint4 (&r)[PRE_BATCH]) {
+    if (!vec) return lane_dot<T>(w, x, k0, k1, false);
+    constexpr int V = 16 / sizeof(T);
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    const int base = k0 / V + (threadIdx.x & 31), e = k1 / V;
+    float acc = 0.0f;
+#pragma unroll
+    for (int u = 0; u < PRE_BATCH; u++)
+        if (base + 32 * u < e) acc += dot16<T>(r[u], xv[base + 32 * u]);
+    const int rest = k0 + 32 * PRE_BATCH * V;
+    if (rest < k1) acc += lane_dot<T>(w, x, rest, k1, true);
     return acc;
 }
 

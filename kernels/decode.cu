@@ -3,10 +3,9 @@
 //   embed_*         res = E[tok]
 //   in_proj_conv_*  xz = W_in · rmsnorm(res), and v = SiLU(conv window) of the u half
 //   gemv_rows_*     out = W · x, one block per row (x_proj: few rows, long ones)
-//   gemv_norm_*     out = W · norm(res)                  (expert fc1 with the gated activation)
+//   moe_fc1_*       router (logits = Wr · rmsnorm(res) + br, top-1, σ gate) in every block, then
+//                   the chosen expert's fc1 with the gated activation
 //   gemv_resid_*    res += gate · (W · x)                (out_proj, expert fc2; split-K by gridDim.y)
-//   router_*        logits = Wr · rmsnorm(res) + br; top-1 expert and σ gate on device; asks L2
-//                   for the chosen expert's weights
 //   head_*          logits = E · layernorm(res) (f32); per-block argmax of logits (+ Gumbel noise)
 //   sample_final    argmax over the blocks' candidates -> the next token id (stays on device);
 //                   sums the telemetry partials of the step
@@ -15,8 +14,9 @@
 // where the tensor-op twin stores a T tensor (the logits stay f32). One warp computes one output
 // row (16-byte loads, up to 8 in flight per lane); blocks loop over rows (grid-stride).
 //
-// Launched with programmatic dependent launch: each kernel first asks L2 for its own weights
-// (when `pf`), then waits for the previous kernel (pdl_wait), then lets the next one launch.
+// Launched with programmatic dependent launch: each kernel first loads the start of its first
+// weight row into registers (and, with `pf`, asks L2 for its other rows), then waits for the
+// previous kernel (pdl_wait), then lets the next one launch.
 #include "common.cuh"
 
 // Normalised input of a block: xs[k] = T(norm(res)[k]) for k < K. norm_kind 0: RMSNorm with
@@ -72,7 +72,7 @@ __device__ void embed_impl(const T* __restrict__ emb, const unsigned int* __rest
 //   xz[j] = T(T(w_j · T(rmsnorm(res))) + bias[j])        j < M = 2·di (u = xz[:di], z = xz[di:])
 //   v[c]  = T(SiLU(cb[c] + Σ_k cw[c,k] · window_k))      c < di, window = [conv[c, 1..KC], u_c]
 // The conv state is only read here (the SSM step shifts it). dynamic smem: K · sizeof(T).
-template <typename T>
+template <typename T, bool PRE>
 __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const float* __restrict__ res,
                                   const float* __restrict__ nw, float eps, const T* __restrict__ bias, T* __restrict__ xz,
                                   int di, int KC, const float* __restrict__ conv, const float* __restrict__ cw,
@@ -80,13 +80,18 @@ __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const f
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* xs = reinterpret_cast<T*>(smem_raw);
     __shared__ float red[33];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int j0 = blockIdx.x * nwarps + warp;
+    uint4 pre[PRE_BATCH];
+    if (PRE && j0 < M) row_preload<T>(W + (size_t)j0 * K, 0, K, vec != 0, pre);
     if (pf) prefetch_rows<T>(W, M, K, 0, K, 0);
     pdl_wait();
     pdl_trigger();
     norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
-        float a = round_to<T>(warp_dot<T>(W + (size_t)j * K, xs, 0, K, vec != 0));
+    for (int j = j0; j < M; j += gridDim.x * nwarps) {
+        const float dot = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(W + (size_t)j * K, xs, 0, K, vec != 0, pre))
+                                  : warp_dot<T>(W + (size_t)j * K, xs, 0, K, vec != 0);
+        float a = round_to<T>(dot);
         if (bias != nullptr) a = round_to<T>(a + to_f(bias[j]));
         if (lane == 0) {
             xz[j] = from_f<T>(a);
@@ -101,7 +106,7 @@ __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const f
 }
 
 // out[j] = T(w_j · x), one block per row j (blockIdx.x, grid-stride), its warps splitting K.
-template <typename T>
+template <typename T, bool PRE>
 __device__ void gemv_rows_impl(const T* __restrict__ W, int M, int K, const T* __restrict__ x, T* __restrict__ out,
                                int vec, int pf) {
     __shared__ float part[32];
@@ -110,12 +115,15 @@ __device__ void gemv_rows_impl(const T* __restrict__ W, int M, int K, const T* _
     int per = (K + nwarps - 1) / nwarps;
     per = (per + V - 1) / V * V;
     const int k0 = min(K, warp * per), k1 = min(K, k0 + per);
+    uint4 pre[PRE_BATCH];
+    if (PRE && blockIdx.x < M) row_preload<T>(W + (size_t)blockIdx.x * K, k0, k1, vec != 0, pre);
     if (pf)
         for (int j = blockIdx.x; j < M; j += gridDim.x) warp_prefetch(W + (size_t)j * K + k0, (size_t)(k1 - k0) * sizeof(T));
     pdl_wait();
     pdl_trigger();
     for (int j = blockIdx.x; j < M; j += gridDim.x) {
-        const float a = warp_dot<T>(W + (size_t)j * K, x, k0, k1, vec != 0);
+        const float a = PRE && j == (int)blockIdx.x ? warp_sum(lane_dot_pre<T>(W + (size_t)j * K, x, k0, k1, vec != 0, pre))
+                                             : warp_dot<T>(W + (size_t)j * K, x, k0, k1, vec != 0);
         __syncthreads();  // part is free again
         if (lane == 0) part[warp] = a;
         __syncthreads();
@@ -133,23 +141,68 @@ __device__ __forceinline__ const T* pick_weight(const T* W, const unsigned long 
     return wtab != nullptr ? reinterpret_cast<const T*>(wtab[route[0]]) : W;
 }
 
-// out = W · norm(res) with an activation epilogue (the chosen expert's fc1).
+// The router and the chosen expert's fc1 of one MoE layer, in every block:
+//   logits = Wr · T(rmsnorm(res)) + br (Wr (E, K) f32, E <= 32), e* = argmax (first on ties);
+//   block 0 writes route[0] = e*, route[1] = σ(logit e*) (f32 bits) and the telemetry (E logits,
+//   then e* as a float) when telem is given; then with w = wtab[e*]:
 //   epi 1: out[j] = T(T(act(T(w_j·x))) · T(w_{j+M}·x))        j < M, rows = 2M (gated MLP)
 //   epi 2: out[j] = T(act(T(w_j·x)))                          j < M, rows = M
-//   dynamic smem: K · sizeof(T). The expert is known only after the router (the previous
-//   kernel), so its weights are not prefetched here (the router asked L2 for them).
+//   dynamic smem: K · sizeof(T). The expert is known only after the router, so its rows are
+//   loaded after the norm; the router weights are asked of L2 before the wait.
 template <typename T>
-__device__ void gemv_norm_impl(const T* W, const unsigned long long* wtab, const int* route, int M, int K,
-                               const float* __restrict__ res, const float* __restrict__ nw, float eps, T* __restrict__ out,
-                               int epi, int act, int vec) {
+__device__ void moe_fc1_impl(const float* __restrict__ Wr, const float* __restrict__ br, int E,
+                             const unsigned long long* __restrict__ wtab, int* __restrict__ route, float* __restrict__ telem,
+                             int M, int K, const float* __restrict__ res, const float* __restrict__ nw, float eps,
+                             T* __restrict__ out, int epi, int act, int vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* xs = reinterpret_cast<T*>(smem_raw);
     __shared__ float red[33];
+    __shared__ float part[32];
+    __shared__ float logits[32];
+    __shared__ int chosen;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    if (warp < E) warp_prefetch(Wr + (size_t)warp * K, (size_t)K * sizeof(float));
     pdl_wait();
     pdl_trigger();
     norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
-    const T* w = pick_weight<T>(W, wtab, route);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    // router: warps split the experts and, with more warps than experts, slices of K
+    const int S = max(1, nwarps / E);
+    for (int item = warp; item < E * S && item < 32; item += nwarps) {
+        const int e = item % E, sl = item / E;
+        const int k0 = (int)((long long)sl * K / S), k1 = (int)((long long)(sl + 1) * K / S);
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int k = k0 + lane;
+        for (; k + 96 < k1; k += 128) {
+            a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
+            a1 = fmaf(Wr[(size_t)e * K + k + 32], to_f(xs[k + 32]), a1);
+            a2 = fmaf(Wr[(size_t)e * K + k + 64], to_f(xs[k + 64]), a2);
+            a3 = fmaf(Wr[(size_t)e * K + k + 96], to_f(xs[k + 96]), a3);
+        }
+        for (; k < k1; k += 32) a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
+        const float acc = warp_sum((a0 + a1) + (a2 + a3));
+        if (lane == 0) part[item] = acc;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int best = 0;
+        for (int e = 0; e < E && e < 32; e++) {
+            float l = br[e];
+            for (int sl = 0; sl < S; sl++) l += part[sl * E + e];
+            logits[e] = l;
+            if (l > logits[best]) best = e;
+        }
+        chosen = best;
+        if (blockIdx.x == 0) {
+            route[0] = best;
+            reinterpret_cast<float*>(route)[1] = sigmoid_f(logits[best]);
+            if (telem != nullptr) {
+                for (int e = 0; e < E; e++) telem[e] = logits[e];
+                telem[E] = (float)best;
+            }
+        }
+    }
+    __syncthreads();
+    const T* w = reinterpret_cast<const T*>(wtab[chosen]);
     for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
         if (epi == 1) {
             const float2 gu = warp_dot2<T>(w + (size_t)j * K, w + (size_t)(j + M) * K, xs, K, vec != 0);
@@ -164,24 +217,37 @@ __device__ void gemv_norm_impl(const T* W, const unsigned long long* wtab, const
 // res[j] += g · (w_j · x) for j < M; g = gate[0] or 1. W: (M, K) T, x: (K) T in global memory.
 // Split-K: blockIdx.y of gridDim.y takes a slice of K and adds with atomics; with one slice the
 // product is rounded through T first (as the twin's T output) and added without atomics.
-// The weight pointer may come from route (written by the router two kernels back).
-template <typename T>
+// With wtab, the weight is the expert that route (written by the previous kernel) names.
+template <typename T, bool PRE>
 __device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, const int* route, int M, int K,
                                 const T* __restrict__ x, float* __restrict__ res, const float* __restrict__ gate,
                                 const T* __restrict__ bias, int vec, int pf) {
-    const T* w = pick_weight<T>(W, wtab, route);
     const int nsplit = gridDim.y, split = blockIdx.y;
     constexpr int V = 16 / sizeof(T);
     int per = (K + nsplit - 1) / nsplit;
     per = (per + V - 1) / V * V;
     const int k0 = min(K, split * per), k1 = min(K, k0 + per);
-    if (pf) prefetch_rows<T>(w, M, K, k0, k1, 0);
-    pdl_wait();
-    pdl_trigger();
-    const float g = gate != nullptr ? gate[0] : 1.0f;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
-        float a = warp_dot<T>(w + (size_t)j * K, x, k0, k1, vec != 0);
+    const int j0 = blockIdx.x * nwarps + warp;
+    uint4 pre[PRE_BATCH];
+    const T* w = W;
+    if (wtab == nullptr) {
+        // a fixed matrix: load before waiting for the previous kernel
+        if (PRE && j0 < M) row_preload<T>(w + (size_t)j0 * K, k0, k1, vec != 0, pre);
+        if (pf) prefetch_rows<T>(w, M, K, k0, k1, 0);
+        pdl_wait();
+        pdl_trigger();
+    } else {
+        // the expert chosen by the previous kernel
+        pdl_wait();
+        pdl_trigger();
+        w = pick_weight<T>(W, wtab, route);
+        if (PRE && j0 < M) row_preload<T>(w + (size_t)j0 * K, k0, k1, vec != 0, pre);
+    }
+    const float g = gate != nullptr ? gate[0] : 1.0f;
+    for (int j = j0; j < M; j += gridDim.x * nwarps) {
+        float a = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(w + (size_t)j * K, x, k0, k1, vec != 0, pre))
+                          : warp_dot<T>(w + (size_t)j * K, x, k0, k1, vec != 0);
         if (lane == 0) {
             if (nsplit == 1) {
                 a = round_to<T>(a);
@@ -195,66 +261,6 @@ __device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, cons
     }
 }
 
-// Router of one MoE layer for one token, in one block: logits = Wr · T(rmsnorm(res)) + br
-// (Wr (E, K) f32, br (E) f32); route[0] = argmax (first on ties), route[1] = σ(logit) as f32 bits.
-// telem (optional): E logits then the expert as a float. Warps split the experts and, when there
-// are more warps than experts, slices of K (E <= 32). With pf, asks L2 for the chosen expert's
-// fc1 and fc2 (tables t1, t2 of expert pointers; b1, b2 bytes each), spread over the block.
-template <typename T>
-__device__ void router_impl(const float* __restrict__ Wr, const float* __restrict__ br, int E, int K,
-                            const float* __restrict__ res, const float* __restrict__ nw, float eps, int* __restrict__ route,
-                            float* __restrict__ telem, const unsigned long long* t1, long long b1,
-                            const unsigned long long* t2, long long b2, int pf) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* xs = reinterpret_cast<T*>(smem_raw);
-    __shared__ float red[33];
-    __shared__ float part[32];
-    __shared__ float logits[32];
-    __shared__ int chosen;
-    if (pf) warp_prefetch(Wr, (size_t)E * K * sizeof(float));
-    pdl_wait();
-    pdl_trigger();
-    norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    const int S = max(1, nwarps / E);
-    for (int item = warp; item < E * S && item < 32; item += nwarps) {
-        const int e = item % E, sl = item / E;
-        const int k0 = (int)((long long)sl * K / S), k1 = (int)((long long)(sl + 1) * K / S);
-        float acc = 0.0f;
-        for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), acc);
-        acc = warp_sum(acc);
-        if (lane == 0) part[item] = acc;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int best = 0;
-        for (int e = 0; e < E && e < 32; e++) {
-            float l = br[e];
-            for (int sl = 0; sl < S; sl++) l += part[sl * E + e];
-            logits[e] = l;
-            if (l > logits[best]) best = e;
-        }
-        chosen = best;
-        route[0] = best;
-        reinterpret_cast<float*>(route)[1] = sigmoid_f(logits[best]);
-        if (telem != nullptr) {
-            for (int e = 0; e < E; e++) telem[e] = logits[e];
-            telem[E] = (float)best;
-        }
-    }
-    if (!pf) return;
-    __syncthreads();
-    // the chosen expert's weights, in 16-byte-aligned pieces over the block's warps
-    const int e = chosen;
-    for (int which = 0; which < 2; which++) {
-        const char* base = reinterpret_cast<const char*>((which == 0 ? t1 : t2)[e]);
-        const long long bytes = which == 0 ? b1 : b2;
-        const long long piece = ((bytes / nwarps + 15) / 16) * 16;
-        const long long off = (long long)warp * piece;
-        if (off < bytes) warp_prefetch(base + off, (size_t)min(piece, bytes - off));
-    }
-}
-
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     z += 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -265,7 +271,7 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
 // LM head: logits[j] = E_j · T(layernorm(res)) in f32 for j < V; each block leaves the argmax of
 // its rows' scores in (pv, pi)[blockIdx.x]. score = logit, or logit / temp + Gumbel noise drawn
 // from (seed, step[0], j) when temp > 0 (an exact sample of softmax(logit / temp) overall).
-template <typename T>
+template <typename T, bool PRE>
 __device__ void head_impl(const T* __restrict__ E, int V, int K, const float* __restrict__ res,
                           const float* __restrict__ lw, const float* __restrict__ lb, float eps, float* __restrict__ logits,
                           float* __restrict__ pv, int* __restrict__ pi, float temp, unsigned long long seed,
@@ -275,15 +281,19 @@ __device__ void head_impl(const T* __restrict__ E, int V, int K, const float* __
     __shared__ float red[33];
     __shared__ float bv[32];
     __shared__ int bi[32];
-    if (pf) prefetch_rows<T>(E, V, K, 0, K, 1);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int j0 = blockIdx.x * nwarps + warp;
+    uint4 pre[PRE_BATCH];
+    if (PRE && j0 < V) row_preload<T>(E + (size_t)j0 * K, 0, K, vec != 0, pre);
+    if (pf) prefetch_rows<T>(E, V, K, 0, K, 0);
     pdl_wait();
     pdl_trigger();
     norm_prologue<T>(res, lw, lb, eps, 1, K, xs, red);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     const unsigned long long s0 = mix64(seed ^ ((unsigned long long)step[0] << 32));
     ArgMax best{-INFINITY, 0x7fffffff};
-    for (int j = blockIdx.x * nwarps + warp; j < V; j += gridDim.x * nwarps) {
-        const float l = warp_dot<T>(E + (size_t)j * K, xs, 0, K, vec != 0);
+    for (int j = j0; j < V; j += gridDim.x * nwarps) {
+        const float l = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(E + (size_t)j * K, xs, 0, K, vec != 0, pre))
+                                : warp_dot<T>(E + (size_t)j * K, xs, 0, K, vec != 0);
         if (lane == 0) logits[j] = l;
         float score = l;
         if (temp > 0.0f) {
@@ -353,34 +363,18 @@ extern "C" __global__ void set_token(unsigned int* tok, unsigned int id) { tok[0
     extern "C" __global__ void embed_##S(const T* emb, const unsigned int* tok, int d, float* res) {                   \
         embed_impl<T>(emb, tok, d, res);                                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void in_proj_conv_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, \
-                                                const T* bias, T* xz, int di, int KC, const float* conv,                 \
-                                                const float* cw, const float* cb, T* vout, int vec, int pf) {            \
-        in_proj_conv_impl<T>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec, pf);                     \
+    extern "C" __global__ void in_proj_conv_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, const T* bias, T* xz, int di, int KC, const float* conv, const float* cw, const float* cb, T* vout, int vec, int pf) { in_proj_conv_impl<T, false>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec, pf); }                      \
+    extern "C" __global__ void in_proj_conv_pre_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, const T* bias, T* xz, int di, int KC, const float* conv, const float* cw, const float* cb, T* vout, int vec, int pf) { in_proj_conv_impl<T, true>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec, pf); }                  \
+    extern "C" __global__ void gemv_rows_##S(const T* W, int M, int K, const T* x, T* out, int vec, int pf) { gemv_rows_impl<T, false>(W, M, K, x, out, vec, pf); }                      \
+    extern "C" __global__ void gemv_rows_pre_##S(const T* W, int M, int K, const T* x, T* out, int vec, int pf) { gemv_rows_impl<T, true>(W, M, K, x, out, vec, pf); }                  \
+    extern "C" __global__ void moe_fc1_##S(const float* Wr, const float* br, int E, const unsigned long long* wtab,      \
+                                           int* route, float* telem, int M, int K, const float* res, const float* nw,   \
+                                           float eps, T* out, int epi, int act, int vec) {                              \
+        moe_fc1_impl<T>(Wr, br, E, wtab, route, telem, M, K, res, nw, eps, out, epi, act, vec);                         \
     }                                                                                                                   \
-    extern "C" __global__ void gemv_rows_##S(const T* W, int M, int K, const T* x, T* out, int vec, int pf) {          \
-        gemv_rows_impl<T>(W, M, K, x, out, vec, pf);                                                                    \
-    }                                                                                                                   \
-    extern "C" __global__ void gemv_norm_##S(const T* W, const unsigned long long* wtab, const int* route, int M,       \
-                                             int K, const float* res, const float* nw, float eps, T* out, int epi,      \
-                                             int act, int vec) {                                                        \
-        gemv_norm_impl<T>(W, wtab, route, M, K, res, nw, eps, out, epi, act, vec);                                      \
-    }                                                                                                                   \
-    extern "C" __global__ void gemv_resid_##S(const T* W, const unsigned long long* wtab, const int* route, int M,      \
-                                              int K, const T* x, float* res, const float* gate, const T* bias, int vec, \
-                                              int pf) {                                                                 \
-        gemv_resid_impl<T>(W, wtab, route, M, K, x, res, gate, bias, vec, pf);                                          \
-    }                                                                                                                   \
-    extern "C" __global__ void router_##S(const float* Wr, const float* br, int E, int K, const float* res,             \
-                                          const float* nw, float eps, int* route, float* telem,                         \
-                                          const unsigned long long* t1, long long b1, const unsigned long long* t2,     \
-                                          long long b2, int pf) {                                                       \
-        router_impl<T>(Wr, br, E, K, res, nw, eps, route, telem, t1, b1, t2, b2, pf);                                   \
-    }                                                                                                                   \
-    extern "C" __global__ void head_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb,   \
-                                        float eps, float* logits, float* pv, int* pi, float temp,                       \
-                                        unsigned long long seed, const unsigned int* step, int vec, int pf) {           \
-        head_impl<T>(E, V, K, res, lw, lb, eps, logits, pv, pi, temp, seed, step, vec, pf);                             \
-    }
+    extern "C" __global__ void gemv_resid_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, false>(W, wtab, route, M, K, x, res, gate, bias, vec, pf); }                      \
+    extern "C" __global__ void gemv_resid_pre_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, true>(W, wtab, route, M, K, x, res, gate, bias, vec, pf); }                  \
+    extern "C" __global__ void head_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb, float eps, float* logits, float* pv, int* pi, float temp, unsigned long long seed, const unsigned int* step, int vec, int pf) { head_impl<T, false>(E, V, K, res, lw, lb, eps, logits, pv, pi, temp, seed, step, vec, pf); }                      \
+    extern "C" __global__ void head_pre_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb, float eps, float* logits, float* pv, int* pi, float temp, unsigned long long seed, const unsigned int* step, int vec, int pf) { head_impl<T, true>(E, V, K, res, lw, lb, eps, logits, pv, pi, temp, seed, step, vec, pf); }
 
 INSTANTIATE_T(DECODE_KERNELS)

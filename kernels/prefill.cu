@@ -5,6 +5,7 @@
 //                   (SPEC §5 eqs. 2-3); writes v in f32 (scan) and in T (x_proj), and the new state
 //   router_top1_*   logits = Wr·x + br (f32), top-1 expert, σ gate         one warp per token
 //   moe_group       tokens grouped per expert (stable), with the inverse permutation and counts
+//   moe_act_*       the expert's gated activation on fc1's output
 //   moe_unpermute_* y[t] = f32(ys[inverse[t]]) · gate[t]                     back to token order
 #include "common.cuh"
 
@@ -26,42 +27,43 @@ __device__ void add_rmsnorm_impl(int d, const float* __restrict__ res, const TA*
     for (int k = threadIdx.x; k < d; k += blockDim.x) out[base + k] = from_f<T>(res_out[base + k] * inv * w[k]);
 }
 
-// One thread per (b, t, c), c fastest. u_t = xz[b, t, c] (row stride xz_stride);
-// u_{t<0} come from the previous window: u_{-j} = conv_in[b, c, K - j].
+// Threads over c (blockIdx.x), rows (b, t) over blockIdx.y (grid-stride). u_t = xz[b, t, c] (row
+// stride xz_stride); u_{t<0} come from the previous window: u_{-j} = conv_in[b, c, K - j].
 //   v[b, t, c] = SiLU(cb[c] + Σ_k cw[c, k] · u_{t-K+1+k});  conv_out[b, c, k] = u_{L-K+k}
 template <typename T>
 __device__ void conv1d_fwd_impl(int Bn, int L, int di, int K, const T* __restrict__ xz, int xz_stride,
                                 const float* __restrict__ conv_in, const float* __restrict__ cw,
                                 const float* __restrict__ cb, float* __restrict__ v, T* __restrict__ vt,
                                 float* __restrict__ conv_out) {
-    const size_t n = (size_t)Bn * L * di;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const int c = (int)(i % di);
-        const size_t bt = i / di;
-        const int t = (int)(bt % L);
-        const int b = (int)(bt / L);
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= di) return;
+    const int rows = Bn * L;
+    for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+        const int b = row / L, t = row - b * L;
         const T* ub = xz + (size_t)b * L * xz_stride;
         const float* cs = conv_in + ((size_t)b * di + c) * K;
         float acc = cb[c];
         for (int k = 0; k < K; k++) {
-            const int s = t - (K - 1) + k;  // source position
-            const float uu = s >= 0 ? to_f(ub[(size_t)s * xz_stride + c]) : cs[K + s];
+            const int src = t - (K - 1) + k;  // source position
+            const float uu = src >= 0 ? to_f(ub[(size_t)src * xz_stride + c]) : cs[K + src];
             acc += uu * cw[(size_t)c * K + k];
         }
         const float sv = silu_f(acc);
+        const size_t i = (size_t)row * di + c;
         v[i] = sv;
         vt[i] = from_f<T>(sv);
         if (t == L - 1) {
             for (int k = 0; k < K; k++) {
-                const int s = L - K + k;
-                conv_out[((size_t)b * di + c) * K + k] = s >= 0 ? to_f(ub[(size_t)s * xz_stride + c]) : cs[K + s];
+                const int src = L - K + k;
+                conv_out[((size_t)b * di + c) * K + k] = src >= 0 ? to_f(ub[(size_t)src * xz_stride + c]) : cs[K + src];
             }
         }
     }
 }
 
-// One warp per token: x (Tn, d) T; Wr (E, d) f32; br (E) f32 -> logits (Tn, E) f32,
-// expert (Tn) int (first max on ties), gate (Tn) f32 = σ(logit of the expert).
+// One warp per token: x (Tn, d) T; Wr (E, d) f32 (E <= 16); br (E) f32 -> logits (Tn, E) f32,
+// expert (Tn) int (first max on ties), gate (Tn) f32 = σ(logit of the expert). Each lane keeps
+// the E partial sums, so the E products share every x load.
 template <typename T>
 __device__ void router_top1_impl(int Tn, int d, int E, const T* __restrict__ x, const float* __restrict__ Wr,
                                  const float* __restrict__ br, float* __restrict__ logits, int* __restrict__ expert,
@@ -69,12 +71,21 @@ __device__ void router_top1_impl(int Tn, int d, int E, const T* __restrict__ x, 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     for (int t = blockIdx.x * nwarps + warp; t < Tn; t += gridDim.x * nwarps) {
         const T* xr = x + (size_t)t * d;
+        float acc[16];
+#pragma unroll
+        for (int e = 0; e < 16; e++) acc[e] = 0.0f;
+        for (int k = lane; k < d; k += 32) {
+            const float xk = to_f(xr[k]);
+#pragma unroll
+            for (int e = 0; e < 16; e++)
+                if (e < E) acc[e] = fmaf(Wr[(size_t)e * d + k], xk, acc[e]);
+        }
         float best = -INFINITY;
         int bi = 0;
-        for (int e = 0; e < E; e++) {
-            float acc = 0.0f;
-            for (int k = lane; k < d; k += 32) acc = fmaf(Wr[(size_t)e * d + k], to_f(xr[k]), acc);
-            const float l = warp_sum(acc) + br[e];
+#pragma unroll
+        for (int e = 0; e < 16; e++) {
+            if (e >= E) break;
+            const float l = warp_sum(acc[e]) + br[e];
             if (lane == 0) logits[(size_t)t * E + e] = l;
             if (e == 0 || l > best) {
                 best = l;
@@ -141,14 +152,26 @@ extern "C" __global__ void moe_group(int Tn, int E, const int* __restrict__ expe
     }
 }
 
-// y (Tn, d) f32 = ys[inverse[t]] · gate[t]; ys (Tn, d) T in grouped order.
+// y (Tn, d) f32 = ys[inverse[t]] · gate[t]; ys (Tn, d) T in grouped order. Threads over the
+// columns (blockIdx.x), tokens over blockIdx.y (grid-stride).
 template <typename T>
 __device__ void moe_unpermute_impl(int Tn, int d, const T* __restrict__ ys, const int* __restrict__ inverse,
                                    const float* __restrict__ gate, float* __restrict__ y) {
-    const size_t n = (size_t)Tn * d;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t t = i / d, k = i % d;
-        y[i] = to_f(ys[(size_t)inverse[t] * d + k]) * gate[t];
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= d) return;
+    for (int t = blockIdx.y; t < Tn; t += gridDim.y)
+        y[(size_t)t * d + k] = to_f(ys[(size_t)inverse[t] * d + k]) * gate[t];
+}
+
+// The expert's activation on fc1's output a (n, 2f) T: h[i, j] = T(T(act(a[i, j])) · a[i, f + j])
+// (gated), as the tensor-op twin rounds. Threads over j (blockIdx.x), rows over blockIdx.y.
+template <typename T>
+__device__ void moe_act_impl(int n, int f, const T* __restrict__ a, T* __restrict__ h, int act) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= f) return;
+    for (int i = blockIdx.y; i < n; i += gridDim.y) {
+        const T* r = a + (size_t)i * 2 * f;
+        h[(size_t)i * f + j] = from_f<T>(round_to<T>(act_f(to_f(r[j]), act)) * to_f(r[f + j]));
     }
 }
 
@@ -173,6 +196,7 @@ __device__ void moe_unpermute_impl(int Tn, int d, const T* __restrict__ ys, cons
     extern "C" __global__ void moe_unpermute_##S(int Tn, int d, const T* ys, const int* inverse, const float* gate,    \
                                                  float* y) {                                                            \
         moe_unpermute_impl<T>(Tn, d, ys, inverse, gate, y);                                                             \
-    }
+    }                                                                                                                   \
+    extern "C" __global__ void moe_act_##S(int n, int f, const T* a, T* h, int act) { moe_act_impl<T>(n, f, a, h, act); }
 
 INSTANTIATE_T(PREFILL_KERNELS)

@@ -25,12 +25,10 @@ struct ScanIn {
     int Bn, L, di, N, LC, Q;
 };
 
-template <typename TI>
-__device__ __forceinline__ float load_delta(const TI* dt, long long dt_bs, int dt_ts, const float* dt_bias, int b, int t,
-                                            int c) {
-    const float x = to_f(dt[(size_t)b * dt_bs + (size_t)t * dt_ts + c]);
-    return dt_bias != nullptr ? softplus_f(x + dt_bias[c]) : x;
-}
+// Steps whose inputs are loaded together before any of them is computed (the per-step loads
+// do not depend on the recurrence, so their latency is paid once per group).
+#define SCAN_UNROLL 4
+
 
 template <typename TI>
 __device__ void scan_chunk_sum_impl(ScanIn s, const TI* __restrict__ dt, long long dt_bs, int dt_ts,
@@ -53,13 +51,25 @@ __device__ void scan_chunk_sum_impl(ScanIn s, const TI* __restrict__ dt, long lo
         if (n < s.N) a[n] = a_is_log ? -expf(A[(size_t)c * s.N + n]) : A[(size_t)c * s.N + n];
     }
     float sd = 0.0f;
-    for (int t = 0; t < nt; t++) {
-        const float delta = load_delta<TI>(dt, dt_bs, dt_ts, dt_bias, b, t0 + t, c);
-        const float dv = delta * v[(size_t)b * v_bs + (size_t)(t0 + t) * v_ts + c];
-        sd += delta;
+    const float bias_c = dt_bias != nullptr ? dt_bias[c] : 0.0f;
+    for (int t = 0; t < nt; t += SCAN_UNROLL) {
+        float raw[SCAN_UNROLL], vv[SCAN_UNROLL];
 #pragma unroll
-        for (int n = 0; n < NMAX; n++)
-            if (n < s.N) h[n] = expf(delta * a[n]) * h[n] + dv * sb[t * s.N + n];
+        for (int u = 0; u < SCAN_UNROLL; u++)
+            if (t + u < nt) {
+                raw[u] = to_f(dt[(size_t)b * dt_bs + (size_t)(t0 + t + u) * dt_ts + c]);
+                vv[u] = v[(size_t)b * v_bs + (size_t)(t0 + t + u) * v_ts + c];
+            }
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; u++)
+            if (t + u < nt) {
+                const float delta = dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
+                const float dv = delta * vv[u];
+                sd += delta;
+#pragma unroll
+                for (int n = 0; n < NMAX; n++)
+                    if (n < s.N) h[n] = expf(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
+            }
     }
     const size_t o = ((size_t)b * s.Q + q) * s.di + c;
     sum_delta[o] = sd;
@@ -115,33 +125,43 @@ __device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long lo
             if (n < s.N) h[n] = expf(a[n] * sdp) * h[n] + S[o * s.N + n];
     }
     const float dc = Dp != nullptr ? Dp[cc] : 0.0f;
-    for (int t = 0; t < nt; t++) {
-        const int tt = t0 + t;
-        const float delta = load_delta<TI>(dt, dt_bs, dt_ts, dt_bias, b, tt, cc);
-        const float vv = v[(size_t)b * v_bs + (size_t)tt * v_ts + cc];
-        const float dv = delta * vv;
-        float y = 0.0f, hs = 0.0f;
+    const float bias_c = dt_bias != nullptr ? dt_bias[cc] : 0.0f;
+    for (int t = 0; t < nt; t += SCAN_UNROLL) {
+        float raw[SCAN_UNROLL], vv[SCAN_UNROLL], zz[SCAN_UNROLL];
 #pragma unroll
-        for (int n = 0; n < NMAX; n++)
-            if (n < s.N) {
-                h[n] = expf(delta * a[n]) * h[n] + dv * sb[t * s.N + n];
-                y = fmaf(h[n], sc[t * s.N + n], y);
-                hs = fmaf(h[n], h[n], hs);
+        for (int u = 0; u < SCAN_UNROLL; u++)
+            if (t + u < nt) {
+                const int tt = t0 + t + u;
+                raw[u] = to_f(dt[(size_t)b * dt_bs + (size_t)tt * dt_ts + cc]);
+                vv[u] = v[(size_t)b * v_bs + (size_t)tt * v_ts + cc];
+                zz[u] = y_t != nullptr ? to_f(z[(size_t)b * z_bs + (size_t)tt * z_ts + cc]) : 0.0f;
             }
-        if (live) {
-            const size_t oi = ((size_t)b * s.L + tt) * s.di + c;
-            if (y_raw != nullptr) y_raw[oi] = y;
-            if (y_t != nullptr) {
-                const float zz = to_f(z[(size_t)b * z_bs + (size_t)tt * z_ts + c]);
-                y_t[oi] = from_f<TI>((y + vv * dc) * silu_f(zz));
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; u++) {
+            if (t + u >= nt) break;
+            const int tt = t0 + t + u;
+            const float delta = dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
+            const float dv = delta * vv[u];
+            float y = 0.0f, hs = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NMAX; n++)
+                if (n < s.N) {
+                    h[n] = expf(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
+                    y = fmaf(h[n], sc[(t + u) * s.N + n], y);
+                    hs = fmaf(h[n], h[n], hs);
+                }
+            if (live) {
+                const size_t oi = ((size_t)b * s.L + tt) * s.di + c;
+                if (y_raw != nullptr) y_raw[oi] = y;
+                if (y_t != nullptr) y_t[oi] = from_f<TI>((y + vv[u] * dc) * silu_f(zz[u]));
             }
-        }
-        if (telem) {
-            hs = warp_sum(live ? hs : 0.0f);
-            const float ds = warp_sum(live ? delta : 0.0f);
-            if ((threadIdx.x & 31) == 0) {
-                atomicAdd(th + t, hs);
-                atomicAdd(td + t, ds);
+            if (telem) {
+                hs = warp_sum(live ? hs : 0.0f);
+                const float ds = warp_sum(live ? delta : 0.0f);
+                if ((threadIdx.x & 31) == 0) {
+                    atomicAdd(th + t + u, hs);
+                    atomicAdd(td + t + u, ds);
+                }
             }
         }
     }

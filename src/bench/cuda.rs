@@ -109,7 +109,7 @@ pub fn decoder_run(
     }
     let note = match mode {
         "eager" => "our kernels launched one by one, sync per token",
-        "graph-nopdl" => "one CUDA graph per token, no PDL / L2 prefetch, sync per token",
+        "graph-nopdl" => "one CUDA graph per token, no PDL / preload / prefetch, sync per token",
         "graph" => "one CUDA graph per token, sync per token",
         "pipelined" => "one CUDA graph per token, two tokens in flight",
         _ => "one CUDA graph per token with the telemetry probe, sync per token",
@@ -120,27 +120,28 @@ pub fn decoder_run(
     ))
 }
 
-/// Graph-mode tok/s over a grid of launch shapes (`n` tokens each).
-pub fn sweep(model: &Model, st0: &State, first: u32, n: usize) -> Result<Vec<SweepRow>> {
+/// Graph-mode tok/s over a grid of launch options around `base` (`n` tokens each).
+pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts) -> Result<Vec<SweepRow>> {
     let mut rows = Vec::new();
-    for (pdl, prefetch) in [(true, true), (true, false), (false, false)] {
-        for blocks_per_sm in [4u32, 8, 16] {
-            for split_k in [2u32, 4, 8] {
+    for (pdl, preload, prefetch) in [(true, true, false), (true, false, false), (true, true, true), (false, false, false)] {
+        for blocks_per_sm in [4u32, 8] {
+            for split_k in [2u32, 4] {
                 let opts = DecodeOpts {
-                    threads: 256,
                     blocks_per_sm,
                     split_k,
                     pdl,
                     prefetch,
-                    ..Default::default()
+                    preload,
+                    ..base
                 };
                 let (r, _) = decoder_run(model, st0, first, opts, "graph", n, 0, None, &[])?;
                 rows.push(SweepRow {
-                    threads: 256,
+                    threads: opts.threads,
                     blocks_per_sm,
                     split_k,
                     pdl,
                     prefetch,
+                    preload,
                     tok_s: r.tok_s,
                 });
             }

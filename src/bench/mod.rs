@@ -44,6 +44,9 @@ pub struct BenchOpts {
     pub slow_prefill: bool,
     /// Also break down one prefill and the decode step by kernel (synchronising between parts).
     pub profile: bool,
+    /// Launch options of the decoder modes (probe, PDL and prefetch are set per mode).
+    #[cfg(feature = "cuda")]
+    pub decode: crate::ops::decode::DecodeOpts,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,6 +78,7 @@ pub struct SweepRow {
     pub split_k: u32,
     pub pdl: bool,
     pub prefetch: bool,
+    pub preload: bool,
     pub tok_s: f64,
 }
 
@@ -259,9 +263,10 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 let plain = mode == "graph-nopdl";
                 let opts = crate::ops::decode::DecodeOpts {
                     probe: probe_on,
-                    pdl: !plain,
-                    prefetch: !plain,
-                    ..Default::default()
+                    pdl: o.decode.pdl && !plain,
+                    prefetch: o.decode.prefetch && !plain,
+                    preload: o.decode.preload && !plain,
+                    ..o.decode
                 };
                 let track = mode == "graph";
                 let (res, mem) = cuda::decoder_run(
@@ -304,7 +309,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
     }
     #[cfg(feature = "cuda")]
     if o.sweep && dev.is_cuda() {
-        rep.sweep = cuda::sweep(model, &st0, first, o.gen_len.min(256))?;
+        rep.sweep = cuda::sweep(model, &st0, first, o.gen_len.min(256), o.decode)?;
     }
     #[cfg(feature = "cuda")]
     if o.profile && dev.is_cuda() {
@@ -316,7 +321,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
             .map(|(n, ms, c)| (n.to_string(), ms, c))
             .collect();
         crate::ops::prof::enable(false);
-        let mut dec = crate::ops::decode::Decoder::new(model, crate::ops::decode::DecodeOpts::default())?;
+        let mut dec = crate::ops::decode::Decoder::new(model, o.decode)?;
         dec.load_state(&st0)?;
         dec.set_token(first)?;
         rep.decode_profile = dec.profile(32)?.into_iter().map(|(n, us, c)| (n.to_string(), us, c)).collect();

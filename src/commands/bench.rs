@@ -38,6 +38,25 @@ pub struct BenchArgs {
     /// Also break down one prefill and the decode step by part / kernel (CUDA).
     #[arg(long)]
     pub profile: bool,
+    /// Decoder: threads per block of its matrix-vector kernels.
+    #[arg(long, default_value_t = 256)]
+    pub threads: u32,
+    /// Decoder: cap of blocks per multiprocessor of its matrix-vector kernels.
+    #[arg(long, default_value_t = 8)]
+    pub blocks_per_sm: u32,
+    /// Decoder: K slices of out_proj and fc2 (0 = 2).
+    #[arg(long, default_value_t = 0)]
+    pub split_k: u32,
+    /// Decoder: no programmatic dependent launch.
+    #[arg(long)]
+    pub no_pdl: bool,
+    /// Decoder: load the start of each kernel's first weight row into registers before waiting
+    /// for the previous kernel (measured slower on an H200: more registers, fewer blocks per SM).
+    #[arg(long)]
+    pub preload: bool,
+    /// Decoder: ask L2 for all weight rows before waiting for the previous kernel.
+    #[arg(long)]
+    pub prefetch: bool,
     /// Seed of the random weights and prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -84,6 +103,16 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
         mem_points: a.mem_points.clone(),
         slow_prefill: a.slow_prefill,
         profile: a.profile,
+        #[cfg(feature = "cuda")]
+        decode: crate::ops::decode::DecodeOpts {
+            threads: a.threads,
+            blocks_per_sm: a.blocks_per_sm,
+            split_k: a.split_k,
+            pdl: !a.no_pdl,
+            preload: a.preload,
+            prefetch: a.prefetch,
+            ..Default::default()
+        },
     };
     let rep = bench::run(&mut model, &label, &opts)?;
     if a.json {
@@ -172,8 +201,8 @@ fn print_report(r: &BenchReport) {
     }
     for s in &r.sweep {
         println!(
-            "sweep threads {} blocks/SM {} split-K {}: {:.1} tok/s",
-            s.threads, s.blocks_per_sm, s.split_k, s.tok_s
+            "sweep pdl {} preload {} prefetch {} threads {} blocks/SM {} split-K {}: {:.1} tok/s",
+            s.pdl, s.preload, s.prefetch, s.threads, s.blocks_per_sm, s.split_k, s.tok_s
         );
     }
 }

@@ -5,8 +5,9 @@
 //! by one asynchronous copy per token.
 //!
 //! Per token: embed; per Mamba layer in_proj(+RMSNorm, +conv window) → x_proj → dt_proj+scan step+gate →
-//! out_proj(+residual); per MoE layer router(+RMSNorm, top-1) → chosen expert fc1(+RMSNorm,
-//! +activation) → fc2(+gate, +residual); head(+LayerNorm, +argmax candidates) → final argmax.
+//! out_proj(+residual); per MoE layer router(+RMSNorm, top-1) and the chosen expert's fc1
+//! (+activation) in one kernel → fc2(+gate, +residual); head(+LayerNorm, +argmax candidates) →
+//! final argmax.
 //! The slow twin is [`Model::step`] with host sampling; `tests/gpu_parity.rs` compares them.
 #![allow(unsafe_code)]
 
@@ -31,7 +32,7 @@ pub struct DecodeOpts {
     pub threads: u32,
     /// Cap of blocks per multiprocessor for the matrix-vector kernels (their blocks loop over rows).
     pub blocks_per_sm: u32,
-    /// K slices of the residual products (out_proj, fc2); 0 picks one from the shapes.
+    /// K slices of the residual products (out_proj, fc2); 0 is 2.
     pub split_k: u32,
     /// Gather telemetry (router logits and choice, state norms) and copy it with the token.
     pub probe: bool,
@@ -40,8 +41,11 @@ pub struct DecodeOpts {
     pub seed: u64,
     /// Programmatic dependent launch: each kernel starts while the previous one finishes.
     pub pdl: bool,
-    /// Kernels ask L2 for their weights before waiting for the previous kernel.
+    /// Kernels ask L2 for all their weight rows before waiting for the previous kernel.
     pub prefetch: bool,
+    /// Kernels load the start of their first weight row into registers before waiting for the
+    /// previous kernel (variants `*_pre_*`, more registers per thread).
+    pub preload: bool,
 }
 
 impl Default for DecodeOpts {
@@ -54,7 +58,8 @@ impl Default for DecodeOpts {
             temperature: 0.0,
             seed: 0,
             pdl: true,
-            prefetch: true,
+            prefetch: false,
+            preload: false,
         }
     }
 }
@@ -270,6 +275,9 @@ impl Decoder {
                         return Err(unsupported("an adapter on a router"));
                     }
                     let ne = m.experts.len();
+                    if ne > 32 {
+                        return Err(unsupported("more than 32 experts in a layer"));
+                    }
                     for e in &m.experts {
                         if e.fc1.lora.is_some() || e.fc2.lora.is_some() || e.fc1.bias.is_some() || e.fc2.bias.is_some() {
                             return Err(unsupported("an adapter or a bias on an expert"));
@@ -406,17 +414,17 @@ impl Decoder {
         let cap = (s.sms * o.blocks_per_sm).max(1);
         let rows_grid = |m: usize| (m.div_ceil(warps as usize) as u32).clamp(1, cap);
         let vec_ok = |kdim: usize| i32::from((kdim * s.es) % 16 == 0);
-        let split = if o.split_k > 0 { o.split_k } else { 4 };
+        let split = if o.split_k > 0 { o.split_k } else { 2 };
         let pf = i32::from(o.prefetch);
         let out = b.out[slot];
+        let pre = if o.preload { "pre_" } else { "" };
         let f_embed = func(dev, Module::Decode, &format!("embed_{sfx}"))?;
-        let f_norm = func(dev, Module::Decode, &format!("gemv_norm_{sfx}"))?;
-        let f_resid = func(dev, Module::Decode, &format!("gemv_resid_{sfx}"))?;
-        let f_router = func(dev, Module::Decode, &format!("router_{sfx}"))?;
-        let f_head = func(dev, Module::Decode, &format!("head_{sfx}"))?;
+        let f_fc1 = func(dev, Module::Decode, &format!("moe_fc1_{sfx}"))?;
+        let f_resid = func(dev, Module::Decode, &format!("gemv_resid_{pre}{sfx}"))?;
+        let f_head = func(dev, Module::Decode, &format!("head_{pre}{sfx}"))?;
         let f_final = func(dev, Module::Decode, "sample_final")?;
-        let f_inconv = func(dev, Module::Decode, &format!("in_proj_conv_{sfx}"))?;
-        let f_rows = func(dev, Module::Decode, &format!("gemv_rows_{sfx}"))?;
+        let f_inconv = func(dev, Module::Decode, &format!("in_proj_conv_{pre}{sfx}"))?;
+        let f_rows = func(dev, Module::Decode, &format!("gemv_rows_{pre}{sfx}"))?;
         let f_ssm = func(dev, Module::MambaStep, &format!("ssm_step_{sfx}"))?;
         let n_mamba = self.mamba_idx.len();
         // words of the out buffer: [token, mamba sums (3 per layer), moe (E + 1 per layer)]
@@ -548,32 +556,17 @@ impl Decoder {
                     let fc1_tab = b.table + table_off;
                     let fc2_tab = fc1_tab + (8 * n_experts) as u64;
                     table_off += (16 * n_experts) as u64;
-                    let fc1_rows = if s.gated { 2 * s.f } else { s.f };
+                    // router (in every block) + the chosen expert's fc1 with the block's RMSNorm
+                    // and the (gated) activation
                     v.push(
-                        Launch::new(f_router.clone(), (1, 1, 1), 1024, (s.d * s.es) as u32)
-                            .label("moe.router+norm")
+                        Launch::new(f_fc1.clone(), (rows_grid(s.f), 1, 1), th, (s.d * s.es) as u32)
+                            .label("moe.router+fc1+norm+act")
                             .ptr(*router_w)
                             .ptr(*router_b)
                             .i32(*n_experts)
-                            .i32(s.d)
-                            .ptr(b.res)
-                            .ptr(*norm)
-                            .f32(s.eps)
+                            .ptr(fc1_tab)
                             .ptr(route)
                             .ptr(if o.probe { moe_words[*es] } else { 0 })
-                            .ptr(fc1_tab)
-                            .i64(fc1_rows * s.d * s.es)
-                            .ptr(fc2_tab)
-                            .i64(s.d * s.f * s.es)
-                            .int(pf),
-                    );
-                    // the chosen expert's fc1 with the block's RMSNorm and the (gated) activation
-                    v.push(
-                        Launch::new(f_norm.clone(), (rows_grid(s.f), 1, 1), th, (s.d * s.es) as u32)
-                            .label("moe.fc1+norm+act")
-                            .ptr(0)
-                            .ptr(fc1_tab)
-                            .ptr(route)
                             .i32(s.f)
                             .i32(s.d)
                             .ptr(b.res)
@@ -584,7 +577,7 @@ impl Decoder {
                             .int(s.act)
                             .int(vec_ok(s.d)),
                     );
-                    // fc2, scaled by the gate, into the residual stream (the router prefetched it)
+                    // fc2, scaled by the gate, into the residual stream
                     v.push(
                         Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, 0)
                             .label("moe.fc2+gate+residual")
@@ -598,7 +591,7 @@ impl Decoder {
                             .ptr(route + 4)
                             .ptr(0)
                             .int(vec_ok(s.f))
-                            .int(0),
+                            .int(pf),
                     );
                 }
             }

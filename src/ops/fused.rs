@@ -265,10 +265,9 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
     let new_conv = empty(&[bn, di, k], DType::F32, dev)?;
     let conv_in = state.conv.contiguous()?;
     let cw = m.conv_w.contiguous()?; // (di, 1, K)
-    let total = bn * len * di;
     Launch::new(
         func(cd, Module::Prefill, &format!("conv1d_fwd_{sfx}"))?,
-        (blocks_for(total, THREADS, 65535), 1, 1),
+        (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
         THREADS,
         0,
     )
@@ -523,7 +522,7 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
     for (e, &c) in counts.iter().enumerate() {
         let c = c as usize;
         if c > 0 {
-            outs.push(m.experts[e].forward(&sorted.narrow(0, off, c)?)?.to_dtype(wdt)?); // (c, d)
+            outs.push(expert_forward(&m.experts[e], &sorted.narrow(0, off, c)?)?.to_dtype(wdt)?); // (c, d)
             off += c;
         }
     }
@@ -532,7 +531,7 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
     let y = empty(&[n_tok, d], DType::F32, dev)?;
     Launch::new(
         func(cd, Module::Prefill, &format!("moe_unpermute_{sfx}"))?,
-        (blocks_for(n_tok * d, THREADS, 65535), 1, 1),
+        (d.div_ceil(THREADS as usize) as u32, n_tok.min(65535) as u32, 1),
         THREADS,
         0,
     )
@@ -611,6 +610,40 @@ pub fn head(model: &Model, h: &Tensor) -> Result<Tensor> {
     let last = shape.len() - 1;
     shape[last] = v;
     Ok(logits.reshape(shape)?)
+}
+
+/// One expert on its tokens: fc1 and fc2 on cuBLAS, the gated activation by one kernel.
+/// x (n, d) -> (n, d). Twin: [`crate::model::moe::Mlp::forward`] (also used for adapters,
+/// biases and ungated experts).
+fn expert_forward(e: &crate::model::moe::Mlp, x: &Tensor) -> Result<Tensor> {
+    let plain = |l: &crate::model::linear::Linear| l.lora.is_none() && l.bias.is_none();
+    if !e.gated || !plain(&e.fc1) || !plain(&e.fc2) {
+        return e.forward(x);
+    }
+    let a = e.fc1.forward(x)?.contiguous()?; // (n, 2f)
+    let (n, two_f) = a.dims2()?;
+    let f = two_f / 2;
+    let dt = a.dtype();
+    let dev = x.device();
+    let cd = cuda_device(dev)?;
+    let h = empty(&[n, f], dt, dev)?;
+    let act = match e.act {
+        crate::model::config::Activation::Gelu => 0,
+        crate::model::config::Activation::Silu => 1,
+    };
+    Launch::new(
+        func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
+        (f.div_ceil(THREADS as usize) as u32, n.min(65535) as u32, 1),
+        THREADS,
+        0,
+    )
+    .i32(n)
+    .i32(f)
+    .ptr(dptr(&a)?)
+    .ptr(dptr(&h)?)
+    .int(act)
+    .run(&cd.cuda_stream())?;
+    e.fc2.forward(&h)
 }
 
 /// The residual stack of [`Model`] on the fused path (see `Model::run_blocks` for the twin).

@@ -123,6 +123,7 @@ pub fn generate(
         ..Default::default()
     };
     let t_decode = Instant::now();
+    let mut stepper = crate::ops::Stepper::new(model, state, probe);
     let mut stop = StopReason::MaxTokens;
     let mut pending = None;
     while out.len() < params.max_tokens {
@@ -175,8 +176,7 @@ pub fn generate(
         }
         // Feed the token to get the next logits (also gives its telemetry).
         let mut sp = probe.then(Probe::new);
-        let l = model.step(&Tensor::from_slice(&[id], 1, dev)?, state, sp.as_mut())?;
-        logits = l.flatten_all()?.to_vec1()?;
+        logits = stepper.step(model, id, state, sp.as_mut())?;
         on_event(GenEvent::Token {
             id,
             pos,
@@ -193,6 +193,7 @@ pub fn generate(
             on_event(GenEvent::Tail { text: &tail })?;
         }
     }
+    stepper.finish(model, state)?;
     stats.gen_tokens = out.len();
     stats.decode_secs = t_decode.elapsed().as_secs_f64() - (stats.ttft_secs - prefill_secs).max(0.0);
     Ok(GenOutcome {

@@ -3,6 +3,7 @@
 //! routing, sampling and generation; the binary adds the CLI and the TUI.
 
 pub mod analysis;
+pub mod bench;
 pub mod chat_template;
 pub mod commands;
 pub mod embedded;
@@ -13,6 +14,7 @@ pub mod generate;
 pub mod hub;
 pub mod loader;
 pub mod model;
+pub mod ops;
 pub mod rng;
 pub mod sampling;
 pub mod sinkhorn;

@@ -1,6 +1,7 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
 pub mod analyze;
+pub mod bench;
 pub mod chat;
 pub mod check;
 pub mod eval;
@@ -78,6 +79,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Merge an adapter into its base model and write a model folder.
     Merge(merge::MergeArgs),
+    /// Measure prefill and decode speed, launches per token, bandwidth and GPU memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -95,6 +98,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Eval(a)) => eval::run(&cli.model, &a),
         Some(Command::Merge(a)) => merge::run(&cli.model, &a),
         Some(Command::Chat(a)) => chat::run(&cli.model, &a.or(cli.chat)),
+        Some(Command::Bench(a)) => bench::run(&cli.model, &a),
         None => chat::run(&cli.model, &cli.chat),
     }
 }

@@ -70,6 +70,9 @@ pub struct Model {
     pub routing: Routing,
     /// Use only ops autograd can differentiate (fine-tuning).
     pub differentiable: bool,
+    /// On a CUDA device (and not `differentiable`), run the fused kernels of `crate::ops`; off,
+    /// the GPU runs the same tensor-op path as the CPU (the kernels' slow twin).
+    pub use_kernels: bool,
 }
 
 impl Model {
@@ -98,6 +101,7 @@ impl Model {
             device: device.clone(),
             routing: Routing::Greedy,
             differentiable: false,
+            use_kernels: true,
         })
     }
 
@@ -193,7 +197,7 @@ impl Model {
         State::new(&self.cfg, batch, &self.device)
     }
 
-    fn probe_slots(&self, probe: &mut Probe) {
+    pub(crate) fn probe_slots(&self, probe: &mut Probe) {
         if probe.moe.is_empty() && probe.mamba.is_empty() {
             for (i, b) in self.layers.iter().enumerate() {
                 match &b.mixer {
@@ -254,6 +258,10 @@ impl Model {
 
     /// The residual stack (SPEC §2). `seq` picks the full-sequence mixers, else the step ones.
     fn run_blocks(&self, x: Tensor, state: &mut State, mut probe: Option<&mut Probe>, seq: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.runs_kernels() {
+            return crate::ops::fused::run_blocks(self, x, state, probe, seq);
+        }
         if let Some(p) = probe.as_deref_mut() {
             self.probe_slots(p);
             p.n_tokens += x.elem_count() / self.cfg.hidden_size;
@@ -288,8 +296,17 @@ impl Model {
         Ok(res)
     }
 
+    /// Whether forward/step take the fused CUDA kernels (see [`Model::use_kernels`]).
+    pub fn runs_kernels(&self) -> bool {
+        crate::ops::available() && self.use_kernels && !self.differentiable && self.device.is_cuda()
+    }
+
     /// Final LayerNorm + tied head: h (.., d) f32 -> (.., V) f32.
     fn head(&self, h: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.runs_kernels() && self.embedding.dtype() != DType::F32 {
+            return crate::ops::fused::head(self, h);
+        }
         let eps = self.cfg.layernorm_epsilon;
         let out = layer_norm(h, &self.final_w, &self.final_b, eps, self.differentiable)?.to_dtype(self.embedding.dtype())?;
         let dims = out.dims().to_vec();

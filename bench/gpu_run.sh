@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device call: GPU parity tests, `blackmamba bench` on the released shapes, and the PyTorch
+# baseline, logs under $OUT. Run from a folder holding blackmamba.xz, gpu_parity.xz (the release
+# binary and test executable of a `--features cuda` build), torch_baseline.py and tiny-a/ (the
+# fixture):
+#   bash gpu_run.sh tune    tests, benches with per-kernel profiles, launch-shape sweep
+#   bash gpu_run.sh final   tests, benches, 16k-token memory run, PyTorch baseline
+# No cargo on the GPU machine: everything is built beforehand.
+set -u
+PHASE=${1:-final}
+cd "$(dirname "$0")"
+export BM_FIXTURE_DIR=$PWD/tiny-a
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export RUST_BACKTRACE=1
+for f in *.xz; do xz -d -f -k "$f"; done
+chmod +x blackmamba gpu_parity
+S=$OUT/summary.txt
+R=/tmp/raw
+mkdir -p $R
+log() { echo "== $*" | tee -a "$S"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv,noheader | tee -a "$S"
+
+log "parity tests"
+timeout 120 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+
+bench() { # name, args...
+    local name=$1
+    shift
+    log "blackmamba bench $*"
+    timeout 100 ./blackmamba bench "$@" > "$R/b_$name.txt" 2> "$R/b_$name.err"
+    echo "rc=$?" >> "$R/b_$name.err"
+    cat "$R/b_$name.txt" >> "$S"
+    grep -v "^loaded" "$R/b_$name.err" >> "$S"
+}
+M28="--model random:2.8b --device cuda --dtype bf16"
+M15="--model random:1.5b --device cuda --dtype bf16"
+if [ "$PHASE" = tune ]; then
+    bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
+    bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
+    bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
+else
+    bench 28 $M28 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile
+    bench 15 $M15 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile
+    bench 28np $M28 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --no-preload
+    bench 15np $M15 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --no-preload
+    bench 28b8 $M28 --prompt-len 2048 --prefill-batch 8 --gen-len 64 --modes graph
+    bench 15b8 $M15 --prompt-len 2048 --prefill-batch 8 --gen-len 64 --modes graph
+    bench 28long $M28 --prompt-len 2048 --gen-len 16384 --modes graph
+    bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
+    bench 15sw $M15 --prompt-len 64 --gen-len 128 --modes graph --sweep
+    log "torch baseline"
+    for s in 2.8b 1.5b; do
+        PYTHONUNBUFFERED=1 timeout 200 python3 torch_baseline.py --shape $s --gen-len 256 --eager-len 32 2>&1 | tee -a "$S"
+    done
+fi
+log "done"

@@ -1,0 +1,380 @@
+// Batch-1 decode kernels: the matrix-vector products of one token with their neighbours fused in.
+//
+//   embed_*         res = E[tok]
+//   in_proj_conv_*  xz = W_in · rmsnorm(res), and v = SiLU(conv window) of the u half
+//   gemv_rows_*     out = W · x, one block per row (x_proj: few rows, long ones)
+//   moe_fc1_*       router (logits = Wr · rmsnorm(res) + br, top-1, σ gate) in every block, then
+//                   the chosen expert's fc1 with the gated activation
+//   gemv_resid_*    res += gate · (W · x)                (out_proj, expert fc2; split-K by gridDim.y)
+//   head_*          logits = E · layernorm(res) (f32); per-block argmax of logits (+ Gumbel noise)
+//   sample_final    argmax over the blocks' candidates -> the next token id (stays on device);
+//                   sums the telemetry partials of the step
+//
+// The residual stream `res` is f32 (d). Products round their output through the weight type T
+// where the tensor-op twin stores a T tensor (the logits stay f32). One warp computes one output
+// row (16-byte loads, up to 8 in flight per lane); blocks loop over rows (grid-stride).
+//
+// Launched with programmatic dependent launch: each kernel first loads the start of its first
+// weight row into registers (and, with `pf`, asks L2 for its other rows), then waits for the
+// previous kernel (pdl_wait), then lets the next one launch.
+#include "common.cuh"
+
+// Normalised input of a block: xs[k] = T(norm(res)[k]) for k < K. norm_kind 0: RMSNorm with
+// weight nw; 1: LayerNorm with weight nw and bias nb. `red` holds >= 33 floats.
+template <typename T>
+__device__ __forceinline__ void norm_prologue(const float* __restrict__ res, const float* __restrict__ nw,
+                                              const float* __restrict__ nb, float eps, int norm_kind, int K, T* xs,
+                                              float* red) {
+    if (norm_kind == 0) {
+        float ss = 0.0f;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            const float r = res[k];
+            ss = fmaf(r, r, ss);
+        }
+        ss = block_sum(ss, red);
+        const float inv = rsqrtf(ss / (float)K + eps);
+        for (int k = threadIdx.x; k < K; k += blockDim.x) xs[k] = from_f<T>(res[k] * inv * nw[k]);
+    } else {
+        float s = 0.0f;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) s += res[k];
+        const float mean = block_sum(s, red) / (float)K;
+        float v = 0.0f;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            const float c = res[k] - mean;
+            v = fmaf(c, c, v);
+        }
+        const float inv = rsqrtf(block_sum(v, red) / (float)K + eps);
+        for (int k = threadIdx.x; k < K; k += blockDim.x) xs[k] = from_f<T>((res[k] - mean) * inv * nw[k] + nb[k]);
+    }
+    __syncthreads();
+}
+
+// Asks L2 for the rows this warp will compute (row j of W from column k0 to k1).
+template <typename T>
+__device__ __forceinline__ void prefetch_rows(const T* W, int M, int K, int k0, int k1, int first_only) {
+    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
+        warp_prefetch(W + (size_t)j * K + k0, (size_t)(k1 - k0) * sizeof(T));
+        if (first_only) break;
+    }
+}
+
+// res (d) = E[tok[0]] as f32.
+template <typename T>
+__device__ void embed_impl(const T* __restrict__ emb, const unsigned int* __restrict__ tok, int d, float* __restrict__ res) {
+    pdl_wait();
+    pdl_trigger();
+    const size_t row = (size_t)tok[0] * (size_t)d;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += gridDim.x * blockDim.x) res[j] = to_f(emb[row + j]);
+}
+
+// Mamba in_proj with the block's RMSNorm and the conv step as epilogue:
+//   xz[j] = T(T(w_j · T(rmsnorm(res))) + bias[j])        j < M = 2·di (u = xz[:di], z = xz[di:])
+//   v[c]  = T(SiLU(cb[c] + Σ_k cw[c,k] · window_k))      c < di, window = [conv[c, 1..KC], u_c]
+// The conv state is only read here (the SSM step shifts it). dynamic smem: K · sizeof(T).
+template <typename T, bool PRE>
+__device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const float* __restrict__ res,
+                                  const float* __restrict__ nw, float eps, const T* __restrict__ bias, T* __restrict__ xz,
+                                  int di, int KC, const float* __restrict__ conv, const float* __restrict__ cw,
+                                  const float* __restrict__ cb, T* __restrict__ vout, int vec, int pf) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    __shared__ float red[33];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int j0 = blockIdx.x * nwarps + warp;
+    uint4 pre[PRE_BATCH];
+    if (PRE && j0 < M) row_preload<T>(W + (size_t)j0 * K, 0, K, vec != 0, pre);
+    if (pf) prefetch_rows<T>(W, M, K, 0, K, 0);
+    pdl_wait();
+    pdl_trigger();
+    norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
+    for (int j = j0; j < M; j += gridDim.x * nwarps) {
+        const float dot = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(W + (size_t)j * K, xs, 0, K, vec != 0, pre))
+                                  : warp_dot<T>(W + (size_t)j * K, xs, 0, K, vec != 0);
+        float a = round_to<T>(dot);
+        if (bias != nullptr) a = round_to<T>(a + to_f(bias[j]));
+        if (lane == 0) {
+            xz[j] = from_f<T>(a);
+            if (j < di) {
+                float acc = cb[j];
+                for (int k = 0; k < KC - 1; k++) acc += conv[(size_t)j * KC + k + 1] * cw[(size_t)j * KC + k];
+                acc += a * cw[(size_t)j * KC + KC - 1];
+                vout[j] = from_f<T>(silu_f(acc));
+            }
+        }
+    }
+}
+
+// out[j] = T(w_j · x), one block per row j (blockIdx.x, grid-stride), its warps splitting K.
+template <typename T, bool PRE>
+__device__ void gemv_rows_impl(const T* __restrict__ W, int M, int K, const T* __restrict__ x, T* __restrict__ out,
+                               int vec, int pf) {
+    __shared__ float part[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    constexpr int V = 16 / sizeof(T);
+    int per = (K + nwarps - 1) / nwarps;
+    per = (per + V - 1) / V * V;
+    const int k0 = min(K, warp * per), k1 = min(K, k0 + per);
+    uint4 pre[PRE_BATCH];
+    if (PRE && blockIdx.x < M) row_preload<T>(W + (size_t)blockIdx.x * K, k0, k1, vec != 0, pre);
+    if (pf)
+        for (int j = blockIdx.x; j < M; j += gridDim.x) warp_prefetch(W + (size_t)j * K + k0, (size_t)(k1 - k0) * sizeof(T));
+    pdl_wait();
+    pdl_trigger();
+    for (int j = blockIdx.x; j < M; j += gridDim.x) {
+        const float a = PRE && j == (int)blockIdx.x ? warp_sum(lane_dot_pre<T>(W + (size_t)j * K, x, k0, k1, vec != 0, pre))
+                                             : warp_dot<T>(W + (size_t)j * K, x, k0, k1, vec != 0);
+        __syncthreads();  // part is free again
+        if (lane == 0) part[warp] = a;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float s = 0.0f;
+            for (int w = 0; w < nwarps; w++) s += part[w];
+            out[j] = from_f<T>(s);
+        }
+    }
+}
+
+// The weight matrix of this launch: W itself, or wtab[route[0]] (the chosen expert's) when given.
+template <typename T>
+__device__ __forceinline__ const T* pick_weight(const T* W, const unsigned long long* wtab, const int* route) {
+    return wtab != nullptr ? reinterpret_cast<const T*>(wtab[route[0]]) : W;
+}
+
+// The router and the chosen expert's fc1 of one MoE layer, in every block:
+//   logits = Wr · T(rmsnorm(res)) + br (Wr (E, K) f32, E <= 32), e* = argmax (first on ties);
+//   block 0 writes route[0] = e*, route[1] = σ(logit e*) (f32 bits) and the telemetry (E logits,
+//   then e* as a float) when telem is given; then with w = wtab[e*]:
+//   epi 1: out[j] = T(T(act(T(w_j·x))) · T(w_{j+M}·x))        j < M, rows = 2M (gated MLP)
+//   epi 2: out[j] = T(act(T(w_j·x)))                          j < M, rows = M
+//   dynamic smem: K · sizeof(T). The expert is known only after the router, so its rows are
+//   loaded after the norm; the router weights are asked of L2 before the wait.
+template <typename T>
+__device__ void moe_fc1_impl(const float* __restrict__ Wr, const float* __restrict__ br, int E,
+                             const unsigned long long* __restrict__ wtab, int* __restrict__ route, float* __restrict__ telem,
+                             int M, int K, const float* __restrict__ res, const float* __restrict__ nw, float eps,
+                             T* __restrict__ out, int epi, int act, int vec) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    __shared__ float red[33];
+    __shared__ float part[32];
+    __shared__ float logits[32];
+    __shared__ int chosen;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    if (warp < E) warp_prefetch(Wr + (size_t)warp * K, (size_t)K * sizeof(float));
+    pdl_wait();
+    pdl_trigger();
+    norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
+    // router: warps split the experts and, with more warps than experts, slices of K
+    const int S = max(1, nwarps / E);
+    for (int item = warp; item < E * S && item < 32; item += nwarps) {
+        const int e = item % E, sl = item / E;
+        const int k0 = (int)((long long)sl * K / S), k1 = (int)((long long)(sl + 1) * K / S);
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int k = k0 + lane;
+        for (; k + 96 < k1; k += 128) {
+            a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
+            a1 = fmaf(Wr[(size_t)e * K + k + 32], to_f(xs[k + 32]), a1);
+            a2 = fmaf(Wr[(size_t)e * K + k + 64], to_f(xs[k + 64]), a2);
+            a3 = fmaf(Wr[(size_t)e * K + k + 96], to_f(xs[k + 96]), a3);
+        }
+        for (; k < k1; k += 32) a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
+        const float acc = warp_sum((a0 + a1) + (a2 + a3));
+        if (lane == 0) part[item] = acc;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int best = 0;
+        for (int e = 0; e < E && e < 32; e++) {
+            float l = br[e];
+            for (int sl = 0; sl < S; sl++) l += part[sl * E + e];
+            logits[e] = l;
+            if (l > logits[best]) best = e;
+        }
+        chosen = best;
+        if (blockIdx.x == 0) {
+            route[0] = best;
+            reinterpret_cast<float*>(route)[1] = sigmoid_f(logits[best]);
+            if (telem != nullptr) {
+                for (int e = 0; e < E; e++) telem[e] = logits[e];
+                telem[E] = (float)best;
+            }
+        }
+    }
+    __syncthreads();
+    const T* w = reinterpret_cast<const T*>(wtab[chosen]);
+    for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
+        if (epi == 1) {
+            const float2 gu = warp_dot2<T>(w + (size_t)j * K, w + (size_t)(j + M) * K, xs, K, vec != 0);
+            if (lane == 0) out[j] = from_f<T>(round_to<T>(act_f(round_to<T>(gu.x), act)) * round_to<T>(gu.y));
+        } else {
+            const float a = round_to<T>(warp_dot<T>(w + (size_t)j * K, xs, 0, K, vec != 0));
+            if (lane == 0) out[j] = from_f<T>(act_f(a, act));
+        }
+    }
+}
+
+// res[j] += g · (w_j · x) for j < M; g = gate[0] or 1. W: (M, K) T, x: (K) T in global memory.
+// Split-K: blockIdx.y of gridDim.y takes a slice of K and adds with atomics; with one slice the
+// product is rounded through T first (as the twin's T output) and added without atomics.
+// With wtab, the weight is the expert that route (written by the previous kernel) names.
+template <typename T, bool PRE>
+__device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, const int* route, int M, int K,
+                                const T* __restrict__ x, float* __restrict__ res, const float* __restrict__ gate,
+                                const T* __restrict__ bias, int vec, int pf) {
+    const int nsplit = gridDim.y, split = blockIdx.y;
+    constexpr int V = 16 / sizeof(T);
+    int per = (K + nsplit - 1) / nsplit;
+    per = (per + V - 1) / V * V;
+    const int k0 = min(K, split * per), k1 = min(K, k0 + per);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int j0 = blockIdx.x * nwarps + warp;
+    uint4 pre[PRE_BATCH];
+    const T* w = W;
+    if (wtab == nullptr) {
+        // a fixed matrix: load before waiting for the previous kernel
+        if (PRE && j0 < M) row_preload<T>(w + (size_t)j0 * K, k0, k1, vec != 0, pre);
+        if (pf) prefetch_rows<T>(w, M, K, k0, k1, 0);
+        pdl_wait();
+        pdl_trigger();
+    } else {
+        // the expert chosen by the previous kernel
+        pdl_wait();
+        pdl_trigger();
+        w = pick_weight<T>(W, wtab, route);
+        if (PRE && j0 < M) row_preload<T>(w + (size_t)j0 * K, k0, k1, vec != 0, pre);
+    }
+    const float g = gate != nullptr ? gate[0] : 1.0f;
+    for (int j = j0; j < M; j += gridDim.x * nwarps) {
+        float a = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(w + (size_t)j * K, x, k0, k1, vec != 0, pre))
+                          : warp_dot<T>(w + (size_t)j * K, x, k0, k1, vec != 0);
+        if (lane == 0) {
+            if (nsplit == 1) {
+                a = round_to<T>(a);
+                if (bias != nullptr) a = round_to<T>(a + to_f(bias[j]));
+                res[j] += a * g;
+            } else {
+                if (bias != nullptr && split == 0) a += to_f(bias[j]);
+                atomicAdd(res + j, a * g);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// LM head: logits[j] = E_j · T(layernorm(res)) in f32 for j < V; each block leaves the argmax of
+// its rows' scores in (pv, pi)[blockIdx.x]. score = logit, or logit / temp + Gumbel noise drawn
+// from (seed, step[0], j) when temp > 0 (an exact sample of softmax(logit / temp) overall).
+template <typename T, bool PRE>
+__device__ void head_impl(const T* __restrict__ E, int V, int K, const float* __restrict__ res,
+                          const float* __restrict__ lw, const float* __restrict__ lb, float eps, float* __restrict__ logits,
+                          float* __restrict__ pv, int* __restrict__ pi, float temp, unsigned long long seed,
+                          const unsigned int* __restrict__ step, int vec, int pf) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    __shared__ float red[33];
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int j0 = blockIdx.x * nwarps + warp;
+    uint4 pre[PRE_BATCH];
+    if (PRE && j0 < V) row_preload<T>(E + (size_t)j0 * K, 0, K, vec != 0, pre);
+    if (pf) prefetch_rows<T>(E, V, K, 0, K, 0);
+    pdl_wait();
+    pdl_trigger();
+    norm_prologue<T>(res, lw, lb, eps, 1, K, xs, red);
+    const unsigned long long s0 = mix64(seed ^ ((unsigned long long)step[0] << 32));
+    ArgMax best{-INFINITY, 0x7fffffff};
+    for (int j = j0; j < V; j += gridDim.x * nwarps) {
+        const float l = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(E + (size_t)j * K, xs, 0, K, vec != 0, pre))
+                                : warp_dot<T>(E + (size_t)j * K, xs, 0, K, vec != 0);
+        if (lane == 0) logits[j] = l;
+        float score = l;
+        if (temp > 0.0f) {
+            const unsigned long long h = mix64(s0 ^ (unsigned long long)j);
+            const float u = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);  // (0, 1)
+            score = l / temp - logf(-logf(u));
+        }
+        best = argmax_pick(best, ArgMax{score, j});
+    }
+    if (lane == 0) {
+        bv[warp] = best.v;
+        bi[warp] = best.i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        ArgMax b{bv[0], bi[0]};
+        for (int w = 1; w < nwarps; w++) b = argmax_pick(b, ArgMax{bv[w], bi[w]});
+        pv[blockIdx.x] = b.v;
+        pi[blockIdx.x] = b.i;
+    }
+}
+
+// One block: the winner of n candidates -> tok[0] (the next step's input) and out[0] (the word the
+// host copies); step[0] += 1. Telemetry (parts != null): out[1 + 3·l + q] = Σ_b parts[(l·nblk + b)·3 + q]
+// for the n_layers Mamba layers (the SSM step's per-block sums).
+extern "C" __global__ void sample_final(const float* __restrict__ pv, const int* __restrict__ pi, int n,
+                                        unsigned int* __restrict__ tok, unsigned int* __restrict__ step,
+                                        unsigned int* __restrict__ out, const float* __restrict__ parts, int n_layers,
+                                        int nblk) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    pdl_wait();
+    pdl_trigger();
+    ArgMax best{-INFINITY, 0x7fffffff};
+    for (int i = threadIdx.x; i < n; i += blockDim.x) best = argmax_pick(best, ArgMax{pv[i], pi[i]});
+    best = warp_argmax(best);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    if (lane == 0) {
+        bv[warp] = best.v;
+        bi[warp] = best.i;
+    }
+    if (parts != nullptr) {
+        float* tf = reinterpret_cast<float*>(out);
+        for (int p = warp; p < 3 * n_layers; p += nwarps) {
+            const int l = p / 3, q = p % 3;
+            float s = 0.0f;
+            for (int b = lane; b < nblk; b += 32) s += parts[((size_t)l * nblk + b) * 3 + q];
+            s = warp_sum(s);
+            if (lane == 0) tf[1 + p] = s;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        ArgMax b{bv[0], bi[0]};
+        for (int w = 1; w < nwarps; w++) b = argmax_pick(b, ArgMax{bv[w], bi[w]});
+        const unsigned int id = b.i == 0x7fffffff ? 0u : (unsigned int)b.i;
+        tok[0] = id;
+        out[0] = id;
+        step[0] += 1u;
+    }
+}
+
+// Writes a token id into the input slot (used to start a decode from a host-chosen token).
+extern "C" __global__ void set_token(unsigned int* tok, unsigned int id) { tok[0] = id; }
+
+#define DECODE_KERNELS(T, S)                                                                                            \
+    extern "C" __global__ void embed_##S(const T* emb, const unsigned int* tok, int d, float* res) {                   \
+        embed_impl<T>(emb, tok, d, res);                                                                                \
+    }                                                                                                                   \
+    extern "C" __global__ void in_proj_conv_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, const T* bias, T* xz, int di, int KC, const float* conv, const float* cw, const float* cb, T* vout, int vec, int pf) { in_proj_conv_impl<T, false>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec, pf); }                      \
+    extern "C" __global__ void in_proj_conv_pre_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, const T* bias, T* xz, int di, int KC, const float* conv, const float* cw, const float* cb, T* vout, int vec, int pf) { in_proj_conv_impl<T, true>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec, pf); }                  \
+    extern "C" __global__ void gemv_rows_##S(const T* W, int M, int K, const T* x, T* out, int vec, int pf) { gemv_rows_impl<T, false>(W, M, K, x, out, vec, pf); }                      \
+    extern "C" __global__ void gemv_rows_pre_##S(const T* W, int M, int K, const T* x, T* out, int vec, int pf) { gemv_rows_impl<T, true>(W, M, K, x, out, vec, pf); }                  \
+    extern "C" __global__ void moe_fc1_##S(const float* Wr, const float* br, int E, const unsigned long long* wtab,      \
+                                           int* route, float* telem, int M, int K, const float* res, const float* nw,   \
+                                           float eps, T* out, int epi, int act, int vec) {                              \
+        moe_fc1_impl<T>(Wr, br, E, wtab, route, telem, M, K, res, nw, eps, out, epi, act, vec);                         \
+    }                                                                                                                   \
+    extern "C" __global__ void gemv_resid_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, false>(W, wtab, route, M, K, x, res, gate, bias, vec, pf); }                      \
+    extern "C" __global__ void gemv_resid_pre_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, true>(W, wtab, route, M, K, x, res, gate, bias, vec, pf); }                  \
+    extern "C" __global__ void head_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb, float eps, float* logits, float* pv, int* pi, float temp, unsigned long long seed, const unsigned int* step, int vec, int pf) { head_impl<T, false>(E, V, K, res, lw, lb, eps, logits, pv, pi, temp, seed, step, vec, pf); }                      \
+    extern "C" __global__ void head_pre_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb, float eps, float* logits, float* pv, int* pi, float temp, unsigned long long seed, const unsigned int* step, int vec, int pf) { head_impl<T, true>(E, V, K, res, lw, lb, eps, logits, pv, pi, temp, seed, step, vec, pf); }
+
+INSTANTIATE_T(DECODE_KERNELS)

@@ -1,0 +1,318 @@
+// The selective scan of the full-sequence path (SPEC §5 eq. 7, §10), parallel over channels and
+// over chunks of the sequence, state in f32:
+//
+//   h_t[c,n] = a_t·h_{t-1} + β_t,  a_t = exp(Δ_t[c]·A[c,n]),  β_t = (Δ_t[c]·v_t[c])·B_t[n]
+//   y_t[c]   = Σ_n h_t[c,n]·C_t[n]
+//
+//   scan_chunk_sum_*  per chunk q and channel: ΣΔ over the chunk and the chunk's state from h = 0
+//                     (a chunk's transfer is h -> exp(A·ΣΔ)·h + S)
+//   scan_chunk_out_*  each chunk composes the transfers of the chunks before it onto h0, rescans
+//                     its tokens and writes y (raw f32, and/or (y + D·v)·SiLU(z) in T), the last
+//                     state, and optional telemetry Σ_{c,n} h² and Σ_c Δ per token
+//   scan_bwd_f32      the backward pass (gradients of v, Δ, A, B, C from those of raw y), one
+//                     thread per (b, c) walking the chunks in reverse, recomputing each chunk's
+//                     states forward from its saved start state
+//
+// Threads: one per (b, c, chunk) (forward) with the N <= 16 states in registers. Inputs are read
+// through (batch, time) strides, so Δ may be the raw dt_proj output (+ bias, softplus in here) and
+// B/C may be column slices of x_proj's output.
+#include "common.cuh"
+
+#define NMAX 16
+
+
+struct ScanIn {
+    int Bn, L, di, N, LC, Q;
+};
+
+// Steps whose inputs are loaded together before any of them is computed (the per-step loads
+// do not depend on the recurrence, so their latency is paid once per group).
+#define SCAN_UNROLL 4
+
+
+template <typename TI>
+__device__ void scan_chunk_sum_impl(ScanIn s, const TI* __restrict__ dt, long long dt_bs, int dt_ts,
+                                    const float* __restrict__ dt_bias, const float* __restrict__ A, int a_is_log,
+                                    const TI* __restrict__ Bm, long long bc_bs, int bc_ts, const float* __restrict__ v,
+                                    long long v_bs, int v_ts, float* __restrict__ sum_delta, float* __restrict__ S) {
+    extern __shared__ float sb[];  // (LC, N) B values of the chunk
+    const int b = blockIdx.z, q = blockIdx.y;
+    const int t0 = q * s.LC, nt = min(s.L, t0 + s.LC) - t0;
+    for (int i = threadIdx.x; i < nt * s.N; i += blockDim.x)
+        sb[i] = to_f(Bm[(size_t)b * bc_bs + (size_t)(t0 + i / s.N) * bc_ts + i % s.N]);
+    __syncthreads();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= s.di) return;
+    float a[NMAX], h[NMAX];
+#pragma unroll
+    for (int n = 0; n < NMAX; n++) {
+        a[n] = 0.0f;
+        h[n] = 0.0f;
+        if (n < s.N) a[n] = a_is_log ? -expf(A[(size_t)c * s.N + n]) : A[(size_t)c * s.N + n];
+    }
+    float sd = 0.0f;
+    const float bias_c = dt_bias != nullptr ? dt_bias[c] : 0.0f;
+    for (int t = 0; t < nt; t += SCAN_UNROLL) {
+        float raw[SCAN_UNROLL], vv[SCAN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; u++)
+            if (t + u < nt) {
+                raw[u] = to_f(dt[(size_t)b * dt_bs + (size_t)(t0 + t + u) * dt_ts + c]);
+                vv[u] = v[(size_t)b * v_bs + (size_t)(t0 + t + u) * v_ts + c];
+            }
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; u++)
+            if (t + u < nt) {
+                const float delta = dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
+                const float dv = delta * vv[u];
+                sd += delta;
+#pragma unroll
+                for (int n = 0; n < NMAX; n++)
+                    if (n < s.N) h[n] = expf(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
+            }
+    }
+    const size_t o = ((size_t)b * s.Q + q) * s.di + c;
+    sum_delta[o] = sd;
+#pragma unroll
+    for (int n = 0; n < NMAX; n++)
+        if (n < s.N) S[o * s.N + n] = h[n];
+}
+
+template <typename TI>
+__device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long long dt_bs, int dt_ts,
+                                    const float* __restrict__ dt_bias, const float* __restrict__ A, int a_is_log,
+                                    const TI* __restrict__ Bm, const TI* __restrict__ Cm, long long bc_bs, int bc_ts,
+                                    const float* __restrict__ v, long long v_bs, int v_ts, const TI* __restrict__ z,
+                                    long long z_bs, int z_ts, const float* __restrict__ Dp, const float* __restrict__ h0,
+                                    const float* __restrict__ sum_delta, const float* __restrict__ S,
+                                    TI* __restrict__ y_t, float* __restrict__ y_raw, float* __restrict__ h_last,
+                                    float* __restrict__ hsq, float* __restrict__ dsum) {
+    extern __shared__ float sm[];  // B (LC, N), C (LC, N), then telemetry (LC) x 2
+    float* sb = sm;
+    float* sc = sm + s.LC * s.N;
+    float* th = sc + s.LC * s.N;
+    float* td = th + s.LC;
+    const int b = blockIdx.z, q = blockIdx.y;
+    const int t0 = q * s.LC, nt = min(s.L, t0 + s.LC) - t0;
+    for (int i = threadIdx.x; i < nt * s.N; i += blockDim.x) {
+        const size_t off = (size_t)b * bc_bs + (size_t)(t0 + i / s.N) * bc_ts + i % s.N;
+        sb[i] = to_f(Bm[off]);
+        sc[i] = to_f(Cm[off]);
+    }
+    const bool telem = hsq != nullptr;
+    if (telem)
+        for (int i = threadIdx.x; i < s.LC; i += blockDim.x) th[i] = td[i] = 0.0f;
+    __syncthreads();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool live = c < s.di;
+    const int cc = live ? c : 0;
+    float a[NMAX], h[NMAX];
+#pragma unroll
+    for (int n = 0; n < NMAX; n++) {
+        a[n] = 0.0f;
+        h[n] = 0.0f;
+        if (n < s.N) {
+            a[n] = a_is_log ? -expf(A[(size_t)cc * s.N + n]) : A[(size_t)cc * s.N + n];
+            if (h0 != nullptr) h[n] = h0[((size_t)b * s.di + cc) * s.N + n];
+        }
+    }
+    // compose the transfers of the chunks before this one
+    for (int p = 0; p < q; p++) {
+        const size_t o = ((size_t)b * s.Q + p) * s.di + cc;
+        const float sdp = sum_delta[o];
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < s.N) h[n] = expf(a[n] * sdp) * h[n] + S[o * s.N + n];
+    }
+    const float dc = Dp != nullptr ? Dp[cc] : 0.0f;
+    const float bias_c = dt_bias != nullptr ? dt_bias[cc] : 0.0f;
+    for (int t = 0; t < nt; t += SCAN_UNROLL) {
+        float raw[SCAN_UNROLL], vv[SCAN_UNROLL], zz[SCAN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; u++)
+            if (t + u < nt) {
+                const int tt = t0 + t + u;
+                raw[u] = to_f(dt[(size_t)b * dt_bs + (size_t)tt * dt_ts + cc]);
+                vv[u] = v[(size_t)b * v_bs + (size_t)tt * v_ts + cc];
+                zz[u] = y_t != nullptr ? to_f(z[(size_t)b * z_bs + (size_t)tt * z_ts + cc]) : 0.0f;
+            }
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; u++) {
+            if (t + u >= nt) break;
+            const int tt = t0 + t + u;
+            const float delta = dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
+            const float dv = delta * vv[u];
+            float y = 0.0f, hs = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NMAX; n++)
+                if (n < s.N) {
+                    h[n] = expf(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
+                    y = fmaf(h[n], sc[(t + u) * s.N + n], y);
+                    hs = fmaf(h[n], h[n], hs);
+                }
+            if (live) {
+                const size_t oi = ((size_t)b * s.L + tt) * s.di + c;
+                if (y_raw != nullptr) y_raw[oi] = y;
+                if (y_t != nullptr) y_t[oi] = from_f<TI>((y + vv[u] * dc) * silu_f(zz[u]));
+            }
+            if (telem) {
+                hs = warp_sum(live ? hs : 0.0f);
+                const float ds = warp_sum(live ? delta : 0.0f);
+                if ((threadIdx.x & 31) == 0) {
+                    atomicAdd(th + t + u, hs);
+                    atomicAdd(td + t + u, ds);
+                }
+            }
+        }
+    }
+    if (live && h_last != nullptr && q == s.Q - 1) {
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < s.N) h_last[((size_t)b * s.di + c) * s.N + n] = h[n];
+    }
+    if (telem) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) {
+            atomicAdd(hsq + (size_t)b * s.L + t0 + i, th[i]);
+            atomicAdd(dsum + (size_t)b * s.L + t0 + i, td[i]);
+        }
+    }
+}
+
+// Backward of the raw scan (f32 inputs, Δ given, A given, h0 = 0 or given, no gradient for h0).
+// One thread per (b, c); blockIdx.x over channels, blockIdx.y = b. LC <= 32.
+//   gy: (B, L, di) dL/dy_raw                       hs: (B, Q, di, N) scratch (chunk start states)
+//   hist: (B, LC, N, di) scratch (one chunk of states per channel)
+//   dv, dd: (B, L, di) outputs (row strides dv_ts / dd_ts, batch strides dv_bs / dd_bs)
+//   dB, dC: (B, L, N) outputs (accumulated with atomics; zeroed by the caller)
+//   dA: (di, N) output (accumulated with atomics; zeroed by the caller)
+// dynamic shared memory: LC · 2N floats
+extern "C" __global__ void scan_bwd_f32(ScanIn s, const float* __restrict__ dt, long long dt_bs, int dt_ts,
+                                        const float* __restrict__ A, const float* __restrict__ Bm,
+                                        const float* __restrict__ Cm, long long bc_bs, int bc_ts,
+                                        const float* __restrict__ v, long long v_bs, int v_ts,
+                                        const float* __restrict__ h0, const float* __restrict__ gy,
+                                        float* __restrict__ hs, float* __restrict__ hist, float* __restrict__ dv,
+                                        long long dv_bs, int dv_ts, float* __restrict__ dd, long long dd_bs, int dd_ts,
+                                        float* __restrict__ dB, float* __restrict__ dC, long long dbc_bs, int dbc_ts,
+                                        float* __restrict__ dA) {
+    extern __shared__ float red[];  // (LC, 2N): block sums of dB, dC for the current chunk
+    const int b = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool live = c < s.di;
+    const int cc = live ? c : 0;
+    const int N = s.N, LC = s.LC;
+    float a[NMAX], h[NMAX], g[NMAX], gA[NMAX];
+#pragma unroll
+    for (int n = 0; n < NMAX; n++) {
+        a[n] = h[n] = g[n] = gA[n] = 0.0f;
+        if (n < N) {
+            a[n] = A[(size_t)cc * N + n];
+            if (h0 != nullptr) h[n] = h0[((size_t)b * s.di + cc) * N + n];
+        }
+    }
+    // forward: the state at each chunk start
+    for (int q = 0; q < s.Q; q++) {
+        const int t0 = q * LC, nt = min(s.L, t0 + LC) - t0;
+        const size_t o = (((size_t)b * s.Q + q) * s.di + cc) * N;
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N && live) hs[o + n] = h[n];
+        for (int t = t0; t < t0 + nt; t++) {
+            const float delta = dt[(size_t)b * dt_bs + (size_t)t * dt_ts + cc];
+            const float dvv = delta * v[(size_t)b * v_bs + (size_t)t * v_ts + cc];
+            const float* Bt = Bm + (size_t)b * bc_bs + (size_t)t * bc_ts;
+#pragma unroll
+            for (int n = 0; n < NMAX; n++)
+                if (n < N) h[n] = expf(delta * a[n]) * h[n] + dvv * Bt[n];
+        }
+    }
+    // hist layout (B, LC, N, di): channel fastest, so a warp's accesses coalesce
+    const size_t hb = (size_t)b * LC * N * s.di;
+#define HIST(t, n) hist[hb + ((size_t)(t) * N + (n)) * s.di + cc]
+    // reverse over chunks; g holds a_{t+1}·dL/dh_{t+1} as it walks back
+    for (int q = s.Q - 1; q >= 0; q--) {
+        const int t0 = q * LC, nt = min(s.L, t0 + LC) - t0;
+        for (int i = threadIdx.x; i < LC * 2 * N; i += blockDim.x) red[i] = 0.0f;
+        const size_t o = (((size_t)b * s.Q + q) * s.di + cc) * N;
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N) h[n] = hs[o + n];
+        for (int t = 0; t < nt; t++) {
+            const int tt = t0 + t;
+            const float delta = dt[(size_t)b * dt_bs + (size_t)tt * dt_ts + cc];
+            const float dvv = delta * v[(size_t)b * v_bs + (size_t)tt * v_ts + cc];
+            const float* Bt = Bm + (size_t)b * bc_bs + (size_t)tt * bc_ts;
+#pragma unroll
+            for (int n = 0; n < NMAX; n++)
+                if (n < N) {
+                    h[n] = expf(delta * a[n]) * h[n] + dvv * Bt[n];
+                    if (live) HIST(t, n) = h[n];
+                }
+        }
+        __syncthreads();  // red zeroed, hist written
+        for (int t = nt - 1; t >= 0; t--) {
+            const int tt = t0 + t;
+            const float delta = dt[(size_t)b * dt_bs + (size_t)tt * dt_ts + cc];
+            const float vv = v[(size_t)b * v_bs + (size_t)tt * v_ts + cc];
+            const float* Bt = Bm + (size_t)b * bc_bs + (size_t)tt * bc_ts;
+            const float* Ct = Cm + (size_t)b * bc_bs + (size_t)tt * bc_ts;
+            const float gyt = live ? gy[((size_t)b * s.L + tt) * s.di + cc] : 0.0f;
+            float gdelta = 0.0f, gv = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NMAX; n++) {
+                if (n >= N) break;
+                const float hn = live ? HIST(t, n) : 0.0f;
+                const float hp = live ? (t > 0 ? HIST(t - 1, n) : hs[o + n]) : 0.0f;
+                const float an = expf(delta * a[n]);
+                const float gn = fmaf(gyt, Ct[n], g[n]);  // dL/dh_t
+                gdelta += gn * (vv * Bt[n] + hp * an * a[n]);
+                gv += gn * delta * Bt[n];
+                gA[n] += gn * hp * an * delta;
+                g[n] = an * gn;
+                const float sB = warp_sum(live ? gn * delta * vv : 0.0f);
+                const float sC = warp_sum(live ? gyt * hn : 0.0f);
+                if ((threadIdx.x & 31) == 0) {
+                    atomicAdd(red + t * 2 * N + n, sB);
+                    atomicAdd(red + t * 2 * N + N + n, sC);
+                }
+            }
+            if (live) {
+                dv[(size_t)b * dv_bs + (size_t)tt * dv_ts + c] = gv;
+                dd[(size_t)b * dd_bs + (size_t)tt * dd_ts + c] = gdelta;
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nt * 2 * N; i += blockDim.x) {
+            const int t = i / (2 * N), j = i % (2 * N);
+            float* dst = j < N ? dB : dC;
+            atomicAdd(dst + (size_t)b * dbc_bs + (size_t)(t0 + t) * dbc_ts + (j % N), red[i]);
+        }
+        __syncthreads();
+    }
+#undef HIST
+    if (live) {
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N) atomicAdd(dA + (size_t)c * N + n, gA[n]);
+    }
+}
+
+#define SCAN_KERNELS(T, S)                                                                                              \
+    extern "C" __global__ void scan_chunk_sum_##S(ScanIn s, const T* dt, long long dt_bs, int dt_ts,                   \
+                                                  const float* dt_bias, const float* A, int a_is_log, const T* Bm,     \
+                                                  long long bc_bs, int bc_ts, const float* v, long long v_bs, int v_ts, \
+                                                  float* sum_delta, float* Sst) {                                         \
+        scan_chunk_sum_impl<T>(s, dt, dt_bs, dt_ts, dt_bias, A, a_is_log, Bm, bc_bs, bc_ts, v, v_bs, v_ts, sum_delta,  \
+                               Sst);                                                                                      \
+    }                                                                                                                   \
+    extern "C" __global__ void scan_chunk_out_##S(                                                                      \
+        ScanIn s, const T* dt, long long dt_bs, int dt_ts, const float* dt_bias, const float* A, int a_is_log,         \
+        const T* Bm, const T* Cm, long long bc_bs, int bc_ts, const float* v, long long v_bs, int v_ts, const T* z,     \
+        long long z_bs, int z_ts, const float* Dp, const float* h0, const float* sum_delta, const float* Sst, T* y_t,     \
+        float* y_raw, float* h_last, float* hsq, float* dsum) {                                                         \
+        scan_chunk_out_impl<T>(s, dt, dt_bs, dt_ts, dt_bias, A, a_is_log, Bm, Cm, bc_bs, bc_ts, v, v_bs, v_ts, z, z_bs, \
+                               z_ts, Dp, h0, sum_delta, Sst, y_t, y_raw, h_last, hsq, dsum);                             \
+    }
+
+INSTANTIATE_T(SCAN_KERNELS)

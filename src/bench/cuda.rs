@@ -1,0 +1,151 @@
+//! The GPU-only parts of the benchmark: the copy-bandwidth ceiling, device memory, and the
+//! decode loops of the [`Decoder`] (eager, graph, pipelined, probe) and their launch-shape sweep.
+#![allow(unsafe_code)]
+
+use std::time::Instant;
+
+use candle_core::cuda_backend::cudarc::driver::result as cu;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{DType, Device, Tensor};
+
+use super::{decode_result, DecodeResult, SweepRow};
+use crate::error::Result;
+use crate::model::state::State;
+use crate::model::Model;
+use crate::ops::cuda::{cuda_device, dptr, mem_info};
+use crate::ops::decode::{DecodeOpts, Decoder};
+
+/// MiB of device memory in use (total − free), all processes.
+pub fn used_mib(dev: &Device) -> Result<f64> {
+    let (free, total) = mem_info(cuda_device(dev)?)?;
+    Ok((total - free) as f64 / (1024.0 * 1024.0))
+}
+
+/// Device-to-device copy of 1 GiB, 10 times after a warm-up: (read + written bytes) / time, GB/s.
+pub fn copy_bandwidth(dev: &Device) -> Result<f64> {
+    let n = 1usize << 28; // f32 elements = 1 GiB
+    let src = Tensor::ones(n, DType::F32, dev)?;
+    let dst = Tensor::zeros(n, DType::F32, dev)?;
+    let cd = cuda_device(dev)?;
+    let stream = cd.cuda_stream();
+    let (s, d) = (dptr(&src)?, dptr(&dst)?);
+    let copy = || -> Result<()> {
+        // SAFETY: both buffers hold n f32 and live until the end of this function.
+        unsafe { cu::memcpy_dtod_async(d, s, n * 4, stream.cu_stream()) }.w()?;
+        Ok(())
+    };
+    copy()?;
+    stream.synchronize().w()?;
+    let reps = 10;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        copy()?;
+    }
+    stream.synchronize().w()?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((2 * n * 4 * reps) as f64 / secs / 1e9)
+}
+
+/// Runs `n` decode steps of a fresh [`Decoder`] from (`st0`, `first`): eager, graph, pipelined
+/// (two graphs, two tokens in flight) or graph with the probe, per `mode`. Returns the result and
+/// (generated tokens, MiB in use) samples at `mem_points` and every 1024 tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn decoder_run(
+    model: &Model,
+    st0: &State,
+    first: u32,
+    opts: DecodeOpts,
+    mode: &str,
+    n: usize,
+    bytes: usize,
+    ceiling: Option<f64>,
+    mem_points: &[usize],
+) -> Result<(DecodeResult, Vec<(usize, f64)>)> {
+    let dev = &model.device;
+    let mut dec = Decoder::new(model, opts)?;
+    // warm-up step (modules loaded), then back to the start
+    dec.load_state(st0)?;
+    dec.set_token(first)?;
+    dec.step()?;
+    dec.load_state(st0)?;
+    dec.set_token(first)?;
+    if mode != "eager" {
+        dec.capture()?;
+    }
+    let mut times = Vec::with_capacity(n);
+    let mut mem = Vec::new();
+    let sample_mem = |i: usize, mem: &mut Vec<(usize, f64)>| -> Result<()> {
+        if mem_points.contains(&i) || (!mem_points.is_empty() && i % 1024 == 0) {
+            mem.push((i, used_mib(dev)?));
+        }
+        Ok(())
+    };
+    if mode == "pipelined" {
+        dec.enqueue(0)?;
+        let mut ev = [Some(dec.record()?), None];
+        let mut last = Instant::now();
+        for i in 0..n {
+            let cur = i % 2;
+            let nxt = 1 - cur;
+            if i + 1 < n {
+                dec.enqueue(nxt)?;
+                ev[nxt] = Some(dec.record()?);
+            }
+            if let Some(e) = ev[cur].take() {
+                e.synchronize().w()?;
+            }
+            let _tok = dec.token(cur);
+            let now = Instant::now();
+            times.push((now - last).as_secs_f64());
+            last = now;
+        }
+    } else {
+        for i in 0..n {
+            let t0 = Instant::now();
+            let _tok = dec.step()?;
+            times.push(t0.elapsed().as_secs_f64());
+            sample_mem(i + 1, &mut mem)?;
+        }
+    }
+    let note = match mode {
+        "eager" => "our kernels launched one by one, sync per token",
+        "graph-nopdl" => "one CUDA graph per token, no PDL / preload / prefetch, sync per token",
+        "graph" => "one CUDA graph per token, sync per token",
+        "pipelined" => "one CUDA graph per token, two tokens in flight",
+        _ => "one CUDA graph per token with the telemetry probe, sync per token",
+    };
+    Ok((
+        decode_result(mode, &times, Some(dec.launches_per_token()), bytes, ceiling, note),
+        mem,
+    ))
+}
+
+/// Graph-mode tok/s over a grid of launch options around `base` (`n` tokens each).
+pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts) -> Result<Vec<SweepRow>> {
+    let mut rows = Vec::new();
+    for (pdl, preload, prefetch) in [(true, true, false), (true, false, false), (true, true, true), (false, false, false)] {
+        for blocks_per_sm in [4u32, 8] {
+            for split_k in [2u32, 4] {
+                let opts = DecodeOpts {
+                    blocks_per_sm,
+                    split_k,
+                    pdl,
+                    prefetch,
+                    preload,
+                    ..base
+                };
+                let (r, _) = decoder_run(model, st0, first, opts, "graph", n, 0, None, &[])?;
+                rows.push(SweepRow {
+                    threads: opts.threads,
+                    blocks_per_sm,
+                    split_k,
+                    pdl,
+                    prefetch,
+                    preload,
+                    tok_s: r.tok_s,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}

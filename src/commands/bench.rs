@@ -1,0 +1,208 @@
+//! `blackmamba bench`: prefill and decode speed of a model (see [`crate::bench`]).
+
+use clap::Args;
+
+use crate::bench::{self, BenchOpts, BenchReport};
+use crate::commands::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Prompt tokens of the timed prefill (random ids).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Sequences in the timed prefill (decode is always batch 1).
+    #[arg(long, default_value_t = 1)]
+    pub prefill_batch: usize,
+    /// Tokens generated per decode mode.
+    #[arg(long, default_value_t = 256)]
+    pub gen_len: usize,
+    /// Timed prefill repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Decode modes, comma-separated: step, step-slow, eager, graph, graph-nopdl, pipelined,
+    /// graph-probe (default: step and, on CUDA, the five decoder modes).
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Tokens for the step modes (at most --gen-len).
+    #[arg(long, default_value_t = 64)]
+    pub step_tokens: usize,
+    /// Also time the graph mode over a grid of launch shapes.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Generated-token counts at which GPU memory is sampled (graph mode).
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
+    pub mem_points: Vec<usize>,
+    /// Also time the prefill on the tensor-op path (the kernels' slow twin).
+    #[arg(long)]
+    pub slow_prefill: bool,
+    /// Also break down one prefill and the decode step by part / kernel (CUDA).
+    #[arg(long)]
+    pub profile: bool,
+    /// Decoder: threads per block of its matrix-vector kernels.
+    #[arg(long, default_value_t = 256)]
+    pub threads: u32,
+    /// Decoder: cap of blocks per multiprocessor of its matrix-vector kernels.
+    #[arg(long, default_value_t = 8)]
+    pub blocks_per_sm: u32,
+    /// Decoder: K slices of out_proj and fc2 (0 = 2).
+    #[arg(long, default_value_t = 0)]
+    pub split_k: u32,
+    /// Decoder: no programmatic dependent launch.
+    #[arg(long)]
+    pub no_pdl: bool,
+    /// Decoder: load the start of each kernel's first weight row into registers before waiting
+    /// for the previous kernel (measured slower on an H200: more registers, fewer blocks per SM).
+    #[arg(long)]
+    pub preload: bool,
+    /// Decoder: ask L2 for all weight rows before waiting for the previous kernel.
+    #[arg(long)]
+    pub prefetch: bool,
+    /// Seed of the random weights and prompt.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the report as JSON only.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let device = crate::loader::device(m.device.as_deref())?;
+    let dtype = crate::loader::dtype(m.dtype.as_deref(), &device)?;
+    let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
+    let t0 = std::time::Instant::now();
+    let (mut model, label) = match &source {
+        // the released shapes with random weights drawn on the GPU (seconds, not minutes)
+        crate::loader::ModelSource::Random { shape, seed } if device.is_cuda() && shape != "tiny" => {
+            let cfg = crate::loader::random_config(shape);
+            let model =
+                bench::device_random::random_model(&cfg, *seed, &device, dtype).with_context(|| format!("building random:{shape}"))?;
+            (model, source.label())
+        }
+        _ => {
+            let l = super::load(m)?;
+            (l.model, l.label)
+        }
+    };
+    if !a.json {
+        eprintln!("loaded {label} in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    let opts = BenchOpts {
+        prompt_len: a.prompt_len,
+        prefill_batch: a.prefill_batch,
+        gen_len: a.gen_len,
+        reps: a.reps,
+        modes: if a.modes.is_empty() {
+            bench::default_modes(&device)
+        } else {
+            a.modes.clone()
+        },
+        step_tokens: a.step_tokens,
+        sweep: a.sweep,
+        seed: a.seed,
+        mem_points: a.mem_points.clone(),
+        slow_prefill: a.slow_prefill,
+        profile: a.profile,
+        #[cfg(feature = "cuda")]
+        decode: crate::ops::decode::DecodeOpts {
+            threads: a.threads,
+            blocks_per_sm: a.blocks_per_sm,
+            split_k: a.split_k,
+            pdl: !a.no_pdl,
+            preload: a.preload,
+            prefetch: a.prefetch,
+            ..Default::default()
+        },
+    };
+    let rep = bench::run(&mut model, &label, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        print_report(&rep);
+    }
+    Ok(())
+}
+
+fn print_report(r: &BenchReport) {
+    println!(
+        "model {} on {} ({}): {:.0}M params, {:.0}M active, {:.1} MB read per token",
+        r.model,
+        r.device,
+        r.dtype,
+        r.params_total as f64 / 1e6,
+        r.params_active as f64 / 1e6,
+        r.bytes_per_token as f64 / 1e6
+    );
+    if let Some(c) = r.hbm_copy_gb_s {
+        println!("device copy bandwidth (measured ceiling): {c:.0} GB/s");
+    }
+    if let Some(p) = &r.prefill {
+        println!(
+            "prefill: batch {} x {} tokens in {:.2} ms (median of {}): {:.0} tok/s",
+            p.batch,
+            p.prompt_len,
+            p.secs_median * 1e3,
+            p.secs_all.len(),
+            p.tok_s
+        );
+    }
+    if let Some(p) = &r.prefill_slow {
+        println!(
+            "prefill on the tensor-op path: batch {} x {} tokens in {:.2} ms: {:.0} tok/s",
+            p.batch,
+            p.prompt_len,
+            p.secs_median * 1e3,
+            p.tok_s
+        );
+    }
+    println!(
+        "{:<12} {:>7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}  note",
+        "decode", "tokens", "tok/s", "p50 ms", "p99 ms", "launch/t", "GB/s", "%ceil"
+    );
+    for d in &r.decode {
+        println!(
+            "{:<12} {:>7} {:>10.1} {:>9.3} {:>9.3} {:>9} {:>8.0} {:>7}  {}",
+            d.mode,
+            d.tokens,
+            d.tok_s,
+            d.ms_p50,
+            d.ms_p99,
+            d.launches_per_token.map_or("-".into(), |x| x.to_string()),
+            d.gb_s,
+            d.pct_of_measured_ceiling.map_or("-".into(), |x| format!("{x:.0}")),
+            d.note
+        );
+    }
+    if let Some(p) = r.probe_overhead_pct {
+        println!("probe overhead (graph-probe vs graph): {p:.2}%");
+    }
+    if let Some(m) = &r.memory {
+        let pts: Vec<String> = m.during_decode_mib.iter().map(|(t, v)| format!("{t} tok: {v:.0}")).collect();
+        println!(
+            "GPU memory in use (MiB): after load {:.0}, after prefill {:.0}, during decode [{}], peak {:.0}",
+            m.after_load_mib,
+            m.after_prefill_mib,
+            pts.join(", "),
+            m.peak_mib
+        );
+    }
+    if !r.prefill_profile.is_empty() {
+        println!("prefill breakdown (synchronised after each part):");
+        for (n, ms, c) in &r.prefill_profile {
+            println!("  {n:<24} {ms:>9.3} ms  ({c} calls)");
+        }
+    }
+    if !r.decode_profile.is_empty() {
+        let total: f64 = r.decode_profile.iter().map(|x| x.1).sum();
+        println!("decode step breakdown (eager, an event around each kernel; total {total:.1} µs):");
+        for (n, us, c) in &r.decode_profile {
+            println!("  {n:<26} {us:>8.1} µs  ({c} launches)");
+        }
+    }
+    for s in &r.sweep {
+        println!(
+            "sweep pdl {} preload {} prefetch {} threads {} blocks/SM {} split-K {}: {:.1} tok/s",
+            s.pdl, s.preload, s.prefetch, s.threads, s.blocks_per_sm, s.split_k, s.tok_s
+        );
+    }
+}

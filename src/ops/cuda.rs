@@ -1,0 +1,338 @@
+//! Plumbing of the fused kernels: the fat binaries that `build.rs` compiles from `kernels/*.cu`,
+//! loaded once per device; raw device pointers of tensors; kernel launches with their arguments.
+//!
+//! Every launch goes through [`Launch::run`], which counts it ([`launches`]), so the benchmark
+//! reports launches per token by counting, not by estimate.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
+use candle_core::{DType, Device, Storage, Tensor};
+
+use crate::error::{Error, Result};
+
+mod bins {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// One compiled `kernels/*.cu` file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Module {
+    Decode,
+    MambaStep,
+    Prefill,
+    Scan,
+    Sinkhorn,
+}
+
+impl Module {
+    fn image(self) -> &'static [u8] {
+        match self {
+            Self::Decode => bins::DECODE,
+            Self::MambaStep => bins::MAMBA_STEP,
+            Self::Prefill => bins::PREFILL,
+            Self::Scan => bins::SCAN,
+            Self::Sinkhorn => bins::SINKHORN,
+        }
+    }
+}
+
+type FuncKey = (DeviceId, Module, String);
+
+#[derive(Default)]
+struct Cache {
+    modules: HashMap<(DeviceId, Module), std::sync::Arc<CudaModule>>,
+    funcs: HashMap<FuncKey, CudaFunction>,
+}
+
+static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Kernel launches made through [`Launch::run`] since the process started.
+pub fn launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+fn internal(msg: impl Into<String>) -> Error {
+    Error::Invalid(format!("GPU kernels: {}", msg.into()))
+}
+
+/// The CUDA device of a candle device.
+pub fn cuda_device(dev: &Device) -> Result<&CudaDevice> {
+    Ok(dev.as_cuda_device()?)
+}
+
+/// Loads (once per device) and returns the kernel `name` of module `m`.
+pub fn func(dev: &CudaDevice, m: Module, name: &str) -> Result<CudaFunction> {
+    let lock = CACHE.get_or_init(|| Mutex::new(Cache::default()));
+    let mut cache = lock.lock().map_err(|_| internal("kernel cache lock poisoned"))?;
+    let key = (dev.id(), m, name.to_string());
+    if let Some(f) = cache.funcs.get(&key) {
+        return Ok(f.clone());
+    }
+    let module = match cache.modules.get(&(dev.id(), m)) {
+        Some(md) => md.clone(),
+        None => {
+            let md = dev.cuda_stream().context().load_module(Ptx::from_binary(m.image().to_vec())).w()?;
+            cache.modules.insert((dev.id(), m), md.clone());
+            md
+        }
+    };
+    let f = module.load_function(name).w()?;
+    cache.funcs.insert(key, f.clone());
+    Ok(f)
+}
+
+/// The kernel-name suffix of a dtype.
+pub fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => Err(internal(format!("no kernels for dtype {other:?}; use f32, bf16 or f16"))),
+    }
+}
+
+/// The device address of a contiguous CUDA tensor's first element.
+pub fn dptr(t: &Tensor) -> Result<u64> {
+    let (st, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        return Err(internal(format!("a kernel input of shape {:?} is not contiguous", t.dims())));
+    }
+    let Storage::Cuda(cs) = &*st else {
+        return Err(internal("a kernel input is not on the GPU"));
+    };
+    let stream = cs.device().cuda_stream();
+    let base = match t.dtype() {
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        DType::I64 => cs.as_cuda_slice::<i64>()?.device_ptr(&stream).0,
+        DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
+        DType::F64 => cs.as_cuda_slice::<f64>()?.device_ptr(&stream).0,
+        other => return Err(internal(format!("no pointer for dtype {other:?}"))),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+/// `Some(dptr)` of an optional tensor, else 0 (a null pointer for the kernel).
+pub fn dptr_opt(t: Option<&Tensor>) -> Result<u64> {
+    t.map_or(Ok(0), dptr)
+}
+
+/// An uninitialised tensor (every element is written by the kernel that fills it).
+pub fn empty(shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+    // SAFETY: callers launch a kernel that writes every element before anything reads it.
+    Ok(unsafe { Tensor::empty(shape, dtype, dev) }?)
+}
+
+/// The sizes of the selective-scan kernels (`ScanIn` in kernels/scan.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ScanIn {
+    pub bn: i32,
+    pub l: i32,
+    pub di: i32,
+    pub n: i32,
+    pub lc: i32,
+    pub q: i32,
+}
+
+// SAFETY: plain #[repr(C)] struct of i32, as the kernel declares it.
+unsafe impl DeviceRepr for ScanIn {}
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+    F64(f64),
+    Scan(ScanIn),
+}
+
+/// A kernel with its arguments and launch shape, ready to run (and to run again: the decode
+/// step builds its launches once and replays them).
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub func: CudaFunction,
+    pub args: Vec<Arg>,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub smem: u32,
+    /// Launch with programmatic dependent launch (the kernel may start while the previous one
+    /// finishes; it waits with `griddepcontrol.wait`).
+    pub pdl: bool,
+    /// A short label (profiles).
+    pub label: &'static str,
+}
+
+impl Launch {
+    pub fn new(func: CudaFunction, grid: (u32, u32, u32), block: u32, smem: u32) -> Self {
+        Self {
+            func,
+            args: Vec::new(),
+            grid,
+            block,
+            smem,
+            pdl: false,
+            label: "",
+        }
+    }
+    pub fn pdl(mut self, on: bool) -> Self {
+        self.pdl = on;
+        self
+    }
+    pub fn label(mut self, l: &'static str) -> Self {
+        self.label = l;
+        self
+    }
+    pub fn ptr(mut self, p: u64) -> Self {
+        self.args.push(Arg::Ptr(p));
+        self
+    }
+    pub fn i32(mut self, v: usize) -> Self {
+        self.args.push(Arg::I32(v as i32));
+        self
+    }
+    pub fn int(mut self, v: i32) -> Self {
+        self.args.push(Arg::I32(v));
+        self
+    }
+    pub fn i64(mut self, v: usize) -> Self {
+        self.args.push(Arg::I64(v as i64));
+        self
+    }
+    pub fn u32(mut self, v: u32) -> Self {
+        self.args.push(Arg::U32(v));
+        self
+    }
+    pub fn u64(mut self, v: u64) -> Self {
+        self.args.push(Arg::U64(v));
+        self
+    }
+    pub fn f32(mut self, v: f32) -> Self {
+        self.args.push(Arg::F32(v));
+        self
+    }
+    pub fn f64(mut self, v: f64) -> Self {
+        self.args.push(Arg::F64(v));
+        self
+    }
+    pub fn scan(mut self, s: ScanIn) -> Self {
+        self.args.push(Arg::Scan(s));
+        self
+    }
+
+    /// Enqueues the kernel on `stream` (asynchronous).
+    pub fn run(&self, stream: &CudaStream) -> Result<()> {
+        if self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0 {
+            return Ok(());
+        }
+        if self.pdl {
+            return self.run_pdl(stream);
+        }
+        let mut b = stream.launch_builder(&self.func);
+        for a in &self.args {
+            match a {
+                Arg::Ptr(v) | Arg::U64(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::F64(v) => b.arg(v),
+                Arg::Scan(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: self.grid,
+            block_dim: (self.block, 1, 1),
+            shared_mem_bytes: self.smem,
+        };
+        // SAFETY: the argument list matches the kernel's declaration in kernels/*.cu (each
+        // wrapper states it), and every pointer addresses live device memory of the stated size.
+        unsafe { b.launch(cfg) }.w()?;
+        LAUNCHES.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// cuLaunchKernelEx with the programmatic-stream-serialization attribute.
+    fn run_pdl(&self, stream: &CudaStream) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use std::ffi::c_void;
+        let mut params: Vec<*mut c_void> = self
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::Ptr(v) | Arg::U64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+                Arg::I32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+                Arg::I64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+                Arg::U32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+                Arg::F32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+                Arg::F64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+                Arg::Scan(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+            })
+            .collect();
+        // SAFETY: an all-zero attribute is valid (id 0 = ignore, value bytes unused).
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: self.grid.0,
+            gridDimY: self.grid.1,
+            gridDimZ: self.grid.2,
+            blockDimX: self.block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: self.smem,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        stream.context().bind_to_thread().w()?;
+        // SAFETY: params point at the argument values in self.args, which outlive the call (the
+        // driver copies them at launch); their order and types match the kernel's declaration.
+        unsafe { sys::cuLaunchKernelEx(&cfg, self.func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .w()?;
+        LAUNCHES.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Number of streaming multiprocessors of the device.
+pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(n.max(1) as u32)
+}
+
+/// (free, total) bytes of device memory.
+pub fn mem_info(dev: &CudaDevice) -> Result<(usize, usize)> {
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    Ok(candle_core::cuda_backend::cudarc::driver::result::mem_get_info().w()?)
+}
+
+/// Waits for all work queued on the device's stream.
+pub fn synchronize(dev: &CudaDevice) -> Result<()> {
+    Ok(dev.cuda_stream().synchronize().w()?)
+}
+
+/// Blocks of `threads` threads that cover `n` items, one per thread, capped at `cap`.
+pub fn blocks_for(n: usize, threads: u32, cap: u32) -> u32 {
+    (n.div_ceil(threads as usize) as u32).clamp(1, cap.max(1))
+}

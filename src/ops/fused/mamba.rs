@@ -1,0 +1,407 @@
+//! The fused Mamba mixer: full sequence (conv kernel, chunked scan kernels, cuBLAS products) and
+//! single-token step (conv + x_proj kernel, SSM step kernel). Twins: `MambaMixer::{forward, step}`.
+#![allow(unsafe_code)]
+
+use candle_core::{DType, Tensor, D};
+
+use super::{launch_cap, push_host, THREADS};
+use crate::error::{Error, Result};
+use crate::model::mamba::MambaMixer;
+use crate::model::probe::MambaRecord;
+use crate::model::scan::ScanOut;
+use crate::model::state::LayerState;
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module, ScanIn};
+use crate::ops::prof::{self, lap};
+
+/// Whether a Mamba mixer can take the fused path (no adapters on x_proj/dt_proj, one dtype).
+fn mamba_fusable(m: &MambaMixer) -> bool {
+    let dt = m.in_proj.weight.dtype();
+    m.x_proj.lora.is_none()
+        && m.dt_proj.lora.is_none()
+        && m.x_proj.bias.is_none()
+        && m.dt_proj.bias.is_none()
+        && [&m.x_proj.weight, &m.dt_proj.weight, &m.out_proj.weight]
+            .iter()
+            .all(|w| w.dtype() == dt)
+        && suffix(dt).is_ok()
+        && m.d_state <= 16
+        && m.d_conv <= 32
+}
+
+/// Chunk length and count of the chunked scan for a sequence of `len` tokens.
+fn scan_chunks(len: usize) -> (usize, usize) {
+    let lc = len.div_ceil(32).div_ceil(16).clamp(1, 16) * 16;
+    (lc, len.div_ceil(lc))
+}
+
+/// Inputs of a scan launch, as (pointer, batch stride, time stride) views.
+struct ScanArgs {
+    dims: ScanIn,
+    dt: (u64, usize, usize),
+    dt_bias: u64,
+    a: u64,
+    a_is_log: bool,
+    b: u64,
+    c: u64,
+    bc: (usize, usize),
+    v: (u64, usize, usize),
+    z: (u64, usize, usize),
+    d: u64,
+    h0: u64,
+}
+
+/// Runs the two chunked-scan kernels. Outputs: y_t (T, gated), y_raw (f32), h_last, telemetry.
+#[allow(clippy::too_many_arguments)]
+fn scan_launch(
+    dev: &candle_core::Device,
+    dtype: DType,
+    a: &ScanArgs,
+    y_t: Option<&Tensor>,
+    y_raw: Option<&Tensor>,
+    h_last: Option<&Tensor>,
+    hsq: Option<&Tensor>,
+    dsum: Option<&Tensor>,
+) -> Result<()> {
+    let cd = cuda_device(dev)?;
+    let stream = cd.cuda_stream();
+    let sfx = suffix(dtype)?;
+    let s = a.dims;
+    let (bn, q, di, n, lc) = (s.bn as usize, s.q as usize, s.di as usize, s.n as usize, s.lc as usize);
+    let grid = (di.div_ceil(128) as u32, q as u32, bn as u32);
+    // scratch: per chunk ΣΔ (B, Q, di) and the chunk's own state S (B, Q, di, N)
+    let (sum_delta, big_s) = if q > 1 {
+        (
+            Some(empty(&[bn, q, di], DType::F32, dev)?),
+            Some(empty(&[bn, q, di, n], DType::F32, dev)?),
+        )
+    } else {
+        (None, None)
+    };
+    if let (Some(sd), Some(ss)) = (&sum_delta, &big_s) {
+        Launch::new(
+            func(cd, Module::Scan, &format!("scan_chunk_sum_{sfx}"))?,
+            grid,
+            128,
+            (lc * n * 4) as u32,
+        )
+        .scan(s)
+        .ptr(a.dt.0)
+        .i64(a.dt.1)
+        .i32(a.dt.2)
+        .ptr(a.dt_bias)
+        .ptr(a.a)
+        .int(i32::from(a.a_is_log))
+        .ptr(a.b)
+        .i64(a.bc.0)
+        .i32(a.bc.1)
+        .ptr(a.v.0)
+        .i64(a.v.1)
+        .i32(a.v.2)
+        .ptr(dptr(sd)?)
+        .ptr(dptr(ss)?)
+        .run(&stream)?;
+    }
+    Launch::new(
+        func(cd, Module::Scan, &format!("scan_chunk_out_{sfx}"))?,
+        grid,
+        128,
+        ((2 * lc * n + 2 * lc) * 4) as u32,
+    )
+    .scan(s)
+    .ptr(a.dt.0)
+    .i64(a.dt.1)
+    .i32(a.dt.2)
+    .ptr(a.dt_bias)
+    .ptr(a.a)
+    .int(i32::from(a.a_is_log))
+    .ptr(a.b)
+    .ptr(a.c)
+    .i64(a.bc.0)
+    .i32(a.bc.1)
+    .ptr(a.v.0)
+    .i64(a.v.1)
+    .i32(a.v.2)
+    .ptr(a.z.0)
+    .i64(a.z.1)
+    .i32(a.z.2)
+    .ptr(a.d)
+    .ptr(a.h0)
+    .ptr(dptr_opt(sum_delta.as_ref())?)
+    .ptr(dptr_opt(big_s.as_ref())?)
+    .ptr(dptr_opt(y_t)?)
+    .ptr(dptr_opt(y_raw)?)
+    .ptr(dptr_opt(h_last)?)
+    .ptr(dptr_opt(hsq)?)
+    .ptr(dptr_opt(dsum)?)
+    .run(&stream)
+}
+
+/// The selective scan on f32 tensors by the chunked kernels; same contract as the twin
+/// [`crate::model::scan::selective_scan`] (v, delta (B, L, di); a (di, N); b, c (B, L, N);
+/// h0 (B, di, N)). N must be at most 16.
+pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, h0: &Tensor, want_norm: bool) -> Result<ScanOut> {
+    let (bn, len, di) = v.dims3()?;
+    let n = a.dim(1)?;
+    if n > 16 {
+        return Err(Error::Invalid(format!("fused scan: state size {n} is over 16")));
+    }
+    let dev = v.device();
+    let (v, delta, a, b, c, h0) = (
+        v.contiguous()?,
+        delta.contiguous()?,
+        a.contiguous()?,
+        b.contiguous()?,
+        c.contiguous()?,
+        h0.contiguous()?,
+    );
+    let (lc, q) = scan_chunks(len);
+    let args = ScanArgs {
+        dims: ScanIn {
+            bn: bn as i32,
+            l: len as i32,
+            di: di as i32,
+            n: n as i32,
+            lc: lc as i32,
+            q: q as i32,
+        },
+        dt: (dptr(&delta)?, len * di, di),
+        dt_bias: 0,
+        a: dptr(&a)?,
+        a_is_log: false,
+        b: dptr(&b)?,
+        c: dptr(&c)?,
+        bc: (len * n, n),
+        v: (dptr(&v)?, len * di, di),
+        z: (0, 0, 0),
+        d: 0,
+        h0: dptr(&h0)?,
+    };
+    let y = empty(&[bn, len, di], DType::F32, dev)?;
+    let h_last = empty(&[bn, di, n], DType::F32, dev)?;
+    let hsq = if want_norm {
+        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
+    } else {
+        None
+    };
+    let dsum = if want_norm {
+        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
+    } else {
+        None
+    };
+    scan_launch(dev, DType::F32, &args, None, Some(&y), Some(&h_last), hsq.as_ref(), dsum.as_ref())?;
+    Ok(ScanOut {
+        y,
+        h_last,
+        h_norm: hsq.map(|h| h.sqrt()).transpose()?,
+    })
+}
+
+/// Fused full-sequence Mamba mixer: x (B, L, d) -> (B, L, d). Twin: [`MambaMixer::forward`].
+pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
+    if !mamba_fusable(m) {
+        return m.forward(x, state, probe);
+    }
+    let (bn, len, _d) = x.dims3()?;
+    let (di, k, n, r) = (m.d_inner, m.d_conv, m.d_state, m.dt_rank);
+    let r2 = r + 2 * n;
+    let dev = x.device();
+    let cd = cuda_device(dev)?;
+    let stream = cd.cuda_stream();
+    let dt = m.in_proj.weight.dtype();
+    let sfx = suffix(dt)?;
+    let es = dt.size_in_bytes();
+    let mut laps = prof::start(dev)?;
+    let xz = m.in_proj.forward(x)?.to_dtype(dt)?.contiguous()?; // (B, L, 2·di) eq. 1
+    lap(&mut laps, "mamba.in_proj")?;
+    // eqs. 2-3: causal depthwise conv from the state's window, SiLU; v in f32 and in T
+    let v = empty(&[bn, len, di], DType::F32, dev)?;
+    let vt = empty(&[bn, len, di], dt, dev)?;
+    let new_conv = empty(&[bn, di, k], DType::F32, dev)?;
+    let conv_in = state.conv.contiguous()?;
+    let cw = m.conv_w.contiguous()?; // (di, 1, K)
+    Launch::new(
+        func(cd, Module::Prefill, &format!("conv1d_fwd_{sfx}"))?,
+        (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
+        THREADS,
+        0,
+    )
+    .i32(bn)
+    .i32(len)
+    .i32(di)
+    .i32(k)
+    .ptr(dptr(&xz)?)
+    .i32(2 * di)
+    .ptr(dptr(&conv_in)?)
+    .ptr(dptr(&cw)?)
+    .ptr(dptr(&m.conv_b.contiguous()?)?)
+    .ptr(dptr(&v)?)
+    .ptr(dptr(&vt)?)
+    .ptr(dptr(&new_conv)?)
+    .run(&stream)?;
+    lap(&mut laps, "mamba.conv")?;
+    // eqs. 4-5 inputs: [δ; B; C] = W_x v (cuBLAS), dt = W_dt δ (cuBLAS); softplus in the scan
+    let xdbl = m.x_proj.forward(&vt)?.contiguous()?; // (B, L, R+2N) T
+    let dtr = m.dt_proj.forward(&xdbl.narrow(D::Minus1, 0, r)?)?.contiguous()?; // (B, L, di) T
+    lap(&mut laps, "mamba.x_proj+dt_proj")?;
+    let (lc, q) = scan_chunks(len);
+    let xdbl_p = dptr(&xdbl)?;
+    let xz_p = dptr(&xz)?;
+    // contiguous views bound here so that they outlive the launches
+    let (dt_bias, a_log, dd, h0) = (
+        m.dt_bias.contiguous()?,
+        m.a_log.contiguous()?,
+        m.d.contiguous()?,
+        state.ssm.contiguous()?,
+    );
+    let args = ScanArgs {
+        dims: ScanIn {
+            bn: bn as i32,
+            l: len as i32,
+            di: di as i32,
+            n: n as i32,
+            lc: lc as i32,
+            q: q as i32,
+        },
+        dt: (dptr(&dtr)?, len * di, di),
+        dt_bias: dptr(&dt_bias)?,
+        a: dptr(&a_log)?,
+        a_is_log: true,
+        b: xdbl_p + (r * es) as u64,
+        c: xdbl_p + ((r + n) * es) as u64,
+        bc: (len * r2, r2),
+        v: (dptr(&v)?, len * di, di),
+        z: (xz_p + (di * es) as u64, len * 2 * di, 2 * di),
+        d: dptr(&dd)?,
+        h0: dptr(&h0)?,
+    };
+    let y = empty(&[bn, len, di], dt, dev)?;
+    let h_last = empty(&[bn, di, n], DType::F32, dev)?;
+    let want = probe.is_some();
+    let hsq = if want {
+        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
+    } else {
+        None
+    };
+    let dsum = if want {
+        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
+    } else {
+        None
+    };
+    scan_launch(dev, dt, &args, Some(&y), None, Some(&h_last), hsq.as_ref(), dsum.as_ref())?;
+    lap(&mut laps, "mamba.scan")?;
+    let out = m.out_proj.forward(&y)?; // (B, L, d) eq. 9
+    lap(&mut laps, "mamba.out_proj")?;
+    if let Some(p) = probe {
+        // conv state after token t holds u_{t−K+1..t}: a window sum of u² (as the twin)
+        let u = xz.narrow(D::Minus1, 0, di)?.to_dtype(DType::F32)?; // (B, L, di)
+        let prev = state.conv.narrow(2, 1, k - 1)?.transpose(1, 2)?; // (B, K−1, di)
+        let u_ext = Tensor::cat(&[&prev, &u], 1)?;
+        let u2 = u_ext.sqr()?.sum(D::Minus1)?; // (B, L+K−1)
+        let mut cn = u2.narrow(1, 0, len)?;
+        for tap in 1..k {
+            cn = (cn + u2.narrow(1, tap, len)?)?;
+        }
+        push_host(&mut p.conv_norm, &cn.sqrt()?)?;
+        if let Some(h) = &hsq {
+            push_host(&mut p.ssm_norm, &h.sqrt()?)?;
+        }
+        if let Some(ds) = &dsum {
+            push_host(&mut p.mean_delta, &(ds / di as f64)?)?;
+        }
+    }
+    state.conv = new_conv;
+    state.ssm = h_last;
+    Ok(out)
+}
+
+/// Fused single-token Mamba mixer: x (B, d) -> (B, d). Twin: [`MambaMixer::step`].
+pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
+    if !mamba_fusable(m) {
+        return m.step(x, state, probe);
+    }
+    let bn = x.dim(0)?;
+    let (di, k, n, r) = (m.d_inner, m.d_conv, m.d_state, m.dt_rank);
+    let r2 = r + 2 * n;
+    let dev = x.device();
+    let cd = cuda_device(dev)?;
+    let stream = cd.cuda_stream();
+    let cap = launch_cap(dev)?;
+    let dt = m.in_proj.weight.dtype();
+    let sfx = suffix(dt)?;
+    let es = dt.size_in_bytes();
+    let xz = m.in_proj.forward(x)?.to_dtype(dt)?.contiguous()?; // (B, 2·di)
+    let conv_in = state.conv.contiguous()?;
+    let cw = m.conv_w.contiguous()?;
+    let cb = m.conv_b.contiguous()?;
+    let wx = m.x_proj.weight.contiguous()?;
+    let dbc = empty(&[bn, r2], dt, dev)?;
+    let vec = i32::from((di * es) % 16 == 0);
+    let warps = THREADS / 32;
+    Launch::new(
+        func(cd, Module::MambaStep, &format!("conv_xproj_{sfx}"))?,
+        (blocks_for(r2, warps, cap), bn as u32, 1),
+        THREADS,
+        (di * es) as u32,
+    )
+    .i32(di)
+    .i32(k)
+    .i32(r2)
+    .ptr(dptr(&xz)?)
+    .i32(2 * di)
+    .ptr(dptr(&conv_in)?)
+    .ptr(dptr(&cw)?)
+    .ptr(dptr(&cb)?)
+    .ptr(dptr(&wx)?)
+    .ptr(dptr(&dbc)?)
+    .int(vec)
+    .run(&stream)?;
+    let y = empty(&[bn, di], dt, dev)?;
+    let new_conv = empty(&[bn, di, k], DType::F32, dev)?;
+    let new_h = empty(&[bn, di, n], DType::F32, dev)?;
+    let telem = if probe.is_some() {
+        Some(Tensor::zeros((bn, 3), DType::F32, dev)?)
+    } else {
+        None
+    };
+    let h_in = state.ssm.contiguous()?;
+    Launch::new(
+        func(cd, Module::MambaStep, &format!("ssm_step_{sfx}"))?,
+        (blocks_for(bn * di, warps, u32::MAX), 1, 1),
+        THREADS,
+        0,
+    )
+    .i32(bn)
+    .i32(di)
+    .i32(r)
+    .i32(n)
+    .i32(k)
+    .ptr(dptr(&xz)?)
+    .i32(2 * di)
+    .ptr(dptr(&conv_in)?)
+    .ptr(dptr(&new_conv)?)
+    .ptr(dptr(&cw)?)
+    .ptr(dptr(&cb)?)
+    .ptr(dptr(&dbc)?)
+    .ptr(dptr(&m.dt_proj.weight.contiguous()?)?)
+    .ptr(dptr(&m.dt_bias.contiguous()?)?)
+    .ptr(dptr(&m.a_log.contiguous()?)?)
+    .ptr(dptr(&m.d.contiguous()?)?)
+    .ptr(dptr(&h_in)?)
+    .ptr(dptr(&new_h)?)
+    .ptr(dptr(&y)?)
+    .ptr(dptr_opt(telem.as_ref())?)
+    .int(0)
+    .run(&stream)?;
+    let out = m.out_proj.forward(&y)?; // (B, d)
+    if let (Some(p), Some(t)) = (probe, &telem) {
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        for row in v.chunks(3) {
+            p.ssm_norm.push(row[0].sqrt());
+            p.conv_norm.push(row[1].sqrt());
+            p.mean_delta.push(row[2] / di as f32);
+        }
+    }
+    state.conv = new_conv;
+    state.ssm = new_h;
+    Ok(out)
+}

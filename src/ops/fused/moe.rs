@@ -1,0 +1,145 @@
+//! The fused SwitchMLP: router + top-1 and token grouping on the device, one cuBLAS product pair
+//! per expert with tokens, the gated activation and the scatter back by kernels. Twin:
+//! `SwitchMlp::forward`.
+
+use candle_core::{DType, Tensor};
+
+use super::{launch_cap, THREADS};
+use crate::error::{Error, Result};
+use crate::model::moe::{Routing, SwitchMlp};
+use crate::model::probe::MoeRecord;
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launch, Module};
+use crate::ops::prof::{self, lap};
+
+/// Fused SwitchMLP (greedy routing): router + sigmoid + top-1 and the token grouping on device,
+/// one cuBLAS product pair per expert that has tokens. x (.., d) -> (.., d) f32.
+/// Twin: [`SwitchMlp::forward`] (also used here for Sinkhorn routing).
+pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Tensor> {
+    let Some(first) = m.experts.first() else {
+        return m.forward(x, routing, probe);
+    };
+    let wdt = first.fc1.weight.dtype();
+    if routing != Routing::Greedy || m.router.lora.is_some() || m.experts.len() > 16 || suffix(wdt).is_err() {
+        return m.forward(x, routing, probe);
+    }
+    let dims = x.dims().to_vec();
+    let d = *dims.last().ok_or_else(|| Error::Invalid("moe: scalar input".into()))?;
+    let dev = x.device();
+    let cd = cuda_device(dev)?;
+    let stream = cd.cuda_stream();
+    let cap = launch_cap(dev)?;
+    let sfx = suffix(wdt)?;
+    let mut laps = prof::start(dev)?;
+    let xs = x.reshape(((), d))?.to_dtype(wdt)?.contiguous()?; // (T, d)
+    let n_tok = xs.dim(0)?;
+    let n_exp = m.experts.len();
+    let logits = empty(&[n_tok, n_exp], DType::F32, dev)?;
+    let expert = empty(&[n_tok], DType::U32, dev)?;
+    let gate = empty(&[n_tok], DType::F32, dev)?;
+    let bias = m
+        .router
+        .bias
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("moe: router has no bias".into()))?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let wr = m.router.weight.to_dtype(DType::F32)?.contiguous()?;
+    Launch::new(
+        func(cd, Module::Prefill, &format!("router_top1_{sfx}"))?,
+        (blocks_for(n_tok, THREADS / 32, cap), 1, 1),
+        THREADS,
+        0,
+    )
+    .i32(n_tok)
+    .i32(d)
+    .i32(n_exp)
+    .ptr(dptr(&xs)?)
+    .ptr(dptr(&wr)?)
+    .ptr(dptr(&bias)?)
+    .ptr(dptr(&logits)?)
+    .ptr(dptr(&expert)?)
+    .ptr(dptr(&gate)?)
+    .run(&stream)?;
+    lap(&mut laps, "moe.router")?;
+    let order = empty(&[n_tok], DType::U32, dev)?;
+    let inverse = empty(&[n_tok], DType::U32, dev)?;
+    let counts = empty(&[n_exp], DType::U32, dev)?;
+    let nt: u32 = if n_exp <= 8 { 1024 } else { 512 };
+    Launch::new(func(cd, Module::Prefill, "moe_group")?, (1, 1, 1), nt, nt * n_exp as u32 * 4)
+        .i32(n_tok)
+        .i32(n_exp)
+        .ptr(dptr(&expert)?)
+        .ptr(dptr(&order)?)
+        .ptr(dptr(&inverse)?)
+        .ptr(dptr(&counts)?)
+        .run(&stream)?;
+    let counts: Vec<u32> = counts.to_vec1()?; // the one host sync: sizes of the expert products
+    lap(&mut laps, "moe.group+sync")?;
+    let sorted = xs.index_select(&order, 0)?; // (T, d) grouped by expert
+    let mut outs = Vec::with_capacity(n_exp);
+    let mut off = 0;
+    for (e, &c) in counts.iter().enumerate() {
+        let c = c as usize;
+        if c > 0 {
+            outs.push(expert_forward(&m.experts[e], &sorted.narrow(0, off, c)?)?.to_dtype(wdt)?); // (c, d)
+            off += c;
+        }
+    }
+    let ys = Tensor::cat(&outs, 0)?.contiguous()?; // (T, d) grouped
+    lap(&mut laps, "moe.experts")?;
+    let y = empty(&[n_tok, d], DType::F32, dev)?;
+    Launch::new(
+        func(cd, Module::Prefill, &format!("moe_unpermute_{sfx}"))?,
+        (d.div_ceil(THREADS as usize) as u32, n_tok.min(65535) as u32, 1),
+        THREADS,
+        0,
+    )
+    .i32(n_tok)
+    .i32(d)
+    .ptr(dptr(&ys)?)
+    .ptr(dptr(&inverse)?)
+    .ptr(dptr(&gate)?)
+    .ptr(dptr(&y)?)
+    .run(&stream)?;
+    lap(&mut laps, "moe.unpermute")?;
+    if let Some(p) = probe {
+        p.n_experts = n_exp;
+        p.logits.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+        p.experts.extend(expert.to_vec1::<u32>()?);
+    }
+    Ok(y.reshape(dims)?)
+}
+
+/// One expert on its tokens: fc1 and fc2 on cuBLAS, the gated activation by one kernel.
+/// x (n, d) -> (n, d). Twin: [`crate::model::moe::Mlp::forward`] (also used for adapters,
+/// biases and ungated experts).
+fn expert_forward(e: &crate::model::moe::Mlp, x: &Tensor) -> Result<Tensor> {
+    let plain = |l: &crate::model::linear::Linear| l.lora.is_none() && l.bias.is_none();
+    if !e.gated || !plain(&e.fc1) || !plain(&e.fc2) {
+        return e.forward(x);
+    }
+    let a = e.fc1.forward(x)?.contiguous()?; // (n, 2f)
+    let (n, two_f) = a.dims2()?;
+    let f = two_f / 2;
+    let dt = a.dtype();
+    let dev = x.device();
+    let cd = cuda_device(dev)?;
+    let h = empty(&[n, f], dt, dev)?;
+    let act = match e.act {
+        crate::model::config::Activation::Gelu => 0,
+        crate::model::config::Activation::Silu => 1,
+    };
+    Launch::new(
+        func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
+        (f.div_ceil(THREADS as usize) as u32, n.min(65535) as u32, 1),
+        THREADS,
+        0,
+    )
+    .i32(n)
+    .i32(f)
+    .ptr(dptr(&a)?)
+    .ptr(dptr(&h)?)
+    .int(act)
+    .run(&cd.cuda_stream())?;
+    e.fc2.forward(&h)
+}

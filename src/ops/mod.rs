@@ -1,0 +1,94 @@
+//! Fused GPU kernels (`kernels/*.cu`, built by `build.rs` with feature `cuda`) and the code that
+//! runs them. Each fused op has a slow twin: the tensor-op path of `crate::model`, which the CPU
+//! always runs and which `tests/gpu_parity.rs` compares the kernels against on the GPU.
+//!
+//! * [`fused`]: the model's forward/step on CUDA (fused norms, conv, scan, Mamba step, MoE routing);
+//! * [`decode`]: the batch-1 decode step as a fixed list of launches over static buffers, run
+//!   eagerly or as one CUDA graph, sampling on device;
+//! * [`sinkhorn`]: Sinkhorn iterations on device;
+//! * [`scan_grad`]: the chunked selective scan as an autograd op (forward and backward kernels);
+//! * [`cuda`]: loading the kernels, device pointers, launches.
+//!
+//! Without feature `cuda` only [`available`] exists, and says no.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod prof;
+#[cfg(feature = "cuda")]
+pub mod scan_grad;
+#[cfg(feature = "cuda")]
+pub mod sinkhorn;
+
+/// Whether this build has the fused CUDA kernels.
+pub fn available() -> bool {
+    cfg!(feature = "cuda")
+}
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::model::probe::Probe;
+use crate::model::state::State;
+use crate::model::Model;
+
+/// One decode step at a time for [`crate::generate::generate`]: the graph-captured
+/// [`decode::Decoder`] when the model runs the kernels at batch 1, else [`Model::step`]. The
+/// logits come back to the host (the generate loop samples there, with every sampling option).
+pub struct Stepper {
+    #[cfg(feature = "cuda")]
+    dec: Option<decode::Decoder>,
+}
+
+impl Stepper {
+    /// Prepares stepping from `state` (whose last token has been fed).
+    pub fn new(model: &Model, state: &State, probe: bool) -> Self {
+        #[cfg(feature = "cuda")]
+        if model.runs_kernels() && state.batch == 1 {
+            let opts = decode::DecodeOpts {
+                probe,
+                ..Default::default()
+            };
+            if let Ok(mut d) = decode::Decoder::new(model, opts) {
+                if d.load_state(state).is_ok() && d.capture().is_ok() {
+                    return Self { dec: Some(d) };
+                }
+            }
+        }
+        let _ = (model, state, probe);
+        Self {
+            #[cfg(feature = "cuda")]
+            dec: None,
+        }
+    }
+
+    /// Feeds `id`, advancing `state.pos`; returns the next logits (V).
+    pub fn step(&mut self, model: &Model, id: u32, state: &mut State, probe: Option<&mut Probe>) -> Result<Vec<f32>> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = self.dec.as_mut() {
+            d.set_token(id)?;
+            d.step()?;
+            if let Some(p) = probe {
+                d.record_probe(0, p)?;
+            }
+            state.pos += 1;
+            return d.logits();
+        }
+        let l = model.step(&Tensor::from_slice(&[id], 1, &model.device)?, state, probe)?;
+        Ok(l.flatten_all()?.to_vec1()?)
+    }
+
+    /// Writes the stepped state back into `state` (a no-op when `Model::step` did the stepping).
+    pub fn finish(self, model: &Model, state: &mut State) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = self.dec {
+            *state = d.state(model, state.pos)?;
+        }
+        let _ = (model, state);
+        Ok(())
+    }
+}

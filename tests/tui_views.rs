@@ -88,10 +88,10 @@ fn finetune_view_before_and_during_a_run() {
     assert!(matches!(cmds[..], [Command::Finetune(FinetuneCommand::Start(_))]));
     app.update(Msg::Engine(EngineEvent::Error {
         id: None,
-        message: "fine-tuning is not available in this build yet".into(),
+        message: "data.jsonl: No such file or directory (os error 2)".into(),
     }));
     app.notice = None;
-    insta::assert_snapshot!("finetune_unavailable_80x24", screen(&app, 80, 24));
+    insta::assert_snapshot!("finetune_start_failed_80x24", screen(&app, 80, 24));
     let mut app = small_app();
     app.view = View::Finetune;
     let info = app.model.clone().unwrap();

@@ -25,7 +25,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     let note = ft
         .message
         .clone()
-        .or_else(|| (!available).then(|| "fine-tuning is not available in this build yet: the trainer is not wired in".to_string()));
+        .or_else(|| (!available).then(|| "fine-tuning is not available in this build".to_string()));
     let [head, body] = Layout::vertical([Constraint::Length(u16::from(note.is_some())), Constraint::Min(0)]).areas(outer);
     if let Some(n) = note {
         put(buf, head, head.x, head.y, &sanitize(&n), t.style(Role::Warning));

@@ -36,7 +36,11 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         vec![Line::from(vec![
             Span::styled(source, t.style(Role::Accent)),
             Span::styled(
-                format!(" · {used} used · tol {:.0e} · ≤{} iters", app.sink.tol, app.sink.max_iters),
+                match report.map(|r| r.origin) {
+                    // the trainer's own Sinkhorn settings, not the chat window's
+                    Some(SinkhornOrigin::Finetune { .. }) => format!(" · {used} tokens · the run that routed them"),
+                    _ => format!(" · {used} used · tol {:.0e} · ≤{} iters", app.sink.tol, app.sink.max_iters),
+                },
                 t.style(Role::Muted),
             ),
         ])],

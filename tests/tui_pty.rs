@@ -118,7 +118,7 @@ fn chat_views_resize_and_quit_in_a_pty() {
         ("Routing", "experts"),
         ("Sinkhorn", "Convergence"),
         ("State", "SSM state"),
-        ("Fine-tune", "not available"),
+        ("Fine-tune", "Probe prompt routing"),
     ] {
         send(b"\t");
         screen.wait(title, 20, |s| s.contains(&format!("╭ {title} ")) && s.contains(marker));

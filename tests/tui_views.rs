@@ -88,10 +88,10 @@ fn finetune_view_before_and_during_a_run() {
     assert!(matches!(cmds[..], [Command::Finetune(FinetuneCommand::Start(_))]));
     app.update(Msg::Engine(EngineEvent::Error {
         id: None,
-        message: "fine-tuning is not available in this build yet".into(),
+        message: "data.jsonl: No such file or directory (os error 2)".into(),
     }));
     app.notice = None;
-    insta::assert_snapshot!("finetune_unavailable_80x24", screen(&app, 80, 24));
+    insta::assert_snapshot!("finetune_start_failed_80x24", screen(&app, 80, 24));
     let mut app = small_app();
     app.view = View::Finetune;
     let info = app.model.clone().unwrap();
@@ -380,4 +380,41 @@ fn finetune_form_edits_and_commands() {
     assert!(matches!(cmds[..], [Command::Finetune(FinetuneCommand::Resume)]));
     let cmds = key(&mut app, KeyCode::Char('u'), KeyModifiers::NONE);
     assert!(matches!(cmds[..], [Command::Finetune(FinetuneCommand::UseFinetuned(true))]));
+}
+
+#[test]
+fn sinkhorn_view_of_a_training_batch() {
+    use blackmamba::engine::protocol::{SinkhornLayer, SinkhornOrigin, SinkhornReport};
+    use blackmamba::sinkhorn::{greedy, loads, sinkhorn, SinkhornOpts, Variant};
+    let mut app = small_app();
+    // the engine's report of a training step: the trainer's (Zyphra) run per MoE layer vs greedy
+    let (t, e) = (64, 8);
+    let mut rng = blackmamba::rng::Rng::new(5);
+    let layers = [1, 3]
+        .into_iter()
+        .map(|layer| {
+            let cost: Vec<f32> = (0..t * e)
+                .map(|k| (2.0 * rng.uniform() - 1.0) as f32 + 0.5 * (k % e == 2) as u8 as f32)
+                .collect();
+            let g = greedy(&cost, t, e);
+            let r = sinkhorn(&cost, t, e, &SinkhornOpts::default());
+            SinkhornLayer {
+                layer,
+                n_experts: e,
+                greedy_loads: loads(&g, e),
+                runs: vec![blackmamba::engine::sinkhorn::summarize(&r, &g, Variant::Zyphra)],
+            }
+        })
+        .collect();
+    app.update(Msg::Engine(EngineEvent::Sinkhorn(Box::new(SinkhornReport {
+        origin: SinkhornOrigin::Finetune { step: 42 },
+        window: t,
+        n_tokens: t,
+        layers,
+    }))));
+    app.view = View::Sinkhorn;
+    key(&mut app, KeyCode::Char('t'), KeyModifiers::NONE);
+    let s = screen(&app, 100, 30);
+    assert!(s.contains("training batch of step 42"), "{s}");
+    insta::assert_snapshot!("sinkhorn_training_100x30", s);
 }

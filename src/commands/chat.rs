@@ -29,6 +29,7 @@ pub fn run(m: &ModelArgs, a: &ChatArgs) -> anyhow::Result<()> {
         tokenizer: m.tokenizer.clone(),
         device: m.device.clone(),
         dtype: m.dtype.clone(),
+        adapter: m.adapter.clone(),
     };
     crate::tui::run(crate::tui::Options {
         load,

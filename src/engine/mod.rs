@@ -214,7 +214,7 @@ impl Worker {
                 )));
                 Ok(())
             }
-            Command::Finetune(c) => self.ft.handle(c, &self.model, emit),
+            Command::Finetune(c) => self.ft.handle(c, &self.model, &self.tok, &self.label, emit),
             Command::Shutdown => Ok(()),
         }
     }
@@ -246,7 +246,7 @@ fn load(spec: &LoadSpec, sink: &mut Sink) -> Result<Loaded> {
         })),
         hub: None,
     };
-    let loaded = std::thread::scope(|scope| {
+    let mut loaded = std::thread::scope(|scope| {
         let job = scope.spawn(|| crate::loader::load(&source, &device, dtype, &opts));
         while !job.is_finished() {
             if let Ok(p) = rx.recv_timeout(std::time::Duration::from_millis(50)) {
@@ -262,6 +262,15 @@ fn load(spec: &LoadSpec, sink: &mut Sink) -> Result<Loaded> {
         job.join()
             .unwrap_or_else(|_| Err(crate::Error::Invalid("the model loader panicked".into())))
     })?;
+    if let Some(dir) = &spec.adapter {
+        sink(EngineEvent::LoadProgress {
+            stage: format!("applying adapter {}", dir.display()),
+            done: 2,
+            total,
+        });
+        crate::finetune::adapter::apply(&mut loaded.model, dir)?;
+        loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
+    }
     sink(EngineEvent::LoadProgress {
         stage: "ready".into(),
         done: total,

@@ -38,7 +38,7 @@ impl CancelFlag {
     }
 }
 
-/// Where the model comes from: the global `--model/--revision/--tokenizer/--device/--dtype`.
+/// Where the model comes from: the global `--model/--revision/--tokenizer/--device/--dtype/--adapter`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadSpec {
     pub model: Option<String>,
@@ -46,6 +46,8 @@ pub struct LoadSpec {
     pub tokenizer: Option<PathBuf>,
     pub device: Option<String>,
     pub dtype: Option<String>,
+    /// `--adapter DIR`: a fine-tuned adapter put on the model once it is loaded.
+    pub adapter: Option<PathBuf>,
 }
 
 /// UI → engine.
@@ -99,7 +101,8 @@ pub enum FinetuneCommand {
 pub struct FinetuneSpec {
     pub data: PathBuf,
     pub method: FinetuneMethod,
-    /// LoRA target projections, e.g. `in_proj`, `out_proj`, `fc1`, `fc2`, `router`.
+    /// LoRA targets: `in_proj`, `x_proj`, `dt_proj`, `out_proj`, `experts` (or `fc1`/`fc2`),
+    /// `router` (also train the routers), or `all`.
     pub targets: Vec<String>,
     pub rank: usize,
     pub alpha: f64,
@@ -290,6 +293,9 @@ pub enum FinetuneEvent {
     UsingFinetuned(bool),
     /// Routing of the fixed probe prompt, before (`after == false`) or after fine-tuning.
     ProbeRouting(Box<ProbeRouting>),
+    /// Something went wrong outside a command (a NaN loss, a failed save at the end): the panel
+    /// shows it until the next status change.
+    Failed(String),
 }
 
 /// Where the trainer is.

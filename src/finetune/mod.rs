@@ -241,4 +241,8 @@ pub struct StepReport {
     pub sinkhorn_iters: Vec<usize>,
     /// The Sinkhorn runs of the last micro-batch, per MoE layer.
     pub sinkhorn: Vec<SinkhornResult>,
+    /// The greedy top-1 expert of each token of the last micro-batch, per MoE layer: the routing
+    /// Sinkhorn replaced (the TUI's Sinkhorn view compares the two).
+    #[serde(default)]
+    pub greedy: Vec<Vec<u32>>,
 }

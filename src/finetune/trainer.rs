@@ -25,7 +25,7 @@ use crate::model::moe::Routing;
 use crate::model::probe::Probe;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::sinkhorn::loads;
+use crate::sinkhorn::{greedy, loads};
 
 /// Params the model holds as a cast: name -> (param index, model dtype).
 type Casts = HashMap<String, (usize, DType)>;
@@ -171,6 +171,7 @@ impl Trainer {
         let (mut nll_total, mut n_inputs) = (0f64, 0usize);
         let mut expert_load: Vec<Vec<usize>> = Vec::new();
         let mut sinkhorn = Vec::new();
+        let mut greedy_routes = Vec::new();
         for idx in &micro {
             let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let batch = Batch::new(&refs, &self.model.device)?;
@@ -198,6 +199,11 @@ impl Trainer {
                     *a += l;
                 }
             }
+            greedy_routes = probe
+                .moe
+                .iter()
+                .map(|r| greedy(&r.logits, r.logits.len() / r.n_experts.max(1), r.n_experts))
+                .collect();
             sinkhorn = probe.moe.into_iter().filter_map(|r| r.sinkhorn).collect();
         }
         let loss = nll_total / total_targets.max(1) as f64;
@@ -231,6 +237,7 @@ impl Trainer {
             sinkhorn_iters: sinkhorn.iter().map(|s| s.iters()).collect(),
             expert_load,
             sinkhorn,
+            greedy: greedy_routes,
         };
         self.metrics
             .push(&MetricsLine::from_report(&report, self.started.elapsed().as_secs_f64()))?;
@@ -282,6 +289,13 @@ impl Trainer {
         }
         let m = inference_view(&self.model)?;
         evaluate(&m, &self.held_out, self.cfg.batch).map(Some)
+    }
+
+    /// The model as served (greedy routing) on the trainer's own tensors, for one-off forward
+    /// passes such as a probe prompt: cheap (no copy), but later steps change it; [`Trainer::model`]
+    /// is the snapshot to keep.
+    pub fn serving_view(&self) -> Result<Model> {
+        inference_view(&self.model)
     }
 
     /// Writes an eval result outside a step into metrics.jsonl (the "before" evaluation).

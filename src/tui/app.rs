@@ -422,6 +422,9 @@ impl App {
                 if let Some(c) = self.ft.key(k) {
                     if matches!(c, FinetuneCommand::Start(_)) {
                         self.ft.history.clear();
+                        self.ft.probe_before = None;
+                        self.ft.probe_after = None;
+                        self.ft.saved = None;
                     }
                     self.ft.awaiting = true;
                     out.push(Command::Finetune(c));
@@ -646,8 +649,10 @@ impl App {
             },
             EngineEvent::Finetune(ev) => {
                 self.ft.awaiting = false;
-                if let FinetuneEvent::Saved(p) = &ev {
-                    self.notify(format!("saved the adapter to {}", p.display()), false);
+                match &ev {
+                    FinetuneEvent::Saved(p) => self.notify(format!("saved the adapter to {}", p.display()), false),
+                    FinetuneEvent::Failed(m) => self.notify(m.clone(), true),
+                    _ => {}
                 }
                 self.ft.apply(ev);
             }

@@ -201,6 +201,7 @@ impl FinetuneState {
                 self.history.push(*p);
             }
             FinetuneEvent::Saved(p) => self.saved = Some(p),
+            FinetuneEvent::Failed(m) => self.message = Some(m),
             FinetuneEvent::UsingFinetuned(b) => self.using_finetuned = b,
             FinetuneEvent::ProbeRouting(r) => {
                 if r.after {

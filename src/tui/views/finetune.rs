@@ -25,7 +25,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     let note = ft
         .message
         .clone()
-        .or_else(|| (!available).then(|| "fine-tuning is not available in this build yet: the trainer is not wired in".to_string()));
+        .or_else(|| (!available).then(|| "fine-tuning is not available in this build".to_string()));
     let [head, body] = Layout::vertical([Constraint::Length(u16::from(note.is_some())), Constraint::Min(0)]).areas(outer);
     if let Some(n) = note {
         put(buf, head, head.x, head.y, &sanitize(&n), t.style(Role::Warning));
@@ -37,7 +37,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Layout::vertical([Constraint::Length(FIELDS.len() as u16 + 4), Constraint::Min(0)]).areas(body)
     };
     form(app, ft, form_a, buf);
-    let [prog, chart, probe] = Layout::vertical([Constraint::Length(5), Constraint::Min(5), Constraint::Length(8)]).areas(right);
+    let [prog, chart, probe] = Layout::vertical([Constraint::Length(6), Constraint::Min(5), Constraint::Length(8)]).areas(right);
     progress(app, ft, prog, buf);
     let loss: Vec<(f64, f64)> = ft.history.iter().map(|p| (p.step as f64, p.loss)).collect();
     let eval: Vec<(f64, f64)> = ft.history.iter().filter_map(|p| p.eval_loss.map(|e| (p.step as f64, e))).collect();

@@ -7,6 +7,7 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 
 use crate::engine::protocol::{SinkhornLayer, SinkhornOrigin, SinkhornReport};
+use crate::sinkhorn::Variant;
 use crate::tui::app::App;
 use crate::tui::theme::Role;
 use crate::tui::widgets::{bar, framed, line_chart, lines, Series};
@@ -35,7 +36,11 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         vec![Line::from(vec![
             Span::styled(source, t.style(Role::Accent)),
             Span::styled(
-                format!(" · {used} used · tol {:.0e} · ≤{} iters", app.sink.tol, app.sink.max_iters),
+                match report.map(|r| r.origin) {
+                    // the trainer's own Sinkhorn settings, not the chat window's
+                    Some(SinkhornOrigin::Finetune { .. }) => format!(" · {used} tokens · the run that routed them"),
+                    _ => format!(" · {used} used · tol {:.0e} · ≤{} iters", app.sink.tol, app.sink.max_iters),
+                },
                 t.style(Role::Muted),
             ),
         ])],
@@ -71,7 +76,8 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
 fn convergence(app: &App, layer: &SinkhornLayer, area: Rect, buf: &mut Buffer) {
     let mut series = Vec::new();
     let names = [["Z Δd1", "Z row err"], ["S Δd1", "S row err"]];
-    for (k, run) in layer.runs.iter().enumerate().take(2) {
+    for run in layer.runs.iter().take(2) {
+        let k = slot_of(run.variant);
         let pts = |v: &[f32]| v.iter().enumerate().map(|(i, &y)| ((i + 1) as f64, f64::from(y))).collect();
         series.push(Series {
             name: names[k][0],
@@ -107,7 +113,14 @@ fn loads(app: &App, layer: &SinkhornLayer, area: Rect, buf: &mut Buffer) {
             ),
         ]));
     }
-    ls.push(Line::from(Span::styled("expert  greedy │ Zyphra │ standard", t.style(Role::Muted))));
+    let mut head = String::from("expert  greedy");
+    for run in &layer.runs {
+        head.push_str(match run.variant {
+            Variant::Zyphra => " │ Zyphra",
+            Variant::Standard => " │ standard",
+        });
+    }
+    ls.push(Line::from(Span::styled(head, t.style(Role::Muted))));
     let max = layer
         .greedy_loads
         .iter()
@@ -145,13 +158,11 @@ fn summary(app: &App, r: &SinkhornReport, slot: usize, area: Rect, buf: &mut Buf
     };
     for (k, layer) in r.layers.iter().enumerate() {
         let n = layer.greedy_loads.iter().sum::<usize>().max(1) as f64;
-        let runs = &layer.runs;
-        let it = |i: usize| {
-            runs.get(i)
-                .map_or("–".into(), |x| format!("{}{}", x.iters(), if x.converged { "" } else { "+" }))
-        };
-        let mv = |i: usize| runs.get(i).map_or("–".into(), |x| format!("{:.0}%", 100.0 * x.changed as f64 / n));
-        let sh = |i: usize| runs.get(i).map_or("–".into(), |x| format!("{:.0}%", share(&x.loads)));
+        // column 0 is Zyphra's run, column 1 the standard one (training has only its own)
+        let run_in = |i: usize| layer.runs.iter().find(|r| slot_of(r.variant) == i);
+        let it = |i: usize| run_in(i).map_or("–".into(), |x| format!("{}{}", x.iters(), if x.converged { "" } else { "+" }));
+        let mv = |i: usize| run_in(i).map_or("–".into(), |x| format!("{:.0}%", 100.0 * x.changed as f64 / n));
+        let sh = |i: usize| run_in(i).map_or("–".into(), |x| format!("{:.0}%", share(&x.loads)));
         let style = if k == slot { t.style(Role::Selection) } else { t.style(Role::Text) };
         ls.push(Line::from(Span::styled(
             format!(
@@ -173,4 +184,12 @@ fn summary(app: &App, r: &SinkhornReport, slot: usize, area: Rect, buf: &mut Buf
     let mut shown: Vec<Line<'_>> = ls.drain(..1).collect();
     shown.extend(ls.into_iter().skip(skip));
     lines(inner, buf, shown);
+}
+
+/// The chart and summary column of a variant's run.
+fn slot_of(v: Variant) -> usize {
+    match v {
+        Variant::Zyphra => 0,
+        Variant::Standard => 1,
+    }
 }

@@ -9,6 +9,8 @@
   DEST/chat_eval.jsonl every 20th conversation, held out
   DEST/chat.txt        the training conversations as plain text in the chat template (for the
                        tokenizer trainer)
+  DEST/chat_mix.jsonl  the training conversations interleaved with as many short prose passages
+                       ({"text": ...}), so that the chat stage does not forget the prose
 
 Only the Python standard library is used (the chatterbot YAML files are simple enough to parse by
 hand: lists of lists of strings)."""
@@ -121,6 +123,16 @@ def main():
             (g if i % 20 == 19 else f).write(json.dumps(c, ensure_ascii=False) + "\n")
             if i % 20 != 19:
                 t.write("".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in c["messages"]) + "\n")
+    # short prose passages (whole paragraphs up to 600 characters) for the chat stage's mix
+    paras = [p.strip() for d in train for p in d.split("\n") if 200 <= len(p.strip()) <= 600]
+    step = max(1, len(paras) // max(1, len(convs)))
+    passages = paras[::step][: len(convs)]
+    with open(dest / "chat_mix.jsonl", "w", encoding="utf-8") as f:
+        for i, c in enumerate(convs):
+            if i % 20 != 19:
+                f.write(json.dumps(c, ensure_ascii=False) + "\n")
+            if i < len(passages):
+                f.write(json.dumps({"text": passages[i]}, ensure_ascii=False) + "\n")
     chars = sum(len(d) for d in docs)
     print(f"prepare_corpus: {len(docs)} prose documents ({chars / 1e6:.1f} M chars), {len(convs)} conversations -> {dest}")
 

@@ -14,11 +14,11 @@ OUT=${2:-runs/default}
 CORPUS=${CORPUS:-data/corpus}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-1500}
-CHAT_STEPS=${CHAT_STEPS:-400}
+CHAT_STEPS=${CHAT_STEPS:-200}
 SEQ=${SEQ:-256}
 BATCH=${BATCH:-32}
 LR=${LR:-3e-3}
-CHAT_LR=${CHAT_LR:-1e-3}
+CHAT_LR=${CHAT_LR:-5e-4}
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
 [[ -f $CORPUS/prose.txt ]] || "$HERE/fetch-corpus.sh" "$CORPUS"
@@ -37,11 +37,12 @@ pretrain() { # name config
 # 2. pre-training on the prose: the MoE model and, with the same data, steps and tokens, the
 #    dense baseline of equal active parameters (each MoE layer one MLP of an expert's width)
 pretrain moe-pretrain moe
-pretrain dense-pretrain dense
+[[ ${SKIP_DENSE:-0} == 1 ]] || pretrain dense-pretrain dense
 
-# 3. chat: full fine-tuning of the MoE model on the conversations, in the TUI's chat template
+# 3. chat: full fine-tuning of the MoE model on the conversations, in the TUI's chat template,
+#    interleaved with as many prose passages so that it keeps its prose
 if [[ ! -f $OUT/moe-chat/model.safetensors ]]; then
-  "$BIN" finetune --model "$OUT/moe-pretrain" --method full --data "$CORPUS/chat.jsonl" --eval-data "$CORPUS/chat_eval.jsonl" \
+  "$BIN" finetune --model "$OUT/moe-pretrain" --method full --data "$CORPUS/chat_mix.jsonl" --eval-data "$CORPUS/chat_eval.jsonl" \
     --steps "$CHAT_STEPS" --lr "$CHAT_LR" --warmup 20 --eval-every 100 --tokenizer "$TOK" --device "$DEVICE" --dtype f32 \
     --seq-len 128 --batch "$BATCH" --seed 1 --out "$OUT/moe-chat"
 fi
@@ -52,6 +53,7 @@ cp "$TOK" "$OUT/default/tokenizer.json"
 
 # 5. held-out losses for the model card (greedy routing, as at inference)
 for m in moe-pretrain dense-pretrain default; do
+  [[ -d $OUT/$m ]] || continue
   echo "== $m on held-out prose"; "$BIN" eval --model "$OUT/$m" --tokenizer "$TOK" --device "$DEVICE" --data "$CORPUS/prose_eval.txt" --seq-len "$SEQ"
 done
 echo "== default on held-out chat"; "$BIN" eval --model "$OUT/default" --tokenizer "$TOK" --device "$DEVICE" --data "$CORPUS/chat_eval.jsonl"

@@ -83,8 +83,9 @@ impl MambaMixer {
         self.out_proj.visit_mut("out_proj", f)
     }
 
-    /// Full sequence: x (B, L, d) -> (B, L, d), from and into `state`.
-    pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
+    /// Full sequence: x (B, L, d) -> (B, L, d), from and into `state`. `fused_scan` lets a
+    /// CUDA model scan with the fused autograd kernels (fine-tuning; see `ops::training_scan`).
+    pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>, fused_scan: bool) -> Result<Tensor> {
         let (_b, len, _d) = x.dims3()?;
         let (di, k) = (self.d_inner, self.d_conv);
         let xz = self.in_proj.forward(x)?; // (B, L, 2·di)  eq. 1: [u; z] = W_in x
@@ -104,7 +105,14 @@ impl MambaMixer {
         let v = candle_nn::ops::silu(&c)?; // eq. 3: (B, L, di)
         let (delta, bm, cm) = self.ssm_params(&v)?; // (B, L, di), (B, L, N), (B, L, N)
         let a = self.a_log.exp()?.neg()?; // eq. 6: (di, N)
-        let scan = selective_scan(&v, &delta, &a, &bm, &cm, &state.ssm, probe.is_some())?;
+        let fused = match fused_scan && probe.is_none() {
+            true => crate::ops::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
+            false => None,
+        };
+        let scan = match fused {
+            Some(s) => s,
+            None => selective_scan(&v, &delta, &a, &bm, &cm, &state.ssm, probe.is_some())?,
+        };
         let y = (scan.y + v.broadcast_mul(&self.d)?)?; // eq. 8: (B, L, di)
         let y = (y * candle_nn::ops::silu(&z)?)?; // eq. 9 gate
         let out = self.out_proj.forward(&y.to_dtype(self.out_proj.weight.dtype())?)?; // (B, L, d)

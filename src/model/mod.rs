@@ -101,7 +101,8 @@ impl Model {
             device: device.clone(),
             routing: Routing::Greedy,
             differentiable: false,
-            use_kernels: true,
+            // BLACKMAMBA_NO_KERNELS=1 runs the tensor-op path on the GPU too (an escape hatch).
+            use_kernels: std::env::var_os("BLACKMAMBA_NO_KERNELS").is_none_or(|v| v.is_empty() || v == "0"),
         })
     }
 
@@ -279,7 +280,7 @@ impl Model {
                     let rec = probe.as_deref_mut().filter(|p| !p.moe_only).map(|p| &mut p.mamba[mamba_slot]);
                     mamba_slot += 1;
                     if seq {
-                        m.forward(&normed, st, rec)?
+                        m.forward(&normed, st, rec, self.trains_with_kernels())?
                     } else {
                         m.step(&normed, st, rec)?
                     }
@@ -294,6 +295,12 @@ impl Model {
             res = (res + out.to_dtype(DType::F32)?)?;
         }
         Ok(res)
+    }
+
+    /// Whether fine-tuning scans with the fused autograd kernels: a differentiable model on
+    /// CUDA with `use_kernels` (the rest of its forward stays tensor ops, which autograd sees).
+    pub fn trains_with_kernels(&self) -> bool {
+        crate::ops::available() && self.use_kernels && self.differentiable && self.device.is_cuda()
     }
 
     /// Whether forward/step take the fused CUDA kernels (see [`Model::use_kernels`]).

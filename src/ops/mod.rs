@@ -33,8 +33,36 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::model::probe::Probe;
+use crate::model::scan::ScanOut;
 use crate::model::state::State;
 use crate::model::Model;
+
+/// The selective scan for fine-tuning on the GPU: y through the autograd op of [`scan_grad`]
+/// (fused forward and backward kernels), the final state through the inference scan kernel (the
+/// state is never differentiated). `None` where the kernels cannot run (CPU tensors, builds without
+/// `cuda`, N > 16): the caller then uses the tensor-op scan, the twin both are tested against.
+pub fn training_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, h0: &Tensor) -> Result<Option<ScanOut>> {
+    #[cfg(feature = "cuda")]
+    if v.device().is_cuda() && a.dim(1)? <= 16 {
+        let y = scan_grad::selective_scan_grad(v, delta, a, b, c, Some(h0))?;
+        let last = fused::mamba::selective_scan(
+            &v.detach(),
+            &delta.detach(),
+            &a.detach(),
+            &b.detach(),
+            &c.detach(),
+            &h0.detach(),
+            false,
+        )?;
+        return Ok(Some(ScanOut {
+            y,
+            h_last: last.h_last,
+            h_norm: None,
+        }));
+    }
+    let _ = (v, delta, a, b, c, h0);
+    Ok(None)
+}
 
 /// One decode step at a time for [`crate::generate::generate`]: the graph-captured
 /// [`decode::Decoder`] when the model runs the kernels at batch 1, else [`Model::step`]. The

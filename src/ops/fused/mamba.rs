@@ -199,7 +199,7 @@ pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
 /// Fused full-sequence Mamba mixer: x (B, L, d) -> (B, L, d). Twin: [`MambaMixer::forward`].
 pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
     if !mamba_fusable(m) {
-        return m.forward(x, state, probe);
+        return m.forward(x, state, probe, false);
     }
     let (bn, len, _d) = x.dims3()?;
     let (di, k, n, r) = (m.d_inner, m.d_conv, m.d_state, m.dt_rank);

@@ -16,7 +16,7 @@ use crate::model::{Mixer, Model};
 use crate::ops::cuda::{cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
 use crate::ops::prof::{self, lap};
 
-mod mamba;
+pub(crate) mod mamba;
 mod moe;
 
 pub use mamba::{mamba_forward, mamba_step, selective_scan};

@@ -1,6 +1,6 @@
 //! Where a model comes from (`--model`), and loading it with its tokenizer onto a device.
 //!
-//! * nothing: the embedded default model (or, while none ships, a random demo model);
+//! * nothing: the embedded default model (compiled into the binary, see [`crate::embedded`]);
 //! * `random:tiny|1.5b|2.8b[@seed]`: random weights of those shapes (benchmarks, demos);
 //! * a folder with `config.json`, the weights and optionally `tokenizer.json`;
 //! * a hub id such as `Zyphra/BlackMamba-2.8B` (see [`crate::hub`]).
@@ -173,13 +173,26 @@ impl LoadOpts {
 pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts) -> Result<Loaded> {
     let t0 = Instant::now();
     let (model, tok_path, untrained) = match source {
-        ModelSource::Embedded => match crate::embedded::default_model_dir() {
-            Some(dir) => {
-                let (m, t) = load_dir_with(&dir, device, dtype, opts)?;
-                (m, t, false)
-            }
-            None => (random_model("tiny", 0, device, dtype)?, None, true),
-        },
+        ModelSource::Embedded => {
+            opts.report("read", 0, 1);
+            let (m, tok) = crate::embedded::load(device, dtype)?;
+            opts.report("ready", 1, 1);
+            let tokenizer = match &opts.tokenizer {
+                Some(p) => {
+                    let t = tokenizer::from_file(p)?;
+                    tokenizer::check_fits(&t, m.cfg.vocab_size, &format!("tokenizer {}", p.display()))?;
+                    t
+                }
+                None => tok,
+            };
+            return Ok(Loaded {
+                model: m,
+                tokenizer,
+                label: source.label(),
+                untrained: false,
+                load_secs: t0.elapsed().as_secs_f64(),
+            });
+        }
         ModelSource::Random { shape, seed } => (random_model(shape, *seed, device, dtype)?, None, true),
         ModelSource::Dir(dir) => {
             let (m, t) = load_dir_with(dir, device, dtype, opts)?;

@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used)]
-//! End to end: the real binary in a pseudo-terminal with the default (demo) model. Types a prompt,
+//! End to end: the real binary in a pseudo-terminal with the embedded default model. Types a prompt,
 //! watches tokens stream, visits every view, opens help, resizes, quits with exit code 0 and
 //! leaves the terminal as it found it.
 
@@ -82,10 +82,13 @@ fn chat_views_resize_and_quit_in_a_pty() {
         w.flush().unwrap();
     };
 
-    // the UI is up at once; the demo model loads behind it
+    // the UI is up at once; the embedded model loads behind it
     screen.wait("the tab bar", 30, |s| s.contains("F1 Chat") && s.contains("F5 Fine-tune"));
     let s = screen.wait("the model", 120, |s| s.contains("cpu f32"));
-    assert!(s.contains("untrained demo weights"), "{s}");
+    assert!(
+        s.contains("embedded") && !s.contains("untrained demo weights"),
+        "the embedded model, no demo banner:\n{s}"
+    );
 
     // the sampling panel: max tokens 256 → 32 (Ctrl-P, 6 × Down, 7 × Left, Enter)
     send(b"\x10");

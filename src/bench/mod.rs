@@ -4,7 +4,7 @@
 //! * `step-slow`: [`Model::step`] on the tensor-op path (the kernels' slow twin), host argmax;
 //! * `step`: [`Model::step`] on the fused-kernel path (CUDA), host argmax;
 //! * `eager` / `graph` / `graph-nopdl` / `pipelined` / `graph-probe`: the
-//!   [`crate::ops::decode::Decoder`] step, launched one kernel at a time, as one CUDA graph waiting
+//!   `crate::ops::decode::Decoder` step, launched one kernel at a time, as one CUDA graph waiting
 //!   for each token, the same without programmatic dependent launch and L2 prefetch, as graphs with
 //!   two tokens in flight, and as a graph with the telemetry probe on.
 //!

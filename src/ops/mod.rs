@@ -2,12 +2,12 @@
 //! runs them. Each fused op has a slow twin: the tensor-op path of `crate::model`, which the CPU
 //! always runs and which `tests/gpu_parity.rs` compares the kernels against on the GPU.
 //!
-//! * [`fused`]: the model's forward/step on CUDA (fused norms, conv, scan, Mamba step, MoE routing);
-//! * [`decode`]: the batch-1 decode step as a fixed list of launches over static buffers, run
+//! * `fused`: the model's forward/step on CUDA (fused norms, conv, scan, Mamba step, MoE routing);
+//! * `decode`: the batch-1 decode step as a fixed list of launches over static buffers, run
 //!   eagerly or as one CUDA graph, sampling on device;
-//! * [`sinkhorn`]: Sinkhorn iterations on device;
-//! * [`scan_grad`]: the chunked selective scan as an autograd op (forward and backward kernels);
-//! * [`cuda`]: loading the kernels, device pointers, launches.
+//! * `sinkhorn`: Sinkhorn iterations on device;
+//! * `scan_grad`: the chunked selective scan as an autograd op (forward and backward kernels);
+//! * `cuda`: loading the kernels, device pointers, launches.
 //!
 //! Without feature `cuda` only [`available`] exists, and says no.
 
@@ -37,7 +37,7 @@ use crate::model::scan::ScanOut;
 use crate::model::state::State;
 use crate::model::Model;
 
-/// The selective scan for fine-tuning on the GPU: y through the autograd op of [`scan_grad`]
+/// The selective scan for fine-tuning on the GPU: y through the autograd op of `scan_grad`
 /// (fused forward and backward kernels), the final state through the inference scan kernel (the
 /// state is never differentiated). `None` where the kernels cannot run (CPU tensors, builds without
 /// `cuda`, N > 16): the caller then uses the tensor-op scan, the twin both are tested against.
@@ -65,7 +65,7 @@ pub fn training_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Ten
 }
 
 /// One decode step at a time for [`crate::generate::generate`]: the graph-captured
-/// [`decode::Decoder`] when the model runs the kernels at batch 1, else [`Model::step`]. The
+/// `decode::Decoder` when the model runs the kernels at batch 1, else [`Model::step`]. The
 /// logits come back to the host (the generate loop samples there, with every sampling option).
 pub struct Stepper {
     #[cfg(feature = "cuda")]

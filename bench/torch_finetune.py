@@ -33,6 +33,8 @@ batches), --checkpoint all recomputes the MoE layers too.
 
   python3 bench/torch_finetune.py --shape 2.8b --method lora --seq-len 2048 --batch 8 [--json]
   python3 bench/torch_finetune.py --check      # CPU self-test: scans, checkpointing, gradients
+  python3 bench/torch_finetune.py --parity DIR # same loss and gradient norm as blackmamba's trainer
+                                               # (DIR from tests/ftbench.rs, see docs/ftbench.md)
 """
 import argparse
 import json
@@ -45,10 +47,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# hidden size, layers, expert hidden size, vocabulary
+# hidden size, layers, expert hidden size, vocabulary (Mamba and 8-expert MoE layers alternate)
 SHAPES = {"tiny": (32, 4, 48, 256), "1.5b": (1152, 30, 3072, 50304), "2.8b": (1472, 36, 3872, 50304)}
-N, K, E = 16, 4, 8
 TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj", "experts")
+
+
+def shape_config(name):
+    """The config.json fields this script reads, for a named shape."""
+    d, layers, f, vocab = SHAPES[name]
+    return {
+        "hidden_size": d,
+        "num_layers": layers,
+        "mamba_moe_layers": ["r" if i % 2 == 0 else "8" for i in range(layers)],
+        "ffn_hidden_size": f,
+        "vocab_size": vocab,
+        "state_size": 16,
+        "conv_dimension": 4,
+        "expansion_factor": 2,
+        "layernorm_epsilon": 1e-5,
+    }
+
+
+def check_config(cfg, where):
+    """Exits unless the config is one this script builds (the released layout)."""
+    if cfg.get("add_bias_linear", False) or not cfg.get("swiglu", True) or cfg.get("expert_activation", "gelu") != "gelu":
+        sys.exit(f"{where}: only add_bias_linear false, swiglu true and GELU experts are supported here")
+    for code in cfg["mamba_moe_layers"]:
+        if code != "r" and not (code.isdigit() and int(code[-1]) >= 2):
+            sys.exit(f"{where}: layer code {code!r} is not supported here (use r or an expert count)")
 
 
 def uniform(shape, bound, g, dev):
@@ -80,7 +106,7 @@ class Linear(nn.Module):
         return y
 
 
-def rmsnorm(x, w, eps=1e-5):
+def rmsnorm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
@@ -128,9 +154,10 @@ def scan_chunked(v, delta, a_mat, b, c, chunk):
 
 
 def sinkhorn_zyphra(cost, tol=1e-4, max_iters=1000):
-    """Zyphra's Sinkhorn (SPEC §3) on cost (T, E) f32: the balanced plan, under no-grad."""
+    """Zyphra's Sinkhorn (SPEC §3) on cost (T, E): the balanced plan, under no-grad, in f64 as
+    `blackmamba` computes it (T·E is small)."""
     t, e = cost.shape
-    k = torch.exp(2 * cost)
+    k = torch.exp(2 * cost.double())
     d1 = 1 / (e * k.sum(0))
     for _ in range(max_iters):
         prev = d1
@@ -142,10 +169,11 @@ def sinkhorn_zyphra(cost, tol=1e-4, max_iters=1000):
 
 
 class Mamba(nn.Module):
-    def __init__(self, d, layers, g, dev, cdt, full, lora):
+    def __init__(self, cfg, g, dev, cdt, full, lora):
         super().__init__()
-        di, r = 2 * d, math.ceil(d / 16)
-        self.di, self.r = di, r
+        d, layers, n, k = cfg["hidden_size"], cfg["num_layers"], cfg["state_size"], cfg["conv_dimension"]
+        di, r = cfg["expansion_factor"] * d, math.ceil(d / 16)
+        self.di, self.r, self.n, self.k, self.eps = di, r, n, k, cfg["layernorm_epsilon"]
 
         def lin(name, out_f, in_f, bound):
             rank, alpha = lora.get(name, (0, 0.0))
@@ -153,24 +181,24 @@ class Mamba(nn.Module):
 
         self.norm = nn.Parameter(torch.ones(d, device=dev), requires_grad=full)
         self.in_proj = lin("in_proj", 2 * di, d, 1 / math.sqrt(d))
-        self.conv_w = nn.Parameter(torch.rand(di, 1, K, device=dev, generator=g) - 0.5, requires_grad=full)
+        self.conv_w = nn.Parameter(torch.rand(di, 1, k, device=dev, generator=g) - 0.5, requires_grad=full)
         self.conv_b = nn.Parameter(torch.zeros(di, device=dev), requires_grad=full)
-        self.x_proj = lin("x_proj", r + 2 * N, di, 1 / math.sqrt(di))
+        self.x_proj = lin("x_proj", r + 2 * n, di, 1 / math.sqrt(di))
         self.dt_proj = lin("dt_proj", di, r, 1 / math.sqrt(r))
         dt = torch.exp(torch.rand(di, device=dev, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         dt = dt.clamp(min=1e-4)
         self.dt_b = nn.Parameter(dt + torch.log(-torch.expm1(-dt)), requires_grad=full)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(di, 1), requires_grad=full)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, device=dev, dtype=torch.float32)).repeat(di, 1), requires_grad=full)
         self.D = nn.Parameter(torch.ones(di, device=dev), requires_grad=full)
         self.out_proj = lin("out_proj", d, di, 1 / math.sqrt(layers) / math.sqrt(di))
 
     def forward(self, res, scan):
         length = res.shape[1]
-        xz = self.in_proj(rmsnorm(res, self.norm))  # (B, L, 2di)
+        xz = self.in_proj(rmsnorm(res, self.norm, self.eps))  # (B, L, 2di)
         u, z = xz.float().chunk(2, -1)
-        conv = F.conv1d(u.transpose(1, 2), self.conv_w, self.conv_b, padding=K - 1, groups=self.di)
+        conv = F.conv1d(u.transpose(1, 2), self.conv_w, self.conv_b, padding=self.k - 1, groups=self.di)
         v = F.silu(conv[..., :length]).transpose(1, 2)  # (B, L, di) f32
-        dt, b, c = self.x_proj(v).float().split([self.r, N, N], -1)
+        dt, b, c = self.x_proj(v).float().split([self.r, self.n, self.n], -1)
         delta = F.softplus(self.dt_proj(dt).float() + self.dt_b)  # (B, L, di)
         y = scan(v, delta, -torch.exp(self.A_log), b, c)
         y = (y + self.D * v) * F.silu(z)
@@ -178,24 +206,25 @@ class Mamba(nn.Module):
 
 
 class Moe(nn.Module):
-    def __init__(self, d, f, layers, g, dev, cdt, full, lora, train_router):
+    def __init__(self, cfg, experts, g, dev, cdt, full, lora, train_router):
         super().__init__()
+        d, f, layers = cfg["hidden_size"], cfg["ffn_hidden_size"], cfg["num_layers"]
         rank, alpha = lora.get("experts", (0, 0.0))
-        self.f = f
+        self.f, self.e, self.eps = f, experts, cfg["layernorm_epsilon"]
         self.norm = nn.Parameter(torch.ones(d, device=dev), requires_grad=full)
-        self.router = Linear(E, d, 1 / math.sqrt(d), g, dev, torch.float32, full or train_router, bias=True)
-        self.fc1 = nn.ModuleList(Linear(2 * f, d, 1 / math.sqrt(d), g, dev, cdt, full, rank, alpha) for _ in range(E))
-        self.fc2 = nn.ModuleList(Linear(d, f, 1 / math.sqrt(layers) / math.sqrt(f), g, dev, cdt, full, rank, alpha) for _ in range(E))
+        self.router = Linear(experts, d, 1 / math.sqrt(d), g, dev, torch.float32, full or train_router, bias=True)
+        self.fc1 = nn.ModuleList(Linear(2 * f, d, 1 / math.sqrt(d), g, dev, cdt, full, rank, alpha) for _ in range(experts))
+        self.fc2 = nn.ModuleList(Linear(d, f, 1 / math.sqrt(layers) / math.sqrt(f), g, dev, cdt, full, rank, alpha) for _ in range(experts))
 
     def forward(self, res):
         shape = res.shape
-        xs = rmsnorm(res, self.norm).reshape(-1, shape[-1])  # (T, d) f32
+        xs = rmsnorm(res, self.norm, self.eps).reshape(-1, shape[-1])  # (T, d) f32
         logits = self.router(xs)  # (T, E) f32
         with torch.no_grad():
             expert = sinkhorn_zyphra(logits.detach()).argmax(-1)  # (T)
         gate = torch.sigmoid(logits).gather(1, expert.unsqueeze(1))  # (T, 1): the router's gradient
         order = torch.argsort(expert)
-        counts = torch.bincount(expert, minlength=E).tolist()
+        counts = torch.bincount(expert, minlength=self.e).tolist()
         grouped = xs[order].split(counts)
         outs = []
         for e, x in enumerate(grouped):
@@ -207,17 +236,19 @@ class Moe(nn.Module):
 
 
 class BlackMamba(nn.Module):
-    def __init__(self, shape, cdt, dev, seed, method, targets, rank, alpha, train_router):
+    """Random weights per SPEC §9 for `cfg` (a config.json's fields)."""
+
+    def __init__(self, cfg, cdt, dev, seed, method, targets, rank, alpha, train_router):
         super().__init__()
-        d, layers, f, vocab = SHAPES[shape]
+        d, vocab = cfg["hidden_size"], cfg["vocab_size"]
         g = torch.Generator(device=dev).manual_seed(seed)
         full = method == "full"
         lora = {t: (rank, alpha) for t in targets} if method == "lora" else {}
-        self.cdt, self.vocab = cdt, vocab
+        self.cdt, self.vocab, self.eps = cdt, vocab, cfg["layernorm_epsilon"]
         self.emb = nn.Parameter((torch.randn(vocab, d, device=dev, generator=g) * 0.02).to(torch.float32 if full else cdt), requires_grad=full)
         self.layers = nn.ModuleList(
-            Mamba(d, layers, g, dev, cdt, full, lora) if i % 2 == 0 else Moe(d, f, layers, g, dev, cdt, full, lora, train_router or method == "router")
-            for i in range(layers)
+            Mamba(cfg, g, dev, cdt, full, lora) if code == "r" else Moe(cfg, int(code[-1]), g, dev, cdt, full, lora, train_router or method == "router")
+            for code in cfg["mamba_moe_layers"]
         )
         self.final_w = nn.Parameter(torch.ones(d, device=dev), requires_grad=full)
         self.final_b = nn.Parameter(torch.zeros(d, device=dev), requires_grad=full)
@@ -233,7 +264,7 @@ class BlackMamba(nn.Module):
                 res = checkpoint(layer, *args, use_reentrant=False)
             else:
                 res = layer(*args)
-        h = F.layer_norm(res, (res.shape[-1],), self.final_w, self.final_b, 1e-5)
+        h = F.layer_norm(res, (res.shape[-1],), self.final_w, self.final_b, self.eps)
         logits = (h.to(self.cdt) @ self.emb.to(self.cdt).t()).float()  # (B, L, V)
         return F.cross_entropy(logits.view(-1, self.vocab), tgt.reshape(-1))
 
@@ -269,7 +300,7 @@ def run(a):
     if bad:
         sys.exit(f"--targets: unknown {bad}; use {','.join(TARGETS)} or all")
     torch.manual_seed(a.seed)
-    model = BlackMamba(a.shape, cdt, dev, a.seed, a.method, targets, a.rank, a.alpha, a.train_router)
+    model = BlackMamba(shape_config(a.shape), cdt, dev, a.seed, a.method, targets, a.rank, a.alpha, a.train_router)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         sys.exit(f"--method {a.method}: nothing to train")
@@ -384,7 +415,7 @@ def self_check():
     for method in ("lora", "full", "router"):
         grads = {}
         for ckpt in ("none", "all"):
-            m = BlackMamba("tiny", torch.float32, torch.device("cpu"), 3, method, TARGETS, 4, 8.0, False)
+            m = BlackMamba(shape_config("tiny"), torch.float32, torch.device("cpu"), 3, method, TARGETS, 4, 8.0, False)
             if method == "lora":
                 for p in m.parameters():  # non-zero B so every adapter gets a gradient
                     if p.requires_grad and p.dim() == 2 and not p.abs().sum():
@@ -401,7 +432,7 @@ def self_check():
         ok &= not missing
         print(f"check {method}: {len(g0) - len(missing)} of {len(g0)} trainable tensors got a gradient {'ok' if not missing else 'FAILED: ' + ', '.join(missing[:4])}")
 
-    m = BlackMamba("tiny", torch.float32, torch.device("cpu"), 1, "lora", TARGETS, 4, 8.0, False)
+    m = BlackMamba(shape_config("tiny"), torch.float32, torch.device("cpu"), 1, "lora", TARGETS, 4, 8.0, False)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(2))
     losses = []
@@ -414,6 +445,79 @@ def self_check():
     good = losses[-1] < losses[0] - 0.1
     ok &= good
     print(f"check lora training lowers the loss: {losses[0]:.3f} -> {losses[-1]:.3f} {'ok' if good else 'FAILED'}")
+    return ok
+
+
+def read_safetensors(path):
+    """name -> tensor of a .safetensors file (F32, BF16 or F16), read without the safetensors package."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    kinds = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in kinds:
+            sys.exit(f"{path}: tensor {name} has dtype {info['dtype']}; F32, BF16 or F16 expected")
+        start, end = info["data_offsets"]
+        data = bytearray(raw[8 + n + start : 8 + n + end])
+        out[name] = torch.frombuffer(data, dtype=kinds[info["dtype"]]).reshape(info["shape"]).float() if data else torch.zeros(info["shape"])
+    return out
+
+
+def load_weights(model, tensors):
+    """Puts a blackmamba / release checkpoint's tensors (by their names) into `model`."""
+    names = {"embedding.word_embeddings.weight": model.emb, "decoder.final_layernorm.weight": model.final_w, "decoder.final_layernorm.bias": model.final_b}
+    for i, layer in enumerate(model.layers):
+        p = f"decoder.layers.{i}"
+        names[f"{p}.norm.weight"] = layer.norm
+        m = f"{p}.mixer"
+        if isinstance(layer, Mamba):
+            names.update({
+                f"{m}.in_proj.weight": layer.in_proj.weight, f"{m}.conv1d.weight": layer.conv_w, f"{m}.conv1d.bias": layer.conv_b,
+                f"{m}.x_proj.weight": layer.x_proj.weight, f"{m}.dt_proj.weight": layer.dt_proj.weight, f"{m}.dt_proj.bias": layer.dt_b,
+                f"{m}.A_log": layer.A_log, f"{m}.D": layer.D, f"{m}.out_proj.weight": layer.out_proj.weight,
+            })
+        else:
+            names.update({f"{m}.router.weight": layer.router.weight, f"{m}.router.bias": layer.router.bias})
+            for e in range(layer.e):
+                names[f"{m}.local_experts.{e}.linear_fc1.weight"] = layer.fc1[e].weight
+                names[f"{m}.local_experts.{e}.linear_fc2.weight"] = layer.fc2[e].weight
+    missing = sorted(set(names) - set(tensors))
+    extra = sorted(set(tensors) - set(names))
+    if missing or extra:
+        sys.exit(f"checkpoint does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in names.items():
+            t = tensors[name]
+            if t.numel() != param.numel():
+                sys.exit(f"checkpoint tensor {name} has shape {list(t.shape)}, expected {list(param.shape)}")
+            param.copy_(t.reshape(param.shape))
+
+
+def parity(folder):
+    """Training loss and gradient norm of every weight, on a blackmamba model folder and a batch
+    that `blackmamba` measured (parity.json: ids, loss, grad_norm), in f32 on the CPU."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.setdefault("layernorm_epsilon", 1e-5)
+    check_config(cfg, folder / "config.json")
+    want = json.loads((folder / "parity.json").read_text())
+    model = BlackMamba(cfg, torch.float32, torch.device("cpu"), 0, "full", TARGETS, 0, 0.0, False)
+    load_weights(model, read_safetensors(folder / "model.safetensors"))
+    ids = torch.tensor(want["ids"], dtype=torch.long)
+    loss = model.loss(ids, make_scan("chunked", 8), "none")
+    loss.backward()
+    norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))
+    ok = True
+    for name, got, ref, tol in (("loss", loss.item(), want["loss"], 1e-6), ("gradient norm", norm, want["grad_norm"], 1e-6)):
+        rel = abs(got - ref) / max(abs(ref), 1e-12)
+        good = rel <= tol
+        ok &= good
+        print(f"parity {name}: torch {got:.7g}, blackmamba {ref:.7g}, relative difference {rel:.1e} (tolerance {tol:.0e}) {'ok' if good else 'FAILED'}")
     return ok
 
 
@@ -438,9 +542,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--check", action="store_true", help="run the CPU self-test and exit")
+    ap.add_argument("--parity", metavar="DIR", help="compare loss and gradient norm with blackmamba's on DIR (see parity())")
     a = ap.parse_args()
     if a.check:
         sys.exit(0 if self_check() else 1)
+    if a.parity:
+        sys.exit(0 if parity(a.parity) else 1)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("torch_finetune.py: no CUDA GPU; use --device cpu (small shapes) or --check")
     if a.steps < 1 or a.seq_len < 1 or a.batch < 1 or a.chunk < 1:

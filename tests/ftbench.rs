@@ -239,3 +239,34 @@ fn cli_bench_finetune() {
     let (ok, _, err) = bm(&[&common[..], &["--gen-len", "4"]].concat());
     assert!(!ok && err.contains("cannot be used with"), "{err}");
 }
+
+/// The PyTorch baseline computes the same training step: on a model folder written here and a
+/// batch of random tokens, `bench/torch_finetune.py --parity` rebuilds the model from the
+/// checkpoint and must reproduce the trainer's first loss (Sinkhorn routing) and the norm of the
+/// gradient of every weight. Needs a Python with torch, so it only runs when asked:
+/// `BM_TORCH_PYTHON=/path/to/python3 cargo test --test ftbench -- --ignored`.
+#[test]
+#[ignore = "needs python3 with torch: BM_TORCH_PYTHON=python3 cargo test --test ftbench -- --ignored"]
+fn torch_baseline_computes_the_same_training_step() {
+    let py = std::env::var("BM_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&["r", "8", "r", "8"], 32);
+    let base = model(&cfg, 5, true);
+    let d = dir.path().join("m");
+    base.save_dir(&d, candle_core::DType::F32).unwrap();
+    let ex = random_examples(2, 40, VOCAB, 9);
+    let mut fc = run_config(Default::default(), dir.path().join("unused"), Method::Full, 1);
+    fc.seq_len = 40;
+    fc.batch = 2;
+    let mut tr = Trainer::in_memory(&base, &byte_tokenizer(), fc, ex.clone()).unwrap();
+    let r = tr.step().unwrap();
+    let ids: Vec<&Vec<u32>> = ex.iter().map(|e| &e.ids).collect();
+    let parity = serde_json::json!({"ids": ids, "loss": r.loss, "grad_norm": r.grad_norm});
+    std::fs::write(d.join("parity.json"), parity.to_string()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_finetune.py");
+    let out = Command::new(&py).arg(script).arg("--parity").arg(&d).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" ok").count(), 2, "{text}");
+}

@@ -12,7 +12,8 @@
 //! With `profile`, a few more steps wait for the device between forward, backward and update and
 //! report where the time goes. On CUDA the device memory in use (all processes, as the driver
 //! reports it) is sampled every millisecond by a second thread during the steps; its maximum
-//! is the peak.
+//! is the peak. On the CPU (Linux) the process's resident memory is reported instead, its peak
+//! being the kernel's high-water mark, reset before the steps.
 
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -72,14 +73,34 @@ pub struct PhaseProfile {
     pub total_ms: f64,
 }
 
-/// Device memory during the run, MiB in use on the device (all processes).
+/// Memory during the run, MiB: on CUDA in use on the device (all processes), on the CPU the
+/// process's resident set.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct TrainMemory {
+    /// "gpu" or "host".
+    pub kind: String,
     pub after_load_mib: f64,
     /// After the trainer made its trainable tensors and optimiser state.
     pub after_setup_mib: f64,
-    /// Highest sample during the warm-up and timed steps.
+    /// Highest sample during the warm-up and timed steps (GPU); the resident high-water mark
+    /// since just before the steps (host).
     pub peak_mib: f64,
+}
+
+/// The process's resident memory now and its high-water mark, MiB (Linux; None elsewhere).
+fn host_rss_mib() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kb: f64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Resets the resident high-water mark to the current resident size (Linux); false if it could not.
+fn reset_host_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// The report of `bench --finetune`.
@@ -154,6 +175,7 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
     let dev = model.device.clone();
     #[cfg(feature = "cuda")]
     let after_load = if dev.is_cuda() { Some(super::cuda::used_mib(&dev)?) } else { None };
+    let host_after_load = if dev.is_cpu() { host_rss_mib() } else { None };
     let profile_steps = if o.profile { o.steps.min(3) } else { 0 };
     let total = o.warmup + o.steps + profile_steps;
     let cfg = FinetuneConfig {
@@ -172,17 +194,24 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
     let vocab = model.cfg.vocab_size.min(50277);
     let data = random_examples(o.batch * 4, o.seq_len, vocab, o.seed);
     let mut tr = Trainer::in_memory(model, tok, cfg, data)?;
+    let mut memory = match host_after_load {
+        Some((after_load_mib, _)) if reset_host_peak() => host_rss_mib().map(|(now, _)| TrainMemory {
+            kind: "host".into(),
+            after_load_mib,
+            after_setup_mib: now,
+            peak_mib: 0.0,
+        }),
+        _ => None,
+    };
     #[cfg(feature = "cuda")]
-    let mut memory = match after_load {
-        Some(after_load_mib) => Some(TrainMemory {
+    if let Some(after_load_mib) = after_load {
+        memory = Some(TrainMemory {
+            kind: "gpu".into(),
             after_load_mib,
             after_setup_mib: super::cuda::used_mib(&dev)?,
             peak_mib: 0.0,
-        }),
-        None => None,
-    };
-    #[cfg(not(feature = "cuda"))]
-    let memory: Option<TrainMemory> = None;
+        });
+    }
     #[cfg(feature = "cuda")]
     let sampler = if dev.is_cuda() {
         Some(super::cuda::MemSampler::start(&dev)?)
@@ -221,6 +250,9 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
     #[cfg(feature = "cuda")]
     if let (Some(s), Some(m)) = (sampler, memory.as_mut()) {
         m.peak_mib = s.stop()?.max(m.after_setup_mib);
+    }
+    if let Some(m) = memory.as_mut().filter(|m| m.kind == "host") {
+        m.peak_mib = host_rss_mib().map_or(0.0, |(_, peak)| peak);
     }
 
     let tokens_per_step = o.batch * o.seq_len;

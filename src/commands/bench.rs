@@ -241,8 +241,13 @@ fn print_finetune(r: &FinetuneBenchReport) {
         );
     }
     if let Some(m) = &r.memory {
+        let what = if m.kind == "gpu" {
+            "GPU memory in use"
+        } else {
+            "resident host memory"
+        };
         println!(
-            "GPU memory in use (MiB): after load {:.0}, after setup {:.0}, peak during the steps {:.0}",
+            "{what} (MiB): after load {:.0}, after setup {:.0}, peak during the steps {:.0}",
             m.after_load_mib, m.after_setup_mib, m.peak_mib
         );
     }

@@ -3,7 +3,7 @@
 //! A [`Trainer`] is set up in memory (no files) on random token windows of `seq_len + 1` tokens
 //! with the loss on every position, as plain-text fine-tuning does, and runs the step users run:
 //! forward on the differentiable path with Sinkhorn routing over the micro-batch, masked
-//! cross-entropy, backward (through the CUDA scan kernels where [`Model::trains_with_kernels`]),
+//! cross-entropy, backward (through the fused scan op where [`Model::trains_with_fused_scan`]),
 //! gradient norm and clipping, the AdamW update of the f32 masters and the recast of bf16
 //! weights. After `warmup` untimed steps, `steps` steps are timed one by one (each step ends with
 //! values the host reads: the loss and the gradient norm, so the device is done when it returns).
@@ -263,6 +263,8 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
     training_view.differentiable = true;
     let scan = if training_view.trains_with_kernels() {
         "CUDA scan kernels, forward and backward (the rest: candle ops and autograd)"
+    } else if training_view.trains_with_fused_scan() {
+        "fused CPU scan op, forward and backward (the rest: candle ops and autograd)"
     } else {
         "tensor-op scan under autograd (the kernels' slow twin)"
     };

@@ -300,7 +300,13 @@ def run(a):
     if bad:
         sys.exit(f"--targets: unknown {bad}; use {','.join(TARGETS)} or all")
     torch.manual_seed(a.seed)
-    model = BlackMamba(shape_config(a.shape), cdt, dev, a.seed, a.method, targets, a.rank, a.alpha, a.train_router)
+    if a.config:
+        cfg = json.loads(open(a.config).read())
+        cfg.setdefault("layernorm_epsilon", 1e-5)
+        check_config(cfg, a.config)
+    else:
+        cfg = shape_config(a.shape)
+    model = BlackMamba(cfg, cdt, dev, a.seed, a.method, targets, a.rank, a.alpha, a.train_router)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         sys.exit(f"--method {a.method}: nothing to train")
@@ -331,7 +337,7 @@ def run(a):
     tokens = a.batch * a.seq_len
     med = median(secs)
     report = {
-        "shape": a.shape,
+        "shape": a.config or a.shape,
         "device": a.device,
         "dtype": a.dtype,
         "torch": torch.__version__,
@@ -346,7 +352,7 @@ def run(a):
         "scan": a.scan,
         "chunk": a.chunk,
         "checkpoint": a.checkpoint,
-        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_total": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
         "params_trainable": sum(p.numel() for p in trainable),
         "step_secs": secs,
         "secs_median": med,
@@ -367,8 +373,8 @@ def run(a):
 
 def print_report(r):
     what = f"LoRA rank {r['rank']} on {','.join(r['targets'])}" if r["method"] == "lora" else r["method"]
-    print(f"torch {r['torch']} on {r['gpu'] or r['device']}: BlackMamba-{r['shape']} shapes, {r['dtype']}, {what}, "
-          f"{r['params_trainable'] / 1e6:.1f}M of {r['params_total'] / 1e6:.0f}M parameters trainable")
+    print(f"torch {r['torch']} on {r['gpu'] or r['device']} ({torch.get_num_threads()} threads): {r['shape']} shapes, {r['dtype']}, {what}, "
+          f"{r['params_trainable'] / 1e6:.2f}M of {r['params_total'] / 1e6:.1f}M parameters trainable")
     print(f"scan {r['scan']} (chunk {r['chunk']}), recompute {r['checkpoint']}; batch {r['batch']} x seq {r['seq_len']}: "
           f"{len(r['step_secs'])} timed steps, median {1e3 * r['secs_median']:.1f} ms, {r['tok_s']:.0f} tok/s (mean {r['tok_s_mean']:.0f})")
     print("loss per step: " + " ".join(f"{x:.3f}" for x in r["losses"]))
@@ -524,6 +530,7 @@ def parity(folder):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="2.8b")
+    ap.add_argument("--config", metavar="FILE", help="a config.json to take the shapes from instead of --shape")
     ap.add_argument("--method", choices=["lora", "router", "full"], default="lora")
     ap.add_argument("--targets", default="all", help="LoRA targets, comma-separated, or all")
     ap.add_argument("--rank", type=int, default=16)

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One device call: GPU parity tests, `blackmamba bench` on the released shapes, and the PyTorch
 # baseline, logs under $OUT. Run from a folder holding blackmamba.xz, gpu_parity.xz (the release
-# binary and test executable of a `--features cuda` build), torch_baseline.py and tiny-a/ (the
-# fixture):
-#   bash gpu_run.sh tune    tests, benches with per-kernel profiles, launch-shape sweep
-#   bash gpu_run.sh final   tests, benches, 16k-token memory run, PyTorch baseline
+# binary and test executable of a `--features cuda` build), torch_baseline.py, torch_finetune.py
+# and tiny-a/ (the fixture):
+#   bash gpu_run.sh tune      tests, benches with per-kernel profiles, launch-shape sweep
+#   bash gpu_run.sh final     tests, benches, 16k-token memory run, PyTorch baseline
+#   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
+#                                  targets at batch 8, and the same step in PyTorch
+#   bash gpu_run.sh finetune-full  the same with every weight trained, batch 1 and 4
+# (the finetune phases skip the parity tests, to stay within one call's 10 minutes)
 # No cargo on the GPU machine: everything is built beforehand.
 set -u
 PHASE=${1:-final}
@@ -22,14 +26,16 @@ mkdir -p $R
 log() { echo "== $*" | tee -a "$S"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv,noheader | tee -a "$S"
 
-log "parity tests"
-timeout 120 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+if [ "${PHASE#finetune}" = "$PHASE" ]; then
+    log "parity tests"
+    timeout 120 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+fi
 
 bench() { # name, args...
     local name=$1
     shift
     log "blackmamba bench $*"
-    timeout 100 ./blackmamba bench "$@" > "$R/b_$name.txt" 2> "$R/b_$name.err"
+    timeout "${BENCH_TIMEOUT:-100}" ./blackmamba bench "$@" > "$R/b_$name.txt" 2> "$R/b_$name.err"
     echo "rc=$?" >> "$R/b_$name.err"
     cat "$R/b_$name.txt" >> "$S"
     grep -v "^loaded" "$R/b_$name.err" >> "$S"
@@ -40,6 +46,24 @@ if [ "$PHASE" = tune ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
+elif [ "${PHASE#finetune}" != "$PHASE" ]; then
+    BENCH_TIMEOUT=240
+    FT="--finetune $M28 --seq-len 2048"
+    tf() {
+        log "torch_finetune.py $*"
+        PYTHONUNBUFFERED=1 timeout 240 python3 torch_finetune.py "$@" 2>&1 | tail -5 | tee -a "$S"
+    }
+    if [ "$PHASE" = finetune ]; then
+        log "torch_finetune.py self-test (CPU)"
+        timeout 60 python3 torch_finetune.py --check 2>&1 | grep -E "FAILED|lowers|Error" | tee -a "$S"
+        bench ft28lora8 $FT --batch 8 --profile
+        tf --shape 2.8b --seq-len 2048 --batch 8
+    else
+        bench ft28full1 $FT --batch 1 --method full --steps 3
+        bench ft28full4 $FT --batch 4 --method full --steps 3
+        tf --shape 2.8b --seq-len 2048 --batch 1 --method full --steps 3
+        tf --shape 2.8b --seq-len 2048 --batch 4 --method full --steps 3
+    fi
 else
     bench 28 $M28 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile

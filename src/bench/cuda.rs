@@ -149,3 +149,55 @@ pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts)
     }
     Ok(rows)
 }
+
+/// Samples the device memory in use every millisecond on a thread of its own, keeping the
+/// maximum: the peak of the work the calling thread runs meanwhile. Dropping it stops the thread.
+pub struct MemSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Result<f64>>>,
+}
+
+impl MemSampler {
+    /// Starts sampling the device of `dev`.
+    pub fn start(dev: &Device) -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let first = used_mib(dev)?;
+        let ctx = cuda_device(dev)?.cuda_stream().context().clone();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || -> Result<f64> {
+            ctx.bind_to_thread().w()?;
+            let used = || -> Result<f64> {
+                let (free, total) = cu::mem_get_info().w()?;
+                Ok((total - free) as f64 / (1024.0 * 1024.0))
+            };
+            let mut peak = first;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(used()?);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(peak.max(used()?))
+        });
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops sampling; the most MiB in use seen.
+    pub fn stop(mut self) -> Result<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| crate::error::Error::Invalid("the GPU memory sampler thread panicked".into()))?,
+            None => Ok(0.0),
+        }
+    }
+}
+
+impl Drop for MemSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

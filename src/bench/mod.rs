@@ -11,8 +11,11 @@
 //! Times are wall-clock around synchronised work, after a warm-up. Launches per token are
 //! counted (every kernel of the decoder goes through one counted launch function); cuBLAS and
 //! candle's own kernels on the `step` paths are not counted and those rows say so.
+//!
+//! `bench --finetune` times the training step instead: see [`finetune`].
 
 pub mod device_random;
+pub mod finetune;
 
 use std::time::Instant;
 

@@ -1,12 +1,58 @@
-//! `blackmamba bench`: prefill and decode speed of a model (see [`crate::bench`]).
+//! `blackmamba bench`: prefill and decode speed of a model (see [`crate::bench`]); with
+//! `--finetune`, the speed and memory of the training step (see [`crate::bench::finetune`]).
 
 use clap::Args;
 
+use crate::bench::finetune::{FinetuneBenchOpts, FinetuneBenchReport};
 use crate::bench::{self, BenchOpts, BenchReport};
 use crate::commands::ModelArgs;
+use crate::finetune::{Method, Target};
+
+/// Inference flags that mean nothing to `--finetune`.
+const INFERENCE_ONLY: [&str; 8] = [
+    "prompt_len",
+    "prefill_batch",
+    "gen_len",
+    "reps",
+    "modes",
+    "step_tokens",
+    "sweep",
+    "slow_prefill",
+];
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// Time the training step (forward, backward, AdamW update) instead of inference, on random
+    /// tokens: tokens/s and peak GPU memory.
+    #[arg(long, conflicts_with_all = INFERENCE_ONLY)]
+    pub finetune: bool,
+    /// --finetune: what is trained: lora, router or full.
+    #[arg(long, default_value = "lora", requires = "finetune")]
+    pub method: String,
+    /// --finetune: LoRA targets, comma-separated (in_proj,x_proj,dt_proj,out_proj,experts) or all.
+    #[arg(long, default_value = "all", requires = "finetune")]
+    pub targets: String,
+    /// --finetune: LoRA rank.
+    #[arg(long, default_value_t = 16, requires = "finetune")]
+    pub rank: usize,
+    /// --finetune: LoRA alpha.
+    #[arg(long, default_value_t = 32.0, requires = "finetune")]
+    pub alpha: f64,
+    /// --finetune: with --method lora, also train the routers.
+    #[arg(long, requires = "finetune")]
+    pub train_router: bool,
+    /// --finetune: tokens per training sequence.
+    #[arg(long, default_value_t = 2048, requires = "finetune")]
+    pub seq_len: usize,
+    /// --finetune: sequences per step (one micro-batch).
+    #[arg(long, default_value_t = 8, requires = "finetune")]
+    pub batch: usize,
+    /// --finetune: timed steps.
+    #[arg(long, default_value_t = 5, requires = "finetune")]
+    pub steps: usize,
+    /// --finetune: untimed steps before them.
+    #[arg(long, default_value_t = 2, requires = "finetune")]
+    pub warmup_steps: usize,
     /// Prompt tokens of the timed prefill (random ids).
     #[arg(long, default_value_t = 512)]
     pub prompt_len: usize,
@@ -35,7 +81,8 @@ pub struct BenchArgs {
     /// Also time the prefill on the tensor-op path (the kernels' slow twin).
     #[arg(long)]
     pub slow_prefill: bool,
-    /// Also break down one prefill and the decode step by part / kernel (CUDA).
+    /// Also break down one prefill and the decode step by part / kernel (CUDA); with --finetune,
+    /// time forward, backward and update of a few extra steps (waiting for the device between).
     #[arg(long)]
     pub profile: bool,
     /// Decoder: threads per block of its matrix-vector kernels.
@@ -71,21 +118,35 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
     let dtype = crate::loader::dtype(m.dtype.as_deref(), &device)?;
     let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
     let t0 = std::time::Instant::now();
-    let (mut model, label) = match &source {
+    let (mut model, label, tok) = match &source {
         // the released shapes with random weights drawn on the GPU (seconds, not minutes)
         crate::loader::ModelSource::Random { shape, seed } if device.is_cuda() && shape != "tiny" => {
             let cfg = crate::loader::random_config(shape);
             let model =
                 bench::device_random::random_model(&cfg, *seed, &device, dtype).with_context(|| format!("building random:{shape}"))?;
-            (model, source.label())
+            (model, source.label(), None)
         }
         _ => {
             let l = super::load(m)?;
-            (l.model, l.label)
+            (l.model, l.label, Some(l.tokenizer))
         }
     };
     if !a.json {
         eprintln!("loaded {label} in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    if a.finetune {
+        let tok = match tok {
+            Some(t) => t,
+            None => crate::tokenizer::neox()?,
+        };
+        let opts = finetune_opts(a)?;
+        let rep = bench::finetune::run(&model, &tok, &label, &opts)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&rep)?);
+        } else {
+            print_finetune(&rep);
+        }
+        return Ok(());
     }
     let opts = BenchOpts {
         prompt_len: a.prompt_len,
@@ -121,6 +182,75 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
         print_report(&rep);
     }
     Ok(())
+}
+
+/// The options of `--finetune` from the flags.
+fn finetune_opts(a: &BenchArgs) -> anyhow::Result<FinetuneBenchOpts> {
+    Ok(FinetuneBenchOpts {
+        method: Method::parse(&a.method)?,
+        targets: Target::parse_list(&a.targets)?,
+        rank: a.rank,
+        alpha: a.alpha,
+        train_router: a.train_router,
+        seq_len: a.seq_len,
+        batch: a.batch,
+        warmup: a.warmup_steps,
+        steps: a.steps,
+        profile: a.profile,
+        seed: a.seed,
+    })
+}
+
+fn print_finetune(r: &FinetuneBenchReport) {
+    let what = match r.method.as_str() {
+        "lora" => format!(
+            "LoRA rank {} alpha {} on {}{}",
+            r.rank,
+            r.alpha,
+            r.targets.join(","),
+            if r.train_router { " + routers" } else { "" }
+        ),
+        "router" => "the routers".to_string(),
+        _ => "every weight".to_string(),
+    };
+    println!(
+        "finetune step of {} on {} ({}): {what}; {:.1}M of {:.0}M parameters trainable",
+        r.model,
+        r.device,
+        r.dtype,
+        r.params_trainable as f64 / 1e6,
+        r.params_total as f64 / 1e6
+    );
+    println!("scan: {}", r.scan);
+    println!(
+        "batch {} x seq {} = {} tokens per step; {} timed steps: median {:.1} ms, {:.0} tok/s (mean {:.0} tok/s)",
+        r.batch,
+        r.seq_len,
+        r.tokens_per_step,
+        r.step_secs.len(),
+        r.secs_median * 1e3,
+        r.tok_s,
+        r.tok_s_mean
+    );
+    let losses: Vec<String> = r.losses.iter().map(|l| format!("{l:.3}")).collect();
+    println!("loss per step: {}", losses.join(" "));
+    if let Some(p) = &r.profile {
+        println!(
+            "phases (median of {} steps, synchronised): forward {:.1} ms, backward {:.1} ms, update {:.1} ms, step {:.1} ms",
+            p.steps, p.forward_ms, p.backward_ms, p.optim_ms, p.total_ms
+        );
+    }
+    if let Some(m) = &r.memory {
+        let what = if m.kind == "gpu" {
+            "GPU memory in use"
+        } else {
+            "resident host memory"
+        };
+        println!(
+            "{what} (MiB): after load {:.0}, after setup {:.0}, peak during the steps {:.0}",
+            m.after_load_mib, m.after_setup_mib, m.peak_mib
+        );
+    }
 }
 
 fn print_report(r: &BenchReport) {

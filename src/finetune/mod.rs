@@ -32,7 +32,7 @@ use crate::sinkhorn::{SinkhornOpts, SinkhornResult};
 
 pub use data::DataFormat;
 pub use lora::Target;
-pub use trainer::Trainer;
+pub use trainer::{StepTiming, Trainer};
 
 /// What a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -167,10 +167,15 @@ impl Default for FinetuneConfig {
 impl FinetuneConfig {
     /// Checks the numbers before any work starts; each error names the setting and the fix.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, why: &str| Err(Error::Invalid(format!("{what}: {why}")));
         if self.data.as_os_str().is_empty() {
-            return bad("--data", "give a training data file");
+            return Err(Error::Invalid("--data: give a training data file".into()));
         }
+        self.validate_settings()
+    }
+
+    /// [`FinetuneConfig::validate`] without the data file (for runs on examples in memory).
+    pub fn validate_settings(&self) -> Result<()> {
+        let bad = |what: &str, why: &str| Err(Error::Invalid(format!("{what}: {why}")));
         if self.steps == 0 {
             return bad("--steps", "must be at least 1");
         }

@@ -48,13 +48,32 @@ pub struct Trainer {
     step: usize,
     data_hash: String,
     tok: Tokenizer,
-    metrics: Metrics,
+    /// `metrics.jsonl` (None for an in-memory run).
+    metrics: Option<Metrics>,
     started: Instant,
     last_loss: Option<f64>,
     /// Step of the last checkpoint written or resumed from.
     last_saved: Option<usize>,
     /// Why training stopped for good (non-finite loss).
     failed: Option<String>,
+    /// Wait for the device between the phases of a step, so [`StepTiming`] splits it exactly.
+    sync_timing: bool,
+    timing: StepTiming,
+}
+
+/// Where the last step's time went, in seconds. Without [`Trainer::set_sync_timing`] the device
+/// may still be working on one phase when the next starts (the host waits only where a value
+/// comes back: the routing, the loss, the gradient norm), so only `total_s` is exact then.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTiming {
+    /// Forward passes and loss of all micro-batches.
+    pub forward_s: f64,
+    /// Backward passes and gradient accumulation.
+    pub backward_s: f64,
+    /// Gradient norm, clipping, the AdamW update and the recast of bf16 weights.
+    pub optim_s: f64,
+    /// The whole step, evaluation and checkpointing excluded.
+    pub total_s: f64,
 }
 
 impl Trainer {
@@ -85,7 +104,38 @@ impl Trainer {
         if cfg.eval_max > 0 {
             held_out.truncate(cfg.eval_max);
         }
+        let mut me = Self::setup(base, tok, cfg, train, held_out, ds.hash, true)?;
+        me.bad_lines = ds.bad;
+        me.eval_bad_lines = eval_bad;
+        Ok(me)
+    }
 
+    /// A run on examples already in memory, with no files at all: no data file is read, no
+    /// `metrics.jsonl` is written, `cfg.data`, `cfg.resume` and the eval settings are ignored,
+    /// and nothing is saved unless [`Trainer::save`] is called. `blackmamba bench --finetune`
+    /// times the real training step this way on random tokens.
+    pub fn in_memory(base: &Model, tok: &Tokenizer, mut cfg: FinetuneConfig, train: Vec<Example>) -> Result<Self> {
+        cfg.resume = None;
+        cfg.eval_data = None;
+        cfg.validate_settings()?;
+        if train.is_empty() {
+            return Err(Error::Invalid("no training examples were given".into()));
+        }
+        Self::setup(base, tok, cfg, train, Vec::new(), String::from("in-memory"), false)
+    }
+
+    /// The common part of [`Trainer::new`] and [`Trainer::in_memory`]: the model copy, the
+    /// trainable tensors, the optimiser, the resume (when `cfg.resume` is set) and the metrics
+    /// file (when `files`).
+    fn setup(
+        base: &Model,
+        tok: &Tokenizer,
+        cfg: FinetuneConfig,
+        train: Vec<Example>,
+        held_out: Vec<Example>,
+        data_hash: String,
+        files: bool,
+    ) -> Result<Self> {
         let mut model = base.clone();
         merge_all(&mut model)?;
         model.differentiable = true;
@@ -110,7 +160,7 @@ impl Trainer {
         let mut last_saved = None;
         if let Some(dir) = &cfg.resume {
             let ck = checkpoint::load(dir, &model.device)?;
-            check_resumable(&ck.state, &cfg, &ds.hash, &params, dir)?;
+            check_resumable(&ck.state, &cfg, &data_hash, &params, dir)?;
             let mut moments = Vec::with_capacity(params.len());
             for (p, (m, v)) in params.iter().zip(ck.moments) {
                 let w = ck
@@ -127,7 +177,11 @@ impl Trainer {
             last_loss = ck.state.last_loss;
             last_saved = Some(step);
         }
-        let metrics = Metrics::open(&cfg.out, cfg.resume.as_deref().map(|d| (d, step)))?;
+        let metrics = if files {
+            Some(Metrics::open(&cfg.out, cfg.resume.as_deref().map(|d| (d, step)))?)
+        } else {
+            None
+        };
         let mut me = Self {
             batcher: Batcher::new(train.len(), cfg.seed, cursor),
             cfg,
@@ -137,16 +191,18 @@ impl Trainer {
             opt,
             train,
             held_out,
-            bad_lines: ds.bad,
-            eval_bad_lines: eval_bad,
+            bad_lines: Vec::new(),
+            eval_bad_lines: Vec::new(),
             step,
-            data_hash: ds.hash,
+            data_hash,
             tok: tok.clone(),
             metrics,
             started: Instant::now(),
             last_loss,
             last_saved,
             failed: None,
+            sync_timing: false,
+            timing: StepTiming::default(),
         };
         me.refresh_casts()?;
         Ok(me)
@@ -172,7 +228,9 @@ impl Trainer {
         let mut expert_load: Vec<Vec<usize>> = Vec::new();
         let mut sinkhorn = Vec::new();
         let mut greedy_routes = Vec::new();
+        let mut timing = StepTiming::default();
         for idx in &micro {
+            let tf = Instant::now();
             let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
             let batch = Batch::new(&refs, &self.model.device)?;
             let mut probe = Probe {
@@ -180,6 +238,9 @@ impl Trainer {
                 ..Probe::default()
             };
             let nll = batch_nll(&self.model, &batch, Some(&mut probe))?;
+            self.phase_sync()?;
+            let tb = Instant::now();
+            timing.forward_s += (tb - tf).as_secs_f64();
             let store = (&nll / total_targets.max(1) as f64)?.backward()?;
             nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             n_inputs += batch.n_inputs;
@@ -191,6 +252,8 @@ impl Trainer {
                     });
                 }
             }
+            self.phase_sync()?;
+            timing.backward_s += tb.elapsed().as_secs_f64();
             if expert_load.is_empty() {
                 expert_load = probe.moe.iter().map(|r| vec![0; r.n_experts]).collect();
             }
@@ -206,6 +269,7 @@ impl Trainer {
                 .collect();
             sinkhorn = probe.moe.into_iter().filter_map(|r| r.sinkhorn).collect();
         }
+        let to = Instant::now();
         let loss = nll_total / total_targets.max(1) as f64;
         if !loss.is_finite() {
             return Err(self.fail(format!("the loss is {loss} at step {}", self.step + 1)));
@@ -223,7 +287,11 @@ impl Trainer {
         self.step += 1;
         self.last_loss = Some(loss);
         self.refresh_casts()?;
+        self.phase_sync()?;
+        timing.optim_s = to.elapsed().as_secs_f64();
         let secs = t0.elapsed().as_secs_f64();
+        timing.total_s = secs;
+        self.timing = timing;
         let eval_due = (self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0) || self.done();
         let eval_loss = if eval_due { self.eval()?.map(|e| e.loss) } else { None };
         let report = StepReport {
@@ -239,12 +307,32 @@ impl Trainer {
             sinkhorn,
             greedy: greedy_routes,
         };
-        self.metrics
-            .push(&MetricsLine::from_report(&report, self.started.elapsed().as_secs_f64()))?;
+        if let Some(m) = &mut self.metrics {
+            m.push(&MetricsLine::from_report(&report, self.started.elapsed().as_secs_f64()))?;
+        }
         if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 && !self.done() {
             self.save()?;
         }
         Ok(report)
+    }
+
+    /// Where the last step's time went.
+    pub fn last_timing(&self) -> StepTiming {
+        self.timing
+    }
+
+    /// Makes each step wait for the device after its forward, backward and update phases, so
+    /// [`Trainer::last_timing`] splits the step exactly (at the price of those waits).
+    pub fn set_sync_timing(&mut self, on: bool) {
+        self.sync_timing = on;
+    }
+
+    /// Waits for the device when timing phases exactly.
+    fn phase_sync(&self) -> Result<()> {
+        if self.sync_timing {
+            self.model.device.synchronize()?;
+        }
+        Ok(())
     }
 
     /// Records a fatal problem and builds the error that says what is kept.
@@ -300,8 +388,10 @@ impl Trainer {
 
     /// Writes an eval result outside a step into metrics.jsonl (the "before" evaluation).
     pub fn log_eval(&mut self, loss: f64) -> Result<()> {
-        self.metrics
-            .push(&MetricsLine::eval(self.step, loss, self.started.elapsed().as_secs_f64()))
+        match &mut self.metrics {
+            Some(m) => m.push(&MetricsLine::eval(self.step, loss, self.started.elapsed().as_secs_f64())),
+            None => Ok(()),
+        }
     }
 
     /// The base model with the adapter (or the trained weights), ready to chat with: a snapshot

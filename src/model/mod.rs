@@ -280,7 +280,7 @@ impl Model {
                     let rec = probe.as_deref_mut().filter(|p| !p.moe_only).map(|p| &mut p.mamba[mamba_slot]);
                     mamba_slot += 1;
                     if seq {
-                        m.forward(&normed, st, rec, self.trains_with_kernels())?
+                        m.forward(&normed, st, rec, self.trains_with_fused_scan())?
                     } else {
                         m.step(&normed, st, rec)?
                     }
@@ -301,6 +301,13 @@ impl Model {
     /// CUDA with `use_kernels` (the rest of its forward stays tensor ops, which autograd sees).
     pub fn trains_with_kernels(&self) -> bool {
         crate::ops::available() && self.use_kernels && self.differentiable && self.device.is_cuda()
+    }
+
+    /// Whether fine-tuning scans with a fused autograd op that keeps only its inputs: the CUDA
+    /// kernels ([`Model::trains_with_kernels`]) or, on the CPU, [`crate::ops::scan_cpu`]; both
+    /// only with `use_kernels` (`BLACKMAMBA_NO_KERNELS=1` trains through the tensor-op scan).
+    pub fn trains_with_fused_scan(&self) -> bool {
+        self.trains_with_kernels() || (self.use_kernels && self.differentiable && self.device.is_cpu())
     }
 
     /// Whether forward/step take the fused CUDA kernels (see [`Model::use_kernels`]).

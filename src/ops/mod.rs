@@ -7,9 +7,10 @@
 //!   eagerly or as one CUDA graph, sampling on device;
 //! * `sinkhorn`: Sinkhorn iterations on device;
 //! * `scan_grad`: the chunked selective scan as an autograd op (forward and backward kernels);
+//! * [`scan_cpu`]: the same autograd op on the CPU (plain loops; fine-tuning on the CPU);
 //! * `cuda`: loading the kernels, device pointers, launches.
 //!
-//! Without feature `cuda` only [`available`] exists, and says no.
+//! Without feature `cuda` only [`available`], [`scan_cpu`] and [`training_scan`] exist.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -19,6 +20,7 @@ pub mod decode;
 pub mod fused;
 #[cfg(feature = "cuda")]
 pub mod prof;
+pub mod scan_cpu;
 #[cfg(feature = "cuda")]
 pub mod scan_grad;
 #[cfg(feature = "cuda")]
@@ -37,11 +39,15 @@ use crate::model::scan::ScanOut;
 use crate::model::state::State;
 use crate::model::Model;
 
-/// The selective scan for fine-tuning on the GPU: y through the autograd op of `scan_grad`
+/// The selective scan for fine-tuning: on the GPU y through the autograd op of `scan_grad`
 /// (fused forward and backward kernels), the final state through the inference scan kernel (the
-/// state is never differentiated). `None` where the kernels cannot run (CPU tensors, builds without
-/// `cuda`, N > 16): the caller then uses the tensor-op scan, the twin both are tested against.
+/// state is never differentiated); on the CPU the op of [`scan_cpu`]. `None` where neither can
+/// run (CUDA tensors in a build without `cuda`, N > 16 on CUDA): the caller then uses the
+/// tensor-op scan, the twin both are tested against.
 pub fn training_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, h0: &Tensor) -> Result<Option<ScanOut>> {
+    if v.device().is_cpu() {
+        return scan_cpu::selective_scan(v, delta, a, b, c, h0).map(Some);
+    }
     #[cfg(feature = "cuda")]
     if v.device().is_cuda() && a.dim(1)? <= 16 {
         let y = scan_grad::selective_scan_grad(v, delta, a, b, c, Some(h0))?;

@@ -62,7 +62,10 @@ fn spec(model: &str) -> LoadSpec {
 }
 
 fn load_ended(ev: &EngineEvent) -> bool {
-    matches!(ev, EngineEvent::Loaded(_) | EngineEvent::LoadFailed(_) | EngineEvent::Error { .. })
+    matches!(
+        ev,
+        EngineEvent::Loaded(_) | EngineEvent::LoadFailed(_) | EngineEvent::Error { .. } | EngineEvent::Fatal(_)
+    )
 }
 
 /// One greedy chat turn; returns the positions of its prompt tokens.
@@ -218,5 +221,45 @@ fn list_models_reads_the_hub_cache_of_the_environment() {
     assert_eq!(c.choices[0].name, "embedded");
     let z = c.choices.iter().find(|m| m.name == "Zyphra/BlackMamba-2.8B").unwrap();
     assert!(matches!(z.availability, Availability::Unavailable { .. }));
+    e.shutdown();
+}
+
+/// On a GPU: the embedded model on CUDA (bf16), switched to random weights on CUDA (f32), to the
+/// CPU and back to the embedded model on CUDA (twice); every model answers in a new chat.
+#[cfg(feature = "cuda")]
+#[test]
+fn switches_between_gpu_and_cpu() {
+    let (tx, rx) = channel();
+    let start = LoadSpec {
+        device: Some("cuda".into()),
+        dtype: Some("bf16".into()),
+        ..Default::default()
+    };
+    let e = Engine::spawn(
+        Source::Spec(start.clone()),
+        Box::new(move |ev| {
+            let _ = tx.send(ev);
+        }),
+    )
+    .unwrap();
+    let Some(EngineEvent::Loaded(info)) = until(&rx, load_ended).pop() else {
+        panic!("the embedded model loads on the GPU")
+    };
+    assert!(info.is_gpu && info.dtype == "bf16", "{info:?}");
+    assert_eq!(chat(&e, &rx, 1)[0], 0);
+    let mut gpu_f32 = spec("random:tiny");
+    gpu_f32.device = Some("cuda".into());
+    let mut id = 2;
+    for s in [gpu_f32, spec("random:tiny@1"), start.clone(), start] {
+        let want_gpu = s.device.as_deref() == Some("cuda");
+        assert!(e.send(Command::Load(s.clone())));
+        let Some(EngineEvent::Loaded(info)) = until(&rx, load_ended).pop() else {
+            panic!("{s:?} loads")
+        };
+        assert_eq!(info.is_gpu, want_gpu, "{info:?}");
+        assert_eq!(Some(info.dtype.as_str()), s.dtype.as_deref());
+        assert_eq!(chat(&e, &rx, id)[0], 0);
+        id += 1;
+    }
     e.shutdown();
 }

@@ -32,7 +32,7 @@ pub fn draw(app: &App, area: Rect, buf: &mut Buffer) {
     .areas(area);
     tabs(app, tabs_a, buf);
     if banner_a.height > 0 {
-        let text = " untrained demo weights: the model's text is noise. Run with --model DIR|HUB-ID (e.g. --model 2.8b) for a real one ";
+        let text = " untrained demo weights: the model's text is noise. Run with --model DIR|HUB-ID or press Ctrl-K ";
         buf.set_style(banner_a, app.theme.style(Role::Banner));
         put(buf, banner_a, banner_a.x, banner_a.y, text, app.theme.style(Role::Banner));
     }

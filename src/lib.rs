@@ -4,6 +4,7 @@
 
 pub mod analysis;
 pub mod bench;
+pub mod catalog;
 pub mod chat_template;
 pub mod commands;
 pub mod embedded;

@@ -9,6 +9,7 @@ pub mod finetune;
 pub mod generate;
 pub mod logits;
 pub mod merge;
+pub mod models;
 pub mod random_checkpoint;
 pub mod trace;
 pub mod train;
@@ -81,6 +82,8 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Measure prefill and decode speed, launches per token, bandwidth and GPU memory.
     Bench(bench::BenchArgs),
+    /// List the models that can be loaded (embedded, hub cache, random shapes) and their status.
+    Models(models::ModelsArgs),
 }
 
 /// Runs the parsed command line.
@@ -99,6 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Merge(a)) => merge::run(&cli.model, &a),
         Some(Command::Chat(a)) => chat::run(&cli.model, &a.or(cli.chat)),
         Some(Command::Bench(a)) => bench::run(&cli.model, &a),
+        Some(Command::Models(a)) => models::run(&a),
         None => chat::run(&cli.model, &cli.chat),
     }
 }

@@ -248,6 +248,14 @@ impl Finetuning {
         Ok(())
     }
 
+    /// A run that is running or paused, as (steps done, steps): switching models must wait for it.
+    pub fn active_run(&self) -> Option<(usize, usize)> {
+        self.run
+            .as_ref()
+            .filter(|r| matches!(r.status, FinetuneStatus::Running | FinetuneStatus::Paused))
+            .map(|r| (r.trainer.steps_done(), r.trainer.config().steps))
+    }
+
     /// The model chat should use: `Some` while chatting with the fine-tuned weights.
     pub fn chat_model(&self) -> Option<&Model> {
         self.tuned.as_ref()

@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::hub::HubEnv;
 use crate::loader::{LoadOpts, Loaded, ModelSource};
 use crate::model::Model;
 use chat::Conversation;
@@ -215,13 +216,43 @@ impl Worker {
                 Ok(())
             }
             Command::Finetune(c) => self.ft.handle(c, &self.model, &self.tok, &self.label, emit),
+            Command::ListModels => {
+                emit(EngineEvent::Models(Box::new(crate::catalog::scan(&HubEnv::from_env()))));
+                Ok(())
+            }
+            Command::Load(spec) => {
+                if let Err(e) = self.switch(&spec, emit) {
+                    emit(EngineEvent::LoadFailed(format!("{e}; still on {}", self.label)));
+                }
+                Ok(())
+            }
             Command::Shutdown => Ok(()),
         }
+    }
+
+    /// Replaces the model by the one `spec` names. The old one serves until the new one has
+    /// loaded; then the conversation, router history and fine-tuning state start afresh.
+    fn switch(&mut self, spec: &LoadSpec, emit: &mut dyn FnMut(EngineEvent)) -> Result<()> {
+        if let Some((done, steps)) = self.ft.active_run() {
+            return Err(Error::Invalid(format!(
+                "a fine-tuning run is going (step {done} of {steps}); stop it with x in the Fine-tune view before loading another model"
+            )));
+        }
+        let loaded = load(spec, emit)?;
+        let info = model_info(&loaded);
+        self.conv = Conversation::new(&loaded.model, None)?;
+        self.hist = RouterHistory::new(&info.moe_layers);
+        self.ft = finetune::Finetuning::new();
+        self.model = loaded.model;
+        self.tok = loaded.tokenizer;
+        self.label = loaded.label;
+        emit(EngineEvent::Loaded(Box::new(info)));
+        Ok(())
     }
 }
 
 /// Loads the model named by `spec`, reporting stages.
-fn load(spec: &LoadSpec, sink: &mut Sink) -> Result<Loaded> {
+fn load(spec: &LoadSpec, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
     let total = 3;
     sink(EngineEvent::LoadProgress {
         stage: "choosing the device".into(),

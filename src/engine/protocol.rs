@@ -78,6 +78,12 @@ pub enum Command {
     LoadChat(PathBuf),
     /// Drive the fine-tuning trainer.
     Finetune(FinetuneCommand),
+    /// List the models that can be loaded (answered by [`EngineEvent::Models`]).
+    ListModels,
+    /// Load another model in place of the current one (the model picker). The old model serves
+    /// until the new one is ready; success starts a new chat ([`EngineEvent::Loaded`]), failure
+    /// keeps the old model ([`EngineEvent::LoadFailed`]).
+    Load(LoadSpec),
     /// Stop the engine thread.
     Shutdown,
 }
@@ -138,8 +144,12 @@ impl FinetuneMethod {
 pub enum EngineEvent {
     /// Loading goes on: stage `done` of `total`.
     LoadProgress { stage: String, done: usize, total: usize },
-    /// The model is ready.
+    /// The model is ready (at start, or after [`Command::Load`]: a new chat on it).
     Loaded(Box<ModelInfo>),
+    /// [`Command::Load`] failed; the previous model is still loaded.
+    LoadFailed(String),
+    /// The models that can be loaded (answer to [`Command::ListModels`]).
+    Models(Box<crate::catalog::Catalog>),
     /// The engine starts answering `user` (a new turn, or the same turn again on regenerate).
     TurnStarted { id: ReqId, user: String },
     /// Telemetry of prompt tokens just read (prefill).

@@ -9,6 +9,7 @@ use crate::engine::protocol::{
 use crate::generate::{GenStats, StopReason};
 use crate::sampling::SamplingParams;
 use crate::tui::finetune_state::FinetuneState;
+use crate::tui::picker::Picker;
 use crate::tui::store::Telemetry;
 use crate::tui::text::Editor;
 use crate::tui::theme::Theme;
@@ -196,6 +197,10 @@ pub struct App {
     pub ft: FinetuneState,
     pub busy: Option<Busy>,
     pub stats: Option<(GenStats, StopReason)>,
+    /// The model picker (Ctrl-K).
+    pub picker: Picker,
+    /// The name of the model being loaded in place of the current one.
+    pub switching: Option<String>,
     pub tick: u64,
     next_id: ReqId,
 }
@@ -220,6 +225,8 @@ impl App {
             ft: FinetuneState::default(),
             busy: None,
             stats: None,
+            picker: Picker::default(),
+            switching: None,
             tick: 0,
             next_id: 1,
         }
@@ -271,6 +278,10 @@ impl App {
     }
 
     fn paste(&mut self, text: &str) {
+        if self.picker.open {
+            self.picker.paste(text);
+            return;
+        }
         match (self.view, self.chat.focus) {
             (View::Chat, ChatFocus::Path(_)) => self.chat.path.insert(&text.replace(['\n', '\r'], "")),
             (View::Chat, _) => {
@@ -292,6 +303,10 @@ impl App {
             MouseEventKind::ScrollDown => false,
             _ => return,
         };
+        if self.picker.open {
+            self.picker.scroll(if up { -1 } else { 1 });
+            return;
+        }
         self.scroll(if up { -3 } else { 3 });
     }
 
@@ -357,6 +372,14 @@ impl App {
                 KeyCode::PageDown | KeyCode::Char(' ') => self.help_scroll += 10,
                 _ => self.help = false,
             }
+            return;
+        }
+        if self.picker.open {
+            self.picker_key(k, out);
+            return;
+        }
+        if k.code == KeyCode::Char('k') && ctrl {
+            self.open_picker(out);
             return;
         }
         let goto = match k.code {
@@ -459,9 +482,12 @@ impl App {
         (id, cancel)
     }
 
-    fn ready(&mut self) -> bool {
+    pub(crate) fn ready(&mut self) -> bool {
         if self.fatal.is_some() {
             self.notify("the engine has stopped; quit with Ctrl-Q", true);
+            false
+        } else if let Some(name) = &self.switching {
+            self.notify(format!("{name} is loading"), false);
             false
         } else if self.model.is_none() {
             self.notify("the model is still loading", false);
@@ -575,6 +601,9 @@ impl App {
             EngineEvent::LoadProgress { stage, done, total } => self.loading = Some(Loading { stage, done, total }),
             EngineEvent::Loaded(info) => {
                 self.loading = None;
+                if self.model.is_some() {
+                    self.model_switched();
+                }
                 self.notify(format!("loaded {} in {:.1} s", info.label, info.load_secs), false);
                 self.chat.color_layer = self.chat.color_layer.min(info.moe_layers.len().saturating_sub(1));
                 self.model = Some(*info);
@@ -655,6 +684,15 @@ impl App {
                     _ => {}
                 }
                 self.ft.apply(ev);
+            }
+            EngineEvent::LoadFailed(message) => {
+                self.switching = None;
+                self.loading = None;
+                self.notify(message, true);
+            }
+            EngineEvent::Models(c) => {
+                let label = self.model.as_ref().map(|m| m.label.clone());
+                self.picker.set_catalog(c, label.as_deref());
             }
             EngineEvent::Notice(s) => self.notify(s, false),
             EngineEvent::Error { id, message } => {

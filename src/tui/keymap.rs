@@ -17,6 +17,7 @@ pub fn legend(view: View) -> &'static [(&'static str, &'static str)] {
             ("Ctrl-E", "experts"),
             ("Tab", "views"),
             ("?", "help"),
+            ("Ctrl-K", "model"),
         ],
         View::Routing => &[
             ("↑↓", "token"),
@@ -48,6 +49,15 @@ pub fn legend(view: View) -> &'static [(&'static str, &'static str)] {
     }
 }
 
+/// The legend line while the model picker is open.
+pub const PICKER: &[(&str, &str)] = &[
+    ("↑↓", "model"),
+    ("Enter", "load"),
+    ("Tab/←→", "device, dtype"),
+    ("type", "folder or hub id"),
+    ("Esc", "close"),
+];
+
 /// The help screen: (section, [(keys, description)]).
 pub fn help() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
     vec![
@@ -56,6 +66,7 @@ pub fn help() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
             vec![
                 ("Tab / Shift-Tab", "next / previous view: Chat, Routing, Sinkhorn, State, Fine-tune"),
                 ("F1 … F5", "jump to a view"),
+                ("Ctrl-K", "model picker: switch to another model"),
                 ("Esc", "stop the generation (within one token); close a prompt"),
                 ("Ctrl-C", "stop the generation, or quit when nothing runs"),
                 ("Ctrl-Q", "quit"),
@@ -105,6 +116,15 @@ pub fn help() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
                 ("s p x", "start, pause/resume, stop"),
                 ("w", "save the adapter"),
                 ("u", "chat with the fine-tuned / base weights"),
+            ],
+        ),
+        (
+            "Model picker (Ctrl-K)",
+            vec![
+                ("↑↓ Enter", "load the selected model (a new chat starts on it)"),
+                ("Tab ←→", "device and dtype to load on"),
+                ("typing", "a folder, owner/name[@revision] or random:SHAPE[@seed]"),
+                ("Esc", "close; the current model stays"),
             ],
         ),
     ]

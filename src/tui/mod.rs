@@ -9,6 +9,7 @@ pub mod app;
 pub mod demo;
 pub mod finetune_state;
 pub mod keymap;
+pub mod picker;
 pub mod store;
 pub mod text;
 pub mod theme;
@@ -111,7 +112,7 @@ fn event_loop(app: &mut App, term: &mut Terminal<CrosstermBackend<Stdout>>, rx: 
             }
             msgs.push(Msg::Tick);
             // redraw on ticks only when something moves (spinner, elapsed time, notice expiry)
-            dirty |= app.busy.is_some() || app.model.is_none() || app.notice.is_some();
+            dirty |= app.busy.is_some() || app.model.is_none() || app.switching.is_some() || app.notice.is_some();
         }
         for m in msgs {
             if !matches!(m, Msg::Tick) {

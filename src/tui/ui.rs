@@ -32,7 +32,7 @@ pub fn draw(app: &App, area: Rect, buf: &mut Buffer) {
     .areas(area);
     tabs(app, tabs_a, buf);
     if banner_a.height > 0 {
-        let text = " untrained demo weights: the model's text is noise. Run with --model DIR|HUB-ID (e.g. --model 2.8b) for a real one ";
+        let text = " untrained demo weights: the model's text is noise. Run with --model DIR|HUB-ID or press Ctrl-K ";
         buf.set_style(banner_a, app.theme.style(Role::Banner));
         put(buf, banner_a, banner_a.x, banner_a.y, text, app.theme.style(Role::Banner));
     }
@@ -55,8 +55,10 @@ pub fn draw(app: &App, area: Rect, buf: &mut Buffer) {
             View::State => views::state::render(app, body, buf),
             View::Finetune => views::finetune::render(app, body, buf),
         }
-        if app.model.is_none() {
+        if app.model.is_none() || app.switching.is_some() {
             loading(app, body, buf);
+        } else if app.picker.open {
+            views::picker::render(app, body, buf);
         }
     }
     status(app, status_a, buf);
@@ -142,6 +144,14 @@ fn loading(app: &App, body: Rect, buf: &mut Buffer) {
         .loading
         .as_ref()
         .map_or(("starting the engine".to_string(), 0, 1), |l| (l.stage.clone(), l.done, l.total));
+    // downloads count bytes
+    let amount = (stage.contains("download") && total > 1).then(|| {
+        format!(
+            "{} of {}",
+            crate::catalog::human_bytes(done as f64),
+            crate::catalog::human_bytes(total as f64)
+        )
+    });
     let spin = views::chat::SPINNER[(app.tick as usize) % 4];
     let secs = app.tick / TICKS_PER_SEC;
     let bw = usize::from(inner.width).saturating_sub(2);
@@ -155,6 +165,7 @@ fn loading(app: &App, body: Rect, buf: &mut Buffer) {
                 format!("{}{}", "█".repeat(filled), "░".repeat(bw - filled)),
                 t.style(Role::Accent),
             )),
+            Line::from(Span::styled(amount.unwrap_or_default(), t.style(Role::Muted))),
         ],
     );
 }
@@ -219,7 +230,12 @@ fn legend(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let mut spans = Vec::new();
     let mut used = 0;
-    for (k, what) in keymap::legend(app.view) {
+    let keys = if app.picker.open && app.switching.is_none() {
+        keymap::PICKER
+    } else {
+        keymap::legend(app.view)
+    };
+    for (k, what) in keys {
         let w = width(k) + width(what) + 3;
         if used + w > usize::from(area.width) {
             break;

@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod finetune;
+pub mod picker;
 pub mod routing;
 pub mod sinkhorn;
 pub mod state;

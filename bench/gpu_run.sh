@@ -4,6 +4,7 @@
 # binary and test executable of a `--features cuda` build), torch_baseline.py, torch_finetune.py
 # and tiny-a/ (the fixture):
 #   bash gpu_run.sh tune      tests, benches with per-kernel profiles, launch-shape sweep
+#   bash gpu_run.sh stage     tests, decode with and without the staged layout (--preload), sweep
 #   bash gpu_run.sh final     tests, benches, 16k-token memory run, PyTorch baseline
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
 #                                  targets at batch 8, and the same step in PyTorch
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memo
 
 if [ "${PHASE#finetune}" = "$PHASE" ]; then
     log "parity tests"
-    timeout 120 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+    timeout 200 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
 fi
 
 bench() { # name, args...
@@ -42,7 +43,16 @@ bench() { # name, args...
 }
 M28="--model random:2.8b --device cuda --dtype bf16"
 M15="--model random:1.5b --device cuda --dtype bf16"
-if [ "$PHASE" = tune ]; then
+if [ "$PHASE" = stage ]; then
+    for m in 28 15; do
+        eval "M=\$M$m"
+        bench ${m}plain $M --prompt-len 2048 --gen-len 1024 --modes graph,pipelined
+        bench ${m}staged $M --prompt-len 2048 --gen-len 1024 --modes graph,pipelined,graph-probe --preload
+    done
+    BENCH_TIMEOUT=150 bench ft28full1p --finetune $M28 --seq-len 2048 --batch 1 --method full --steps 2 --profile
+    BENCH_TIMEOUT=150 bench ft28lora1p --finetune $M28 --seq-len 2048 --batch 1 --steps 2 --profile
+    bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
+elif [ "$PHASE" = tune ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
@@ -67,8 +77,8 @@ elif [ "${PHASE#finetune}" != "$PHASE" ]; then
 else
     bench 28 $M28 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile
-    bench 28np $M28 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --no-preload
-    bench 15np $M15 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --no-preload
+    bench 28st $M28 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --preload
+    bench 15st $M15 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --preload
     bench 28b8 $M28 --prompt-len 2048 --prefill-batch 8 --gen-len 64 --modes graph
     bench 15b8 $M15 --prompt-len 2048 --prefill-batch 8 --gen-len 64 --modes graph
     bench 28long $M28 --prompt-len 2048 --gen-len 16384 --modes graph

@@ -142,10 +142,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     return r;
 }
 
-// Up to 8 independent 16-byte loads in flight per lane; rows start with 6 loaded ahead (a row of
-// 1,472 bf16 is 5.75 loads per lane).
+// Up to 8 independent 16-byte loads in flight per lane (a row of 1,472 bf16 is 5.75 per lane).
 #define DOT_BATCH 8
-#define PRE_BATCH 6
 
 // Partial dot of one lane over a row of W (type T) with x (type T, shared or global), elements
 // [k0, k1). `vec`: the row and x are 16-byte aligned and k0, k1 are multiples of 16 / sizeof(T).
@@ -170,36 +168,6 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ w, const T* __re
     } else {
         for (int k = k0 + lane; k < k1; k += 32) acc = fmaf(to_f(w[k]), to_f(x[k]), acc);
     }
-    return acc;
-}
-
-// Loads this lane's first PRE_BATCH 16-byte pieces of a row's [k0, k1) into registers (vec
-// rows only), so that the load latency overlaps whatever the kernel does before the product.
-template <typename T>
-__device__ __forceinline__ void row_preload(const T* __restrict__ w, int k0, int k1, bool vec, uint4 (&r)[PRE_BATCH]) {
-    if (!vec) return;
-    constexpr int V = 16 / sizeof(T);
-    const uint4* wv = reinterpret_cast<const uint4*>(w);
-    const int base = k0 / V + (threadIdx.x & 31), e = k1 / V;
-#pragma unroll
-    for (int u = 0; u < PRE_BATCH; u++)
-        if (base + 32 * u < e) r[u] = ld_stream(wv + base + 32 * u);
-}
-
-// lane_dot of a row whose first batch row_preload put in `r`.
-template <typename T>
-__device__ __forceinline__ float lane_dot_pre(const T* __restrict__ w, const T* __restrict__ x, int k0, int k1, bool vec,
-                                              const uint4 (&r)[PRE_BATCH]) {
-    if (!vec) return lane_dot<T>(w, x, k0, k1, false);
-    constexpr int V = 16 / sizeof(T);
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
-    const int base = k0 / V + (threadIdx.x & 31), e = k1 / V;
-    float acc = 0.0f;
-#pragma unroll
-    for (int u = 0; u < PRE_BATCH; u++)
-        if (base + 32 * u < e) acc += dot16<T>(r[u], xv[base + 32 * u]);
-    const int rest = k0 + 32 * PRE_BATCH * V;
-    if (rest < k1) acc += lane_dot<T>(w, x, rest, k1, true);
     return acc;
 }
 
@@ -265,6 +233,56 @@ __device__ __forceinline__ void warp_prefetch(const void* p, size_t bytes) {
         for (size_t off = (size_t)lane * 128; off < bytes; off += 32 * 128)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
     }
+}
+
+// Staging weights in shared memory (cp.async, sm_80+): a warp copies a slice of a row into its
+// shared buffer before it waits for the previous kernel, so the bytes travel while that kernel
+// still runs, without holding registers. Lane l copies (and later reads) pieces l, l + 32, ...,
+// so each lane needs only its own copies to have landed: cp_async_wait_all, no barrier.
+__device__ __forceinline__ void cp_async16(void* dst_smem, const void* src) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst_smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// dst[0 .. n) = src[0 .. n) for n elements of T (n a multiple of 16 / sizeof(T), both 16-byte
+// aligned); returns at once, the copies land later.
+template <typename T>
+__device__ __forceinline__ void stage_slice(T* dst, const T* __restrict__ src, int n) {
+    constexpr int V = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31, pieces = n / V;
+    for (int i = lane; i < pieces; i += 32) cp_async16(dst + (size_t)i * V, src + (size_t)i * V);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Partial dot of one lane: the staged slice ws (elements k0 .. k1 of a row, from ws[0]) with
+// x[k0 .. k1). Call after cp_async_wait_all.
+template <typename T>
+__device__ __forceinline__ float lane_dot_staged(const T* ws, const T* __restrict__ x, int k0, int k1) {
+    constexpr int V = 16 / sizeof(T);
+    const uint4* wv = reinterpret_cast<const uint4*>(ws);
+    const uint4* xv = reinterpret_cast<const uint4*>(x + k0);
+    const int lane = threadIdx.x & 31, pieces = (k1 - k0) / V;
+    float a0 = 0.0f, a1 = 0.0f;
+    int i = lane;
+    for (; i + 32 < pieces; i += 64) {
+        a0 += dot16<T>(wv[i], xv[i]);
+        a1 += dot16<T>(wv[i + 32], xv[i + 32]);
+    }
+    if (i < pieces) a0 += dot16<T>(wv[i], xv[i]);
+    return a0 + a1;
+}
+
+// A word another block of the running grid publishes (no L1: it may change while we look).
+__device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ int ld_relaxed_i32(const int* p) {
+    int v;
+    asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
 }
 
 #define INSTANTIATE_T(MACRO) MACRO(float, f32) MACRO(bf16, bf16) MACRO(f16, f16)

@@ -10,14 +10,27 @@
 //   sample_final    argmax over the blocks' candidates -> the next token id (stays on device);
 //                   sums the telemetry partials of the step
 //
+//   moe_router_*    (staged layout) the router alone, one block: publishes the expert early
+//   moe_fc1_pre_*   (staged layout) the chosen expert's fc1, its rows staged as soon as the router
+//                   has published the expert
+//
 // The residual stream `res` is f32 (d). Products round their output through the weight type T
 // where the tensor-op twin stores a T tensor (the logits stay f32). One warp computes one output
 // row (16-byte loads, up to 8 in flight per lane); blocks loop over rows (grid-stride).
 //
-// Launched with programmatic dependent launch: each kernel first loads the start of its first
-// weight row into registers (and, with `pf`, asks L2 for its other rows), then waits for the
-// previous kernel (pdl_wait), then lets the next one launch.
+// Launched with programmatic dependent launch: a kernel may start while the previous one runs; it
+// waits for it (pdl_wait), then lets the next one launch. The `_pre_` variants ("staged") first
+// copy each warp's first weight row (or row slice) into shared memory with cp.async, so the
+// weights stream in while the previous kernel still works; with `pf` the others ask L2 for their
+// rows. Dynamic shared memory of the staged variants: [xs, when the kernel has one: K elements,
+// 16-byte aligned][one slice per warp].
 #include "common.cuh"
+
+__device__ __forceinline__ size_t align16(size_t b) { return (b + 15) & ~(size_t)15; }
+
+// Longest wait (clock cycles, ~100 µs) of an fc1 block for the router's published expert before it
+// gives up staging (it then reads the rows after pdl_wait, as the unstaged kernel).
+#define ROUTE_SPIN_CYCLES 200000
 
 // Normalised input of a block: xs[k] = T(norm(res)[k]) for k < K. norm_kind 0: RMSNorm with
 // weight nw; 1: LayerNorm with weight nw and bias nb. `red` holds >= 33 floats.
@@ -72,7 +85,7 @@ __device__ void embed_impl(const T* __restrict__ emb, const unsigned int* __rest
 //   xz[j] = T(T(w_j · T(rmsnorm(res))) + bias[j])        j < M = 2·di (u = xz[:di], z = xz[di:])
 //   v[c]  = T(SiLU(cb[c] + Σ_k cw[c,k] · window_k))      c < di, window = [conv[c, 1..KC], u_c]
 // The conv state is only read here (the SSM step shifts it). dynamic smem: K · sizeof(T).
-template <typename T, bool PRE>
+template <typename T, bool STAGE>
 __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const float* __restrict__ res,
                                   const float* __restrict__ nw, float eps, const T* __restrict__ bias, T* __restrict__ xz,
                                   int di, int KC, const float* __restrict__ conv, const float* __restrict__ cw,
@@ -82,15 +95,17 @@ __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const f
     __shared__ float red[33];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     const int j0 = blockIdx.x * nwarps + warp;
-    uint4 pre[PRE_BATCH];
-    if (PRE && j0 < M) row_preload<T>(W + (size_t)j0 * K, 0, K, vec != 0, pre);
+    T* st = reinterpret_cast<T*>(smem_raw + align16((size_t)K * sizeof(T))) + (size_t)warp * K;
+    const bool staged = STAGE && vec != 0 && j0 < M;
+    if (staged) stage_slice<T>(st, W + (size_t)j0 * K, K);
     if (pf) prefetch_rows<T>(W, M, K, 0, K, 0);
     pdl_wait();
     pdl_trigger();
     norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
+    if (STAGE) cp_async_wait_all();
     for (int j = j0; j < M; j += gridDim.x * nwarps) {
-        const float dot = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(W + (size_t)j * K, xs, 0, K, vec != 0, pre))
-                                  : warp_dot<T>(W + (size_t)j * K, xs, 0, K, vec != 0);
+        const float dot = staged && j == j0 ? warp_sum(lane_dot_staged<T>(st, xs, 0, K))
+                                            : warp_dot<T>(W + (size_t)j * K, xs, 0, K, vec != 0);
         float a = round_to<T>(dot);
         if (bias != nullptr) a = round_to<T>(a + to_f(bias[j]));
         if (lane == 0) {
@@ -106,24 +121,27 @@ __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const f
 }
 
 // out[j] = T(w_j · x), one block per row j (blockIdx.x, grid-stride), its warps splitting K.
-template <typename T, bool PRE>
+template <typename T, bool STAGE>
 __device__ void gemv_rows_impl(const T* __restrict__ W, int M, int K, const T* __restrict__ x, T* __restrict__ out,
                                int vec, int pf) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float part[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     constexpr int V = 16 / sizeof(T);
     int per = (K + nwarps - 1) / nwarps;
     per = (per + V - 1) / V * V;
     const int k0 = min(K, warp * per), k1 = min(K, k0 + per);
-    uint4 pre[PRE_BATCH];
-    if (PRE && blockIdx.x < M) row_preload<T>(W + (size_t)blockIdx.x * K, k0, k1, vec != 0, pre);
+    T* st = reinterpret_cast<T*>(smem_raw) + (size_t)warp * per;
+    const bool staged = STAGE && vec != 0 && (int)blockIdx.x < M && k1 > k0;
+    if (staged) stage_slice<T>(st, W + (size_t)blockIdx.x * K + k0, k1 - k0);
     if (pf)
         for (int j = blockIdx.x; j < M; j += gridDim.x) warp_prefetch(W + (size_t)j * K + k0, (size_t)(k1 - k0) * sizeof(T));
     pdl_wait();
     pdl_trigger();
+    if (STAGE) cp_async_wait_all();
     for (int j = blockIdx.x; j < M; j += gridDim.x) {
-        const float a = PRE && j == (int)blockIdx.x ? warp_sum(lane_dot_pre<T>(W + (size_t)j * K, x, k0, k1, vec != 0, pre))
-                                             : warp_dot<T>(W + (size_t)j * K, x, k0, k1, vec != 0);
+        const float a = staged && j == (int)blockIdx.x ? warp_sum(lane_dot_staged<T>(st, x, k0, k1))
+                                                       : warp_dot<T>(W + (size_t)j * K, x, k0, k1, vec != 0);
         __syncthreads();  // part is free again
         if (lane == 0) part[warp] = a;
         __syncthreads();
@@ -139,6 +157,60 @@ __device__ void gemv_rows_impl(const T* __restrict__ W, int M, int K, const T* _
 template <typename T>
 __device__ __forceinline__ const T* pick_weight(const T* W, const unsigned long long* wtab, const int* route) {
     return wtab != nullptr ? reinterpret_cast<const T*>(wtab[route[0]]) : W;
+}
+
+// The router of one MoE layer over the block's normalised input xs (K elements of T):
+// logits[e] = Wr[e] · xs + br[e] (Wr (E, K) f32, E <= 32), warps splitting the experts and, with
+// more warps than experts, slices of K. Returns e* = argmax (first on ties) to every thread.
+template <typename T>
+__device__ int router_top1(const float* __restrict__ Wr, const float* __restrict__ br, int E, int K, const T* xs,
+                           float* part, float* logits, int* chosen) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int S = max(1, nwarps / E);
+    for (int item = warp; item < E * S && item < 32; item += nwarps) {
+        const int e = item % E, sl = item / E;
+        const int k0 = (int)((long long)sl * K / S), k1 = (int)((long long)(sl + 1) * K / S);
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        int k = k0 + lane;
+        for (; k + 96 < k1; k += 128) {
+            a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
+            a1 = fmaf(Wr[(size_t)e * K + k + 32], to_f(xs[k + 32]), a1);
+            a2 = fmaf(Wr[(size_t)e * K + k + 64], to_f(xs[k + 64]), a2);
+            a3 = fmaf(Wr[(size_t)e * K + k + 96], to_f(xs[k + 96]), a3);
+        }
+        for (; k < k1; k += 32) a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
+        const float acc = warp_sum((a0 + a1) + (a2 + a3));
+        if (lane == 0) part[item] = acc;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int best = 0;
+        for (int e = 0; e < E && e < 32; e++) {
+            float l = br[e];
+            for (int sl = 0; sl < S; sl++) l += part[sl * E + e];
+            logits[e] = l;
+            if (l > logits[best]) best = e;
+        }
+        *chosen = best;
+    }
+    __syncthreads();
+    return *chosen;
+}
+
+// One thread: route[0] = e*, route[1] = σ(logit e*) (f32 bits), the telemetry (E logits, then e*
+// as a float) when telem is given; then, when flag != 0, route[2] = flag with release order: a
+// block that reads flag (acquire) sees the route.
+__device__ __forceinline__ void publish_route(int* route, float* telem, const float* logits, int E, int best,
+                                              unsigned flag) {
+    route[0] = best;
+    reinterpret_cast<float*>(route)[1] = sigmoid_f(logits[best]);
+    if (telem != nullptr) {
+        for (int e = 0; e < E; e++) telem[e] = logits[e];
+        telem[E] = (float)best;
+    }
+    if (flag != 0u)
+        asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(reinterpret_cast<unsigned*>(route) + 2), "r"(flag)
+                     : "memory");
 }
 
 // The router and the chosen expert's fc1 of one MoE layer, in every block:
@@ -165,43 +237,8 @@ __device__ void moe_fc1_impl(const float* __restrict__ Wr, const float* __restri
     pdl_wait();
     pdl_trigger();
     norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
-    // router: warps split the experts and, with more warps than experts, slices of K
-    const int S = max(1, nwarps / E);
-    for (int item = warp; item < E * S && item < 32; item += nwarps) {
-        const int e = item % E, sl = item / E;
-        const int k0 = (int)((long long)sl * K / S), k1 = (int)((long long)(sl + 1) * K / S);
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        int k = k0 + lane;
-        for (; k + 96 < k1; k += 128) {
-            a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
-            a1 = fmaf(Wr[(size_t)e * K + k + 32], to_f(xs[k + 32]), a1);
-            a2 = fmaf(Wr[(size_t)e * K + k + 64], to_f(xs[k + 64]), a2);
-            a3 = fmaf(Wr[(size_t)e * K + k + 96], to_f(xs[k + 96]), a3);
-        }
-        for (; k < k1; k += 32) a0 = fmaf(Wr[(size_t)e * K + k], to_f(xs[k]), a0);
-        const float acc = warp_sum((a0 + a1) + (a2 + a3));
-        if (lane == 0) part[item] = acc;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int best = 0;
-        for (int e = 0; e < E && e < 32; e++) {
-            float l = br[e];
-            for (int sl = 0; sl < S; sl++) l += part[sl * E + e];
-            logits[e] = l;
-            if (l > logits[best]) best = e;
-        }
-        chosen = best;
-        if (blockIdx.x == 0) {
-            route[0] = best;
-            reinterpret_cast<float*>(route)[1] = sigmoid_f(logits[best]);
-            if (telem != nullptr) {
-                for (int e = 0; e < E; e++) telem[e] = logits[e];
-                telem[E] = (float)best;
-            }
-        }
-    }
-    __syncthreads();
+    const int best = router_top1<T>(Wr, br, E, K, xs, part, logits, &chosen);
+    if (blockIdx.x == 0 && threadIdx.x == 0) publish_route(route, telem, logits, E, best, 0u);
     const T* w = reinterpret_cast<const T*>(wtab[chosen]);
     for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
         if (epi == 1) {
@@ -214,11 +251,93 @@ __device__ void moe_fc1_impl(const float* __restrict__ Wr, const float* __restri
     }
 }
 
+// Staged layout, first kernel of a MoE layer: the router alone in one block (1,024 threads):
+// logits = Wr · T(rmsnorm(res)) + br, then publish_route with flag step[0] + 1, which the fc1
+// blocks (launched meanwhile) wait for to stage the chosen expert's rows. dynamic smem: K · sizeof(T).
+template <typename T>
+__device__ void moe_router_impl(const float* __restrict__ Wr, const float* __restrict__ br, int E, int* __restrict__ route,
+                                float* __restrict__ telem, int K, const float* __restrict__ res, const float* __restrict__ nw,
+                                float eps, const unsigned* __restrict__ step) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    __shared__ float red[33];
+    __shared__ float part[32];
+    __shared__ float logits[32];
+    __shared__ int chosen;
+    const int warp = threadIdx.x >> 5;
+    if (warp < E) warp_prefetch(Wr + (size_t)warp * K, (size_t)K * sizeof(float));
+    pdl_wait();
+    pdl_trigger();
+    norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
+    const int best = router_top1<T>(Wr, br, E, K, xs, part, logits, &chosen);
+    if (threadIdx.x == 0) publish_route(route, telem, logits, E, best, step[0] + 1u);
+}
+
+// Staged layout: the chosen expert's fc1 (epilogues as moe_fc1_impl). Before waiting for the
+// router, lane 0 of each warp polls route[2] for this step's flag (step[0] + 1, at most
+// ROUTE_SPIN_CYCLES) and the warp stages its first row (epi 1: rows j0 and j0 + M) of that
+// expert. After the wait the route is read again; rows staged for another expert (never
+// expected) are not used. dynamic smem: [xs: K][per warp: 2 (epi 1) or 1 rows of K].
+template <typename T>
+__device__ void moe_fc1_staged_impl(const unsigned long long* __restrict__ wtab, const int* __restrict__ route,
+                                    const unsigned* __restrict__ step, int M, int K, const float* __restrict__ res,
+                                    const float* __restrict__ nw, float eps, T* __restrict__ out, int epi, int act, int vec) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* xs = reinterpret_cast<T*>(smem_raw);
+    __shared__ float red[33];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int rows = epi == 1 ? 2 : 1;
+    T* st = reinterpret_cast<T*>(smem_raw + align16((size_t)K * sizeof(T))) + (size_t)warp * rows * K;
+    const int j0 = blockIdx.x * nwarps + warp;
+    int e = -1;
+    if (vec != 0 && j0 < M) {
+        if (lane == 0) {
+            const unsigned want = step[0] + 1u;
+            const long long t0 = clock64();
+            for (;;) {
+                if (ld_acquire_u32(reinterpret_cast<const unsigned*>(route) + 2) == want) {
+                    e = ld_relaxed_i32(route);
+                    break;
+                }
+                if (clock64() - t0 > ROUTE_SPIN_CYCLES) break;
+                __nanosleep(100);
+            }
+        }
+        e = __shfl_sync(0xffffffffu, e, 0);
+        if (e >= 0) {
+            const T* we = reinterpret_cast<const T*>(wtab[e]);
+            stage_slice<T>(st, we + (size_t)j0 * K, K);
+            if (epi == 1) stage_slice<T>(st + K, we + (size_t)(j0 + M) * K, K);
+        }
+    }
+    pdl_wait();
+    pdl_trigger();
+    norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
+    const int chosen = ld_relaxed_i32(route);
+    cp_async_wait_all();
+    const bool staged = e >= 0 && e == chosen;
+    const T* w = reinterpret_cast<const T*>(wtab[chosen]);
+    for (int j = j0; j < M; j += gridDim.x * nwarps) {
+        const bool s = staged && j == j0;
+        if (epi == 1) {
+            const float2 gu = s ? make_float2(warp_sum(lane_dot_staged<T>(st, xs, 0, K)), warp_sum(lane_dot_staged<T>(st + K, xs, 0, K)))
+                                : warp_dot2<T>(w + (size_t)j * K, w + (size_t)(j + M) * K, xs, K, vec != 0);
+            if (lane == 0) out[j] = from_f<T>(round_to<T>(act_f(round_to<T>(gu.x), act)) * round_to<T>(gu.y));
+        } else {
+            const float a = round_to<T>(s ? warp_sum(lane_dot_staged<T>(st, xs, 0, K)) : warp_dot<T>(w + (size_t)j * K, xs, 0, K, vec != 0));
+            if (lane == 0) out[j] = from_f<T>(act_f(a, act));
+        }
+    }
+}
+
 // res[j] += g · (w_j · x) for j < M; g = gate[0] or 1. W: (M, K) T, x: (K) T in global memory.
 // Split-K: blockIdx.y of gridDim.y takes a slice of K and adds with atomics; with one slice the
 // product is rounded through T first (as the twin's T output) and added without atomics.
-// With wtab, the weight is the expert that route (written by the previous kernel) names.
-template <typename T, bool PRE>
+// With wtab, the weight is the expert that route names: written by the previous kernel (the fused
+// router + fc1), or, in the staged layout (STAGE), by the router two launches back, which has
+// finished when this kernel starts (the fc1 kernel between waited for it), so the expert's slice
+// is staged before the wait. dynamic smem (STAGE): one slice of `per` elements per warp.
+template <typename T, bool STAGE>
 __device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, const int* route, int M, int K,
                                 const T* __restrict__ x, float* __restrict__ res, const float* __restrict__ gate,
                                 const T* __restrict__ bias, int vec, int pf) {
@@ -229,25 +348,39 @@ __device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, cons
     const int k0 = min(K, split * per), k1 = min(K, k0 + per);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     const int j0 = blockIdx.x * nwarps + warp;
-    uint4 pre[PRE_BATCH];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* st = reinterpret_cast<T*>(smem_raw) + (size_t)warp * per;
     const T* w = W;
+    bool staged = false;
     if (wtab == nullptr) {
-        // a fixed matrix: load before waiting for the previous kernel
-        if (PRE && j0 < M) row_preload<T>(w + (size_t)j0 * K, k0, k1, vec != 0, pre);
+        // a fixed matrix: stage before waiting for the previous kernel
+        staged = STAGE && vec != 0 && j0 < M && k1 > k0;
+        if (staged) stage_slice<T>(st, w + (size_t)j0 * K + k0, k1 - k0);
         if (pf) prefetch_rows<T>(w, M, K, k0, k1, 0);
         pdl_wait();
         pdl_trigger();
+    } else if (STAGE) {
+        // the expert the router (two launches back, finished) chose
+        const int e = ld_relaxed_i32(route);
+        w = reinterpret_cast<const T*>(wtab[e]);
+        staged = vec != 0 && j0 < M && k1 > k0;
+        if (staged) stage_slice<T>(st, w + (size_t)j0 * K + k0, k1 - k0);
+        pdl_wait();
+        pdl_trigger();
+        if (ld_relaxed_i32(route) != e) {  // never expected: then read the rows of the route now named
+            staged = false;
+            w = pick_weight<T>(W, wtab, route);
+        }
     } else {
         // the expert chosen by the previous kernel
         pdl_wait();
         pdl_trigger();
         w = pick_weight<T>(W, wtab, route);
-        if (PRE && j0 < M) row_preload<T>(w + (size_t)j0 * K, k0, k1, vec != 0, pre);
     }
+    if (STAGE) cp_async_wait_all();
     const float g = gate != nullptr ? gate[0] : 1.0f;
     for (int j = j0; j < M; j += gridDim.x * nwarps) {
-        float a = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(w + (size_t)j * K, x, k0, k1, vec != 0, pre))
-                          : warp_dot<T>(w + (size_t)j * K, x, k0, k1, vec != 0);
+        float a = staged && j == j0 ? warp_sum(lane_dot_staged<T>(st, x, k0, k1)) : warp_dot<T>(w + (size_t)j * K, x, k0, k1, vec != 0);
         if (lane == 0) {
             if (nsplit == 1) {
                 a = round_to<T>(a);
@@ -271,7 +404,7 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
 // LM head: logits[j] = E_j · T(layernorm(res)) in f32 for j < V; each block leaves the argmax of
 // its rows' scores in (pv, pi)[blockIdx.x]. score = logit, or logit / temp + Gumbel noise drawn
 // from (seed, step[0], j) when temp > 0 (an exact sample of softmax(logit / temp) overall).
-template <typename T, bool PRE>
+template <typename T, bool STAGE>
 __device__ void head_impl(const T* __restrict__ E, int V, int K, const float* __restrict__ res,
                           const float* __restrict__ lw, const float* __restrict__ lb, float eps, float* __restrict__ logits,
                           float* __restrict__ pv, int* __restrict__ pi, float temp, unsigned long long seed,
@@ -283,17 +416,18 @@ __device__ void head_impl(const T* __restrict__ E, int V, int K, const float* __
     __shared__ int bi[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     const int j0 = blockIdx.x * nwarps + warp;
-    uint4 pre[PRE_BATCH];
-    if (PRE && j0 < V) row_preload<T>(E + (size_t)j0 * K, 0, K, vec != 0, pre);
+    T* st = reinterpret_cast<T*>(smem_raw + align16((size_t)K * sizeof(T))) + (size_t)warp * K;
+    const bool staged = STAGE && vec != 0 && j0 < V;
+    if (staged) stage_slice<T>(st, E + (size_t)j0 * K, K);
     if (pf) prefetch_rows<T>(E, V, K, 0, K, 0);
     pdl_wait();
     pdl_trigger();
     norm_prologue<T>(res, lw, lb, eps, 1, K, xs, red);
+    if (STAGE) cp_async_wait_all();
     const unsigned long long s0 = mix64(seed ^ ((unsigned long long)step[0] << 32));
     ArgMax best{-INFINITY, 0x7fffffff};
     for (int j = j0; j < V; j += gridDim.x * nwarps) {
-        const float l = PRE && j == j0 ? warp_sum(lane_dot_pre<T>(E + (size_t)j * K, xs, 0, K, vec != 0, pre))
-                                : warp_dot<T>(E + (size_t)j * K, xs, 0, K, vec != 0);
+        const float l = staged && j == j0 ? warp_sum(lane_dot_staged<T>(st, xs, 0, K)) : warp_dot<T>(E + (size_t)j * K, xs, 0, K, vec != 0);
         if (lane == 0) logits[j] = l;
         float score = l;
         if (temp > 0.0f) {
@@ -371,6 +505,15 @@ extern "C" __global__ void set_token(unsigned int* tok, unsigned int id) { tok[0
                                            int* route, float* telem, int M, int K, const float* res, const float* nw,   \
                                            float eps, T* out, int epi, int act, int vec) {                              \
         moe_fc1_impl<T>(Wr, br, E, wtab, route, telem, M, K, res, nw, eps, out, epi, act, vec);                         \
+    }                                                                                                                   \
+    extern "C" __global__ void moe_router_##S(const float* Wr, const float* br, int E, int* route, float* telem, int K,  \
+                                              const float* res, const float* nw, float eps, const unsigned int* step) { \
+        moe_router_impl<T>(Wr, br, E, route, telem, K, res, nw, eps, step);                                            \
+    }                                                                                                                   \
+    extern "C" __global__ void moe_fc1_pre_##S(const unsigned long long* wtab, const int* route, const unsigned int* step, \
+                                               int M, int K, const float* res, const float* nw, float eps, T* out,      \
+                                               int epi, int act, int vec) {                                             \
+        moe_fc1_staged_impl<T>(wtab, route, step, M, K, res, nw, eps, out, epi, act, vec);                              \
     }                                                                                                                   \
     extern "C" __global__ void gemv_resid_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, false>(W, wtab, route, M, K, x, res, gate, bias, vec, pf); }                      \
     extern "C" __global__ void gemv_resid_pre_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, true>(W, wtab, route, M, K, x, res, gate, bias, vec, pf); }                  \

@@ -424,15 +424,21 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
             .map(|x| x as u32)
             .collect();
         let want = exp[&format!("logits.{k}")].to_vec2::<f32>().unwrap();
-        for (graph, split_k) in [(false, 1), (true, 1), (true, 3)] {
-            let opts = DecodeOpts {
-                split_k,
-                ..Default::default()
-            };
-            let got = decoder_logits(&m, &ids, opts, graph);
-            for (t, (g, w)) in got.iter().zip(&want).enumerate() {
-                let (d, _) = diff(g, w);
-                assert!(d < 1e-4, "prompt {k} pos {t} graph={graph} split={split_k}: max |Δ| = {d}");
+        for preload in [false, true] {
+            for (graph, split_k) in [(false, 1), (true, 1), (true, 3)] {
+                let opts = DecodeOpts {
+                    split_k,
+                    preload,
+                    ..Default::default()
+                };
+                let got = decoder_logits(&m, &ids, opts, graph);
+                for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let (d, _) = diff(g, w);
+                    assert!(
+                        d < 1e-4,
+                        "prompt {k} pos {t} graph={graph} split={split_k} staged={preload}: max |Δ| = {d}"
+                    );
+                }
             }
         }
     }
@@ -441,7 +447,7 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
 #[test]
 fn decoder_greedy_tokens_state_and_probe_match_model_step() {
     let (_gpu, dev) = gpu();
-    for d in SHAPES {
+    for (d, preload) in SHAPES.into_iter().flat_map(|d| [(d, false), (d, true)]) {
         let cfg = tiny_config(&["r", "8", "r", "8"], d, 300);
         let mut m = on(&cfg, 5, DType::F32, &dev);
         m.use_kernels = false;
@@ -453,6 +459,7 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
             &m,
             DecodeOpts {
                 probe: true,
+                preload,
                 ..Default::default()
             },
         )

@@ -123,9 +123,14 @@ pub fn decoder_run(
 /// Graph-mode tok/s over a grid of launch options around `base` (`n` tokens each).
 pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts) -> Result<Vec<SweepRow>> {
     let mut rows = Vec::new();
-    for (pdl, preload, prefetch) in [(true, true, false), (true, false, false), (true, true, true), (false, false, false)] {
+    for (pdl, preload, prefetch) in [
+        (true, true, false),
+        (true, false, false),
+        (false, true, false),
+        (false, false, false),
+    ] {
         for blocks_per_sm in [4u32, 8] {
-            for split_k in [2u32, 4] {
+            for split_k in [1u32, 2, 4] {
                 let opts = DecodeOpts {
                     blocks_per_sm,
                     split_k,

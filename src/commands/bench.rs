@@ -97,8 +97,9 @@ pub struct BenchArgs {
     /// Decoder: no programmatic dependent launch.
     #[arg(long)]
     pub no_pdl: bool,
-    /// Decoder: load the start of each kernel's first weight row into registers before waiting
-    /// for the previous kernel (measured slower on an H200: more registers, fewer blocks per SM).
+    /// Decoder: staged layout: each kernel copies its first weight row per warp into shared memory
+    /// before waiting for the previous kernel, and each MoE router runs as its own kernel, so the
+    /// chosen expert's rows are copied as soon as it is known.
     #[arg(long)]
     pub preload: bool,
     /// Decoder: ask L2 for all weight rows before waiting for the previous kernel.

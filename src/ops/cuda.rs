@@ -321,6 +321,17 @@ pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
     Ok(n.max(1) as u32)
 }
 
+/// The most dynamic shared memory one block may ask for (bytes; sm_90: 227 KiB).
+pub fn max_smem_optin(dev: &CudaDevice) -> Result<u32> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    Ok(n.max(48 * 1024) as u32)
+}
+
 /// (free, total) bytes of device memory.
 pub fn mem_info(dev: &CudaDevice) -> Result<(usize, usize)> {
     dev.cuda_stream().context().bind_to_thread().w()?;

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::{Mixer, Model};
-use crate::ops::cuda::{cuda_device, dptr, func, sm_count, suffix, Launch, Module};
+use crate::ops::cuda::{cuda_device, dptr, func, max_smem_optin, sm_count, suffix, Launch, Module};
 
 mod io;
 mod launches;
@@ -44,8 +44,10 @@ pub struct DecodeOpts {
     pub pdl: bool,
     /// Kernels ask L2 for all their weight rows before waiting for the previous kernel.
     pub prefetch: bool,
-    /// Kernels load the start of their first weight row into registers before waiting for the
-    /// previous kernel (variants `*_pre_*`, more registers per thread).
+    /// Staged layout (variants `*_pre_*`): each warp copies its first weight row (or K slice)
+    /// into shared memory (cp.async) before waiting for the previous kernel, so weights stream in
+    /// while that kernel runs; a MoE layer runs its router as a one-block kernel that publishes
+    /// the expert early, and the fc1 blocks stage that expert's rows as soon as it is known.
     pub preload: bool,
 }
 
@@ -117,6 +119,8 @@ pub struct Decoder {
     moe_idx: Vec<(usize, usize)>,
     /// Steps run since the last token was set.
     pub steps: u64,
+    /// The most dynamic shared memory a block may use on this device (bytes).
+    max_smem: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -226,6 +230,7 @@ impl Decoder {
             return Err(unsupported("a layer too wide for one block's shared memory"));
         }
         let sms = sm_count(&dev)?;
+        let max_smem = max_smem_optin(&dev)?;
         let mut hold = Vec::new();
         let mut keep = |t: &Tensor| -> Result<u64> {
             let t = t.contiguous()?;
@@ -342,7 +347,8 @@ impl Decoder {
             v: alloc(di, dtype)?,
             y: alloc(di, dtype)?,
             h: alloc(f, dtype)?,
-            route: alloc(2 * n_moe, DType::U32)?,
+            // per MoE layer: expert, gate (f32 bits), the step flag of the staged layout, unused
+            route: alloc(4 * n_moe, DType::U32)?,
             logits: alloc(cfg.vocab_size, DType::F32)?,
             pv: alloc(head_blocks as usize, DType::F32)?,
             pi: alloc(head_blocks as usize, DType::U32)?,
@@ -389,6 +395,7 @@ impl Decoder {
             mamba_idx,
             moe_idx,
             steps: 0,
+            max_smem,
         };
         me.launches = [me.build(0)?, me.build(1)?];
         Ok(me)

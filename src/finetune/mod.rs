@@ -21,6 +21,7 @@ pub mod lora;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod recompute;
 pub mod trainer;
 
 use std::path::PathBuf;
@@ -126,6 +127,41 @@ pub struct FinetuneConfig {
     pub sinkhorn: SinkhornOpts,
     /// Name of the base model, stored in the adapter's JSON.
     pub base_model: String,
+    /// Recompute each layer's activations in the backward pass instead of keeping them
+    /// (`finetune::recompute`): memory for one layer instead of all, each layer run twice.
+    pub recompute: Recompute,
+}
+
+/// When the trainer recomputes activations ([`crate::finetune::recompute`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// On CUDA (where memory is scarce), not on the CPU.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Recompute {
+    /// Parses `--recompute`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(Error::Invalid(format!("--recompute {other}: use auto, on or off"))),
+        }
+    }
+
+    /// Whether a model on `dev` recomputes.
+    pub fn applies(self, dev: &candle_core::Device) -> bool {
+        match self {
+            Self::Auto => dev.is_cuda(),
+            Self::On => true,
+            Self::Off => false,
+        }
+    }
 }
 
 impl Default for FinetuneConfig {
@@ -160,6 +196,7 @@ impl Default for FinetuneConfig {
             train_router: false,
             sinkhorn: SinkhornOpts::default(),
             base_model: String::new(),
+            recompute: Recompute::Auto,
         }
     }
 }

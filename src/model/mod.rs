@@ -267,34 +267,61 @@ impl Model {
             self.probe_slots(p);
             p.n_tokens += x.elem_count() / self.cfg.hidden_size;
         }
-        let eps = self.cfg.layernorm_epsilon;
         let mut res = x.to_dtype(DType::F32)?; // residual stream, f32
-        let (mut moe_slot, mut mamba_slot) = (0, 0);
-        for (i, block) in self.layers.iter().enumerate() {
-            let normed = rms_norm(&res, &block.norm, eps, self.differentiable)?.to_dtype(self.dtype)?;
-            let out = match &block.mixer {
-                Mixer::Mamba(m) => {
-                    let st = state.layers[i]
-                        .as_mut()
-                        .ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
-                    let rec = probe.as_deref_mut().filter(|p| !p.moe_only).map(|p| &mut p.mamba[mamba_slot]);
-                    mamba_slot += 1;
-                    if seq {
-                        m.forward(&normed, st, rec, self.trains_with_fused_scan())?
-                    } else {
-                        m.step(&normed, st, rec)?
-                    }
-                }
-                Mixer::Moe(m) => {
-                    let rec = probe.as_deref_mut().map(|p| &mut p.moe[moe_slot]);
-                    moe_slot += 1;
-                    m.forward(&normed, self.routing, rec)?
-                }
-                Mixer::Dense(m) => m.forward(&normed)?,
-            };
-            res = (res + out.to_dtype(DType::F32)?)?;
+        for i in 0..self.layers.len() {
+            res = self.block(i, &res, state, probe.as_deref_mut(), seq)?;
         }
         Ok(res)
+    }
+
+    /// Half-block `i` of the residual stack (tensor-op path): res (.., d) f32 -> res +
+    /// mixer(rmsnorm(res)), advancing `state`'s entry for a Mamba layer. `probe` (already given
+    /// its slots by [`Model::probe_slots`]) records into the layer's slot. Fine-tuning calls it
+    /// layer by layer to recompute activations (`finetune::recompute`).
+    pub fn block(&self, i: usize, res: &Tensor, state: &mut State, probe: Option<&mut Probe>, seq: bool) -> Result<Tensor> {
+        let block = self
+            .layers
+            .get(i)
+            .ok_or_else(|| Error::Invalid(format!("layer {i} is past the model's {} layers", self.layers.len())))?;
+        let slot = |moe: bool| {
+            self.layers[..i]
+                .iter()
+                .filter(|b| matches!(b.mixer, Mixer::Moe(_)) == moe && !matches!(b.mixer, Mixer::Dense(_)))
+                .count()
+        };
+        let normed = rms_norm(res, &block.norm, self.cfg.layernorm_epsilon, self.differentiable)?.to_dtype(self.dtype)?;
+        let out = match &block.mixer {
+            Mixer::Mamba(m) => {
+                let st = state.layers[i]
+                    .as_mut()
+                    .ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
+                let rec = probe.filter(|p| !p.moe_only).map(|p| &mut p.mamba[slot(false)]);
+                if seq {
+                    m.forward(&normed, st, rec, self.trains_with_fused_scan())?
+                } else {
+                    m.step(&normed, st, rec)?
+                }
+            }
+            Mixer::Moe(m) => {
+                let rec = probe.map(|p| &mut p.moe[slot(true)]);
+                m.forward(&normed, self.routing, rec)?
+            }
+            Mixer::Dense(m) => m.forward(&normed)?,
+        };
+        Ok((res + out.to_dtype(DType::F32)?)?)
+    }
+
+    /// The embedding rows of ids (B, L) u32 -> (B, L, d) in the weight dtype.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (bsz, len) = ids.dims2()?;
+        Ok(self.embedding.index_select(&ids.flatten_all()?, 0)?.reshape((bsz, len, ()))?)
+    }
+
+    /// The logits of chosen positions of a final residual h (B, L, d) f32: `rows` (n) u32 indexes
+    /// the flattened B·L positions -> (n, V) f32.
+    pub fn head_rows(&self, h: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let (bsz, len, _) = h.dims3()?;
+        self.head(&h.reshape((bsz * len, ()))?.index_select(rows, 0)?)
     }
 
     /// Whether fine-tuning scans with the fused autograd kernels: a differentiable model on

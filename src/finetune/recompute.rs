@@ -1,0 +1,104 @@
+//! Training step with activations recomputed layer by layer ("activation checkpointing").
+//!
+//! Autograd over the whole stack keeps every intermediate of every layer until the backward pass:
+//! on BlackMamba-2.8B shapes about 23 MB a token, so 2,048 tokens at batch 1 peaked at 80 GB and
+//! batch 4 did not fit an H200. Here only the residual stream between half-blocks is kept
+//! (B·L·d f32 per layer boundary):
+//!
+//! 1. forward, one half-block at a time, each output detached: h₀ = embed(ids), hᵢ₊₁ = blockᵢ(hᵢ);
+//! 2. the head and loss on h_N (a variable), backward: the head's gradients and g_N = ∂loss/∂h_N;
+//! 3. for i = N−1 … 0: blockᵢ again on hᵢ (a variable), backward of Σ blockᵢ(hᵢ) ⊙ gᵢ₊₁: the
+//!    layer's parameter gradients and gᵢ = ∂loss/∂hᵢ (the residual path included, since blockᵢ
+//!    returns hᵢ + mixer);
+//! 4. the embedding's gradient from Σ embed(ids) ⊙ g₀ when it is trained.
+//!
+//! Every layer runs forward twice; memory holds one layer's graph at a time. Routing is
+//! recomputed from the same inputs, so Sinkhorn chooses the same experts; the probe records pass 1.
+//! The gradients equal those of [`crate::finetune::loss::batch_nll`]'s single backward
+//! (`tests/finetune_recompute.rs`).
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::Result;
+use crate::finetune::data::Batch;
+use crate::finetune::loss::nll_sum;
+use crate::model::probe::Probe;
+use crate::model::Model;
+
+/// The summed loss of one micro-batch (as [`crate::finetune::loss::batch_nll`]) and the
+/// gradients of loss / `per` with respect to `vars` (None where a variable gets none), by
+/// layer-wise recomputation. The loss is returned detached.
+pub fn nll_and_grads(
+    model: &Model,
+    batch: &Batch,
+    mut probe: Option<&mut Probe>,
+    per: f64,
+    vars: &[&Var],
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let (bsz, len) = batch.ids.dims2()?;
+    let n = model.layers.len();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+
+    // 1. forward, keeping the layer boundaries only
+    if let Some(p) = probe.as_deref_mut() {
+        model.probe_slots(p);
+        p.n_tokens += bsz * len;
+    }
+    let mut hs: Vec<Tensor> = Vec::with_capacity(n + 1);
+    hs.push(model.embed(&batch.ids)?.to_dtype(DType::F32)?.detach()); // (B, L, d)
+    for i in 0..n {
+        // a fresh state per layer, dropped with the layer's graph (every sequence starts at zero)
+        let mut state = model.new_state(bsz)?;
+        let h = model.block(i, &hs[i], &mut state, probe.as_deref_mut(), true)?;
+        hs.push(h.detach());
+    }
+
+    // 2. head and loss
+    let top = Var::from_tensor(&hs[n])?;
+    let logits = model.head_rows(top.as_tensor(), &batch.rows)?; // (n, V)
+    let nll = nll_sum(&logits, &batch.targets)?;
+    let store = (&nll / per)?.backward()?;
+    accumulate(&mut grads, vars, &store)?;
+    let mut g = match store.get(top.as_tensor()) {
+        Some(g) => g.detach(),
+        None => hs[n].zeros_like()?,
+    };
+    drop((store, logits, top));
+    hs.truncate(n);
+
+    // 3. each half-block again, last to first
+    for i in (0..n).rev() {
+        let Some(hi) = hs.pop() else { break };
+        let h = Var::from_tensor(&hi)?;
+        let mut st = model.new_state(bsz)?;
+        let out = model.block(i, h.as_tensor(), &mut st, None, true)?;
+        let store = (out * &g)?.sum_all()?.backward()?;
+        accumulate(&mut grads, vars, &store)?;
+        g = match store.get(h.as_tensor()) {
+            Some(x) => x.detach(),
+            None => g,
+        };
+    }
+
+    // 4. the embedding (tied to the head; a variable only when trained)
+    let x = model.embed(&batch.ids)?.to_dtype(DType::F32)?;
+    if x.is_variable() || x.track_op() {
+        let store = (x * &g)?.sum_all()?.backward()?;
+        accumulate(&mut grads, vars, &store)?;
+    }
+    Ok((nll.detach(), grads))
+}
+
+/// grads[k] += the store's gradient of vars[k], where it has one.
+fn accumulate(grads: &mut [Option<Tensor>], vars: &[&Var], store: &GradStore) -> Result<()> {
+    for (g, v) in grads.iter_mut().zip(vars) {
+        if let Some(new) = store.get(v.as_tensor()) {
+            *g = Some(match g.take() {
+                Some(acc) => (acc + new)?,
+                None => new.clone(),
+            });
+        }
+    }
+    Ok(())
+}

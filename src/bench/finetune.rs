@@ -20,7 +20,7 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::finetune::data::Example;
-use crate::finetune::{FinetuneConfig, Method, StepTiming, Target, Trainer};
+use crate::finetune::{FinetuneConfig, Method, Recompute, StepTiming, Target, Trainer};
 use crate::model::Model;
 use crate::rng::Rng;
 
@@ -43,6 +43,8 @@ pub struct FinetuneBenchOpts {
     /// Also time phases of a few extra steps, waiting for the device between them.
     pub profile: bool,
     pub seed: u64,
+    /// Recompute activations in the backward pass (see [`crate::finetune::recompute`]).
+    pub recompute: Recompute,
 }
 
 impl Default for FinetuneBenchOpts {
@@ -58,6 +60,7 @@ impl Default for FinetuneBenchOpts {
             warmup: 2,
             steps: 5,
             profile: false,
+            recompute: Recompute::Auto,
             seed: 0,
         }
     }
@@ -121,6 +124,8 @@ pub struct FinetuneBenchReport {
     pub params_trainable: usize,
     /// Which scan the training forward and backward ran.
     pub scan: String,
+    /// Whether activations were recomputed layer by layer in the backward pass.
+    pub recompute: bool,
     /// Seconds of each timed step.
     pub step_secs: Vec<f64>,
     pub secs_median: f64,
@@ -189,6 +194,7 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
         batch: o.batch,
         seed: o.seed,
         base_model: label.to_string(),
+        recompute: o.recompute,
         ..FinetuneConfig::default()
     };
     let vocab = model.cfg.vocab_size.min(50277);
@@ -287,6 +293,7 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
         params_total,
         params_trainable: tr.n_trainable(),
         scan: scan.into(),
+        recompute: o.recompute.applies(&dev),
         tok_s: if secs_median > 0.0 {
             tokens_per_step as f64 / secs_median
         } else {

@@ -6,7 +6,7 @@ use clap::Args;
 use crate::bench::finetune::{FinetuneBenchOpts, FinetuneBenchReport};
 use crate::bench::{self, BenchOpts, BenchReport};
 use crate::commands::ModelArgs;
-use crate::finetune::{Method, Target};
+use crate::finetune::{Method, Recompute, Target};
 
 /// Inference flags that mean nothing to `--finetune`.
 const INFERENCE_ONLY: [&str; 8] = [
@@ -47,6 +47,9 @@ pub struct BenchArgs {
     /// --finetune: sequences per step (one micro-batch).
     #[arg(long, default_value_t = 8, requires = "finetune")]
     pub batch: usize,
+    /// --finetune: recompute each layer's activations in the backward pass: auto (on CUDA), on, off.
+    #[arg(long, default_value = "auto", requires = "finetune")]
+    pub recompute: String,
     /// --finetune: timed steps.
     #[arg(long, default_value_t = 5, requires = "finetune")]
     pub steps: usize,
@@ -199,6 +202,7 @@ fn finetune_opts(a: &BenchArgs) -> anyhow::Result<FinetuneBenchOpts> {
         steps: a.steps,
         profile: a.profile,
         seed: a.seed,
+        recompute: Recompute::parse(&a.recompute)?,
     })
 }
 
@@ -222,7 +226,15 @@ fn print_finetune(r: &FinetuneBenchReport) {
         r.params_trainable as f64 / 1e6,
         r.params_total as f64 / 1e6
     );
-    println!("scan: {}", r.scan);
+    println!(
+        "scan: {}; activations: {}",
+        r.scan,
+        if r.recompute {
+            "recomputed layer by layer in the backward pass"
+        } else {
+            "all kept for the backward pass"
+        }
+    );
     println!(
         "batch {} x seq {} = {} tokens per step; {} timed steps: median {:.1} ms, {:.0} tok/s (mean {:.0} tok/s)",
         r.batch,

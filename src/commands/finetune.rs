@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::commands::ModelArgs;
 use crate::finetune::data::BadLine;
-use crate::finetune::{DataFormat, FinetuneConfig, Method, StepReport, Target, Trainer};
+use crate::finetune::{DataFormat, FinetuneConfig, Method, Recompute, StepReport, Target, Trainer};
 
 /// Options shared by `finetune` and `train` (unset ones take the command's defaults).
 #[derive(Debug, Args, Clone)]
@@ -71,6 +71,10 @@ pub struct RunOpts {
     /// Seed of the adapter init, the held-out split and the data order.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Recompute each layer's activations in the backward pass instead of keeping them all:
+    /// auto (on CUDA), on, off. Same gradients; memory for one layer; each layer runs twice.
+    #[arg(long)]
+    pub recompute: Option<String>,
 }
 
 impl RunOpts {
@@ -105,6 +109,9 @@ impl RunOpts {
             seed
         );
         cfg.eval_data = self.eval_data.clone();
+        if let Some(r) = &self.recompute {
+            cfg.recompute = Recompute::parse(r)?;
+        }
         Ok(())
     }
 }

@@ -11,6 +11,8 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    // the folder too: a new kernel file must rebuild (cargo scans a folder's files)
+    println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CARGO_FEATURE_CUDA");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

@@ -5,6 +5,7 @@
 # and tiny-a/ (the fixture):
 #   bash gpu_run.sh tune      tests, benches with per-kernel profiles, launch-shape sweep
 #   bash gpu_run.sh stage     tests, decode with and without the staged layout (--preload), sweep
+#   bash gpu_run.sh ftprof    tests, bench --finetune with phase profiles (2.8B, seq 2048)
 #   bash gpu_run.sh final     tests, benches, 16k-token memory run, PyTorch baseline
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
 #                                  targets at batch 8, and the same step in PyTorch
@@ -52,6 +53,13 @@ if [ "$PHASE" = stage ]; then
     BENCH_TIMEOUT=150 bench ft28full1p --finetune $M28 --seq-len 2048 --batch 1 --method full --steps 2 --profile
     BENCH_TIMEOUT=150 bench ft28lora1p --finetune $M28 --seq-len 2048 --batch 1 --steps 2 --profile
     bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
+elif [ "$PHASE" = ftprof ]; then
+    BENCH_TIMEOUT=150
+    FT="--finetune $M28 --seq-len 2048 --steps 2 --profile"
+    bench ft28full1 $FT --batch 1 --method full
+    bench ft28full1keep $FT --batch 1 --method full --recompute off
+    bench ft28lora8 $FT --batch 8
+    bench ft28full4 $FT --batch 4 --method full
 elif [ "$PHASE" = tune ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile

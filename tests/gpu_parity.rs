@@ -623,3 +623,66 @@ fn fused_path_respects_shapes_it_cannot_take() {
     let slow = m.forward(&ids, &mut m.new_state(1).unwrap(), Logits::All, None).unwrap();
     assert_close("N=32 fallback", &fused, &slow, 1e-5);
 }
+
+/// Random values of a simple generator (the same on every run), as an f32 tensor on `dev`.
+fn noise(n: usize, seed: u64, scale: f32, dev: &Device) -> Tensor {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect();
+    Tensor::from_vec(v, n, dev).unwrap()
+}
+
+/// The fused AdamW step (in place) and the fused gradient norm equal their tensor-op twins over
+/// three steps, with and without weight decay and with clipping.
+#[test]
+fn fused_adamw_and_gradient_norm_match_the_tensor_op_optimiser() {
+    use blackmamba::finetune::optim::{global_norm, global_norm_ops, AdamW, AdamWParams, Param};
+    let (_gpu, dev) = gpu();
+    let sizes = [(185usize, true), (1000, false), (4480, true)];
+    let params = |tag: &str| -> Vec<Param> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, decay))| Param {
+                name: format!("{tag}.{i}"),
+                var: Var::from_tensor(&noise(n, 7 + i as u64, 2.0, &dev)).unwrap(),
+                decay,
+            })
+            .collect()
+    };
+    let (pa, pb) = (params("fused"), params("ops"));
+    let hp = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let (mut a, mut b) = (AdamW::new(&pa, hp).unwrap(), AdamW::new(&pb, hp).unwrap());
+    for step in 0..3u64 {
+        let grads: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, _))| noise(n, 100 * step + i as u64, 0.3, &dev))
+            .collect();
+        let (nf, no) = (global_norm(&grads).unwrap(), global_norm_ops(&grads).unwrap());
+        assert!((nf - no).abs() <= 1e-6 * no, "step {step}: gradient norm {nf} vs {no}");
+        let (lr, scale) = (1e-2 * (step + 1) as f64, if step == 1 { 0.5 } else { 1.0 });
+        a.t += 1;
+        a.step_fused(&pa, &grads, lr, scale).unwrap();
+        b.t += 1;
+        b.step_ops(&pb, &grads, lr, scale).unwrap();
+        for (k, (x, y)) in pa.iter().zip(&pb).enumerate() {
+            assert_close(&format!("step {step} weight {k}"), x.var.as_tensor(), y.var.as_tensor(), 1e-6);
+            assert_close(&format!("step {step} m {k}"), &a.moments[k].0, &b.moments[k].0, 1e-6);
+            assert_close(&format!("step {step} v {k}"), &a.moments[k].1, &b.moments[k].1, 1e-6);
+        }
+    }
+    let moved = diff(&host(pa[0].var.as_tensor()), &host(&noise(sizes[0].0, 7, 2.0, &dev))).0;
+    assert!(moved > 1e-3, "the weights did not move ({moved})");
+}

@@ -74,6 +74,9 @@ pub struct PhaseProfile {
     pub backward_ms: f64,
     pub optim_ms: f64,
     pub total_ms: f64,
+    /// Finer parts (ms, medians): the recomputed backward by layer kind (when recomputing) and
+    /// the update's gradient norm, AdamW and bf16 recast.
+    pub parts: Vec<(String, f64)>,
 }
 
 /// Memory during the run, MiB: on CUDA in use on the device (all processes), on the CPU the
@@ -249,6 +252,22 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
             backward_ms: med(|x| x.backward_s),
             optim_ms: med(|x| x.optim_s),
             total_ms: med(|x| x.total_s),
+            parts: [
+                ("first pass", med(|x| x.layers.first_pass_s)),
+                ("head+loss", med(|x| x.layers.head_s)),
+                ("mamba fwd", med(|x| x.layers.mamba_fwd_s)),
+                ("mamba bwd", med(|x| x.layers.mamba_bwd_s)),
+                ("moe fwd", med(|x| x.layers.moe_fwd_s)),
+                ("moe bwd", med(|x| x.layers.moe_bwd_s)),
+                ("embedding", med(|x| x.layers.embed_s)),
+                ("grad norm", med(|x| x.norm_s)),
+                ("adamw", med(|x| x.adam_s)),
+                ("recast", med(|x| x.cast_s)),
+            ]
+            .into_iter()
+            .filter(|(_, ms)| *ms > 0.0)
+            .map(|(n, ms)| (n.to_string(), ms))
+            .collect(),
         })
     } else {
         None

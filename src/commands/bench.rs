@@ -252,6 +252,10 @@ fn print_finetune(r: &FinetuneBenchReport) {
             "phases (median of {} steps, synchronised): forward {:.1} ms, backward {:.1} ms, update {:.1} ms, step {:.1} ms",
             p.steps, p.forward_ms, p.backward_ms, p.optim_ms, p.total_ms
         );
+        let parts: Vec<String> = p.parts.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
+        if !parts.is_empty() {
+            println!("parts (ms): {}", parts.join(", "));
+        }
     }
     if let Some(m) = &r.memory {
         let what = if m.kind == "gpu" {

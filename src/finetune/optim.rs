@@ -47,8 +47,9 @@ impl AdamW {
         let moments = params
             .iter()
             .map(|p| {
-                let z = p.var.as_tensor().zeros_like()?;
-                Ok((z.clone(), z))
+                // two buffers: the fused step updates them in place
+                let t = p.var.as_tensor();
+                Ok((t.zeros_like()?, t.zeros_like()?))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { hp, t: 0, moments })
@@ -61,14 +62,59 @@ impl AdamW {
             return Err(Error::Invalid("optimiser: parameter and gradient lists differ in length".into()));
         }
         self.t += 1;
+        #[cfg(feature = "cuda")]
+        if crate::ops::kernels_enabled() && self.fusable(params) {
+            return self.step_fused(params, grads, lr, grad_scale);
+        }
+        self.step_ops(params, grads, lr, grad_scale)
+    }
+
+    /// Whether every parameter and moment is an f32 CUDA tensor (the fused kernel's inputs).
+    #[cfg(feature = "cuda")]
+    fn fusable(&self, params: &[Param]) -> bool {
+        let ok = |t: &Tensor| t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous();
+        params.iter().all(|p| ok(p.var.as_tensor())) && self.moments.iter().all(|(m, v)| ok(m) && ok(v))
+    }
+
+    /// The update of step `self.t` by the fused CUDA kernel (`ops::optim::adamw`), in place.
+    #[cfg(feature = "cuda")]
+    pub fn step_fused(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+        let (bc1, bc2) = self.corrections();
+        for ((p, g), (m, v)) in params.iter().zip(grads).zip(&self.moments) {
+            let decay = if p.decay && self.hp.weight_decay > 0.0 {
+                1.0 - lr * self.hp.weight_decay
+            } else {
+                1.0
+            };
+            let s = crate::ops::optim::AdamStep {
+                lr,
+                beta1: self.hp.beta1,
+                beta2: self.hp.beta2,
+                bc1,
+                bc2,
+                eps: self.hp.eps,
+                decay,
+                gscale: grad_scale,
+            };
+            crate::ops::optim::adamw(p.var.as_tensor(), g, m, v, &s)?;
+        }
+        Ok(())
+    }
+
+    /// Bias corrections (1 − β₁ᵗ, 1 − β₂ᵗ) of step `self.t`.
+    fn corrections(&self) -> (f64, f64) {
+        (1.0 - self.hp.beta1.powi(self.t as i32), 1.0 - self.hp.beta2.powi(self.t as i32))
+    }
+
+    /// The update of step `self.t` from tensor ops (any device; the fused kernel's slow twin).
+    pub fn step_ops(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         let AdamWParams {
             beta1: b1,
             beta2: b2,
             eps,
             weight_decay,
         } = self.hp;
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
+        let (bc1, bc2) = self.corrections();
         for ((p, g), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
             let g = (g.to_dtype(DType::F32)? * grad_scale)?;
             *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?; // m ← β₁m + (1−β₁)g
@@ -102,6 +148,15 @@ pub fn lr_at(s: usize, total: usize, lr: f64, warmup: usize, min_ratio: f64) -> 
 
 /// The global L2 norm of a list of gradients (one host sync).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if crate::ops::kernels_enabled() && grads.iter().all(|g| g.device().is_cuda()) {
+        return Ok(crate::ops::optim::sum_squares(grads)?.sqrt());
+    }
+    global_norm_ops(grads)
+}
+
+/// [`global_norm`] from tensor ops (the fused kernel's slow twin).
+pub fn global_norm_ops(grads: &[Tensor]) -> Result<f64> {
     if grads.is_empty() {
         return Ok(0.0);
     }

@@ -20,11 +20,31 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use std::time::Instant;
+
 use crate::error::Result;
 use crate::finetune::data::Batch;
 use crate::finetune::loss::nll_sum;
 use crate::model::probe::Probe;
 use crate::model::Model;
+
+/// Where a recomputed micro-batch's time went (seconds; filled when profiling, with the device
+/// waited for at each boundary).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct LayerTiming {
+    /// Pass 1: every half-block forward once.
+    pub first_pass_s: f64,
+    /// The head, the loss and their backward.
+    pub head_s: f64,
+    /// Pass 2, Mamba half-blocks: recomputed forward, then backward.
+    pub mamba_fwd_s: f64,
+    pub mamba_bwd_s: f64,
+    /// Pass 2, MoE half-blocks: recomputed forward, then backward.
+    pub moe_fwd_s: f64,
+    pub moe_bwd_s: f64,
+    /// The embedding's backward.
+    pub embed_s: f64,
+}
 
 /// The summed loss of one micro-batch (as [`crate::finetune::loss::batch_nll`]) and the
 /// gradients of loss / `per` with respect to `vars` (None where a variable gets none), by
@@ -35,8 +55,19 @@ pub fn nll_and_grads(
     mut probe: Option<&mut Probe>,
     per: f64,
     vars: &[&Var],
+    mut prof: Option<&mut LayerTiming>,
 ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
     let (bsz, len) = batch.ids.dims2()?;
+    // with a profile: wait for the device, add the time since `t` to the field, restart the clock
+    let mut t = Instant::now();
+    let mut lap = |field: fn(&mut LayerTiming) -> &mut f64| -> Result<()> {
+        if let Some(p) = prof.as_deref_mut() {
+            model.device.synchronize()?;
+            *field(p) += t.elapsed().as_secs_f64();
+            t = Instant::now();
+        }
+        Ok(())
+    };
     let n = model.layers.len();
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
 
@@ -53,6 +84,7 @@ pub fn nll_and_grads(
         let h = model.block(i, &hs[i], &mut state, probe.as_deref_mut(), true)?;
         hs.push(h.detach());
     }
+    lap(|p| &mut p.first_pass_s)?;
 
     // 2. head and loss
     let top = Var::from_tensor(&hs[n])?;
@@ -66,6 +98,7 @@ pub fn nll_and_grads(
     };
     drop((store, logits, top));
     hs.truncate(n);
+    lap(|p| &mut p.head_s)?;
 
     // 3. each half-block again, last to first
     for i in (0..n).rev() {
@@ -73,12 +106,15 @@ pub fn nll_and_grads(
         let h = Var::from_tensor(&hi)?;
         let mut st = model.new_state(bsz)?;
         let out = model.block(i, h.as_tensor(), &mut st, None, true)?;
+        let moe = model.layers[i].is_moe();
+        lap(if moe { |p| &mut p.moe_fwd_s } else { |p| &mut p.mamba_fwd_s })?;
         let store = (out * &g)?.sum_all()?.backward()?;
         accumulate(&mut grads, vars, &store)?;
         g = match store.get(h.as_tensor()) {
             Some(x) => x.detach(),
             None => g,
         };
+        lap(if moe { |p| &mut p.moe_bwd_s } else { |p| &mut p.mamba_bwd_s })?;
     }
 
     // 4. the embedding (tied to the head; a variable only when trained)
@@ -87,6 +123,7 @@ pub fn nll_and_grads(
         let store = (x * &g)?.sum_all()?.backward()?;
         accumulate(&mut grads, vars, &store)?;
     }
+    lap(|p| &mut p.embed_s)?;
     Ok((nll.detach(), grads))
 }
 

@@ -20,7 +20,7 @@ use crate::finetune::lora::{attach, init_adapter, merge_all, visit_named_linears
 use crate::finetune::loss::{batch_nll, evaluate, inference_view, EvalResult};
 use crate::finetune::metrics::{Metrics, MetricsLine};
 use crate::finetune::optim::{clip_scale, decays, global_norm, lr_at, AdamW, AdamWParams, Param};
-use crate::finetune::recompute::nll_and_grads;
+use crate::finetune::recompute::{nll_and_grads, LayerTiming};
 use crate::finetune::{FinetuneConfig, Method, StepReport};
 use crate::model::moe::Routing;
 use crate::model::probe::Probe;
@@ -75,6 +75,12 @@ pub struct StepTiming {
     pub optim_s: f64,
     /// The whole step, evaluation and checkpointing excluded.
     pub total_s: f64,
+    /// With recomputation and device waits: the backward's parts, summed over micro-batches.
+    pub layers: LayerTiming,
+    /// With device waits: the update's parts (gradient norm; AdamW; recasting bf16 weights).
+    pub norm_s: f64,
+    pub adam_s: f64,
+    pub cast_s: f64,
 }
 
 impl Trainer {
@@ -243,7 +249,8 @@ impl Trainer {
                 // forward and backward interleave, layer by layer: all of it counts as backward
                 // but the first pass (see `recompute`)
                 let vars: Vec<&candle_core::Var> = self.params.iter().map(|p| &p.var).collect();
-                let (nll, new) = nll_and_grads(&self.model, &batch, Some(&mut probe), per, &vars)?;
+                let prof = self.sync_timing.then_some(&mut timing.layers);
+                let (nll, new) = nll_and_grads(&self.model, &batch, Some(&mut probe), per, &vars, prof)?;
                 self.phase_sync()?;
                 timing.backward_s += tf.elapsed().as_secs_f64();
                 nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -303,11 +310,17 @@ impl Trainer {
         if !grad_norm.is_finite() {
             return Err(self.fail(format!("the gradient norm is {grad_norm} at step {}", self.step + 1)));
         }
+        timing.norm_s = to.elapsed().as_secs_f64();
+        let ta = Instant::now();
         self.opt.step(&self.params, &grads, lr, clip_scale(grad_norm, self.cfg.clip))?;
+        self.phase_sync()?;
+        timing.adam_s = ta.elapsed().as_secs_f64();
+        let tc = Instant::now();
         self.step += 1;
         self.last_loss = Some(loss);
         self.refresh_casts()?;
         self.phase_sync()?;
+        timing.cast_s = tc.elapsed().as_secs_f64();
         timing.optim_s = to.elapsed().as_secs_f64();
         let secs = t0.elapsed().as_secs_f64();
         timing.total_s = secs;

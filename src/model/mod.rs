@@ -9,6 +9,7 @@ pub mod convert;
 pub mod linear;
 pub mod mamba;
 pub mod moe;
+pub mod permute;
 pub mod probe;
 pub mod pth;
 pub mod pth_write;
@@ -43,6 +44,13 @@ pub struct Block {
     /// (d) f32
     pub norm: Tensor,
     pub mixer: Mixer,
+}
+
+impl Block {
+    /// Whether the mixer is a MoE layer.
+    pub fn is_moe(&self) -> bool {
+        matches!(self.mixer, Mixer::Moe(_))
+    }
 }
 
 /// Which logits a full-sequence call returns.

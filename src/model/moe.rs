@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::model::config::{Activation, Config};
 use crate::model::linear::Linear;
 use crate::model::mamba::take;
+use crate::model::permute::RowPermutation;
 use crate::model::probe::MoeRecord;
 use crate::sinkhorn::{greedy, sinkhorn, SinkhornOpts};
 
@@ -137,12 +138,8 @@ impl SwitchMlp {
             // group tokens by expert: one gather in, one gather back
             let mut order: Vec<u32> = (0..n_tok as u32).collect();
             order.sort_by_key(|&t| experts[t as usize]);
-            let mut inverse = vec![0u32; n_tok];
-            for (pos, &t) in order.iter().enumerate() {
-                inverse[t as usize] = pos as u32;
-            }
-            let order_t = Tensor::from_slice(&order, n_tok, xs.device())?;
-            let sorted = xs.index_select(&order_t, 0)?; // (T, d) grouped by expert
+            let group = RowPermutation::new(&order, xs.device())?;
+            let sorted = group.apply(&xs)?; // (T, d) grouped by expert
             let counts = crate::sinkhorn::loads(&experts, n_exp);
             let mut outs = Vec::with_capacity(n_exp);
             let mut off = 0;
@@ -153,8 +150,7 @@ impl SwitchMlp {
                 }
             }
             let ys = Tensor::cat(&outs, 0)?; // (T, d) grouped
-            ys.index_select(&Tensor::from_slice(&inverse, n_tok, xs.device())?, 0)?
-            // (T, d) token order
+            group.inverse().apply(&ys)? // (T, d) token order
         };
         let y = y.to_dtype(DType::F32)?.broadcast_mul(&gate)?; // scale by the gate, f32
         if let Some(p) = probe {

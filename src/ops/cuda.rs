@@ -26,6 +26,7 @@ mod bins {
 pub enum Module {
     Decode,
     MambaStep,
+    Optim,
     Prefill,
     Scan,
     Sinkhorn,
@@ -36,6 +37,7 @@ impl Module {
         match self {
             Self::Decode => bins::DECODE,
             Self::MambaStep => bins::MAMBA_STEP,
+            Self::Optim => bins::OPTIM,
             Self::Prefill => bins::PREFILL,
             Self::Scan => bins::SCAN,
             Self::Sinkhorn => bins::SINKHORN,

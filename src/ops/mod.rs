@@ -19,6 +19,8 @@ pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod fused;
 #[cfg(feature = "cuda")]
+pub mod optim;
+#[cfg(feature = "cuda")]
 pub mod prof;
 pub mod scan_cpu;
 #[cfg(feature = "cuda")]
@@ -29,6 +31,12 @@ pub mod sinkhorn;
 /// Whether this build has the fused CUDA kernels.
 pub fn available() -> bool {
     cfg!(feature = "cuda")
+}
+
+/// Whether the fused kernels are to be used: a CUDA build, and `BLACKMAMBA_NO_KERNELS` unset
+/// (or empty or 0), as [`crate::model::Model::use_kernels`] starts.
+pub fn kernels_enabled() -> bool {
+    available() && std::env::var_os("BLACKMAMBA_NO_KERNELS").is_none_or(|v| v.is_empty() || v == "0")
 }
 
 use candle_core::Tensor;

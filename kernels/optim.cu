@@ -1,0 +1,32 @@
+// The optimiser step of fine-tuning, fused: one pass over each parameter tensor instead of the ~14
+// tensor ops (each a full read and write of the tensor) of the slow twin, `AdamW::step_ops`.
+//
+//   adamw_f32   g' = g · gscale; m ← β₁m + (1−β₁)g'; v ← β₂v + (1−β₂)g'²;
+//               w ← w · decay − lr · (m / bc1) / (√(v / bc2) + ε)          in place, f32
+//   sumsq_f32   *acc += Σ g²  (f64 accumulator; one per step, summed over tensors)
+#include "common.cuh"
+
+extern "C" __global__ void adamw_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                                     float* __restrict__ v, unsigned long long n, float lr, float b1, float b2,
+                                     float bc1, float bc2, float eps, float decay, float gscale) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float gi = g[i] * gscale;
+        const float mi = b1 * m[i] + (1.0f - b1) * gi;
+        const float vi = b2 * v[i] + (1.0f - b2) * (gi * gi);
+        m[i] = mi;
+        v[i] = vi;
+        const float upd = (mi / bc1) / (sqrtf(vi / bc2) + eps);
+        w[i] = w[i] * decay - upd * lr;
+    }
+}
+
+extern "C" __global__ void sumsq_f32(const float* __restrict__ g, unsigned long long n, double* __restrict__ acc) {
+    __shared__ float red[33];
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    float s = 0.0f;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        s = fmaf(g[i], g[i], s);
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) atomicAdd(acc, (double)s);
+}

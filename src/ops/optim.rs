@@ -1,0 +1,91 @@
+//! The optimiser step of fine-tuning on CUDA (`kernels/optim.cu`): AdamW in one pass over each
+//! parameter, in place, and the gradients' sum of squares into one f64 read once per step.
+//! Slow twins: [`crate::finetune::optim::AdamW::step_ops`] and
+//! [`crate::finetune::optim::global_norm_ops`]; parity in `tests/gpu_parity.rs`.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, func, sm_count, Launch, Module};
+
+/// The scalars of one AdamW update (bias corrections bc1 = 1 − β₁ᵗ, bc2 = 1 − β₂ᵗ; decay =
+/// 1 − lr · weight decay, or 1; gscale multiplies the gradient: clipping).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub bc1: f64,
+    pub bc2: f64,
+    pub eps: f64,
+    pub decay: f64,
+    pub gscale: f64,
+}
+
+fn check_f32(what: &str, t: &Tensor, n: usize) -> Result<()> {
+    if t.dtype() != DType::F32 || !t.device().is_cuda() || !t.is_contiguous() || t.elem_count() != n {
+        return Err(Error::Invalid(format!(
+            "fused AdamW: {what} must be a contiguous f32 CUDA tensor of {n} values (got {:?} {:?})",
+            t.dtype(),
+            t.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// w, m, v (f32, contiguous, distinct storage) updated in place from the gradient g.
+pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep) -> Result<()> {
+    let n = w.elem_count();
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    for (what, t) in [
+        ("the weight", w),
+        ("the gradient", &g),
+        ("the first moment", m),
+        ("the second moment", v),
+    ] {
+        check_f32(what, t, n)?;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let cd = cuda_device(w.device())?;
+    let cap = sm_count(cd)? * 8;
+    Launch::new(func(cd, Module::Optim, "adamw_f32")?, (blocks_for(n, 256, cap), 1, 1), 256, 0)
+        .ptr(dptr(w)?)
+        .ptr(dptr(&g)?)
+        .ptr(dptr(m)?)
+        .ptr(dptr(v)?)
+        .u64(n as u64)
+        .f32(s.lr as f32)
+        .f32(s.beta1 as f32)
+        .f32(s.beta2 as f32)
+        .f32(s.bc1 as f32)
+        .f32(s.bc2 as f32)
+        .f32(s.eps as f32)
+        .f32(s.decay as f32)
+        .f32(s.gscale as f32)
+        .run(&cd.cuda_stream())
+}
+
+/// Σ over all gradients of g², accumulated on the device in f64 and read once.
+pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
+    let Some(first) = grads.first() else { return Ok(0.0) };
+    let dev = first.device();
+    let cd = cuda_device(dev)?;
+    let cap = sm_count(cd)? * 4;
+    let acc = Tensor::zeros(1, DType::F64, dev)?;
+    let f = func(cd, Module::Optim, "sumsq_f32")?;
+    for g in grads {
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let n = g.elem_count();
+        if n == 0 {
+            continue;
+        }
+        Launch::new(f.clone(), (blocks_for(n, 256, cap), 1, 1), 256, 0)
+            .ptr(dptr(&g)?)
+            .u64(n as u64)
+            .ptr(dptr(&acc)?)
+            .run(&cd.cuda_stream())?;
+    }
+    Ok(acc.to_vec1::<f64>()?[0])
+}

@@ -6,6 +6,8 @@
 #   bash gpu_run.sh tune      tests, benches with per-kernel profiles, launch-shape sweep
 #   bash gpu_run.sh stage     tests, decode with and without the staged layout (--preload), sweep
 #   bash gpu_run.sh ftprof    tests, bench --finetune with phase profiles (2.8B, seq 2048)
+#   bash gpu_run.sh ftfinal   tests, bench --finetune (LoRA batch 8, every weight batch 1 and 4) and
+#                             the same three steps in PyTorch, one run
 #   bash gpu_run.sh final     tests, benches, 16k-token memory run, PyTorch baseline
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
 #                                  targets at batch 8, and the same step in PyTorch
@@ -60,6 +62,19 @@ elif [ "$PHASE" = ftprof ]; then
     bench ft28full1keep $FT --batch 1 --method full --recompute off
     bench ft28lora8 $FT --batch 8
     bench ft28full4 $FT --batch 4 --method full
+elif [ "$PHASE" = ftfinal ]; then
+    BENCH_TIMEOUT=200
+    FT="--finetune $M28 --seq-len 2048"
+    tf() {
+        log "torch_finetune.py $*"
+        PYTHONUNBUFFERED=1 timeout 240 python3 torch_finetune.py "$@" 2>&1 | tail -4 | tee -a "$S"
+    }
+    bench ft28lora8 $FT --batch 8 --profile
+    bench ft28full1 $FT --batch 1 --method full --profile
+    bench ft28full4 $FT --batch 4 --method full --profile
+    tf --shape 2.8b --seq-len 2048 --batch 8 --steps 3
+    tf --shape 2.8b --seq-len 2048 --batch 1 --method full --steps 3
+    tf --shape 2.8b --seq-len 2048 --batch 4 --method full --steps 3
 elif [ "$PHASE" = tune ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile

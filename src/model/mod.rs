@@ -284,7 +284,7 @@ impl Model {
 
     /// Half-block `i` of the residual stack (tensor-op path): res (.., d) f32 -> res +
     /// mixer(rmsnorm(res)), advancing `state`'s entry for a Mamba layer. `probe` (already given
-    /// its slots by [`Model::probe_slots`]) records into the layer's slot. Fine-tuning calls it
+    /// its slots by `Model::probe_slots`) records into the layer's slot. Fine-tuning calls it
     /// layer by layer to recompute activations (`finetune::recompute`).
     pub fn block(&self, i: usize, res: &Tensor, state: &mut State, probe: Option<&mut Probe>, seq: bool) -> Result<Tensor> {
         let block = self

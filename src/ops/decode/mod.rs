@@ -25,6 +25,7 @@ use crate::ops::cuda::{cuda_device, dptr, func, max_smem_optin, sm_count, suffix
 
 mod io;
 mod launches;
+mod persistent;
 
 /// Launch shapes and sampling of a [`Decoder`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +50,16 @@ pub struct DecodeOpts {
     /// while that kernel runs; a MoE layer runs its router as a one-block kernel that publishes
     /// the expert early, and the fc1 blocks stage that expert's rows as soon as it is known.
     pub preload: bool,
+    /// One persistent kernel per token (`kernels/persistent.cu`): every stage of the step in one
+    /// cooperative launch, grid-wide barriers between dependent stages.
+    pub persistent: bool,
+    /// Threads per block of the persistent kernel (a multiple of 32 up to 512).
+    pub persistent_threads: u32,
+    /// Blocks per multiprocessor of the persistent kernel (capped by what fits at once).
+    pub persistent_blocks_per_sm: u32,
+    /// Persistent kernel: MB of static weights asked of L2 ahead of the running stage (each block
+    /// its own rows; at least the next stage while waiting at a barrier); 0 asks for none.
+    pub lookahead_mb: u32,
 }
 
 impl Default for DecodeOpts {
@@ -63,6 +74,10 @@ impl Default for DecodeOpts {
             pdl: true,
             prefetch: false,
             preload: false,
+            persistent: false,
+            persistent_threads: 512,
+            persistent_blocks_per_sm: 1,
+            lookahead_mb: 16,
         }
     }
 }
@@ -121,6 +136,8 @@ pub struct Decoder {
     pub steps: u64,
     /// The most dynamic shared memory a block may use on this device (bytes).
     max_smem: u32,
+    /// The persistent kernel's launch shape (persistent option on).
+    pgrid: Option<persistent::Grid>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -162,6 +179,8 @@ struct Bufs {
     emb: u64,
     final_w: u64,
     final_b: u64,
+    /// The persistent kernel's barrier counter (u64).
+    bar: u64,
 }
 
 /// Page-locked host memory for the per-step words (two slots).
@@ -333,10 +352,19 @@ impl Decoder {
         let n_moe = moe_idx.len();
         let telem_words = 3 * n_mamba + moe_idx.iter().map(|&(_, e)| e + 1).sum::<usize>();
         let n_words = 1 + telem_words;
-        let ssm_blocks = di.div_ceil((SSM_THREADS / 32) as usize) as u32;
-        let head_blocks = (cfg.vocab_size.div_ceil((opts.threads / 32) as usize) as u32)
-            .min(sms * opts.blocks_per_sm)
-            .max(1);
+        let pgrid = if opts.persistent {
+            Some(persistent::Grid::new(&dev, dtype, &opts, d, n_mamba, n_moe, sms, max_smem)?)
+        } else {
+            None
+        };
+        let ssm_threads = pgrid.as_ref().map_or(SSM_THREADS, |g| g.threads);
+        let ssm_blocks = di.div_ceil((ssm_threads / 32) as usize) as u32;
+        let head_blocks = match &pgrid {
+            Some(g) => g.blocks,
+            None => (cfg.vocab_size.div_ceil((opts.threads / 32) as usize) as u32)
+                .min(sms * opts.blocks_per_sm)
+                .max(1),
+        };
         let bufs = Bufs {
             tok: alloc(1, DType::U32)?,
             step: alloc(1, DType::U32)?,
@@ -359,6 +387,7 @@ impl Decoder {
             emb,
             final_w,
             final_b,
+            bar: alloc(2, DType::U32)?,
         };
         let sizes = Sizes {
             d,
@@ -396,8 +425,16 @@ impl Decoder {
             moe_idx,
             steps: 0,
             max_smem,
+            pgrid,
         };
-        me.launches = [me.build(0)?, me.build(1)?];
+        me.launches = if opts.persistent {
+            let (l0, t0) = me.build_persistent(0)?;
+            let (l1, t1) = me.build_persistent(1)?;
+            me._hold.extend([t0, t1]);
+            [l0, l1]
+        } else {
+            [me.build(0)?, me.build(1)?]
+        };
         Ok(me)
     }
 
@@ -442,24 +479,44 @@ impl Decoder {
         }
     }
 
-    /// Captures the step (both slots) as CUDA graphs; later steps replay them.
+    /// Captures the step (both slots) as CUDA graphs; later steps replay them. A cooperative
+    /// launch that the driver will not capture is captured as a plain launch of the same grid
+    /// (which the GPU holds at once: the grid is sized by occupancy).
     pub fn capture(&mut self) -> Result<()> {
-        // one eager step first: kernel modules loaded, nothing lazy left for the capture
         for slot in 0..2 {
             if self.graphs[slot].is_some() {
                 continue;
             }
-            self.stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .w()?;
-            let r = self.enqueue_eager(slot);
-            let g = self.stream.end_capture(CUgraphInstantiate_flags(0)).w();
-            r?;
-            let g = g?.ok_or_else(|| Error::Invalid("fast decode: the graph capture recorded nothing".into()))?;
-            g.upload().w()?;
+            let g = match self.capture_slot(slot) {
+                Err(_) if self.launches[slot].iter().any(|l| l.coop) => {
+                    for l in self.launches.iter_mut().flatten() {
+                        l.coop = false;
+                    }
+                    self.capture_slot(slot)?
+                }
+                r => r?,
+            };
             self.graphs[slot] = Some(g);
         }
         Ok(())
+    }
+
+    fn capture_slot(&mut self, slot: usize) -> Result<CudaGraph> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let r = self.enqueue_eager(slot);
+        let g = self.stream.end_capture(CUgraphInstantiate_flags(0)).w();
+        r?;
+        let g = g?.ok_or_else(|| Error::Invalid("fast decode: the graph capture recorded nothing".into()))?;
+        g.upload().w()?;
+        Ok(g)
+    }
+
+    /// Whether the step is one persistent kernel, and whether that kernel goes out as a
+    /// cooperative launch (false after a graph capture that had to drop the attribute).
+    pub fn persistent(&self) -> Option<bool> {
+        self.pgrid.as_ref().map(|_| self.launches[0].iter().any(|l| l.coop))
     }
 
     /// Whether the step runs as a captured graph.

@@ -12,23 +12,38 @@
 // bytes chosen on the host), then waits: HBM keeps streaming while the grid synchronises. The
 // expert of a MoE layer is known only after its router, so fc2's rows are asked for right after
 // the router, before fc1 runs. The stage table is copied into shared memory once per launch.
+// With DecodeOpts::fuse the step has three stages per Mamba + MoE pair instead of six
+// (persistent_fused.cuh).
 #define BM_NO_PDL
 #include "decode.cuh"
+#include "persistent_fused.cuh"
 #include "ssm_step.cuh"
 
-enum StageOp { OP_EMBED = 0, OP_IN_PROJ = 1, OP_X_PROJ = 2, OP_SSM = 3, OP_RESID = 4, OP_FC1 = 5, OP_HEAD = 6, OP_FINAL = 7 };
+enum StageOp {
+    OP_EMBED = 0,
+    OP_IN_PROJ = 1,
+    OP_X_PROJ = 2,
+    OP_SSM = 3,
+    OP_RESID = 4,
+    OP_FC1 = 5,
+    OP_HEAD = 6,
+    OP_FINAL = 7,
+    OP_IN_PROJ_X = 8,
+    OP_SSM_OUT = 9,
+    OP_FC12 = 10
+};
 
 // One stage: pointers p, integers i, floats f (what each op reads is listed in run_stage), and
 // pf_end: the L2 window when this stage starts (stages before pf_end have been asked for).
 struct Stage {
-    unsigned long long p[14];
+    unsigned long long p[16];
     int i[10];
     float f[2];
     int op;
     int pf_end;
     int pad[2];
 };
-static_assert(sizeof(Stage) == 176, "Stage layout is shared with src/ops/decode/persistent.rs");
+static_assert(sizeof(Stage) == 192, "Stage layout is shared with src/ops/decode/persistent.rs");
 
 // Longest barrier wait (clock cycles, ~1 s) before the kernel traps instead of hanging.
 #define BARRIER_TIMEOUT_CYCLES (1ll << 31)
@@ -102,6 +117,7 @@ __device__ void prefetch_stage(const Stage& s) {
     const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     switch (s.op) {
     case OP_IN_PROJ:
+    case OP_IN_PROJ_X:
         prefetch_warp_rows<T>(reinterpret_cast<const T*>(s.p[0]), s.i[0], s.i[1], 0);
         break;
     case OP_X_PROJ: {
@@ -110,7 +126,8 @@ __device__ void prefetch_stage(const Stage& s) {
         for (int j = blockIdx.x + warp * gridDim.x; j < M; j += nwarps * gridDim.x) warp_prefetch(W + (size_t)j * K, (size_t)K * sizeof(T));
         break;
     }
-    case OP_SSM: {
+    case OP_SSM:
+    case OP_SSM_OUT: {
         const int di = s.i[0], R = s.i[1], N = s.i[2], nvb = s.i[4];
         for (int vb = blockIdx.x; vb < nvb; vb += gridDim.x) {
             const int c0 = vb * nwarps, n = min(nwarps, di - c0);
@@ -124,6 +141,7 @@ __device__ void prefetch_stage(const Stage& s) {
         prefetch_resid<T>(reinterpret_cast<const T*>(s.p[0]), s.i[0], s.i[1], s.i[3]);
         break;
     case OP_FC1:
+    case OP_FC12:
         // the router's rows (f32); the expert is not known yet
         if (blockIdx.x == 0 && warp < s.i[0]) warp_prefetch(reinterpret_cast<const float*>(s.p[0]) + (size_t)warp * s.i[2], (size_t)s.i[2] * 4);
         break;
@@ -144,12 +162,40 @@ __device__ __forceinline__ int prefetch_window(const Stage* tab, int n, int from
 }
 
 template <typename T>
-__device__ void run_stage(const Stage& s, int prefetch) {
+__device__ void run_stage(const Stage& s, int prefetch, const Scratch& sc) {
     const unsigned long long* p = s.p;
     const int* i = s.i;
     switch (s.op) {
-    case OP_EMBED:  // p: emb, tok, res; i: d
+    case OP_EMBED:  // p: emb, tok, res, dbcf (fused: cleared by block 0); i: d, dbcf length
         embed_impl<T>(reinterpret_cast<const T*>(p[0]), reinterpret_cast<const unsigned*>(p[1]), i[0], reinterpret_cast<float*>(p[2]));
+        if (p[3] != 0 && blockIdx.x == 0)
+            for (int r = threadIdx.x; r < i[1]; r += blockDim.x) reinterpret_cast<float*>(p[3])[r] = 0.0f;
+        break;
+    case OP_IN_PROJ_X:  // p: W, res, norm, bias, xz, conv, cw, cb, v, Wx, dbcf, alt; i: M, K, di, KC, vec, R2; f: eps
+        in_proj_x_impl<T>(reinterpret_cast<const T*>(p[0]), i[0], i[1], reinterpret_cast<const float*>(p[1]),
+                          reinterpret_cast<const float*>(p[2]), s.f[0], reinterpret_cast<const T*>(p[3]),
+                          reinterpret_cast<T*>(p[4]), i[2], i[3], reinterpret_cast<const float*>(p[5]),
+                          reinterpret_cast<const float*>(p[6]), reinterpret_cast<const float*>(p[7]),
+                          reinterpret_cast<T*>(p[8]), reinterpret_cast<const T*>(p[9]), reinterpret_cast<float*>(p[10]),
+                          reinterpret_cast<float*>(p[11]), i[5], i[4], sc);
+        break;
+    case OP_SSM_OUT:  // p: xz, conv, cw, cb, dbcf, Wdt, dt_bias, A_log, D, h, y, telem, Wout_t, res a, res b, out bias;
+                      // i: di, R, N, K, virtual blocks, d, vec (d)
+        ssm_out_impl<T>(i[0], i[1], i[2], i[3], i[4], reinterpret_cast<const T*>(p[0]), reinterpret_cast<float*>(p[1]),
+                        reinterpret_cast<const float*>(p[2]), reinterpret_cast<const float*>(p[3]),
+                        reinterpret_cast<const float*>(p[4]), reinterpret_cast<const T*>(p[5]),
+                        reinterpret_cast<const float*>(p[6]), reinterpret_cast<const float*>(p[7]),
+                        reinterpret_cast<const float*>(p[8]), reinterpret_cast<float*>(p[9]), reinterpret_cast<T*>(p[10]),
+                        reinterpret_cast<float*>(p[11]), reinterpret_cast<const T*>(p[12]), reinterpret_cast<float*>(p[13]),
+                        reinterpret_cast<float*>(p[14]), reinterpret_cast<const T*>(p[15]), i[5], i[6], sc);
+        break;
+    case OP_FC12:  // p: Wr, br, fc1 wtab, route, telem, alt, norm, fc2ᵀ wtab, cur, dbcf; i: E, M, K, epi, act, vec, R2; f: eps
+        fc12_impl<T>(reinterpret_cast<const float*>(p[0]), reinterpret_cast<const float*>(p[1]), i[0],
+                     reinterpret_cast<const unsigned long long*>(p[2]), reinterpret_cast<int*>(p[3]),
+                     reinterpret_cast<float*>(p[4]), i[1], i[2], reinterpret_cast<const float*>(p[5]),
+                     reinterpret_cast<const float*>(p[6]), s.f[0], i[3], i[4], i[5],
+                     reinterpret_cast<const unsigned long long*>(p[7]), reinterpret_cast<float*>(p[8]),
+                     reinterpret_cast<float*>(p[9]), i[6], sc);
         break;
     case OP_IN_PROJ:  // p: W, res, norm, bias, xz, conv, cw, cb, v; i: M, K, di, KC, vec; f: eps
         in_proj_conv_impl<T, false>(reinterpret_cast<const T*>(p[0]), i[0], i[1], reinterpret_cast<const float*>(p[1]),
@@ -213,13 +259,28 @@ __device__ void run_stage(const Stage& s, int prefetch) {
     }
 }
 
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // stages: n stages (global memory, 16-byte aligned); bar: the arrival counter; table_off: where
 // the stage table starts in dynamic shared memory (after the normalised-input buffer);
-// prefetch: 0 turns the L2 requests off.
+// prefetch: 0 turns the L2 requests off; scratch_off, lmax: the fused stages' scratch (after the
+// table) and its list length; timing: null, or n + 1 words where block 0 writes the global time
+// (ns) at which each stage starts and the step ends.
 template <typename T>
-__device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigned long long* bar, int table_off, int prefetch) {
+__device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigned long long* bar, int table_off, int prefetch,
+                                int scratch_off, int lmax, unsigned long long* timing) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     Stage* tab = reinterpret_cast<Stage*>(smem_raw + table_off);
+    Scratch sc;
+    sc.idx = reinterpret_cast<int*>(smem_raw + scratch_off);
+    sc.val = reinterpret_cast<float*>(sc.idx + lmax);
+    sc.red = sc.val + lmax;
+    sc.lmax = lmax;
+    const bool timed = timing != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
     {
         const uint4* src = reinterpret_cast<const uint4*>(stages);
         uint4* dst = reinterpret_cast<uint4*>(tab);
@@ -229,8 +290,12 @@ __device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigne
     __syncthreads();
     int done = prefetch ? prefetch_window<T>(tab, n, 0, tab[0].pf_end) : 0;
     for (int s = 0; s < n; s++) {
-        run_stage<T>(tab[s], prefetch);
-        if (s + 1 == n) break;
+        if (timed) timing[s] = global_ns();
+        run_stage<T>(tab[s], prefetch, sc);
+        if (s + 1 == n) {
+            if (timed) timing[n] = global_ns();
+            break;
+        }
         __syncthreads();
         unsigned long long target = 0;
         if (threadIdx.x == 0) target = bar_arrive(bar);
@@ -241,9 +306,10 @@ __device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigne
 }
 
 #define PERSISTENT_KERNEL(T, S)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(512) persistent_##S(const Stage* stages, int n, unsigned long long* bar, \
-                                                                     int table_off, int prefetch) {                     \
-        persistent_impl<T>(stages, n, bar, table_off, prefetch);                                                      \
+    extern "C" __global__ void __launch_bounds__(512)                                                                 \
+        persistent_##S(const Stage* stages, int n, unsigned long long* bar, int table_off, int prefetch, int scratch_off, \
+                       int lmax, unsigned long long* timing) {                                                          \
+        persistent_impl<T>(stages, n, bar, table_off, prefetch, scratch_off, lmax, timing);                           \
     }
 
 INSTANTIATE_T(PERSISTENT_KERNEL)

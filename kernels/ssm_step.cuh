@@ -6,14 +6,15 @@
 // ssm_step: one warp per (b, c); lanes split the dt rank R and the N states (N <= 32), K <= 32.
 //   xz: (B, xz_stride) T (u at 0, z at di)      conv_in/out: (B, di, K) f32    cw (di, K), cb (di) f32
 //   dbc: (B, R + 2N) T = [δ; B; C]               Wdt: (di, R) T   dt_bias (di) f32
+//   (dbc may be f32 sums, D = float: each value is rounded through T when read)
 //   A_log: (di, N) f32, D: (di) f32              h_in/out: (B, di, N) f32       y: (B, di) T
 //   telem: null, or telem_mode 0: (B, 3) f32 sums added with atomics; telem_mode 1 (B = 1): one
 //   row of 3 partial sums per block, telem[bx·3 + q], summed later by sample_final;
 //   bx: the block (blockIdx.x, or a virtual block of the persistent decode kernel)
-template <typename T>
+template <typename T, typename D>
 __device__ void ssm_step_impl(int Bn, int di, int R, int N, int K, const T* __restrict__ xz, int xz_stride,
                               const float* conv_in, float* conv_out, const float* __restrict__ cw,
-                              const float* __restrict__ cb, const T* __restrict__ dbc, const T* __restrict__ Wdt,
+                              const float* __restrict__ cb, const D* __restrict__ dbc, const T* __restrict__ Wdt,
                               const float* __restrict__ dt_bias, const float* __restrict__ A_log,
                               const float* __restrict__ Dp, const float* h_in, float* h_out, T* __restrict__ y,
                               float* __restrict__ telem, int telem_mode, int bx) {
@@ -41,9 +42,9 @@ __device__ void ssm_step_impl(int Bn, int di, int R, int N, int K, const T* __re
         const float v = silu_f(cv);
         // Δ = softplus(T(W_dt[c] · δ) + b_dt[c])
         const int R2 = R + 2 * N;
-        const T* dr = dbc + (size_t)b * R2;
+        const D* dr = dbc + (size_t)b * R2;
         float acc = 0.0f;
-        for (int r = lane; r < R; r += 32) acc = fmaf(to_f(Wdt[(size_t)c * R + r]), to_f(dr[r]), acc);
+        for (int r = lane; r < R; r += 32) acc = fmaf(to_f(Wdt[(size_t)c * R + r]), round_to<T>(to_f(dr[r])), acc);
         const float delta = softplus_f(round_to<T>(warp_sum(acc)) + dt_bias[c]);
         dsum = lane == 0 ? delta : 0.0f;
         // h = exp(Δ·A)·h + (Δ·v)·B ; y = Σ h·C
@@ -52,9 +53,9 @@ __device__ void ssm_step_impl(int Bn, int di, int R, int N, int K, const T* __re
         const size_t hbase = ((size_t)b * di + c) * N;
         for (int n = lane; n < N; n += 32) {
             const float a = -expf(A_log[(size_t)c * N + n]);
-            const float h = expf(delta * a) * h_in[hbase + n] + dv * to_f(dr[R + n]);
+            const float h = expf(delta * a) * h_in[hbase + n] + dv * round_to<T>(to_f(dr[R + n]));
             h_out[hbase + n] = h;
-            yp = fmaf(h, to_f(dr[R + N + n]), yp);
+            yp = fmaf(h, round_to<T>(to_f(dr[R + N + n])), yp);
             hsq = fmaf(h, h, hsq);
         }
         const float ys = warp_sum(yp) + v * Dp[c];

@@ -424,12 +424,18 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
             .map(|x| x as u32)
             .collect();
         let want = exp[&format!("logits.{k}")].to_vec2::<f32>().unwrap();
-        for (preload, persistent) in [(false, false), (true, false), (false, true)] {
+        for (preload, persistent, fuse) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (false, true, true),
+        ] {
             for (graph, split_k) in [(false, 1), (true, 1), (true, 3)] {
                 let opts = DecodeOpts {
                     split_k,
                     preload,
                     persistent,
+                    fuse,
                     ..Default::default()
                 };
                 let got = decoder_logits(&m, &ids, opts, graph);
@@ -437,7 +443,8 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
                     let (d, _) = diff(g, w);
                     assert!(
                         d < 1e-4,
-                        "prompt {k} pos {t} graph={graph} split={split_k} staged={preload} persistent={persistent}: \
+                        "prompt {k} pos {t} graph={graph} split={split_k} staged={preload} persistent={persistent} \
+                         fuse={fuse}: \
                          max |Δ| = {d}"
                     );
                 }
@@ -449,10 +456,14 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
 #[test]
 fn decoder_greedy_tokens_state_and_probe_match_model_step() {
     let (_gpu, dev) = gpu();
-    for (d, preload, persistent) in SHAPES
-        .into_iter()
-        .flat_map(|d| [(d, false, false), (d, true, false), (d, false, true)])
-    {
+    for (d, preload, persistent, fuse) in SHAPES.into_iter().flat_map(|d| {
+        [
+            (d, false, false, false),
+            (d, true, false, false),
+            (d, false, true, false),
+            (d, false, true, true),
+        ]
+    }) {
         let cfg = tiny_config(&["r", "8", "r", "8"], d, 300);
         let mut m = on(&cfg, 5, DType::F32, &dev);
         m.use_kernels = false;
@@ -466,6 +477,7 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
                 probe: true,
                 preload,
                 persistent,
+                fuse,
                 ..Default::default()
             },
         )
@@ -484,20 +496,26 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
             let l = m.step(&Tensor::new(&[id], &dev).unwrap(), &mut st, Some(&mut ps)).unwrap();
             let hl = host(&l);
             let (dl, sl) = diff(&dec.logits().unwrap(), &hl);
-            assert!(dl <= 1e-5 * sl, "d={d} persistent={persistent} step {t}: logits differ by {dl}");
+            assert!(
+                dl <= 1e-5 * sl,
+                "d={d} persistent={persistent} fuse={fuse} step {t}: logits differ by {dl}"
+            );
             id = argmax(&hl);
-            assert_eq!(tok, id, "d={d} persistent={persistent} step {t}: greedy token");
+            assert_eq!(tok, id, "d={d} persistent={persistent} fuse={fuse} step {t}: greedy token");
         }
         states_close(
-            &format!("d={d} persistent={persistent} decoder state"),
+            &format!("d={d} persistent={persistent} fuse={fuse} decoder state"),
             &dec.state(&m, st.pos).unwrap(),
             &st,
             1e-5,
         );
         for (a, b) in pd.moe.iter().zip(&ps.moe) {
-            assert_eq!(a.experts, b.experts, "persistent={persistent}: routes");
+            assert_eq!(a.experts, b.experts, "persistent={persistent} fuse={fuse}: routes");
             let (dl, sl) = diff(&a.logits, &b.logits);
-            assert!(dl <= 1e-5 * sl.max(1.0), "persistent={persistent}: router logits differ by {dl}");
+            assert!(
+                dl <= 1e-5 * sl.max(1.0),
+                "persistent={persistent} fuse={fuse}: router logits differ by {dl}"
+            );
         }
         for (a, b) in pd.mamba.iter().zip(&ps.mamba) {
             for (x, y) in [
@@ -508,7 +526,7 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
                 let (dn, sn) = diff(x, y);
                 assert!(
                     dn <= 1e-4 * sn,
-                    "d={d} persistent={persistent}: telemetry differs by {dn} (scale {sn})"
+                    "d={d} persistent={persistent} fuse={fuse}: telemetry differs by {dn} (scale {sn})"
                 );
             }
         }
@@ -531,9 +549,10 @@ fn decoder_bf16_is_no_less_accurate_than_bf16_model_step() {
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    for persistent in [false, true] {
+    for (persistent, fuse) in [(false, false), (true, false), (true, true)] {
         let opts = DecodeOpts {
             persistent,
+            fuse,
             ..Default::default()
         };
         let got = decoder_logits(&m, &ids, opts, true);
@@ -547,7 +566,7 @@ fn decoder_bf16_is_no_less_accurate_than_bf16_model_step() {
         }
         assert!(
             ef <= 1.5 * es + 1e-3 * s,
-            "bf16 decode error (persistent={persistent}): fused {ef}, tensor-op {es} (scale {s})"
+            "bf16 decode error (persistent={persistent} fuse={fuse}): fused {ef}, tensor-op {es} (scale {s})"
         );
     }
 }
@@ -566,18 +585,19 @@ fn device_sampling_follows_softmax_of_logits_over_temperature() {
     )
     .unwrap();
     let temp = 1.5f32;
-    for persistent in [false, true] {
-        sampling_follows_softmax(&m, &st, temp, persistent);
+    for (persistent, fuse) in [(false, false), (true, false), (true, true)] {
+        sampling_follows_softmax(&m, &st, temp, persistent, fuse);
     }
 }
 
-fn sampling_follows_softmax(m: &Model, st: &State, temp: f32, persistent: bool) {
+fn sampling_follows_softmax(m: &Model, st: &State, temp: f32, persistent: bool, fuse: bool) {
     let mut dec = Decoder::new(
         m,
         DecodeOpts {
             temperature: temp,
             seed: 1234,
             persistent,
+            fuse,
             ..Default::default()
         },
     )
@@ -599,12 +619,15 @@ fn sampling_follows_softmax(m: &Model, st: &State, temp: f32, persistent: bool) 
         let dev_ = (c as f64 - n as f64 * p).abs();
         assert!(
             dev_ <= 5.0 * sd + 2.0,
-            "persistent={persistent} token {i}: {c} draws, expected {:.1} ± {sd:.1}",
+            "persistent={persistent} fuse={fuse} token {i}: {c} draws, expected {:.1} ± {sd:.1}",
             n as f64 * p
         );
     }
     let distinct = counts.iter().filter(|&&c| c > 0).count();
-    assert!(distinct >= 2, "persistent={persistent}: sampling always picked the same token");
+    assert!(
+        distinct >= 2,
+        "persistent={persistent} fuse={fuse}: sampling always picked the same token"
+    );
 }
 
 #[test]
@@ -620,9 +643,10 @@ fn decoder_memory_stays_flat_and_graph_equals_eager() {
         None,
     )
     .unwrap();
-    let run = |graph: bool, persistent: bool| -> Vec<u32> {
+    let run = |graph: bool, persistent: bool, fuse: bool| -> Vec<u32> {
         let opts = DecodeOpts {
             persistent,
+            fuse,
             ..Default::default()
         };
         let mut dec = Decoder::new(&m, opts).unwrap();
@@ -637,12 +661,16 @@ fn decoder_memory_stays_flat_and_graph_equals_eager() {
         let (free1, _) = blackmamba::ops::cuda::mem_info(cd).unwrap();
         assert_eq!(
             free0, free1,
-            "device memory changed while decoding (graph={graph}, persistent={persistent})"
+            "device memory changed while decoding (graph={graph}, persistent={persistent}, fuse={fuse})"
         );
         toks
     };
-    for persistent in [false, true] {
-        assert_eq!(run(false, persistent), run(true, persistent), "persistent={persistent}");
+    for (persistent, fuse) in [(false, false), (true, false), (true, true)] {
+        assert_eq!(
+            run(false, persistent, fuse),
+            run(true, persistent, fuse),
+            "persistent={persistent} fuse={fuse}"
+        );
     }
 }
 
@@ -662,4 +690,31 @@ fn fused_path_respects_shapes_it_cannot_take() {
     m.use_kernels = false;
     let slow = m.forward(&ids, &mut m.new_state(1).unwrap(), Logits::All, None).unwrap();
     assert_close("N=32 fallback", &fused, &slow, 1e-5);
+}
+
+#[test]
+fn persistent_decoder_takes_any_layer_order_and_the_fused_layout_refuses_what_it_cannot_take() {
+    let (_gpu, dev) = gpu();
+    // two Mamba layers in a row: the fused layout needs Mamba and MoE alternating
+    let cfg = tiny_config(&["r", "r", "8"], 64, 300);
+    let m = on(&cfg, 3, DType::F32, &dev);
+    let fused = DecodeOpts {
+        persistent: true,
+        fuse: true,
+        ..Default::default()
+    };
+    let err = Decoder::new(&m, fused).err().expect("the fused layout refuses this layer order");
+    assert!(err.to_string().contains("alternating"), "{err}");
+    // the unfused persistent kernel runs it as the multi-kernel step does
+    let ids = random_ids(12, 300, 4);
+    let want = decoder_logits(&m, &ids, DecodeOpts::default(), true);
+    let persistent = DecodeOpts {
+        persistent: true,
+        ..Default::default()
+    };
+    let got = decoder_logits(&m, &ids, persistent, true);
+    for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+        let (d, s) = diff(g, w);
+        assert!(d <= 1e-5 * s.max(1.0), "pos {t}: persistent vs multi-kernel logits differ by {d}");
+    }
 }

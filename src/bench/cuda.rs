@@ -68,7 +68,8 @@ pub fn decoder_run(
         "persistent" => "graph",
         "persistent-eager" => "eager",
         "persistent-pipelined" => "pipelined",
-        "persistent-probe" => "graph-probe",
+        "persistent-probe" | "persistent-fused-probe" => "graph-probe",
+        "persistent-fused" => "graph",
         m => m,
     };
     let mut dec = Decoder::new(model, opts)?;
@@ -135,37 +136,45 @@ pub fn decoder_run(
 }
 
 /// Graph-mode tok/s over a grid of launch options around `base` (`n` tokens each): of the
-/// persistent kernel (threads, blocks per SM, L2 look-ahead, split-K) when `base.persistent`,
+/// persistent kernel (fused or not, threads, blocks per SM, split-K, L2 look-ahead) when
+/// `base.persistent`,
 /// else of the multi-kernel step.
 pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts) -> Result<Vec<SweepRow>> {
     let mut rows = Vec::new();
     if base.persistent {
-        for persistent_threads in [256u32, 512] {
-            for persistent_blocks_per_sm in [1u32, 2] {
-                for lookahead_mb in [0u32, 8, 24] {
-                    for split_k in [1u32, 2, 4] {
-                        let opts = DecodeOpts {
-                            persistent_threads,
-                            persistent_blocks_per_sm,
-                            lookahead_mb,
-                            split_k,
-                            ..base
-                        };
-                        let (r, _) = decoder_run(model, st0, first, opts, "graph", n, 0, None, &[])?;
-                        rows.push(SweepRow {
-                            threads: persistent_threads,
-                            blocks_per_sm: persistent_blocks_per_sm,
-                            split_k,
-                            pdl: false,
-                            prefetch: false,
-                            preload: false,
-                            persistent: true,
-                            lookahead_mb,
-                            tok_s: r.tok_s,
-                        });
+        let mut grid = Vec::new();
+        for fuse in [false, true] {
+            for threads in [256u32, 512] {
+                for blocks in [1u32, 2] {
+                    for split_k in if fuse { vec![0u32] } else { vec![1, 2, 4] } {
+                        grid.push((fuse, threads, blocks, split_k, 0u32));
                     }
                 }
             }
+            grid.push((fuse, 512, 1, 4, 8));
+        }
+        for (fuse, persistent_threads, persistent_blocks_per_sm, split_k, lookahead_mb) in grid {
+            let opts = DecodeOpts {
+                persistent_threads,
+                persistent_blocks_per_sm,
+                lookahead_mb,
+                split_k,
+                fuse,
+                ..base
+            };
+            let (r, _) = decoder_run(model, st0, first, opts, "graph", n, 0, None, &[])?;
+            rows.push(SweepRow {
+                threads: persistent_threads,
+                blocks_per_sm: persistent_blocks_per_sm,
+                split_k,
+                pdl: false,
+                prefetch: false,
+                preload: false,
+                persistent: true,
+                fuse,
+                lookahead_mb,
+                tok_s: r.tok_s,
+            });
         }
         return Ok(rows);
     }
@@ -194,6 +203,7 @@ pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts)
                     prefetch,
                     preload,
                     persistent: false,
+                    fuse: false,
                     lookahead_mb: 0,
                     tok_s: r.tok_s,
                 });

@@ -10,7 +10,8 @@
 //! * `persistent` / `persistent-eager` / `persistent-pipelined` / `persistent-probe`: the same
 //!   decoder built as one persistent kernel per token (`DecodeOpts::persistent`), graph-captured,
 //!   launched directly, two tokens in flight, with the probe (`--persistent` turns the plain
-//!   decoder modes into these).
+//!   decoder modes into these); `persistent-fused` / `persistent-fused-probe`: its fused layout
+//!   (`DecodeOpts::fuse`, three stages per Mamba + MoE pair).
 //!
 //! Times are wall-clock around synchronised work, after a warm-up. Launches per token are
 //! counted (every kernel of the decoder goes through one counted launch function); cuBLAS and
@@ -87,6 +88,7 @@ pub struct SweepRow {
     pub prefetch: bool,
     pub preload: bool,
     pub persistent: bool,
+    pub fuse: bool,
     pub lookahead_mb: u32,
     pub tok_s: f64,
 }
@@ -275,7 +277,9 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
             | "persistent"
             | "persistent-eager"
             | "persistent-pipelined"
-            | "persistent-probe" => {
+            | "persistent-probe"
+            | "persistent-fused"
+            | "persistent-fused-probe" => {
                 if !dev.is_cuda() {
                     return Err(Error::Invalid(format!("bench mode {mode} needs --device cuda")));
                 }
@@ -287,6 +291,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                     prefetch: o.decode.prefetch && !plain,
                     preload: o.decode.preload && !plain,
                     persistent: o.decode.persistent || mode.starts_with("persistent"),
+                    fuse: o.decode.fuse || mode.starts_with("persistent-fused"),
                     ..o.decode
                 };
                 let track = mode == "graph" || (mode == "persistent" && !o.modes.iter().any(|m| m == "graph"));
@@ -317,7 +322,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                     "bench mode '{other}': use step, step-slow{}",
                     if cfg!(feature = "cuda") {
                         ", eager, graph, graph-nopdl, pipelined, graph-probe, persistent, persistent-eager, \
-                         persistent-pipelined or persistent-probe"
+                         persistent-pipelined, persistent-probe, persistent-fused or persistent-fused-probe"
                     } else {
                         " (the decoder modes need a build with --features cuda)"
                     }
@@ -330,6 +335,9 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
         rep.probe_overhead_pct = Some(100.0 * (g - p) / g);
     }
     if let (Some(g), Some(p)) = (tok("persistent"), tok("persistent-probe")) {
+        rep.persistent_probe_overhead_pct = Some(100.0 * (g - p) / g);
+    }
+    if let (Some(g), Some(p)) = (tok("persistent-fused"), tok("persistent-fused-probe")) {
         rep.persistent_probe_overhead_pct = Some(100.0 * (g - p) / g);
     }
     #[cfg(feature = "cuda")]

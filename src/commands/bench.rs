@@ -66,7 +66,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Decode modes, comma-separated: step, step-slow, eager, graph, graph-nopdl, pipelined,
-    /// graph-probe, persistent, persistent-eager, persistent-pipelined, persistent-probe (default:
+    /// graph-probe, persistent, persistent-eager, persistent-pipelined, persistent-probe,
+    /// persistent-fused, persistent-fused-probe (default:
     /// step and, on CUDA, eager, graph, graph-nopdl, pipelined, graph-probe, persistent and
     /// persistent-probe).
     #[arg(long, value_delimiter = ',')]
@@ -118,8 +119,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub persistent_blocks_per_sm: u32,
     /// Persistent decoder: MB of weights asked of L2 ahead of the running stage (0: none).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 0)]
     pub lookahead_mb: u32,
+    /// Persistent decoder: fused layout (three grid barriers per Mamba + MoE pair instead of six).
+    #[arg(long)]
+    pub fuse: bool,
     /// Seed of the random weights and prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -192,6 +196,7 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
             persistent_threads: a.persistent_threads,
             persistent_blocks_per_sm: a.persistent_blocks_per_sm,
             lookahead_mb: a.lookahead_mb,
+            fuse: a.fuse,
             ..Default::default()
         },
     };
@@ -355,8 +360,8 @@ fn print_report(r: &BenchReport) {
     for s in &r.sweep {
         if s.persistent {
             println!(
-                "sweep persistent threads {} blocks/SM {} look-ahead {} MB split-K {}: {:.1} tok/s",
-                s.threads, s.blocks_per_sm, s.lookahead_mb, s.split_k, s.tok_s
+                "sweep persistent fuse {} threads {} blocks/SM {} look-ahead {} MB split-K {}: {:.1} tok/s",
+                s.fuse, s.threads, s.blocks_per_sm, s.lookahead_mb, s.split_k, s.tok_s
             );
         } else {
             println!(

@@ -60,6 +60,11 @@ pub struct DecodeOpts {
     /// Persistent kernel: MB of static weights asked of L2 ahead of the running stage (each block
     /// its own rows; at least the next stage while waiting at a barrier); 0 asks for none.
     pub lookahead_mb: u32,
+    /// Persistent kernel, fused layout: x_proj folded into in_proj, out_proj into the SSM step,
+    /// fc2 into router + fc1 (split over K by block, partial sums added with atomics; transposed
+    /// copies of out_proj and every fc2 are made): three grid barriers per Mamba + MoE pair
+    /// instead of six. Needs Mamba and MoE layers alternating, starting with Mamba.
+    pub fuse: bool,
 }
 
 impl Default for DecodeOpts {
@@ -77,7 +82,8 @@ impl Default for DecodeOpts {
             persistent: false,
             persistent_threads: 512,
             persistent_blocks_per_sm: 1,
-            lookahead_mb: 16,
+            lookahead_mb: 0,
+            fuse: false,
         }
     }
 }
@@ -101,6 +107,8 @@ enum LayerPtrs {
         d: u64,
         out_w: u64,
         out_b: u64,
+        /// out_proj transposed, (di, d) (fused persistent layout; else 0)
+        out_wt: u64,
         slot: usize,
     },
     Moe {
@@ -181,6 +189,13 @@ struct Bufs {
     final_b: u64,
     /// The persistent kernel's barrier counter (u64).
     bar: u64,
+    /// Fused persistent layout: fc2 transposed per expert (same layout as `table`), x_proj sums
+    /// (f32, R + 2N), the second residual copy (f32, d); else 0.
+    table_t: u64,
+    dbcf: u64,
+    res_alt: u64,
+    /// Per-stage start times of the persistent kernel (profiles; u64, stages + 1).
+    timing: u64,
 }
 
 /// Page-locked host memory for the per-step words (two slots).
@@ -250,6 +265,20 @@ impl Decoder {
         }
         let sms = sm_count(&dev)?;
         let max_smem = max_smem_optin(&dev)?;
+        let fused = opts.persistent && opts.fuse;
+        if fused {
+            let alternating = model.layers.iter().enumerate().all(|(i, b)| match b.mixer {
+                Mixer::Mamba(_) => i % 2 == 0,
+                Mixer::Moe(_) => i % 2 == 1,
+                Mixer::Dense(_) => false,
+            });
+            if !alternating {
+                return Err(unsupported(
+                    "the fused persistent layout needs Mamba and MoE layers alternating, starting with Mamba \
+                     (turn fuse off)",
+                ));
+            }
+        }
         let mut hold = Vec::new();
         let mut keep = |t: &Tensor| -> Result<u64> {
             let t = t.contiguous()?;
@@ -259,6 +288,7 @@ impl Decoder {
         };
         let mut layers = Vec::new();
         let mut table: Vec<i64> = Vec::new();
+        let mut table_t: Vec<i64> = Vec::new();
         let (mut mamba_idx, mut moe_idx) = (Vec::new(), Vec::new());
         for (i, b) in model.layers.iter().enumerate() {
             let norm = keep(&b.norm)?;
@@ -291,6 +321,7 @@ impl Decoder {
                             Some(t) => keep(&t.to_dtype(dtype)?)?,
                             None => 0,
                         },
+                        out_wt: if fused { keep(&m.out_proj.weight.t()?)? } else { 0 },
                         slot: mamba_idx.len(),
                     });
                     mamba_idx.push(i);
@@ -318,6 +349,12 @@ impl Decoder {
                     for e in &m.experts {
                         table.push(keep(&e.fc2.weight)? as i64);
                     }
+                    if fused {
+                        table_t.extend(std::iter::repeat_n(0, ne));
+                        for e in &m.experts {
+                            table_t.push(keep(&e.fc2.weight.t()?)? as i64);
+                        }
+                    }
                     let bias = m.router.bias.as_ref().ok_or_else(|| unsupported("a router without bias"))?;
                     layers.push(LayerPtrs::Moe {
                         norm,
@@ -339,9 +376,19 @@ impl Decoder {
             table.push(0);
         }
         let table_len = table.len();
-        let table_t = Tensor::from_vec(table, table_len, &Device::Cpu)?.to_device(mdev)?;
-        let table_p = dptr(&table_t)?;
-        hold.push(table_t);
+        let table_dev = Tensor::from_vec(table, table_len, &Device::Cpu)?.to_device(mdev)?;
+        let table_p = dptr(&table_dev)?;
+        hold.push(table_dev);
+        let table_t_p = if fused {
+            let n = table_t.len().max(1);
+            table_t.resize(n, 0);
+            let t = Tensor::from_vec(table_t, n, &Device::Cpu)?.to_device(mdev)?;
+            let p = dptr(&t)?;
+            hold.push(t);
+            p
+        } else {
+            0
+        };
         let mut alloc = |n: usize, dt: DType| -> Result<u64> {
             let t = Tensor::zeros(n.max(1), dt, mdev)?;
             let p = dptr(&t)?;
@@ -353,7 +400,7 @@ impl Decoder {
         let telem_words = 3 * n_mamba + moe_idx.iter().map(|&(_, e)| e + 1).sum::<usize>();
         let n_words = 1 + telem_words;
         let pgrid = if opts.persistent {
-            Some(persistent::Grid::new(&dev, dtype, &opts, d, n_mamba, n_moe, sms, max_smem)?)
+            Some(persistent::Grid::new(&dev, dtype, &opts, cfg, n_mamba, n_moe, sms, max_smem)?)
         } else {
             None
         };
@@ -388,6 +435,13 @@ impl Decoder {
             final_w,
             final_b,
             bar: alloc(2, DType::U32)?,
+            table_t: table_t_p,
+            dbcf: if fused { alloc(r + 2 * n, DType::F32)? } else { 0 },
+            res_alt: if fused { alloc(d, DType::F32)? } else { 0 },
+            timing: match &pgrid {
+                Some(g) => alloc(2 * (g.n_stages + 1), DType::U32)?,
+                None => 0,
+            },
         };
         let sizes = Sizes {
             d,

@@ -10,10 +10,11 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{DecodeOpts, Decoder, LayerPtrs};
 use crate::error::{Error, Result};
+use crate::model::config::{Config, LayerKind};
 use crate::ops::cuda::{dptr, func, suffix, Launch, Module};
 
-/// u32 words per stage (`Stage` in kernels/persistent.cu: 176 bytes).
-const STAGE_WORDS: usize = 44;
+/// u32 words per stage (`Stage` in kernels/persistent.cu: 192 bytes).
+const STAGE_WORDS: usize = 48;
 
 /// Stage ops (`StageOp` in kernels/persistent.cu).
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +27,9 @@ enum Op {
     Fc1 = 5,
     Head = 6,
     Final = 7,
+    InProjX = 8,
+    SsmOut = 9,
+    Fc12 = 10,
 }
 
 /// One stage of the table, and the bytes of static weights its L2 request covers (host only).
@@ -51,17 +55,17 @@ impl Stage {
 
     fn words(&self, pf_end: usize) -> [u32; STAGE_WORDS] {
         let mut w = [0u32; STAGE_WORDS];
-        for (k, &p) in self.p.iter().take(14).enumerate() {
+        for (k, &p) in self.p.iter().take(16).enumerate() {
             w[2 * k] = p as u32;
             w[2 * k + 1] = (p >> 32) as u32;
         }
         for (k, &x) in self.i.iter().take(10).enumerate() {
-            w[28 + k] = x as u32;
+            w[32 + k] = x as u32;
         }
-        w[38] = self.f[0].to_bits();
-        w[39] = self.f[1].to_bits();
-        w[40] = self.op as u32;
-        w[41] = u32::try_from(pf_end).unwrap_or(u32::MAX);
+        w[42] = self.f[0].to_bits();
+        w[43] = self.f[1].to_bits();
+        w[44] = self.op as u32;
+        w[45] = u32::try_from(pf_end).unwrap_or(u32::MAX);
         w
     }
 }
@@ -72,10 +76,15 @@ pub(super) struct Grid {
     func: CudaFunction,
     pub threads: u32,
     pub blocks: u32,
-    /// Dynamic shared memory: the normalised input, then the stage table from `table_off`.
+    /// Dynamic shared memory: the normalised input, the stage table from `table_off`, the fused
+    /// stages' scratch from `scratch_off` (lists of `lmax` rows, partial sums).
     smem: u32,
     table_off: u32,
-    n_stages: usize,
+    scratch_off: u32,
+    lmax: u32,
+    pub n_stages: usize,
+    /// Stage labels (profiles).
+    pub labels: Vec<&'static str>,
 }
 
 impl Grid {
@@ -86,7 +95,7 @@ impl Grid {
         dev: &CudaDevice,
         dtype: DType,
         opts: &DecodeOpts,
-        d: usize,
+        cfg: &Config,
         n_mamba: usize,
         n_moe: usize,
         sms: u32,
@@ -98,9 +107,27 @@ impl Grid {
                 "persistent decode: threads {threads} must be a multiple of 32 up to 512"
             )));
         }
-        let n_stages = 1 + 4 * n_mamba + 2 * n_moe + 2;
-        let table_off = (d * dtype.size_in_bytes()).div_ceil(16) * 16;
-        let bytes = table_off + n_stages * STAGE_WORDS * 4;
+        let (d, di, f) = (cfg.hidden_size, cfg.d_inner(), cfg.ffn_hidden_size);
+        let es = dtype.size_in_bytes();
+        let labels = stage_labels(cfg, opts.fuse);
+        let n_stages = labels.len();
+        debug_assert_eq!(
+            n_stages,
+            1 + 4 * n_mamba + 2 * n_moe + 2 - opts.fuse as usize * (2 * n_mamba + n_moe)
+        );
+        let table_off = (d * es).div_ceil(16) * 16;
+        let scratch_off = table_off + n_stages * STAGE_WORDS * 4;
+        // list slots per block: the most rows (channels, fc1 rows, SSM warps) one block takes, at
+        // the smallest grid (one block per multiprocessor)
+        let nw = (threads / 32) as usize;
+        let g = sms as usize * nw;
+        let lmax = if opts.fuse {
+            nw * di.div_ceil(g).max(f.div_ceil(g)).max(di.div_ceil(nw).div_ceil(sms as usize))
+        } else {
+            0
+        };
+        let red = if opts.fuse { threads as usize * (16 / es) * 4 } else { 0 };
+        let bytes = scratch_off + lmax * 8 + red;
         let smem = u32::try_from(bytes).unwrap_or(u32::MAX);
         if smem > max_smem {
             return Err(Error::Invalid(format!(
@@ -125,15 +152,39 @@ impl Grid {
             )));
         }
         let blocks = sms * opts.persistent_blocks_per_sm.clamp(1, fit);
+        let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
         Ok(Self {
             func: f,
             threads,
             blocks,
             smem,
-            table_off: u32::try_from(table_off).unwrap_or(u32::MAX),
+            table_off: u(table_off),
+            scratch_off: u(scratch_off),
+            lmax: u(lmax),
             n_stages,
+            labels,
         })
     }
+}
+
+/// The stages of one step, by label: embed; per layer its stages; head; final.
+fn stage_labels(cfg: &Config, fuse: bool) -> Vec<&'static str> {
+    let mut v = vec!["embed"];
+    for i in 0..cfg.num_layers {
+        match (cfg.layer_kind(i), fuse) {
+            (LayerKind::Mamba, false) => v.extend([
+                "mamba.in_proj+norm+conv",
+                "mamba.x_proj",
+                "mamba.ssm_step",
+                "mamba.out_proj+residual",
+            ]),
+            (LayerKind::Mamba, true) => v.extend(["mamba.in_proj+conv+x_proj", "mamba.ssm_step+out_proj"]),
+            (_, false) => v.extend(["moe.router+fc1+act", "moe.fc2+gate+residual"]),
+            (_, true) => v.push("moe.router+fc1+fc2"),
+        }
+    }
+    v.extend(["head+layernorm+argmax", "sample"]);
+    v
 }
 
 impl Decoder {
@@ -161,7 +212,8 @@ impl Decoder {
         }
         let r2 = s.r + 2 * s.n;
         let nvb = s.ssm_blocks as usize;
-        let mut st = vec![Stage::new(Op::Embed, &[b.emb, b.tok, b.res], &[s.d], [0.0; 2], 0)];
+        let fuse = o.fuse;
+        let mut st = vec![Stage::new(Op::Embed, &[b.emb, b.tok, b.res, b.dbcf], &[s.d, r2], [0.0; 2], 0)];
         let mut table_off = 0u64;
         for l in &self.layers {
             match l {
@@ -178,11 +230,34 @@ impl Decoder {
                     d,
                     out_w,
                     out_b,
+                    out_wt,
                     slot: ms,
                 } => {
                     let conv = b.conv + (ms * s.di * s.k * 4) as u64;
                     let ssm = b.ssm + (ms * s.di * s.n * 4) as u64;
                     let telem = if o.probe { b.parts + (ms * nvb * 12) as u64 } else { 0 };
+                    if fuse {
+                        st.push(Stage::new(
+                            Op::InProjX,
+                            &[
+                                *in_w, b.res, *norm, *in_b, b.xz, conv, *conv_w, *conv_b, b.v, *x_w, b.dbcf, b.res_alt,
+                            ],
+                            &[2 * s.di, s.d, s.di, s.k, vec_ok(s.d), r2],
+                            [s.eps, 0.0],
+                            2 * s.di * s.d * es,
+                        ));
+                        st.push(Stage::new(
+                            Op::SsmOut,
+                            &[
+                                b.xz, conv, *conv_w, *conv_b, b.dbcf, *dt_w, *dt_b, *a_log, *d, ssm, b.y, telem, *out_wt, b.res, b.res_alt,
+                                *out_b,
+                            ],
+                            &[s.di, s.r, s.n, s.k, nvb, s.d, vec_ok(s.d)],
+                            [0.0; 2],
+                            s.di * s.r * es + 2 * s.di * s.n * 4,
+                        ));
+                        continue;
+                    }
                     st.push(Stage::new(
                         Op::InProj,
                         &[*in_w, b.res, *norm, *in_b, b.xz, conv, *conv_w, *conv_b, b.v],
@@ -225,6 +300,19 @@ impl Decoder {
                     table_off += (16 * n_experts) as u64;
                     let telem = if o.probe { moe_words[*ms] } else { 0 };
                     let epi = if s.gated { 1 } else { 2 };
+                    if fuse {
+                        let fc2t_tab = b.table_t + (table_off - (8 * n_experts) as u64);
+                        st.push(Stage::new(
+                            Op::Fc12,
+                            &[
+                                *router_w, *router_b, fc1_tab, route, telem, b.res_alt, *norm, fc2t_tab, b.res, b.dbcf,
+                            ],
+                            &[*n_experts, s.f, s.d, epi, s.act as usize, vec_ok(s.d), r2],
+                            [s.eps, 0.0],
+                            n_experts * s.d * 4,
+                        ));
+                        continue;
+                    }
                     st.push(Stage::new(
                         Op::Fc1,
                         &[*router_w, *router_b, fc1_tab, route, telem, b.res, *norm, b.h, fc2_tab],
@@ -273,14 +361,62 @@ impl Decoder {
         }
         let n_words = words.len();
         let table = Tensor::from_vec(words, n_words, &Device::Cpu)?.to_device(&Device::Cuda(self.dev.clone()))?;
+        let int = |x: u32| i32::try_from(x).unwrap_or(i32::MAX);
         let launch = Launch::new(g.func.clone(), (g.blocks, 1, 1), g.threads, g.smem)
             .label("persistent step")
             .coop(true)
             .ptr(dptr(&table)?)
             .i32(st.len())
             .ptr(b.bar)
-            .int(i32::try_from(g.table_off).unwrap_or(i32::MAX))
-            .int(i32::from(o.lookahead_mb > 0));
+            .int(int(g.table_off))
+            .int(i32::from(o.lookahead_mb > 0))
+            .int(int(g.scratch_off))
+            .int(int(g.lmax))
+            .ptr(0);
         Ok((vec![launch], table))
+    }
+
+    /// Per-stage GPU time of the persistent step: `n` steps with block 0 writing the time each
+    /// stage starts (a stage's time includes the grid barrier after it). Returns (label, µs per
+    /// token, stages per token), slowest first.
+    pub(super) fn profile_persistent(&mut self, n: usize) -> Result<Vec<(&'static str, f64, usize)>> {
+        use candle_core::cuda_backend::cudarc::driver::result as cu;
+        use candle_core::cuda_backend::WrapErr;
+        let g = self
+            .pgrid
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("persistent decode: no grid".into()))?;
+        let labels = g.labels.clone();
+        let mut l = self.launches[0]
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Invalid("persistent decode: no launch".into()))?;
+        if let Some(last) = l.args.last_mut() {
+            *last = crate::ops::cuda::Arg::Ptr(self.bufs.timing);
+        }
+        let mut acc = vec![0f64; labels.len()];
+        let mut t = vec![0u64; labels.len() + 1];
+        for _ in 0..n.max(1) {
+            l.run(&self.stream)?;
+            // SAFETY: t has stages + 1 u64, as the timing buffer.
+            unsafe { cu::memcpy_dtoh_async(&mut t, self.bufs.timing, self.stream.cu_stream()) }.w()?;
+            self.stream.synchronize().w()?;
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a += t[k + 1].saturating_sub(t[k]) as f64 / 1e3;
+            }
+        }
+        let mut rows: Vec<(&'static str, f64, usize)> = Vec::new();
+        for (label, us) in labels.iter().zip(&acc) {
+            let per = us / n.max(1) as f64;
+            match rows.iter_mut().find(|r| r.0 == *label) {
+                Some(r) => {
+                    r.1 += per;
+                    r.2 += 1;
+                }
+                None => rows.push((label, per, 1)),
+            }
+        }
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(rows)
     }
 }

@@ -268,11 +268,11 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // stages: n stages (global memory, 16-byte aligned); bar: the arrival counter; table_off: where
 // the stage table starts in dynamic shared memory (after the normalised-input buffer);
 // prefetch: 0 turns the L2 requests off; scratch_off, lmax: the fused stages' scratch (after the
-// table) and its list length; timing: null, or n + 1 words where block 0 writes the global time
+// table) and its list length; stage_off: where the fused stages stage rows (0: they do not); timing: null, or n + 1 words where block 0 writes the global time
 // (ns) at which each stage starts and the step ends.
 template <typename T>
 __device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigned long long* bar, int table_off, int prefetch,
-                                int scratch_off, int lmax, unsigned long long* timing) {
+                                int scratch_off, int lmax, int stage_off, unsigned long long* timing) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     Stage* tab = reinterpret_cast<Stage*>(smem_raw + table_off);
     Scratch sc;
@@ -280,6 +280,7 @@ __device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigne
     sc.val = reinterpret_cast<float*>(sc.idx + lmax);
     sc.red = sc.val + lmax;
     sc.lmax = lmax;
+    sc.stg = stage_off != 0 ? reinterpret_cast<uint4*>(smem_raw + stage_off) : nullptr;
     const bool timed = timing != nullptr && blockIdx.x == 0 && threadIdx.x == 0;
     {
         const uint4* src = reinterpret_cast<const uint4*>(stages);
@@ -296,6 +297,12 @@ __device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigne
             if (timed) timing[n] = global_ns();
             break;
         }
+        const Stage& nx = tab[s + 1];
+        if (sc.stg != nullptr && nx.op == OP_SSM_OUT && nx.i[6] != 0)  // W_out's rows: static, copy now
+            stage_rows<T>(reinterpret_cast<const T*>(nx.p[12]), nx.i[5], nx.i[0],
+                          min((nx.i[4] - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x, sc.lmax / ((int)blockDim.x >> 5)) *
+                              ((int)blockDim.x >> 5),
+                          sc);
         __syncthreads();
         unsigned long long target = 0;
         if (threadIdx.x == 0) target = bar_arrive(bar);
@@ -308,8 +315,8 @@ __device__ void persistent_impl(const Stage* __restrict__ stages, int n, unsigne
 #define PERSISTENT_KERNEL(T, S)                                                                                       \
     extern "C" __global__ void __launch_bounds__(512)                                                                 \
         persistent_##S(const Stage* stages, int n, unsigned long long* bar, int table_off, int prefetch, int scratch_off, \
-                       int lmax, unsigned long long* timing) {                                                          \
-        persistent_impl<T>(stages, n, bar, table_off, prefetch, scratch_off, lmax, timing);                           \
+                       int lmax, int stage_off, unsigned long long* timing) {                                           \
+        persistent_impl<T>(stages, n, bar, table_off, prefetch, scratch_off, lmax, stage_off, timing);                \
     }
 
 INSTANTIATE_T(PERSISTENT_KERNEL)

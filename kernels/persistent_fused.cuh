@@ -9,6 +9,10 @@
 //   FC12       router + the chosen expert's fc1 (+ act) of the block's rows, then fc2's partial
 //              sums over them (W_fc2 transposed, (f, d)), times the gate, into the other residual
 //
+// With staging (sc.stg), the transposed rows a block adds come through shared memory: W_out's
+// are copied before the barrier that opens SSM_OUT, fc2's right after the router, so they arrive
+// while the SSM step / fc1 runs.
+//
 // The residual has two copies, cur and alt: IN_PROJ_X reads cur and copies it to alt; SSM_OUT adds
 // to both; FC12 reads alt (nobody writes it in that stage) and adds to cur. So Mamba and MoE layers
 // must alternate, starting with Mamba (the host checks). Sums land in any order (atomics).
@@ -23,7 +27,17 @@ struct Scratch {
     float* val;
     float* red;
     int lmax;
+    // staged rows of the transposed product (uint4 chunks, [list slot][chunk]), or null
+    uint4* stg;
 };
+
+// The row of list slot q: the grid-stride row (b + (q / nw) · G) · nw + q % nw of warp q % nw in
+// its (q / nw)-th pass, or -1 from m on. (SSM virtual blocks map channels the same way.)
+__device__ __forceinline__ int slot_row(int q, int m) {
+    const int nw = blockDim.x >> 5;
+    const long long r = ((long long)(q / nw) * gridDim.x + blockIdx.x) * nw + q % nw;
+    return r < m ? (int)r : -1;
+}
 
 __device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
@@ -33,9 +47,33 @@ __device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, 
 // atomic per column (group of 4) per block. Wt: (rows, d) T. Threads take 16-byte column chunks;
 // when the block has more threads than chunks, groups of threads split the list and their sums
 // meet in sc.red first. vec: d · sizeof(T) is a multiple of 16 (else one column per chunk).
+// Copies (cp.async) this thread's 16-byte chunks of the rows of list slots q < cnt (rows by
+// slot_row(q, m), each d elements of Wt) into sc.stg[q · nch + c]: the (slot, chunk) pairs that
+// rows_to_res reads in this same thread, so cp_async_wait_all suffices (no block barrier). Rows
+// past m are zeros. Needs d · sizeof(T) a multiple of 16 and sc.stg.
+template <typename T>
+__device__ void stage_rows(const T* Wt, int d, int m, int cnt, const Scratch& sc) {
+    constexpr int V = 16 / sizeof(T);
+    const int nch = d / V, nt = blockDim.x, tid = threadIdx.x;
+    const bool wide = nt >= nch;
+    const int nsub = wide ? nt / nch : 1;
+    const int sub = wide ? tid / nch : 0;
+    if (sub < nsub)
+        for (int c = wide ? tid % nch : tid; c < nch; c += wide ? nch : nt)
+            for (int q = sub; q < cnt; q += nsub) {
+                const int r = slot_row(q, m);
+                uint4* dst = sc.stg + (size_t)q * nch + c;
+                if (r >= 0)
+                    cp_async16(dst, reinterpret_cast<const uint4*>(Wt) + (size_t)r * nch + c);
+                else
+                    *dst = make_uint4(0u, 0u, 0u, 0u);
+            }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
 template <typename T>
 __device__ void rows_to_res(const T* Wt, int d, const Scratch& sc, int cnt, float g, float* ra, float* rb, const T* bias,
-                            int vec) {
+                            int vec, bool staged) {
     if (cnt == 0 && (bias == nullptr || blockIdx.x != 0)) return;  // nothing to add (block-uniform)
     constexpr int V = 16 / sizeof(T);
     const int width = vec ? V : 1;
@@ -43,12 +81,21 @@ __device__ void rows_to_res(const T* Wt, int d, const Scratch& sc, int cnt, floa
     const bool wide = nt >= nch;
     const int nsub = wide ? nt / nch : 1;
     const int sub = wide ? tid / nch : 0;
+    if (staged) cp_async_wait_all();
     for (int c = wide ? tid % nch : tid; c < nch; c += wide ? nch : nt) {
         float acc[V];
 #pragma unroll
         for (int k = 0; k < V; k++) acc[k] = 0.0f;
         if (sub < nsub) {
-            if (vec) {
+            if (staged) {
+                for (int q = sub; q < cnt; q += nsub) {
+                    const uint4 w = sc.stg[(size_t)q * nch + c];
+                    const T* e = reinterpret_cast<const T*>(&w);
+                    const float v = sc.val[q];
+#pragma unroll
+                    for (int k = 0; k < V; k++) acc[k] = fmaf(to_f(e[k]), v, acc[k]);
+                }
+            } else if (vec) {
                 const uint4* base = reinterpret_cast<const uint4*>(Wt) + c;
                 const size_t stride = (size_t)d / V;  // uint4 per row
                 int q = sub;
@@ -160,12 +207,29 @@ __device__ void in_proj_x_impl(const T* __restrict__ W, int M, int K, const floa
     }
     __syncthreads();
     const int cnt = list_len(di, sc.lmax);
-    // x_proj: dbcf[r] += Σ_{listed c} Wx[r, c] · v[c]
-    for (int r = warp; r < R2; r += nwarps) {
-        float acc = 0.0f;
-        for (int i = lane; i < cnt; i += 32) acc = fmaf(to_f(Wx[(size_t)r * di + sc.idx[i]]), sc.val[i], acc);
-        acc = warp_sum(acc);
-        if (lane == 0 && acc != 0.0f) atomicAdd(dbcf + r, acc);
+    // x_proj: dbcf[r] += Σ_{listed c} Wx[r, c] · v[c], 8 rows per warp in flight
+    for (int r0 = warp; r0 < R2; r0 += 8 * nwarps) {
+        float acc[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) acc[u] = 0.0f;
+        for (int i = lane; i < cnt; i += 32) {
+            const size_t col = (size_t)sc.idx[i];
+            const float v = sc.val[i];
+            T w[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int r = r0 + u * nwarps;
+                w[u] = r < R2 ? Wx[(size_t)r * di + col] : from_f<T>(0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) acc[u] = fmaf(to_f(w[u]), v, acc[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const float a = warp_sum(acc[u]);
+            const int r = r0 + u * nwarps;
+            if (lane == 0 && r < R2 && a != 0.0f) atomicAdd(dbcf + r, a);
+        }
     }
 }
 
@@ -189,7 +253,8 @@ __device__ void ssm_out_impl(int di, int R, int N, int K, int nvb, const T* xz, 
         }
     }
     __syncthreads();
-    rows_to_res<T>(Wout_t, d, sc, min(cnt, sc.lmax), 1.0f, ra, rb, out_b, vec);
+    // W_out's rows were staged before the barrier that opened this stage (persistent_impl)
+    rows_to_res<T>(Wout_t, d, sc, min(cnt, sc.lmax), 1.0f, ra, rb, out_b, vec, sc.stg != nullptr && vec);
 }
 
 // FC12: router over norm(alt) (block 0 publishes the route and telemetry), the block's rows of the
@@ -215,6 +280,9 @@ __device__ void fc12_impl(const float* __restrict__ Wr, const float* __restrict_
     if (blockIdx.x == 0 && threadIdx.x == 0) publish_route(route, telem, logits, E, best, 0u);
     const float gate = sigmoid_f(logits[best]);
     const T* w = reinterpret_cast<const T*>(wtab[best]);
+    const bool staged = sc.stg != nullptr && vec;
+    // fc2's rows for this block's fc1 rows stream into shared memory while fc1 runs
+    if (staged) stage_rows<T>(reinterpret_cast<const T*>(wtab2t[best]), K, M, list_len(M, sc.lmax), sc);
     int q = warp;
     for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps, q += nwarps) {
         float hv;
@@ -230,5 +298,6 @@ __device__ void fc12_impl(const float* __restrict__ Wr, const float* __restrict_
         }
     }
     __syncthreads();
-    rows_to_res<T>(reinterpret_cast<const T*>(wtab2t[best]), K, sc, list_len(M, sc.lmax), gate, cur, nullptr, nullptr, vec);
+    rows_to_res<T>(reinterpret_cast<const T*>(wtab2t[best]), K, sc, list_len(M, sc.lmax), gate, cur, nullptr, nullptr, vec,
+                   staged);
 }

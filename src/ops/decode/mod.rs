@@ -63,7 +63,9 @@ pub struct DecodeOpts {
     /// Persistent kernel, fused layout: x_proj folded into in_proj, out_proj into the SSM step,
     /// fc2 into router + fc1 (split over K by block, partial sums added with atomics; transposed
     /// copies of out_proj and every fc2 are made): three grid barriers per Mamba + MoE pair
-    /// instead of six. Needs Mamba and MoE layers alternating, starting with Mamba.
+    /// instead of six. Needs Mamba and MoE layers alternating, starting with Mamba. The rows each
+    /// block adds go through shared memory when they fit (W_out's copied before the barrier that
+    /// opens the SSM stage, fc2's right after the router).
     pub fuse: bool,
 }
 

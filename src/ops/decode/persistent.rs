@@ -82,6 +82,8 @@ pub(super) struct Grid {
     table_off: u32,
     scratch_off: u32,
     lmax: u32,
+    /// Where the fused stages stage their transposed rows (0: not staged).
+    stage_off: u32,
     pub n_stages: usize,
     /// Stage labels (profiles).
     pub labels: Vec<&'static str>,
@@ -127,7 +129,16 @@ impl Grid {
             0
         };
         let red = if opts.fuse { threads as usize * (16 / es) * 4 } else { 0 };
-        let bytes = scratch_off + lmax * 8 + red;
+        let mut bytes = scratch_off + lmax * 8 + red;
+        // the fused stages' rows of W_out / fc2 through shared memory, when they fit
+        let stage_off = bytes.div_ceil(16) * 16;
+        let stage_bytes = lmax * d * es;
+        let stage_off = if opts.fuse && (d * es) % 16 == 0 && stage_off + stage_bytes <= max_smem as usize {
+            bytes = stage_off + stage_bytes;
+            stage_off
+        } else {
+            0
+        };
         let smem = u32::try_from(bytes).unwrap_or(u32::MAX);
         if smem > max_smem {
             return Err(Error::Invalid(format!(
@@ -161,6 +172,7 @@ impl Grid {
             table_off: u(table_off),
             scratch_off: u(scratch_off),
             lmax: u(lmax),
+            stage_off: u(stage_off),
             n_stages,
             labels,
         })
@@ -372,6 +384,7 @@ impl Decoder {
             .int(i32::from(o.lookahead_mb > 0))
             .int(int(g.scratch_off))
             .int(int(g.lmax))
+            .int(int(g.stage_off))
             .ptr(0);
         Ok((vec![launch], table))
     }

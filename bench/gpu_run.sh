@@ -6,6 +6,8 @@
 #   bash gpu_run.sh tune      tests, benches with per-kernel profiles, launch-shape sweep
 #   bash gpu_run.sh stage     tests, decode with and without the staged layout (--preload), sweep
 #   bash gpu_run.sh final     tests, benches, 16k-token memory run, PyTorch baseline
+#   bash gpu_run.sh persistent  tests, the multi-kernel graph beside the persistent decode kernel
+#                             (plain and fused layout, with the probe), its sweep and per-stage times
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
 #                                  targets at batch 8, and the same step in PyTorch
 #   bash gpu_run.sh finetune-full  the same with every weight trained, batch 1 and 4
@@ -52,6 +54,12 @@ if [ "$PHASE" = stage ]; then
     BENCH_TIMEOUT=150 bench ft28full1p --finetune $M28 --seq-len 2048 --batch 1 --method full --steps 2 --profile
     BENCH_TIMEOUT=150 bench ft28lora1p --finetune $M28 --seq-len 2048 --batch 1 --steps 2 --profile
     bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
+elif [ "$PHASE" = persistent ]; then
+    P="graph,pipelined,graph-probe,persistent,persistent-probe,persistent-fused,persistent-fused-probe"
+    bench 28p $M28 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
+    bench 15p $M15 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
+    bench 28psw $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent --persistent --sweep --profile
+    bench 28pf $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent-fused --persistent --fuse --profile
 elif [ "$PHASE" = tune ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile

@@ -9,6 +9,8 @@
 #   bash gpu_run.sh ftfinal   tests, bench --finetune (LoRA batch 8, every weight batch 1 and 4) and
 #                             the same three steps in PyTorch, one run
 #   bash gpu_run.sh final     tests, benches, 16k-token memory run, PyTorch baseline
+#   bash gpu_run.sh persistent  tests, the multi-kernel graph beside the persistent decode kernel
+#                             (plain and fused layout, with the probe), its sweep and per-stage times
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
 #                                  targets at batch 8, and the same step in PyTorch
 #   bash gpu_run.sh finetune-full  the same with every weight trained, batch 1 and 4
@@ -75,6 +77,12 @@ elif [ "$PHASE" = ftfinal ]; then
     tf --shape 2.8b --seq-len 2048 --batch 8 --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 1 --method full --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 4 --method full --steps 3
+elif [ "$PHASE" = persistent ]; then
+    P="graph,pipelined,graph-probe,persistent,persistent-probe,persistent-fused,persistent-fused-probe"
+    bench 28p $M28 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
+    bench 15p $M15 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
+    bench 28psw $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent --persistent --sweep --profile
+    bench 28pf $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent-fused --persistent --fuse --profile
 elif [ "$PHASE" = tune ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile

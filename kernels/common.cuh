@@ -218,8 +218,15 @@ __device__ __forceinline__ float2 warp_dot2(const T* __restrict__ w0, const T* _
 // Programmatic dependent launch (sm_90): wait for the previous kernel's results; let the next
 // kernel start its launch. Both are no-ops for a kernel launched without the attribute. Code
 // before pdl_wait() may read only weights and results of kernels at least two launches back.
+// A file that defines BM_NO_PDL before including this header (the persistent decode kernel, one
+// launch per token) compiles both to nothing.
+#ifdef BM_NO_PDL
+__device__ __forceinline__ void pdl_wait() {}
+__device__ __forceinline__ void pdl_trigger() {}
+#else
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#endif
 
 // Asks L2 to fetch [p, p + bytes): one bulk prefetch when 16-byte aligned, else one prefetch
 // per 128-byte line spread over the warp's lanes.

@@ -424,11 +424,18 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
             .map(|x| x as u32)
             .collect();
         let want = exp[&format!("logits.{k}")].to_vec2::<f32>().unwrap();
-        for preload in [false, true] {
+        for (preload, persistent, fuse) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (false, true, true),
+        ] {
             for (graph, split_k) in [(false, 1), (true, 1), (true, 3)] {
                 let opts = DecodeOpts {
                     split_k,
                     preload,
+                    persistent,
+                    fuse,
                     ..Default::default()
                 };
                 let got = decoder_logits(&m, &ids, opts, graph);
@@ -436,7 +443,9 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
                     let (d, _) = diff(g, w);
                     assert!(
                         d < 1e-4,
-                        "prompt {k} pos {t} graph={graph} split={split_k} staged={preload}: max |Δ| = {d}"
+                        "prompt {k} pos {t} graph={graph} split={split_k} staged={preload} persistent={persistent} \
+                         fuse={fuse}: \
+                         max |Δ| = {d}"
                     );
                 }
             }
@@ -447,7 +456,14 @@ fn decoder_reproduces_the_fixture_in_f32_eager_and_as_a_graph() {
 #[test]
 fn decoder_greedy_tokens_state_and_probe_match_model_step() {
     let (_gpu, dev) = gpu();
-    for (d, preload) in SHAPES.into_iter().flat_map(|d| [(d, false), (d, true)]) {
+    for (d, preload, persistent, fuse) in SHAPES.into_iter().flat_map(|d| {
+        [
+            (d, false, false, false),
+            (d, true, false, false),
+            (d, false, true, false),
+            (d, false, true, true),
+        ]
+    }) {
         let cfg = tiny_config(&["r", "8", "r", "8"], d, 300);
         let mut m = on(&cfg, 5, DType::F32, &dev);
         m.use_kernels = false;
@@ -460,6 +476,8 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
             DecodeOpts {
                 probe: true,
                 preload,
+                persistent,
+                fuse,
                 ..Default::default()
             },
         )
@@ -467,6 +485,10 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
         dec.load_state(&st).unwrap();
         dec.set_token(first).unwrap();
         dec.capture().unwrap();
+        assert_eq!(dec.persistent().is_some(), persistent);
+        if persistent {
+            assert_eq!(dec.launches_per_token(), 1, "the persistent step is one launch");
+        }
         let (mut id, mut pd, mut ps) = (first, Probe::new(), Probe::new());
         for t in 0..20 {
             let tok = dec.step().unwrap();
@@ -474,15 +496,26 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
             let l = m.step(&Tensor::new(&[id], &dev).unwrap(), &mut st, Some(&mut ps)).unwrap();
             let hl = host(&l);
             let (dl, sl) = diff(&dec.logits().unwrap(), &hl);
-            assert!(dl <= 1e-5 * sl, "d={d} step {t}: logits differ by {dl}");
+            assert!(
+                dl <= 1e-5 * sl,
+                "d={d} persistent={persistent} fuse={fuse} step {t}: logits differ by {dl}"
+            );
             id = argmax(&hl);
-            assert_eq!(tok, id, "d={d} step {t}: greedy token");
+            assert_eq!(tok, id, "d={d} persistent={persistent} fuse={fuse} step {t}: greedy token");
         }
-        states_close(&format!("d={d} decoder state"), &dec.state(&m, st.pos).unwrap(), &st, 1e-5);
+        states_close(
+            &format!("d={d} persistent={persistent} fuse={fuse} decoder state"),
+            &dec.state(&m, st.pos).unwrap(),
+            &st,
+            1e-5,
+        );
         for (a, b) in pd.moe.iter().zip(&ps.moe) {
-            assert_eq!(a.experts, b.experts);
+            assert_eq!(a.experts, b.experts, "persistent={persistent} fuse={fuse}: routes");
             let (dl, sl) = diff(&a.logits, &b.logits);
-            assert!(dl <= 1e-5 * sl.max(1.0), "router logits differ by {dl}");
+            assert!(
+                dl <= 1e-5 * sl.max(1.0),
+                "persistent={persistent} fuse={fuse}: router logits differ by {dl}"
+            );
         }
         for (a, b) in pd.mamba.iter().zip(&ps.mamba) {
             for (x, y) in [
@@ -491,7 +524,10 @@ fn decoder_greedy_tokens_state_and_probe_match_model_step() {
                 (&a.mean_delta, &b.mean_delta),
             ] {
                 let (dn, sn) = diff(x, y);
-                assert!(dn <= 1e-4 * sn, "d={d}: telemetry differs by {dn} (scale {sn})");
+                assert!(
+                    dn <= 1e-4 * sn,
+                    "d={d} persistent={persistent} fuse={fuse}: telemetry differs by {dn} (scale {sn})"
+                );
             }
         }
     }
@@ -513,19 +549,26 @@ fn decoder_bf16_is_no_less_accurate_than_bf16_model_step() {
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-    let got = decoder_logits(&m, &ids, DecodeOpts::default(), true);
-    let (mut ef, mut es, mut s) = (0f32, 0f32, 0f32);
-    for t in 0..ids.len() {
-        let (a, sc) = diff(&got[t], &want[t]);
-        let (b, _) = diff(&slow[t], &want[t]);
-        ef = ef.max(a);
-        es = es.max(b);
-        s = s.max(sc);
+    for (persistent, fuse) in [(false, false), (true, false), (true, true)] {
+        let opts = DecodeOpts {
+            persistent,
+            fuse,
+            ..Default::default()
+        };
+        let got = decoder_logits(&m, &ids, opts, true);
+        let (mut ef, mut es, mut s) = (0f32, 0f32, 0f32);
+        for t in 0..ids.len() {
+            let (a, sc) = diff(&got[t], &want[t]);
+            let (b, _) = diff(&slow[t], &want[t]);
+            ef = ef.max(a);
+            es = es.max(b);
+            s = s.max(sc);
+        }
+        assert!(
+            ef <= 1.5 * es + 1e-3 * s,
+            "bf16 decode error (persistent={persistent} fuse={fuse}): fused {ef}, tensor-op {es} (scale {s})"
+        );
     }
-    assert!(
-        ef <= 1.5 * es + 1e-3 * s,
-        "bf16 decode error: fused {ef}, tensor-op {es} (scale {s})"
-    );
 }
 
 #[test]
@@ -542,11 +585,19 @@ fn device_sampling_follows_softmax_of_logits_over_temperature() {
     )
     .unwrap();
     let temp = 1.5f32;
+    for (persistent, fuse) in [(false, false), (true, false), (true, true)] {
+        sampling_follows_softmax(&m, &st, temp, persistent, fuse);
+    }
+}
+
+fn sampling_follows_softmax(m: &Model, st: &State, temp: f32, persistent: bool, fuse: bool) {
     let mut dec = Decoder::new(
-        &m,
+        m,
         DecodeOpts {
             temperature: temp,
             seed: 1234,
+            persistent,
+            fuse,
             ..Default::default()
         },
     )
@@ -554,7 +605,7 @@ fn device_sampling_follows_softmax_of_logits_over_temperature() {
     let n = 4000;
     let mut counts = [0usize; 16];
     for _ in 0..n {
-        dec.load_state(&st).unwrap();
+        dec.load_state(st).unwrap();
         dec.set_token(9).unwrap();
         counts[dec.step().unwrap() as usize] += 1;
     }
@@ -568,12 +619,15 @@ fn device_sampling_follows_softmax_of_logits_over_temperature() {
         let dev_ = (c as f64 - n as f64 * p).abs();
         assert!(
             dev_ <= 5.0 * sd + 2.0,
-            "token {i}: {c} draws, expected {:.1} ± {sd:.1}",
+            "persistent={persistent} fuse={fuse} token {i}: {c} draws, expected {:.1} ± {sd:.1}",
             n as f64 * p
         );
     }
     let distinct = counts.iter().filter(|&&c| c > 0).count();
-    assert!(distinct >= 2, "sampling always picked the same token");
+    assert!(
+        distinct >= 2,
+        "persistent={persistent} fuse={fuse}: sampling always picked the same token"
+    );
 }
 
 #[test]
@@ -589,8 +643,13 @@ fn decoder_memory_stays_flat_and_graph_equals_eager() {
         None,
     )
     .unwrap();
-    let run = |graph: bool| -> Vec<u32> {
-        let mut dec = Decoder::new(&m, DecodeOpts::default()).unwrap();
+    let run = |graph: bool, persistent: bool, fuse: bool| -> Vec<u32> {
+        let opts = DecodeOpts {
+            persistent,
+            fuse,
+            ..Default::default()
+        };
+        let mut dec = Decoder::new(&m, opts).unwrap();
         dec.load_state(&st).unwrap();
         dec.set_token(17).unwrap();
         if graph {
@@ -600,10 +659,19 @@ fn decoder_memory_stays_flat_and_graph_equals_eager() {
         let (free0, _) = blackmamba::ops::cuda::mem_info(cd).unwrap();
         let toks: Vec<u32> = (0..500).map(|_| dec.step().unwrap()).collect();
         let (free1, _) = blackmamba::ops::cuda::mem_info(cd).unwrap();
-        assert_eq!(free0, free1, "device memory changed while decoding (graph={graph})");
+        assert_eq!(
+            free0, free1,
+            "device memory changed while decoding (graph={graph}, persistent={persistent}, fuse={fuse})"
+        );
         toks
     };
-    assert_eq!(run(false), run(true));
+    for (persistent, fuse) in [(false, false), (true, false), (true, true)] {
+        assert_eq!(
+            run(false, persistent, fuse),
+            run(true, persistent, fuse),
+            "persistent={persistent} fuse={fuse}"
+        );
+    }
 }
 
 #[test]
@@ -685,4 +753,31 @@ fn fused_adamw_and_gradient_norm_match_the_tensor_op_optimiser() {
     }
     let moved = diff(&host(pa[0].var.as_tensor()), &host(&noise(sizes[0].0, 7, 2.0, &dev))).0;
     assert!(moved > 1e-3, "the weights did not move ({moved})");
+}
+
+#[test]
+fn persistent_decoder_takes_any_layer_order_and_the_fused_layout_refuses_what_it_cannot_take() {
+    let (_gpu, dev) = gpu();
+    // two Mamba layers in a row: the fused layout needs Mamba and MoE alternating
+    let cfg = tiny_config(&["r", "r", "8"], 64, 300);
+    let m = on(&cfg, 3, DType::F32, &dev);
+    let fused = DecodeOpts {
+        persistent: true,
+        fuse: true,
+        ..Default::default()
+    };
+    let err = Decoder::new(&m, fused).err().expect("the fused layout refuses this layer order");
+    assert!(err.to_string().contains("alternating"), "{err}");
+    // the unfused persistent kernel runs it as the multi-kernel step does
+    let ids = random_ids(12, 300, 4);
+    let want = decoder_logits(&m, &ids, DecodeOpts::default(), true);
+    let persistent = DecodeOpts {
+        persistent: true,
+        ..Default::default()
+    };
+    let got = decoder_logits(&m, &ids, persistent, true);
+    for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+        let (d, s) = diff(g, w);
+        assert!(d <= 1e-5 * s.max(1.0), "pos {t}: persistent vs multi-kernel logits differ by {d}");
+    }
 }

@@ -6,7 +6,12 @@
 //! * `eager` / `graph` / `graph-nopdl` / `pipelined` / `graph-probe`: the
 //!   `crate::ops::decode::Decoder` step, launched one kernel at a time, as one CUDA graph waiting
 //!   for each token, the same without programmatic dependent launch and L2 prefetch, as graphs with
-//!   two tokens in flight, and as a graph with the telemetry probe on.
+//!   two tokens in flight, and as a graph with the telemetry probe on;
+//! * `persistent` / `persistent-eager` / `persistent-pipelined` / `persistent-probe`: the same
+//!   decoder built as one persistent kernel per token (`DecodeOpts::persistent`), graph-captured,
+//!   launched directly, two tokens in flight, with the probe (`--persistent` turns the plain
+//!   decoder modes into these); `persistent-fused` / `persistent-fused-probe`: its fused layout
+//!   (`DecodeOpts::fuse`, three stages per Mamba + MoE pair).
 //!
 //! Times are wall-clock around synchronised work, after a warm-up. Launches per token are
 //! counted (every kernel of the decoder goes through one counted launch function); cuBLAS and
@@ -82,6 +87,9 @@ pub struct SweepRow {
     pub pdl: bool,
     pub prefetch: bool,
     pub preload: bool,
+    pub persistent: bool,
+    pub fuse: bool,
+    pub lookahead_mb: u32,
     pub tok_s: f64,
 }
 
@@ -113,6 +121,8 @@ pub struct BenchReport {
     pub sweep: Vec<SweepRow>,
     /// Slowdown of `graph-probe` against `graph`, percent.
     pub probe_overhead_pct: Option<f64>,
+    /// Slowdown of `persistent-probe` against `persistent`, percent.
+    pub persistent_probe_overhead_pct: Option<f64>,
     /// Prefill breakdown: (part, ms per prefill, calls per prefill), with a sync after each part.
     pub prefill_profile: Vec<(String, f64, usize)>,
     /// Decode step breakdown: (kernel, µs per token, launches per token), events around each.
@@ -175,6 +185,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
         memory: None,
         sweep: Vec::new(),
         probe_overhead_pct: None,
+        persistent_probe_overhead_pct: None,
         prefill_profile: Vec::new(),
         decode_profile: Vec::new(),
     };
@@ -258,20 +269,32 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 rep.decode.push(decode_result(mode, &times, None, bytes, ceiling, note));
             }
             #[cfg(feature = "cuda")]
-            "eager" | "graph" | "pipelined" | "graph-probe" | "graph-nopdl" => {
+            "eager"
+            | "graph"
+            | "pipelined"
+            | "graph-probe"
+            | "graph-nopdl"
+            | "persistent"
+            | "persistent-eager"
+            | "persistent-pipelined"
+            | "persistent-probe"
+            | "persistent-fused"
+            | "persistent-fused-probe" => {
                 if !dev.is_cuda() {
                     return Err(Error::Invalid(format!("bench mode {mode} needs --device cuda")));
                 }
-                let probe_on = mode == "graph-probe";
+                let probe_on = mode.ends_with("-probe");
                 let plain = mode == "graph-nopdl";
                 let opts = crate::ops::decode::DecodeOpts {
                     probe: probe_on,
                     pdl: o.decode.pdl && !plain,
                     prefetch: o.decode.prefetch && !plain,
                     preload: o.decode.preload && !plain,
+                    persistent: o.decode.persistent || mode.starts_with("persistent"),
+                    fuse: o.decode.fuse || mode.starts_with("persistent-fused"),
                     ..o.decode
                 };
-                let track = mode == "graph";
+                let track = mode == "graph" || (mode == "persistent" && !o.modes.iter().any(|m| m == "graph"));
                 let (res, mem) = cuda::decoder_run(
                     model,
                     &st0,
@@ -298,7 +321,8 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 return Err(Error::Invalid(format!(
                     "bench mode '{other}': use step, step-slow{}",
                     if cfg!(feature = "cuda") {
-                        ", eager, graph, graph-nopdl, pipelined or graph-probe"
+                        ", eager, graph, graph-nopdl, pipelined, graph-probe, persistent, persistent-eager, \
+                         persistent-pipelined, persistent-probe, persistent-fused or persistent-fused-probe"
                     } else {
                         " (the decoder modes need a build with --features cuda)"
                     }
@@ -309,6 +333,12 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
     let tok = |m: &str| rep.decode.iter().find(|d| d.mode == m).map(|d| d.tok_s);
     if let (Some(g), Some(p)) = (tok("graph"), tok("graph-probe")) {
         rep.probe_overhead_pct = Some(100.0 * (g - p) / g);
+    }
+    if let (Some(g), Some(p)) = (tok("persistent"), tok("persistent-probe")) {
+        rep.persistent_probe_overhead_pct = Some(100.0 * (g - p) / g);
+    }
+    if let (Some(g), Some(p)) = (tok("persistent-fused"), tok("persistent-fused-probe")) {
+        rep.persistent_probe_overhead_pct = Some(100.0 * (g - p) / g);
     }
     #[cfg(feature = "cuda")]
     if o.sweep && dev.is_cuda() {
@@ -356,7 +386,18 @@ mod cuda;
 pub fn default_modes(dev: &Device) -> Vec<String> {
     let mut m = vec!["step".to_string()];
     if cfg!(feature = "cuda") && dev.is_cuda() {
-        m.extend(["eager", "graph", "graph-nopdl", "pipelined", "graph-probe"].map(String::from));
+        m.extend(
+            [
+                "eager",
+                "graph",
+                "graph-nopdl",
+                "pipelined",
+                "graph-probe",
+                "persistent",
+                "persistent-probe",
+            ]
+            .map(String::from),
+        );
     }
     m
 }

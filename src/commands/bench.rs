@@ -69,7 +69,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Decode modes, comma-separated: step, step-slow, eager, graph, graph-nopdl, pipelined,
-    /// graph-probe (default: step and, on CUDA, the five decoder modes).
+    /// graph-probe, persistent, persistent-eager, persistent-pipelined, persistent-probe,
+    /// persistent-fused, persistent-fused-probe (default:
+    /// step and, on CUDA, eager, graph, graph-nopdl, pipelined, graph-probe, persistent and
+    /// persistent-probe).
     #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
     /// Tokens for the step modes (at most --gen-len).
@@ -108,6 +111,22 @@ pub struct BenchArgs {
     /// Decoder: ask L2 for all weight rows before waiting for the previous kernel.
     #[arg(long)]
     pub prefetch: bool,
+    /// Decoder: one persistent kernel per token (the decoder modes eager, graph, pipelined and
+    /// graph-probe run it; with --sweep, sweep its launch shapes).
+    #[arg(long)]
+    pub persistent: bool,
+    /// Persistent decoder: threads per block (a multiple of 32 up to 512).
+    #[arg(long, default_value_t = 512)]
+    pub persistent_threads: u32,
+    /// Persistent decoder: blocks per multiprocessor (capped by what fits at once).
+    #[arg(long, default_value_t = 1)]
+    pub persistent_blocks_per_sm: u32,
+    /// Persistent decoder: MB of weights asked of L2 ahead of the running stage (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub lookahead_mb: u32,
+    /// Persistent decoder: fused layout (three grid barriers per Mamba + MoE pair instead of six).
+    #[arg(long)]
+    pub fuse: bool,
     /// Seed of the random weights and prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -176,6 +195,11 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
             pdl: !a.no_pdl,
             preload: a.preload,
             prefetch: a.prefetch,
+            persistent: a.persistent,
+            persistent_threads: a.persistent_threads,
+            persistent_blocks_per_sm: a.persistent_blocks_per_sm,
+            lookahead_mb: a.lookahead_mb,
+            fuse: a.fuse,
             ..Default::default()
         },
     };
@@ -323,6 +347,9 @@ fn print_report(r: &BenchReport) {
     if let Some(p) = r.probe_overhead_pct {
         println!("probe overhead (graph-probe vs graph): {p:.2}%");
     }
+    if let Some(p) = r.persistent_probe_overhead_pct {
+        println!("probe overhead (persistent-probe vs persistent): {p:.2}%");
+    }
     if let Some(m) = &r.memory {
         let pts: Vec<String> = m.during_decode_mib.iter().map(|(t, v)| format!("{t} tok: {v:.0}")).collect();
         println!(
@@ -347,9 +374,16 @@ fn print_report(r: &BenchReport) {
         }
     }
     for s in &r.sweep {
-        println!(
-            "sweep pdl {} preload {} prefetch {} threads {} blocks/SM {} split-K {}: {:.1} tok/s",
-            s.pdl, s.preload, s.prefetch, s.threads, s.blocks_per_sm, s.split_k, s.tok_s
-        );
+        if s.persistent {
+            println!(
+                "sweep persistent fuse {} threads {} blocks/SM {} look-ahead {} MB split-K {}: {:.1} tok/s",
+                s.fuse, s.threads, s.blocks_per_sm, s.lookahead_mb, s.split_k, s.tok_s
+            );
+        } else {
+            println!(
+                "sweep pdl {} preload {} prefetch {} threads {} blocks/SM {} split-K {}: {:.1} tok/s",
+                s.pdl, s.preload, s.prefetch, s.threads, s.blocks_per_sm, s.split_k, s.tok_s
+            );
+        }
     }
 }

@@ -27,6 +27,7 @@ pub enum Module {
     Decode,
     MambaStep,
     Optim,
+    Persistent,
     Prefill,
     Scan,
     Sinkhorn,
@@ -38,6 +39,7 @@ impl Module {
             Self::Decode => bins::DECODE,
             Self::MambaStep => bins::MAMBA_STEP,
             Self::Optim => bins::OPTIM,
+            Self::Persistent => bins::PERSISTENT,
             Self::Prefill => bins::PREFILL,
             Self::Scan => bins::SCAN,
             Self::Sinkhorn => bins::SINKHORN,
@@ -175,6 +177,8 @@ pub struct Launch {
     /// Launch with programmatic dependent launch (the kernel may start while the previous one
     /// finishes; it waits with `griddepcontrol.wait`).
     pub pdl: bool,
+    /// Cooperative launch: all blocks co-resident (the persistent decode kernel's grid barriers).
+    pub coop: bool,
     /// A short label (profiles).
     pub label: &'static str,
 }
@@ -188,11 +192,16 @@ impl Launch {
             block,
             smem,
             pdl: false,
+            coop: false,
             label: "",
         }
     }
     pub fn pdl(mut self, on: bool) -> Self {
         self.pdl = on;
+        self
+    }
+    pub fn coop(mut self, on: bool) -> Self {
+        self.coop = on;
         self
     }
     pub fn label(mut self, l: &'static str) -> Self {
@@ -241,8 +250,8 @@ impl Launch {
         if self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0 {
             return Ok(());
         }
-        if self.pdl {
-            return self.run_pdl(stream);
+        if self.pdl || self.coop {
+            return self.run_ex(stream);
         }
         let mut b = stream.launch_builder(&self.func);
         for a in &self.args {
@@ -268,8 +277,8 @@ impl Launch {
         Ok(())
     }
 
-    /// cuLaunchKernelEx with the programmatic-stream-serialization attribute.
-    fn run_pdl(&self, stream: &CudaStream) -> Result<()> {
+    /// cuLaunchKernelEx with the programmatic-stream-serialization and/or cooperative attribute.
+    fn run_ex(&self, stream: &CudaStream) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         use std::ffi::c_void;
         let mut params: Vec<*mut c_void> = self
@@ -286,9 +295,18 @@ impl Launch {
             })
             .collect();
         // SAFETY: an all-zero attribute is valid (id 0 = ignore, value bytes unused).
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n_attrs = 0;
+        if self.pdl {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if self.coop {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attrs[n_attrs].value.cooperative = 1;
+            n_attrs += 1;
+        }
         let cfg = sys::CUlaunchConfig {
             gridDimX: self.grid.0,
             gridDimY: self.grid.1,
@@ -298,8 +316,8 @@ impl Launch {
             blockDimZ: 1,
             sharedMemBytes: self.smem,
             hStream: stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n_attrs as u32,
         };
         stream.context().bind_to_thread().w()?;
         // SAFETY: params point at the argument values in self.args, which outlive the call (the

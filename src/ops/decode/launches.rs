@@ -134,6 +134,7 @@ impl Decoder {
                     out_w,
                     out_b,
                     slot: ms,
+                    ..
                 } => {
                     let conv = b.conv + (ms * s.di * s.k * 4) as u64;
                     let ssm = b.ssm + (ms * s.di * s.n * 4) as u64;
@@ -342,9 +343,13 @@ impl Decoder {
     }
 
     /// Per-kernel GPU time of the step: `n` eager steps (no PDL, no graph) with a timing event
-    /// around every launch. Returns (label, µs per token, launches per token), slowest first.
+    /// around every launch (persistent: per stage, timed on the device). Returns (label, µs per
+    /// token, launches per token), slowest first.
     pub fn profile(&mut self, n: usize) -> Result<Vec<(&'static str, f64, usize)>> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+        if self.pgrid.is_some() {
+            return self.profile_persistent(n);
+        }
         let launches: Vec<Launch> = self.launches[0].iter().cloned().map(|l| l.pdl(false)).collect();
         let ctx = self.stream.context().clone();
         let mut acc = vec![0f64; launches.len()];

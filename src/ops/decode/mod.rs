@@ -25,6 +25,7 @@ use crate::ops::cuda::{cuda_device, dptr, func, max_smem_optin, sm_count, suffix
 
 mod io;
 mod launches;
+mod persistent;
 
 /// Launch shapes and sampling of a [`Decoder`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +50,23 @@ pub struct DecodeOpts {
     /// while that kernel runs; a MoE layer runs its router as a one-block kernel that publishes
     /// the expert early, and the fc1 blocks stage that expert's rows as soon as it is known.
     pub preload: bool,
+    /// One persistent kernel per token (`kernels/persistent.cu`): every stage of the step in one
+    /// cooperative launch, grid-wide barriers between dependent stages.
+    pub persistent: bool,
+    /// Threads per block of the persistent kernel (a multiple of 32 up to 512).
+    pub persistent_threads: u32,
+    /// Blocks per multiprocessor of the persistent kernel (capped by what fits at once).
+    pub persistent_blocks_per_sm: u32,
+    /// Persistent kernel: MB of static weights asked of L2 ahead of the running stage (each block
+    /// its own rows; at least the next stage while waiting at a barrier); 0 asks for none.
+    pub lookahead_mb: u32,
+    /// Persistent kernel, fused layout: x_proj folded into in_proj, out_proj into the SSM step,
+    /// fc2 into router + fc1 (split over K by block, partial sums added with atomics; transposed
+    /// copies of out_proj and every fc2 are made): three grid barriers per Mamba + MoE pair
+    /// instead of six. Needs Mamba and MoE layers alternating, starting with Mamba. The rows each
+    /// block adds go through shared memory when they fit (W_out's copied before the barrier that
+    /// opens the SSM stage, fc2's right after the router).
+    pub fuse: bool,
 }
 
 impl Default for DecodeOpts {
@@ -63,6 +81,11 @@ impl Default for DecodeOpts {
             pdl: true,
             prefetch: false,
             preload: false,
+            persistent: false,
+            persistent_threads: 512,
+            persistent_blocks_per_sm: 1,
+            lookahead_mb: 0,
+            fuse: false,
         }
     }
 }
@@ -86,6 +109,8 @@ enum LayerPtrs {
         d: u64,
         out_w: u64,
         out_b: u64,
+        /// out_proj transposed, (di, d) (fused persistent layout; else 0)
+        out_wt: u64,
         slot: usize,
     },
     Moe {
@@ -121,6 +146,8 @@ pub struct Decoder {
     pub steps: u64,
     /// The most dynamic shared memory a block may use on this device (bytes).
     max_smem: u32,
+    /// The persistent kernel's launch shape (persistent option on).
+    pgrid: Option<persistent::Grid>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -162,6 +189,15 @@ struct Bufs {
     emb: u64,
     final_w: u64,
     final_b: u64,
+    /// The persistent kernel's barrier counter (u64).
+    bar: u64,
+    /// Fused persistent layout: fc2 transposed per expert (same layout as `table`), x_proj sums
+    /// (f32, R + 2N), the second residual copy (f32, d); else 0.
+    table_t: u64,
+    dbcf: u64,
+    res_alt: u64,
+    /// Per-stage start times of the persistent kernel (profiles; u64, stages + 1).
+    timing: u64,
 }
 
 /// Page-locked host memory for the per-step words (two slots).
@@ -231,6 +267,20 @@ impl Decoder {
         }
         let sms = sm_count(&dev)?;
         let max_smem = max_smem_optin(&dev)?;
+        let fused = opts.persistent && opts.fuse;
+        if fused {
+            let alternating = model.layers.iter().enumerate().all(|(i, b)| match b.mixer {
+                Mixer::Mamba(_) => i % 2 == 0,
+                Mixer::Moe(_) => i % 2 == 1,
+                Mixer::Dense(_) => false,
+            });
+            if !alternating {
+                return Err(unsupported(
+                    "the fused persistent layout needs Mamba and MoE layers alternating, starting with Mamba \
+                     (turn fuse off)",
+                ));
+            }
+        }
         let mut hold = Vec::new();
         let mut keep = |t: &Tensor| -> Result<u64> {
             let t = t.contiguous()?;
@@ -240,6 +290,7 @@ impl Decoder {
         };
         let mut layers = Vec::new();
         let mut table: Vec<i64> = Vec::new();
+        let mut table_t: Vec<i64> = Vec::new();
         let (mut mamba_idx, mut moe_idx) = (Vec::new(), Vec::new());
         for (i, b) in model.layers.iter().enumerate() {
             let norm = keep(&b.norm)?;
@@ -272,6 +323,7 @@ impl Decoder {
                             Some(t) => keep(&t.to_dtype(dtype)?)?,
                             None => 0,
                         },
+                        out_wt: if fused { keep(&m.out_proj.weight.t()?)? } else { 0 },
                         slot: mamba_idx.len(),
                     });
                     mamba_idx.push(i);
@@ -299,6 +351,12 @@ impl Decoder {
                     for e in &m.experts {
                         table.push(keep(&e.fc2.weight)? as i64);
                     }
+                    if fused {
+                        table_t.extend(std::iter::repeat_n(0, ne));
+                        for e in &m.experts {
+                            table_t.push(keep(&e.fc2.weight.t()?)? as i64);
+                        }
+                    }
                     let bias = m.router.bias.as_ref().ok_or_else(|| unsupported("a router without bias"))?;
                     layers.push(LayerPtrs::Moe {
                         norm,
@@ -320,9 +378,19 @@ impl Decoder {
             table.push(0);
         }
         let table_len = table.len();
-        let table_t = Tensor::from_vec(table, table_len, &Device::Cpu)?.to_device(mdev)?;
-        let table_p = dptr(&table_t)?;
-        hold.push(table_t);
+        let table_dev = Tensor::from_vec(table, table_len, &Device::Cpu)?.to_device(mdev)?;
+        let table_p = dptr(&table_dev)?;
+        hold.push(table_dev);
+        let table_t_p = if fused {
+            let n = table_t.len().max(1);
+            table_t.resize(n, 0);
+            let t = Tensor::from_vec(table_t, n, &Device::Cpu)?.to_device(mdev)?;
+            let p = dptr(&t)?;
+            hold.push(t);
+            p
+        } else {
+            0
+        };
         let mut alloc = |n: usize, dt: DType| -> Result<u64> {
             let t = Tensor::zeros(n.max(1), dt, mdev)?;
             let p = dptr(&t)?;
@@ -333,10 +401,19 @@ impl Decoder {
         let n_moe = moe_idx.len();
         let telem_words = 3 * n_mamba + moe_idx.iter().map(|&(_, e)| e + 1).sum::<usize>();
         let n_words = 1 + telem_words;
-        let ssm_blocks = di.div_ceil((SSM_THREADS / 32) as usize) as u32;
-        let head_blocks = (cfg.vocab_size.div_ceil((opts.threads / 32) as usize) as u32)
-            .min(sms * opts.blocks_per_sm)
-            .max(1);
+        let pgrid = if opts.persistent {
+            Some(persistent::Grid::new(&dev, dtype, &opts, cfg, n_mamba, n_moe, sms, max_smem)?)
+        } else {
+            None
+        };
+        let ssm_threads = pgrid.as_ref().map_or(SSM_THREADS, |g| g.threads);
+        let ssm_blocks = di.div_ceil((ssm_threads / 32) as usize) as u32;
+        let head_blocks = match &pgrid {
+            Some(g) => g.blocks,
+            None => (cfg.vocab_size.div_ceil((opts.threads / 32) as usize) as u32)
+                .min(sms * opts.blocks_per_sm)
+                .max(1),
+        };
         let bufs = Bufs {
             tok: alloc(1, DType::U32)?,
             step: alloc(1, DType::U32)?,
@@ -359,6 +436,14 @@ impl Decoder {
             emb,
             final_w,
             final_b,
+            bar: alloc(2, DType::U32)?,
+            table_t: table_t_p,
+            dbcf: if fused { alloc(r + 2 * n, DType::F32)? } else { 0 },
+            res_alt: if fused { alloc(d, DType::F32)? } else { 0 },
+            timing: match &pgrid {
+                Some(g) => alloc(2 * (g.n_stages + 1), DType::U32)?,
+                None => 0,
+            },
         };
         let sizes = Sizes {
             d,
@@ -396,8 +481,16 @@ impl Decoder {
             moe_idx,
             steps: 0,
             max_smem,
+            pgrid,
         };
-        me.launches = [me.build(0)?, me.build(1)?];
+        me.launches = if opts.persistent {
+            let (l0, t0) = me.build_persistent(0)?;
+            let (l1, t1) = me.build_persistent(1)?;
+            me._hold.extend([t0, t1]);
+            [l0, l1]
+        } else {
+            [me.build(0)?, me.build(1)?]
+        };
         Ok(me)
     }
 
@@ -442,24 +535,44 @@ impl Decoder {
         }
     }
 
-    /// Captures the step (both slots) as CUDA graphs; later steps replay them.
+    /// Captures the step (both slots) as CUDA graphs; later steps replay them. A cooperative
+    /// launch that the driver will not capture is captured as a plain launch of the same grid
+    /// (which the GPU holds at once: the grid is sized by occupancy).
     pub fn capture(&mut self) -> Result<()> {
-        // one eager step first: kernel modules loaded, nothing lazy left for the capture
         for slot in 0..2 {
             if self.graphs[slot].is_some() {
                 continue;
             }
-            self.stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .w()?;
-            let r = self.enqueue_eager(slot);
-            let g = self.stream.end_capture(CUgraphInstantiate_flags(0)).w();
-            r?;
-            let g = g?.ok_or_else(|| Error::Invalid("fast decode: the graph capture recorded nothing".into()))?;
-            g.upload().w()?;
+            let g = match self.capture_slot(slot) {
+                Err(_) if self.launches[slot].iter().any(|l| l.coop) => {
+                    for l in self.launches.iter_mut().flatten() {
+                        l.coop = false;
+                    }
+                    self.capture_slot(slot)?
+                }
+                r => r?,
+            };
             self.graphs[slot] = Some(g);
         }
         Ok(())
+    }
+
+    fn capture_slot(&mut self, slot: usize) -> Result<CudaGraph> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let r = self.enqueue_eager(slot);
+        let g = self.stream.end_capture(CUgraphInstantiate_flags(0)).w();
+        r?;
+        let g = g?.ok_or_else(|| Error::Invalid("fast decode: the graph capture recorded nothing".into()))?;
+        g.upload().w()?;
+        Ok(g)
+    }
+
+    /// Whether the step is one persistent kernel, and whether that kernel goes out as a
+    /// cooperative launch (false after a graph capture that had to drop the attribute).
+    pub fn persistent(&self) -> Option<bool> {
+        self.pgrid.as_ref().map(|_| self.launches[0].iter().any(|l| l.coop))
     }
 
     /// Whether the step runs as a captured graph.

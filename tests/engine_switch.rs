@@ -249,8 +249,7 @@ fn switches_between_gpu_and_cpu() {
     assert_eq!(chat(&e, &rx, 1)[0], 0);
     let mut gpu_f32 = spec("random:tiny");
     gpu_f32.device = Some("cuda".into());
-    let mut id = 2;
-    for s in [gpu_f32, spec("random:tiny@1"), start.clone(), start] {
+    for (id, s) in (2..).zip([gpu_f32, spec("random:tiny@1"), start.clone(), start]) {
         let want_gpu = s.device.as_deref() == Some("cuda");
         assert!(e.send(Command::Load(s.clone())));
         let Some(EngineEvent::Loaded(info)) = until(&rx, load_ended).pop() else {
@@ -259,7 +258,6 @@ fn switches_between_gpu_and_cpu() {
         assert_eq!(info.is_gpu, want_gpu, "{info:?}");
         assert_eq!(Some(info.dtype.as_str()), s.dtype.as_deref());
         assert_eq!(chat(&e, &rx, id)[0], 0);
-        id += 1;
     }
     e.shutdown();
 }

@@ -8,7 +8,8 @@
 #   bash gpu_run.sh ftprof    tests, bench --finetune with phase profiles (2.8B, seq 2048)
 #   bash gpu_run.sh ftfinal   tests, bench --finetune (LoRA batch 8, every weight batch 1 and 4) and
 #                             the same three steps in PyTorch, one run
-#   bash gpu_run.sh final     tests, benches, 16k-token memory run, PyTorch baseline
+#   bash gpu_run.sh final     tests, benches (every decode mode, prefill at batch 1 and 8), 16k-token
+#                             memory run, PyTorch baseline (the sweeps: tune, stage, persistent)
 #   bash gpu_run.sh persistent  tests, the multi-kernel graph beside the persistent decode kernel
 #                             (plain and fused layout, with the probe), its sweep and per-stage times
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
@@ -108,13 +109,9 @@ elif [ "${PHASE#finetune}" != "$PHASE" ]; then
 else
     bench 28 $M28 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 1024 --step-tokens 32 --profile
-    bench 28st $M28 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --preload
-    bench 15st $M15 --prompt-len 2048 --gen-len 1024 --modes graph,pipelined --preload
     bench 28b8 $M28 --prompt-len 2048 --prefill-batch 8 --gen-len 64 --modes graph
     bench 15b8 $M15 --prompt-len 2048 --prefill-batch 8 --gen-len 64 --modes graph
     bench 28long $M28 --prompt-len 2048 --gen-len 16384 --modes graph
-    bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
-    bench 15sw $M15 --prompt-len 64 --gen-len 128 --modes graph --sweep
     log "torch baseline"
     for s in 2.8b 1.5b; do
         PYTHONUNBUFFERED=1 timeout 200 python3 torch_baseline.py --shape $s --gen-len 256 --eager-len 32 2>&1 | tee -a "$S"

@@ -105,14 +105,16 @@ pub struct BenchArgs {
     pub no_pdl: bool,
     /// Decoder: staged layout: each kernel copies its first weight row per warp into shared memory
     /// before waiting for the previous kernel, and each MoE router runs as its own kernel, so the
-    /// chosen expert's rows are copied as soon as it is known.
+    /// chosen expert's rows are copied as soon as it is known (measured slower on an H200: off by
+    /// default).
     #[arg(long)]
     pub preload: bool,
     /// Decoder: ask L2 for all weight rows before waiting for the previous kernel.
     #[arg(long)]
     pub prefetch: bool,
     /// Decoder: one persistent kernel per token (the decoder modes eager, graph, pipelined and
-    /// graph-probe run it; with --sweep, sweep its launch shapes).
+    /// graph-probe run it; with --sweep, sweep its launch shapes). Measured slower than the
+    /// multi-kernel graph on an H200: off by default.
     #[arg(long)]
     pub persistent: bool,
     /// Persistent decoder: threads per block (a multiple of 32 up to 512).

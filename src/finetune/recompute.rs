@@ -46,17 +46,18 @@ pub struct LayerTiming {
     pub embed_s: f64,
 }
 
-/// The summed loss of one micro-batch (as [`crate::finetune::loss::batch_nll`]) and the
-/// gradients of loss / `per` with respect to `vars` (None where a variable gets none), by
-/// layer-wise recomputation. The loss is returned detached.
+/// The summed loss of one micro-batch (as [`crate::finetune::loss::batch_nll`]), returned
+/// detached, with the gradients of loss / `per` with respect to `vars` added into `grads`
+/// (see [`accumulate`]), by layer-wise recomputation.
 pub fn nll_and_grads(
     model: &Model,
     batch: &Batch,
     mut probe: Option<&mut Probe>,
     per: f64,
     vars: &[&Var],
+    grads: &mut [Option<Tensor>],
     mut prof: Option<&mut LayerTiming>,
-) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+) -> Result<Tensor> {
     let (bsz, len) = batch.ids.dims2()?;
     // with a profile: wait for the device, add the time since `t` to the field, restart the clock
     let mut t = Instant::now();
@@ -69,7 +70,6 @@ pub fn nll_and_grads(
         Ok(())
     };
     let n = model.layers.len();
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
 
     // 1. forward, keeping the layer boundaries only
     if let Some(p) = probe.as_deref_mut() {
@@ -91,7 +91,7 @@ pub fn nll_and_grads(
     let logits = model.head_rows(top.as_tensor(), &batch.rows)?; // (n, V)
     let nll = nll_sum(&logits, &batch.targets)?;
     let store = (&nll / per)?.backward()?;
-    accumulate(&mut grads, vars, &store)?;
+    accumulate(grads, vars, &store)?;
     let mut g = match store.get(top.as_tensor()) {
         Some(g) => g.detach(),
         None => hs[n].zeros_like()?,
@@ -109,7 +109,7 @@ pub fn nll_and_grads(
         let moe = model.layers[i].is_moe();
         lap(if moe { |p| &mut p.moe_fwd_s } else { |p| &mut p.mamba_fwd_s })?;
         let store = (out * &g)?.sum_all()?.backward()?;
-        accumulate(&mut grads, vars, &store)?;
+        accumulate(grads, vars, &store)?;
         g = match store.get(h.as_tensor()) {
             Some(x) => x.detach(),
             None => g,
@@ -121,14 +121,15 @@ pub fn nll_and_grads(
     let x = model.embed(&batch.ids)?.to_dtype(DType::F32)?;
     if x.is_variable() || x.track_op() {
         let store = (x * &g)?.sum_all()?.backward()?;
-        accumulate(&mut grads, vars, &store)?;
+        accumulate(grads, vars, &store)?;
     }
     lap(|p| &mut p.embed_s)?;
-    Ok((nll.detach(), grads))
+    Ok(nll.detach())
 }
 
-/// grads[k] += the store's gradient of vars[k], where it has one.
-fn accumulate(grads: &mut [Option<Tensor>], vars: &[&Var], store: &GradStore) -> Result<()> {
+/// grads\[k\] += the store's gradient of vars\[k\], where it has one (gradient accumulation
+/// over layers and micro-batches).
+pub fn accumulate(grads: &mut [Option<Tensor>], vars: &[&Var], store: &GradStore) -> Result<()> {
     for (g, v) in grads.iter_mut().zip(vars) {
         if let Some(new) = store.get(v.as_tensor()) {
             *g = Some(match g.take() {

@@ -20,7 +20,7 @@ use crate::finetune::lora::{attach, init_adapter, merge_all, visit_named_linears
 use crate::finetune::loss::{batch_nll, evaluate, inference_view, EvalResult};
 use crate::finetune::metrics::{Metrics, MetricsLine};
 use crate::finetune::optim::{clip_scale, decays, global_norm, lr_at, AdamW, AdamWParams, Param};
-use crate::finetune::recompute::{nll_and_grads, LayerTiming};
+use crate::finetune::recompute::{accumulate, nll_and_grads, LayerTiming};
 use crate::finetune::{FinetuneConfig, Method, StepReport};
 use crate::model::moe::Routing;
 use crate::model::probe::Probe;
@@ -245,23 +245,15 @@ impl Trainer {
                 ..Probe::default()
             };
             let per = total_targets.max(1) as f64;
+            let vars: Vec<&candle_core::Var> = self.params.iter().map(|p| &p.var).collect();
             if self.cfg.recompute.applies(&self.model.device) {
                 // forward and backward interleave, layer by layer: all of it counts as backward
-                // but the first pass (see `recompute`)
-                let vars: Vec<&candle_core::Var> = self.params.iter().map(|p| &p.var).collect();
+                // (the profile splits it; see `recompute`)
                 let prof = self.sync_timing.then_some(&mut timing.layers);
-                let (nll, new) = nll_and_grads(&self.model, &batch, Some(&mut probe), per, &vars, prof)?;
+                let nll = nll_and_grads(&self.model, &batch, Some(&mut probe), per, &vars, &mut grads, prof)?;
                 self.phase_sync()?;
                 timing.backward_s += tf.elapsed().as_secs_f64();
                 nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                for (g, new) in grads.iter_mut().zip(new) {
-                    if let Some(new) = new {
-                        *g = Some(match g.take() {
-                            Some(acc) => (acc + new)?,
-                            None => new,
-                        });
-                    }
-                }
             } else {
                 let nll = batch_nll(&self.model, &batch, Some(&mut probe))?;
                 self.phase_sync()?;
@@ -269,14 +261,7 @@ impl Trainer {
                 timing.forward_s += (tb - tf).as_secs_f64();
                 let store = (&nll / per)?.backward()?;
                 nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                for (g, p) in grads.iter_mut().zip(&self.params) {
-                    if let Some(new) = store.get(p.var.as_tensor()) {
-                        *g = Some(match g.take() {
-                            Some(acc) => (acc + new)?,
-                            None => new.clone(),
-                        });
-                    }
-                }
+                accumulate(&mut grads, &vars, &store)?;
                 self.phase_sync()?;
                 timing.backward_s += tb.elapsed().as_secs_f64();
             }

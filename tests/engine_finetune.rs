@@ -441,8 +441,9 @@ fn the_engine_loader_puts_the_adapter_on_the_model() {
     }
     let (via_flag, _) = fresh_chat(&e, &rx, 1);
     e.shutdown();
+    // the engine runs the adapter folded into the weights (what `merge` writes)
     let mut with = base.clone();
-    blackmamba::finetune::adapter::apply(&mut with, &ad).unwrap();
+    blackmamba::finetune::adapter::apply_merged(&mut with, &ad).unwrap();
     let (e, rx) = engine_with(with);
     let (applied, _) = fresh_chat(&e, &rx, 1);
     e.shutdown();

@@ -120,7 +120,7 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     };
     let mut loaded = crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))?;
     if let Some(dir) = &m.adapter {
-        crate::finetune::adapter::apply(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
+        crate::finetune::adapter::apply_merged(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
     }
     Ok(loaded)

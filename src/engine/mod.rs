@@ -299,7 +299,7 @@ fn load(spec: &LoadSpec, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
             done: 2,
             total,
         });
-        crate::finetune::adapter::apply(&mut loaded.model, dir)?;
+        crate::finetune::adapter::apply_merged(&mut loaded.model, dir)?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
     }
     sink(EngineEvent::LoadProgress {

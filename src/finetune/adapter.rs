@@ -115,6 +115,15 @@ pub fn apply(model: &mut Model, dir: &Path) -> Result<AdapterMeta> {
     Ok(meta)
 }
 
+/// [`apply`], then every LoRA folded into its weight (W ← W + scale·B·A, as `merge` writes it):
+/// what inference loads (`--adapter` of the commands and the TUI), so the fused kernels and the
+/// graph-captured decoder, which take no adapters, run it at full speed.
+pub fn apply_merged(model: &mut Model, dir: &Path) -> Result<AdapterMeta> {
+    let meta = apply(model, dir)?;
+    crate::finetune::lora::merge_all(model)?;
+    Ok(meta)
+}
+
 /// Applies named tensors: `{linear}.lora_a/_b` pairs become adapters with `scale`, any other name
 /// replaces the model's tensor of that name (cast to its dtype). Unknown names are an error.
 pub fn apply_tensors(model: &mut Model, mut tensors: HashMap<String, Tensor>, scale: f64, origin: &Path) -> Result<()> {

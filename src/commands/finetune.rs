@@ -78,8 +78,13 @@ pub struct RunOpts {
 }
 
 impl RunOpts {
-    /// Fills `cfg` (which holds the command's defaults) from the options given.
+    /// Fills `cfg` (which holds the command's defaults) from the options given. With `--resume`
+    /// the run's own settings (from its `trainer_state.json`) replace the defaults first, so only
+    /// what is given changes.
     pub fn apply(&self, cfg: &mut FinetuneConfig) -> anyhow::Result<()> {
+        if let Some(dir) = &self.resume {
+            *cfg = crate::finetune::checkpoint::read_state(dir)?.config;
+        }
         cfg.data = self.data.clone();
         if let Some(f) = &self.format {
             cfg.format = DataFormat::parse(f)?;
@@ -108,7 +113,9 @@ impl RunOpts {
             save_every,
             seed
         );
-        cfg.eval_data = self.eval_data.clone();
+        if self.eval_data.is_some() {
+            cfg.eval_data = self.eval_data.clone();
+        }
         if let Some(r) = &self.recompute {
             cfg.recompute = Recompute::parse(r)?;
         }
@@ -120,33 +127,40 @@ impl RunOpts {
 pub struct FinetuneArgs {
     #[command(flatten)]
     pub run: RunOpts,
-    /// lora, router or full.
-    #[arg(long, default_value = "lora")]
-    pub method: String,
-    /// LoRA targets, comma-separated: in_proj,x_proj,dt_proj,out_proj,experts (or all).
-    #[arg(long, default_value = "all")]
-    pub targets: String,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    pub rank: usize,
-    /// LoRA alpha (the adapter is scaled by alpha/rank).
-    #[arg(long, default_value_t = 32.0)]
-    pub alpha: f64,
+    /// lora, router or full [default: lora; with --resume, the run's].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// LoRA targets, comma-separated: in_proj,x_proj,dt_proj,out_proj,experts (or all)
+    /// [default: all; with --resume, the run's].
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// LoRA rank [default: 16; with --resume, the run's].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (the adapter is scaled by alpha/rank) [default: 32; with --resume, the run's].
+    #[arg(long)]
+    pub alpha: Option<f64>,
     /// Also train the routers with --method lora.
     #[arg(long)]
     pub train_router: bool,
 }
 
 pub fn run(m: &ModelArgs, a: &FinetuneArgs) -> anyhow::Result<()> {
-    let mut cfg = FinetuneConfig {
-        method: Method::parse(&a.method)?,
-        targets: Target::parse_list(&a.targets)?,
-        rank: a.rank,
-        alpha: a.alpha,
-        train_router: a.train_router,
-        ..FinetuneConfig::default()
-    };
+    let mut cfg = FinetuneConfig::default();
     a.run.apply(&mut cfg)?;
+    if let Some(m) = &a.method {
+        cfg.method = Method::parse(m)?;
+    }
+    if let Some(t) = &a.targets {
+        cfg.targets = Target::parse_list(t)?;
+    }
+    if let Some(r) = a.rank {
+        cfg.rank = r;
+    }
+    if let Some(al) = a.alpha {
+        cfg.alpha = al;
+    }
+    cfg.train_router |= a.train_router;
     let loaded = super::load(m)?;
     if loaded.untrained {
         eprintln!("note: {} has untrained random weights", loaded.label);

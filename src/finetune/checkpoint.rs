@@ -109,6 +109,12 @@ pub struct Loaded {
 
 /// Reads the checkpoint in `dir` onto `device`, checking that its files belong together.
 pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
+    let state = read_state(dir)?;
+    load_with(dir, device, state)
+}
+
+/// Reads `dir/trainer_state.json` alone (the run's settings and position).
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     if !state_path.is_file() {
         return Err(Error::bad_file(
@@ -125,6 +131,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
             format!("unknown format '{}' (this build reads {FORMAT})", state.format),
         ));
     }
+    Ok(state)
+}
+
+fn load_with(dir: &Path, device: &Device, state: TrainerState) -> Result<Loaded> {
     let meta = AdapterMeta::read(dir)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let mut opt = read_tensors(&WeightFiles::Safetensors(vec![opt_path.clone()]), device)?;

@@ -3,6 +3,7 @@
 //! state snapshots, saved conversations, Sinkhorn windows, errors that leave it running.
 
 mod common;
+mod engine_common;
 
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
@@ -10,27 +11,13 @@ use std::time::Duration;
 use blackmamba::engine::protocol::{CancelFlag, Command, EngineEvent, FinetuneCommand};
 use blackmamba::engine::{Engine, Source};
 use blackmamba::generate::StopReason;
-use blackmamba::loader::Loaded;
 use blackmamba::sampling::SamplingParams;
 
 fn engine() -> (Engine, Receiver<EngineEvent>) {
     let cfg = common::tiny_config(&["r", "8", "r", "4"], 16, 50304);
-    let loaded = Loaded {
-        model: common::tiny_model(&cfg, 3),
-        tokenizer: blackmamba::tokenizer::neox().unwrap(),
-        label: "tiny".into(),
-        untrained: true,
-        load_secs: 0.0,
-    };
-    let (tx, rx) = channel();
-    let e = Engine::spawn(
-        Source::Loaded(Box::new(loaded)),
-        Box::new(move |ev| {
-            let _ = tx.send(ev);
-        }),
-    )
-    .unwrap();
-    match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
+    let tok = blackmamba::tokenizer::neox().unwrap();
+    let (e, rx, first) = engine_common::spawn(common::tiny_model(&cfg, 3), tok, Duration::from_secs(60));
+    match first {
         EngineEvent::Loaded(info) => {
             assert!(info.untrained);
             assert_eq!(info.moe_layers, vec![(1, 8), (3, 4)]);
@@ -57,15 +44,9 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 
 /// Events up to and including the next Done or Error.
 fn until_done(rx: &Receiver<EngineEvent>) -> Vec<EngineEvent> {
-    let mut out = vec![];
-    loop {
-        let ev = rx.recv_timeout(Duration::from_secs(60)).expect("engine answered");
-        let end = matches!(ev, EngineEvent::Done { .. } | EngineEvent::Error { .. });
-        out.push(ev);
-        if end {
-            return out;
-        }
-    }
+    engine_common::until(rx, Duration::from_secs(60), |ev| {
+        matches!(ev, EngineEvent::Done { .. } | EngineEvent::Error { .. })
+    })
 }
 
 /// Generated token ids and the stop reason of a finished request.

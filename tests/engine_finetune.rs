@@ -3,6 +3,7 @@
 //! drive the same trainer as `blackmamba finetune` and its events reach the UI; chat switches to
 //! the fine-tuned weights and back; errors leave the engine running.
 
+mod engine_common;
 mod ft_common;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,6 @@ use blackmamba::engine::protocol::{
     ProbeRouting, SinkhornOrigin, SinkhornReport, TokenRec,
 };
 use blackmamba::engine::{Engine, Source};
-use blackmamba::loader::Loaded;
 use blackmamba::model::Model;
 use blackmamba::sampling::SamplingParams;
 use ft_common::{byte_tokenizer, config, model, write, TEXT};
@@ -22,22 +22,8 @@ use ft_common::{byte_tokenizer, config, model, write, TEXT};
 const WAIT: Duration = Duration::from_secs(120);
 
 fn engine_with(m: Model) -> (Engine, Receiver<EngineEvent>) {
-    let loaded = Loaded {
-        model: m,
-        tokenizer: byte_tokenizer(),
-        label: "tiny".into(),
-        untrained: true,
-        load_secs: 0.0,
-    };
-    let (tx, rx) = channel();
-    let e = Engine::spawn(
-        Source::Loaded(Box::new(loaded)),
-        Box::new(move |ev| {
-            let _ = tx.send(ev);
-        }),
-    )
-    .unwrap();
-    match rx.recv_timeout(WAIT).unwrap() {
+    let (e, rx, first) = engine_common::spawn(m, byte_tokenizer(), WAIT);
+    match first {
         EngineEvent::Loaded(info) => assert!(info.finetune_available),
         other => panic!("expected Loaded, got {other:?}"),
     }
@@ -70,15 +56,7 @@ fn ft(e: &Engine, c: FinetuneCommand) {
 
 /// Events up to and including the first one `stop` accepts.
 fn until(rx: &Receiver<EngineEvent>, stop: impl Fn(&EngineEvent) -> bool) -> Vec<EngineEvent> {
-    let mut out = vec![];
-    loop {
-        let ev = rx.recv_timeout(WAIT).expect("the engine answered");
-        let end = stop(&ev);
-        out.push(ev);
-        if end {
-            return out;
-        }
-    }
+    engine_common::until(rx, WAIT, stop)
 }
 
 fn is_status(ev: &EngineEvent, s: FinetuneStatus) -> bool {

@@ -5,14 +5,14 @@
 //! answers the catalogue of the process's hub cache.
 
 mod common;
+mod engine_common;
 
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use blackmamba::catalog::Availability;
 use blackmamba::engine::protocol::{CancelFlag, Command, EngineEvent, FinetuneCommand, FinetuneMethod, FinetuneSpec, LoadSpec};
-use blackmamba::engine::{Engine, Source};
-use blackmamba::loader::Loaded;
+use blackmamba::engine::Engine;
 use blackmamba::sampling::SamplingParams;
 use candle_core::DType;
 
@@ -20,36 +20,15 @@ const WAIT: Duration = Duration::from_secs(120);
 
 fn engine() -> (Engine, Receiver<EngineEvent>) {
     let cfg = common::tiny_config(&["r", "8", "r", "4"], 16, 50304);
-    let loaded = Loaded {
-        model: common::tiny_model(&cfg, 3),
-        tokenizer: blackmamba::tokenizer::neox().unwrap(),
-        label: "tiny".into(),
-        untrained: true,
-        load_secs: 0.0,
-    };
-    let (tx, rx) = channel();
-    let e = Engine::spawn(
-        Source::Loaded(Box::new(loaded)),
-        Box::new(move |ev| {
-            let _ = tx.send(ev);
-        }),
-    )
-    .unwrap();
-    assert!(matches!(rx.recv_timeout(WAIT).unwrap(), EngineEvent::Loaded(_)));
+    let tok = blackmamba::tokenizer::neox().unwrap();
+    let (e, rx, first) = engine_common::spawn(common::tiny_model(&cfg, 3), tok, WAIT);
+    assert!(matches!(first, EngineEvent::Loaded(_)));
     (e, rx)
 }
 
 /// Events up to and including the first one `stop` accepts.
 fn until(rx: &Receiver<EngineEvent>, stop: impl Fn(&EngineEvent) -> bool) -> Vec<EngineEvent> {
-    let mut out = vec![];
-    loop {
-        let ev = rx.recv_timeout(WAIT).expect("the engine answered");
-        let end = stop(&ev);
-        out.push(ev);
-        if end {
-            return out;
-        }
-    }
+    engine_common::until(rx, WAIT, stop)
 }
 
 fn spec(model: &str) -> LoadSpec {
@@ -229,7 +208,8 @@ fn list_models_reads_the_hub_cache_of_the_environment() {
 #[cfg(feature = "cuda")]
 #[test]
 fn switches_between_gpu_and_cpu() {
-    let (tx, rx) = channel();
+    use blackmamba::engine::Source;
+    let (tx, rx) = std::sync::mpsc::channel();
     let start = LoadSpec {
         device: Some("cuda".into()),
         dtype: Some("bf16".into()),

@@ -25,6 +25,10 @@ struct ScanIn {
     int Bn, L, di, N, LC, Q;
 };
 
+// The forward kernels keep a[n] = A[c,n]·log2(e) and take exp2f (one MUFU.EX2) of Δ·a[n]: the
+// decay exp(Δ·A) without expf's range reduction, once per (token, channel, state).
+#define LOG2E_F 1.4426950408889634f
+
 // Steps whose inputs are loaded together before any of them is computed (the per-step loads
 // do not depend on the recurrence, so their latency is paid once per group).
 #define SCAN_UNROLL 4
@@ -48,7 +52,7 @@ __device__ void scan_chunk_sum_impl(ScanIn s, const TI* __restrict__ dt, long lo
     for (int n = 0; n < NMAX; n++) {
         a[n] = 0.0f;
         h[n] = 0.0f;
-        if (n < s.N) a[n] = a_is_log ? -expf(A[(size_t)c * s.N + n]) : A[(size_t)c * s.N + n];
+        if (n < s.N) a[n] = (a_is_log ? -expf(A[(size_t)c * s.N + n]) : A[(size_t)c * s.N + n]) * LOG2E_F;
     }
     float sd = 0.0f;
     const float bias_c = dt_bias != nullptr ? dt_bias[c] : 0.0f;
@@ -68,7 +72,7 @@ __device__ void scan_chunk_sum_impl(ScanIn s, const TI* __restrict__ dt, long lo
                 sd += delta;
 #pragma unroll
                 for (int n = 0; n < NMAX; n++)
-                    if (n < s.N) h[n] = expf(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
+                    if (n < s.N) h[n] = exp2f(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
             }
     }
     const size_t o = ((size_t)b * s.Q + q) * s.di + c;
@@ -112,7 +116,7 @@ __device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long lo
         a[n] = 0.0f;
         h[n] = 0.0f;
         if (n < s.N) {
-            a[n] = a_is_log ? -expf(A[(size_t)cc * s.N + n]) : A[(size_t)cc * s.N + n];
+            a[n] = (a_is_log ? -expf(A[(size_t)cc * s.N + n]) : A[(size_t)cc * s.N + n]) * LOG2E_F;
             if (h0 != nullptr) h[n] = h0[((size_t)b * s.di + cc) * s.N + n];
         }
     }
@@ -122,7 +126,7 @@ __device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long lo
         const float sdp = sum_delta[o];
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
-            if (n < s.N) h[n] = expf(a[n] * sdp) * h[n] + S[o * s.N + n];
+            if (n < s.N) h[n] = exp2f(a[n] * sdp) * h[n] + S[o * s.N + n];
     }
     const float dc = Dp != nullptr ? Dp[cc] : 0.0f;
     const float bias_c = dt_bias != nullptr ? dt_bias[cc] : 0.0f;
@@ -146,7 +150,7 @@ __device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long lo
 #pragma unroll
             for (int n = 0; n < NMAX; n++)
                 if (n < s.N) {
-                    h[n] = expf(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
+                    h[n] = exp2f(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
                     y = fmaf(h[n], sc[(t + u) * s.N + n], y);
                     hs = fmaf(h[n], h[n], hs);
                 }

@@ -10,6 +10,8 @@
 #                             the same three steps in PyTorch, one run
 #   bash gpu_run.sh final     tests, benches (every decode mode, prefill at batch 1 and 8), 16k-token
 #                             memory run, PyTorch baseline (the sweeps: tune, stage, persistent)
+#   bash gpu_run.sh moe       tests, prefill with the batched expert products beside --per-expert
+#                             (2.8B and 1.5B, batch 1 and 8), decode graph / pipelined
 #   bash gpu_run.sh persistent  tests, the multi-kernel graph beside the persistent decode kernel
 #                             (plain and fused layout, with the probe), its sweep and per-stage times
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
@@ -84,6 +86,14 @@ elif [ "$PHASE" = persistent ]; then
     bench 15p $M15 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
     bench 28psw $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent --persistent --sweep --profile
     bench 28pf $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent-fused --persistent --fuse --profile
+elif [ "$PHASE" = moe ]; then
+    for m in 28 15; do
+        eval "M=\$M$m"
+        bench ${m} $M --prompt-len 2048 --gen-len 512 --reps 7 --modes graph,pipelined --profile
+        bench ${m}pe $M --prompt-len 2048 --gen-len 64 --reps 7 --modes graph --per-expert --profile
+        bench ${m}b8 $M --prompt-len 2048 --prefill-batch 8 --reps 5 --gen-len 64 --modes graph
+        bench ${m}b8pe $M --prompt-len 2048 --prefill-batch 8 --reps 5 --gen-len 64 --modes graph --per-expert
+    done
 elif [ "$PHASE" = tune ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --step-tokens 16 --profile

@@ -5,6 +5,7 @@
 //                   (SPEC §5 eqs. 2-3); writes v in f32 (scan) and in T (x_proj), and the new state
 //   router_top1_*   logits = Wr·x + br (f32), top-1 expert, σ gate         one warp per token
 //   moe_group       tokens grouped per expert (stable), with the inverse permutation and counts
+//   moe_pad_index   each token's row in the expert-major padded layout of the batched products
 //   moe_act_*       the expert's gated activation on fc1's output
 //   moe_unpermute_* y[t] = f32(ys[inverse[t]]) · gate[t]                     back to token order
 #include "common.cuh"
@@ -149,6 +150,24 @@ extern "C" __global__ void moe_group(int Tn, int E, const int* __restrict__ expe
             if (k == e) pos = next[k]++;
         order[pos] = t;
         inverse[t] = pos;
+    }
+}
+
+// Rows of the expert-major padded layout (E, stride, ·) of the batched expert products:
+// padpos[t] = expert[t]·stride + inverse[t] − base[expert[t]] (base[e]: expert e's first position in
+// moe_group's order) and order_pad[padpos[t]] = t; padding rows of order_pad keep the caller's value.
+extern "C" __global__ void moe_pad_index(int Tn, int E, const int* __restrict__ expert, const int* __restrict__ inverse,
+                                         const int* __restrict__ base, int stride, int* __restrict__ padpos,
+                                         int* __restrict__ order_pad) {
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < Tn; t += gridDim.x * blockDim.x) {
+        const int e = expert[t];
+        if (e < 0 || e >= E) {
+            padpos[t] = 0;
+            continue;
+        }
+        const int p = e * stride + inverse[t] - base[e];
+        padpos[t] = p;
+        order_pad[p] = t;
     }
 }
 

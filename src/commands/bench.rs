@@ -9,8 +9,9 @@ use crate::commands::ModelArgs;
 use crate::finetune::{Method, Recompute, Target};
 
 /// Inference flags that mean nothing to `--finetune`.
-const INFERENCE_ONLY: [&str; 8] = [
+const INFERENCE_ONLY: [&str; 9] = [
     "prompt_len",
+    "per_expert",
     "prefill_batch",
     "gen_len",
     "reps",
@@ -129,6 +130,10 @@ pub struct BenchArgs {
     /// Persistent decoder: fused layout (three grid barriers per Mamba + MoE pair instead of six).
     #[arg(long)]
     pub fuse: bool,
+    /// Prefill: run the MoE experts' products one pair per expert instead of two batched cuBLAS
+    /// calls per layer (the way before; to compare).
+    #[arg(long)]
+    pub per_expert: bool,
     /// Seed of the random weights and prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -205,6 +210,8 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
+    #[cfg(feature = "cuda")]
+    crate::ops::fused::set_batched_experts(!a.per_expert);
     let rep = bench::run(&mut model, &label, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);

@@ -18,9 +18,11 @@ use crate::ops::prof::{self, lap};
 
 pub(crate) mod mamba;
 mod moe;
+mod moe_batched;
 
 pub use mamba::{mamba_forward, mamba_step, selective_scan};
 pub use moe::moe_forward;
+pub use moe_batched::set_batched_experts;
 
 const THREADS: u32 = 256;
 

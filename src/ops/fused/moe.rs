@@ -1,6 +1,6 @@
-//! The fused SwitchMLP: router + top-1 and token grouping on the device, one cuBLAS product pair
-//! per expert with tokens, the gated activation and the scatter back by kernels. Twin:
-//! `SwitchMlp::forward`.
+//! The fused SwitchMLP: router + top-1 and token grouping on the device, the experts' products as
+//! two batched cuBLAS calls (`moe_batched`; else one product pair per expert with tokens), the
+//! gated activation and the scatter back by kernels. Twin: `SwitchMlp::forward`.
 
 use candle_core::{DType, Tensor};
 
@@ -12,7 +12,8 @@ use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launc
 use crate::ops::prof::{self, lap};
 
 /// Fused SwitchMLP (greedy routing): router + sigmoid + top-1 and the token grouping on device,
-/// one cuBLAS product pair per expert that has tokens. x (.., d) -> (.., d) f32.
+/// the experts' products batched (or one cuBLAS product pair per expert that has tokens).
+/// x (.., d) -> (.., d) f32.
 /// Twin: [`SwitchMlp::forward`] (also used here for Sinkhorn routing).
 pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Tensor> {
     let Some(first) = m.experts.first() else {
@@ -75,17 +76,10 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
         .run(&stream)?;
     let counts: Vec<u32> = counts.to_vec1()?; // the one host sync: sizes of the expert products
     lap(&mut laps, "moe.group+sync")?;
-    let sorted = xs.index_select(&order, 0)?; // (T, d) grouped by expert
-    let mut outs = Vec::with_capacity(n_exp);
-    let mut off = 0;
-    for (e, &c) in counts.iter().enumerate() {
-        let c = c as usize;
-        if c > 0 {
-            outs.push(expert_forward(&m.experts[e], &sorted.narrow(0, off, c)?)?.to_dtype(wdt)?); // (c, d)
-            off += c;
-        }
-    }
-    let ys = Tensor::cat(&outs, 0)?.contiguous()?; // (T, d) grouped
+    let (ys, rows_of) = match super::moe_batched::experts_batched(m, &xs, &expert, &inverse, &counts)? {
+        Some((ys, padpos)) => (ys, padpos),                          // (E·R, d) padded, token -> row
+        None => (experts_looped(m, &xs, &order, &counts)?, inverse), // (T, d) grouped
+    };
     lap(&mut laps, "moe.experts")?;
     let y = empty(&[n_tok, d], DType::F32, dev)?;
     Launch::new(
@@ -97,7 +91,7 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
     .i32(n_tok)
     .i32(d)
     .ptr(dptr(&ys)?)
-    .ptr(dptr(&inverse)?)
+    .ptr(dptr(&rows_of)?)
     .ptr(dptr(&gate)?)
     .ptr(dptr(&y)?)
     .run(&stream)?;
@@ -108,6 +102,23 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
         p.experts.extend(expert.to_vec1::<u32>()?);
     }
     Ok(y.reshape(dims)?)
+}
+
+/// The experts one after another, each on its group of tokens: xs (T, d) token order -> (T, d)
+/// in the grouped order of `order`.
+fn experts_looped(m: &SwitchMlp, xs: &Tensor, order: &Tensor, counts: &[u32]) -> Result<Tensor> {
+    let wdt = xs.dtype();
+    let sorted = xs.index_select(order, 0)?; // (T, d) grouped by expert
+    let mut outs = Vec::with_capacity(counts.len());
+    let mut off = 0;
+    for (e, &c) in counts.iter().enumerate() {
+        let c = c as usize;
+        if c > 0 {
+            outs.push(expert_forward(&m.experts[e], &sorted.narrow(0, off, c)?)?.to_dtype(wdt)?); // (c, d)
+            off += c;
+        }
+    }
+    Ok(Tensor::cat(&outs, 0)?.contiguous()?)
 }
 
 /// One expert on its tokens: fc1 and fc2 on cuBLAS, the gated activation by one kernel.

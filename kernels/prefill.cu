@@ -64,17 +64,27 @@ __device__ void conv1d_fwd_impl(int Bn, int L, int di, int K, const T* __restric
 
 // One warp per token: x (Tn, d) T; Wr (E, d) f32 (E <= 16); br (E) f32 -> logits (Tn, E) f32,
 // expert (Tn) int (first max on ties), gate (Tn) f32 = σ(logit of the expert). Each lane keeps
-// the E partial sums, so the E products share every x load.
+// the E partial sums, so the E products share every x load. in_smem: the block first copies Wr
+// into its dynamic shared memory (E·d floats), so the warps' E loads per x load come from there
+// instead of L1/L2 (2,048 tokens of the 2.8B shapes: 96 MB of L2 reads become 12 MB).
 template <typename T>
-__device__ void router_top1_impl(int Tn, int d, int E, const T* __restrict__ x, const float* __restrict__ Wr,
+__device__ void router_top1_impl(int Tn, int d, int E, const T* __restrict__ x, const float* __restrict__ Wg,
                                  const float* __restrict__ br, float* __restrict__ logits, int* __restrict__ expert,
-                                 float* __restrict__ gate) {
+                                 float* __restrict__ gate, int in_smem) {
+    extern __shared__ float wsm[];
+    const float* Wr = Wg;
+    if (in_smem) {
+        for (int i = threadIdx.x; i < E * d; i += blockDim.x) wsm[i] = Wg[i];
+        __syncthreads();
+        Wr = wsm;
+    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     for (int t = blockIdx.x * nwarps + warp; t < Tn; t += gridDim.x * nwarps) {
         const T* xr = x + (size_t)t * d;
         float acc[16];
 #pragma unroll
         for (int e = 0; e < 16; e++) acc[e] = 0.0f;
+#pragma unroll 4
         for (int k = lane; k < d; k += 32) {
             const float xk = to_f(xr[k]);
 #pragma unroll
@@ -209,8 +219,8 @@ __device__ void moe_act_impl(int n, int f, const T* __restrict__ a, T* __restric
         conv1d_fwd_impl<T>(Bn, L, di, K, xz, xz_stride, conv_in, cw, cb, v, vt, conv_out);                             \
     }                                                                                                                   \
     extern "C" __global__ void router_top1_##S(int Tn, int d, int E, const T* x, const float* Wr, const float* br,     \
-                                               float* logits, int* expert, float* gate) {                               \
-        router_top1_impl<T>(Tn, d, E, x, Wr, br, logits, expert, gate);                                                 \
+                                               float* logits, int* expert, float* gate, int in_smem) {                  \
+        router_top1_impl<T>(Tn, d, E, x, Wr, br, logits, expert, gate, in_smem);                                        \
     }                                                                                                                   \
     extern "C" __global__ void moe_unpermute_##S(int Tn, int d, const T* ys, const int* inverse, const float* gate,    \
                                                  float* y) {                                                            \

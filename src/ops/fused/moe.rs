@@ -44,12 +44,15 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
         .ok_or_else(|| Error::Invalid("moe: router has no bias".into()))?
         .to_dtype(DType::F32)?
         .contiguous()?;
-    let wr = m.router.weight.to_dtype(DType::F32)?.contiguous()?;
+    let wr = m.router.weight.to_dtype(DType::F32)?.contiguous()?; // (E, d)
+    // the router weights in each block's shared memory when they fit the default 48 KB
+    let w_bytes = n_exp * d * 4;
+    let in_smem = w_bytes <= 48 * 1024;
     Launch::new(
         func(cd, Module::Prefill, &format!("router_top1_{sfx}"))?,
         (blocks_for(n_tok, THREADS / 32, cap), 1, 1),
         THREADS,
-        0,
+        if in_smem { w_bytes as u32 } else { 0 },
     )
     .i32(n_tok)
     .i32(d)
@@ -60,6 +63,7 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
     .ptr(dptr(&logits)?)
     .ptr(dptr(&expert)?)
     .ptr(dptr(&gate)?)
+    .int(i32::from(in_smem))
     .run(&stream)?;
     lap(&mut laps, "moe.router")?;
     let order = empty(&[n_tok], DType::U32, dev)?;

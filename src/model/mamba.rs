@@ -85,7 +85,15 @@ impl MambaMixer {
 
     /// Full sequence: x (B, L, d) -> (B, L, d), from and into `state`. `fused_scan` lets a
     /// CUDA model scan with the fused autograd kernels (fine-tuning; see `ops::training_scan`).
+    /// On CUDA that means the whole mixer past the projections as two fused autograd ops
+    /// (`ops::mamba_grad`: conv + SiLU, and scan + D·v + gate); without a probe only.
     pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>, fused_scan: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused_scan && probe.is_none() {
+            if let Some(out) = crate::ops::mamba_grad::mixer_forward(self, x, state)? {
+                return Ok(out);
+            }
+        }
         let (_b, len, _d) = x.dims3()?;
         let (di, k) = (self.d_inner, self.d_conv);
         let xz = self.in_proj.forward(x)?; // (B, L, 2·di)  eq. 1: [u; z] = W_in x
@@ -136,14 +144,21 @@ impl MambaMixer {
 
     /// eqs. 4–5: [δ; B; C] = W_x v, Δ = softplus(W_dt δ + b_dt); all f32 out.
     fn ssm_params(&self, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dt, bm, cm) = self.ssm_raw(v)?;
+        let delta = softplus(&dt.broadcast_add(&self.dt_bias)?)?;
+        Ok((delta, bm, cm))
+    }
+
+    /// eqs. 4–5 up to the bias: [δ; B; C] = W_x v, dt = W_dt δ (before + b_dt and the softplus);
+    /// all f32 out: (.., di), (.., N), (.., N).
+    pub fn ssm_raw(&self, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (r, n) = (self.dt_rank, self.d_state);
         let xdbl = self.x_proj.forward(&v.to_dtype(self.x_proj.weight.dtype())?)?; // (.., R+2N)
         let dt = xdbl.narrow(D::Minus1, 0, r)?; // (.., R)
         let bm = xdbl.narrow(D::Minus1, r, n)?.to_dtype(DType::F32)?; // (.., N)
         let cm = xdbl.narrow(D::Minus1, r + n, n)?.to_dtype(DType::F32)?; // (.., N)
         let dt = self.dt_proj.forward(&dt)?.to_dtype(DType::F32)?; // (.., di)
-        let delta = softplus(&dt.broadcast_add(&self.dt_bias)?)?;
-        Ok((delta, bm, cm))
+        Ok((dt, bm, cm))
     }
 
     /// One token: x (B, d) -> (B, d), advancing `state` by one position.

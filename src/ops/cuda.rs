@@ -26,6 +26,7 @@ mod bins {
 pub enum Module {
     Decode,
     MambaStep,
+    MambaTrain,
     Optim,
     Persistent,
     Prefill,
@@ -38,6 +39,7 @@ impl Module {
         match self {
             Self::Decode => bins::DECODE,
             Self::MambaStep => bins::MAMBA_STEP,
+            Self::MambaTrain => bins::MAMBA_TRAIN,
             Self::Optim => bins::OPTIM,
             Self::Persistent => bins::PERSISTENT,
             Self::Prefill => bins::PREFILL,

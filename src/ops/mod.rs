@@ -7,6 +7,7 @@
 //!   eagerly or as one CUDA graph, sampling on device;
 //! * `sinkhorn`: Sinkhorn iterations on device;
 //! * `scan_grad`: the chunked selective scan as an autograd op (forward and backward kernels);
+//! * `mamba_grad`: the Mamba mixer's conv + SiLU and scan + D·v + gate as autograd ops (training);
 //! * [`scan_cpu`]: the same autograd op on the CPU (plain loops; fine-tuning on the CPU);
 //! * `cuda`: loading the kernels, device pointers, launches.
 //!
@@ -18,6 +19,8 @@ pub mod cuda;
 pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod mamba_grad;
 #[cfg(feature = "cuda")]
 pub mod optim;
 #[cfg(feature = "cuda")]

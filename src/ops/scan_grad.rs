@@ -25,7 +25,7 @@ struct ScanOp {
     n: usize,
 }
 
-fn ptr_of(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
+pub(crate) fn ptr_of(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
     if !l.is_contiguous() {
         candle_core::bail!("selective_scan: inputs must be contiguous");
     }
@@ -34,7 +34,7 @@ fn ptr_of(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
     Ok(p + (l.start_offset() * 4) as u64)
 }
 
-fn to_candle(e: Error) -> candle_core::Error {
+pub(crate) fn to_candle(e: Error) -> candle_core::Error {
     match e {
         Error::Candle(c) => c,
         other => candle_core::Error::Msg(other.to_string()),

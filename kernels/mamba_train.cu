@@ -1,0 +1,236 @@
+// The Mamba mixer's elementwise chains as autograd kernels for fine-tuning (f32 throughout; the
+// twin is the tensor-op `MambaMixer::forward`, SPEC §5 eqs. 2-3 and 5-9):
+//
+//   conv_silu_fwd_f32   v = SiLU(cb + Σ_k w[k]·u_{t−K+1+k}) continuing the conv state, and the
+//                       new conv state (the last K inputs)
+//   conv_silu_bwd_f32   du, and per-tile partial sums of dw and db (summed by the caller, so the
+//                       result does not depend on the order threads finish in)
+//   scan_tail_bwd_f32   backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias),
+//                       A = −exp(A_log): gradients of v, dt, z, B, C, A_log, D and the bias. Its
+//                       forward is scan_chunk_sum_f32 / scan_chunk_out_f32 of kernels/scan.cu.
+//
+// Layouts: u, v, du (B, L, di); the conv state (B, di, K), oldest first; conv weights (di, K).
+// The scan tail packs its inputs as vdz = (B, L, 3, di) [v; dt; z], bc = (B, L, 2N) [B; C] and
+// P = [A_log (di, N); D (di); bias (di)]; its gradients have the same layouts.
+#include "common.cuh"
+
+#define KMAX 8
+#define NMAX 16
+
+struct ScanIn {
+    int Bn, L, di, N, LC, Q;
+};
+
+// u at position s of sequence b, channel c; s < 0 reads the conv state: u_{−j} = state[b, c, K−j].
+__device__ __forceinline__ float conv_in(const float* __restrict__ u, const float* __restrict__ st, int L, int di,
+                                         int K, int b, int s, int c) {
+    return s >= 0 ? u[((size_t)b * L + s) * di + c] : st[((size_t)b * di + c) * K + K + s];
+}
+
+// Threads over c (blockIdx.x), rows (b, t) over blockIdx.y (grid-stride).
+extern "C" __global__ void conv_silu_fwd_f32(int Bn, int L, int di, int K, const float* __restrict__ u,
+                                             const float* __restrict__ st, const float* __restrict__ cw,
+                                             const float* __restrict__ cb, float* __restrict__ v,
+                                             float* __restrict__ st_out) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= di) return;
+    for (int row = blockIdx.y; row < Bn * L; row += gridDim.y) {
+        const int b = row / L, t = row - b * L;
+        float acc = cb[c];
+        for (int k = 0; k < K; k++) acc = fmaf(conv_in(u, st, L, di, K, b, t - (K - 1) + k, c), cw[(size_t)c * K + k], acc);
+        v[(size_t)row * di + c] = silu_f(acc);
+        if (t == L - 1)
+            for (int k = 0; k < K; k++) st_out[((size_t)b * di + c) * K + k] = conv_in(u, st, L, di, K, b, L - K + k, c);
+    }
+}
+
+// One thread per (b, c, tile of `tile` steps): blockIdx.x over c, blockIdx.y = tile, blockIdx.z = b.
+// Walks its tile backwards with the K−1 later dc = dv·SiLU'(pre) in registers:
+//   du[t] = Σ_k w[k]·dc[t+K−1−k];  dw[k] += dc[t]·u_{t−K+1+k};  db += dc[t]
+// part: (B·tiles, K+1, di) per-tile sums of dw (rows 0..K−1) and db (row K).
+extern "C" __global__ void conv_silu_bwd_f32(int Bn, int L, int di, int K, int tile, const float* __restrict__ u,
+                                             const float* __restrict__ st, const float* __restrict__ cw,
+                                             const float* __restrict__ cb, const float* __restrict__ gv,
+                                             float* __restrict__ du, float* __restrict__ part) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= di) return;
+    const int b = blockIdx.z, tq = blockIdx.y;
+    const int t0 = tq * tile, t1 = min(L, t0 + tile);
+    float w[KMAX], wr[KMAX], dcw[KMAX], dw[KMAX];
+#pragma unroll
+    for (int k = 0; k < KMAX; k++) {
+        w[k] = k < K ? cw[(size_t)c * K + k] : 0.0f;
+        wr[k] = k < K ? cw[(size_t)c * K + K - 1 - k] : 0.0f;  // wr[j] = w[K−1−j]
+        dcw[k] = dw[k] = 0.0f;
+    }
+    const float bias = cb[c];
+    // dc at step t: recompute the pre-activation, times SiLU'(pre) = σ(1 + pre·(1 − σ))
+    auto dc_at = [&](int t) -> float {
+        float acc = bias;
+#pragma unroll
+        for (int k = 0; k < KMAX; k++)
+            if (k < K) acc = fmaf(conv_in(u, st, L, di, K, b, t - (K - 1) + k, c), w[k], acc);
+        const float sg = sigmoid_f(acc);
+        return gv[((size_t)b * L + t) * di + c] * sg * (1.0f + acc * (1.0f - sg));
+    };
+    // dcw[j] = dc[t + j]: seed the window past the tile's last step
+#pragma unroll
+    for (int j = 1; j < KMAX; j++)
+        if (j < K && t1 - 1 + j < L) dcw[j] = dc_at(t1 - 1 + j);
+    float db = 0.0f;
+    for (int t = t1 - 1; t >= t0; t--) {
+        dcw[0] = dc_at(t);
+        float g = 0.0f;
+#pragma unroll
+        for (int j = 0; j < KMAX; j++)
+            if (j < K) g = fmaf(wr[j], dcw[j], g);
+        du[((size_t)b * L + t) * di + c] = g;
+#pragma unroll
+        for (int k = 0; k < KMAX; k++)
+            if (k < K) dw[k] = fmaf(dcw[0], conv_in(u, st, L, di, K, b, t - (K - 1) + k, c), dw[k]);
+        db += dcw[0];
+#pragma unroll
+        for (int j = KMAX - 1; j > 0; j--) dcw[j] = dcw[j - 1];
+    }
+    const size_t pb = ((size_t)b * gridDim.y + tq) * (K + 1);
+#pragma unroll
+    for (int k = 0; k < KMAX; k++)
+        if (k < K) part[(pb + k) * di + c] = dw[k];
+    part[(pb + K) * di + c] = db;
+}
+
+// Backward of the gated scan tail. One thread per (b, c); blockIdx.x over channels, blockIdx.y = b;
+// walks the chunks in reverse, recomputing each chunk's states forward from its saved start state
+// (as scan_bwd_f32 of kernels/scan.cu, which this extends by the gate, D, softplus and A_log).
+//   go: (B, L, di) dL/dout               h0: (B, di, N) or null (no gradient for it)
+//   hs: (B, Q, di, N) scratch            hist: (B, LC, N, di) scratch
+//   dvdz: (B, L, 3, di) out (every element written; the dz slot holds y between the passes)
+//   dbc: (B, L, 2N) out, zeroed          dP: (di·N + 2·di) out, zeroed (atomics over b)
+// dynamic shared memory: LC · 2N floats
+extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__ vdz, const float* __restrict__ bc,
+                                             const float* __restrict__ P, const float* __restrict__ h0,
+                                             const float* __restrict__ go, float* __restrict__ hs,
+                                             float* __restrict__ hist, float* __restrict__ dvdz,
+                                             float* __restrict__ dbc, float* __restrict__ dP) {
+    extern __shared__ float red[];  // (LC, 2N): block sums of dB, dC for the current chunk
+    const int b = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool live = c < s.di;
+    const int cc = live ? c : 0;
+    const int N = s.N, LC = s.LC, di = s.di;
+    const float* Dp = P + (size_t)di * N;
+    const float* bias = Dp + di;
+    float a[NMAX], h[NMAX], g[NMAX], gA[NMAX];
+#pragma unroll
+    for (int n = 0; n < NMAX; n++) {
+        a[n] = h[n] = g[n] = gA[n] = 0.0f;
+        if (n < N) {
+            a[n] = -expf(P[(size_t)cc * N + n]);
+            if (h0 != nullptr) h[n] = h0[((size_t)b * di + cc) * N + n];
+        }
+    }
+    const float dcoef = Dp[cc], bc_ = bias[cc];
+#define VDZ(t, j) vdz[((size_t)b * s.L + (t)) * 3 * di + (size_t)(j) * di + cc]
+#define BC(t) (bc + ((size_t)b * s.L + (t)) * 2 * N)
+    // forward: the state at each chunk start
+    for (int q = 0; q < s.Q; q++) {
+        const int t0 = q * LC, nt = min(s.L, t0 + LC) - t0;
+        const size_t o = (((size_t)b * s.Q + q) * di + cc) * N;
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N && live) hs[o + n] = h[n];
+        for (int t = t0; t < t0 + nt; t++) {
+            const float delta = softplus_f(VDZ(t, 1) + bc_);
+            const float dvv = delta * VDZ(t, 0);
+            const float* Bt = BC(t);
+#pragma unroll
+            for (int n = 0; n < NMAX; n++)
+                if (n < N) h[n] = expf(delta * a[n]) * h[n] + dvv * Bt[n];
+        }
+    }
+    const size_t hb = (size_t)b * LC * N * di;
+#define HIST(t, n) hist[hb + ((size_t)(t) * N + (n)) * di + cc]
+#define OUT(t, j) dvdz[((size_t)b * s.L + (t)) * 3 * di + (size_t)(j) * di + c]
+    float gD = 0.0f, gbias = 0.0f;
+    // reverse over chunks; g holds a_{t+1}·dL/dh_{t+1} as it walks back
+    for (int q = s.Q - 1; q >= 0; q--) {
+        const int t0 = q * LC, nt = min(s.L, t0 + LC) - t0;
+        for (int i = threadIdx.x; i < LC * 2 * N; i += blockDim.x) red[i] = 0.0f;
+        const size_t o = (((size_t)b * s.Q + q) * di + cc) * N;
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N) h[n] = hs[o + n];
+        for (int t = 0; t < nt; t++) {
+            const int tt = t0 + t;
+            const float delta = softplus_f(VDZ(tt, 1) + bc_);
+            const float dvv = delta * VDZ(tt, 0);
+            const float* Bt = BC(tt);
+            const float* Ct = Bt + N;
+            float y = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NMAX; n++)
+                if (n < N) {
+                    h[n] = expf(delta * a[n]) * h[n] + dvv * Bt[n];
+                    y = fmaf(h[n], Ct[n], y);
+                    if (live) HIST(t, n) = h[n];
+                }
+            if (live) OUT(tt, 2) = y;  // y_t, read back below
+        }
+        __syncthreads();  // red zeroed, hist written
+        for (int t = nt - 1; t >= 0; t--) {
+            const int tt = t0 + t;
+            const float x = VDZ(tt, 1) + bc_;
+            const float delta = softplus_f(x);
+            const float vv = VDZ(tt, 0), zz = VDZ(tt, 2);
+            const float* Bt = BC(tt);
+            const float* Ct = Bt + N;
+            const float y = live ? OUT(tt, 2) : 0.0f;
+            const float gout = live ? go[((size_t)b * s.L + tt) * di + cc] : 0.0f;
+            const float sg = sigmoid_f(zz);
+            const float gyt = gout * zz * sg;  // dL/dy (y raw or D·v)
+            const float dz = gout * fmaf(dcoef, vv, y) * sg * (1.0f + zz * (1.0f - sg));
+            gD = fmaf(gyt, vv, gD);
+            float gdelta = 0.0f, gv = gyt * dcoef;
+#pragma unroll
+            for (int n = 0; n < NMAX; n++) {
+                if (n >= N) break;
+                const float hn = live ? HIST(t, n) : 0.0f;
+                const float hp = live ? (t > 0 ? HIST(t - 1, n) : hs[o + n]) : 0.0f;
+                const float an = expf(delta * a[n]);
+                const float gn = fmaf(gyt, Ct[n], g[n]);  // dL/dh_t
+                gdelta += gn * (vv * Bt[n] + hp * an * a[n]);
+                gv += gn * delta * Bt[n];
+                gA[n] += gn * hp * an * delta;
+                g[n] = an * gn;
+                const float sB = warp_sum(live ? gn * delta * vv : 0.0f);
+                const float sC = warp_sum(live ? gyt * hn : 0.0f);
+                if ((threadIdx.x & 31) == 0) {
+                    atomicAdd(red + t * 2 * N + n, sB);
+                    atomicAdd(red + t * 2 * N + N + n, sC);
+                }
+            }
+            const float gdt = gdelta * sigmoid_f(x);  // softplus' = σ
+            gbias += gdt;
+            if (live) {
+                OUT(tt, 0) = gv;
+                OUT(tt, 1) = gdt;
+                OUT(tt, 2) = dz;
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nt * 2 * N; i += blockDim.x)
+            atomicAdd(dbc + ((size_t)b * s.L + t0 + i / (2 * N)) * 2 * N + i % (2 * N), red[i]);
+        __syncthreads();
+    }
+#undef HIST
+#undef OUT
+#undef VDZ
+#undef BC
+    if (live) {
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N) atomicAdd(dP + (size_t)c * N + n, gA[n] * a[n]);  // dA/dA_log = A
+        atomicAdd(dP + (size_t)di * N + c, gD);
+        atomicAdd(dP + (size_t)di * N + di + c, gbias);
+    }
+}

@@ -1,0 +1,430 @@
+//! The Mamba mixer's elementwise chains as fused autograd ops, for fine-tuning on the GPU
+//! (kernels/mamba_train.cu and the forward scan kernels of kernels/scan.cu):
+//!
+//! * [`conv_silu`]: v = SiLU(causal depthwise conv1d(u) + bias), continuing the conv state;
+//! * [`scan_tail`]: out = (Σ_n h·C + D·v)·SiLU(z) with Δ = softplus(dt + bias), A = −exp(A_log);
+//! * [`mixer_forward`]: `MambaMixer::forward` with both (the projections stay tensor ops).
+//!
+//! Each op keeps only its inputs and recomputes the rest in its backward kernel; the tensor-op
+//! chains they replace materialised and differentiated a full f32 (B, L, d_inner) tensor per
+//! elementwise op. The twin is `MambaMixer::forward` with `fused_scan` off (tests/mamba_grad_gpu.rs).
+//! Neither op differentiates the incoming state (training starts every sequence at zero).
+#![allow(unsafe_code)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::model::mamba::MambaMixer;
+use crate::model::state::LayerState;
+use crate::ops::cuda::{cuda_device, dptr, func, Launch, Module, ScanIn};
+use crate::ops::scan_grad::{ptr_of, to_candle};
+
+/// Largest conv width the kernels take (`KMAX` in kernels/mamba_train.cu).
+const KMAX: usize = 8;
+/// Largest state size the scan kernels take.
+const NMAX: usize = 16;
+/// Steps per thread of the conv backward (one partial dw/db row per tile).
+const CONV_TILE: usize = 64;
+/// Chunk length of the scan backward (its per-channel history is a (B, LC, N, d_inner) scratch).
+const BWD_CHUNK: usize = 16;
+const THREADS: u32 = 128;
+
+fn f32c(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?.contiguous()?)
+}
+
+/// v = SiLU(conv(u) + b): inputs u (B, L, di), w (di, 1, K), b (di); `st` (B, di, K) the incoming
+/// conv state (not differentiated), `st_out` (B, di, K) written with the outgoing one.
+struct ConvSiluOp {
+    st: Tensor,
+    st_out: Tensor,
+    bn: usize,
+    len: usize,
+    di: usize,
+    k: usize,
+}
+
+impl CustomOp3 for ConvSiluOp {
+    fn name(&self) -> &'static str {
+        "conv-silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("conv-silu op runs on CUDA only; the CPU uses the tensor-op conv")
+    }
+
+    fn cuda_fwd(
+        &self,
+        su: &CudaStorage,
+        lu: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = su.device().clone();
+        let (bn, len, di, k) = (self.bn, self.len, self.di, self.k);
+        let v = dev.alloc_zeros::<f32>(bn * len * di)?;
+        let stream = dev.cuda_stream();
+        let vp = v.device_ptr(&stream).0;
+        Launch::new(
+            func(&dev, Module::MambaTrain, "conv_silu_fwd_f32").map_err(to_candle)?,
+            (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
+            THREADS,
+            0,
+        )
+        .i32(bn)
+        .i32(len)
+        .i32(di)
+        .i32(k)
+        .ptr(ptr_of(su, lu)?)
+        .ptr(dptr(&self.st).map_err(to_candle)?)
+        .ptr(ptr_of(sw, lw)?)
+        .ptr(ptr_of(sb, lb)?)
+        .ptr(vp)
+        .ptr(dptr(&self.st_out).map_err(to_candle)?)
+        .run(&stream)
+        .map_err(to_candle)?;
+        Ok((CudaStorage::wrap_cuda_slice(v, dev), Shape::from((bn, len, di))))
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(u, w, b, grad)
+            .map(|(x, y, z)| (Some(x), Some(y), Some(z)))
+            .map_err(to_candle)
+    }
+}
+
+impl ConvSiluOp {
+    fn backward(&self, u: &Tensor, w: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (bn, len, di, k) = (self.bn, self.len, self.di, self.k);
+        let dev = u.device();
+        let cd = cuda_device(dev)?;
+        let (u, w, b, gv) = (u.contiguous()?, w.contiguous()?, b.contiguous()?, f32c(grad)?);
+        let tiles = len.div_ceil(CONV_TILE);
+        let du = Tensor::zeros((bn, len, di), DType::F32, dev)?;
+        let part = Tensor::zeros((bn * tiles, k + 1, di), DType::F32, dev)?;
+        Launch::new(
+            func(cd, Module::MambaTrain, "conv_silu_bwd_f32")?,
+            (di.div_ceil(THREADS as usize) as u32, tiles as u32, bn as u32),
+            THREADS,
+            0,
+        )
+        .i32(bn)
+        .i32(len)
+        .i32(di)
+        .i32(k)
+        .i32(CONV_TILE)
+        .ptr(dptr(&u)?)
+        .ptr(dptr(&self.st)?)
+        .ptr(dptr(&w)?)
+        .ptr(dptr(&b)?)
+        .ptr(dptr(&gv)?)
+        .ptr(dptr(&du)?)
+        .ptr(dptr(&part)?)
+        .run(&cd.cuda_stream())?;
+        let sums = part.sum(0)?; // (K+1, di): the tiles' partial sums, in a fixed order
+        let dw = sums.narrow(0, 0, k)?.t()?.contiguous()?.reshape((di, 1, k))?;
+        let db = sums.narrow(0, k, 1)?.reshape(di)?;
+        Ok((du, dw, db))
+    }
+}
+
+/// The causal depthwise conv + SiLU of eqs. 2–3 as one autograd op: u (B, L, di), w (di, 1, K),
+/// b (di), `state` (B, di, K) the conv state before the sequence -> (v (B, L, di), the conv
+/// state after it). Gradients for u, w and b (not the state). f32 out; K at most 8.
+pub fn conv_silu(u: &Tensor, w: &Tensor, b: &Tensor, state: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (bn, len, di) = u.dims3()?;
+    let k = w.dim(D::Minus1)?;
+    if k == 0 || k > KMAX || len == 0 {
+        return Err(Error::Invalid(format!("conv-silu op: conv width {k} / length {len} out of range")));
+    }
+    let st_out = Tensor::zeros((bn, di, k), DType::F32, u.device())?;
+    let op = ConvSiluOp {
+        st: f32c(&state.detach())?,
+        st_out: st_out.clone(),
+        bn,
+        len,
+        di,
+        k,
+    };
+    let v = f32c(u)?.apply_op3(&f32c(w)?, &f32c(b)?, op)?;
+    Ok((v, st_out))
+}
+
+/// The scan tail: vdz (B, L, 3, di) [v; dt; z], bc (B, L, 2N) [B; C], p (di·N + 2·di)
+/// [A_log; D; dt_bias] -> out (B, L, di). `h0` (B, di, N) not differentiated; `h_last`
+/// (B, di, N) written with the final state.
+struct ScanTailOp {
+    h0: Tensor,
+    h_last: Tensor,
+    dims: ScanIn,
+}
+
+impl CustomOp3 for ScanTailOp {
+    fn name(&self) -> &'static str {
+        "scan-tail"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("scan-tail op runs on CUDA only; the CPU uses the tensor-op path")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s1.device().clone();
+        let s = self.dims;
+        let (bn, len, di, n, lc, q) = (
+            s.bn as usize,
+            s.l as usize,
+            s.di as usize,
+            s.n as usize,
+            s.lc as usize,
+            s.q as usize,
+        );
+        let (pv, pbc, pp) = (ptr_of(s1, l1)?, ptr_of(s2, l2)?, ptr_of(s3, l3)?);
+        let out = dev.alloc_zeros::<f32>(bn * len * di)?;
+        let sum_delta = dev.alloc_zeros::<f32>((bn * q * di).max(1))?;
+        let big_s = dev.alloc_zeros::<f32>((bn * q * di * n).max(1))?;
+        let stream = dev.cuda_stream();
+        let (op, sdp, ssp) = (
+            out.device_ptr(&stream).0,
+            sum_delta.device_ptr(&stream).0,
+            big_s.device_ptr(&stream).0,
+        );
+        let grid = (di.div_ceil(THREADS as usize) as u32, q as u32, bn as u32);
+        let (v_bs, v_ts) = (len * 3 * di, 3 * di);
+        let (bc_bs, bc_ts) = (len * 2 * n, 2 * n);
+        let f4 = |i: usize| (i * 4) as u64;
+        let (pdt, pz, pd, pbias) = (pv + f4(di), pv + f4(2 * di), pp + f4(di * n), pp + f4(di * n + di));
+        if q > 1 {
+            Launch::new(
+                func(&dev, Module::Scan, "scan_chunk_sum_f32").map_err(to_candle)?,
+                grid,
+                THREADS,
+                (lc * n * 4) as u32,
+            )
+            .scan(s)
+            .ptr(pdt)
+            .i64(v_bs)
+            .i32(v_ts)
+            .ptr(pbias)
+            .ptr(pp)
+            .int(1)
+            .ptr(pbc)
+            .i64(bc_bs)
+            .i32(bc_ts)
+            .ptr(pv)
+            .i64(v_bs)
+            .i32(v_ts)
+            .ptr(sdp)
+            .ptr(ssp)
+            .run(&stream)
+            .map_err(to_candle)?;
+        }
+        Launch::new(
+            func(&dev, Module::Scan, "scan_chunk_out_f32").map_err(to_candle)?,
+            grid,
+            THREADS,
+            ((2 * lc * n + 2 * lc) * 4) as u32,
+        )
+        .scan(s)
+        .ptr(pdt)
+        .i64(v_bs)
+        .i32(v_ts)
+        .ptr(pbias)
+        .ptr(pp)
+        .int(1)
+        .ptr(pbc)
+        .ptr(pbc + f4(n))
+        .i64(bc_bs)
+        .i32(bc_ts)
+        .ptr(pv)
+        .i64(v_bs)
+        .i32(v_ts)
+        .ptr(pz)
+        .i64(v_bs)
+        .i32(v_ts)
+        .ptr(pd)
+        .ptr(dptr(&self.h0).map_err(to_candle)?)
+        .ptr(sdp)
+        .ptr(ssp)
+        .ptr(op)
+        .ptr(0)
+        .ptr(dptr(&self.h_last).map_err(to_candle)?)
+        .ptr(0)
+        .ptr(0)
+        .run(&stream)
+        .map_err(to_candle)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((bn, len, di))))
+    }
+
+    fn bwd(
+        &self,
+        vdz: &Tensor,
+        bc: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(vdz, bc, p, grad)
+            .map(|(x, y, z)| (Some(x), Some(y), Some(z)))
+            .map_err(to_candle)
+    }
+}
+
+impl ScanTailOp {
+    fn backward(&self, vdz: &Tensor, bc: &Tensor, p: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (bn, len, di, n) = (
+            self.dims.bn as usize,
+            self.dims.l as usize,
+            self.dims.di as usize,
+            self.dims.n as usize,
+        );
+        let dev = vdz.device();
+        let cd = cuda_device(dev)?;
+        let (vdz, bc, p, go) = (vdz.contiguous()?, bc.contiguous()?, p.contiguous()?, f32c(grad)?);
+        let (lc, q) = (BWD_CHUNK, len.div_ceil(BWD_CHUNK));
+        let dims = ScanIn {
+            lc: lc as i32,
+            q: q as i32,
+            ..self.dims
+        };
+        let hs = Tensor::zeros(bn * q * di * n, DType::F32, dev)?;
+        let hist = Tensor::zeros(bn * lc * n * di, DType::F32, dev)?;
+        let dvdz = Tensor::zeros((bn, len, 3, di), DType::F32, dev)?;
+        let dbc = Tensor::zeros((bn, len, 2 * n), DType::F32, dev)?;
+        let dp = Tensor::zeros(p.dims(), DType::F32, dev)?;
+        Launch::new(
+            func(cd, Module::MambaTrain, "scan_tail_bwd_f32")?,
+            (di.div_ceil(THREADS as usize) as u32, bn as u32, 1),
+            THREADS,
+            (lc * 2 * n * 4) as u32,
+        )
+        .scan(dims)
+        .ptr(dptr(&vdz)?)
+        .ptr(dptr(&bc)?)
+        .ptr(dptr(&p)?)
+        .ptr(dptr(&self.h0)?)
+        .ptr(dptr(&go)?)
+        .ptr(dptr(&hs)?)
+        .ptr(dptr(&hist)?)
+        .ptr(dptr(&dvdz)?)
+        .ptr(dptr(&dbc)?)
+        .ptr(dptr(&dp)?)
+        .run(&cd.cuda_stream())?;
+        Ok((dvdz, dbc, dp))
+    }
+}
+
+/// Inputs of [`scan_tail`]; every tensor is differentiated but `h0`.
+pub struct TailIn<'a> {
+    /// (B, L, di) the conv output
+    pub v: &'a Tensor,
+    /// (B, L, di) dt_proj's output, before the bias
+    pub dt: &'a Tensor,
+    /// (B, L, di) the gate input
+    pub z: &'a Tensor,
+    /// (B, L, N) each
+    pub b: &'a Tensor,
+    pub c: &'a Tensor,
+    /// (di, N)
+    pub a_log: &'a Tensor,
+    /// (di) each
+    pub d: &'a Tensor,
+    pub dt_bias: &'a Tensor,
+    /// (B, di, N) the state before the sequence
+    pub h0: &'a Tensor,
+}
+
+/// eqs. 5–9 after the projections as one autograd op: out = (Σ_n h·C + D·v)·SiLU(z) with
+/// Δ = softplus(dt + dt_bias), A = −exp(A_log) -> (out (B, L, di), the final state (B, di, N)).
+/// f32 out; N at most 16.
+pub fn scan_tail(x: &TailIn) -> Result<(Tensor, Tensor)> {
+    let (bn, len, di) = x.v.dims3()?;
+    let n = x.a_log.dim(1)?;
+    if n == 0 || n > NMAX || len == 0 {
+        return Err(Error::Invalid(format!("scan-tail op: state size {n} / length {len} out of range")));
+    }
+    let vdz = Tensor::stack(&[&f32c(x.v)?, &f32c(x.dt)?, &f32c(x.z)?], 2)?.contiguous()?; // (B, L, 3, di)
+    let bc = Tensor::cat(&[&f32c(x.b)?, &f32c(x.c)?], 2)?.contiguous()?; // (B, L, 2N)
+    let p = Tensor::cat(&[&f32c(x.a_log)?.flatten_all()?, &f32c(x.d)?, &f32c(x.dt_bias)?], 0)?.contiguous()?; // (di·N + 2·di)
+    let h_last = Tensor::zeros((bn, di, n), DType::F32, x.v.device())?;
+    let lc = len.div_ceil(32).div_ceil(16).clamp(1, 16) * 16; // as the inference scan
+    let op = ScanTailOp {
+        h0: f32c(&x.h0.detach())?,
+        h_last: h_last.clone(),
+        dims: ScanIn {
+            bn: bn as i32,
+            l: len as i32,
+            di: di as i32,
+            n: n as i32,
+            lc: lc as i32,
+            q: len.div_ceil(lc) as i32,
+        },
+    };
+    Ok((vdz.apply_op3(&bc, &p, op)?, h_last))
+}
+
+/// `MambaMixer::forward` for training on the GPU: in_proj, [`conv_silu`], x_proj/dt_proj,
+/// [`scan_tail`], out_proj, advancing `state`. `None` when the shapes are past the kernels
+/// (K > 8, N > 16) or the tensors are not on a CUDA device: the caller takes the tensor-op path.
+pub fn mixer_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() || m.d_conv == 0 || m.d_conv > KMAX || m.d_state == 0 || m.d_state > NMAX {
+        return Ok(None);
+    }
+    let di = m.d_inner;
+    let xz = m.in_proj.forward(x)?; // (B, L, 2·di)
+    let u = xz.narrow(D::Minus1, 0, di)?; // (B, L, di)
+    let z = xz.narrow(D::Minus1, di, di)?; // (B, L, di)
+    let (v, new_conv) = conv_silu(&u, &m.conv_w, &m.conv_b, &state.conv)?; // (B, L, di), (B, di, K)
+    let (dt, bm, cm) = m.ssm_raw(&v)?; // (B, L, di), (B, L, N), (B, L, N)
+    let tail = TailIn {
+        v: &v,
+        dt: &dt,
+        z: &z,
+        b: &bm,
+        c: &cm,
+        a_log: &m.a_log,
+        d: &m.d,
+        dt_bias: &m.dt_bias,
+        h0: &state.ssm,
+    };
+    let (y, h_last) = scan_tail(&tail)?; // (B, L, di), (B, di, N)
+    let out = m.out_proj.forward(&y.to_dtype(m.out_proj.weight.dtype())?)?; // (B, L, d)
+    state.conv = new_conv;
+    state.ssm = h_last;
+    Ok(Some(out))
+}

@@ -63,9 +63,11 @@ fn finetune_eval_merge_generate() {
     let (ok, _, err) = bm(&[&["finetune"], &common[..], &["--resume", &out, "--steps", "5"]].concat());
     assert!(ok && err.contains("resuming at step 3"), "{err}");
     assert_eq!(ft_common_steps(&out), 5);
-    // a resume takes the run's own settings (seq-len, batch, lr, rank): only --steps changes
-    let (ok, _, err) = bm(&["finetune", "--model", &base, "--data", &data, "--resume", &out, "--steps", "6"]);
+    // a resume takes the run's own settings (seq-len, batch, lr, rank) and, without --model, the
+    // base model recorded in the run: only --steps changes
+    let (ok, _, err) = bm(&["finetune", "--data", &data, "--resume", &out, "--steps", "6"]);
     assert!(ok && err.contains("resuming at step 5"), "{err}");
+    assert!(err.contains(&format!("resuming on {base} (the base model recorded in")), "{err}");
     assert!(err.contains("sequences of ≤48 tokens"), "{err}");
     assert_eq!(ft_common_steps(&out), 6);
 

@@ -161,12 +161,29 @@ pub fn run(m: &ModelArgs, a: &FinetuneArgs) -> anyhow::Result<()> {
         cfg.alpha = al;
     }
     cfg.train_router |= a.train_router;
+    let m = &resume_base(m, a.run.resume.as_deref());
     let loaded = super::load(m)?;
     if loaded.untrained {
         eprintln!("note: {} has untrained random weights", loaded.label);
     }
     cfg.base_model = loaded.label.clone();
     drive(&loaded.model, &loaded.tokenizer, cfg)
+}
+
+/// With `--resume DIR` and no `--model`: the base model the run was trained on, as recorded in
+/// `DIR/adapter.json` (a folder, hub id or random shape; "embedded" is the default anyway).
+/// Otherwise (or when DIR has no readable record: the trainer reports that) the arguments as given.
+fn resume_base(m: &ModelArgs, resume: Option<&std::path::Path>) -> ModelArgs {
+    let mut m = m.clone();
+    if let (None, Some(dir)) = (&m.model, resume) {
+        if let Ok(meta) = crate::finetune::adapter::AdapterMeta::read(dir) {
+            if meta.base_model != "embedded" {
+                eprintln!("resuming on {} (the base model recorded in {})", meta.base_model, dir.display());
+                m.model = Some(meta.base_model);
+            }
+        }
+    }
+    m
 }
 
 /// Runs a trainer to the end with a progress bar: eval before and after, Ctrl-C saves and exits,

@@ -45,7 +45,7 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
         .to_dtype(DType::F32)?
         .contiguous()?;
     let wr = m.router.weight.to_dtype(DType::F32)?.contiguous()?; // (E, d)
-    // the router weights in each block's shared memory when they fit the default 48 KB
+                                                                  // the router weights in each block's shared memory when they fit the default 48 KB
     let w_bytes = n_exp * d * 4;
     let in_smem = w_bytes <= 48 * 1024;
     Launch::new(

@@ -133,14 +133,21 @@ fn expert_forward(e: &crate::model::moe::Mlp, x: &Tensor) -> Result<Tensor> {
     if !e.gated || !plain(&e.fc1) || !plain(&e.fc2) {
         return e.forward(x);
     }
-    let a = e.fc1.forward(x)?.contiguous()?; // (n, 2f)
+    let h = gated_act(&e.fc1.forward(x)?, e.act)?; // (n, f)
+    e.fc2.forward(&h)
+}
+
+/// The experts' gated activation by `moe_act_*`: fc1's output a (n, 2f) -> h (n, f) in a's dtype,
+/// h = act(a[:, :f]) ⊙ a[:, f:] rounded as the twin rounds ([`crate::model::moe::Mlp::forward`]).
+pub(super) fn gated_act(a: &Tensor, act: crate::model::config::Activation) -> Result<Tensor> {
+    let a = a.contiguous()?;
     let (n, two_f) = a.dims2()?;
     let f = two_f / 2;
     let dt = a.dtype();
-    let dev = x.device();
+    let dev = a.device();
     let cd = cuda_device(dev)?;
     let h = empty(&[n, f], dt, dev)?;
-    let act = match e.act {
+    let act = match act {
         crate::model::config::Activation::Gelu => 0,
         crate::model::config::Activation::Silu => 1,
     };
@@ -156,5 +163,5 @@ fn expert_forward(e: &crate::model::moe::Mlp, x: &Tensor) -> Result<Tensor> {
     .ptr(dptr(&h)?)
     .int(act)
     .run(&cd.cuda_stream())?;
-    e.fc2.forward(&h)
+    Ok(h)
 }

@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor};
 use super::{launch_cap, THREADS};
 use crate::error::{Error, Result};
 use crate::model::moe::{Mlp, SwitchMlp};
-use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launch, Module};
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, Launch, Module};
 
 static OFF: AtomicBool = AtomicBool::new(false);
 
@@ -87,23 +87,7 @@ pub(super) fn experts_batched(
     let f = f2 / 2;
     let w1: Vec<&Tensor> = m.experts.iter().map(|e| &e.fc1.weight).collect();
     let a = batched_linear(&w1, &x_pad, rows, f2, d)?; // (E·R, 2f)
-    let h = empty(&[n_exp * rows, f], dt, dev)?;
-    let act = match m.experts[0].act {
-        crate::model::config::Activation::Gelu => 0,
-        crate::model::config::Activation::Silu => 1,
-    };
-    Launch::new(
-        func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
-        (f.div_ceil(THREADS as usize) as u32, (n_exp * rows).min(65535) as u32, 1),
-        THREADS,
-        0,
-    )
-    .i32(n_exp * rows)
-    .i32(f)
-    .ptr(dptr(&a)?)
-    .ptr(dptr(&h)?)
-    .int(act)
-    .run(&stream)?;
+    let h = super::moe::gated_act(&a, m.experts[0].act)?; // (E·R, f)
     let w2: Vec<&Tensor> = m.experts.iter().map(|e| &e.fc2.weight).collect();
     let ys = batched_linear(&w2, &h, rows, d, f)?; // (E·R, d)
     Ok(Some((ys, padpos)))

@@ -369,3 +369,30 @@ pub fn synchronize(dev: &CudaDevice) -> Result<()> {
 pub fn blocks_for(n: usize, threads: u32, cap: u32) -> u32 {
     (n.div_ceil(threads as usize) as u32).clamp(1, cap.max(1))
 }
+
+/// `name` and a refusing `cpu_fwd` of a candle `CustomOp3` that runs on CUDA only (the CPU takes
+/// the op's tensor-op twin before the op is ever built).
+macro_rules! cuda_only_op3 {
+    ($name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(concat!(
+                "the ",
+                $name,
+                " op runs on CUDA only; the CPU takes the tensor-op path"
+            ))
+        }
+    };
+}
+pub(crate) use cuda_only_op3;

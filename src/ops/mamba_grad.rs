@@ -13,7 +13,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::mamba::MambaMixer;
@@ -47,21 +47,7 @@ struct ConvSiluOp {
 }
 
 impl CustomOp3 for ConvSiluOp {
-    fn name(&self) -> &'static str {
-        "conv-silu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("conv-silu op runs on CUDA only; the CPU uses the tensor-op conv")
-    }
+    crate::ops::cuda::cuda_only_op3!("conv-silu");
 
     fn cuda_fwd(
         &self,
@@ -179,21 +165,7 @@ struct ScanTailOp {
 }
 
 impl CustomOp3 for ScanTailOp {
-    fn name(&self) -> &'static str {
-        "scan-tail"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("scan-tail op runs on CUDA only; the CPU uses the tensor-op path")
-    }
+    crate::ops::cuda::cuda_only_op3!("scan-tail");
 
     fn cuda_fwd(
         &self,

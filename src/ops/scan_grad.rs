@@ -9,7 +9,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ops::cuda::{dptr, dptr_opt, func, Launch, Module, ScanIn};
@@ -42,21 +42,7 @@ pub(crate) fn to_candle(e: Error) -> candle_core::Error {
 }
 
 impl CustomOp3 for ScanOp {
-    fn name(&self) -> &'static str {
-        "selective-scan"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("selective-scan op runs on CUDA only; the CPU uses the tensor-op scan")
-    }
+    crate::ops::cuda::cuda_only_op3!("selective-scan");
 
     fn cuda_fwd(
         &self,

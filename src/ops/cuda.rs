@@ -370,8 +370,10 @@ pub fn blocks_for(n: usize, threads: u32, cap: u32) -> u32 {
     (n.div_ceil(threads as usize) as u32).clamp(1, cap.max(1))
 }
 
-/// `name` and a refusing `cpu_fwd` of a candle `CustomOp3` that runs on CUDA only (the CPU takes
-/// the op's tensor-op twin before the op is ever built).
+/// `name`, a refusing `cpu_fwd` and `bwd` of a candle `CustomOp3` that runs on CUDA only (the CPU
+/// takes the op's tensor-op twin before the op is ever built); `bwd` calls the op's own
+/// `fn backward(&self, a, b, c, grad) -> Result<(Tensor, Tensor, Tensor)>`, the gradients of its
+/// three inputs.
 macro_rules! cuda_only_op3 {
     ($name:literal) => {
         fn name(&self) -> &'static str {
@@ -392,6 +394,23 @@ macro_rules! cuda_only_op3 {
                 $name,
                 " op runs on CUDA only; the CPU takes the tensor-op path"
             ))
+        }
+
+        fn bwd(
+            &self,
+            a: &candle_core::Tensor,
+            b: &candle_core::Tensor,
+            c: &candle_core::Tensor,
+            _res: &candle_core::Tensor,
+            grad: &candle_core::Tensor,
+        ) -> candle_core::Result<(
+            Option<candle_core::Tensor>,
+            Option<candle_core::Tensor>,
+            Option<candle_core::Tensor>,
+        )> {
+            self.backward(a, b, c, grad)
+                .map(|(x, y, z)| (Some(x), Some(y), Some(z)))
+                .map_err(crate::ops::scan_grad::to_candle)
         }
     };
 }

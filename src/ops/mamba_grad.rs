@@ -83,19 +83,6 @@ impl CustomOp3 for ConvSiluOp {
         .map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(v, dev), Shape::from((bn, len, di))))
     }
-
-    fn bwd(
-        &self,
-        u: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(u, w, b, grad)
-            .map(|(x, y, z)| (Some(x), Some(y), Some(z)))
-            .map_err(to_candle)
-    }
 }
 
 impl ConvSiluOp {
@@ -261,19 +248,6 @@ impl CustomOp3 for ScanTailOp {
         .run(&stream)
         .map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((bn, len, di))))
-    }
-
-    fn bwd(
-        &self,
-        vdz: &Tensor,
-        bc: &Tensor,
-        p: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(vdz, bc, p, grad)
-            .map(|(x, y, z)| (Some(x), Some(y), Some(z)))
-            .map_err(to_candle)
     }
 }
 

@@ -138,19 +138,6 @@ impl CustomOp3 for ScanOp {
         .map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((bn, len, di))))
     }
-
-    fn bwd(
-        &self,
-        vd: &Tensor,
-        bc: &Tensor,
-        a: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(vd, bc, a, grad)
-            .map(|(x, y, z)| (Some(x), Some(y), Some(z)))
-            .map_err(to_candle)
-    }
 }
 
 impl ScanOp {

@@ -12,6 +12,9 @@
 #                             memory run, PyTorch baseline (the sweeps: tune, stage, persistent)
 #   bash gpu_run.sh moe       tests, prefill with the batched expert products beside --per-expert
 #                             (2.8B and 1.5B, batch 1 and 8), decode graph / pipelined
+#   bash gpu_run.sh final3    tests, decode (graph, pipelined) and prefill benches with the PyTorch
+#                             decode baseline, 16k-token memory run, bench --finetune (LoRA batch 8,
+#                             every weight batch 1 and 4): the numbers of the README, one call
 #   bash gpu_run.sh persistent  tests, the multi-kernel graph beside the persistent decode kernel
 #                             (plain and fused layout, with the probe), its sweep and per-stage times
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
@@ -28,7 +31,7 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export RUST_BACKTRACE=1
 for f in *.xz; do xz -d -f -k "$f"; done
-chmod +x blackmamba gpu_parity
+chmod +x blackmamba gpu_parity *_gpu 2>/dev/null
 S=$OUT/summary.txt
 R=/tmp/raw
 mkdir -p $R
@@ -38,6 +41,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memo
 if [ "${PHASE#finetune}" = "$PHASE" ]; then
     log "parity tests"
     timeout 200 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+    for t in *_gpu; do # the other CUDA-only test binaries carried along (tests/*_gpu.rs)
+        [ -x "$t" ] || continue
+        log "$t"
+        timeout 150 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
+    done
 fi
 
 bench() { # name, args...
@@ -86,6 +94,22 @@ elif [ "$PHASE" = persistent ]; then
     bench 15p $M15 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
     bench 28psw $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent --persistent --sweep --profile
     bench 28pf $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent-fused --persistent --fuse --profile
+elif [ "$PHASE" = final3 ]; then
+    for m in 28 15; do
+        eval "M=\$M$m"
+        bench ${m} $M --prompt-len 2048 --gen-len 1024 --reps 5 --modes graph,pipelined,graph-probe --profile
+        bench ${m}b8 $M --prompt-len 2048 --prefill-batch 8 --reps 3 --gen-len 64 --modes graph
+    done
+    bench 28long $M28 --prompt-len 2048 --gen-len 16384 --modes graph
+    log "torch baseline"
+    for s in 2.8b 1.5b; do
+        PYTHONUNBUFFERED=1 timeout 120 python3 torch_baseline.py --shape $s --gen-len 256 --eager-len 32 2>&1 | tee -a "$S"
+    done
+    BENCH_TIMEOUT=150
+    FT="--finetune $M28 --seq-len 2048 --steps 3 --warmup-steps 1 --profile"
+    bench ft28lora8 $FT --batch 8
+    bench ft28full1 $FT --batch 1 --method full
+    bench ft28full4 $FT --batch 4 --method full
 elif [ "$PHASE" = moe ]; then
     for m in 28 15; do
         eval "M=\$M$m"

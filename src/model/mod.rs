@@ -321,9 +321,9 @@ impl Model {
             }
             Mixer::Moe(m) => {
                 let rec = probe.map(|p| &mut p.moe[slot(true)]);
-                m.forward_cached(&normed, self.routing, rec, route)?
+                m.forward_cached(&normed, self.routing, rec, route, self.trains_with_kernels())?
             }
-            Mixer::Dense(m) => m.forward(&normed)?,
+            Mixer::Dense(m) => m.forward_fused(&normed, self.trains_with_kernels())?,
         };
         Ok((res + out.to_dtype(DType::F32)?)?)
     }

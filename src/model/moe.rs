@@ -62,7 +62,23 @@ impl Mlp {
 
     /// x (n, d) -> (n, d), in the weight dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, false)
+    }
+
+    /// As [`Mlp::forward`]; with `fused_act` on a CUDA tensor, the gated activation runs as one
+    /// autograd op (`crate::ops::gated_act`, fine-tuning) instead of its tensor-op twin.
+    pub fn forward_fused(&self, x: &Tensor, fused_act: bool) -> Result<Tensor> {
         let a = self.fc1.forward(x)?; // (n, fc1_rows)
+        #[cfg(feature = "cuda")]
+        if fused_act && self.gated && a.device().is_cuda() {
+            let mut dims = a.dims().to_vec(); // (.., 2f)
+            let last = dims.len() - 1;
+            let h = crate::ops::gated_act::gated_act(&a.reshape(((), dims[last]))?, self.act)?; // (n, f)
+            dims[last] /= 2;
+            return self.fc2.forward(&h.reshape(dims)?); // (.., d)
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = fused_act;
         let h = if self.gated {
             let f = a.dim(D::Minus1)? / 2;
             let gate = a.narrow(D::Minus1, 0, f)?; // (n, f)
@@ -113,19 +129,21 @@ impl SwitchMlp {
 
     /// x (.., d) -> (.., d). Tokens route independently (greedy) or jointly (Sinkhorn).
     pub fn forward(&self, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Tensor> {
-        self.forward_cached(x, routing, probe, None)
+        self.forward_cached(x, routing, probe, None, false)
     }
 
     /// As [`SwitchMlp::forward`], with a routing cache: an empty `cache` slot receives this call's
     /// [`Route`], a filled one is taken as is (the experts it names, not the router's choice now;
     /// the gate values still come from the router, which is how it gets its gradient). Fine-tuning
     /// decides in pass 1 and reuses the route in the recomputed pass (`finetune::recompute`).
+    /// `fused_act` as in [`Mlp::forward_fused`].
     pub fn forward_cached(
         &self,
         x: &Tensor,
         routing: Routing,
         probe: Option<&mut MoeRecord>,
         cache: Option<&mut Option<Route>>,
+        fused_act: bool,
     ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d = dims[dims.len() - 1];
@@ -156,14 +174,14 @@ impl SwitchMlp {
         let wdt = self.experts[0].fc1.weight.dtype();
         let xs = xs.to_dtype(wdt)?;
         let y = match &route.group {
-            None => self.experts[route.experts[0] as usize].forward(&xs)?,
+            None => self.experts[route.experts[0] as usize].forward_fused(&xs, fused_act)?,
             Some((group, counts)) => {
                 let sorted = group.apply(&xs)?; // (T, d) grouped by expert
                 let mut outs = Vec::with_capacity(n_exp);
                 let mut off = 0;
                 for (e, &n) in counts.iter().enumerate() {
                     if n > 0 {
-                        outs.push(self.experts[e].forward(&sorted.narrow(0, off, n)?)?); // (n, d)
+                        outs.push(self.experts[e].forward_fused(&sorted.narrow(0, off, n)?, fused_act)?); // (n, d)
                         off += n;
                     }
                 }

@@ -12,8 +12,10 @@
 //!    returns hᵢ + mixer);
 //! 4. the embedding's gradient from Σ embed(ids) ⊙ g₀ when it is trained.
 //!
-//! Every layer runs forward twice; memory holds one layer's graph at a time. Routing is
-//! recomputed from the same inputs, so Sinkhorn chooses the same experts; the probe records pass 1.
+//! Every layer runs forward twice; memory holds one layer's graph at a time. Each MoE layer's
+//! routing is decided once, in pass 1 (router logits to the host, Sinkhorn, the grouping by
+//! expert), and the recomputed pass reuses that [`Route`]: the same experts as deciding again from
+//! the same inputs would give, without the host round trip; the probe records pass 1.
 //! The gradients equal those of [`crate::finetune::loss::batch_nll`]'s single backward
 //! (`tests/finetune_recompute.rs`).
 
@@ -25,6 +27,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::finetune::data::Batch;
 use crate::finetune::loss::nll_sum;
+use crate::model::moe::Route;
 use crate::model::probe::Probe;
 use crate::model::Model;
 
@@ -77,11 +80,12 @@ pub fn nll_and_grads(
         p.n_tokens += bsz * len;
     }
     let mut hs: Vec<Tensor> = Vec::with_capacity(n + 1);
+    let mut routes: Vec<Option<Route>> = vec![None; n]; // each MoE layer's, filled by pass 1
     hs.push(model.embed(&batch.ids)?.to_dtype(DType::F32)?.detach()); // (B, L, d)
     for i in 0..n {
         // a fresh state per layer, dropped with the layer's graph (every sequence starts at zero)
         let mut state = model.new_state(bsz)?;
-        let h = model.block(i, &hs[i], &mut state, probe.as_deref_mut(), true)?;
+        let h = model.block(i, &hs[i], &mut state, probe.as_deref_mut(), true, Some(&mut routes[i]))?;
         hs.push(h.detach());
     }
     lap(|p| &mut p.first_pass_s)?;
@@ -105,7 +109,7 @@ pub fn nll_and_grads(
         let Some(hi) = hs.pop() else { break };
         let h = Var::from_tensor(&hi)?;
         let mut st = model.new_state(bsz)?;
-        let out = model.block(i, h.as_tensor(), &mut st, None, true)?;
+        let out = model.block(i, h.as_tensor(), &mut st, None, true, routes.get_mut(i))?;
         let moe = model.layers[i].is_moe();
         lap(if moe { |p| &mut p.moe_fwd_s } else { |p| &mut p.mamba_fwd_s })?;
         let store = (out * &g)?.sum_all()?.backward()?;

@@ -35,10 +35,13 @@ impl Linear {
         let x2 = x.to_dtype(self.weight.dtype())?.reshape(((), inner))?; // (n, in)
         let mut y = x2.matmul(&self.weight.t()?)?; // (n, out)
         if let Some(l) = &self.lora {
-            let xa = x2.to_dtype(l.a.dtype())?.matmul(&l.a.t()?)?; // (n, rank)
-            let d = (xa.matmul(&l.b.t()?)? * l.scale)?; // (n, out)
-            let d = d.to_dtype(y.dtype())?;
-            y = (y + d)?;
+            // The adapter runs in the activation's dtype (as PyTorch autocast would): the small A
+            // and B are cast (their f32 masters get f32 gradients through the cast), never the
+            // (n, in) input or the (n, out) update; the scale multiplies the (n, rank) product.
+            // An f32 layer (the CPU) computes exactly as before but for where the scale is applied.
+            let wdt = y.dtype();
+            let xa = (x2.matmul(&l.a.to_dtype(wdt)?.t()?)? * l.scale)?; // (n, rank)
+            y = (y + xa.matmul(&l.b.to_dtype(wdt)?.t()?)?)?; // (n, out)
         }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;

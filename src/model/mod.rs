@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use config::{Config, LayerKind};
 use linear::{layer_norm, rms_norm};
 use mamba::{take, MambaMixer};
-use moe::{Mlp, Routing, SwitchMlp};
+use moe::{Mlp, Route, Routing, SwitchMlp};
 use probe::{MambaRecord, MoeRecord, Probe};
 use state::State;
 
@@ -277,7 +277,7 @@ impl Model {
         }
         let mut res = x.to_dtype(DType::F32)?; // residual stream, f32
         for i in 0..self.layers.len() {
-            res = self.block(i, &res, state, probe.as_deref_mut(), seq)?;
+            res = self.block(i, &res, state, probe.as_deref_mut(), seq, None)?;
         }
         Ok(res)
     }
@@ -285,8 +285,17 @@ impl Model {
     /// Half-block `i` of the residual stack (tensor-op path): res (.., d) f32 -> res +
     /// mixer(rmsnorm(res)), advancing `state`'s entry for a Mamba layer. `probe` (already given
     /// its slots by `Model::probe_slots`) records into the layer's slot. Fine-tuning calls it
-    /// layer by layer to recompute activations (`finetune::recompute`).
-    pub fn block(&self, i: usize, res: &Tensor, state: &mut State, probe: Option<&mut Probe>, seq: bool) -> Result<Tensor> {
+    /// layer by layer to recompute activations (`finetune::recompute`), with `route` a MoE layer's
+    /// routing cache (see [`SwitchMlp::forward_cached`]; ignored by the other layers).
+    pub fn block(
+        &self,
+        i: usize,
+        res: &Tensor,
+        state: &mut State,
+        probe: Option<&mut Probe>,
+        seq: bool,
+        route: Option<&mut Option<Route>>,
+    ) -> Result<Tensor> {
         let block = self
             .layers
             .get(i)
@@ -312,9 +321,9 @@ impl Model {
             }
             Mixer::Moe(m) => {
                 let rec = probe.map(|p| &mut p.moe[slot(true)]);
-                m.forward(&normed, self.routing, rec)?
+                m.forward_cached(&normed, self.routing, rec, route, self.trains_with_kernels())?
             }
-            Mixer::Dense(m) => m.forward(&normed)?,
+            Mixer::Dense(m) => m.forward_fused(&normed, self.trains_with_kernels())?,
         };
         Ok((res + out.to_dtype(DType::F32)?)?)
     }

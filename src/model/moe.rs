@@ -10,13 +10,13 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, D};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::{Activation, Config};
 use crate::model::linear::Linear;
 use crate::model::mamba::take;
 use crate::model::permute::RowPermutation;
 use crate::model::probe::MoeRecord;
-use crate::sinkhorn::{greedy, sinkhorn, SinkhornOpts};
+use crate::sinkhorn::{greedy, sinkhorn, SinkhornOpts, SinkhornResult};
 
 /// How tokens pick their expert.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -62,7 +62,23 @@ impl Mlp {
 
     /// x (n, d) -> (n, d), in the weight dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, false)
+    }
+
+    /// As [`Mlp::forward`]; with `fused_act` on a CUDA tensor, the gated activation runs as one
+    /// autograd op (`crate::ops::gated_act`, fine-tuning) instead of its tensor-op twin.
+    pub fn forward_fused(&self, x: &Tensor, fused_act: bool) -> Result<Tensor> {
         let a = self.fc1.forward(x)?; // (n, fc1_rows)
+        #[cfg(feature = "cuda")]
+        if fused_act && self.gated && a.device().is_cuda() {
+            let mut dims = a.dims().to_vec(); // (.., 2f)
+            let last = dims.len() - 1;
+            let h = crate::ops::gated_act::gated_act(&a.reshape(((), dims[last]))?, self.act)?; // (n, f)
+            dims[last] /= 2;
+            return self.fc2.forward(&h.reshape(dims)?); // (.., d)
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = fused_act;
         let h = if self.gated {
             let f = a.dim(D::Minus1)? / 2;
             let gate = a.narrow(D::Minus1, 0, f)?; // (n, f)
@@ -113,12 +129,86 @@ impl SwitchMlp {
 
     /// x (.., d) -> (.., d). Tokens route independently (greedy) or jointly (Sinkhorn).
     pub fn forward(&self, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Tensor> {
+        self.forward_cached(x, routing, probe, None, false)
+    }
+
+    /// As [`SwitchMlp::forward`], with a routing cache: an empty `cache` slot receives this call's
+    /// [`Route`], a filled one is taken as is (the experts it names, not the router's choice now;
+    /// the gate values still come from the router, which is how it gets its gradient). Fine-tuning
+    /// decides in pass 1 and reuses the route in the recomputed pass (`finetune::recompute`).
+    /// `fused_act` as in [`Mlp::forward_fused`].
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        routing: Routing,
+        probe: Option<&mut MoeRecord>,
+        cache: Option<&mut Option<Route>>,
+        fused_act: bool,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d = dims[dims.len() - 1];
         let xs = x.reshape(((), d))?; // (T, d)
         let n_tok = xs.dim(0)?;
         let n_exp = self.experts.len();
         let logits = self.router.forward(&xs.to_dtype(DType::F32)?)?; // (T, E) f32
+        let mut fresh = None;
+        let route = match cache {
+            Some(Some(r)) if r.experts.len() == n_tok => {
+                if let Some(p) = probe {
+                    let host: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?;
+                    r.record(p, &host, n_exp, None);
+                }
+                &*r
+            }
+            Some(Some(r)) => {
+                return Err(Error::Invalid(format!(
+                    "MoE routing cache holds {} tokens, the call has {n_tok}",
+                    r.experts.len()
+                )))
+            }
+            Some(slot) => &*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe)?),
+            None => &*fresh.insert(Route::decide(&logits, n_tok, n_exp, routing, probe)?),
+        };
+        let probs = candle_nn::ops::sigmoid(&logits)?; // (T, E)
+        let gate = probs.gather(&route.idx, 1)?; // (T, 1): σ(r)[e*], the router's only gradient path
+        let wdt = self.experts[0].fc1.weight.dtype();
+        let xs = xs.to_dtype(wdt)?;
+        let y = match &route.group {
+            None => self.experts[route.experts[0] as usize].forward_fused(&xs, fused_act)?,
+            Some((group, counts)) => {
+                let sorted = group.apply(&xs)?; // (T, d) grouped by expert
+                let mut outs = Vec::with_capacity(n_exp);
+                let mut off = 0;
+                for (e, &n) in counts.iter().enumerate() {
+                    if n > 0 {
+                        outs.push(self.experts[e].forward_fused(&sorted.narrow(0, off, n)?, fused_act)?); // (n, d)
+                        off += n;
+                    }
+                }
+                let ys = Tensor::cat(&outs, 0)?; // (T, d) grouped
+                group.inverse().apply(&ys)? // (T, d) token order
+            }
+        };
+        let y = y.to_dtype(DType::F32)?.broadcast_mul(&gate)?; // scale by the gate, f32
+        Ok(y.reshape(dims)?)
+    }
+}
+
+/// One MoE call's routing decision: each token's expert, and the grouping derived from it (on the
+/// device). Deciding costs a copy of the logits to the host and, for Sinkhorn, its iterations.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// (T) the expert of each token
+    experts: Vec<u32>,
+    /// (T, 1) u32, the same on the device
+    idx: Tensor,
+    /// tokens sorted by expert and the per-expert counts; None for a single token
+    group: Option<(RowPermutation, Vec<usize>)>,
+}
+
+impl Route {
+    /// Decides from the router logits (T, E) f32 on the host, recording into `probe`.
+    fn decide(logits: &Tensor, n_tok: usize, n_exp: usize, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Self> {
         let host: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?; // routing is decided on the host
         let (experts, trace) = match routing {
             Routing::Greedy => (greedy(&host, n_tok, n_exp), None),
@@ -127,40 +217,34 @@ impl SwitchMlp {
                 (r.assignment.clone(), Some(r))
             }
         };
-        let probs = candle_nn::ops::sigmoid(&logits)?; // (T, E)
-        let idx = Tensor::from_slice(&experts, (n_tok, 1), xs.device())?;
-        let gate = probs.gather(&idx, 1)?; // (T, 1): σ(r)[e*], the router's only gradient path
-        let wdt = self.experts[0].fc1.weight.dtype();
-        let xs = xs.to_dtype(wdt)?;
-        let y = if n_tok == 1 {
-            self.experts[experts[0] as usize].forward(&xs)?
+        let dev = logits.device();
+        let idx = Tensor::from_slice(&experts, (n_tok, 1), dev)?;
+        let group = if n_tok == 1 {
+            None
         } else {
             // group tokens by expert: one gather in, one gather back
             let mut order: Vec<u32> = (0..n_tok as u32).collect();
             order.sort_by_key(|&t| experts[t as usize]);
-            let group = RowPermutation::new(&order, xs.device())?;
-            let sorted = group.apply(&xs)?; // (T, d) grouped by expert
-            let counts = crate::sinkhorn::loads(&experts, n_exp);
-            let mut outs = Vec::with_capacity(n_exp);
-            let mut off = 0;
-            for (e, &n) in counts.iter().enumerate() {
-                if n > 0 {
-                    outs.push(self.experts[e].forward(&sorted.narrow(0, off, n)?)?); // (n, d)
-                    off += n;
-                }
-            }
-            let ys = Tensor::cat(&outs, 0)?; // (T, d) grouped
-            group.inverse().apply(&ys)? // (T, d) token order
+            Some((RowPermutation::new(&order, dev)?, crate::sinkhorn::loads(&experts, n_exp)))
         };
-        let y = y.to_dtype(DType::F32)?.broadcast_mul(&gate)?; // scale by the gate, f32
+        let route = Self { experts, idx, group };
         if let Some(p) = probe {
-            p.n_experts = n_exp;
-            p.logits.extend_from_slice(&host);
-            p.experts.extend_from_slice(&experts);
-            if let Some(t) = trace {
-                p.sinkhorn = Some(t);
-            }
+            route.record(p, &host, n_exp, trace);
         }
-        Ok(y.reshape(dims)?)
+        Ok(route)
+    }
+
+    /// The expert of each token (T).
+    pub fn experts(&self) -> &[u32] {
+        &self.experts
+    }
+
+    fn record(&self, p: &mut MoeRecord, host_logits: &[f32], n_exp: usize, trace: Option<SinkhornResult>) {
+        p.n_experts = n_exp;
+        p.logits.extend_from_slice(host_logits);
+        p.experts.extend_from_slice(&self.experts);
+        if let Some(t) = trace {
+            p.sinkhorn = Some(t);
+        }
     }
 }

@@ -25,6 +25,7 @@ mod bins {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Module {
     Decode,
+    GatedAct,
     MambaStep,
     MambaTrain,
     Optim,
@@ -38,6 +39,7 @@ impl Module {
     fn image(self) -> &'static [u8] {
         match self {
             Self::Decode => bins::DECODE,
+            Self::GatedAct => bins::GATED_ACT,
             Self::MambaStep => bins::MAMBA_STEP,
             Self::MambaTrain => bins::MAMBA_TRAIN,
             Self::Optim => bins::OPTIM,

@@ -20,6 +20,8 @@ pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod fused;
 #[cfg(feature = "cuda")]
+pub mod gated_act;
+#[cfg(feature = "cuda")]
 pub mod mamba_grad;
 #[cfg(feature = "cuda")]
 pub mod optim;

@@ -1,0 +1,146 @@
+//! The gated activation of an expert MLP, h = act(a[:, :f]) ⊙ a[:, f:], as one autograd op for
+//! fine-tuning on the GPU (kernels/gated_act.cu).
+//!
+//! Its twin, `Mlp::forward`'s tensor ops (two narrows, gelu_erf or SiLU, a product), writes the
+//! activation and the product forward and, backward, a zero-padded full (n, 2f) tensor per
+//! narrow plus the activation's own chain of elementwise tensors. The op keeps only `a`
+//! and recomputes act(gate) in its backward kernel. Math in f32, stored in `a`'s dtype.
+#![allow(unsafe_code)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::config::Activation;
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launch, Module};
+use crate::ops::scan_grad::to_candle;
+
+const THREADS: u32 = 256;
+/// Grid cap of the grid-stride kernels.
+const MAX_BLOCKS: u32 = 16 * 132;
+
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::Gelu => 0,
+        Activation::Silu => 1,
+    }
+}
+
+/// a (n, 2f) in f32, bf16 or f16, on CUDA -> h (n, f) = act(a[:, :f]) ⊙ a[:, f:], differentiable.
+pub fn gated_act(a: &Tensor, act: Activation) -> Result<Tensor> {
+    let (n, f2) = a.dims2()?;
+    if f2 % 2 != 0 || !a.device().is_cuda() {
+        return Err(Error::Invalid(format!(
+            "gated activation: needs an even-width (n, 2f) CUDA tensor, got {:?} on {:?}",
+            a.dims(),
+            a.device()
+        )));
+    }
+    suffix(a.dtype())?;
+    let op = GatedAct { n, f: f2 / 2, act };
+    Ok(a.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?)
+}
+
+struct GatedAct {
+    n: usize,
+    f: usize,
+    act: Activation,
+}
+
+/// The device address of a contiguous storage's first element.
+fn storage_ptr(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
+    if !l.is_contiguous() {
+        candle_core::bail!("gated activation: the input must be contiguous");
+    }
+    let stream = s.device().cuda_stream();
+    let base = match s.dtype() {
+        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F16 => s.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        other => candle_core::bail!("gated activation: no kernel for {other:?}"),
+    };
+    Ok(base + (l.start_offset() * s.dtype().size_in_bytes()) as u64)
+}
+
+impl CustomOp1 for GatedAct {
+    fn name(&self) -> &'static str {
+        "gated-act"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("gated-act op runs on CUDA only; the CPU uses the tensor-op twin")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device().clone();
+        let (n, f) = (self.n, self.f);
+        let stream = dev.cuda_stream();
+        let ap = storage_ptr(s, l)?;
+        let (h, hp) = match s.dtype() {
+            DType::F32 => {
+                let h = dev.alloc_zeros::<f32>(n * f)?;
+                let p = h.device_ptr(&stream).0;
+                (CudaStorage::wrap_cuda_slice(h, dev.clone()), p)
+            }
+            DType::BF16 => {
+                let h = dev.alloc_zeros::<half::bf16>(n * f)?;
+                let p = h.device_ptr(&stream).0;
+                (CudaStorage::wrap_cuda_slice(h, dev.clone()), p)
+            }
+            DType::F16 => {
+                let h = dev.alloc_zeros::<half::f16>(n * f)?;
+                let p = h.device_ptr(&stream).0;
+                (CudaStorage::wrap_cuda_slice(h, dev.clone()), p)
+            }
+            other => candle_core::bail!("gated activation: no kernel for {other:?}"),
+        };
+        let sfx = suffix(s.dtype()).map_err(to_candle)?;
+        Launch::new(
+            func(&dev, Module::GatedAct, &format!("gated_act_fwd_{sfx}")).map_err(to_candle)?,
+            (blocks_for(n * f, THREADS, MAX_BLOCKS), 1, 1),
+            THREADS,
+            0,
+        )
+        .i64(n)
+        .i32(f)
+        .int(act_code(self.act))
+        .ptr(ap)
+        .ptr(hp)
+        .label("gated-act")
+        .run(&stream)
+        .map_err(to_candle)?;
+        Ok((h, Shape::from((n, f))))
+    }
+
+    fn bwd(&self, a: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.backward(a, grad).map(Some).map_err(to_candle)
+    }
+}
+
+impl GatedAct {
+    /// a (n, 2f), dh (n, f) -> da (n, 2f), in a's dtype.
+    fn backward(&self, a: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (n, f) = (self.n, self.f);
+        let dev = a.device();
+        let cd = cuda_device(dev)?;
+        let a = a.contiguous()?;
+        let dh = grad.to_dtype(a.dtype())?.contiguous()?;
+        let da = empty(&[n, 2 * f], a.dtype(), dev)?;
+        Launch::new(
+            func(cd, Module::GatedAct, &format!("gated_act_bwd_{}", suffix(a.dtype())?))?,
+            (blocks_for(n * f, THREADS, MAX_BLOCKS), 1, 1),
+            THREADS,
+            0,
+        )
+        .i64(n)
+        .i32(f)
+        .int(act_code(self.act))
+        .ptr(dptr(&a)?)
+        .ptr(dptr(&dh)?)
+        .ptr(dptr(&da)?)
+        .label("gated-act-bwd")
+        .run(&cd.cuda_stream())?;
+        Ok(da)
+    }
+}

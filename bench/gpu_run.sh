@@ -95,21 +95,21 @@ elif [ "$PHASE" = persistent ]; then
     bench 28psw $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent --persistent --sweep --profile
     bench 28pf $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent-fused --persistent --fuse --profile
 elif [ "$PHASE" = final3 ]; then
-    for m in 28 15; do
-        eval "M=\$M$m"
-        bench ${m} $M --prompt-len 2048 --gen-len 1024 --reps 5 --modes graph,pipelined,graph-probe --profile
-        bench ${m}b8 $M --prompt-len 2048 --prefill-batch 8 --reps 3 --gen-len 64 --modes graph
-    done
-    bench 28long $M28 --prompt-len 2048 --gen-len 16384 --modes graph
-    log "torch baseline"
-    for s in 2.8b 1.5b; do
-        PYTHONUNBUFFERED=1 timeout 120 python3 torch_baseline.py --shape $s --gen-len 256 --eager-len 32 2>&1 | tee -a "$S"
-    done
+    bench 28 $M28 --prompt-len 2048 --gen-len 1024 --reps 5 --modes graph,pipelined,graph-probe --profile
     BENCH_TIMEOUT=150
     FT="--finetune $M28 --seq-len 2048 --steps 3 --warmup-steps 1 --profile"
     bench ft28lora8 $FT --batch 8
     bench ft28full1 $FT --batch 1 --method full
     bench ft28full4 $FT --batch 4 --method full
+    BENCH_TIMEOUT=100
+    bench 15 $M15 --prompt-len 2048 --gen-len 1024 --reps 5 --modes graph,pipelined,graph-probe --profile
+    bench 28b8 $M28 --prompt-len 2048 --prefill-batch 8 --reps 3 --gen-len 64 --modes graph
+    bench 15b8 $M15 --prompt-len 2048 --prefill-batch 8 --reps 3 --gen-len 64 --modes graph
+    log "torch baseline"
+    for s in 2.8b 1.5b; do
+        PYTHONUNBUFFERED=1 timeout 120 python3 torch_baseline.py --shape $s --gen-len 256 --eager-len 32 2>&1 | tee -a "$S"
+    done
+    bench 28long $M28 --prompt-len 2048 --gen-len 16384 --modes graph
 elif [ "$PHASE" = moe ]; then
     for m in 28 15; do
         eval "M=\$M$m"

@@ -36,6 +36,32 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+// One step of warp_sum_transpose32: lanes with bit OFF clear keep entries [0, OFF) of the 2·OFF
+// they hold, the others entries [OFF, 2·OFF), each adding its partner's copy of them.
+template <int OFF>
+__device__ __forceinline__ void transpose_add_step(float (&v)[32], int lane) {
+    const bool upper = (lane & OFF) != 0;
+#pragma unroll
+    for (int i = 0; i < OFF; i++) {
+        const float send = upper ? v[i] : v[i + OFF];
+        const float keep = upper ? v[i + OFF] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+    }
+}
+
+// Sums each of 32 values over the warp: lane i returns Σ over the lanes of v[i] (v is consumed).
+// The values are transposed across the lanes as they are added: 16 + 8 + 4 + 2 + 1 = 31
+// independent shuffles, where 32 warp_sum calls take 160 in 32 dependent chains.
+__device__ __forceinline__ float warp_sum_transpose32(float (&v)[32]) {
+    const int lane = threadIdx.x & 31;
+    transpose_add_step<16>(v, lane);
+    transpose_add_step<8>(v, lane);
+    transpose_add_step<4>(v, lane);
+    transpose_add_step<2>(v, lane);
+    transpose_add_step<1>(v, lane);
+    return v[0];
+}
+
 __device__ __forceinline__ double warp_sum_d(double v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -16,6 +16,7 @@
 
 #define KMAX 8
 #define NMAX 16
+static_assert(2 * NMAX == 32, "scan_tail_bwd_f32 sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
 
 struct ScanIn {
     int Bn, L, di, N, LC, Q;
@@ -191,6 +192,9 @@ extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__
             const float dz = gout * fmaf(dcoef, vv, y) * sg * (1.0f + zz * (1.0f - sg));
             gD = fmaf(gyt, vv, gD);
             float gdelta = 0.0f, gv = gyt * dcoef;
+            float part[2 * NMAX];  // this channel's terms of dB_t[n] (n < NMAX) and dC_t[n] (NMAX + n)
+#pragma unroll
+            for (int n = 0; n < 2 * NMAX; n++) part[n] = 0.0f;
 #pragma unroll
             for (int n = 0; n < NMAX; n++) {
                 if (n >= N) break;
@@ -202,12 +206,15 @@ extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__
                 gv += gn * delta * Bt[n];
                 gA[n] += gn * hp * an * delta;
                 g[n] = an * gn;
-                const float sB = warp_sum(live ? gn * delta * vv : 0.0f);
-                const float sC = warp_sum(live ? gyt * hn : 0.0f);
-                if ((threadIdx.x & 31) == 0) {
-                    atomicAdd(red + t * 2 * N + n, sB);
-                    atomicAdd(red + t * 2 * N + N + n, sC);
-                }
+                part[n] = live ? gn * delta * vv : 0.0f;
+                part[NMAX + n] = live ? gyt * hn : 0.0f;
+            }
+            {
+                // summed over the warp's channels, transposed: lane i holds entry i, then one
+                // shared-memory add per lane
+                const float sum = warp_sum_transpose32(part);
+                const int lane = threadIdx.x & 31, n = lane & (NMAX - 1);
+                if (n < N) atomicAdd(red + t * 2 * N + (lane < NMAX ? n : N + n), sum);
             }
             const float gdt = gdelta * sigmoid_f(x);  // softplus' = σ
             gbias += gdt;

@@ -62,6 +62,15 @@ __device__ __forceinline__ float warp_sum_transpose32(float (&v)[32]) {
     return v[0];
 }
 
+// The scan backwards' per-token dB/dC: part[n] (n < 16) and part[16 + n] are this lane's terms of
+// dB[n] and dC[n]; their sums over the warp are added into red[n] and red[N + n] (shared memory,
+// N <= 16) by one transposing reduction and one atomic add per lane.
+__device__ __forceinline__ void warp_add_dbc(float (&part)[32], int N, float* red) {
+    const float sum = warp_sum_transpose32(part);
+    const int lane = threadIdx.x & 31, n = lane & 15;
+    if (n < N) atomicAdd(red + (lane < 16 ? n : N + n), sum);
+}
+
 __device__ __forceinline__ double warp_sum_d(double v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -209,13 +209,7 @@ extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__
                 part[n] = live ? gn * delta * vv : 0.0f;
                 part[NMAX + n] = live ? gyt * hn : 0.0f;
             }
-            {
-                // summed over the warp's channels, transposed: lane i holds entry i, then one
-                // shared-memory add per lane
-                const float sum = warp_sum_transpose32(part);
-                const int lane = threadIdx.x & 31, n = lane & (NMAX - 1);
-                if (n < N) atomicAdd(red + t * 2 * N + (lane < NMAX ? n : N + n), sum);
-            }
+            warp_add_dbc(part, N, red + t * 2 * N);
             const float gdt = gdelta * sigmoid_f(x);  // softplus' = σ
             gbias += gdt;
             if (live) {

@@ -19,6 +19,7 @@
 #include "common.cuh"
 
 #define NMAX 16
+static_assert(2 * NMAX == 32, "scan_bwd_f32 sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
 
 
 struct ScanIn {
@@ -263,6 +264,9 @@ extern "C" __global__ void scan_bwd_f32(ScanIn s, const float* __restrict__ dt, 
             const float* Ct = Cm + (size_t)b * bc_bs + (size_t)tt * bc_ts;
             const float gyt = live ? gy[((size_t)b * s.L + tt) * s.di + cc] : 0.0f;
             float gdelta = 0.0f, gv = 0.0f;
+            float part[2 * NMAX];  // this channel's terms of dB_t[n] (n < NMAX) and dC_t[n] (NMAX + n)
+#pragma unroll
+            for (int n = 0; n < 2 * NMAX; n++) part[n] = 0.0f;
 #pragma unroll
             for (int n = 0; n < NMAX; n++) {
                 if (n >= N) break;
@@ -274,13 +278,10 @@ extern "C" __global__ void scan_bwd_f32(ScanIn s, const float* __restrict__ dt, 
                 gv += gn * delta * Bt[n];
                 gA[n] += gn * hp * an * delta;
                 g[n] = an * gn;
-                const float sB = warp_sum(live ? gn * delta * vv : 0.0f);
-                const float sC = warp_sum(live ? gyt * hn : 0.0f);
-                if ((threadIdx.x & 31) == 0) {
-                    atomicAdd(red + t * 2 * N + n, sB);
-                    atomicAdd(red + t * 2 * N + N + n, sC);
-                }
+                part[n] = live ? gn * delta * vv : 0.0f;
+                part[NMAX + n] = live ? gyt * hn : 0.0f;
             }
+            warp_add_dbc(part, N, red + t * 2 * N);
             if (live) {
                 dv[(size_t)b * dv_bs + (size_t)tt * dv_ts + c] = gv;
                 dd[(size_t)b * dd_bs + (size_t)tt * dd_ts + c] = gdelta;

@@ -5,8 +5,9 @@
 //                       new conv state (the last K inputs)
 //   conv_silu_bwd_f32   du, and per-tile partial sums of dw and db (summed by the caller, so the
 //                       result does not depend on the order threads finish in)
-//   scan_tail_bwd_f32   backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias),
-//                       A = −exp(A_log): gradients of v, dt, z, B, C, A_log, D and the bias. Its
+//   scan_tail_*_f32     backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias),
+//                       A = −exp(A_log): gradients of v, dt, z, B, C, A_log, D and the bias,
+//                       parallel over chunks of the sequence (three kernels, below). Its
 //                       forward is scan_chunk_sum_f32 / scan_chunk_out_f32 of kernels/scan.cu.
 //
 // Layouts: u, v, du (B, L, di); the conv state (B, di, K), oldest first; conv weights (di, K).
@@ -100,21 +101,121 @@ extern "C" __global__ void conv_silu_bwd_f32(int Bn, int L, int di, int K, int t
     part[(pb + K) * di + c] = db;
 }
 
-// Backward of the gated scan tail. One thread per (b, c); blockIdx.x over channels, blockIdx.y = b;
-// walks the chunks in reverse, recomputing each chunk's states forward from its saved start state
-// (as scan_bwd_f32 of kernels/scan.cu, which this extends by the gate, D, softplus and A_log).
-//   go: (B, L, di) dL/dout               h0: (B, di, N) or null (no gradient for it)
-//   hs: (B, Q, di, N) scratch            hist: (B, LC, N, di) scratch
+// Backward of the gated scan tail, parallel over chunks of LC steps as the forward: the state
+// and the adjoint are linear recurrences, so each chunk's transfer is summarised first and the
+// chunks are then composed (three kernels):
+//
+//   scan_tail_chunks_f32  per (b, chunk, c): ΣΔ over the chunk, the chunk's end state from h = 0
+//                         (forward transfer h -> exp(A·ΣΔ)·h + S) and the adjoint carry at its
+//                         start from 0 at its end (backward transfer g -> exp(A·ΣΔ)·g + Lq)
+//   scan_tail_carry_f32   per (b, c, n): composes them, in place, into each chunk's start state
+//                         H_q and the carry R_q = a·dL/dh entering it from the chunk after it
+//   scan_tail_bwd_f32     per (b, group of chunks, c): each chunk from H_q and R_q, the states
+//                         forward into a history scratch, then the gradients backward
+//
+// With a_t = exp(Δ_t·A), dy_t = dL/dy_t: G_t = dL/dh_t = C_t·dy_t + a_{t+1}·G_{t+1}; the carry g
+// walking back holds a_{t+1}·G_{t+1}. The decays are exp2f of Δ·A·log2(e) as in kernels/scan.cu.
+#define LOG2E_F 1.4426950408889634f
+#define LN2_F 0.6931471805599453f
+
+// dL/dy before the gate: out = (y + D·v)·SiLU(z)
+__device__ __forceinline__ float gate_grad(float gout, float z) { return gout * z * sigmoid_f(z); }
+
+// Grid (⌈di/blockDim⌉, Q, B). sum_delta (B, Q, di); S, Lq (B, Q, di, N).
+// dynamic shared memory: LC · 2N floats (the chunk's B and C)
+extern "C" __global__ void scan_tail_chunks_f32(ScanIn s, const float* __restrict__ vdz, const float* __restrict__ bc,
+                                                const float* __restrict__ P, const float* __restrict__ go,
+                                                float* __restrict__ sum_delta, float* __restrict__ S,
+                                                float* __restrict__ Lq) {
+    extern __shared__ float sbc[];
+    const int b = blockIdx.z, q = blockIdx.y, N = s.N, di = s.di;
+    const int t0 = q * s.LC, nt = min(s.L, t0 + s.LC) - t0;
+    const float* bc0 = bc + ((size_t)b * s.L + t0) * 2 * N;
+    for (int i = threadIdx.x; i < nt * 2 * N; i += blockDim.x) sbc[i] = bc0[i];
+    __syncthreads();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= di) return;
+    float a[NMAX], h[NMAX];
+#pragma unroll
+    for (int n = 0; n < NMAX; n++) {
+        a[n] = n < N ? -expf(P[(size_t)c * N + n]) * LOG2E_F : 0.0f;
+        h[n] = 0.0f;
+    }
+    const float bias = P[(size_t)di * N + di + c];
+    const float* row = vdz + ((size_t)b * s.L + t0) * 3 * di + c;  // row[t·3di + j·di]: v, dt, z
+    float sd = 0.0f;
+#pragma unroll 4
+    for (int t = 0; t < nt; t++) {
+        const float delta = softplus_f(row[(size_t)t * 3 * di + di] + bias);
+        const float dv = delta * row[(size_t)t * 3 * di];
+        sd += delta;
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N) h[n] = fmaf(exp2f(delta * a[n]), h[n], dv * sbc[t * 2 * N + n]);
+    }
+    const size_t o = ((size_t)b * s.Q + q) * di + c;
+    sum_delta[o] = sd;
+#pragma unroll
+    for (int n = 0; n < NMAX; n++)
+        if (n < N) {
+            S[o * N + n] = h[n];
+            h[n] = 0.0f;  // now the adjoint carry
+        }
+    const float* gor = go + ((size_t)b * s.L + t0) * di + c;
+#pragma unroll 4
+    for (int t = nt - 1; t >= 0; t--) {
+        const float delta = softplus_f(row[(size_t)t * 3 * di + di] + bias);
+        const float gy = gate_grad(gor[(size_t)t * di], row[(size_t)t * 3 * di + 2 * di]);
+#pragma unroll
+        for (int n = 0; n < NMAX; n++)
+            if (n < N) h[n] = exp2f(delta * a[n]) * fmaf(gy, sbc[t * 2 * N + N + n], h[n]);
+    }
+#pragma unroll
+    for (int n = 0; n < NMAX; n++)
+        if (n < N) Lq[o * N + n] = h[n];
+}
+
+// One thread per (b, c, n). In place: S (chunk end states from 0) becomes H (chunk start states,
+// from h0 or 0), Lq (chunk start carries from 0) becomes R (the carry entering each chunk's end).
+extern "C" __global__ void scan_tail_carry_f32(ScanIn s, const float* __restrict__ P, const float* __restrict__ h0,
+                                               const float* __restrict__ sum_delta, float* __restrict__ HS,
+                                               float* __restrict__ LR) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int dn = s.di * s.N;
+    if (i >= s.Bn * dn) return;
+    const int b = i / dn, cn = i - b * dn, c = cn / s.N;
+    const float a = -expf(P[cn]) * LOG2E_F;
+    float h = h0 != nullptr ? h0[i] : 0.0f;
+    for (int q = 0; q < s.Q; q++) {
+        const size_t o = ((size_t)b * s.Q + q) * dn + cn;
+        const float sloc = HS[o];
+        HS[o] = h;
+        h = fmaf(exp2f(a * sum_delta[((size_t)b * s.Q + q) * s.di + c]), h, sloc);
+    }
+    float g = 0.0f;
+    for (int q = s.Q - 1; q >= 0; q--) {
+        const size_t o = ((size_t)b * s.Q + q) * dn + cn;
+        const float lloc = LR[o];
+        LR[o] = g;
+        g = fmaf(exp2f(a * sum_delta[((size_t)b * s.Q + q) * s.di + c]), g, lloc);
+    }
+}
+
+// Backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias), A = −exp(A_log).
+// Grid (⌈di/blockDim⌉, G, B): block (x, g, b) takes chunks [g·cpg, min(Q, (g+1)·cpg)), last first.
+//   H, R: (B, Q, di, N) from scan_tail_carry_f32     hist: (B, G, LC, N, di) scratch
+//   go: (B, L, di) dL/dout
 //   dvdz: (B, L, 3, di) out (every element written; the dz slot holds y between the passes)
-//   dbc: (B, L, 2N) out, zeroed          dP: (di·N + 2·di) out, zeroed (atomics over b)
+//   dbc: (B, L, 2N) out, zeroed          dP: (di·N + 2·di) out, zeroed (atomics over b and groups)
 // dynamic shared memory: LC · 2N floats
-extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__ vdz, const float* __restrict__ bc,
-                                             const float* __restrict__ P, const float* __restrict__ h0,
-                                             const float* __restrict__ go, float* __restrict__ hs,
-                                             float* __restrict__ hist, float* __restrict__ dvdz,
-                                             float* __restrict__ dbc, float* __restrict__ dP) {
+extern "C" __global__ void __launch_bounds__(128, 3) scan_tail_bwd_f32(ScanIn s, int cpg, const float* __restrict__ vdz,
+                                             const float* __restrict__ bc, const float* __restrict__ P,
+                                             const float* __restrict__ go, const float* __restrict__ H,
+                                             const float* __restrict__ R, float* __restrict__ hist,
+                                             float* __restrict__ dvdz, float* __restrict__ dbc,
+                                             float* __restrict__ dP) {
     extern __shared__ float red[];  // (LC, 2N): block sums of dB, dC for the current chunk
-    const int b = blockIdx.y;
+    const int b = blockIdx.z, grp = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const bool live = c < s.di;
     const int cc = live ? c : 0;
@@ -124,43 +225,27 @@ extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__
     float a[NMAX], h[NMAX], g[NMAX], gA[NMAX];
 #pragma unroll
     for (int n = 0; n < NMAX; n++) {
-        a[n] = h[n] = g[n] = gA[n] = 0.0f;
-        if (n < N) {
-            a[n] = -expf(P[(size_t)cc * N + n]);
-            if (h0 != nullptr) h[n] = h0[((size_t)b * di + cc) * N + n];
-        }
+        a[n] = n < N ? -expf(P[(size_t)cc * N + n]) * LOG2E_F : 0.0f;
+        h[n] = g[n] = gA[n] = 0.0f;
     }
     const float dcoef = Dp[cc], bc_ = bias[cc];
 #define VDZ(t, j) vdz[((size_t)b * s.L + (t)) * 3 * di + (size_t)(j) * di + cc]
 #define BC(t) (bc + ((size_t)b * s.L + (t)) * 2 * N)
-    // forward: the state at each chunk start
-    for (int q = 0; q < s.Q; q++) {
-        const int t0 = q * LC, nt = min(s.L, t0 + LC) - t0;
-        const size_t o = (((size_t)b * s.Q + q) * di + cc) * N;
-#pragma unroll
-        for (int n = 0; n < NMAX; n++)
-            if (n < N && live) hs[o + n] = h[n];
-        for (int t = t0; t < t0 + nt; t++) {
-            const float delta = softplus_f(VDZ(t, 1) + bc_);
-            const float dvv = delta * VDZ(t, 0);
-            const float* Bt = BC(t);
-#pragma unroll
-            for (int n = 0; n < NMAX; n++)
-                if (n < N) h[n] = expf(delta * a[n]) * h[n] + dvv * Bt[n];
-        }
-    }
-    const size_t hb = (size_t)b * LC * N * di;
-#define HIST(t, n) hist[hb + ((size_t)(t) * N + (n)) * di + cc]
+#define HIST(t, n) hist[((((size_t)b * gridDim.y + grp) * LC + (t)) * N + (n)) * di + cc]
 #define OUT(t, j) dvdz[((size_t)b * s.L + (t)) * 3 * di + (size_t)(j) * di + c]
     float gD = 0.0f, gbias = 0.0f;
-    // reverse over chunks; g holds a_{t+1}·dL/dh_{t+1} as it walks back
-    for (int q = s.Q - 1; q >= 0; q--) {
+    const int q_lo = grp * cpg, q_hi = min(s.Q, q_lo + cpg);
+    for (int q = q_hi - 1; q >= q_lo; q--) {
         const int t0 = q * LC, nt = min(s.L, t0 + LC) - t0;
         for (int i = threadIdx.x; i < LC * 2 * N; i += blockDim.x) red[i] = 0.0f;
         const size_t o = (((size_t)b * s.Q + q) * di + cc) * N;
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
-            if (n < N) h[n] = hs[o + n];
+            if (n < N) {
+                h[n] = H[o + n];
+                g[n] = R[o + n];
+            }
+        // forward: the chunk's states (h_t for t < nt − 1 into hist) and y_t
         for (int t = 0; t < nt; t++) {
             const int tt = t0 + t;
             const float delta = softplus_f(VDZ(tt, 1) + bc_);
@@ -171,13 +256,14 @@ extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__
 #pragma unroll
             for (int n = 0; n < NMAX; n++)
                 if (n < N) {
-                    h[n] = expf(delta * a[n]) * h[n] + dvv * Bt[n];
+                    h[n] = fmaf(exp2f(delta * a[n]), h[n], dvv * Bt[n]);
                     y = fmaf(h[n], Ct[n], y);
-                    if (live) HIST(t, n) = h[n];
+                    if (live && t < nt - 1) HIST(t, n) = h[n];
                 }
             if (live) OUT(tt, 2) = y;  // y_t, read back below
         }
-        __syncthreads();  // red zeroed, hist written
+        __syncthreads();  // red zeroed
+        // backward: h holds h_t, walking down to the chunk start (h_{t0−1} = H_q)
         for (int t = nt - 1; t >= 0; t--) {
             const int tt = t0 + t;
             const float x = VDZ(tt, 1) + bc_;
@@ -191,24 +277,28 @@ extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__
             const float gyt = gout * zz * sg;  // dL/dy (y raw or D·v)
             const float dz = gout * fmaf(dcoef, vv, y) * sg * (1.0f + zz * (1.0f - sg));
             gD = fmaf(gyt, vv, gD);
-            float gdelta = 0.0f, gv = gyt * dcoef;
+            float gdelta = 0.0f, gdecay = 0.0f, gv = gyt * dcoef;
             float part[2 * NMAX];  // this channel's terms of dB_t[n] (n < NMAX) and dC_t[n] (NMAX + n)
 #pragma unroll
             for (int n = 0; n < 2 * NMAX; n++) part[n] = 0.0f;
 #pragma unroll
             for (int n = 0; n < NMAX; n++) {
                 if (n >= N) break;
-                const float hn = live ? HIST(t, n) : 0.0f;
-                const float hp = live ? (t > 0 ? HIST(t - 1, n) : hs[o + n]) : 0.0f;
-                const float an = expf(delta * a[n]);
+                const float hn = h[n];
+                const float hp = t > 0 ? (live ? HIST(t - 1, n) : 0.0f) : H[o + n];
+                const float an = exp2f(delta * a[n]);
                 const float gn = fmaf(gyt, Ct[n], g[n]);  // dL/dh_t
-                gdelta += gn * (vv * Bt[n] + hp * an * a[n]);
-                gv += gn * delta * Bt[n];
-                gA[n] += gn * hp * an * delta;
+                const float ghp = gn * hp * an;
+                gdelta = fmaf(gn, vv * Bt[n], gdelta);
+                gdecay = fmaf(ghp, a[n], gdecay);
+                gv = fmaf(gn * delta, Bt[n], gv);
+                gA[n] = fmaf(ghp, delta, gA[n]);
                 g[n] = an * gn;
+                h[n] = hp;
                 part[n] = live ? gn * delta * vv : 0.0f;
                 part[NMAX + n] = live ? gyt * hn : 0.0f;
             }
+            gdelta = fmaf(gdecay, LN2_F, gdelta);  // Σ gn·h_{t−1}·a_t·A, with a[n] = A·log2(e)
             warp_add_dbc(part, N, red + t * 2 * N);
             const float gdt = gdelta * sigmoid_f(x);  // softplus' = σ
             gbias += gdt;
@@ -230,7 +320,7 @@ extern "C" __global__ void scan_tail_bwd_f32(ScanIn s, const float* __restrict__
     if (live) {
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
-            if (n < N) atomicAdd(dP + (size_t)c * N + n, gA[n] * a[n]);  // dA/dA_log = A
+            if (n < N) atomicAdd(dP + (size_t)c * N + n, gA[n] * a[n] * LN2_F);  // dA/dA_log = A
         atomicAdd(dP + (size_t)di * N + c, gD);
         atomicAdd(dP + (size_t)di * N + di + c, gbias);
     }

@@ -18,7 +18,7 @@ use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use crate::error::{Error, Result};
 use crate::model::mamba::MambaMixer;
 use crate::model::state::LayerState;
-use crate::ops::cuda::{cuda_device, dptr, func, Launch, Module, ScanIn};
+use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module, ScanIn};
 use crate::ops::scan_grad::{ptr_of, to_candle};
 
 /// Largest conv width the kernels take (`KMAX` in kernels/mamba_train.cu).
@@ -27,8 +27,13 @@ const KMAX: usize = 8;
 const NMAX: usize = 16;
 /// Steps per thread of the conv backward (one partial dw/db row per tile).
 const CONV_TILE: usize = 64;
-/// Chunk length of the scan backward (its per-channel history is a (B, LC, N, d_inner) scratch).
-const BWD_CHUNK: usize = 16;
+/// Chunk length of the scan backward: chunks run in parallel, each from its start state and its
+/// incoming adjoint carry.
+const BWD_CHUNK: usize = 32;
+/// Threads (one per (sequence, chunk group, channel)) the scan backward's last kernel aims for:
+/// chunks are grouped so that the history scratch, (B, groups, LC, N, d_inner) f32, stays near
+/// this many · LC · N floats (671 MB at d_inner 5,120, N 16) whatever the batch.
+const BWD_THREADS: usize = 32 * 5120;
 const THREADS: u32 = 128;
 
 fn f32c(t: &Tensor) -> Result<Tensor> {
@@ -268,29 +273,70 @@ impl ScanTailOp {
             q: q as i32,
             ..self.dims
         };
-        let hs = Tensor::zeros(bn * q * di * n, DType::F32, dev)?;
-        let hist = Tensor::zeros(bn * lc * n * di, DType::F32, dev)?;
+        let stream = cd.cuda_stream();
+        let (pv, pbc, pp, pgo) = (dptr(&vdz)?, dptr(&bc)?, dptr(&p)?, dptr(&go)?);
+        // 1. each chunk's ΣΔ, end state from 0 and start carry from 0
+        let sum_delta = empty(&[bn * q * di], DType::F32, dev)?;
+        let hs = empty(&[bn * q * di * n], DType::F32, dev)?;
+        let lr = empty(&[bn * q * di * n], DType::F32, dev)?;
+        let chunk_smem = (lc * 2 * n * 4) as u32;
+        let blocks_c = di.div_ceil(THREADS as usize) as u32;
+        Launch::new(
+            func(cd, Module::MambaTrain, "scan_tail_chunks_f32")?,
+            (blocks_c, q as u32, bn as u32),
+            THREADS,
+            chunk_smem,
+        )
+        .scan(dims)
+        .ptr(pv)
+        .ptr(pbc)
+        .ptr(pp)
+        .ptr(pgo)
+        .ptr(dptr(&sum_delta)?)
+        .ptr(dptr(&hs)?)
+        .ptr(dptr(&lr)?)
+        .run(&stream)?;
+        // 2. composed into each chunk's start state and incoming carry (in place)
+        Launch::new(
+            func(cd, Module::MambaTrain, "scan_tail_carry_f32")?,
+            ((bn * di * n).div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+        )
+        .scan(dims)
+        .ptr(pp)
+        .ptr(dptr(&self.h0)?)
+        .ptr(dptr(&sum_delta)?)
+        .ptr(dptr(&hs)?)
+        .ptr(dptr(&lr)?)
+        .run(&stream)?;
+        // 3. the gradients, chunk groups in parallel (each group's history in the scratch)
+        let groups = (BWD_THREADS.div_ceil(bn * di)).clamp(1, q);
+        let cpg = q.div_ceil(groups);
+        let groups = q.div_ceil(cpg);
+        let hist = empty(&[bn * groups * lc * n * di], DType::F32, dev)?;
         let dvdz = Tensor::zeros((bn, len, 3, di), DType::F32, dev)?;
         let dbc = Tensor::zeros((bn, len, 2 * n), DType::F32, dev)?;
         let dp = Tensor::zeros(p.dims(), DType::F32, dev)?;
         Launch::new(
             func(cd, Module::MambaTrain, "scan_tail_bwd_f32")?,
-            (di.div_ceil(THREADS as usize) as u32, bn as u32, 1),
+            (blocks_c, groups as u32, bn as u32),
             THREADS,
-            (lc * 2 * n * 4) as u32,
+            chunk_smem,
         )
         .scan(dims)
-        .ptr(dptr(&vdz)?)
-        .ptr(dptr(&bc)?)
-        .ptr(dptr(&p)?)
-        .ptr(dptr(&self.h0)?)
-        .ptr(dptr(&go)?)
+        .int(cpg as i32)
+        .ptr(pv)
+        .ptr(pbc)
+        .ptr(pp)
+        .ptr(pgo)
         .ptr(dptr(&hs)?)
+        .ptr(dptr(&lr)?)
         .ptr(dptr(&hist)?)
         .ptr(dptr(&dvdz)?)
         .ptr(dptr(&dbc)?)
         .ptr(dptr(&dp)?)
-        .run(&cd.cuda_stream())?;
+        .run(&stream)?;
         Ok((dvdz, dbc, dp))
     }
 }

@@ -20,7 +20,7 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::finetune::data::Example;
-use crate::finetune::{FinetuneConfig, Method, Recompute, StepTiming, Target, Trainer};
+use crate::finetune::{FinetuneConfig, FirstPass, Method, Recompute, StepTiming, Target, Trainer};
 use crate::model::Model;
 use crate::rng::Rng;
 
@@ -45,6 +45,8 @@ pub struct FinetuneBenchOpts {
     pub seed: u64,
     /// Recompute activations in the backward pass (see [`crate::finetune::recompute`]).
     pub recompute: Recompute,
+    /// How a recomputed step's first pass runs.
+    pub first_pass: FirstPass,
 }
 
 impl Default for FinetuneBenchOpts {
@@ -61,6 +63,7 @@ impl Default for FinetuneBenchOpts {
             steps: 5,
             profile: false,
             recompute: Recompute::Auto,
+            first_pass: FirstPass::Kernels,
             seed: 0,
         }
     }
@@ -198,6 +201,7 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
         seed: o.seed,
         base_model: label.to_string(),
         recompute: o.recompute,
+        first_pass: o.first_pass,
         ..FinetuneConfig::default()
     };
     let vocab = model.cfg.vocab_size.min(50277);

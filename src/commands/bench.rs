@@ -6,7 +6,7 @@ use clap::Args;
 use crate::bench::finetune::{FinetuneBenchOpts, FinetuneBenchReport};
 use crate::bench::{self, BenchOpts, BenchReport};
 use crate::commands::ModelArgs;
-use crate::finetune::{Method, Recompute, Target};
+use crate::finetune::{FirstPass, Method, Recompute, Target};
 
 /// Inference flags that mean nothing to `--finetune`.
 const INFERENCE_ONLY: [&str; 9] = [
@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// --finetune: recompute each layer's activations in the backward pass: auto (on CUDA), on, off.
     #[arg(long, default_value = "auto", requires = "finetune")]
     pub recompute: String,
+    /// --finetune: how a recomputed step's first pass (layer boundaries and routing, not
+    /// differentiated) runs: kernels (the fused inference kernels, on CUDA) or ops (the
+    /// differentiable tensor ops, as the recomputed pass).
+    #[arg(long, default_value = "kernels", requires = "finetune")]
+    pub first_pass: String,
     /// --finetune: timed steps.
     #[arg(long, default_value_t = 5, requires = "finetune")]
     pub steps: usize,
@@ -236,6 +241,7 @@ fn finetune_opts(a: &BenchArgs) -> anyhow::Result<FinetuneBenchOpts> {
         profile: a.profile,
         seed: a.seed,
         recompute: Recompute::parse(&a.recompute)?,
+        first_pass: FirstPass::parse(&a.first_pass)?,
     })
 }
 

@@ -130,6 +130,8 @@ pub struct FinetuneConfig {
     /// Recompute each layer's activations in the backward pass instead of keeping them
     /// (`finetune::recompute`): memory for one layer instead of all, each layer run twice.
     pub recompute: Recompute,
+    /// How a recomputed step's first pass runs.
+    pub first_pass: FirstPass,
 }
 
 /// When the trainer recomputes activations ([`crate::finetune::recompute`]).
@@ -160,6 +162,29 @@ impl Recompute {
             Self::Auto => dev.is_cuda(),
             Self::On => true,
             Self::Off => false,
+        }
+    }
+}
+
+/// How the first pass of a recomputed step runs ([`crate::finetune::recompute`]): it only makes
+/// the layer boundaries and the routing decisions, which nothing differentiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FirstPass {
+    /// The fused inference kernels where the model runs them (CUDA), else the tensor ops.
+    #[default]
+    Kernels,
+    /// The differentiable tensor ops of pass 2 (the twin; `bench --finetune --first-pass ops`).
+    Ops,
+}
+
+impl FirstPass {
+    /// Parses `--first-pass`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "kernels" => Ok(Self::Kernels),
+            "ops" => Ok(Self::Ops),
+            other => Err(Error::Invalid(format!("--first-pass {other}: use kernels or ops"))),
         }
     }
 }
@@ -197,6 +222,7 @@ impl Default for FinetuneConfig {
             sinkhorn: SinkhornOpts::default(),
             base_model: String::new(),
             recompute: Recompute::Auto,
+            first_pass: FirstPass::Kernels,
         }
     }
 }

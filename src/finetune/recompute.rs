@@ -27,8 +27,10 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::finetune::data::Batch;
 use crate::finetune::loss::nll_sum;
+use crate::finetune::FirstPass;
 use crate::model::moe::Route;
 use crate::model::probe::Probe;
+use crate::model::state::State;
 use crate::model::Model;
 
 /// Where a recomputed micro-batch's time went (seconds; filled when profiling, with the device
@@ -52,6 +54,7 @@ pub struct LayerTiming {
 /// The summed loss of one micro-batch (as [`crate::finetune::loss::batch_nll`]), returned
 /// detached, with the gradients of loss / `per` with respect to `vars` added into `grads`
 /// (see [`accumulate`]), by layer-wise recomputation.
+#[allow(clippy::too_many_arguments)] // the step's inputs and its two outputs, each distinct
 pub fn nll_and_grads(
     model: &Model,
     batch: &Batch,
@@ -59,6 +62,7 @@ pub fn nll_and_grads(
     per: f64,
     vars: &[&Var],
     grads: &mut [Option<Tensor>],
+    first_pass: FirstPass,
     mut prof: Option<&mut LayerTiming>,
 ) -> Result<Tensor> {
     let (bsz, len) = batch.ids.dims2()?;
@@ -85,7 +89,7 @@ pub fn nll_and_grads(
     for i in 0..n {
         // a fresh state per layer, dropped with the layer's graph (every sequence starts at zero)
         let mut state = model.new_state(bsz)?;
-        let h = model.block(i, &hs[i], &mut state, probe.as_deref_mut(), true, Some(&mut routes[i]))?;
+        let h = first_pass_block(model, first_pass, i, &hs[i], &mut state, probe.as_deref_mut(), &mut routes[i])?;
         hs.push(h.detach());
     }
     lap(|p| &mut p.first_pass_s)?;
@@ -129,6 +133,25 @@ pub fn nll_and_grads(
     }
     lap(|p| &mut p.embed_s)?;
     Ok(nll.detach())
+}
+
+/// Half-block `i` of pass 1: on the fused inference kernels where the model runs them and
+/// `first_pass` allows (`ops::fused::first_pass_block`), else [`Model::block`].
+fn first_pass_block(
+    model: &Model,
+    first_pass: FirstPass,
+    i: usize,
+    res: &Tensor,
+    state: &mut State,
+    probe: Option<&mut Probe>,
+    route: &mut Option<Route>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if first_pass == FirstPass::Kernels && model.trains_with_kernels() {
+        return crate::ops::fused::first_pass_block(model, i, res, state, probe, route);
+    }
+    let _ = first_pass;
+    model.block(i, res, state, probe, true, Some(route))
 }
 
 /// grads\[k\] += the store's gradient of vars\[k\], where it has one (gradient accumulation

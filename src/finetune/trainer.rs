@@ -250,7 +250,16 @@ impl Trainer {
                 // forward and backward interleave, layer by layer: all of it counts as backward
                 // (the profile splits it; see `recompute`)
                 let prof = self.sync_timing.then_some(&mut timing.layers);
-                let nll = nll_and_grads(&self.model, &batch, Some(&mut probe), per, &vars, &mut grads, prof)?;
+                let nll = nll_and_grads(
+                    &self.model,
+                    &batch,
+                    Some(&mut probe),
+                    per,
+                    &vars,
+                    &mut grads,
+                    self.cfg.first_pass,
+                    prof,
+                )?;
                 self.phase_sync()?;
                 timing.backward_s += tf.elapsed().as_secs_f64();
                 nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;

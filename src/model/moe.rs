@@ -208,7 +208,7 @@ pub struct Route {
 
 impl Route {
     /// Decides from the router logits (T, E) f32 on the host, recording into `probe`.
-    fn decide(logits: &Tensor, n_tok: usize, n_exp: usize, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Self> {
+    pub(crate) fn decide(logits: &Tensor, n_tok: usize, n_exp: usize, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Self> {
         let host: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?; // routing is decided on the host
         let (experts, trace) = match routing {
             Routing::Greedy => (greedy(&host, n_tok, n_exp), None),
@@ -232,6 +232,12 @@ impl Route {
             route.record(p, &host, n_exp, trace);
         }
         Ok(route)
+    }
+
+    /// (T, 1) u32 on the device: the expert of each token.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn idx(&self) -> &Tensor {
+        &self.idx
     }
 
     /// The expert of each token (T).

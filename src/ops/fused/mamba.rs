@@ -14,10 +14,12 @@ use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suf
 use crate::ops::prof::{self, lap};
 
 /// Whether a Mamba mixer can take the fused path (no adapters on x_proj/dt_proj, one dtype).
-fn mamba_fusable(m: &MambaMixer) -> bool {
+/// Whether the kernels take this mixer; `seq`: the full-sequence path, where x_proj and dt_proj
+/// run through [`crate::model::linear::Linear::forward`] and so may carry adapters (the step
+/// reads their weights directly).
+pub(super) fn mamba_fusable(m: &MambaMixer, seq: bool) -> bool {
     let dt = m.in_proj.weight.dtype();
-    m.x_proj.lora.is_none()
-        && m.dt_proj.lora.is_none()
+    (seq || (m.x_proj.lora.is_none() && m.dt_proj.lora.is_none()))
         && m.x_proj.bias.is_none()
         && m.dt_proj.bias.is_none()
         && [&m.x_proj.weight, &m.dt_proj.weight, &m.out_proj.weight]
@@ -198,7 +200,7 @@ pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
 
 /// Fused full-sequence Mamba mixer: x (B, L, d) -> (B, L, d). Twin: [`MambaMixer::forward`].
 pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
-    if !mamba_fusable(m) {
+    if !mamba_fusable(m, true) {
         return m.forward(x, state, probe, false);
     }
     let (bn, len, _d) = x.dims3()?;
@@ -316,7 +318,7 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
 
 /// Fused single-token Mamba mixer: x (B, d) -> (B, d). Twin: [`MambaMixer::step`].
 pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
-    if !mamba_fusable(m) {
+    if !mamba_fusable(m, false) {
         return m.step(x, state, probe);
     }
     let bn = x.dim(0)?;

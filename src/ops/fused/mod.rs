@@ -16,10 +16,12 @@ use crate::model::{Mixer, Model};
 use crate::ops::cuda::{cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
 use crate::ops::prof::{self, lap};
 
+mod first_pass;
 pub(crate) mod mamba;
 mod moe;
 mod moe_batched;
 
+pub use first_pass::first_pass_block;
 pub use mamba::{mamba_forward, mamba_step, selective_scan};
 pub use moe::moe_forward;
 pub use moe_batched::set_batched_experts;

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 
 use super::{launch_cap, THREADS};
 use crate::error::{Error, Result};
-use crate::model::moe::{Routing, SwitchMlp};
+use crate::model::moe::{Route, Routing, SwitchMlp};
 use crate::model::probe::MoeRecord;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launch, Module};
 use crate::ops::prof::{self, lap};
@@ -16,13 +16,41 @@ use crate::ops::prof::{self, lap};
 /// x (.., d) -> (.., d) f32.
 /// Twin: [`SwitchMlp::forward`] (also used here for Sinkhorn routing).
 pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Tensor> {
-    let Some(first) = m.experts.first() else {
-        return m.forward(x, routing, probe);
-    };
-    let wdt = first.fc1.weight.dtype();
-    if routing != Routing::Greedy || m.router.lora.is_some() || m.experts.len() > 16 || suffix(wdt).is_err() {
+    if routing != Routing::Greedy || !moe_fusable(m) {
         return m.forward(x, routing, probe);
     }
+    moe_run(m, x, None, probe)
+}
+
+/// [`moe_forward`] for fine-tuning's first pass (`finetune::recompute`, no autograd): the
+/// experts are chosen by `routing` (Sinkhorn over all tokens of the call) from the router
+/// kernel's logits, and that [`Route`] is left in `slot` for the recomputed pass; the gate is
+/// σ(logit) of the chosen expert. Twin: [`SwitchMlp::forward_cached`] with an empty slot.
+pub fn moe_forward_decide(
+    m: &SwitchMlp,
+    x: &Tensor,
+    routing: Routing,
+    probe: Option<&mut MoeRecord>,
+    slot: &mut Option<Route>,
+) -> Result<Tensor> {
+    if !moe_fusable(m) {
+        return m.forward_cached(x, routing, probe, Some(slot), true);
+    }
+    moe_run(m, x, Some((routing, slot)), probe)
+}
+
+/// Whether the kernels take this layer: a router without adapter, at most 16 experts, a kernel
+/// dtype.
+fn moe_fusable(m: &SwitchMlp) -> bool {
+    m.experts
+        .first()
+        .is_some_and(|e| m.router.lora.is_none() && m.experts.len() <= 16 && suffix(e.fc1.weight.dtype()).is_ok())
+}
+
+/// The fused layer; with `decide`, the routing is decided from the logits into the slot instead
+/// of greedy.
+fn moe_run(m: &SwitchMlp, x: &Tensor, decide: Option<(Routing, &mut Option<Route>)>, mut probe: Option<&mut MoeRecord>) -> Result<Tensor> {
+    let wdt = m.experts.first().map_or(x.dtype(), |e| e.fc1.weight.dtype());
     let dims = x.dims().to_vec();
     let d = *dims.last().ok_or_else(|| Error::Invalid("moe: scalar input".into()))?;
     let dev = x.device();
@@ -66,6 +94,16 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
     .int(i32::from(in_smem))
     .run(&stream)?;
     lap(&mut laps, "moe.router")?;
+    let decided = decide.is_some();
+    let (expert, gate) = match decide {
+        None => (expert, gate),
+        Some((routing, slot)) => {
+            let route = &*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe.take())?);
+            let gate = candle_nn::ops::sigmoid(&logits)?.gather(route.idx(), 1)?; // (T, 1)
+            (route.idx().flatten_all()?.contiguous()?, gate.flatten_all()?.contiguous()?)
+        }
+    };
+    lap(&mut laps, "moe.decide")?;
     let order = empty(&[n_tok], DType::U32, dev)?;
     let inverse = empty(&[n_tok], DType::U32, dev)?;
     let counts = empty(&[n_exp], DType::U32, dev)?;
@@ -100,7 +138,7 @@ pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&m
     .ptr(dptr(&y)?)
     .run(&stream)?;
     lap(&mut laps, "moe.unpermute")?;
-    if let Some(p) = probe {
+    if let Some(p) = probe.filter(|_| !decided) {
         p.n_experts = n_exp;
         p.logits.extend(logits.flatten_all()?.to_vec1::<f32>()?);
         p.experts.extend(expert.to_vec1::<u32>()?);

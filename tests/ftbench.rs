@@ -126,8 +126,15 @@ fn report_counts_and_times_hang_together() {
     assert_eq!(r.secs_median, s[1]);
     assert!((r.tok_s - 24.0 / s[1]).abs() <= 1e-9 * r.tok_s);
     assert!((r.tok_s_mean - 72.0 / s.iter().sum::<f64>()).abs() <= 1e-9 * r.tok_s_mean);
-    // warm-up + timed + profiled steps, each a finite loss near ln(vocab) on random tokens
-    assert_eq!(r.losses.len(), 1 + 3 + 3);
+    // forward + backward: part of each step, and its rate from its own median
+    assert_eq!(r.fwd_bwd_secs.len(), 3);
+    assert!(r.fwd_bwd_secs.iter().zip(&r.step_secs).all(|(f, s)| *f > 0.0 && f <= s));
+    let mut f = r.fwd_bwd_secs.clone();
+    f.sort_by(f64::total_cmp);
+    assert_eq!(r.fwd_bwd_secs_median, f[1]);
+    assert!((r.fwd_bwd_tok_s - 24.0 / f[1]).abs() <= 1e-9 * r.fwd_bwd_tok_s);
+    // warm-up + timed + phase-profiled + fine-profiled steps, each a finite loss near ln(vocab)
+    assert_eq!(r.losses.len(), 1 + 3 + 3 + 3);
     assert!(
         r.losses.iter().all(|l| l.is_finite() && (*l - (VOCAB as f64).ln()).abs() < 2.0),
         "{:?}",
@@ -137,6 +144,28 @@ fn report_counts_and_times_hang_together() {
     assert_eq!(p.steps, 3);
     assert!(p.forward_ms > 0.0 && p.backward_ms > 0.0 && p.optim_ms > 0.0);
     assert!(p.total_ms > 0.0);
+    // the fine profile: the forward's parts and the backward's ops, shares summing to one
+    let fp = r.fine_profile.unwrap();
+    assert_eq!(fp.steps, 3);
+    let names = |rows: &[blackmamba::bench::finetune_profile::ProfRow]| rows.iter().map(|x| x.name.clone()).collect::<Vec<_>>();
+    let (fwd, bwd) = (names(&fp.forward), names(&fp.backward));
+    for want in [
+        "block rms_norm",
+        "mamba in_proj",
+        "mamba out_proj",
+        "moe router logits",
+        "moe route: logits to host",
+    ] {
+        assert!(fwd.iter().any(|n| n == want), "{want} not in {fwd:?}");
+    }
+    for want in ["matmul", "grad accumulate"] {
+        assert!(bwd.iter().any(|n| n == want), "{want} not in {bwd:?}");
+    }
+    for (rows, total) in [(&fp.forward, fp.forward_ms), (&fp.backward, fp.backward_ms)] {
+        let share: f64 = rows.iter().map(|x| x.share).sum();
+        assert!((share - 1.0).abs() < 1e-9 && total > 0.0, "{share} {total}");
+        assert!(rows.windows(2).all(|w| w[0].ms_per_step >= w[1].ms_per_step));
+    }
     if cfg!(target_os = "linux") {
         // the process's resident memory (tests share the process, so only its presence is checked)
         let m = r.memory.unwrap();
@@ -234,6 +263,7 @@ fn cli_bench_finetune() {
     let (ok, out, err) = bm(&[&common[..], &["--steps", "1", "--warmup-steps", "0", "--method", "full"]].concat());
     assert!(ok, "{err}");
     assert!(out.contains("every weight") && out.contains("tok/s"), "{out}");
+    assert!(out.contains("fwd+bwd tok/s") && !out.contains("backward by op"), "{out}");
 
     let (ok, _, err) = bm(&[&common[..], &["--method", "sideways"]].concat());
     assert!(!ok && err.contains("--method sideways"), "{err}");
@@ -244,6 +274,52 @@ fn cli_bench_finetune() {
     assert!(!ok && err.contains("--finetune"), "{err}");
     let (ok, _, err) = bm(&[&common[..], &["--gen-len", "4"]].concat());
     assert!(!ok && err.contains("cannot be used with"), "{err}");
+}
+
+/// `--profile --json` on the embedded model: the forward+backward rate and both fine tables;
+/// the text report prints the tables.
+#[test]
+fn cli_bench_finetune_profile_on_the_embedded_model() {
+    let common = [
+        "bench",
+        "--finetune",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "8",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--profile",
+    ];
+    let (ok, out, err) = bm(&[&common[..], &["--json"]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["fwd_bwd_tok_s"].as_f64().unwrap() > 0.0, "{out}");
+    assert_eq!(v["fwd_bwd_secs"].as_array().unwrap().len(), 1);
+    let fp = &v["fine_profile"];
+    assert_eq!(fp["steps"], 1);
+    for table in ["forward", "backward"] {
+        let rows = fp[table].as_array().unwrap();
+        assert!(!rows.is_empty(), "{table}: {fp}");
+        for key in ["name", "ms_per_step", "calls_per_step", "share"] {
+            assert!(!rows[0][key].is_null(), "{table} row without {key}: {fp}");
+        }
+    }
+    let (ok, out, err) = bm(&common);
+    assert!(ok, "{err}");
+    for want in [
+        "fwd+bwd tok/s",
+        "training forward by part",
+        "backward by op",
+        "matmul",
+        "mamba in_proj",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
 }
 
 /// The PyTorch baseline computes the same training step: on a model folder written here and a

@@ -9,15 +9,21 @@
 //! values the host reads: the loss and the gradient norm, so the device is done when it returns).
 //! Tokens per second = batch · seq_len / the median step time.
 //!
+//! Each step's forward + backward time (up to the host's read of the loss, which waits for the
+//! device; no optimiser) gives a second rate, `fwd_bwd_tok_s`, comparable with forward+backward
+//! throughputs such as Zyphra's.
+//!
 //! With `profile`, a few more steps wait for the device between forward, backward and update and
-//! report where the time goes. On CUDA the device memory in use (all processes, as the driver
-//! reports it) is sampled every millisecond by a second thread during the steps; its maximum
-//! is the peak. On the CPU (Linux) the process's resident memory is reported instead, its peak
+//! report where the time goes; then as many again run with the fine profilers on (the training
+//! forward by part, the backward by op: [`super::finetune_profile`]). On CUDA the device memory
+//! in use (all processes, as the driver reports it) is sampled every millisecond by a second
+//! thread during the steps; its maximum is the peak. On the CPU (Linux) the process's resident memory is reported instead, its peak
 //! being the kernel's high-water mark, reset before the steps.
 
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
+use super::finetune_profile::{self, FineProfile};
 use crate::error::{Error, Result};
 use crate::finetune::data::Example;
 use crate::finetune::{FinetuneConfig, FirstPass, Method, Recompute, StepTiming, Target, Trainer};
@@ -139,9 +145,16 @@ pub struct FinetuneBenchReport {
     pub tok_s: f64,
     /// tokens_per_step · steps / their total time.
     pub tok_s_mean: f64,
+    /// Seconds of forward + backward in each timed step (no optimiser; up to the loss read).
+    pub fwd_bwd_secs: Vec<f64>,
+    pub fwd_bwd_secs_median: f64,
+    /// tokens_per_step / fwd_bwd_secs_median: forward+backward throughput, no optimiser.
+    pub fwd_bwd_tok_s: f64,
     /// The training loss of each step, warm-up included (random tokens: about ln(vocab) at first).
     pub losses: Vec<f64>,
     pub profile: Option<PhaseProfile>,
+    /// With `profile`: the training forward by part and the backward by op.
+    pub fine_profile: Option<FineProfile>,
     pub memory: Option<TrainMemory>,
 }
 
@@ -188,7 +201,8 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
     let after_load = if dev.is_cuda() { Some(super::cuda::used_mib(&dev)?) } else { None };
     let host_after_load = if dev.is_cpu() { host_rss_mib() } else { None };
     let profile_steps = if o.profile { o.steps.min(3) } else { 0 };
-    let total = o.warmup + o.steps + profile_steps;
+    // the phase profile's steps, then as many with the fine profilers
+    let total = o.warmup + o.steps + 2 * profile_steps;
     let cfg = FinetuneConfig {
         method: o.method,
         targets: o.targets.clone(),
@@ -237,10 +251,12 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
         losses.push(tr.step()?.loss);
     }
     let mut step_secs = Vec::with_capacity(o.steps);
+    let mut fwd_bwd_secs = Vec::with_capacity(o.steps);
     for _ in 0..o.steps {
         let r = tr.step()?;
         losses.push(r.loss);
         step_secs.push(tr.last_timing().total_s);
+        fwd_bwd_secs.push(tr.last_timing().fwd_bwd_s);
     }
     let profile = if profile_steps > 0 {
         tr.set_sync_timing(true);
@@ -276,6 +292,12 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
     } else {
         None
     };
+    let fine_profile = if profile_steps > 0 {
+        tr.set_sync_timing(false);
+        Some(fine_profile(&mut tr, profile_steps, &mut losses)?)
+    } else {
+        None
+    };
     #[cfg(feature = "cuda")]
     if let (Some(s), Some(m)) = (sampler, memory.as_mut()) {
         m.peak_mib = s.stop()?.max(m.after_setup_mib);
@@ -285,7 +307,9 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
     }
 
     let tokens_per_step = o.batch * o.seq_len;
+    let rate = |secs: f64| if secs > 0.0 { tokens_per_step as f64 / secs } else { 0.0 };
     let secs_median = median(&step_secs);
+    let fwd_bwd_secs_median = median(&fwd_bwd_secs);
     let secs_total: f64 = step_secs.iter().sum();
     let (params_total, _) = model.cfg.param_counts();
     let mut training_view = model.clone();
@@ -317,11 +341,7 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
         params_trainable: tr.n_trainable(),
         scan: scan.into(),
         recompute: o.recompute.applies(&dev),
-        tok_s: if secs_median > 0.0 {
-            tokens_per_step as f64 / secs_median
-        } else {
-            0.0
-        },
+        tok_s: rate(secs_median),
         tok_s_mean: if secs_total > 0.0 {
             (tokens_per_step * step_secs.len()) as f64 / secs_total
         } else {
@@ -329,8 +349,30 @@ pub fn run(model: &Model, tok: &Tokenizer, label: &str, o: &FinetuneBenchOpts) -
         },
         step_secs,
         secs_median,
+        fwd_bwd_tok_s: rate(fwd_bwd_secs_median),
+        fwd_bwd_secs,
+        fwd_bwd_secs_median,
         losses,
         profile,
+        fine_profile,
         memory,
     })
+}
+
+/// Runs `steps` steps with the fine profilers on and reads their tables (switching them off
+/// again, also on an error).
+fn fine_profile(tr: &mut Trainer, steps: usize, losses: &mut Vec<f64>) -> Result<FineProfile> {
+    finetune_profile::enable(true);
+    let mut secs = Vec::with_capacity(steps);
+    let mut run = || -> Result<()> {
+        for _ in 0..steps {
+            losses.push(tr.step()?.loss);
+            secs.push(tr.last_timing().total_s);
+        }
+        Ok(())
+    };
+    let r = run();
+    let p = finetune_profile::collect(steps, 1e3 * median(&secs));
+    finetune_profile::enable(false);
+    r.map(|()| p)
 }

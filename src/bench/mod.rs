@@ -21,6 +21,7 @@
 
 pub mod device_random;
 pub mod finetune;
+pub mod finetune_profile;
 
 use std::time::Instant;
 

@@ -94,7 +94,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub slow_prefill: bool,
     /// Also break down one prefill and the decode step by part / kernel (CUDA); with --finetune,
-    /// time forward, backward and update of a few extra steps (waiting for the device between).
+    /// time forward, backward and update of a few extra steps (waiting for the device between),
+    /// then break a few more down: the training forward by part and the backward by op.
     #[arg(long)]
     pub profile: bool,
     /// Decoder: threads per block of its matrix-vector kernels.
@@ -284,6 +285,11 @@ fn print_finetune(r: &FinetuneBenchReport) {
         r.tok_s,
         r.tok_s_mean
     );
+    println!(
+        "fwd+bwd of the same steps (no optimiser: up to the loss read): median {:.1} ms, {:.0} fwd+bwd tok/s",
+        r.fwd_bwd_secs_median * 1e3,
+        r.fwd_bwd_tok_s
+    );
     let losses: Vec<String> = r.losses.iter().map(|l| format!("{l:.3}")).collect();
     println!("loss per step: {}", losses.join(" "));
     if let Some(p) = &r.profile {
@@ -294,6 +300,11 @@ fn print_finetune(r: &FinetuneBenchReport) {
         let parts: Vec<String> = p.parts.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
         if !parts.is_empty() {
             println!("parts (ms): {}", parts.join(", "));
+        }
+    }
+    if let Some(p) = &r.fine_profile {
+        for l in bench::finetune_profile::report_lines(p, r.recompute, 25) {
+            println!("{l}");
         }
     }
     if let Some(m) = &r.memory {

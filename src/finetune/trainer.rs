@@ -75,6 +75,10 @@ pub struct StepTiming {
     pub optim_s: f64,
     /// The whole step, evaluation and checkpointing excluded.
     pub total_s: f64,
+    /// Forward and backward of all micro-batches (the gradients accumulated), up to the host's
+    /// read of each micro-batch's loss, which waits for the device: exact without device waits
+    /// of its own. No optimiser: the measure of Zyphra's forward+backward throughput.
+    pub fwd_bwd_s: f64,
     /// With recomputation and device waits: the backward's parts, summed over micro-batches.
     pub layers: LayerTiming,
     /// With device waits: the update's parts (gradient norm; AdamW; recasting bf16 weights).
@@ -269,11 +273,14 @@ impl Trainer {
                 let tb = Instant::now();
                 timing.forward_s += (tb - tf).as_secs_f64();
                 let store = (&nll / per)?.backward()?;
-                nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 accumulate(&mut grads, &vars, &store)?;
+                // read after the accumulation: the read waits for it as well (one stream)
+                nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 self.phase_sync()?;
                 timing.backward_s += tb.elapsed().as_secs_f64();
             }
+            // the loss read above waited for the device: forward + backward are done
+            timing.fwd_bwd_s += tf.elapsed().as_secs_f64();
             n_inputs += batch.n_inputs;
             if expert_load.is_empty() {
                 expert_load = probe.moe.iter().map(|r| vec![0; r.n_experts]).collect();

@@ -16,6 +16,7 @@ use crate::model::linear::{softplus, Linear};
 use crate::model::probe::MambaRecord;
 use crate::model::scan::selective_scan;
 use crate::model::state::LayerState;
+use crate::ops::prof::{self, lap};
 
 /// Weights of one Mamba mixer; names as under `decoder.layers.{i}.mixer.`.
 #[derive(Debug, Clone)]
@@ -96,7 +97,9 @@ impl MambaMixer {
         }
         let (_b, len, _d) = x.dims3()?;
         let (di, k) = (self.d_inner, self.d_conv);
+        let mut laps = prof::start(x.device())?; // `bench --finetune --profile`; None otherwise
         let xz = self.in_proj.forward(x)?; // (B, L, 2·di)  eq. 1: [u; z] = W_in x
+        lap(&mut laps, "mamba in_proj")?;
         let u = xz.narrow(D::Minus1, 0, di)?.to_dtype(DType::F32)?; // (B, L, di)
         let z = xz.narrow(D::Minus1, di, di)?.to_dtype(DType::F32)?; // (B, L, di)
                                                                      // eq. 2: causal depthwise conv over [previous K−1 inputs ; u]
@@ -111,7 +114,9 @@ impl MambaMixer {
         }
         let new_conv = u_ext.narrow(1, len - 1, k)?.transpose(1, 2)?.contiguous()?; // (B, di, K)
         let v = candle_nn::ops::silu(&c)?; // eq. 3: (B, L, di)
+        lap(&mut laps, "mamba conv+silu (tensor ops)")?;
         let (delta, bm, cm) = self.ssm_params(&v)?; // (B, L, di), (B, L, N), (B, L, N)
+        lap(&mut laps, "mamba x_proj+dt_proj+softplus")?;
         let a = self.a_log.exp()?.neg()?; // eq. 6: (di, N)
         let fused = match fused_scan && probe.is_none() {
             true => crate::ops::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
@@ -121,9 +126,12 @@ impl MambaMixer {
             Some(s) => s,
             None => selective_scan(&v, &delta, &a, &bm, &cm, &state.ssm, probe.is_some())?,
         };
+        lap(&mut laps, "mamba scan")?;
         let y = (scan.y + v.broadcast_mul(&self.d)?)?; // eq. 8: (B, L, di)
         let y = (y * candle_nn::ops::silu(&z)?)?; // eq. 9 gate
+        lap(&mut laps, "mamba D skip+gate")?;
         let out = self.out_proj.forward(&y.to_dtype(self.out_proj.weight.dtype())?)?; // (B, L, d)
+        lap(&mut laps, "mamba out_proj")?;
         if let Some(p) = probe {
             // conv state after token t holds u_{t−K+1..t}: its squared norm is a window sum
             let u2 = u_ext.sqr()?.sum(D::Minus1)?; // (B, L+K−1)

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::ops::prof::{self, lap};
 use config::{Config, LayerKind};
 use linear::{layer_norm, rms_norm};
 use mamba::{take, MambaMixer};
@@ -306,7 +307,9 @@ impl Model {
                 .filter(|b| matches!(b.mixer, Mixer::Moe(_)) == moe && !matches!(b.mixer, Mixer::Dense(_)))
                 .count()
         };
+        let mut laps = prof::start(&self.device)?; // `bench --finetune --profile`; None otherwise
         let normed = rms_norm(res, &block.norm, self.cfg.layernorm_epsilon, self.differentiable)?.to_dtype(self.dtype)?;
+        lap(&mut laps, "block rms_norm")?;
         let out = match &block.mixer {
             Mixer::Mamba(m) => {
                 let st = state.layers[i]
@@ -325,7 +328,10 @@ impl Model {
             }
             Mixer::Dense(m) => m.forward_fused(&normed, self.trains_with_kernels())?,
         };
-        Ok((res + out.to_dtype(DType::F32)?)?)
+        laps = prof::start(&self.device)?; // the mixer timed its own parts
+        let res = (res + out.to_dtype(DType::F32)?)?;
+        lap(&mut laps, "block residual add")?;
+        Ok(res)
     }
 
     /// The embedding rows of ids (B, L) u32 -> (B, L, d) in the weight dtype.

@@ -16,6 +16,7 @@ use crate::model::linear::Linear;
 use crate::model::mamba::take;
 use crate::model::permute::RowPermutation;
 use crate::model::probe::MoeRecord;
+use crate::ops::prof::{self, lap};
 use crate::sinkhorn::{greedy, sinkhorn, SinkhornOpts, SinkhornResult};
 
 /// How tokens pick their expert.
@@ -68,14 +69,19 @@ impl Mlp {
     /// As [`Mlp::forward`]; with `fused_act` on a CUDA tensor, the gated activation runs as one
     /// autograd op (`crate::ops::gated_act`, fine-tuning) instead of its tensor-op twin.
     pub fn forward_fused(&self, x: &Tensor, fused_act: bool) -> Result<Tensor> {
+        let mut laps = prof::start(x.device())?; // `bench --finetune --profile`; None otherwise
         let a = self.fc1.forward(x)?; // (n, fc1_rows)
+        lap(&mut laps, "mlp fc1")?;
         #[cfg(feature = "cuda")]
         if fused_act && self.gated && a.device().is_cuda() {
             let mut dims = a.dims().to_vec(); // (.., 2f)
             let last = dims.len() - 1;
             let h = crate::ops::gated_act::gated_act(&a.reshape(((), dims[last]))?, self.act)?; // (n, f)
+            lap(&mut laps, "mlp gated act (fused)")?;
             dims[last] /= 2;
-            return self.fc2.forward(&h.reshape(dims)?); // (.., d)
+            let y = self.fc2.forward(&h.reshape(dims)?)?; // (.., d)
+            lap(&mut laps, "mlp fc2")?;
+            return Ok(y);
         }
         #[cfg(not(feature = "cuda"))]
         let _ = fused_act;
@@ -87,7 +93,10 @@ impl Mlp {
         } else {
             self.activate(&a)?
         };
-        self.fc2.forward(&h) // (n, d)
+        lap(&mut laps, "mlp act (tensor ops)")?;
+        let y = self.fc2.forward(&h)?; // (n, d)
+        lap(&mut laps, "mlp fc2")?;
+        Ok(y)
     }
 
     fn activate(&self, x: &Tensor) -> Result<Tensor> {
@@ -150,13 +159,17 @@ impl SwitchMlp {
         let xs = x.reshape(((), d))?; // (T, d)
         let n_tok = xs.dim(0)?;
         let n_exp = self.experts.len();
+        let dev = x.device();
+        let mut laps = prof::start(dev)?; // `bench --finetune --profile`; None otherwise
         let logits = self.router.forward(&xs.to_dtype(DType::F32)?)?; // (T, E) f32
+        lap(&mut laps, "moe router logits")?;
         let mut fresh = None;
         let route = match cache {
             Some(Some(r)) if r.experts.len() == n_tok => {
                 if let Some(p) = probe {
                     let host: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?;
                     r.record(p, &host, n_exp, None);
+                    lap(&mut laps, "moe route: logits to host (probe)")?;
                 }
                 &*r
             }
@@ -169,14 +182,17 @@ impl SwitchMlp {
             Some(slot) => &*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe)?),
             None => &*fresh.insert(Route::decide(&logits, n_tok, n_exp, routing, probe)?),
         };
+        laps = prof::start(dev)?; // the decision timed its own parts
         let probs = candle_nn::ops::sigmoid(&logits)?; // (T, E)
         let gate = probs.gather(&route.idx, 1)?; // (T, 1): σ(r)[e*], the router's only gradient path
         let wdt = self.experts[0].fc1.weight.dtype();
         let xs = xs.to_dtype(wdt)?;
+        lap(&mut laps, "moe gate")?;
         let y = match &route.group {
             None => self.experts[route.experts[0] as usize].forward_fused(&xs, fused_act)?,
             Some((group, counts)) => {
                 let sorted = group.apply(&xs)?; // (T, d) grouped by expert
+                lap(&mut laps, "moe group tokens by expert")?;
                 let mut outs = Vec::with_capacity(n_exp);
                 let mut off = 0;
                 for (e, &n) in counts.iter().enumerate() {
@@ -185,11 +201,16 @@ impl SwitchMlp {
                         off += n;
                     }
                 }
+                laps = prof::start(dev)?; // the experts timed their own parts
                 let ys = Tensor::cat(&outs, 0)?; // (T, d) grouped
-                group.inverse().apply(&ys)? // (T, d) token order
+                let y = group.inverse().apply(&ys)?; // (T, d) token order
+                lap(&mut laps, "moe cat+ungroup")?;
+                y
             }
         };
+        laps = prof::start(dev)?;
         let y = y.to_dtype(DType::F32)?.broadcast_mul(&gate)?; // scale by the gate, f32
+        lap(&mut laps, "moe scale by gate")?;
         Ok(y.reshape(dims)?)
     }
 }
@@ -209,7 +230,10 @@ pub struct Route {
 impl Route {
     /// Decides from the router logits (T, E) f32 on the host, recording into `probe`.
     pub(crate) fn decide(logits: &Tensor, n_tok: usize, n_exp: usize, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Self> {
+        let dev = logits.device();
+        let mut laps = prof::start(dev)?; // `bench --finetune --profile`; None otherwise
         let host: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?; // routing is decided on the host
+        lap(&mut laps, "moe route: logits to host")?;
         let (experts, trace) = match routing {
             Routing::Greedy => (greedy(&host, n_tok, n_exp), None),
             Routing::Sinkhorn(opts) => {
@@ -217,7 +241,7 @@ impl Route {
                 (r.assignment.clone(), Some(r))
             }
         };
-        let dev = logits.device();
+        lap(&mut laps, "moe route: sinkhorn / argmax (host)")?;
         let idx = Tensor::from_slice(&experts, (n_tok, 1), dev)?;
         let group = if n_tok == 1 {
             None
@@ -231,6 +255,7 @@ impl Route {
         if let Some(p) = probe {
             route.record(p, &host, n_exp, trace);
         }
+        lap(&mut laps, "moe route: permutation to device")?;
         Ok(route)
     }
 

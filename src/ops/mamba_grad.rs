@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::mamba::MambaMixer;
 use crate::model::state::LayerState;
 use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module, ScanIn};
+use crate::ops::prof::{self, lap};
 use crate::ops::scan_grad::{ptr_of, to_candle};
 
 /// Largest conv width the kernels take (`KMAX` in kernels/mamba_train.cu).
@@ -398,11 +399,15 @@ pub fn mixer_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState) -> Resu
         return Ok(None);
     }
     let di = m.d_inner;
+    let mut laps = prof::start(x.device())?; // `bench --finetune --profile`; None otherwise
     let xz = m.in_proj.forward(x)?; // (B, L, 2·di)
+    lap(&mut laps, "mamba in_proj")?;
     let u = xz.narrow(D::Minus1, 0, di)?; // (B, L, di)
     let z = xz.narrow(D::Minus1, di, di)?; // (B, L, di)
     let (v, new_conv) = conv_silu(&u, &m.conv_w, &m.conv_b, &state.conv)?; // (B, L, di), (B, di, K)
+    lap(&mut laps, "mamba conv-silu (fused)")?;
     let (dt, bm, cm) = m.ssm_raw(&v)?; // (B, L, di), (B, L, N), (B, L, N)
+    lap(&mut laps, "mamba x_proj+dt_proj")?;
     let tail = TailIn {
         v: &v,
         dt: &dt,
@@ -415,7 +420,9 @@ pub fn mixer_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState) -> Resu
         h0: &state.ssm,
     };
     let (y, h_last) = scan_tail(&tail)?; // (B, L, di), (B, di, N)
+    lap(&mut laps, "mamba scan-tail (fused)")?;
     let out = m.out_proj.forward(&y.to_dtype(m.out_proj.weight.dtype())?)?; // (B, L, d)
+    lap(&mut laps, "mamba out_proj")?;
     state.conv = new_conv;
     state.ssm = h_last;
     Ok(Some(out))

@@ -25,7 +25,6 @@ pub mod gated_act;
 pub mod mamba_grad;
 #[cfg(feature = "cuda")]
 pub mod optim;
-#[cfg(feature = "cuda")]
 pub mod prof;
 pub mod scan_cpu;
 #[cfg(feature = "cuda")]

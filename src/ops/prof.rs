@@ -1,6 +1,9 @@
-//! A coarse time breakdown of the fused forward (`bench --profile`): when switched on, named laps
-//! synchronise the device and add the time since the previous lap to a total per name. Off by
-//! default, and then a lap costs one relaxed atomic load.
+//! A coarse time breakdown of the fused forward (`bench --profile`) and of the training forward
+//! by part (`bench --finetune --profile`: the half-blocks' norm, Mamba and MoE parts, the routing
+//! decision): when switched on, named laps synchronise the device and add the time since the
+//! previous lap to a total per name. Off by default, and then a lap costs one relaxed atomic load.
+//! A caller that runs laps of its own inside another's (a block around its mixer) restarts its
+//! timer with [`start`] after the inner call, so no time is counted twice.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

@@ -103,7 +103,9 @@ fn moe_run(m: &SwitchMlp, x: &Tensor, decide: Option<(Routing, &mut Option<Route
             (route.idx().flatten_all()?.contiguous()?, gate.flatten_all()?.contiguous()?)
         }
     };
-    lap(&mut laps, "moe.decide")?;
+    if decided {
+        laps = prof::start(dev)?; // Route::decide timed its own parts
+    }
     let order = empty(&[n_tok], DType::U32, dev)?;
     let inverse = empty(&[n_tok], DType::U32, dev)?;
     let counts = empty(&[n_exp], DType::U32, dev)?;

@@ -3,6 +3,11 @@ use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
 use std::collections::{hash_map::Entry, HashMap};
 
+pub use crate::backprop_profile::{
+    op_kind, op_profile_enabled, op_profile_totals, set_op_profile, ACCUMULATE, SORT,
+};
+use crate::backprop_profile::{host_finish, host_start, Timer};
+
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
 fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result<Tensor> {
@@ -163,7 +168,9 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        let sort = host_start(); // blackmamba patch: op profile (backprop_profile.rs)
         let sorted_nodes = self.sorted_nodes();
+        host_finish(sort, SORT);
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
@@ -181,6 +188,8 @@ impl Tensor {
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
             if let Some(op) = node.op() {
+                // blackmamba patch: with the op profile on, time this node's gradients
+                let timer = Timer::node(node.device())?;
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
                         grads.accumulate(lhs, &grad)?;
@@ -656,6 +665,9 @@ impl Tensor {
                         grads.accumulate(arg, &arg_grad)?
                     }
                 };
+                if let Some(t) = timer {
+                    t.finish_node(op, node.dtype())?;
+                }
             }
         }
         Ok(grads)
@@ -703,6 +715,15 @@ impl GradStore {
     /// is (made contiguous) instead of being added to a fresh tensor of zeros: in a training
     /// step that saves a zero fill and a full-size add per node of the graph (blackmamba patch).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        let timer = Timer::accumulate(grad.device())?;
+        self.accumulate_untimed(tensor, grad)?;
+        match timer {
+            Some(t) => t.finish_accumulate(),
+            None => Ok(()),
+        }
+    }
+
+    fn accumulate_untimed(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         if upstream_accumulation() {
             let sum_grad = self.or_insert(tensor)?;
             *sum_grad = sum_grad.add(grad)?;
@@ -722,6 +743,15 @@ impl GradStore {
 
     /// Subtracts `grad` from the gradient of `tensor` (as [`Self::accumulate`]).
     fn accumulate_neg(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        let timer = Timer::accumulate(grad.device())?;
+        self.accumulate_neg_untimed(tensor, grad)?;
+        match timer {
+            Some(t) => t.finish_accumulate(),
+            None => Ok(()),
+        }
+    }
+
+    fn accumulate_neg_untimed(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         if upstream_accumulation() {
             let sum_grad = self.or_insert(tensor)?;
             *sum_grad = sum_grad.sub(grad)?;

@@ -1,6 +1,6 @@
 //! The training loss (cross-entropy on the learned positions only) and evaluation.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::finetune::data::{Batch, Example};
@@ -8,14 +8,30 @@ use crate::model::moe::Routing;
 use crate::model::probe::Probe;
 use crate::model::Model;
 
-/// Sum over rows of −log softmax(logits)\[target\]: logits (n, V) f32, targets (n) u32 -> scalar.
-/// The fused [`CrossEntropy`] op on the CPU; its tensor-op twin [`nll_sum_slow`] elsewhere.
+/// Sum over rows of −log softmax(logits)\[target\]: logits (n, V), targets (n) u32 -> f32 scalar.
+/// The fused [`CrossEntropy`] op on the CPU (f32 logits), the CUDA op of `ops::xent` on the GPU
+/// (f32, bf16 or f16 logits, see [`fuses`]); its tensor-op twin [`nll_sum_slow`] elsewhere.
 pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-        Ok(logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)?.sum_all()?)
-    } else {
-        nll_sum_slow(logits, targets)
+        return Ok(logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)?.sum_all()?);
     }
+    #[cfg(feature = "cuda")]
+    if fuses(logits.device(), logits.dtype()) {
+        return Ok(crate::ops::xent::cross_entropy(logits, targets)?.sum_all()?);
+    }
+    nll_sum_slow(logits, targets)
+}
+
+/// Whether [`nll_sum`] takes logits of `dtype` on `dev` through the fused CUDA op, which computes
+/// in f32 whatever their dtype: the training head then hands over its bf16 logits as they are.
+/// Elsewhere the logits are to be f32 (the twin computes in their dtype).
+pub fn fuses(dev: &Device, dtype: DType) -> bool {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return crate::ops::xent::enabled();
+    }
+    let _ = (dev, dtype);
+    false
 }
 
 /// [`nll_sum`] from tensor ops (log-softmax, gather): any device and dtype.

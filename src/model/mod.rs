@@ -340,11 +340,17 @@ impl Model {
         Ok(self.embedding.index_select(&ids.flatten_all()?, 0)?.reshape((bsz, len, ()))?)
     }
 
-    /// The logits of chosen positions of a final residual h (B, L, d) f32: `rows` (n) u32 indexes
-    /// the flattened B·L positions -> (n, V) f32.
+    /// The logits of chosen positions of a final residual h (B, L, d) f32, for the training loss:
+    /// `rows` (n) u32 indexes the flattened B·L positions -> (n, V), f32, or in the embedding's
+    /// dtype where [`crate::finetune::loss::nll_sum`] fuses it (CUDA: no (n, V) f32 copy, and the
+    /// gradient flows back into the matmul in that dtype).
     pub fn head_rows(&self, h: &Tensor, rows: &Tensor) -> Result<Tensor> {
         let (bsz, len, _) = h.dims3()?;
-        self.head(&h.reshape((bsz * len, ()))?.index_select(rows, 0)?)
+        let x = h.reshape((bsz * len, ()))?.index_select(rows, 0)?; // (n, d)
+        if !self.runs_kernels() && crate::finetune::loss::fuses(&self.device, self.embedding.dtype()) {
+            return self.head_logits(&x); // (n, V) in the embedding's dtype
+        }
+        self.head(&x)
     }
 
     /// Whether fine-tuning scans with the fused autograd kernels: a differentiable model on
@@ -371,6 +377,12 @@ impl Model {
         if self.runs_kernels() && self.embedding.dtype() != DType::F32 {
             return crate::ops::fused::head(self, h);
         }
+        Ok(self.head_logits(h)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Model::head`]'s tensor ops before the cast to f32: h (.., d) f32 -> (.., V) in the
+    /// embedding's dtype.
+    fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.layernorm_epsilon;
         let out = layer_norm(h, &self.final_w, &self.final_b, eps, self.differentiable)?.to_dtype(self.embedding.dtype())?;
         let dims = out.dims().to_vec();
@@ -379,6 +391,6 @@ impl Model {
         let mut shape = dims;
         let last = shape.len() - 1;
         shape[last] = self.cfg.vocab_size;
-        Ok(logits.to_dtype(DType::F32)?.reshape(shape)?)
+        Ok(logits.reshape(shape)?)
     }
 }

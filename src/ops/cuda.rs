@@ -33,6 +33,7 @@ pub enum Module {
     Prefill,
     Scan,
     Sinkhorn,
+    Xent,
 }
 
 impl Module {
@@ -47,6 +48,7 @@ impl Module {
             Self::Prefill => bins::PREFILL,
             Self::Scan => bins::SCAN,
             Self::Sinkhorn => bins::SINKHORN,
+            Self::Xent => bins::XENT,
         }
     }
 }

@@ -8,6 +8,8 @@
 //! * `sinkhorn`: Sinkhorn iterations on device;
 //! * `scan_grad`: the chunked selective scan as an autograd op (forward and backward kernels);
 //! * `mamba_grad`: the Mamba mixer's conv + SiLU and scan + D·v + gate as autograd ops (training);
+//! * `gated_act`, `xent`: an expert's gated activation and the training loss's cross-entropy as
+//!   autograd ops (fine-tuning);
 //! * [`scan_cpu`]: the same autograd op on the CPU (plain loops; fine-tuning on the CPU);
 //! * `cuda`: loading the kernels, device pointers, launches.
 //!
@@ -31,6 +33,8 @@ pub mod scan_cpu;
 pub mod scan_grad;
 #[cfg(feature = "cuda")]
 pub mod sinkhorn;
+#[cfg(feature = "cuda")]
+pub mod xent;
 
 /// Whether this build has the fused CUDA kernels.
 pub fn available() -> bool {

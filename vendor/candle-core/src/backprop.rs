@@ -439,10 +439,21 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
+                        // blackmamba patch 3: each gradient in its input's layout. A weight used
+                        // through `.t()` gets a transposed gradient, so that the transpose's
+                        // backward hands the weight (and a cast of it) a contiguous one.
+                        let lhs_grad = if transposed_view(lhs) {
+                            rhs.matmul(&grad.t()?)?.t()?
+                        } else {
+                            grad.matmul(&rhs.t()?)?
+                        };
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
+                        let rhs_grad = if transposed_view(rhs) {
+                            grad.t()?.matmul(lhs)?.t()?
+                        } else {
+                            lhs.t()?.matmul(&grad)?
+                        };
                         grads.accumulate(rhs, &rhs_grad)?;
                     }
                     Op::Cat(args, dim) => {
@@ -678,6 +689,12 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// A view of a contiguous tensor with its last two dimensions swapped (`x.t()` of a contiguous x).
+fn transposed_view(x: &Tensor) -> bool {
+    !upstream_matmul_grads()
+        && x.rank() >= 2 && !x.is_contiguous() && x.t().is_ok_and(|t| t.is_contiguous())
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -735,7 +752,8 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                // contiguous as the sum was, but a transposed view (patch 3) stays one
+                entry.insert(if transposed_view(grad) { grad.clone() } else { grad.contiguous()? });
             }
         }
         Ok(())
@@ -817,4 +835,10 @@ impl GradStore {
 fn upstream_accumulation() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("CANDLE_GRAD_ZEROS").is_some_and(|v| v == "1"))
+}
+
+/// `CANDLE_MATMUL_GRAD_UPSTREAM=1`: matmul gradients always contiguous, as upstream (patch 3 off).
+fn upstream_matmul_grads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("CANDLE_MATMUL_GRAD_UPSTREAM").is_some_and(|v| v == "1"))
 }

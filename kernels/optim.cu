@@ -3,12 +3,15 @@
 //
 //   adamw_f32   g' = g · gscale; m ← β₁m + (1−β₁)g'; v ← β₂v + (1−β₂)g'²;
 //               w ← w · decay − lr · (m / bc1) / (√(v / bc2) + ε)          in place, f32
+//               and, with wc, the model's low-precision copy wc ← w (0 none, 1 bf16, 2 f16), in
+//               place: the recast of a bf16 model's weights in the same pass
 //   sumsq_f32   *acc += Σ g²  (f64 accumulator; one per step, summed over tensors)
 #include "common.cuh"
 
 extern "C" __global__ void adamw_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
                                      float* __restrict__ v, unsigned long long n, float lr, float b1, float b2,
-                                     float bc1, float bc2, float eps, float decay, float gscale) {
+                                     float bc1, float bc2, float eps, float decay, float gscale,
+                                     void* __restrict__ wc, int wc_kind) {
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float gi = g[i] * gscale;
@@ -17,7 +20,10 @@ extern "C" __global__ void adamw_f32(float* __restrict__ w, const float* __restr
         m[i] = mi;
         v[i] = vi;
         const float upd = (mi / bc1) / (sqrtf(vi / bc2) + eps);
-        w[i] = w[i] * decay - upd * lr;
+        const float wi = w[i] * decay - upd * lr;
+        w[i] = wi;
+        if (wc_kind == 1) static_cast<bf16*>(wc)[i] = from_f<bf16>(wi);
+        else if (wc_kind == 2) static_cast<f16*>(wc)[i] = from_f<f16>(wi);
     }
 }
 

@@ -394,8 +394,8 @@ fn schedule_clipping_and_adamw_by_hand() {
         weight_decay: 0.1,
     };
     let mut opt = AdamW::new(&params, hp).unwrap();
-    opt.step(&params, std::slice::from_ref(&g), 0.01, 0.5).unwrap();
-    opt.step(&params, &[g], 0.01, 0.5).unwrap();
+    opt.step(&params, std::slice::from_ref(&g), 0.01, 0.5, &[]).unwrap();
+    opt.step(&params, &[g], 0.01, 0.5, &[]).unwrap();
     // by hand, per element: g' = 0.5 g; two steps with the same gradient give m̂ = g', v̂ = g'²
     let want: Vec<f32> = [(1.0f64, 3.0f64), (2.0, -4.0)]
         .iter()

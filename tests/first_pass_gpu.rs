@@ -126,3 +126,58 @@ fn kernel_first_pass_in_bf16_stays_within_rounding() {
         b.grad_norm
     );
 }
+
+#[test]
+fn bf16_weights_follow_their_f32_masters_across_steps() {
+    // The fused AdamW writes the model's bf16 copy of each master in place (no recast): after
+    // a few steps of training every weight, the weights the model computes with must be the
+    // bf16 casts of the saved f32 masters.
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let cfg = config(&["r", "8", "r", "8"], 64);
+    let w = random_weights(&cfg, RandomInit { seed: 9, perturb: true }, DType::BF16, &dev).unwrap();
+    let base = Model::from_tensors(&cfg, w, DType::BF16, &dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tok = byte_tokenizer();
+    let data_path = write(dir.path(), "t.txt", &TEXT.repeat(4));
+    let out = dir.path().join("out");
+    let mut fc = run_config(data_path.clone(), out.clone(), Method::Full, 3);
+    fc.recompute = Recompute::On;
+    let ds = data::load(&data_path, DataFormat::Auto, &tok, fc.seq_len, VOCAB).unwrap();
+    let (train, _) = data::split(ds.examples, fc.eval_fraction, fc.seed);
+    let mut t = Trainer::in_memory(&base, &tok, fc, train).unwrap();
+    for _ in 0..3 {
+        t.step().unwrap();
+    }
+    t.save().unwrap();
+    let masters = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+    let model = t.model().unwrap();
+    let mut compared = 0;
+    for (name, w) in model.named_tensors().unwrap() {
+        let Some(m) = masters.get(&name) else { continue };
+        if w.dtype() != DType::BF16 {
+            continue;
+        }
+        let want: Vec<f32> = m
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got: Vec<f32> = w.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want, "{name}: the model's bf16 weight is not the cast of its master");
+        compared += 1;
+    }
+    assert!(compared > 10, "only {compared} bf16 weights compared");
+    let init = base.named_tensors().unwrap();
+    let moved = init.iter().any(|(n, w0)| {
+        let m = masters
+            .get(n)
+            .map(|m| m.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap());
+        let w0 = w0.to_dtype(DType::F32).unwrap();
+        m.is_some_and(|m| (m - w0).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+    });
+    assert!(moved, "no weight moved");
+}

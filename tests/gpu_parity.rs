@@ -770,6 +770,8 @@ fn fused_adamw_and_gradient_norm_match_the_tensor_op_optimiser() {
         weight_decay: 0.1,
     };
     let (mut a, mut b) = (AdamW::new(&pa, hp).unwrap(), AdamW::new(&pb, hp).unwrap());
+    // the model's bf16 copies, rewritten by the fused step (checked against a fresh cast)
+    let casts: Vec<Option<Tensor>> = pa.iter().map(|p| Some(p.var.as_tensor().to_dtype(DType::BF16).unwrap())).collect();
     for step in 0..3u64 {
         let grads: Vec<Tensor> = sizes
             .iter()
@@ -780,13 +782,19 @@ fn fused_adamw_and_gradient_norm_match_the_tensor_op_optimiser() {
         assert!((nf - no).abs() <= 1e-6 * no, "step {step}: gradient norm {nf} vs {no}");
         let (lr, scale) = (1e-2 * (step + 1) as f64, if step == 1 { 0.5 } else { 1.0 });
         a.t += 1;
-        a.step_fused(&pa, &grads, lr, scale).unwrap();
+        a.step_fused(&pa, &grads, lr, scale, &casts).unwrap();
         b.t += 1;
         b.step_ops(&pb, &grads, lr, scale).unwrap();
         for (k, (x, y)) in pa.iter().zip(&pb).enumerate() {
             assert_close(&format!("step {step} weight {k}"), x.var.as_tensor(), y.var.as_tensor(), 1e-6);
             assert_close(&format!("step {step} m {k}"), &a.moments[k].0, &b.moments[k].0, 1e-6);
             assert_close(&format!("step {step} v {k}"), &a.moments[k].1, &b.moments[k].1, 1e-6);
+            let fresh = host(&x.var.as_tensor().to_dtype(DType::BF16).unwrap());
+            let written = casts[k].as_ref().map(host).unwrap();
+            assert_eq!(
+                written, fresh,
+                "step {step} weight {k}: the bf16 copy is not the updated weight's cast"
+            );
         }
     }
     let moved = diff(&host(pa[0].var.as_tensor()), &host(&noise(sizes[0].0, 7, 2.0, &dev))).0;

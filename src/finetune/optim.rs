@@ -56,17 +56,23 @@ impl AdamW {
     }
 
     /// One update with gradients `grads` (one per parameter, f32) multiplied by `grad_scale`
-    /// (the clipping factor) at learning rate `lr`.
-    pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+    /// (the clipping factor) at learning rate `lr`. `casts`: per parameter, the model's
+    /// low-precision copy of it, or empty; true when the update also rewrote those copies in
+    /// place (the fused kernel), false when the caller has to recast.
+    pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64, casts: &[Option<Tensor>]) -> Result<bool> {
         if grads.len() != params.len() || self.moments.len() != params.len() {
             return Err(Error::Invalid("optimiser: parameter and gradient lists differ in length".into()));
         }
         self.t += 1;
         #[cfg(feature = "cuda")]
         if crate::ops::kernels_enabled() && self.fusable(params) {
-            return self.step_fused(params, grads, lr, grad_scale);
+            self.step_fused(params, grads, lr, grad_scale, casts)?;
+            return Ok(!casts.is_empty());
         }
-        self.step_ops(params, grads, lr, grad_scale)
+        #[cfg(not(feature = "cuda"))]
+        let _ = casts;
+        self.step_ops(params, grads, lr, grad_scale)?;
+        Ok(false)
     }
 
     /// Whether every parameter and moment is an f32 CUDA tensor (the fused kernel's inputs).
@@ -76,11 +82,15 @@ impl AdamW {
         params.iter().all(|p| ok(p.var.as_tensor())) && self.moments.iter().all(|(m, v)| ok(m) && ok(v))
     }
 
-    /// The update of step `self.t` by the fused CUDA kernel (`ops::optim::adamw`), in place.
+    /// The update of step `self.t` by the fused CUDA kernel (`ops::optim::adamw`), in place,
+    /// writing each parameter's copy in `casts` (when given: one entry per parameter) as well.
     #[cfg(feature = "cuda")]
-    pub fn step_fused(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step_fused(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64, casts: &[Option<Tensor>]) -> Result<()> {
+        if !casts.is_empty() && casts.len() != params.len() {
+            return Err(Error::Invalid("optimiser: parameter and copy lists differ in length".into()));
+        }
         let (bc1, bc2) = self.corrections();
-        for ((p, g), (m, v)) in params.iter().zip(grads).zip(&self.moments) {
+        for (k, ((p, g), (m, v))) in params.iter().zip(grads).zip(&self.moments).enumerate() {
             let decay = if p.decay && self.hp.weight_decay > 0.0 {
                 1.0 - lr * self.hp.weight_decay
             } else {
@@ -96,7 +106,7 @@ impl AdamW {
                 decay,
                 gscale: grad_scale,
             };
-            crate::ops::optim::adamw(p.var.as_tensor(), g, m, v, &s)?;
+            crate::ops::optim::adamw(p.var.as_tensor(), g, m, v, &s, casts.get(k).and_then(Option::as_ref))?;
         }
         Ok(())
     }

@@ -39,6 +39,9 @@ pub struct Trainer {
     params: Vec<Param>,
     /// Params the model holds as a cast (bf16 model): name -> (param index, model dtype).
     casts: Casts,
+    /// Per param, the model's cast of it (empty without casts): the fused optimiser rewrites
+    /// these in place; the autograd link to the master (the cast op) stays as built.
+    cast_of: Vec<Option<Tensor>>,
     opt: AdamW,
     train: Vec<Example>,
     held_out: Vec<Example>,
@@ -199,6 +202,7 @@ impl Trainer {
             model,
             params,
             casts,
+            cast_of: Vec::new(),
             opt,
             train,
             held_out,
@@ -313,13 +317,17 @@ impl Trainer {
         }
         timing.norm_s = to.elapsed().as_secs_f64();
         let ta = Instant::now();
-        self.opt.step(&self.params, &grads, lr, clip_scale(grad_norm, self.cfg.clip))?;
+        let recast = !self
+            .opt
+            .step(&self.params, &grads, lr, clip_scale(grad_norm, self.cfg.clip), &self.cast_of)?;
         self.phase_sync()?;
         timing.adam_s = ta.elapsed().as_secs_f64();
         let tc = Instant::now();
         self.step += 1;
         self.last_loss = Some(loss);
-        self.refresh_casts()?;
+        if recast {
+            self.refresh_casts()?;
+        }
         self.phase_sync()?;
         timing.cast_s = tc.elapsed().as_secs_f64();
         timing.optim_s = to.elapsed().as_secs_f64();
@@ -433,8 +441,12 @@ impl Trainer {
     pub fn model(&self) -> Result<Model> {
         let mut m = self.model.clone();
         m.visit_mut(&mut |_, t| {
-            // vars are updated in place by later steps: copy them; casts are rebuilt anyway
-            *t = if t.is_variable() { t.detach().copy()? } else { t.detach() };
+            // vars and the casts of them are updated in place by later steps: copy them
+            *t = if t.is_variable() || t.track_op() {
+                t.detach().copy()?
+            } else {
+                t.detach()
+            };
             Ok(())
         })?;
         m.routing = Routing::Greedy;
@@ -501,18 +513,23 @@ impl Trainer {
         Ok(())
     }
 
-    /// Rebuilds the model's casts of the masters (bf16 models) after an update.
+    /// Rebuilds the model's casts of the masters (bf16 models) after an update the optimiser
+    /// did not already write into them.
     fn refresh_casts(&mut self) -> Result<()> {
         if self.casts.is_empty() {
             return Ok(());
         }
         let (casts, params) = (&self.casts, &self.params);
+        let mut cast_of = vec![None; params.len()];
         self.model.visit_mut(&mut |name, t| {
             if let Some(&(i, dt)) = casts.get(name) {
                 *t = params[i].var.as_tensor().to_dtype(dt)?;
+                cast_of[i] = Some(t.clone());
             }
             Ok(())
-        })
+        })?;
+        self.cast_of = cast_of;
+        Ok(())
     }
 }
 

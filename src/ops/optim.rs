@@ -33,8 +33,10 @@ fn check_f32(what: &str, t: &Tensor, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// w, m, v (f32, contiguous, distinct storage) updated in place from the gradient g.
-pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep) -> Result<()> {
+/// w, m, v (f32, contiguous, distinct storage) updated in place from the gradient g; with
+/// `cast`, that tensor (contiguous, bf16 or f16, as many values: the model's copy of w) is
+/// overwritten with the updated w in its dtype, in the same pass.
+pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep, cast: Option<&Tensor>) -> Result<()> {
     let n = w.elem_count();
     let g = g.to_dtype(DType::F32)?.contiguous()?;
     for (what, t) in [
@@ -45,6 +47,23 @@ pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep) -> Re
     ] {
         check_f32(what, t, n)?;
     }
+    let (wc, wc_kind) = match cast {
+        None => (0, 0),
+        Some(c) => {
+            let kind = match c.dtype() {
+                DType::BF16 => 1,
+                DType::F16 => 2,
+                other => return Err(Error::Invalid(format!("fused AdamW: cannot write a {other:?} copy of the weight"))),
+            };
+            if !c.device().is_cuda() || !c.is_contiguous() || c.elem_count() != n {
+                return Err(Error::Invalid(format!(
+                    "fused AdamW: the weight's copy must be a contiguous CUDA tensor of {n} values (got {:?})",
+                    c.shape()
+                )));
+            }
+            (dptr(c)?, kind)
+        }
+    };
     if n == 0 {
         return Ok(());
     }
@@ -64,6 +83,8 @@ pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep) -> Re
         .f32(s.eps as f32)
         .f32(s.decay as f32)
         .f32(s.gscale as f32)
+        .ptr(wc)
+        .int(wc_kind)
         .run(&cd.cuda_stream())
 }
 

@@ -308,7 +308,7 @@ impl Model {
                 .count()
         };
         let mut laps = prof::start(&self.device)?; // `bench --finetune --profile`; None otherwise
-        let normed = rms_norm(res, &block.norm, self.cfg.layernorm_epsilon, self.differentiable)?.to_dtype(self.dtype)?;
+        let normed = self.block_norm(res, &block.norm)?; // (.., d) model dtype
         lap(&mut laps, "block rms_norm")?;
         let out = match &block.mixer {
             Mixer::Mamba(m) => {
@@ -332,6 +332,18 @@ impl Model {
         let res = (res + out.to_dtype(DType::F32)?)?;
         lap(&mut laps, "block residual add")?;
         Ok(res)
+    }
+
+    /// A half-block's RMSNorm: res (.., d) f32, w (d) f32 -> (.., d) in the model's dtype. Training
+    /// on CUDA takes the fused autograd op of `ops::rms_norm` (the cast folded in); everything else,
+    /// and `BLACKMAMBA_SLOW_RMSNORM=1`, the tensor ops of [`rms_norm`] and a cast, its twin.
+    fn block_norm(&self, res: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.layernorm_epsilon;
+        #[cfg(feature = "cuda")]
+        if self.trains_with_kernels() && crate::ops::rms_norm::enabled() && res.dtype() == DType::F32 && w.dtype() == DType::F32 {
+            return crate::ops::rms_norm::rms_norm(res, w, eps, self.dtype);
+        }
+        Ok(rms_norm(res, w, eps, self.differentiable)?.to_dtype(self.dtype)?)
     }
 
     /// The embedding rows of ids (B, L) u32 -> (B, L, d) in the weight dtype.

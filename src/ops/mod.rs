@@ -8,8 +8,8 @@
 //! * `sinkhorn`: Sinkhorn iterations on device;
 //! * `scan_grad`: the chunked selective scan as an autograd op (forward and backward kernels);
 //! * `mamba_grad`: the Mamba mixer's conv + SiLU and scan + D·v + gate as autograd ops (training);
-//! * `gated_act`, `xent`: an expert's gated activation and the training loss's cross-entropy as
-//!   autograd ops (fine-tuning);
+//! * `gated_act`, `xent`, `rms_norm`: an expert's gated activation, the training loss's
+//!   cross-entropy and the blocks' RMSNorm of the residual as autograd ops (fine-tuning);
 //! * [`scan_cpu`]: the same autograd op on the CPU (plain loops; fine-tuning on the CPU);
 //! * `cuda`: loading the kernels, device pointers, launches.
 //!
@@ -28,6 +28,8 @@ pub mod mamba_grad;
 #[cfg(feature = "cuda")]
 pub mod optim;
 pub mod prof;
+#[cfg(feature = "cuda")]
+pub mod rms_norm;
 pub mod scan_cpu;
 #[cfg(feature = "cuda")]
 pub mod scan_grad;

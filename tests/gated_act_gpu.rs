@@ -5,22 +5,12 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod gpu_common;
+
 use blackmamba::model::config::Activation;
 use blackmamba::ops::gated_act::gated_act;
 use candle_core::{DType, Device, Tensor, Var, D};
-
-fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// max |a − b| / max |b|
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let (a, b) = (host(a), host(b));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let s = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
-    d / s.max(1e-6)
-}
+use gpu_common::rel;
 
 /// The tensor-op twin: a (n, 2f) -> act(a[:, :f]) ⊙ a[:, f:].
 fn twin(a: &Tensor, act: Activation) -> Tensor {

@@ -8,11 +8,14 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod gpu_common;
+
 use std::time::Instant;
 
 use blackmamba::model::linear::rms_norm as twin_norm;
 use blackmamba::ops::rms_norm::rms_norm;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use gpu_common::{device, host, rel};
 
 /// bf16 keeps 8 significant bits: rounding an f32 value to it moves it by at most 2⁻⁸ of itself.
 const BF16_ROUNDING: f32 = 1.0 / 256.0;
@@ -20,29 +23,6 @@ const BF16_ROUNDING: f32 = 1.0 / 256.0;
 /// different order, rsqrt for 1 / sqrt.
 const F32_TOL: f32 = 1e-5;
 const EPS: f64 = 1e-5;
-
-fn device() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// max |a − b| / max |b|
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let (a, b) = (host(a), host(b));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let s = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
-    d / s.max(1e-6)
-}
 
 /// y = f(x, w), and the gradients in x and w of Σ y ⊙ c (c f32; y read back as f32).
 fn run(x: &Tensor, w: &Tensor, c: &Tensor, f: impl Fn(&Tensor, &Tensor) -> Tensor) -> (Tensor, Tensor, Tensor) {

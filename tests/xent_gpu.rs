@@ -6,43 +6,20 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod gpu_common;
+
 use std::time::Instant;
 
 use blackmamba::finetune::loss::{fuses, nll_sum, nll_sum_slow};
 use blackmamba::ops::xent::cross_entropy;
 use candle_core::{DType, Device, Tensor, Var, D};
+use gpu_common::{device, host, rel};
 
 /// bf16 keeps 8 significant bits: rounding an f32 value to it moves it by at most 2⁻⁸ of itself.
 const BF16_ROUNDING: f32 = 1.0 / 256.0;
 /// f32: the two paths add the same terms in a different order (and the twin subtracts the max
 /// before the logsumexp where the op rescales a running sum).
 const F32_TOL: f32 = 1e-5;
-
-fn device() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-fn host(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// max |a − b| / max |b|
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let (a, b) = (host(a), host(b));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let s = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
-    if d.is_nan() || a.iter().any(|x| x.is_nan()) {
-        return f32::NAN;
-    }
-    d / s.max(1e-6)
-}
 
 /// A small deterministic generator (targets, weights).
 struct Lcg(u64);

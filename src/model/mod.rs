@@ -297,10 +297,7 @@ impl Model {
         seq: bool,
         route: Option<&mut Option<Route>>,
     ) -> Result<Tensor> {
-        let block = self
-            .layers
-            .get(i)
-            .ok_or_else(|| Error::Invalid(format!("layer {i} is past the model's {} layers", self.layers.len())))?;
+        let block = self.layer(i)?;
         let slot = |moe: bool| {
             self.layers[..i]
                 .iter()
@@ -344,6 +341,13 @@ impl Model {
             return crate::ops::rms_norm::rms_norm(res, w, eps, self.dtype);
         }
         Ok(rms_norm(res, w, eps, self.differentiable)?.to_dtype(self.dtype)?)
+    }
+
+    /// Half-block `i`, or an error that names the model's depth.
+    pub fn layer(&self, i: usize) -> Result<&Block> {
+        self.layers
+            .get(i)
+            .ok_or_else(|| Error::Invalid(format!("layer {i} is past the model's {} layers", self.layers.len())))
     }
 
     /// The embedding rows of ids (B, L) u32 -> (B, L, d) in the weight dtype.

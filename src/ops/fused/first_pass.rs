@@ -31,10 +31,7 @@ pub fn first_pass_block(
     probe: Option<&mut Probe>,
     route: &mut Option<Route>,
 ) -> Result<Tensor> {
-    let block = model
-        .layers
-        .get(i)
-        .ok_or_else(|| Error::Invalid(format!("layer {i} is past the model's {} layers", model.layers.len())))?;
+    let block = model.layer(i)?;
     if let Mixer::Mamba(m) = &block.mixer {
         if !mamba_fusable(m, true) {
             return model.block(i, res, state, probe, true, Some(route));

@@ -265,6 +265,13 @@ impl Route {
         &self.idx
     }
 
+    /// The tokens grouped by expert (the permutation to the grouped order) and the tokens per
+    /// expert; None for a single token.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn grouping(&self) -> Option<(&RowPermutation, &[usize])> {
+        self.group.as_ref().map(|(p, c)| (p, c.as_slice()))
+    }
+
     /// The expert of each token (T).
     pub fn experts(&self) -> &[u32] {
         &self.experts

@@ -36,6 +36,12 @@ impl RowPermutation {
         })
     }
 
+    /// (perm, inv), each (n) u32 on the device.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn indices(&self) -> (&Tensor, &Tensor) {
+        (&self.perm, &self.inv)
+    }
+
     /// The permutation that undoes this one.
     pub fn inverse(&self) -> Self {
         Self {

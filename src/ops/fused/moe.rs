@@ -94,31 +94,42 @@ fn moe_run(m: &SwitchMlp, x: &Tensor, decide: Option<(Routing, &mut Option<Route
     .int(i32::from(in_smem))
     .run(&stream)?;
     lap(&mut laps, "moe.router")?;
-    let decided = decide.is_some();
-    let (expert, gate) = match decide {
+    let route: Option<&Route> = match decide {
+        None => None,
+        Some((routing, slot)) => Some(&*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe.take())?)),
+    };
+    let decided = route.is_some();
+    let (expert, gate) = match route {
         None => (expert, gate),
-        Some((routing, slot)) => {
-            let route = &*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe.take())?);
-            let gate = candle_nn::ops::sigmoid(&logits)?.gather(route.idx(), 1)?; // (T, 1)
-            (route.idx().flatten_all()?.contiguous()?, gate.flatten_all()?.contiguous()?)
+        Some(r) => {
+            laps = prof::start(dev)?; // Route::decide timed its own parts
+            let gate = candle_nn::ops::sigmoid(&logits)?.gather(r.idx(), 1)?; // (T, 1)
+            (r.idx().flatten_all()?.contiguous()?, gate.flatten_all()?.contiguous()?)
         }
     };
-    if decided {
-        laps = prof::start(dev)?; // Route::decide timed its own parts
-    }
-    let order = empty(&[n_tok], DType::U32, dev)?;
-    let inverse = empty(&[n_tok], DType::U32, dev)?;
-    let counts = empty(&[n_exp], DType::U32, dev)?;
-    let nt: u32 = if n_exp <= 8 { 1024 } else { 512 };
-    Launch::new(func(cd, Module::Prefill, "moe_group")?, (1, 1, 1), nt, nt * n_exp as u32 * 4)
-        .i32(n_tok)
-        .i32(n_exp)
-        .ptr(dptr(&expert)?)
-        .ptr(dptr(&order)?)
-        .ptr(dptr(&inverse)?)
-        .ptr(dptr(&counts)?)
-        .run(&stream)?;
-    let counts: Vec<u32> = counts.to_vec1()?; // the one host sync: sizes of the expert products
+    // the grouping by expert: the decided route's (built on the host), else by the kernel
+    let (order, inverse, counts) = match route.and_then(Route::grouping) {
+        Some((perm, counts)) => {
+            let (order, inverse) = perm.indices();
+            (order.clone(), inverse.clone(), counts.iter().map(|&c| c as u32).collect())
+        }
+        None => {
+            let order = empty(&[n_tok], DType::U32, dev)?;
+            let inverse = empty(&[n_tok], DType::U32, dev)?;
+            let counts = empty(&[n_exp], DType::U32, dev)?;
+            let nt: u32 = if n_exp <= 8 { 1024 } else { 512 };
+            Launch::new(func(cd, Module::Prefill, "moe_group")?, (1, 1, 1), nt, nt * n_exp as u32 * 4)
+                .i32(n_tok)
+                .i32(n_exp)
+                .ptr(dptr(&expert)?)
+                .ptr(dptr(&order)?)
+                .ptr(dptr(&inverse)?)
+                .ptr(dptr(&counts)?)
+                .run(&stream)?;
+            let counts: Vec<u32> = counts.to_vec1()?; // the one host sync: sizes of the expert products
+            (order, inverse, counts)
+        }
+    };
     lap(&mut laps, "moe.group+sync")?;
     let (ys, rows_of) = match super::moe_batched::experts_batched(m, &xs, &expert, &inverse, &counts)? {
         Some((ys, padpos)) => (ys, padpos),                          // (E·R, d) padded, token -> row

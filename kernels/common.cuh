@@ -99,6 +99,19 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[32];
 }
 
+// One row's RMSNorm by a block: y[k] = T(x[k] · rsqrt(mean(x²) + eps) · w[k]) for k < d; returns
+// the row's rsqrt. `red` holds >= 33 floats.
+template <typename T>
+__device__ __forceinline__ float rms_norm_row(const float* __restrict__ x, const float* __restrict__ w, int d, float eps,
+                                              T* y, float* red) {
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) ss = fmaf(x[k], x[k], ss);
+    ss = block_sum(ss, red);
+    const float rstd = rsqrtf(ss / (float)d + eps);
+    for (int k = threadIdx.x; k < d; k += blockDim.x) y[k] = from_f<T>(x[k] * rstd * w[k]);
+    return rstd;
+}
+
 __device__ __forceinline__ double block_sum_d(double v, double* sh) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     v = warp_sum_d(v);

@@ -40,14 +40,7 @@ __device__ __forceinline__ void norm_prologue(const float* __restrict__ res, con
                                               const float* __restrict__ nb, float eps, int norm_kind, int K, T* xs,
                                               float* red) {
     if (norm_kind == 0) {
-        float ss = 0.0f;
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
-            const float r = res[k];
-            ss = fmaf(r, r, ss);
-        }
-        ss = block_sum(ss, red);
-        const float inv = rsqrtf(ss / (float)K + eps);
-        for (int k = threadIdx.x; k < K; k += blockDim.x) xs[k] = from_f<T>(res[k] * inv * nw[k]);
+        rms_norm_row(res, nw, K, eps, xs, red);
     } else {
         float s = 0.0f;
         for (int k = threadIdx.x; k < K; k += blockDim.x) s += res[k];

@@ -17,18 +17,7 @@ template <typename T>
 __device__ void rms_norm_fwd(long long rows, int d, float eps, const float* __restrict__ x, const float* __restrict__ w,
                              T* __restrict__ y) {
     __shared__ float red[33];
-    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float* xr = x + r * d;
-        float ss = 0.0f;
-        for (int k = threadIdx.x; k < d; k += blockDim.x) {
-            const float v = xr[k];
-            ss = fmaf(v, v, ss);
-        }
-        ss = block_sum(ss, red);
-        const float rstd = rsqrtf(ss / (float)d + eps);
-        T* yr = y + r * d;
-        for (int k = threadIdx.x; k < d; k += blockDim.x) yr[k] = from_f<T>(xr[k] * rstd * w[k]);
-    }
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) rms_norm_row(x + r * d, w, d, eps, y + r * d, red);
 }
 
 // Dynamic shared memory: d floats when smem_acc (the block's dw accumulator), else none and the

@@ -298,12 +298,7 @@ impl Model {
         route: Option<&mut Option<Route>>,
     ) -> Result<Tensor> {
         let block = self.layer(i)?;
-        let slot = |moe: bool| {
-            self.layers[..i]
-                .iter()
-                .filter(|b| matches!(b.mixer, Mixer::Moe(_)) == moe && !matches!(b.mixer, Mixer::Dense(_)))
-                .count()
-        };
+        let slot = |moe: bool| self.probe_slot(i, moe);
         let mut laps = prof::start(&self.device)?; // `bench --finetune --profile`; None otherwise
         let normed = self.block_norm(res, &block.norm)?; // (.., d) model dtype
         lap(&mut laps, "block rms_norm")?;
@@ -341,6 +336,15 @@ impl Model {
             return crate::ops::rms_norm::rms_norm(res, w, eps, self.dtype);
         }
         Ok(rms_norm(res, w, eps, self.differentiable)?.to_dtype(self.dtype)?)
+    }
+
+    /// Layer `i`'s record in a [`Probe`] (see [`Model::probe_slots`]): the MoE layers before it
+    /// (`moe`), else the Mamba layers before it.
+    pub(crate) fn probe_slot(&self, i: usize, moe: bool) -> usize {
+        self.layers[..i]
+            .iter()
+            .filter(|b| matches!(b.mixer, Mixer::Moe(_)) == moe && !matches!(b.mixer, Mixer::Dense(_)))
+            .count()
     }
 
     /// Half-block `i`, or an error that names the model's depth.

@@ -47,8 +47,7 @@ pub fn first_pass_block(
             mamba_forward(m, &normed, st, None)?
         }
         Mixer::Moe(m) => {
-            let slot = model.layers[..i].iter().filter(|b| matches!(b.mixer, Mixer::Moe(_))).count();
-            let rec = probe.map(|p| &mut p.moe[slot]);
+            let rec = probe.map(|p| &mut p.moe[model.probe_slot(i, true)]);
             moe::moe_forward_decide(m, &normed, model.routing, rec, route)?
         }
         Mixer::Dense(m) => m.forward(&normed)?,

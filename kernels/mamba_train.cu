@@ -1,59 +1,72 @@
-// The Mamba mixer's elementwise chains as autograd kernels for fine-tuning (f32 throughout; the
-// twin is the tensor-op `MambaMixer::forward`, SPEC §5 eqs. 2-3 and 5-9):
+// The Mamba mixer's elementwise chains as autograd kernels for fine-tuning (f32 math; the twin is
+// the tensor-op `MambaMixer::forward`, SPEC §5 eqs. 2-3 and 5-9):
 //
-//   conv_silu_fwd_f32   v = SiLU(cb + Σ_k w[k]·u_{t−K+1+k}) continuing the conv state, and the
+//   conv_silu_fwd_T     v = SiLU(cb + Σ_k w[k]·u_{t−K+1+k}) continuing the conv state, and the
 //                       new conv state (the last K inputs)
-//   conv_silu_bwd_f32   du, and per-tile partial sums of dw and db (summed by the caller, so the
+//   conv_silu_bwd_T     du, and per-tile partial sums of dw and db (summed by the caller, so the
 //                       result does not depend on the order threads finish in)
-//   scan_tail_*_f32     backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias),
+//   scan_tail_*_T       backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias),
 //                       A = −exp(A_log): gradients of v, dt, z, B, C, A_log, D and the bias,
 //                       parallel over chunks of the sequence (three kernels, below). Its
 //                       forward is scan_chunk_sum_f32 / scan_chunk_out_f32 of kernels/scan.cu.
 //
-// Layouts: u, v, du (B, L, di); the conv state (B, di, K), oldest first; conv weights (di, K).
-// The scan tail packs its inputs as vdz = (B, L, 3, di) [v; dt; z], bc = (B, L, 2N) [B; C] and
-// P = [A_log (di, N); D (di); bias (di)]; its gradients have the same layouts.
+// Two instantiations: `_f32` for the autograd ops of src/ops/mamba_grad.rs (every tensor f32, the
+// scan tail's inputs packed as vdz = (B, L, 3, di) [v; dt; z]) and `_bf16` for the half-block
+// backward of src/ops/mamba_block_grad.rs (u, dt, z, the output gradient and the gradients of u,
+// dt and z in bf16, straight from and into the projections' bf16 buffers). Each (b, t) row of
+// u, v, dt, z and of their gradients is read or written at its own row stride (in elements), so
+// the same kernels read [u; z] halves of the in_proj output or the packed vdz without copies.
+// The conv state (B, di, K) is oldest first, conv weights (di, K); the scan tail's bc = (B, L, 2N)
+// [B; C] and P = [A_log (di, N); D (di); bias (di)], f32, with gradients of the same layouts.
 #include "common.cuh"
 
 #define KMAX 8
 #define NMAX 16
-static_assert(2 * NMAX == 32, "scan_tail_bwd_f32 sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
+static_assert(2 * NMAX == 32, "scan_tail_bwd sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
 
 struct ScanIn {
     int Bn, L, di, N, LC, Q;
 };
 
-// u at position s of sequence b, channel c; s < 0 reads the conv state: u_{−j} = state[b, c, K−j].
-__device__ __forceinline__ float conv_in(const float* __restrict__ u, const float* __restrict__ st, int L, int di,
+// u at position s of sequence b, channel c (rows of stride su); s < 0 reads the conv state,
+// u_{−j} = state[b, c, K−j], or zero without one.
+template <typename TU>
+__device__ __forceinline__ float conv_in(const TU* __restrict__ u, int su, const float* __restrict__ st, int L, int di,
                                          int K, int b, int s, int c) {
-    return s >= 0 ? u[((size_t)b * L + s) * di + c] : st[((size_t)b * di + c) * K + K + s];
+    if (s >= 0) return to_f(u[((size_t)b * L + s) * su + c]);
+    return st != nullptr ? st[((size_t)b * di + c) * K + K + s] : 0.0f;
 }
 
-// Threads over c (blockIdx.x), rows (b, t) over blockIdx.y (grid-stride).
-extern "C" __global__ void conv_silu_fwd_f32(int Bn, int L, int di, int K, const float* __restrict__ u,
-                                             const float* __restrict__ st, const float* __restrict__ cw,
-                                             const float* __restrict__ cb, float* __restrict__ v,
-                                             float* __restrict__ st_out) {
+// Threads over c (blockIdx.x), rows (b, t) over blockIdx.y (grid-stride). v (B, L, di) f32; v16
+// (B, L, di) bf16 and st_out (B, di, K) written when not null.
+template <typename TU>
+__device__ void conv_silu_fwd(int Bn, int L, int di, int K, const TU* __restrict__ u, int su,
+                              const float* __restrict__ st, const float* __restrict__ cw, const float* __restrict__ cb,
+                              float* __restrict__ v, bf16* __restrict__ v16, float* __restrict__ st_out) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= di) return;
     for (int row = blockIdx.y; row < Bn * L; row += gridDim.y) {
         const int b = row / L, t = row - b * L;
         float acc = cb[c];
-        for (int k = 0; k < K; k++) acc = fmaf(conv_in(u, st, L, di, K, b, t - (K - 1) + k, c), cw[(size_t)c * K + k], acc);
-        v[(size_t)row * di + c] = silu_f(acc);
-        if (t == L - 1)
-            for (int k = 0; k < K; k++) st_out[((size_t)b * di + c) * K + k] = conv_in(u, st, L, di, K, b, L - K + k, c);
+        for (int k = 0; k < K; k++) acc = fmaf(conv_in(u, su, st, L, di, K, b, t - (K - 1) + k, c), cw[(size_t)c * K + k], acc);
+        const float out = silu_f(acc);
+        v[(size_t)row * di + c] = out;
+        if (v16 != nullptr) v16[(size_t)row * di + c] = from_f<bf16>(out);
+        if (st_out != nullptr && t == L - 1)
+            for (int k = 0; k < K; k++) st_out[((size_t)b * di + c) * K + k] = conv_in(u, su, st, L, di, K, b, L - K + k, c);
     }
 }
 
 // One thread per (b, c, tile of `tile` steps): blockIdx.x over c, blockIdx.y = tile, blockIdx.z = b.
-// Walks its tile backwards with the K−1 later dc = dv·SiLU'(pre) in registers:
+// The gradient of v is gv (B, L, di) f32 plus gv2 (B, L, di) bf16 when not null. Walks its tile
+// backwards with the K−1 later dc = dv·SiLU'(pre) in registers:
 //   du[t] = Σ_k w[k]·dc[t+K−1−k];  dw[k] += dc[t]·u_{t−K+1+k};  db += dc[t]
-// part: (B·tiles, K+1, di) per-tile sums of dw (rows 0..K−1) and db (row K).
-extern "C" __global__ void conv_silu_bwd_f32(int Bn, int L, int di, int K, int tile, const float* __restrict__ u,
-                                             const float* __restrict__ st, const float* __restrict__ cw,
-                                             const float* __restrict__ cb, const float* __restrict__ gv,
-                                             float* __restrict__ du, float* __restrict__ part) {
+// du: rows of stride sdu. part: (B·tiles, K+1, di) per-tile sums of dw (rows 0..K−1) and db (row K).
+template <typename TU>
+__device__ void conv_silu_bwd(int Bn, int L, int di, int K, int tile, const TU* __restrict__ u, int su,
+                              const float* __restrict__ st, const float* __restrict__ cw, const float* __restrict__ cb,
+                              const float* __restrict__ gv, const bf16* __restrict__ gv2, TU* __restrict__ du, int sdu,
+                              float* __restrict__ part) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= di) return;
     const int b = blockIdx.z, tq = blockIdx.y;
@@ -71,9 +84,11 @@ extern "C" __global__ void conv_silu_bwd_f32(int Bn, int L, int di, int K, int t
         float acc = bias;
 #pragma unroll
         for (int k = 0; k < KMAX; k++)
-            if (k < K) acc = fmaf(conv_in(u, st, L, di, K, b, t - (K - 1) + k, c), w[k], acc);
+            if (k < K) acc = fmaf(conv_in(u, su, st, L, di, K, b, t - (K - 1) + k, c), w[k], acc);
         const float sg = sigmoid_f(acc);
-        return gv[((size_t)b * L + t) * di + c] * sg * (1.0f + acc * (1.0f - sg));
+        const size_t o = ((size_t)b * L + t) * di + c;
+        const float g = gv2 != nullptr ? gv[o] + to_f(gv2[o]) : gv[o];
+        return g * sg * (1.0f + acc * (1.0f - sg));
     };
     // dcw[j] = dc[t + j]: seed the window past the tile's last step
 #pragma unroll
@@ -86,10 +101,10 @@ extern "C" __global__ void conv_silu_bwd_f32(int Bn, int L, int di, int K, int t
 #pragma unroll
         for (int j = 0; j < KMAX; j++)
             if (j < K) g = fmaf(wr[j], dcw[j], g);
-        du[((size_t)b * L + t) * di + c] = g;
+        du[((size_t)b * L + t) * sdu + c] = from_f<TU>(g);
 #pragma unroll
         for (int k = 0; k < KMAX; k++)
-            if (k < K) dw[k] = fmaf(dcw[0], conv_in(u, st, L, di, K, b, t - (K - 1) + k, c), dw[k]);
+            if (k < K) dw[k] = fmaf(dcw[0], conv_in(u, su, st, L, di, K, b, t - (K - 1) + k, c), dw[k]);
         db += dcw[0];
 #pragma unroll
         for (int j = KMAX - 1; j > 0; j--) dcw[j] = dcw[j - 1];
@@ -101,16 +116,29 @@ extern "C" __global__ void conv_silu_bwd_f32(int Bn, int L, int di, int K, int t
     part[(pb + K) * di + c] = db;
 }
 
+#define CONV_SILU(S, T)                                                                                               \
+    extern "C" __global__ void conv_silu_fwd_##S(int Bn, int L, int di, int K, const T* u, int su, const float* st,     \
+                                                 const float* cw, const float* cb, float* v, bf16* v16, float* st_out) { \
+        conv_silu_fwd<T>(Bn, L, di, K, u, su, st, cw, cb, v, v16, st_out);                                            \
+    }                                                                                                                 \
+    extern "C" __global__ void conv_silu_bwd_##S(int Bn, int L, int di, int K, int tile, const T* u, int su,           \
+                                                 const float* st, const float* cw, const float* cb, const float* gv, \
+                                                 const bf16* gv2, T* du, int sdu, float* part) {                     \
+        conv_silu_bwd<T>(Bn, L, di, K, tile, u, su, st, cw, cb, gv, gv2, du, sdu, part);                              \
+    }
+CONV_SILU(f32, float)
+CONV_SILU(bf16, bf16)
+
 // Backward of the gated scan tail, parallel over chunks of LC steps as the forward: the state
 // and the adjoint are linear recurrences, so each chunk's transfer is summarised first and the
 // chunks are then composed (three kernels):
 //
-//   scan_tail_chunks_f32  per (b, chunk, c): ΣΔ over the chunk, the chunk's end state from h = 0
+//   scan_tail_chunks_T    per (b, chunk, c): ΣΔ over the chunk, the chunk's end state from h = 0
 //                         (forward transfer h -> exp(A·ΣΔ)·h + S) and the adjoint carry at its
 //                         start from 0 at its end (backward transfer g -> exp(A·ΣΔ)·g + Lq)
 //   scan_tail_carry_f32   per (b, c, n): composes them, in place, into each chunk's start state
 //                         H_q and the carry R_q = a·dL/dh entering it from the chunk after it
-//   scan_tail_bwd_f32     per (b, group of chunks, c): each chunk from H_q and R_q, the states
+//   scan_tail_bwd_T       per (b, group of chunks, c): each chunk from H_q and R_q, the states
 //                         forward into a history scratch, then the gradients backward
 //
 // With a_t = exp(Δ_t·A), dy_t = dL/dy_t: G_t = dL/dh_t = C_t·dy_t + a_{t+1}·G_{t+1}; the carry g
@@ -121,13 +149,30 @@ extern "C" __global__ void conv_silu_bwd_f32(int Bn, int L, int di, int K, int t
 // dL/dy before the gate: out = (y + D·v)·SiLU(z)
 __device__ __forceinline__ float gate_grad(float gout, float z) { return gout * z * sigmoid_f(z); }
 
+// The scan tail's inputs and gradients: v (f32), dt, z and go = dL/dout (T) at (b, t, c) are
+// v[r·sv + c], dt[r·sdt + c], z[r·sz + c], go[r·di + c] with r = b·L + t; the gradients likewise
+// dv (f32, stride sdv; it holds y between a chunk's two passes), ddt and dz (T, strides sddt,
+// sdz); yg (T, (B, L, di), optional) receives out itself, for out_proj's weight gradient.
+template <typename T>
+struct TailIo {
+    const float* v;
+    const T* dt;
+    const T* z;
+    const T* go;
+    int sv, sdt, sz;
+    float* dv;
+    T* ddt;
+    T* dz;
+    T* yg;
+    int sdv, sddt, sdz;
+};
+
 // Grid (⌈di/blockDim⌉, Q, B). sum_delta (B, Q, di); S, Lq (B, Q, di, N).
 // dynamic shared memory: LC · 2N floats (the chunk's B and C)
-extern "C" __global__ void scan_tail_chunks_f32(ScanIn s, const float* __restrict__ vdz, const float* __restrict__ bc,
-                                                const float* __restrict__ P, const float* __restrict__ go,
-                                                float* __restrict__ sum_delta, float* __restrict__ S,
-                                                float* __restrict__ Lq) {
-    extern __shared__ float sbc[];
+template <typename T>
+__device__ void scan_tail_chunks(ScanIn s, const TailIo<T>& io, const float* __restrict__ bc, const float* __restrict__ P,
+                                 float* __restrict__ sum_delta, float* __restrict__ S, float* __restrict__ Lq,
+                                 float* sbc) {
     const int b = blockIdx.z, q = blockIdx.y, N = s.N, di = s.di;
     const int t0 = q * s.LC, nt = min(s.L, t0 + s.LC) - t0;
     const float* bc0 = bc + ((size_t)b * s.L + t0) * 2 * N;
@@ -142,12 +187,13 @@ extern "C" __global__ void scan_tail_chunks_f32(ScanIn s, const float* __restric
         h[n] = 0.0f;
     }
     const float bias = P[(size_t)di * N + di + c];
-    const float* row = vdz + ((size_t)b * s.L + t0) * 3 * di + c;  // row[t·3di + j·di]: v, dt, z
+    const size_t r0 = (size_t)b * s.L + t0;
     float sd = 0.0f;
 #pragma unroll 4
     for (int t = 0; t < nt; t++) {
-        const float delta = softplus_f(row[(size_t)t * 3 * di + di] + bias);
-        const float dv = delta * row[(size_t)t * 3 * di];
+        const size_t r = r0 + t;
+        const float delta = softplus_f(to_f(io.dt[r * io.sdt + c]) + bias);
+        const float dv = delta * io.v[r * io.sv + c];
         sd += delta;
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
@@ -161,11 +207,11 @@ extern "C" __global__ void scan_tail_chunks_f32(ScanIn s, const float* __restric
             S[o * N + n] = h[n];
             h[n] = 0.0f;  // now the adjoint carry
         }
-    const float* gor = go + ((size_t)b * s.L + t0) * di + c;
 #pragma unroll 4
     for (int t = nt - 1; t >= 0; t--) {
-        const float delta = softplus_f(row[(size_t)t * 3 * di + di] + bias);
-        const float gy = gate_grad(gor[(size_t)t * di], row[(size_t)t * 3 * di + 2 * di]);
+        const size_t r = r0 + t;
+        const float delta = softplus_f(to_f(io.dt[r * io.sdt + c]) + bias);
+        const float gy = gate_grad(to_f(io.go[r * di + c]), to_f(io.z[r * io.sz + c]));
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
             if (n < N) h[n] = exp2f(delta * a[n]) * fmaf(gy, sbc[t * 2 * N + N + n], h[n]);
@@ -204,17 +250,13 @@ extern "C" __global__ void scan_tail_carry_f32(ScanIn s, const float* __restrict
 // Backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias), A = −exp(A_log).
 // Grid (⌈di/blockDim⌉, G, B): block (x, g, b) takes chunks [g·cpg, min(Q, (g+1)·cpg)), last first.
 //   H, R: (B, Q, di, N) from scan_tail_carry_f32     hist: (B, G, LC, N, di) scratch
-//   go: (B, L, di) dL/dout
-//   dvdz: (B, L, 3, di) out (every element written; the dz slot holds y between the passes)
+//   io: the inputs and the gradients of v, dt, z (every element written) and optionally out
 //   dbc: (B, L, 2N) out, zeroed          dP: (di·N + 2·di) out, zeroed (atomics over b and groups)
-// dynamic shared memory: LC · 2N floats
-extern "C" __global__ void __launch_bounds__(128, 3) scan_tail_bwd_f32(ScanIn s, int cpg, const float* __restrict__ vdz,
-                                             const float* __restrict__ bc, const float* __restrict__ P,
-                                             const float* __restrict__ go, const float* __restrict__ H,
-                                             const float* __restrict__ R, float* __restrict__ hist,
-                                             float* __restrict__ dvdz, float* __restrict__ dbc,
-                                             float* __restrict__ dP) {
-    extern __shared__ float red[];  // (LC, 2N): block sums of dB, dC for the current chunk
+// red: dynamic shared memory, LC · 2N floats
+template <typename T>
+__device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const float* __restrict__ bc,
+                              const float* __restrict__ P, const float* __restrict__ H, const float* __restrict__ R,
+                              float* __restrict__ hist, float* __restrict__ dbc, float* __restrict__ dP, float* red) {
     const int b = blockIdx.z, grp = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const bool live = c < s.di;
@@ -229,10 +271,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) scan_tail_bwd_f32(ScanIn s,
         h[n] = g[n] = gA[n] = 0.0f;
     }
     const float dcoef = Dp[cc], bc_ = bias[cc];
-#define VDZ(t, j) vdz[((size_t)b * s.L + (t)) * 3 * di + (size_t)(j) * di + cc]
-#define BC(t) (bc + ((size_t)b * s.L + (t)) * 2 * N)
+#define ROW(t) ((size_t)b * s.L + (t))
+#define BC(t) (bc + ROW(t) * 2 * N)
 #define HIST(t, n) hist[((((size_t)b * gridDim.y + grp) * LC + (t)) * N + (n)) * di + cc]
-#define OUT(t, j) dvdz[((size_t)b * s.L + (t)) * 3 * di + (size_t)(j) * di + c]
     float gD = 0.0f, gbias = 0.0f;
     const int q_lo = grp * cpg, q_hi = min(s.Q, q_lo + cpg);
     for (int q = q_hi - 1; q >= q_lo; q--) {
@@ -245,12 +286,12 @@ extern "C" __global__ void __launch_bounds__(128, 3) scan_tail_bwd_f32(ScanIn s,
                 h[n] = H[o + n];
                 g[n] = R[o + n];
             }
-        // forward: the chunk's states (h_t for t < nt − 1 into hist) and y_t
+        // forward: the chunk's states (h_t for t < nt − 1 into hist) and y_t (into dv's slot)
         for (int t = 0; t < nt; t++) {
-            const int tt = t0 + t;
-            const float delta = softplus_f(VDZ(tt, 1) + bc_);
-            const float dvv = delta * VDZ(tt, 0);
-            const float* Bt = BC(tt);
+            const size_t r = ROW(t0 + t);
+            const float delta = softplus_f(to_f(io.dt[r * io.sdt + cc]) + bc_);
+            const float dvv = delta * io.v[r * io.sv + cc];
+            const float* Bt = BC(t0 + t);
             const float* Ct = Bt + N;
             float y = 0.0f;
 #pragma unroll
@@ -260,22 +301,23 @@ extern "C" __global__ void __launch_bounds__(128, 3) scan_tail_bwd_f32(ScanIn s,
                     y = fmaf(h[n], Ct[n], y);
                     if (live && t < nt - 1) HIST(t, n) = h[n];
                 }
-            if (live) OUT(tt, 2) = y;  // y_t, read back below
+            if (live) io.dv[r * io.sdv + c] = y;  // read back below
         }
         __syncthreads();  // red zeroed
         // backward: h holds h_t, walking down to the chunk start (h_{t0−1} = H_q)
         for (int t = nt - 1; t >= 0; t--) {
-            const int tt = t0 + t;
-            const float x = VDZ(tt, 1) + bc_;
+            const size_t r = ROW(t0 + t);
+            const float x = to_f(io.dt[r * io.sdt + cc]) + bc_;
             const float delta = softplus_f(x);
-            const float vv = VDZ(tt, 0), zz = VDZ(tt, 2);
-            const float* Bt = BC(tt);
+            const float vv = io.v[r * io.sv + cc], zz = to_f(io.z[r * io.sz + cc]);
+            const float* Bt = BC(t0 + t);
             const float* Ct = Bt + N;
-            const float y = live ? OUT(tt, 2) : 0.0f;
-            const float gout = live ? go[((size_t)b * s.L + tt) * di + cc] : 0.0f;
+            const float y = live ? io.dv[r * io.sdv + c] : 0.0f;
+            const float gout = live ? to_f(io.go[r * di + cc]) : 0.0f;
             const float sg = sigmoid_f(zz);
             const float gyt = gout * zz * sg;  // dL/dy (y raw or D·v)
-            const float dz = gout * fmaf(dcoef, vv, y) * sg * (1.0f + zz * (1.0f - sg));
+            const float yd = fmaf(dcoef, vv, y);
+            const float dz = gout * yd * sg * (1.0f + zz * (1.0f - sg));
             gD = fmaf(gyt, vv, gD);
             float gdelta = 0.0f, gdecay = 0.0f, gv = gyt * dcoef;
             float part[2 * NMAX];  // this channel's terms of dB_t[n] (n < NMAX) and dC_t[n] (NMAX + n)
@@ -303,20 +345,20 @@ extern "C" __global__ void __launch_bounds__(128, 3) scan_tail_bwd_f32(ScanIn s,
             const float gdt = gdelta * sigmoid_f(x);  // softplus' = σ
             gbias += gdt;
             if (live) {
-                OUT(tt, 0) = gv;
-                OUT(tt, 1) = gdt;
-                OUT(tt, 2) = dz;
+                io.dv[r * io.sdv + c] = gv;
+                io.ddt[r * io.sddt + c] = from_f<T>(gdt);
+                io.dz[r * io.sdz + c] = from_f<T>(dz);
+                if (io.yg != nullptr) io.yg[r * di + c] = from_f<T>(yd * zz * sg);
             }
         }
         __syncthreads();
         for (int i = threadIdx.x; i < nt * 2 * N; i += blockDim.x)
-            atomicAdd(dbc + ((size_t)b * s.L + t0 + i / (2 * N)) * 2 * N + i % (2 * N), red[i]);
+            atomicAdd(dbc + ROW(t0 + i / (2 * N)) * 2 * N + i % (2 * N), red[i]);
         __syncthreads();
     }
 #undef HIST
-#undef OUT
-#undef VDZ
 #undef BC
+#undef ROW
     if (live) {
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
@@ -325,3 +367,23 @@ extern "C" __global__ void __launch_bounds__(128, 3) scan_tail_bwd_f32(ScanIn s,
         atomicAdd(dP + (size_t)di * N + di + c, gbias);
     }
 }
+
+// Exported per dtype T of dt, z, go and their gradients (v, dv f32 always).
+#define SCAN_TAIL(S, T)                                                                                               \
+    extern "C" __global__ void scan_tail_chunks_##S(ScanIn s, const float* v, const T* dt, const T* z, const T* go,  \
+                                                    int sv, int sdt, int sz, const float* bc, const float* P,        \
+                                                    float* sum_delta, float* S_, float* Lq) {                        \
+        extern __shared__ float smem[];                                                                               \
+        const TailIo<T> io{v, dt, z, go, sv, sdt, sz, nullptr, nullptr, nullptr, nullptr, 0, 0, 0};                   \
+        scan_tail_chunks<T>(s, io, bc, P, sum_delta, S_, Lq, smem);                                                   \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128, 3)                                                              \
+        scan_tail_bwd_##S(ScanIn s, int cpg, const float* v, const T* dt, const T* z, const T* go, int sv, int sdt,  \
+                          int sz, const float* bc, const float* P, const float* H, const float* R, float* hist,      \
+                          float* dv, T* ddt, T* dz, T* yg, int sdv, int sddt, int sdz, float* dbc, float* dP) {      \
+        extern __shared__ float smem[];                                                                               \
+        const TailIo<T> io{v, dt, z, go, sv, sdt, sz, dv, ddt, dz, yg, sdv, sddt, sdz};                               \
+        scan_tail_bwd<T>(s, cpg, io, bc, P, H, R, hist, dbc, dP, smem);                                               \
+    }
+SCAN_TAIL(f32, float)
+SCAN_TAIL(bf16, bf16)

@@ -17,7 +17,8 @@
 //! expert), and the recomputed pass reuses that [`Route`]: the same experts as deciding again from
 //! the same inputs would give, without the host round trip; the probe records pass 1.
 //! The gradients equal those of [`crate::finetune::loss::batch_nll`]'s single backward
-//! (`tests/finetune_recompute.rs`).
+//! (`tests/finetune_recompute.rs`). On the GPU a Mamba layer of a bf16 model is differentiated
+//! without autograd where it can be (`ops::mamba_block_grad`; its time counts as backward).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -111,12 +112,22 @@ pub fn nll_and_grads(
     // 3. each half-block again, last to first
     for i in (0..n).rev() {
         let Some(hi) = hs.pop() else { break };
+        #[cfg(feature = "cuda")]
+        if let Some(bg) = crate::ops::mamba_block_grad::half_block_grads(model, i, &hi, &g)? {
+            // a Mamba layer differentiated by hand (its forward again included: all backward)
+            for (t, grad) in &bg.params {
+                accumulate(grads, vars, &t.backward_seeded(grad)?)?; // through the bf16 cast
+            }
+            g = bg.dh;
+            lap(|p| &mut p.mamba_bwd_s)?;
+            continue;
+        }
         let h = Var::from_tensor(&hi)?;
         let mut st = model.new_state(bsz)?;
         let out = model.block(i, h.as_tensor(), &mut st, None, true, routes.get_mut(i))?;
         let moe = model.layers[i].is_moe();
         lap(if moe { |p| &mut p.moe_fwd_s } else { |p| &mut p.mamba_fwd_s })?;
-        let store = (out * &g)?.sum_all()?.backward()?;
+        let store = out.backward_seeded(&g)?; // ∂(Σ out ⊙ g)/∂· without forming the sum
         accumulate(grads, vars, &store)?;
         g = match store.get(h.as_tensor()) {
             Some(x) => x.detach(),
@@ -128,7 +139,7 @@ pub fn nll_and_grads(
     // 4. the embedding (tied to the head; a variable only when trained)
     let x = model.embed(&batch.ids)?.to_dtype(DType::F32)?;
     if x.is_variable() || x.track_op() {
-        let store = (x * &g)?.sum_all()?.backward()?;
+        let store = x.backward_seeded(&g)?;
         accumulate(grads, vars, &store)?;
     }
     lap(|p| &mut p.embed_s)?;

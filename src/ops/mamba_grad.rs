@@ -19,23 +19,9 @@ use crate::error::{Error, Result};
 use crate::model::mamba::MambaMixer;
 use crate::model::state::LayerState;
 use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module, ScanIn};
+use crate::ops::mamba_kernels::{conv_backward, conv_forward, tail_backward, ConvDims, TailPtrs, KMAX, NMAX, THREADS};
 use crate::ops::prof::{self, lap};
 use crate::ops::scan_grad::{ptr_of, to_candle};
-
-/// Largest conv width the kernels take (`KMAX` in kernels/mamba_train.cu).
-const KMAX: usize = 8;
-/// Largest state size the scan kernels take.
-const NMAX: usize = 16;
-/// Steps per thread of the conv backward (one partial dw/db row per tile).
-const CONV_TILE: usize = 64;
-/// Chunk length of the scan backward: chunks run in parallel, each from its start state and its
-/// incoming adjoint carry.
-const BWD_CHUNK: usize = 32;
-/// Threads (one per (sequence, chunk group, channel)) the scan backward's last kernel aims for:
-/// chunks are grouped so that the history scratch, (B, groups, LC, N, d_inner) f32, stays near
-/// this many · LC · N floats (671 MB at d_inner 5,120, N 16) whatever the batch.
-const BWD_THREADS: usize = 32 * 5120;
-const THREADS: u32 = 128;
 
 fn f32c(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.contiguous()?)
@@ -65,63 +51,36 @@ impl CustomOp3 for ConvSiluOp {
         lb: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = su.device().clone();
-        let (bn, len, di, k) = (self.bn, self.len, self.di, self.k);
+        let (bn, len, di) = (self.bn, self.len, self.di);
         let v = dev.alloc_zeros::<f32>(bn * len * di)?;
-        let stream = dev.cuda_stream();
-        let vp = v.device_ptr(&stream).0;
-        Launch::new(
-            func(&dev, Module::MambaTrain, "conv_silu_fwd_f32").map_err(to_candle)?,
-            (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
-            THREADS,
-            0,
-        )
-        .i32(bn)
-        .i32(len)
-        .i32(di)
-        .i32(k)
-        .ptr(ptr_of(su, lu)?)
-        .ptr(dptr(&self.st).map_err(to_candle)?)
-        .ptr(ptr_of(sw, lw)?)
-        .ptr(ptr_of(sb, lb)?)
-        .ptr(vp)
-        .ptr(dptr(&self.st_out).map_err(to_candle)?)
-        .run(&stream)
-        .map_err(to_candle)?;
+        let vp = v.device_ptr(&dev.cuda_stream()).0;
+        let d = ConvDims { bn, len, di, k: self.k };
+        let (st, st_out) = (dptr(&self.st).map_err(to_candle)?, dptr(&self.st_out).map_err(to_candle)?);
+        let (up, wp, bp) = (ptr_of(su, lu)?, ptr_of(sw, lw)?, ptr_of(sb, lb)?);
+        conv_forward(&dev, "f32", d, up, di, st, wp, bp, vp, 0, st_out).map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(v, dev), Shape::from((bn, len, di))))
     }
 }
 
 impl ConvSiluOp {
     fn backward(&self, u: &Tensor, w: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (bn, len, di, k) = (self.bn, self.len, self.di, self.k);
+        let (bn, len, di) = (self.bn, self.len, self.di);
         let dev = u.device();
         let cd = cuda_device(dev)?;
         let (u, w, b, gv) = (u.contiguous()?, w.contiguous()?, b.contiguous()?, f32c(grad)?);
-        let tiles = len.div_ceil(CONV_TILE);
-        let du = Tensor::zeros((bn, len, di), DType::F32, dev)?;
-        let part = Tensor::zeros((bn * tiles, k + 1, di), DType::F32, dev)?;
-        Launch::new(
-            func(cd, Module::MambaTrain, "conv_silu_bwd_f32")?,
-            (di.div_ceil(THREADS as usize) as u32, tiles as u32, bn as u32),
-            THREADS,
-            0,
-        )
-        .i32(bn)
-        .i32(len)
-        .i32(di)
-        .i32(k)
-        .i32(CONV_TILE)
-        .ptr(dptr(&u)?)
-        .ptr(dptr(&self.st)?)
-        .ptr(dptr(&w)?)
-        .ptr(dptr(&b)?)
-        .ptr(dptr(&gv)?)
-        .ptr(dptr(&du)?)
-        .ptr(dptr(&part)?)
-        .run(&cd.cuda_stream())?;
-        let sums = part.sum(0)?; // (K+1, di): the tiles' partial sums, in a fixed order
-        let dw = sums.narrow(0, 0, k)?.t()?.contiguous()?.reshape((di, 1, k))?;
-        let db = sums.narrow(0, k, 1)?.reshape(di)?;
+        let du = empty(&[bn, len, di], DType::F32, dev)?; // every element written
+        let d = ConvDims { bn, len, di, k: self.k };
+        let (dw, db) = conv_backward(
+            dev,
+            cd,
+            "f32",
+            d,
+            (dptr(&u)?, di, dptr(&self.st)?),
+            &w,
+            &b,
+            (dptr(&gv)?, 0),
+            (dptr(&du)?, di),
+        )?;
         Ok((du, dw, db))
     }
 }
@@ -268,76 +227,22 @@ impl ScanTailOp {
         let dev = vdz.device();
         let cd = cuda_device(dev)?;
         let (vdz, bc, p, go) = (vdz.contiguous()?, bc.contiguous()?, p.contiguous()?, f32c(grad)?);
-        let (lc, q) = (BWD_CHUNK, len.div_ceil(BWD_CHUNK));
-        let dims = ScanIn {
-            lc: lc as i32,
-            q: q as i32,
-            ..self.dims
-        };
-        let stream = cd.cuda_stream();
-        let (pv, pbc, pp, pgo) = (dptr(&vdz)?, dptr(&bc)?, dptr(&p)?, dptr(&go)?);
-        // 1. each chunk's ΣΔ, end state from 0 and start carry from 0
-        let sum_delta = empty(&[bn * q * di], DType::F32, dev)?;
-        let hs = empty(&[bn * q * di * n], DType::F32, dev)?;
-        let lr = empty(&[bn * q * di * n], DType::F32, dev)?;
-        let chunk_smem = (lc * 2 * n * 4) as u32;
-        let blocks_c = di.div_ceil(THREADS as usize) as u32;
-        Launch::new(
-            func(cd, Module::MambaTrain, "scan_tail_chunks_f32")?,
-            (blocks_c, q as u32, bn as u32),
-            THREADS,
-            chunk_smem,
-        )
-        .scan(dims)
-        .ptr(pv)
-        .ptr(pbc)
-        .ptr(pp)
-        .ptr(pgo)
-        .ptr(dptr(&sum_delta)?)
-        .ptr(dptr(&hs)?)
-        .ptr(dptr(&lr)?)
-        .run(&stream)?;
-        // 2. composed into each chunk's start state and incoming carry (in place)
-        Launch::new(
-            func(cd, Module::MambaTrain, "scan_tail_carry_f32")?,
-            ((bn * di * n).div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-        )
-        .scan(dims)
-        .ptr(pp)
-        .ptr(dptr(&self.h0)?)
-        .ptr(dptr(&sum_delta)?)
-        .ptr(dptr(&hs)?)
-        .ptr(dptr(&lr)?)
-        .run(&stream)?;
-        // 3. the gradients, chunk groups in parallel (each group's history in the scratch)
-        let groups = (BWD_THREADS.div_ceil(bn * di)).clamp(1, q);
-        let cpg = q.div_ceil(groups);
-        let groups = q.div_ceil(cpg);
-        let hist = empty(&[bn * groups * lc * n * di], DType::F32, dev)?;
-        let dvdz = Tensor::zeros((bn, len, 3, di), DType::F32, dev)?;
+        let dvdz = empty(&[bn, len, 3, di], DType::F32, dev)?; // every element written
         let dbc = Tensor::zeros((bn, len, 2 * n), DType::F32, dev)?;
         let dp = Tensor::zeros(p.dims(), DType::F32, dev)?;
-        Launch::new(
-            func(cd, Module::MambaTrain, "scan_tail_bwd_f32")?,
-            (blocks_c, groups as u32, bn as u32),
-            THREADS,
-            chunk_smem,
-        )
-        .scan(dims)
-        .int(cpg as i32)
-        .ptr(pv)
-        .ptr(pbc)
-        .ptr(pp)
-        .ptr(pgo)
-        .ptr(dptr(&hs)?)
-        .ptr(dptr(&lr)?)
-        .ptr(dptr(&hist)?)
-        .ptr(dptr(&dvdz)?)
-        .ptr(dptr(&dbc)?)
-        .ptr(dptr(&dp)?)
-        .run(&stream)?;
+        let (pv, pg) = (dptr(&vdz)?, dptr(&dvdz)?);
+        let f4 = |i: usize| (i * 4) as u64;
+        let io = TailPtrs {
+            v: (pv, 3 * di),
+            dt: (pv + f4(di), 3 * di),
+            z: (pv + f4(2 * di), 3 * di),
+            go: dptr(&go)?,
+            dv: (pg, 3 * di),
+            ddt: (pg + f4(di), 3 * di),
+            dz: (pg + f4(2 * di), 3 * di),
+            yg: 0,
+        };
+        tail_backward(dev, cd, "f32", self.dims, &io, dptr(&bc)?, dptr(&p)?, dptr(&self.h0)?, &dbc, &dp)?;
         Ok((dvdz, dbc, dp))
     }
 }

@@ -65,6 +65,20 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, out: DType) -> Result<Tensor> 
     Ok(y.reshape(x.dims())?)
 }
 
+/// The op's backward without autograd (a half-block backward that runs its own, as
+/// `ops::mamba_block_grad`): x (rows, d) f32, w (d) f32, dy (rows, d) the gradient of
+/// `rms_norm(x, w, eps, out)` -> dx (rows, d) f32 and, with `want_dw`, dw (d) f32.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, out: DType, dy: &Tensor, want_dw: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let (rows, d) = x.dims2()?;
+    let op = RmsNormOp {
+        rows,
+        d,
+        eps: eps as f32,
+        out,
+    };
+    op.backward(x, w, dy, want_dw)
+}
+
 /// The op: x (rows, d) f32, w (d) f32 -> y (rows, d) in `out`.
 struct RmsNormOp {
     rows: usize,
@@ -138,15 +152,15 @@ impl CustomOp2 for RmsNormOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.backward(x, w, grad).map_err(to_candle)?;
+        let (dx, dw) = self.backward(x, w, grad, w.track_op()).map_err(to_candle)?;
         Ok((Some(dx), dw))
     }
 }
 
 impl RmsNormOp {
-    /// x (rows, d) f32, w (d) f32, dy (rows, d) -> dx (rows, d) f32 and, when w is tracked
-    /// (trained), dw (d) f32.
-    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// x (rows, d) f32, w (d) f32, dy (rows, d) -> dx (rows, d) f32 and, with `want_dw` (w is
+    /// trained), dw (d) f32.
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, want_dw: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (rows, d) = (self.rows, self.d);
         let dev = x.device();
         let cd = cuda_device(dev)?;
@@ -157,7 +171,7 @@ impl RmsNormOp {
         let blocks = (sm_count(cd)? * BWD_BLOCKS_PER_SM).clamp(1, rows.max(1) as u32);
         let smem_acc = d <= MAX_SMEM_D;
         // (blocks, d): each block's Σ g · x̂ over its rows; only when w is trained
-        let part = if w.track_op() {
+        let part = if want_dw {
             Some(empty(&[blocks as usize, d], DType::F32, dev)?)
         } else {
             None

@@ -168,11 +168,26 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_seeded(&self.ones_like()?)
+    }
+
+    /// blackmamba patch 4: the backward pass from a given gradient of `self` (the same shape),
+    /// as `(self * seed).sum_all().backward()` would give without computing the product and the
+    /// sum, or their backward.
+    pub fn backward_seeded(&self, seed: &Tensor) -> Result<GradStore> {
+        if seed.shape() != self.shape() {
+            Err(Error::ShapeMismatchBinaryOp {
+                lhs: self.shape().clone(),
+                rhs: seed.shape().clone(),
+                op: "backward_seeded",
+            }
+            .bt())?
+        }
         let sort = host_start(); // blackmamba patch: op profile (backprop_profile.rs)
         let sorted_nodes = self.sorted_nodes();
         host_finish(sort, SORT);
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
+        grads.insert(self, seed.detach().to_dtype(self.dtype())?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;

@@ -1,0 +1,94 @@
+//! A Mamba half-block's gradients without autograd (`ops::mamba_block_grad`) against its twin,
+//! autograd through `Model::block` (the fused autograd ops of `ops::mamba_grad`): the input's
+//! gradient and every trained tensor's, for a bf16 model whose Mamba layer is trained in full,
+//! over sequences of several scan chunks (the last one partial) and several channel blocks.
+//! Both keep the same tensors in bf16; they differ in the order of additions (matmul algorithms,
+//! atomics) and so in the last bf16 bit of some values. Runs only in a `--features cuda` build on
+//! a machine with an NVIDIA GPU.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+mod gpu_common;
+
+use blackmamba::model::config::Config;
+use blackmamba::model::random::{random_weights, RandomInit};
+use blackmamba::model::Model;
+use blackmamba::ops::mamba_block_grad::half_block_grads;
+use candle_core::{DType, Tensor, Var};
+use gpu_common::{device, host, rel};
+
+/// Mamba layers of the released state size and conv width, d_inner 384 (three channel blocks).
+fn config() -> Config {
+    let json = serde_json::json!({
+        "num_layers": 3, "hidden_size": 192, "state_size": 16, "conv_dimension": 4,
+        "vocab_size": 64, "expansion_factor": 2, "mamba_moe_layers": ["r", "8", "r"],
+        "ffn_hidden_size": 32, "add_bias_linear": false, "swiglu": true, "max_sequence_length": 2048
+    });
+    Config::from_json_str(&json.to_string()).unwrap()
+}
+
+#[test]
+fn hand_written_mamba_backward_matches_autograd() {
+    let Some(dev) = device() else { return };
+    let cfg = config();
+    let w = random_weights(&cfg, RandomInit { seed: 11, perturb: true }, DType::BF16, &dev).unwrap();
+    let mut model = Model::from_tensors(&cfg, w, DType::BF16, &dev).unwrap();
+    model.differentiable = true;
+    // layer 2 trained in full, as the trainer sets it up: f32 variables, the model holding bf16
+    // casts of the projections' weights and the f32 variables themselves for the rest
+    let layer = 2;
+    let mut vars = Vec::new();
+    model
+        .visit_mut(&mut |name, t| {
+            if name.starts_with(&format!("decoder.layers.{layer}.")) {
+                let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                *t = v.as_tensor().to_dtype(t.dtype())?;
+                vars.push((name.to_string(), v));
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        vars.len(),
+        10,
+        "norm, in_proj, conv w and b, x_proj, dt_proj w and b, A_log, D, out_proj"
+    );
+    let (b, l, d) = (2, 80, cfg.hidden_size); // 80 = two chunks of 32 and a partial one
+    let h = (Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap() * 0.5).unwrap();
+    let g = (Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap() * 1e-2).unwrap();
+
+    let fast = half_block_grads(&model, layer, &h, &g)
+        .unwrap()
+        .expect("the hand-written path applies");
+    let hv = Var::from_tensor(&h).unwrap();
+    let mut state = model.new_state(b).unwrap();
+    let out = model.block(layer, hv.as_tensor(), &mut state, None, true, None).unwrap();
+    let store = out.backward_seeded(&g).unwrap();
+
+    let want_dh = store.get(hv.as_tensor()).unwrap();
+    let dh = rel(&fast.dh, want_dh);
+    eprintln!("dh: {dh:.2e} (max |dh| {})", host(want_dh).iter().fold(0f32, |m, x| m.max(x.abs())));
+    assert!(dh < 1e-2, "input gradient differs by {dh}");
+    // each gradient through its cast to the variable, as the trainer accumulates them
+    assert_eq!(fast.params.len(), vars.len());
+    let stores: Vec<_> = fast
+        .params
+        .iter()
+        .map(|(t, grad)| {
+            assert_eq!(grad.dtype(), t.dtype());
+            t.backward_seeded(grad).unwrap()
+        })
+        .collect();
+    for (name, v) in &vars {
+        let got = stores
+            .iter()
+            .find_map(|s| s.get(v.as_tensor()))
+            .expect("the hand-written path has the gradient");
+        let want = store.get(v.as_tensor()).expect("autograd has the gradient");
+        let r = rel(got, want);
+        let scale = host(want).iter().fold(0f32, |m, x| m.max(x.abs()));
+        eprintln!("{name}: {r:.2e} (max |grad| {scale:.3e})");
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(r < 2e-2, "{name}: gradient differs by {r}");
+    }
+}

@@ -38,8 +38,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 // One step of warp_sum_transpose32: lanes with bit OFF clear keep entries [0, OFF) of the 2·OFF
 // they hold, the others entries [OFF, 2·OFF), each adding its partner's copy of them.
-template <int OFF>
-__device__ __forceinline__ void transpose_add_step(float (&v)[32], int lane) {
+template <int OFF, int SZ>
+__device__ __forceinline__ void transpose_add_step(float (&v)[SZ], int lane) {
     const bool upper = (lane & OFF) != 0;
 #pragma unroll
     for (int i = 0; i < OFF; i++) {
@@ -55,6 +55,17 @@ __device__ __forceinline__ void transpose_add_step(float (&v)[32], int lane) {
 __device__ __forceinline__ float warp_sum_transpose32(float (&v)[32]) {
     const int lane = threadIdx.x & 31;
     transpose_add_step<16>(v, lane);
+    transpose_add_step<8>(v, lane);
+    transpose_add_step<4>(v, lane);
+    transpose_add_step<2>(v, lane);
+    transpose_add_step<1>(v, lane);
+    return v[0];
+}
+
+// The same over each half of the warp: lane i returns Σ over the 16 lanes of its half of
+// v[i & 15] (8 + 4 + 2 + 1 = 15 shuffles; v is consumed).
+__device__ __forceinline__ float half_warp_sum_transpose16(float (&v)[16]) {
+    const int lane = threadIdx.x & 31;
     transpose_add_step<8>(v, lane);
     transpose_add_step<4>(v, lane);
     transpose_add_step<2>(v, lane);

@@ -131,15 +131,17 @@ CONV_SILU(bf16, bf16)
 
 // Backward of the gated scan tail, parallel over chunks of LC steps as the forward: the state
 // and the adjoint are linear recurrences, so each chunk's transfer is summarised first and the
-// chunks are then composed (three kernels):
+// chunks are then composed (four kernels):
 //
 //   scan_tail_chunks_T    per (b, chunk, c): ΣΔ over the chunk, the chunk's end state from h = 0
 //                         (forward transfer h -> exp(A·ΣΔ)·h + S) and the adjoint carry at its
 //                         start from 0 at its end (backward transfer g -> exp(A·ΣΔ)·g + Lq)
 //   scan_tail_carry_f32   per (b, c, n): composes them, in place, into each chunk's start state
 //                         H_q and the carry R_q = a·dL/dh entering it from the chunk after it
-//   scan_tail_bwd_T       per (b, group of chunks, c): each chunk from H_q and R_q, the states
-//                         forward into a history scratch, then the gradients backward
+//   scan_tail_bwd_T       per (b, group of chunks, block of 64 channels): each chunk from H_q and
+//                         R_q, its states forward in registers (a lane per state), then the
+//                         gradients backward
+//   scan_tail_dbc_f32     the channel blocks' dB, dC summed
 //
 // With a_t = exp(Δ_t·A), dy_t = dL/dy_t: G_t = dL/dh_t = C_t·dy_t + a_{t+1}·G_{t+1}; the carry g
 // walking back holds a_{t+1}·G_{t+1}. The decays are exp2f of Δ·A·log2(e) as in kernels/scan.cu.
@@ -151,8 +153,8 @@ __device__ __forceinline__ float gate_grad(float gout, float z) { return gout * 
 
 // The scan tail's inputs and gradients: v (f32), dt, z and go = dL/dout (T) at (b, t, c) are
 // v[r·sv + c], dt[r·sdt + c], z[r·sz + c], go[r·di + c] with r = b·L + t; the gradients likewise
-// dv (f32, stride sdv; it holds y between a chunk's two passes), ddt and dz (T, strides sddt,
-// sdz); yg (T, (B, L, di), optional) receives out itself, for out_proj's weight gradient.
+// dv (f32, stride sdv), ddt and dz (T, strides sddt, sdz); yg (T, (B, L, di), optional) receives
+// out itself, for out_proj's weight gradient.
 template <typename T>
 struct TailIo {
     const float* v;
@@ -247,125 +249,173 @@ extern "C" __global__ void scan_tail_carry_f32(ScanIn s, const float* __restrict
     }
 }
 
-// Backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias), A = −exp(A_log).
-// Grid (⌈di/blockDim⌉, G, B): block (x, g, b) takes chunks [g·cpg, min(Q, (g+1)·cpg)), last first.
-//   H, R: (B, Q, di, N) from scan_tail_carry_f32     hist: (B, G, LC, N, di) scratch
-//   io: the inputs and the gradients of v, dt, z (every element written) and optionally out
-//   dbc: (B, L, 2N) out, zeroed          dP: (di·N + 2·di) out, zeroed (atomics over b and groups)
-// red: dynamic shared memory, LC · 2N floats
+// Backward of out = (Σ_n h·C + D·v)·SiLU(z), Δ = softplus(dt + bias), A = −exp(A_log), one
+// chunk of BLC = 32 steps at a time from its start state H_q and incoming carry R_q, with the
+// states across lanes: 16 lanes per channel, one state each (n ≥ N idle), 2 channels per warp.
+// A lane keeps its state's 32 values of the chunk in registers, so nothing goes back to memory
+// between the chunk's forward walk and its backward walk; the sums over the states (y, and the
+// Δ and v gradients) are reduced across the 16 lanes once per 16 steps, the sums over channels
+// (dB, dC) through shared memory and a per-block row of `dbc_part`.
+//
+// Grid (⌈di / BCT⌉, chunk groups, B), BWD_BLOCK threads: block (x, g, b) takes channels
+// [x·BCT, (x+1)·BCT) of sequence b for chunks [g·cpg, min(Q, (g+1)·cpg)). Per chunk: (1) the
+// per-step, per-channel values (Δ, Δ·v, v, dL/dy) and B, C into shared memory, zero-padded past
+// the sequence's end and past N, so the walks need no guards; (2) BCT / 8 rounds of 8 channels:
+// forward walk (states, y), backward walk (dL/dh, the gradients of Δ, v, A and each step's dB,
+// dC terms); (3) every (step, channel): the gradients of v, dt and z (and out itself) written
+// row by row. dP gets A_log's, D's and the bias's gradients by atomics, once per block.
+//   H, R: (B, Q, di, N) from scan_tail_carry_f32
+//   dbc_part: (B, ⌈di / BCT⌉, L, 2N) out, every element written (summed by scan_tail_dbc_f32)
+//   dP: (di·N + 2·di) out, zeroed
+#define BLC 32
+#define BCT 64
+#define BWD_BLOCK 128
+#define BCI (BCT / (2 * BWD_BLOCK / 32))  // channel rounds per chunk: 8
+static_assert(BWD_BLOCK / 32 * 2 * BCI == BCT, "a round takes 2 channels per warp");
+
 template <typename T>
 __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const float* __restrict__ bc,
                               const float* __restrict__ P, const float* __restrict__ H, const float* __restrict__ R,
-                              float* __restrict__ hist, float* __restrict__ dbc, float* __restrict__ dP, float* red) {
-    const int b = blockIdx.z, grp = blockIdx.y;
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    const bool live = c < s.di;
-    const int cc = live ? c : 0;
-    const int N = s.N, LC = s.LC, di = s.di;
+                              float* __restrict__ dbc_part, float* __restrict__ dP) {
+    __shared__ float sBC[BLC][2 * NMAX];  // B_t[n], C_t[n]
+    __shared__ float sDelta[BLC][BCT];    // Δ; then dL/dΔ summed over the states (PD)
+    __shared__ float sDv[BLC][BCT];       // Δ·v; then Σ_n dL/dh·Δ·B (PV)
+    __shared__ float sV[BLC][BCT];
+    __shared__ float sGy[BLC][BCT];  // dL/dy = dL/dout·z·σ(z)
+    __shared__ float sY[BLC][BCT];   // y = Σ_n h·C
+    __shared__ float sDBC[BLC][2 * NMAX];
+    const int b = blockIdx.z, cb = blockIdx.x, c0 = cb * BCT;
+    const int N = s.N, di = s.di, L = s.L;
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, n = lane & 15, csub = lane >> 4;
     const float* Dp = P + (size_t)di * N;
     const float* bias = Dp + di;
-    float a[NMAX], h[NMAX], g[NMAX], gA[NMAX];
+    float gAcc[BCI];
 #pragma unroll
-    for (int n = 0; n < NMAX; n++) {
-        a[n] = n < N ? -expf(P[(size_t)cc * N + n]) * LOG2E_F : 0.0f;
-        h[n] = g[n] = gA[n] = 0.0f;
-    }
-    const float dcoef = Dp[cc], bc_ = bias[cc];
-#define ROW(t) ((size_t)b * s.L + (t))
-#define BC(t) (bc + ROW(t) * 2 * N)
-#define HIST(t, n) hist[((((size_t)b * gridDim.y + grp) * LC + (t)) * N + (n)) * di + cc]
+    for (int ci = 0; ci < BCI; ci++) gAcc[ci] = 0.0f;
+    // the epilogue's channel is the same for every pair a thread takes (BWD_BLOCK is a multiple of BCT)
+    const int ec = c0 + tid % BCT;
     float gD = 0.0f, gbias = 0.0f;
-    const int q_lo = grp * cpg, q_hi = min(s.Q, q_lo + cpg);
-    for (int q = q_hi - 1; q >= q_lo; q--) {
-        const int t0 = q * LC, nt = min(s.L, t0 + LC) - t0;
-        for (int i = threadIdx.x; i < LC * 2 * N; i += blockDim.x) red[i] = 0.0f;
-        const size_t o = (((size_t)b * s.Q + q) * di + cc) * N;
-#pragma unroll
-        for (int n = 0; n < NMAX; n++)
-            if (n < N) {
-                h[n] = H[o + n];
-                g[n] = R[o + n];
+    const int q_lo = blockIdx.y * cpg, q_hi = min(s.Q, q_lo + cpg);
+    for (int q = q_lo; q < q_hi; q++) {
+        const int t0 = q * BLC, nt = min(L, t0 + BLC) - t0;
+        __syncthreads();  // the previous chunk's epilogue is done with the shared arrays
+        for (int i = tid; i < BLC * 2 * NMAX; i += BWD_BLOCK) {
+            const int t = i / (2 * NMAX), k = i % (2 * NMAX), m = k % NMAX;
+            sBC[t][k] = t < nt && m < N ? bc[((size_t)b * L + t0 + t) * 2 * N + (k < NMAX ? m : N + m)] : 0.0f;
+            sDBC[t][k] = 0.0f;
+        }
+        for (int i = tid; i < BLC * BCT; i += BWD_BLOCK) {
+            const int t = i / BCT, lc = i % BCT, c = c0 + lc;
+            float delta = 0.0f, vv = 0.0f, gy = 0.0f;
+            if (t < nt && c < di) {
+                const size_t r = (size_t)b * L + t0 + t;
+                delta = softplus_f(to_f(io.dt[r * io.sdt + c]) + bias[c]);
+                vv = io.v[r * io.sv + c];
+                gy = gate_grad(to_f(io.go[r * di + c]), to_f(io.z[r * io.sz + c]));
             }
-        // forward: the chunk's states (h_t for t < nt − 1 into hist) and y_t (into dv's slot)
-        for (int t = 0; t < nt; t++) {
-            const size_t r = ROW(t0 + t);
-            const float delta = softplus_f(to_f(io.dt[r * io.sdt + cc]) + bc_);
-            const float dvv = delta * io.v[r * io.sv + cc];
-            const float* Bt = BC(t0 + t);
-            const float* Ct = Bt + N;
-            float y = 0.0f;
+            sDelta[t][lc] = delta;
+            sDv[t][lc] = delta * vv;
+            sV[t][lc] = vv;
+            sGy[t][lc] = gy;
+        }
+        __syncthreads();
+#pragma unroll 1
+        for (int ci = 0; ci < BCI; ci++) {
+            const int lc = ci * (2 * BWD_BLOCK / 32) + w * 2 + csub, c = c0 + lc;
+            const bool live = c < di && n < N;
+            const float aN = live ? -expf(P[(size_t)c * N + n]) * LOG2E_F : 0.0f;
+            const size_t o = (((size_t)b * s.Q + q) * di + c) * N + n;
+            const float hstart = live ? H[o] : 0.0f;
+            float g = live ? R[o] : 0.0f;
+            float hist[BLC], part[16];
+            float h = hstart;
+            // forward: the chunk's states and y
 #pragma unroll
-            for (int n = 0; n < NMAX; n++)
-                if (n < N) {
-                    h[n] = fmaf(exp2f(delta * a[n]), h[n], dvv * Bt[n]);
-                    y = fmaf(h[n], Ct[n], y);
-                    if (live && t < nt - 1) HIST(t, n) = h[n];
+            for (int t = 0; t < BLC; t++) {
+                h = fmaf(exp2f(sDelta[t][lc] * aN), h, sDv[t][lc] * sBC[t][n]);
+                hist[t] = h;
+                part[t & 15] = h * sBC[t][NMAX + n];
+                if ((t & 15) == 15) {
+                    const float y = half_warp_sum_transpose16(part);  // y at step (t − 15) + n
+                    sY[t - 15 + n][lc] = y;
                 }
-            if (live) io.dv[r * io.sdv + c] = y;  // read back below
-        }
-        __syncthreads();  // red zeroed
-        // backward: h holds h_t, walking down to the chunk start (h_{t0−1} = H_q)
-        for (int t = nt - 1; t >= 0; t--) {
-            const size_t r = ROW(t0 + t);
-            const float x = to_f(io.dt[r * io.sdt + cc]) + bc_;
-            const float delta = softplus_f(x);
-            const float vv = io.v[r * io.sv + cc], zz = to_f(io.z[r * io.sz + cc]);
-            const float* Bt = BC(t0 + t);
-            const float* Ct = Bt + N;
-            const float y = live ? io.dv[r * io.sdv + c] : 0.0f;
-            const float gout = live ? to_f(io.go[r * di + cc]) : 0.0f;
-            const float sg = sigmoid_f(zz);
-            const float gyt = gout * zz * sg;  // dL/dy (y raw or D·v)
-            const float yd = fmaf(dcoef, vv, y);
-            const float dz = gout * yd * sg * (1.0f + zz * (1.0f - sg));
-            gD = fmaf(gyt, vv, gD);
-            float gdelta = 0.0f, gdecay = 0.0f, gv = gyt * dcoef;
-            float part[2 * NMAX];  // this channel's terms of dB_t[n] (n < NMAX) and dC_t[n] (NMAX + n)
+            }
+            // backward: g = a_{t+1}·dL/dh_{t+1} walking down; pd / pv the per-state terms
+            float pv[16];
+            float gA = 0.0f;
 #pragma unroll
-            for (int n = 0; n < 2 * NMAX; n++) part[n] = 0.0f;
-#pragma unroll
-            for (int n = 0; n < NMAX; n++) {
-                if (n >= N) break;
-                const float hn = h[n];
-                const float hp = t > 0 ? (live ? HIST(t - 1, n) : 0.0f) : H[o + n];
-                const float an = exp2f(delta * a[n]);
-                const float gn = fmaf(gyt, Ct[n], g[n]);  // dL/dh_t
+            for (int t = BLC - 1; t >= 0; t--) {
+                const float delta = sDelta[t][lc], gy = sGy[t][lc], vv = sV[t][lc];
+                const float Bn = sBC[t][n], Cn = sBC[t][NMAX + n];
+                const float hp = t > 0 ? hist[t - 1] : hstart;
+                const float an = exp2f(delta * aN);
+                const float gn = fmaf(gy, Cn, g);  // dL/dh_t
                 const float ghp = gn * hp * an;
-                gdelta = fmaf(gn, vv * Bt[n], gdelta);
-                gdecay = fmaf(ghp, a[n], gdecay);
-                gv = fmaf(gn * delta, Bt[n], gv);
-                gA[n] = fmaf(ghp, delta, gA[n]);
-                g[n] = an * gn;
-                h[n] = hp;
-                part[n] = live ? gn * delta * vv : 0.0f;
-                part[NMAX + n] = live ? gyt * hn : 0.0f;
+                part[t & 15] = fmaf(gn, vv * Bn, ghp * aN * LN2_F);  // dL/dΔ terms (aN = A·log2(e))
+                pv[t & 15] = gn * delta * Bn;
+                gA = fmaf(ghp, delta, gA);
+                g = an * gn;
+                // dB_t[n], dC_t[n] terms: this channel's, plus the warp's other channel's
+                float db_ = gn * delta * vv, dc_ = gy * hist[t];
+                db_ += __shfl_xor_sync(0xffffffffu, db_, 16);
+                dc_ += __shfl_xor_sync(0xffffffffu, dc_, 16);
+                if (n < N) atomicAdd(&sDBC[t][csub == 0 ? n : NMAX + n], csub == 0 ? db_ : dc_);
+                if ((t & 15) == 0) {
+                    // every lane of this channel is past steps t..t+15: reuse their Δ, Δ·v slots
+                    const float pd = half_warp_sum_transpose16(part);
+                    const float pvs = half_warp_sum_transpose16(pv);
+                    sDelta[t + n][lc] = pd;
+                    sDv[t + n][lc] = pvs;
+                }
             }
-            gdelta = fmaf(gdecay, LN2_F, gdelta);  // Σ gn·h_{t−1}·a_t·A, with a[n] = A·log2(e)
-            warp_add_dbc(part, N, red + t * 2 * N);
-            const float gdt = gdelta * sigmoid_f(x);  // softplus' = σ
-            gbias += gdt;
-            if (live) {
-                io.dv[r * io.sdv + c] = gv;
-                io.ddt[r * io.sddt + c] = from_f<T>(gdt);
-                io.dz[r * io.sdz + c] = from_f<T>(dz);
-                if (io.yg != nullptr) io.yg[r * di + c] = from_f<T>(yd * zz * sg);
-            }
+            gAcc[ci] += gA;
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < nt * 2 * N; i += blockDim.x)
-            atomicAdd(dbc + ROW(t0 + i / (2 * N)) * 2 * N + i % (2 * N), red[i]);
-        __syncthreads();
+        // every (step, channel): v's, dt's and z's gradients, and out
+        for (int i = tid; i < BLC * BCT; i += BWD_BLOCK) {
+            const int t = i / BCT, lc = i % BCT, c = c0 + lc;
+            if (t >= nt || c >= di) continue;
+            const size_t r = (size_t)b * L + t0 + t;
+            const float zz = to_f(io.z[r * io.sz + c]), gout = to_f(io.go[r * di + c]);
+            const float x = to_f(io.dt[r * io.sdt + c]) + bias[c];
+            const float vv = sV[t][lc], gy = sGy[t][lc], dcoef = Dp[c];
+            const float sg = sigmoid_f(zz);
+            const float yd = fmaf(dcoef, vv, sY[t][lc]);
+            const float gdt = sDelta[t][lc] * sigmoid_f(x);  // softplus' = σ
+            io.dv[r * io.sdv + c] = fmaf(gy, dcoef, sDv[t][lc]);
+            io.ddt[r * io.sddt + c] = from_f<T>(gdt);
+            io.dz[r * io.sdz + c] = from_f<T>(gout * yd * sg * (1.0f + zz * (1.0f - sg)));
+            if (io.yg != nullptr) io.yg[r * di + c] = from_f<T>(yd * zz * sg);
+            gD = fmaf(gy, vv, gD);
+            gbias += gdt;
+        }
+        // this block's dB, dC sums for the chunk's steps
+        float* part_row = dbc_part + (((size_t)b * gridDim.x + cb) * L + t0) * 2 * N;
+        for (int i = tid; i < nt * 2 * N; i += BWD_BLOCK) {
+            const int t = i / (2 * N), k = i % (2 * N);
+            part_row[i] = sDBC[t][k < N ? k : NMAX + k - N];
+        }
     }
-#undef HIST
-#undef BC
-#undef ROW
-    if (live) {
 #pragma unroll
-        for (int n = 0; n < NMAX; n++)
-            if (n < N) atomicAdd(dP + (size_t)c * N + n, gA[n] * a[n] * LN2_F);  // dA/dA_log = A
-        atomicAdd(dP + (size_t)di * N + c, gD);
-        atomicAdd(dP + (size_t)di * N + di + c, gbias);
+    for (int ci = 0; ci < BCI; ci++) {
+        const int c = c0 + ci * (2 * BWD_BLOCK / 32) + w * 2 + csub;
+        if (c < di && n < N) atomicAdd(dP + (size_t)c * N + n, gAcc[ci] * -expf(P[(size_t)c * N + n]));  // dA/dA_log = A
     }
+    if (ec < di) {
+        atomicAdd(dP + (size_t)di * N + ec, gD);
+        atomicAdd(dP + (size_t)di * N + di + ec, gbias);
+    }
+}
+
+// dbc (B, L, 2N) = Σ over the channel blocks of dbc_part (B, CB, L, 2N), in a fixed order.
+extern "C" __global__ void scan_tail_dbc_f32(int Bn, int CB, int L2N, const float* __restrict__ part,
+                                             float* __restrict__ dbc) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)Bn * L2N) return;
+    const size_t b = i / L2N, j = i % L2N;
+    float acc = 0.0f;
+    for (int cb = 0; cb < CB; cb++) acc += part[(b * CB + cb) * L2N + j];
+    dbc[i] = acc;
 }
 
 // Exported per dtype T of dt, z, go and their gradients (v, dv f32 always).
@@ -377,13 +427,12 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
         const TailIo<T> io{v, dt, z, go, sv, sdt, sz, nullptr, nullptr, nullptr, nullptr, 0, 0, 0};                   \
         scan_tail_chunks<T>(s, io, bc, P, sum_delta, S_, Lq, smem);                                                   \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128, 3)                                                              \
+    extern "C" __global__ void __launch_bounds__(BWD_BLOCK)                                                          \
         scan_tail_bwd_##S(ScanIn s, int cpg, const float* v, const T* dt, const T* z, const T* go, int sv, int sdt,  \
-                          int sz, const float* bc, const float* P, const float* H, const float* R, float* hist,      \
-                          float* dv, T* ddt, T* dz, T* yg, int sdv, int sddt, int sdz, float* dbc, float* dP) {      \
-        extern __shared__ float smem[];                                                                               \
+                          int sz, const float* bc, const float* P, const float* H, const float* R, float* dv, T* ddt, \
+                          T* dz, T* yg, int sdv, int sddt, int sdz, float* dbc_part, float* dP) {                    \
         const TailIo<T> io{v, dt, z, go, sv, sdt, sz, dv, ddt, dz, yg, sdv, sddt, sdz};                               \
-        scan_tail_bwd<T>(s, cpg, io, bc, P, H, R, hist, dbc, dP, smem);                                               \
+        scan_tail_bwd<T>(s, cpg, io, bc, P, H, R, dbc_part, dP);                                                      \
     }
 SCAN_TAIL(f32, float)
 SCAN_TAIL(bf16, bf16)

@@ -113,7 +113,7 @@ pub fn half_block_grads(model: &Model, i: usize, h: &Tensor, g: &Tensor) -> Resu
     let go = gb.matmul(&w_out)?; // (n, di) dL/dout
     let dv = empty(&[n, di], DType::F32, dev)?;
     let (ddt, dxz, yg) = (empty(&[n, di], bf, dev)?, empty(&[n, 2 * di], bf, dev)?, empty(&[n, di], bf, dev)?);
-    let dbc = Tensor::zeros((n, 2 * ns), DType::F32, dev)?;
+    let dbc = empty(&[n, 2 * ns], DType::F32, dev)?; // every element written
     let dp = Tensor::zeros(p.dims(), DType::F32, dev)?;
     let half = (di * 2) as u64; // bytes of di bf16 values: z and dz start there in their rows
     let io = TailPtrs {

@@ -228,7 +228,7 @@ impl ScanTailOp {
         let cd = cuda_device(dev)?;
         let (vdz, bc, p, go) = (vdz.contiguous()?, bc.contiguous()?, p.contiguous()?, f32c(grad)?);
         let dvdz = empty(&[bn, len, 3, di], DType::F32, dev)?; // every element written
-        let dbc = Tensor::zeros((bn, len, 2 * n), DType::F32, dev)?;
+        let dbc = empty(&[bn, len, 2 * n], DType::F32, dev)?; // every element written
         let dp = Tensor::zeros(p.dims(), DType::F32, dev)?;
         let (pv, pg) = (dptr(&vdz)?, dptr(&dvdz)?);
         let f4 = |i: usize| (i * 4) as u64;

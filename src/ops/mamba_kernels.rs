@@ -19,13 +19,15 @@ pub const KMAX: usize = 8;
 pub const NMAX: usize = 16;
 /// Steps per thread of the conv backward (one partial dw/db row per tile).
 const CONV_TILE: usize = 64;
-/// Chunk length of the scan backward: chunks run in parallel, each from its start state and its
-/// incoming adjoint carry.
+/// Chunk length of the scan backward (`BLC` in kernels/mamba_train.cu): chunks run in parallel,
+/// each from its start state and its incoming adjoint carry.
 const BWD_CHUNK: usize = 32;
-/// Threads (one per (sequence, chunk group, channel)) the scan backward's last kernel aims for:
-/// chunks are grouped so that the history scratch, (B, groups, LC, N, d_inner) f32, stays near
-/// this many · LC · N floats (671 MB at d_inner 5,120, N 16) whatever the batch.
-const BWD_THREADS: usize = 32 * 5120;
+/// Channels a block of `scan_tail_bwd_*` takes (`BCT`), and its threads (`BWD_BLOCK`).
+const BWD_CHANNELS: usize = 64;
+const BWD_THREADS: u32 = 128;
+/// Blocks the scan backward's last kernel aims for (chunks are grouped per block to get near
+/// it: about four waves of an H200 at four blocks an SM).
+const BWD_BLOCKS: usize = 2048;
 pub const THREADS: u32 = 128;
 
 /// The conv's sizes: B sequences of L positions, di channels, width K.
@@ -136,9 +138,9 @@ pub struct TailPtrs {
 }
 
 /// The scan tail's backward, chunks in parallel (kernels `scan_tail_chunks_*`,
-/// `scan_tail_carry_f32`, `scan_tail_bwd_*`): writes every element of io's dv, ddt and dz (and
-/// yg), adds the gradients of B and C into `dbc` ((B, L, 2N) f32, zeroed by the caller) and of
-/// [A_log; D; bias] into `dp` ((di·N + 2·di) f32, zeroed). `bc` (B, L, 2N) and `p` f32 as the
+/// `scan_tail_carry_f32`, `scan_tail_bwd_*`, `scan_tail_dbc_f32`): writes every element of io's
+/// dv, ddt and dz (and yg) and the gradients of B and C into `dbc` ((B, L, 2N) f32), adds those
+/// of [A_log; D; bias] into `dp` ((di·N + 2·di) f32, zeroed by the caller). `bc` (B, L, 2N) and `p` f32 as the
 /// kernels read them; `h0` the state before the sequence (0: zeros). `dims.lc` / `dims.q` are
 /// set here.
 #[allow(clippy::too_many_arguments)] // pointers of three launches
@@ -201,23 +203,23 @@ pub fn tail_backward(
     .ptr(dptr(&hs)?)
     .ptr(dptr(&lr)?)
     .run(&stream)?;
-    // 3. the gradients, chunk groups in parallel (each group's history in the scratch)
-    let groups = (BWD_THREADS.div_ceil(bn * di)).clamp(1, q);
+    // 3. the gradients, chunk groups in parallel; dB, dC per channel block, then summed
+    let cbs = di.div_ceil(BWD_CHANNELS);
+    let groups = BWD_BLOCKS.div_ceil(cbs * bn).clamp(1, q);
     let cpg = q.div_ceil(groups);
     let groups = q.div_ceil(cpg);
-    let hist = empty(&[bn * groups * lc * n * di], DType::F32, dev)?;
+    let dbc_part = empty(&[bn, cbs, len, 2 * n], DType::F32, dev)?; // every element written
     let bwd = Launch::new(
         func(cd, Module::MambaTrain, &format!("scan_tail_bwd_{sfx}"))?,
-        (blocks_c, groups as u32, bn as u32),
-        THREADS,
-        chunk_smem,
+        (cbs as u32, groups as u32, bn as u32),
+        BWD_THREADS,
+        0,
     )
     .scan(dims)
     .int(cpg as i32);
     inputs(bwd)
         .ptr(dptr(&hs)?)
         .ptr(dptr(&lr)?)
-        .ptr(dptr(&hist)?)
         .ptr(io.dv.0)
         .ptr(io.ddt.0)
         .ptr(io.dz.0)
@@ -225,7 +227,20 @@ pub fn tail_backward(
         .i32(io.dv.1)
         .i32(io.ddt.1)
         .i32(io.dz.1)
-        .ptr(dptr(dbc)?)
+        .ptr(dptr(&dbc_part)?)
         .ptr(dptr(dp)?)
-        .run(&stream)
+        .run(&stream)?;
+    let total = bn * len * 2 * n;
+    Launch::new(
+        func(cd, Module::MambaTrain, "scan_tail_dbc_f32")?,
+        (total.div_ceil(256) as u32, 1, 1),
+        256,
+        0,
+    )
+    .i32(bn)
+    .i32(cbs)
+    .i32(len * 2 * n)
+    .ptr(dptr(&dbc_part)?)
+    .ptr(dptr(dbc)?)
+    .run(&stream)
 }

@@ -225,6 +225,8 @@ __device__ void scan_tail_chunks(ScanIn s, const TailIo<T>& io, const float* __r
 
 // One thread per (b, c, n). In place: S (chunk end states from 0) becomes H (chunk start states,
 // from h0 or 0), Lq (chunk start carries from 0) becomes R (the carry entering each chunk's end).
+// The loads of CARRY_BATCH chunks are issued before their (serial) composition.
+#define CARRY_BATCH 8
 extern "C" __global__ void scan_tail_carry_f32(ScanIn s, const float* __restrict__ P, const float* __restrict__ h0,
                                                const float* __restrict__ sum_delta, float* __restrict__ HS,
                                                float* __restrict__ LR) {
@@ -233,19 +235,39 @@ extern "C" __global__ void scan_tail_carry_f32(ScanIn s, const float* __restrict
     if (i >= s.Bn * dn) return;
     const int b = i / dn, cn = i - b * dn, c = cn / s.N;
     const float a = -expf(P[cn]) * LOG2E_F;
+    auto at = [&](int q) { return ((size_t)b * s.Q + q) * dn + cn; };
+    auto decay = [&](int q) { return exp2f(a * sum_delta[((size_t)b * s.Q + q) * s.di + c]); };
     float h = h0 != nullptr ? h0[i] : 0.0f;
-    for (int q = 0; q < s.Q; q++) {
-        const size_t o = ((size_t)b * s.Q + q) * dn + cn;
-        const float sloc = HS[o];
-        HS[o] = h;
-        h = fmaf(exp2f(a * sum_delta[((size_t)b * s.Q + q) * s.di + c]), h, sloc);
+    for (int q0 = 0; q0 < s.Q; q0 += CARRY_BATCH) {
+        float loc[CARRY_BATCH], dec[CARRY_BATCH];
+#pragma unroll
+        for (int j = 0; j < CARRY_BATCH; j++)
+            if (q0 + j < s.Q) {
+                loc[j] = HS[at(q0 + j)];
+                dec[j] = decay(q0 + j);
+            }
+#pragma unroll
+        for (int j = 0; j < CARRY_BATCH; j++)
+            if (q0 + j < s.Q) {
+                HS[at(q0 + j)] = h;
+                h = fmaf(dec[j], h, loc[j]);
+            }
     }
     float g = 0.0f;
-    for (int q = s.Q - 1; q >= 0; q--) {
-        const size_t o = ((size_t)b * s.Q + q) * dn + cn;
-        const float lloc = LR[o];
-        LR[o] = g;
-        g = fmaf(exp2f(a * sum_delta[((size_t)b * s.Q + q) * s.di + c]), g, lloc);
+    for (int q1 = s.Q - 1; q1 >= 0; q1 -= CARRY_BATCH) {
+        float loc[CARRY_BATCH], dec[CARRY_BATCH];
+#pragma unroll
+        for (int j = 0; j < CARRY_BATCH; j++)
+            if (q1 - j >= 0) {
+                loc[j] = LR[at(q1 - j)];
+                dec[j] = decay(q1 - j);
+            }
+#pragma unroll
+        for (int j = 0; j < CARRY_BATCH; j++)
+            if (q1 - j >= 0) {
+                LR[at(q1 - j)] = g;
+                g = fmaf(dec[j], g, loc[j]);
+            }
     }
 }
 

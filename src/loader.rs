@@ -268,7 +268,10 @@ pub fn load_dir_with(dir: &Path, device: &Device, dtype: DType, opts: &LoadOpts)
 }
 
 /// Picks the device: `cuda` when asked or when built with CUDA and a GPU is there, else CPU.
+/// On CUDA, casts take this project's kernels from here on (`ops::cast`).
 pub fn device(name: Option<&str>) -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    crate::ops::cast::install();
     match name {
         Some("cpu") => Ok(Device::Cpu),
         Some("cuda") => Device::new_cuda(0).map_err(|e| {

@@ -24,6 +24,7 @@ mod bins {
 /// One compiled `kernels/*.cu` file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Module {
+    Cast,
     Decode,
     GatedAct,
     MambaStep,
@@ -40,6 +41,7 @@ pub enum Module {
 impl Module {
     fn image(self) -> &'static [u8] {
         match self {
+            Self::Cast => bins::CAST,
             Self::Decode => bins::DECODE,
             Self::GatedAct => bins::GATED_ACT,
             Self::MambaStep => bins::MAMBA_STEP,
@@ -77,6 +79,7 @@ fn internal(msg: impl Into<String>) -> Error {
 
 /// The CUDA device of a candle device.
 pub fn cuda_device(dev: &Device) -> Result<&CudaDevice> {
+    super::cast::install(); // our ops' devices cast with our kernels too (once per process)
     Ok(dev.as_cuda_device()?)
 }
 

@@ -13,10 +13,13 @@
 //! * `gated_act`, `xent`, `rms_norm`: an expert's gated activation, the training loss's
 //!   cross-entropy and the blocks' RMSNorm of the residual as autograd ops (fine-tuning);
 //! * [`scan_cpu`]: the same autograd op on the CPU (plain loops; fine-tuning on the CPU);
+//! * `cast`: f32 <-> bf16 / f16 casts for every `to_dtype` (candle's cast hook);
 //! * `cuda`: loading the kernels, device pointers, launches.
 //!
 //! Without feature `cuda` only [`available`], [`scan_cpu`] and [`training_scan`] exist.
 
+#[cfg(feature = "cuda")]
+pub mod cast;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]

@@ -1491,6 +1491,19 @@ fn gemm_config<T>(
     })
 }
 
+/// blackmamba patch 5: a function that may take over `to_dtype` on CUDA: given the storage, its
+/// layout and the target dtype it returns `Some(result)` for the casts it implements and `None`
+/// for the rest, which then run candle's own kernels.
+pub type CastHook = fn(&CudaStorage, &Layout, DType) -> Option<Result<CudaStorage>>;
+
+static CAST_HOOK: std::sync::OnceLock<CastHook> = std::sync::OnceLock::new();
+
+/// Installs the process-wide cast hook (blackmamba patch 5); false when one is installed already
+/// (the first stays).
+pub fn set_cast_hook(hook: CastHook) -> bool {
+    CAST_HOOK.set(hook).is_ok()
+}
+
 impl BackendStorage for CudaStorage {
     type Device = CudaDevice;
 
@@ -1564,6 +1577,12 @@ impl BackendStorage for CudaStorage {
     }
 
     fn to_dtype(&self, layout: &Layout, dtype: DType) -> Result<Self> {
+        // blackmamba patch 5: a cast the installed hook takes (see `set_cast_hook`)
+        if let Some(hook) = CAST_HOOK.get() {
+            if let Some(res) = hook(self, layout, dtype) {
+                return res;
+            }
+        }
         let shape = layout.shape();
         let dims = shape.dims();
         let el = shape.elem_count();

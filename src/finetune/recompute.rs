@@ -17,8 +17,9 @@
 //! expert), and the recomputed pass reuses that [`Route`]: the same experts as deciding again from
 //! the same inputs would give, without the host round trip; the probe records pass 1.
 //! The gradients equal those of [`crate::finetune::loss::batch_nll`]'s single backward
-//! (`tests/finetune_recompute.rs`). On the GPU a Mamba layer of a bf16 model is differentiated
-//! without autograd where it can be (`ops::mamba_block_grad`; its time counts as backward).
+//! (`tests/finetune_recompute.rs`). On the GPU the layers of a bf16 model are differentiated
+//! without autograd where they can be (`ops::mamba_block_grad`, `ops::moe_block_grad`; their
+//! time counts as backward).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -113,13 +114,14 @@ pub fn nll_and_grads(
     for i in (0..n).rev() {
         let Some(hi) = hs.pop() else { break };
         #[cfg(feature = "cuda")]
-        if let Some(bg) = crate::ops::mamba_block_grad::half_block_grads(model, i, &hi, &g)? {
-            // a Mamba layer differentiated by hand (its forward again included: all backward)
+        if let Some(bg) = by_hand(model, i, &hi, &g, routes[i].as_ref())? {
+            // differentiated without autograd (its forward again included: all backward)
             for (t, grad) in &bg.params {
                 accumulate(grads, vars, &t.backward_seeded(grad)?)?; // through the bf16 cast
             }
             g = bg.dh;
-            lap(|p| &mut p.mamba_bwd_s)?;
+            let moe = model.layers[i].is_moe();
+            lap(if moe { |p| &mut p.moe_bwd_s } else { |p| &mut p.mamba_bwd_s })?;
             continue;
         }
         let h = Var::from_tensor(&hi)?;
@@ -144,6 +146,22 @@ pub fn nll_and_grads(
     }
     lap(|p| &mut p.embed_s)?;
     Ok(nll.detach())
+}
+
+/// Half-block `i`'s gradients without autograd where `ops::mamba_block_grad` /
+/// `ops::moe_block_grad` take it.
+#[cfg(feature = "cuda")]
+fn by_hand(
+    model: &Model,
+    i: usize,
+    h: &Tensor,
+    g: &Tensor,
+    route: Option<&Route>,
+) -> Result<Option<crate::ops::mamba_block_grad::BlockGrads>> {
+    match model.layers[i].is_moe() {
+        true => crate::ops::moe_block_grad::half_block_grads(model, i, h, g, route),
+        false => crate::ops::mamba_block_grad::half_block_grads(model, i, h, g),
+    }
 }
 
 /// Half-block `i` of pass 1: on the fused inference kernels where the model runs them and

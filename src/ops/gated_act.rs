@@ -42,6 +42,14 @@ pub fn gated_act(a: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(a.contiguous()?.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?)
 }
 
+/// The op's backward without autograd (for a half-block backward that runs its own, as
+/// `ops::moe_block_grad`): a (n, 2f), dh (n, f) the gradient of `gated_act(a, act)` -> da (n, 2f)
+/// in a's dtype.
+pub fn gated_act_backward(a: &Tensor, act: Activation, dh: &Tensor) -> Result<Tensor> {
+    let (n, f2) = a.dims2()?;
+    GatedAct { n, f: f2 / 2, act }.backward(a, dh)
+}
+
 struct GatedAct {
     n: usize,
     f: usize,

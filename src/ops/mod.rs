@@ -8,7 +8,8 @@
 //! * `sinkhorn`: Sinkhorn iterations on device;
 //! * `scan_grad`: the chunked selective scan as an autograd op (forward and backward kernels);
 //! * `mamba_grad`: the Mamba mixer's conv + SiLU and scan + D·v + gate as autograd ops (training);
-//! * `mamba_block_grad`: a Mamba half-block's gradients without autograd (full fine-tuning);
+//! * `mamba_block_grad`, `moe_block_grad`: a Mamba / MoE half-block's gradients without autograd
+//!   (full fine-tuning);
 //!   `mamba_kernels` launches both's kernels;
 //! * `gated_act`, `xent`, `rms_norm`: an expert's gated activation, the training loss's
 //!   cross-entropy and the blocks' RMSNorm of the residual as autograd ops (fine-tuning);
@@ -34,6 +35,8 @@ pub mod mamba_block_grad;
 pub mod mamba_grad;
 #[cfg(feature = "cuda")]
 pub mod mamba_kernels;
+#[cfg(feature = "cuda")]
+pub mod moe_block_grad;
 #[cfg(feature = "cuda")]
 pub mod optim;
 pub mod prof;

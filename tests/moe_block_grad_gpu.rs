@@ -1,0 +1,106 @@
+//! A MoE half-block's gradients without autograd (`ops::moe_block_grad`) against its twin,
+//! autograd through `Model::block` with the same Sinkhorn route: the input's gradient and every
+//! trained tensor's (norm, router weight and bias, each expert's fc1 and fc2), for a bf16 model
+//! whose MoE layer is trained in full. Both keep the same tensors in bf16; they differ in the order
+//! of additions and so in the last bf16 bit of some values. Runs only in a `--features cuda` build
+//! on a machine with an NVIDIA GPU.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+mod gpu_common;
+
+use blackmamba::model::config::Config;
+use blackmamba::model::moe::Routing;
+use blackmamba::model::random::{random_weights, RandomInit};
+use blackmamba::model::Model;
+use blackmamba::ops::moe_block_grad::half_block_grads;
+use blackmamba::sinkhorn::SinkhornOpts;
+use candle_core::{DType, Tensor, Var};
+use gpu_common::{device, host, rel};
+
+fn config() -> Config {
+    let json = serde_json::json!({
+        "num_layers": 3, "hidden_size": 192, "state_size": 16, "conv_dimension": 4,
+        "vocab_size": 64, "expansion_factor": 2, "mamba_moe_layers": ["r", "8", "r"],
+        "ffn_hidden_size": 96, "add_bias_linear": false, "swiglu": true, "max_sequence_length": 2048
+    });
+    Config::from_json_str(&json.to_string()).unwrap()
+}
+
+#[test]
+fn hand_written_moe_backward_matches_autograd() {
+    let Some(dev) = device() else { return };
+    let cfg = config();
+    let w = random_weights(&cfg, RandomInit { seed: 12, perturb: true }, DType::BF16, &dev).unwrap();
+    let mut model = Model::from_tensors(&cfg, w, DType::BF16, &dev).unwrap();
+    model.differentiable = true;
+    model.routing = Routing::Sinkhorn(SinkhornOpts::default());
+    let layer = 1;
+    let mut vars = Vec::new();
+    model
+        .visit_mut(&mut |name, t| {
+            if name.starts_with(&format!("decoder.layers.{layer}.")) {
+                let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                *t = v.as_tensor().to_dtype(t.dtype())?;
+                vars.push((name.to_string(), v));
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(vars.len(), 1 + 2 + 8 * 2, "norm, router weight and bias, 8 experts' fc1 and fc2");
+    let (b, l, d) = (2, 80, cfg.hidden_size);
+    let h = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
+    let g = (Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap() * 1e-2).unwrap();
+
+    // pass 1 decides the route (Sinkhorn over the 160 tokens), both then reuse it
+    let mut route = None;
+    model
+        .block(layer, &h, &mut model.new_state(b).unwrap(), None, true, Some(&mut route))
+        .unwrap();
+    let experts = route.as_ref().unwrap().experts().to_vec();
+    assert!(
+        (0..8u32).filter(|e| experts.contains(e)).count() >= 6,
+        "most experts get tokens: {experts:?}"
+    );
+
+    let fast = half_block_grads(&model, layer, &h, &g, route.as_ref())
+        .unwrap()
+        .expect("the hand-written path applies");
+    let hv = Var::from_tensor(&h).unwrap();
+    let out = model
+        .block(
+            layer,
+            hv.as_tensor(),
+            &mut model.new_state(b).unwrap(),
+            None,
+            true,
+            Some(&mut route),
+        )
+        .unwrap();
+    let store = out.backward_seeded(&g).unwrap();
+
+    let want_dh = store.get(hv.as_tensor()).unwrap();
+    let dh = rel(&fast.dh, want_dh);
+    eprintln!("dh: {dh:.2e} (max |dh| {})", host(want_dh).iter().fold(0f32, |m, x| m.max(x.abs())));
+    assert!(dh < 1e-2, "input gradient differs by {dh}");
+    let stores: Vec<_> = fast
+        .params
+        .iter()
+        .map(|(t, grad)| {
+            assert_eq!(grad.dtype(), t.dtype());
+            t.backward_seeded(grad).unwrap()
+        })
+        .collect();
+    for (name, v) in &vars {
+        let got = stores
+            .iter()
+            .find_map(|s| s.get(v.as_tensor()))
+            .expect("the hand-written path has the gradient");
+        let want = store.get(v.as_tensor()).expect("autograd has the gradient");
+        let r = rel(got, want);
+        let scale = host(want).iter().fold(0f32, |m, x| m.max(x.abs()));
+        eprintln!("{name}: {r:.2e} (max |grad| {scale:.3e})");
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(r < 2e-2, "{name}: gradient differs by {r}");
+    }
+}

@@ -107,21 +107,30 @@ pub fn sinkhorn(cost: &[f32], n_tokens: usize, n_experts: usize, opts: &Sinkhorn
     let (tf, ef) = (t as f64, e as f64);
     const EPS: f64 = 1e-8;
     let mut d0 = vec![1.0f64; t];
+    // column sums walk the tokens in order for every expert at once (the same sums, in the same
+    // order, as one pass per column, with e independent chains)
+    let mut col = vec![0f64; e];
     let mut d1: Vec<f64> = match opts.variant {
-        Variant::Zyphra => (0..e).map(|j| 1.0 / (ef * (0..t).map(|i| k[i * e + j]).sum::<f64>())).collect(),
+        Variant::Zyphra => {
+            for row in k.chunks_exact(e) {
+                col.iter_mut().zip(row).for_each(|(c, &x)| *c += x);
+            }
+            col.iter().map(|&c| 1.0 / (ef * c)).collect()
+        }
         Variant::Standard => vec![1.0; e],
     };
     let mut trace = Vec::new();
     let mut converged = false;
     while trace.len() < opts.max_iters {
         let prev = d1.clone();
-        for i in 0..t {
-            let s: f64 = (0..e).map(|j| k[i * e + j] * d1[j]).sum();
+        col.iter_mut().for_each(|c| *c = 0.0);
+        for (i, row) in k.chunks_exact(e).enumerate() {
+            let s: f64 = row.iter().zip(&d1).map(|(x, d)| x * d).sum();
             d0[i] = 1.0 / (tf * (s + EPS));
+            col.iter_mut().zip(row).for_each(|(c, &x)| *c += x * d0[i]);
         }
-        for j in 0..e {
-            let s: f64 = (0..t).map(|i| k[i * e + j] * d0[i]).sum();
-            d1[j] = 1.0 / (ef * (s + EPS));
+        for (d, &c) in d1.iter_mut().zip(&col) {
+            *d = 1.0 / (ef * (c + EPS));
         }
         let abs_change = d1.iter().zip(&prev).map(|(a, b)| (a - b).abs()).sum::<f64>() / ef;
         let mean_d1 = d1.iter().map(|x| x.abs()).sum::<f64>() / ef;

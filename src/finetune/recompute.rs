@@ -139,6 +139,16 @@ pub fn nll_and_grads(
     }
 
     // 4. the embedding (tied to the head; a variable only when trained)
+    #[cfg(feature = "cuda")]
+    if model.trains_with_kernels() && (model.embedding.is_variable() || model.embedding.track_op()) {
+        // the rows' gradients scattered into the table (ops::rows), then through its cast
+        let emb = &model.embedding;
+        let g2 = g.flatten_to(1)?.to_dtype(emb.dtype())?; // (B·L, d), rounded as index_select's backward sees it
+        let table = crate::ops::rows::scatter_add_rows(&g2, &batch.ids.flatten_all()?, emb.dim(0)?)?; // (V, d) f32
+        accumulate(grads, vars, &emb.backward_seeded(&table.to_dtype(emb.dtype())?)?)?;
+        lap(|p| &mut p.embed_s)?;
+        return Ok(nll.detach());
+    }
     let x = model.embed(&batch.ids)?.to_dtype(DType::F32)?;
     if x.is_variable() || x.track_op() {
         let store = x.backward_seeded(&g)?;

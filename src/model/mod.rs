@@ -366,7 +366,14 @@ impl Model {
     /// gradient flows back into the matmul in that dtype).
     pub fn head_rows(&self, h: &Tensor, rows: &Tensor) -> Result<Tensor> {
         let (bsz, len, _) = h.dims3()?;
-        let x = h.reshape((bsz * len, ()))?.index_select(rows, 0)?; // (n, d)
+        let h2 = h.reshape((bsz * len, ()))?; // (B·L, d)
+        #[cfg(feature = "cuda")]
+        let x = match self.trains_with_kernels() && h2.dtype() == DType::F32 {
+            true => crate::ops::rows::select_rows(&h2, rows)?, // scatter backward (ops::rows)
+            false => h2.index_select(rows, 0)?,
+        }; // (n, d)
+        #[cfg(not(feature = "cuda"))]
+        let x = h2.index_select(rows, 0)?; // (n, d)
         if !self.runs_kernels() && crate::finetune::loss::fuses(&self.device, self.embedding.dtype()) {
             return self.head_logits(&x); // (n, V) in the embedding's dtype
         }

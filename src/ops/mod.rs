@@ -14,6 +14,7 @@
 //! * `gated_act`, `xent`, `rms_norm`: an expert's gated activation, the training loss's
 //!   cross-entropy and the blocks' RMSNorm of the residual as autograd ops (fine-tuning);
 //! * [`scan_cpu`]: the same autograd op on the CPU (plain loops; fine-tuning on the CPU);
+//! * `rows`: row selection with a scatter backward (the loss's positions, the embedding);
 //! * `cast`: f32 <-> bf16 / f16 casts for every `to_dtype` (candle's cast hook);
 //! * `cuda`: loading the kernels, device pointers, launches.
 //!
@@ -42,6 +43,8 @@ pub mod optim;
 pub mod prof;
 #[cfg(feature = "cuda")]
 pub mod rms_norm;
+#[cfg(feature = "cuda")]
+pub mod rows;
 pub mod scan_cpu;
 #[cfg(feature = "cuda")]
 pub mod scan_grad;

@@ -227,6 +227,18 @@ pub struct Route {
     group: Option<(RowPermutation, Vec<usize>)>,
 }
 
+/// Sinkhorn over a call's router logits: on the device where they are on a CUDA device with the
+/// kernels on (`ops::sinkhorn`, the same passes and assignment as the host's, to the order of its
+/// f64 sums; `tests/gpu_parity.rs`), else on the host copy.
+fn sinkhorn_on(logits: &Tensor, host: &[f32], n_tok: usize, n_exp: usize, opts: &SinkhornOpts) -> Result<SinkhornResult> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && crate::ops::kernels_enabled() && n_exp <= 32 {
+        return crate::ops::sinkhorn::sinkhorn(logits, opts);
+    }
+    let _ = logits;
+    Ok(sinkhorn(host, n_tok, n_exp, opts))
+}
+
 impl Route {
     /// Decides from the router logits (T, E) f32 on the host, recording into `probe`.
     pub(crate) fn decide(logits: &Tensor, n_tok: usize, n_exp: usize, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Self> {
@@ -237,7 +249,7 @@ impl Route {
         let (experts, trace) = match routing {
             Routing::Greedy => (greedy(&host, n_tok, n_exp), None),
             Routing::Sinkhorn(opts) => {
-                let r = sinkhorn(&host, n_tok, n_exp, &opts);
+                let r = sinkhorn_on(logits, &host, n_tok, n_exp, &opts)?;
                 (r.assignment.clone(), Some(r))
             }
         };
@@ -246,10 +258,19 @@ impl Route {
         let group = if n_tok == 1 {
             None
         } else {
-            // group tokens by expert: one gather in, one gather back
-            let mut order: Vec<u32> = (0..n_tok as u32).collect();
-            order.sort_by_key(|&t| experts[t as usize]);
-            Some((RowPermutation::new(&order, dev)?, crate::sinkhorn::loads(&experts, n_exp)))
+            // group tokens by expert (a stable counting sort: token order within an expert): one
+            // gather in, one gather back
+            let counts = crate::sinkhorn::loads(&experts, n_exp);
+            let mut next: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+            let mut order = vec![0u32; n_tok];
+            for (t, &e) in experts.iter().enumerate() {
+                let slot = next
+                    .get_mut(e as usize)
+                    .ok_or_else(|| Error::Invalid(format!("routing chose expert {e} of {n_exp}")))?;
+                order[*slot] = t as u32;
+                *slot += 1;
+            }
+            Some((RowPermutation::new(&order, dev)?, counts))
         };
         let route = Self { experts, idx, group };
         if let Some(p) = probe {

@@ -169,60 +169,6 @@ struct TailIo {
     int sdv, sddt, sdz;
 };
 
-// Grid (⌈di/blockDim⌉, Q, B). sum_delta (B, Q, di); S, Lq (B, Q, di, N).
-// dynamic shared memory: LC · 2N floats (the chunk's B and C)
-template <typename T>
-__device__ void scan_tail_chunks(ScanIn s, const TailIo<T>& io, const float* __restrict__ bc, const float* __restrict__ P,
-                                 float* __restrict__ sum_delta, float* __restrict__ S, float* __restrict__ Lq,
-                                 float* sbc) {
-    const int b = blockIdx.z, q = blockIdx.y, N = s.N, di = s.di;
-    const int t0 = q * s.LC, nt = min(s.L, t0 + s.LC) - t0;
-    const float* bc0 = bc + ((size_t)b * s.L + t0) * 2 * N;
-    for (int i = threadIdx.x; i < nt * 2 * N; i += blockDim.x) sbc[i] = bc0[i];
-    __syncthreads();
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= di) return;
-    float a[NMAX], h[NMAX];
-#pragma unroll
-    for (int n = 0; n < NMAX; n++) {
-        a[n] = n < N ? -expf(P[(size_t)c * N + n]) * LOG2E_F : 0.0f;
-        h[n] = 0.0f;
-    }
-    const float bias = P[(size_t)di * N + di + c];
-    const size_t r0 = (size_t)b * s.L + t0;
-    float sd = 0.0f;
-#pragma unroll 4
-    for (int t = 0; t < nt; t++) {
-        const size_t r = r0 + t;
-        const float delta = softplus_f(to_f(io.dt[r * io.sdt + c]) + bias);
-        const float dv = delta * io.v[r * io.sv + c];
-        sd += delta;
-#pragma unroll
-        for (int n = 0; n < NMAX; n++)
-            if (n < N) h[n] = fmaf(exp2f(delta * a[n]), h[n], dv * sbc[t * 2 * N + n]);
-    }
-    const size_t o = ((size_t)b * s.Q + q) * di + c;
-    sum_delta[o] = sd;
-#pragma unroll
-    for (int n = 0; n < NMAX; n++)
-        if (n < N) {
-            S[o * N + n] = h[n];
-            h[n] = 0.0f;  // now the adjoint carry
-        }
-#pragma unroll 4
-    for (int t = nt - 1; t >= 0; t--) {
-        const size_t r = r0 + t;
-        const float delta = softplus_f(to_f(io.dt[r * io.sdt + c]) + bias);
-        const float gy = gate_grad(to_f(io.go[r * di + c]), to_f(io.z[r * io.sz + c]));
-#pragma unroll
-        for (int n = 0; n < NMAX; n++)
-            if (n < N) h[n] = exp2f(delta * a[n]) * fmaf(gy, sbc[t * 2 * N + N + n], h[n]);
-    }
-#pragma unroll
-    for (int n = 0; n < NMAX; n++)
-        if (n < N) Lq[o * N + n] = h[n];
-}
-
 // One thread per (b, c, n). In place: S (chunk end states from 0) becomes H (chunk start states,
 // from h0 or 0), Lq (chunk start carries from 0) becomes R (the carry entering each chunk's end).
 // The loads of CARRY_BATCH chunks are issued before their (serial) composition.
@@ -295,15 +241,83 @@ extern "C" __global__ void scan_tail_carry_f32(ScanIn s, const float* __restrict
 #define BCI (BCT / (2 * BWD_BLOCK / 32))  // channel rounds per chunk: 8
 static_assert(BWD_BLOCK / 32 * 2 * BCI == BCT, "a round takes 2 channels per warp");
 
+// A chunk's values in shared memory, for a block's BCT channels (zero past the sequence's end,
+// past di and for n ≥ N, so the walks over them need no guards).
+struct TailChunk {
+    float bc[BLC][2 * NMAX];  // B_t[n], C_t[n]
+    float delta[BLC][BCT];    // Δ; in scan_tail_bwd then dL/dΔ summed over the states (PD)
+    float dv[BLC][BCT];       // Δ·v; in scan_tail_bwd then Σ_n dL/dh·Δ·B (PV)
+    float v[BLC][BCT];
+    float gy[BLC][BCT];  // dL/dy = dL/dout·z·σ(z)
+};
+
+// Fills `sm` for steps [t0, t0 + nt) of sequence b and channels [c0, c0 + BCT); the caller syncs.
+template <typename T>
+__device__ void tail_chunk_load(const ScanIn& s, const TailIo<T>& io, const float* __restrict__ bc,
+                                const float* __restrict__ bias, int b, int t0, int nt, int c0, TailChunk& sm) {
+    const int N = s.N, di = s.di;
+    for (int i = threadIdx.x; i < BLC * 2 * NMAX; i += blockDim.x) {
+        const int t = i / (2 * NMAX), k = i % (2 * NMAX), m = k % NMAX;
+        sm.bc[t][k] = t < nt && m < N ? bc[((size_t)b * s.L + t0 + t) * 2 * N + (k < NMAX ? m : N + m)] : 0.0f;
+    }
+    for (int i = threadIdx.x; i < BLC * BCT; i += blockDim.x) {
+        const int t = i / BCT, lc = i % BCT, c = c0 + lc;
+        float delta = 0.0f, vv = 0.0f, gy = 0.0f;
+        if (t < nt && c < di) {
+            const size_t r = (size_t)b * s.L + t0 + t;
+            delta = softplus_f(to_f(io.dt[r * io.sdt + c]) + bias[c]);
+            vv = io.v[r * io.sv + c];
+            gy = gate_grad(to_f(io.go[r * di + c]), to_f(io.z[r * io.sz + c]));
+        }
+        sm.delta[t][lc] = delta;
+        sm.dv[t][lc] = delta * vv;
+        sm.v[t][lc] = vv;
+        sm.gy[t][lc] = gy;
+    }
+}
+
+// Per (b, chunk, block of BCT channels), a lane per state: ΣΔ over the chunk, the chunk's end state
+// from h = 0 (forward transfer h -> exp(A·ΣΔ)·h + S) and the adjoint carry at its start from 0 at
+// its end (backward transfer g -> exp(A·ΣΔ)·g + Lq). Grid (⌈di / BCT⌉, Q, B), BWD_BLOCK threads.
+// sum_delta (B, Q, di); S, Lq (B, Q, di, N).
+template <typename T>
+__device__ void scan_tail_chunks(ScanIn s, const TailIo<T>& io, const float* __restrict__ bc, const float* __restrict__ P,
+                                 float* __restrict__ sum_delta, float* __restrict__ S, float* __restrict__ Lq) {
+    __shared__ TailChunk sm;
+    const int b = blockIdx.z, q = blockIdx.y, c0 = blockIdx.x * BCT;
+    const int N = s.N, di = s.di;
+    const int t0 = q * BLC, nt = min(s.L, t0 + BLC) - t0;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, n = lane & 15, csub = lane >> 4;
+    tail_chunk_load(s, io, bc, P + (size_t)di * N + di, b, t0, nt, c0, sm);
+    __syncthreads();
+#pragma unroll 1
+    for (int ci = 0; ci < BCI; ci++) {
+        const int lc = ci * (2 * BWD_BLOCK / 32) + w * 2 + csub, c = c0 + lc;
+        const float aN = c < di && n < N ? -expf(P[(size_t)c * N + n]) * LOG2E_F : 0.0f;
+        float h = 0.0f, g = 0.0f, sd = 0.0f;
+#pragma unroll
+        for (int t = 0; t < BLC; t++) {
+            h = fmaf(exp2f(sm.delta[t][lc] * aN), h, sm.dv[t][lc] * sm.bc[t][n]);
+            sd += sm.delta[t][lc];
+        }
+#pragma unroll
+        for (int t = BLC - 1; t >= 0; t--) g = exp2f(sm.delta[t][lc] * aN) * fmaf(sm.gy[t][lc], sm.bc[t][NMAX + n], g);
+        if (c < di) {
+            const size_t o = ((size_t)b * s.Q + q) * di + c;
+            if (n == 0) sum_delta[o] = sd;
+            if (n < N) {
+                S[o * N + n] = h;
+                Lq[o * N + n] = g;
+            }
+        }
+    }
+}
+
 template <typename T>
 __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const float* __restrict__ bc,
                               const float* __restrict__ P, const float* __restrict__ H, const float* __restrict__ R,
                               float* __restrict__ dbc_part, float* __restrict__ dP) {
-    __shared__ float sBC[BLC][2 * NMAX];  // B_t[n], C_t[n]
-    __shared__ float sDelta[BLC][BCT];    // Δ; then dL/dΔ summed over the states (PD)
-    __shared__ float sDv[BLC][BCT];       // Δ·v; then Σ_n dL/dh·Δ·B (PV)
-    __shared__ float sV[BLC][BCT];
-    __shared__ float sGy[BLC][BCT];  // dL/dy = dL/dout·z·σ(z)
+    __shared__ TailChunk sm;
     __shared__ float sY[BLC][BCT];   // y = Σ_n h·C
     __shared__ float sDBC[BLC][2 * NMAX];
     const int b = blockIdx.z, cb = blockIdx.x, c0 = cb * BCT;
@@ -321,25 +335,8 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
     for (int q = q_lo; q < q_hi; q++) {
         const int t0 = q * BLC, nt = min(L, t0 + BLC) - t0;
         __syncthreads();  // the previous chunk's epilogue is done with the shared arrays
-        for (int i = tid; i < BLC * 2 * NMAX; i += BWD_BLOCK) {
-            const int t = i / (2 * NMAX), k = i % (2 * NMAX), m = k % NMAX;
-            sBC[t][k] = t < nt && m < N ? bc[((size_t)b * L + t0 + t) * 2 * N + (k < NMAX ? m : N + m)] : 0.0f;
-            sDBC[t][k] = 0.0f;
-        }
-        for (int i = tid; i < BLC * BCT; i += BWD_BLOCK) {
-            const int t = i / BCT, lc = i % BCT, c = c0 + lc;
-            float delta = 0.0f, vv = 0.0f, gy = 0.0f;
-            if (t < nt && c < di) {
-                const size_t r = (size_t)b * L + t0 + t;
-                delta = softplus_f(to_f(io.dt[r * io.sdt + c]) + bias[c]);
-                vv = io.v[r * io.sv + c];
-                gy = gate_grad(to_f(io.go[r * di + c]), to_f(io.z[r * io.sz + c]));
-            }
-            sDelta[t][lc] = delta;
-            sDv[t][lc] = delta * vv;
-            sV[t][lc] = vv;
-            sGy[t][lc] = gy;
-        }
+        tail_chunk_load(s, io, bc, bias, b, t0, nt, c0, sm);
+        for (int i = tid; i < BLC * 2 * NMAX; i += BWD_BLOCK) (&sDBC[0][0])[i] = 0.0f;
         __syncthreads();
 #pragma unroll 1
         for (int ci = 0; ci < BCI; ci++) {
@@ -354,9 +351,9 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
             // forward: the chunk's states and y
 #pragma unroll
             for (int t = 0; t < BLC; t++) {
-                h = fmaf(exp2f(sDelta[t][lc] * aN), h, sDv[t][lc] * sBC[t][n]);
+                h = fmaf(exp2f(sm.delta[t][lc] * aN), h, sm.dv[t][lc] * sm.bc[t][n]);
                 hist[t] = h;
-                part[t & 15] = h * sBC[t][NMAX + n];
+                part[t & 15] = h * sm.bc[t][NMAX + n];
                 if ((t & 15) == 15) {
                     const float y = half_warp_sum_transpose16(part);  // y at step (t − 15) + n
                     sY[t - 15 + n][lc] = y;
@@ -367,8 +364,8 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
             float gA = 0.0f;
 #pragma unroll
             for (int t = BLC - 1; t >= 0; t--) {
-                const float delta = sDelta[t][lc], gy = sGy[t][lc], vv = sV[t][lc];
-                const float Bn = sBC[t][n], Cn = sBC[t][NMAX + n];
+                const float delta = sm.delta[t][lc], gy = sm.gy[t][lc], vv = sm.v[t][lc];
+                const float Bn = sm.bc[t][n], Cn = sm.bc[t][NMAX + n];
                 const float hp = t > 0 ? hist[t - 1] : hstart;
                 const float an = exp2f(delta * aN);
                 const float gn = fmaf(gy, Cn, g);  // dL/dh_t
@@ -386,8 +383,8 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
                     // every lane of this channel is past steps t..t+15: reuse their Δ, Δ·v slots
                     const float pd = half_warp_sum_transpose16(part);
                     const float pvs = half_warp_sum_transpose16(pv);
-                    sDelta[t + n][lc] = pd;
-                    sDv[t + n][lc] = pvs;
+                    sm.delta[t + n][lc] = pd;
+                    sm.dv[t + n][lc] = pvs;
                 }
             }
             gAcc[ci] += gA;
@@ -400,11 +397,11 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
             const size_t r = (size_t)b * L + t0 + t;
             const float zz = to_f(io.z[r * io.sz + c]), gout = to_f(io.go[r * di + c]);
             const float x = to_f(io.dt[r * io.sdt + c]) + bias[c];
-            const float vv = sV[t][lc], gy = sGy[t][lc], dcoef = Dp[c];
+            const float vv = sm.v[t][lc], gy = sm.gy[t][lc], dcoef = Dp[c];
             const float sg = sigmoid_f(zz);
             const float yd = fmaf(dcoef, vv, sY[t][lc]);
-            const float gdt = sDelta[t][lc] * sigmoid_f(x);  // softplus' = σ
-            io.dv[r * io.sdv + c] = fmaf(gy, dcoef, sDv[t][lc]);
+            const float gdt = sm.delta[t][lc] * sigmoid_f(x);  // softplus' = σ
+            io.dv[r * io.sdv + c] = fmaf(gy, dcoef, sm.dv[t][lc]);
             io.ddt[r * io.sddt + c] = from_f<T>(gdt);
             io.dz[r * io.sdz + c] = from_f<T>(gout * yd * sg * (1.0f + zz * (1.0f - sg)));
             if (io.yg != nullptr) io.yg[r * di + c] = from_f<T>(yd * zz * sg);
@@ -442,12 +439,11 @@ extern "C" __global__ void scan_tail_dbc_f32(int Bn, int CB, int L2N, const floa
 
 // Exported per dtype T of dt, z, go and their gradients (v, dv f32 always).
 #define SCAN_TAIL(S, T)                                                                                               \
-    extern "C" __global__ void scan_tail_chunks_##S(ScanIn s, const float* v, const T* dt, const T* z, const T* go,  \
-                                                    int sv, int sdt, int sz, const float* bc, const float* P,        \
-                                                    float* sum_delta, float* S_, float* Lq) {                        \
-        extern __shared__ float smem[];                                                                               \
+    extern "C" __global__ void __launch_bounds__(BWD_BLOCK)                                                          \
+        scan_tail_chunks_##S(ScanIn s, const float* v, const T* dt, const T* z, const T* go, int sv, int sdt, int sz, \
+                             const float* bc, const float* P, float* sum_delta, float* S_, float* Lq) {               \
         const TailIo<T> io{v, dt, z, go, sv, sdt, sz, nullptr, nullptr, nullptr, nullptr, 0, 0, 0};                   \
-        scan_tail_chunks<T>(s, io, bc, P, sum_delta, S_, Lq, smem);                                                   \
+        scan_tail_chunks<T>(s, io, bc, P, sum_delta, S_, Lq);                                                         \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(BWD_BLOCK)                                                          \
         scan_tail_bwd_##S(ScanIn s, int cpg, const float* v, const T* dt, const T* z, const T* go, int sv, int sdt,  \

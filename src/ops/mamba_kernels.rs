@@ -22,7 +22,8 @@ const CONV_TILE: usize = 64;
 /// Chunk length of the scan backward (`BLC` in kernels/mamba_train.cu): chunks run in parallel,
 /// each from its start state and its incoming adjoint carry.
 const BWD_CHUNK: usize = 32;
-/// Channels a block of `scan_tail_bwd_*` takes (`BCT`), and its threads (`BWD_BLOCK`).
+/// Channels a block of `scan_tail_chunks_*` / `scan_tail_bwd_*` takes (`BCT`), and its threads
+/// (`BWD_BLOCK`).
 const BWD_CHANNELS: usize = 64;
 const BWD_THREADS: u32 = 128;
 /// Blocks the scan backward's last kernel aims for (chunks are grouped per block to get near
@@ -168,8 +169,7 @@ pub fn tail_backward(
     let sum_delta = empty(&[bn * q * di], DType::F32, dev)?;
     let hs = empty(&[bn * q * di * n], DType::F32, dev)?;
     let lr = empty(&[bn * q * di * n], DType::F32, dev)?;
-    let chunk_smem = (lc * 2 * n * 4) as u32;
-    let blocks_c = di.div_ceil(THREADS as usize) as u32;
+    let cbs = di.div_ceil(BWD_CHANNELS); // blocks of channels, for the chunk summaries and the gradients
     let inputs = |l: Launch| {
         l.ptr(io.v.0)
             .ptr(io.dt.0)
@@ -183,9 +183,9 @@ pub fn tail_backward(
     };
     let chunks = Launch::new(
         func(cd, Module::MambaTrain, &format!("scan_tail_chunks_{sfx}"))?,
-        (blocks_c, q as u32, bn as u32),
-        THREADS,
-        chunk_smem,
+        (cbs as u32, q as u32, bn as u32),
+        BWD_THREADS,
+        0,
     )
     .scan(dims);
     inputs(chunks).ptr(dptr(&sum_delta)?).ptr(dptr(&hs)?).ptr(dptr(&lr)?).run(&stream)?;
@@ -204,7 +204,6 @@ pub fn tail_backward(
     .ptr(dptr(&lr)?)
     .run(&stream)?;
     // 3. the gradients, chunk groups in parallel; dB, dC per channel block, then summed
-    let cbs = di.div_ceil(BWD_CHANNELS);
     let groups = BWD_BLOCKS.div_ceil(cbs * bn).clamp(1, q);
     let cpg = q.div_ceil(groups);
     let groups = q.div_ceil(cpg);

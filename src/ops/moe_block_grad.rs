@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! forward again: xn, r, gate = σ(r_e*), per expert a = x_e·W1ᵀ, h = act(a_gate)·a_up, y = h·W2ᵀ
-//! dgate = Σ_k g·y                      dy = g·gate (bf16)
+//! dgate = Σ_k g·y                      dy = g·gate (bf16)          (one kernel, moe_train.cu)
 //! per expert: dh = dy_e·W2, dW2 = dy_eᵀ·h, da = act'(a, dh), dW1 = daᵀ·x_e, dx_e = da·W1
 //! dr = onehot(e*)·dgate·gate·(1 − gate)      dW_r = drᵀ·xn, db_r = Σ dr, dxn += dr·W_r
 //! RMSNorm backward: dh_in = g + dx, dnorm_w
@@ -28,6 +28,7 @@ use crate::error::Result;
 use crate::model::linear::Linear;
 use crate::model::moe::Route;
 use crate::model::{Mixer, Model};
+use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module};
 use crate::ops::gated_act::{gated_act, gated_act_backward};
 use crate::ops::mamba_block_grad::BlockGrads;
 use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
@@ -39,6 +40,28 @@ pub fn enabled() -> bool {
     super::kernels_enabled()
         && super::rms_norm::enabled()
         && std::env::var_os("BLACKMAMBA_SLOW_MOE_GRAD").is_none_or(|v| v.is_empty() || v == "0")
+}
+
+/// The gradients at the gate of out = y·gate (kernels/moe_train.cu): g (n, d) f32, y (n, d) bf16,
+/// gate (n, 1) f32 -> (dgate = Σ_k g·y (n, 1) f32, dy = g·gate (n, d) bf16), one pass over g and y.
+fn gate_backward(g: &Tensor, y: &Tensor, gate: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, d) = g.dims2()?;
+    let dev = g.device();
+    let cd = cuda_device(dev)?;
+    let (g, y, gate) = (g.contiguous()?, y.contiguous()?, gate.contiguous()?);
+    let dgate = empty(&[n, 1], DType::F32, dev)?;
+    let dy = empty(&[n, d], DType::BF16, dev)?;
+    Launch::new(func(cd, Module::MoeTrain, "moe_gate_bwd_bf16")?, (n.clamp(1, 65535) as u32, 1, 1), 256, 0)
+        .i64(n)
+        .i32(d)
+        .ptr(dptr(&g)?)
+        .ptr(dptr(&y)?)
+        .ptr(dptr(&gate)?)
+        .ptr(dptr(&dgate)?)
+        .ptr(dptr(&dy)?)
+        .label("moe-gate-bwd")
+        .run(&cd.cuda_stream())?;
+    Ok((dgate, dy))
 }
 
 fn trained(t: &Tensor) -> bool {
@@ -103,9 +126,8 @@ pub fn half_block_grads(model: &Model, i: usize, h: &Tensor, g: &Tensor, route: 
     let y = group.inverse().apply(&Tensor::cat(&outs, 0)?)?; // (n, d) bf16, token order
 
     // backward
-    let g2 = g.reshape((n, d))?;
-    let dgate = (&g2 * y.to_dtype(DType::F32)?)?.sum_keepdim(1)?; // (n, 1)
-    let dys = group.apply(&g2.broadcast_mul(&gate)?.to_dtype(bf)?)?; // (n, d) bf16, grouped
+    let (dgate, dy) = gate_backward(&g.reshape((n, d))?, &y, &gate)?; // (n, 1), (n, d) bf16
+    let dys = group.apply(&dy)?; // (n, d) bf16, grouped
     let mut dxs = Vec::with_capacity(acts.len());
     let mut params = Vec::new();
     for (e, off, a, hh) in &acts {

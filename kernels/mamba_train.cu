@@ -244,11 +244,9 @@ static_assert(BWD_BLOCK / 32 * 2 * BCI == BCT, "a round takes 2 channels per war
 // A chunk's values in shared memory, for a block's BCT channels (zero past the sequence's end,
 // past di and for n ≥ N, so the walks over them need no guards).
 struct TailChunk {
-    float bc[BLC][2 * NMAX];  // B_t[n], C_t[n]
-    float delta[BLC][BCT];    // Δ; in scan_tail_bwd then dL/dΔ summed over the states (PD)
-    float dv[BLC][BCT];       // Δ·v; in scan_tail_bwd then Σ_n dL/dh·Δ·B (PV)
-    float v[BLC][BCT];
-    float gy[BLC][BCT];  // dL/dy = dL/dout·z·σ(z)
+    float2 bc[BLC][NMAX];  // (B_t[n], C_t[n])
+    float2 ddv[BLC][BCT];  // (Δ, Δ·v); in scan_tail_bwd then (dL/dΔ, Σ_n dL/dh·Δ·B) summed over the states
+    float2 vgy[BLC][BCT];  // (v, dL/dy = dL/dout·z·σ(z))
 };
 
 // Fills `sm` for steps [t0, t0 + nt) of sequence b and channels [c0, c0 + BCT); the caller syncs.
@@ -256,9 +254,10 @@ template <typename T>
 __device__ void tail_chunk_load(const ScanIn& s, const TailIo<T>& io, const float* __restrict__ bc,
                                 const float* __restrict__ bias, int b, int t0, int nt, int c0, TailChunk& sm) {
     const int N = s.N, di = s.di;
-    for (int i = threadIdx.x; i < BLC * 2 * NMAX; i += blockDim.x) {
-        const int t = i / (2 * NMAX), k = i % (2 * NMAX), m = k % NMAX;
-        sm.bc[t][k] = t < nt && m < N ? bc[((size_t)b * s.L + t0 + t) * 2 * N + (k < NMAX ? m : N + m)] : 0.0f;
+    for (int i = threadIdx.x; i < BLC * NMAX; i += blockDim.x) {
+        const int t = i / NMAX, m = i % NMAX;
+        const float* row = bc + ((size_t)b * s.L + t0 + t) * 2 * N;
+        sm.bc[t][m] = t < nt && m < N ? make_float2(row[m], row[N + m]) : make_float2(0.0f, 0.0f);
     }
     for (int i = threadIdx.x; i < BLC * BCT; i += blockDim.x) {
         const int t = i / BCT, lc = i % BCT, c = c0 + lc;
@@ -269,10 +268,8 @@ __device__ void tail_chunk_load(const ScanIn& s, const TailIo<T>& io, const floa
             vv = io.v[r * io.sv + c];
             gy = gate_grad(to_f(io.go[r * di + c]), to_f(io.z[r * io.sz + c]));
         }
-        sm.delta[t][lc] = delta;
-        sm.dv[t][lc] = delta * vv;
-        sm.v[t][lc] = vv;
-        sm.gy[t][lc] = gy;
+        sm.ddv[t][lc] = make_float2(delta, delta * vv);
+        sm.vgy[t][lc] = make_float2(vv, gy);
     }
 }
 
@@ -295,13 +292,14 @@ __device__ void scan_tail_chunks(ScanIn s, const TailIo<T>& io, const float* __r
         const int lc = ci * (2 * BWD_BLOCK / 32) + w * 2 + csub, c = c0 + lc;
         const float aN = c < di && n < N ? -expf(P[(size_t)c * N + n]) * LOG2E_F : 0.0f;
         float h = 0.0f, g = 0.0f, sd = 0.0f;
-#pragma unroll
+#pragma unroll 8
         for (int t = 0; t < BLC; t++) {
-            h = fmaf(exp2f(sm.delta[t][lc] * aN), h, sm.dv[t][lc] * sm.bc[t][n]);
-            sd += sm.delta[t][lc];
+            const float2 dd = sm.ddv[t][lc];
+            h = fmaf(exp2f(dd.x * aN), h, dd.y * sm.bc[t][n].x);
+            sd += dd.x;
         }
-#pragma unroll
-        for (int t = BLC - 1; t >= 0; t--) g = exp2f(sm.delta[t][lc] * aN) * fmaf(sm.gy[t][lc], sm.bc[t][NMAX + n], g);
+#pragma unroll 8
+        for (int t = BLC - 1; t >= 0; t--) g = exp2f(sm.ddv[t][lc].x * aN) * fmaf(sm.vgy[t][lc].y, sm.bc[t][n].y, g);
         if (c < di) {
             const size_t o = ((size_t)b * s.Q + q) * di + c;
             if (n == 0) sum_delta[o] = sd;
@@ -351,9 +349,10 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
             // forward: the chunk's states and y
 #pragma unroll
             for (int t = 0; t < BLC; t++) {
-                h = fmaf(exp2f(sm.delta[t][lc] * aN), h, sm.dv[t][lc] * sm.bc[t][n]);
+                const float2 dd = sm.ddv[t][lc], bcn = sm.bc[t][n];
+                h = fmaf(exp2f(dd.x * aN), h, dd.y * bcn.x);
                 hist[t] = h;
-                part[t & 15] = h * sm.bc[t][NMAX + n];
+                part[t & 15] = h * bcn.y;
                 if ((t & 15) == 15) {
                     const float y = half_warp_sum_transpose16(part);  // y at step (t − 15) + n
                     sY[t - 15 + n][lc] = y;
@@ -364,8 +363,8 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
             float gA = 0.0f;
 #pragma unroll
             for (int t = BLC - 1; t >= 0; t--) {
-                const float delta = sm.delta[t][lc], gy = sm.gy[t][lc], vv = sm.v[t][lc];
-                const float Bn = sm.bc[t][n], Cn = sm.bc[t][NMAX + n];
+                const float2 vg = sm.vgy[t][lc], bcn = sm.bc[t][n];
+                const float delta = sm.ddv[t][lc].x, vv = vg.x, gy = vg.y, Bn = bcn.x, Cn = bcn.y;
                 const float hp = t > 0 ? hist[t - 1] : hstart;
                 const float an = exp2f(delta * aN);
                 const float gn = fmaf(gy, Cn, g);  // dL/dh_t
@@ -383,8 +382,7 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
                     // every lane of this channel is past steps t..t+15: reuse their Δ, Δ·v slots
                     const float pd = half_warp_sum_transpose16(part);
                     const float pvs = half_warp_sum_transpose16(pv);
-                    sm.delta[t + n][lc] = pd;
-                    sm.dv[t + n][lc] = pvs;
+                    sm.ddv[t + n][lc] = make_float2(pd, pvs);
                 }
             }
             gAcc[ci] += gA;
@@ -397,11 +395,12 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
             const size_t r = (size_t)b * L + t0 + t;
             const float zz = to_f(io.z[r * io.sz + c]), gout = to_f(io.go[r * di + c]);
             const float x = to_f(io.dt[r * io.sdt + c]) + bias[c];
-            const float vv = sm.v[t][lc], gy = sm.gy[t][lc], dcoef = Dp[c];
+            const float2 vg = sm.vgy[t][lc], sums = sm.ddv[t][lc];  // sums: (dL/dΔ, Σ_n dL/dh·Δ·B)
+            const float vv = vg.x, gy = vg.y, dcoef = Dp[c];
             const float sg = sigmoid_f(zz);
             const float yd = fmaf(dcoef, vv, sY[t][lc]);
-            const float gdt = sm.delta[t][lc] * sigmoid_f(x);  // softplus' = σ
-            io.dv[r * io.sdv + c] = fmaf(gy, dcoef, sm.dv[t][lc]);
+            const float gdt = sums.x * sigmoid_f(x);  // softplus' = σ
+            io.dv[r * io.sdv + c] = fmaf(gy, dcoef, sums.y);
             io.ddt[r * io.sddt + c] = from_f<T>(gdt);
             io.dz[r * io.sdz + c] = from_f<T>(gout * yd * sg * (1.0f + zz * (1.0f - sg)));
             if (io.yg != nullptr) io.yg[r * di + c] = from_f<T>(yd * zz * sg);
@@ -439,7 +438,7 @@ extern "C" __global__ void scan_tail_dbc_f32(int Bn, int CB, int L2N, const floa
 
 // Exported per dtype T of dt, z, go and their gradients (v, dv f32 always).
 #define SCAN_TAIL(S, T)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(BWD_BLOCK)                                                          \
+    extern "C" __global__ void __launch_bounds__(BWD_BLOCK, 4)                                                       \
         scan_tail_chunks_##S(ScanIn s, const float* v, const T* dt, const T* z, const T* go, int sv, int sdt, int sz, \
                              const float* bc, const float* P, float* sum_delta, float* S_, float* Lq) {               \
         const TailIo<T> io{v, dt, z, go, sv, sdt, sz, nullptr, nullptr, nullptr, nullptr, 0, 0, 0};                   \

@@ -51,16 +51,21 @@ fn gate_backward(g: &Tensor, y: &Tensor, gate: &Tensor) -> Result<(Tensor, Tenso
     let (g, y, gate) = (g.contiguous()?, y.contiguous()?, gate.contiguous()?);
     let dgate = empty(&[n, 1], DType::F32, dev)?;
     let dy = empty(&[n, d], DType::BF16, dev)?;
-    Launch::new(func(cd, Module::MoeTrain, "moe_gate_bwd_bf16")?, (n.clamp(1, 65535) as u32, 1, 1), 256, 0)
-        .i64(n)
-        .i32(d)
-        .ptr(dptr(&g)?)
-        .ptr(dptr(&y)?)
-        .ptr(dptr(&gate)?)
-        .ptr(dptr(&dgate)?)
-        .ptr(dptr(&dy)?)
-        .label("moe-gate-bwd")
-        .run(&cd.cuda_stream())?;
+    Launch::new(
+        func(cd, Module::MoeTrain, "moe_gate_bwd_bf16")?,
+        (n.clamp(1, 65535) as u32, 1, 1),
+        256,
+        0,
+    )
+    .i64(n)
+    .i32(d)
+    .ptr(dptr(&g)?)
+    .ptr(dptr(&y)?)
+    .ptr(dptr(&gate)?)
+    .ptr(dptr(&dgate)?)
+    .ptr(dptr(&dy)?)
+    .label("moe-gate-bwd")
+    .run(&cd.cuda_stream())?;
     Ok((dgate, dy))
 }
 

@@ -90,7 +90,7 @@ pub fn nll_and_grads(
     hs.push(model.embed(&batch.ids)?.to_dtype(DType::F32)?.detach()); // (B, L, d)
     for i in 0..n {
         // a fresh state per layer, dropped with the layer's graph (every sequence starts at zero)
-        let mut state = model.new_state(bsz)?;
+        let mut state = State::for_layer(&model.cfg, bsz, &model.device, i)?;
         let h = first_pass_block(model, first_pass, i, &hs[i], &mut state, probe.as_deref_mut(), &mut routes[i])?;
         hs.push(h.detach());
     }
@@ -125,7 +125,7 @@ pub fn nll_and_grads(
             continue;
         }
         let h = Var::from_tensor(&hi)?;
-        let mut st = model.new_state(bsz)?;
+        let mut st = State::for_layer(&model.cfg, bsz, &model.device, i)?;
         let out = model.block(i, h.as_tensor(), &mut st, None, true, routes.get_mut(i))?;
         let moe = model.layers[i].is_moe();
         lap(if moe { |p| &mut p.moe_fwd_s } else { |p| &mut p.mamba_fwd_s })?;

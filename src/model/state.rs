@@ -41,6 +41,21 @@ impl State {
         Ok(Self { layers, pos: 0, batch })
     }
 
+    /// A zero state for half-block `i` alone (every other layer None): what the layer-wise
+    /// recomputation of fine-tuning runs one half-block on, without a zero fill per Mamba layer
+    /// of the model for each.
+    pub fn for_layer(cfg: &Config, batch: usize, device: &Device, i: usize) -> Result<Self> {
+        let di = cfg.d_inner();
+        let mut layers: Vec<Option<LayerState>> = (0..cfg.num_layers).map(|_| None).collect();
+        if let (Some(slot), LayerKind::Mamba) = (layers.get_mut(i), cfg.layer_kind(i)) {
+            *slot = Some(LayerState {
+                conv: Tensor::zeros((batch, di, cfg.conv_dimension), DType::F32, device)?,
+                ssm: Tensor::zeros((batch, di, cfg.state_size), DType::F32, device)?,
+            });
+        }
+        Ok(Self { layers, pos: 0, batch })
+    }
+
     /// Flattens to host vectors per Mamba layer (conv then ssm), for saving a snapshot.
     pub fn to_host(&self) -> Result<StateSnapshot> {
         let mut layers = Vec::new();

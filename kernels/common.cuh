@@ -49,21 +49,8 @@ __device__ __forceinline__ void transpose_add_step(float (&v)[SZ], int lane) {
     }
 }
 
-// Sums each of 32 values over the warp: lane i returns Σ over the lanes of v[i] (v is consumed).
-// The values are transposed across the lanes as they are added: 16 + 8 + 4 + 2 + 1 = 31
-// independent shuffles, where 32 warp_sum calls take 160 in 32 dependent chains.
-__device__ __forceinline__ float warp_sum_transpose32(float (&v)[32]) {
-    const int lane = threadIdx.x & 31;
-    transpose_add_step<16>(v, lane);
-    transpose_add_step<8>(v, lane);
-    transpose_add_step<4>(v, lane);
-    transpose_add_step<2>(v, lane);
-    transpose_add_step<1>(v, lane);
-    return v[0];
-}
-
-// The same over each half of the warp: lane i returns Σ over the 16 lanes of its half of
-// v[i & 15] (8 + 4 + 2 + 1 = 15 shuffles; v is consumed).
+// Sums each of 16 values over each half of the warp: lane i returns Σ over the 16 lanes of its half
+// of v[i & 15] (8 + 4 + 2 + 1 = 15 shuffles; v is consumed).
 __device__ __forceinline__ float half_warp_sum_transpose16(float (&v)[16]) {
     const int lane = threadIdx.x & 31;
     transpose_add_step<8>(v, lane);
@@ -71,6 +58,15 @@ __device__ __forceinline__ float half_warp_sum_transpose16(float (&v)[16]) {
     transpose_add_step<2>(v, lane);
     transpose_add_step<1>(v, lane);
     return v[0];
+}
+
+// Sums each of 32 values over the warp: lane i returns Σ over the lanes of v[i] (v is consumed).
+// The values are transposed across the lanes as they are added: 16 + 8 + 4 + 2 + 1 = 31
+// independent shuffles, where 32 warp_sum calls take 160 in 32 dependent chains. After the first
+// step each half of the warp holds its 16 entries in v[0..16).
+__device__ __forceinline__ float warp_sum_transpose32(float (&v)[32]) {
+    transpose_add_step<16>(v, threadIdx.x & 31);
+    return half_warp_sum_transpose16(reinterpret_cast<float(&)[16]>(v));
 }
 
 // The scan backwards' per-token dB/dC: part[n] (n < 16) and part[16 + n] are this lane's terms of

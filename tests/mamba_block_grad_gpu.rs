@@ -15,7 +15,7 @@ use blackmamba::model::random::{random_weights, RandomInit};
 use blackmamba::model::Model;
 use blackmamba::ops::mamba_block_grad::half_block_grads;
 use candle_core::{DType, Tensor, Var};
-use gpu_common::{device, host, rel};
+use gpu_common::{check_block_grads, device, train_layer};
 
 /// Mamba layers of the released state size and conv width, d_inner 384 (three channel blocks).
 fn config() -> Config {
@@ -37,17 +37,7 @@ fn hand_written_mamba_backward_matches_autograd() {
     // layer 2 trained in full, as the trainer sets it up: f32 variables, the model holding bf16
     // casts of the projections' weights and the f32 variables themselves for the rest
     let layer = 2;
-    let mut vars = Vec::new();
-    model
-        .visit_mut(&mut |name, t| {
-            if name.starts_with(&format!("decoder.layers.{layer}.")) {
-                let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
-                *t = v.as_tensor().to_dtype(t.dtype())?;
-                vars.push((name.to_string(), v));
-            }
-            Ok(())
-        })
-        .unwrap();
+    let vars = train_layer(&mut model, layer);
     assert_eq!(
         vars.len(),
         10,
@@ -65,30 +55,6 @@ fn hand_written_mamba_backward_matches_autograd() {
     let out = model.block(layer, hv.as_tensor(), &mut state, None, true, None).unwrap();
     let store = out.backward_seeded(&g).unwrap();
 
-    let want_dh = store.get(hv.as_tensor()).unwrap();
-    let dh = rel(&fast.dh, want_dh);
-    eprintln!("dh: {dh:.2e} (max |dh| {})", host(want_dh).iter().fold(0f32, |m, x| m.max(x.abs())));
-    assert!(dh < 1e-2, "input gradient differs by {dh}");
-    // each gradient through its cast to the variable, as the trainer accumulates them
-    assert_eq!(fast.params.len(), vars.len());
-    let stores: Vec<_> = fast
-        .params
-        .iter()
-        .map(|(t, grad)| {
-            assert_eq!(grad.dtype(), t.dtype());
-            t.backward_seeded(grad).unwrap()
-        })
-        .collect();
-    for (name, v) in &vars {
-        let got = stores
-            .iter()
-            .find_map(|s| s.get(v.as_tensor()))
-            .expect("the hand-written path has the gradient");
-        let want = store.get(v.as_tensor()).expect("autograd has the gradient");
-        let r = rel(got, want);
-        let scale = host(want).iter().fold(0f32, |m, x| m.max(x.abs()));
-        eprintln!("{name}: {r:.2e} (max |grad| {scale:.3e})");
-        assert!(scale > 0.0, "{name}: zero gradient");
-        assert!(r < 2e-2, "{name}: gradient differs by {r}");
-    }
+    assert_eq!(fast.params.len(), vars.len(), "a gradient for every trained tensor");
+    check_block_grads(&fast, &store, &hv, &vars);
 }

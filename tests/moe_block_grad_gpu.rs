@@ -16,7 +16,7 @@ use blackmamba::model::Model;
 use blackmamba::ops::moe_block_grad::half_block_grads;
 use blackmamba::sinkhorn::SinkhornOpts;
 use candle_core::{DType, Tensor, Var};
-use gpu_common::{device, host, rel};
+use gpu_common::{check_block_grads, device, train_layer};
 
 fn config() -> Config {
     let json = serde_json::json!({
@@ -36,17 +36,7 @@ fn hand_written_moe_backward_matches_autograd() {
     model.differentiable = true;
     model.routing = Routing::Sinkhorn(SinkhornOpts::default());
     let layer = 1;
-    let mut vars = Vec::new();
-    model
-        .visit_mut(&mut |name, t| {
-            if name.starts_with(&format!("decoder.layers.{layer}.")) {
-                let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
-                *t = v.as_tensor().to_dtype(t.dtype())?;
-                vars.push((name.to_string(), v));
-            }
-            Ok(())
-        })
-        .unwrap();
+    let vars = train_layer(&mut model, layer);
     assert_eq!(vars.len(), 1 + 2 + 8 * 2, "norm, router weight and bias, 8 experts' fc1 and fc2");
     let (b, l, d) = (2, 80, cfg.hidden_size);
     let h = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
@@ -79,28 +69,5 @@ fn hand_written_moe_backward_matches_autograd() {
         .unwrap();
     let store = out.backward_seeded(&g).unwrap();
 
-    let want_dh = store.get(hv.as_tensor()).unwrap();
-    let dh = rel(&fast.dh, want_dh);
-    eprintln!("dh: {dh:.2e} (max |dh| {})", host(want_dh).iter().fold(0f32, |m, x| m.max(x.abs())));
-    assert!(dh < 1e-2, "input gradient differs by {dh}");
-    let stores: Vec<_> = fast
-        .params
-        .iter()
-        .map(|(t, grad)| {
-            assert_eq!(grad.dtype(), t.dtype());
-            t.backward_seeded(grad).unwrap()
-        })
-        .collect();
-    for (name, v) in &vars {
-        let got = stores
-            .iter()
-            .find_map(|s| s.get(v.as_tensor()))
-            .expect("the hand-written path has the gradient");
-        let want = store.get(v.as_tensor()).expect("autograd has the gradient");
-        let r = rel(got, want);
-        let scale = host(want).iter().fold(0f32, |m, x| m.max(x.abs()));
-        eprintln!("{name}: {r:.2e} (max |grad| {scale:.3e})");
-        assert!(scale > 0.0, "{name}: zero gradient");
-        assert!(r < 2e-2, "{name}: gradient differs by {r}");
-    }
+    check_block_grads(&fast, &store, &hv, &vars);
 }

@@ -31,3 +31,64 @@ pub fn rel(a: &Tensor, b: &Tensor) -> f32 {
     let s = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
     d / s.max(1e-6)
 }
+
+/// Makes half-block `layer` of `model` trained in full as the trainer sets it up: f32
+/// variables, the model holding bf16 casts of the bf16 weights and the f32 variables themselves
+/// for the rest. Returns each tensor's name and variable.
+pub fn train_layer(model: &mut blackmamba::model::Model, layer: usize) -> Vec<(String, candle_core::Var)> {
+    let mut vars = Vec::new();
+    model
+        .visit_mut(&mut |name, t| {
+            if name.starts_with(&format!("decoder.layers.{layer}.")) {
+                let v = candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                *t = v.as_tensor().to_dtype(t.dtype())?;
+                vars.push((name.to_string(), v));
+            }
+            Ok(())
+        })
+        .unwrap();
+    vars
+}
+
+/// A half-block's hand-written gradients (`fast`) against autograd's (`store`, from the block's
+/// output seeded with the same gradient): the input's (`h`) within 1e-2 and every variable's,
+/// carried through its cast as the trainer does, within 2e-2 (relative to the largest value);
+/// a variable without a gradient in one must have none in the other.
+pub fn check_block_grads(
+    fast: &blackmamba::ops::mamba_block_grad::BlockGrads,
+    store: &candle_core::backprop::GradStore,
+    h: &candle_core::Var,
+    vars: &[(String, candle_core::Var)],
+) {
+    let want_dh = store.get(h.as_tensor()).unwrap();
+    let dh = rel(&fast.dh, want_dh);
+    eprintln!("dh: {dh:.2e} (max |dh| {})", host(want_dh).iter().fold(0f32, |m, x| m.max(x.abs())));
+    assert!(dh < 1e-2, "input gradient differs by {dh}");
+    let stores: Vec<_> = fast
+        .params
+        .iter()
+        .map(|(t, grad)| {
+            assert_eq!(grad.dtype(), t.dtype());
+            t.backward_seeded(grad).unwrap()
+        })
+        .collect();
+    for (name, v) in vars {
+        let (got, want) = match (stores.iter().find_map(|s| s.get(v.as_tensor())), store.get(v.as_tensor())) {
+            (Some(a), Some(b)) => (a, b),
+            (None, None) => {
+                eprintln!("{name}: no gradient in either");
+                continue;
+            }
+            (a, b) => panic!(
+                "{name}: a gradient in one path only (hand-written {}, autograd {})",
+                a.is_some(),
+                b.is_some()
+            ),
+        };
+        let r = rel(got, want);
+        let scale = host(want).iter().fold(0f32, |m, x| m.max(x.abs()));
+        eprintln!("{name}: {r:.2e} (max |grad| {scale:.3e})");
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(r < 2e-2, "{name}: gradient differs by {r}");
+    }
+}

@@ -240,7 +240,8 @@ fn sinkhorn_on(logits: &Tensor, host: &[f32], n_tok: usize, n_exp: usize, opts: 
 }
 
 impl Route {
-    /// Decides from the router logits (T, E) f32 on the host, recording into `probe`.
+    /// Decides from the router logits (T, E) f32, recording into `probe`: greedy on the host copy,
+    /// Sinkhorn on the device where it can ([`sinkhorn_on`]); the grouping on the host.
     pub(crate) fn decide(logits: &Tensor, n_tok: usize, n_exp: usize, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Self> {
         let dev = logits.device();
         let mut laps = prof::start(dev)?; // `bench --finetune --profile`; None otherwise

@@ -10,30 +10,14 @@
 
 mod gpu_common;
 
-use blackmamba::model::config::Config;
-use blackmamba::model::random::{random_weights, RandomInit};
-use blackmamba::model::Model;
 use blackmamba::ops::mamba_block_grad::half_block_grads;
-use candle_core::{DType, Tensor, Var};
-use gpu_common::{check_block_grads, device, train_layer};
-
-/// Mamba layers of the released state size and conv width, d_inner 384 (three channel blocks).
-fn config() -> Config {
-    let json = serde_json::json!({
-        "num_layers": 3, "hidden_size": 192, "state_size": 16, "conv_dimension": 4,
-        "vocab_size": 64, "expansion_factor": 2, "mamba_moe_layers": ["r", "8", "r"],
-        "ffn_hidden_size": 32, "add_bias_linear": false, "swiglu": true, "max_sequence_length": 2048
-    });
-    Config::from_json_str(&json.to_string()).unwrap()
-}
+use candle_core::{Tensor, Var};
+use gpu_common::{block_model, check_block_grads, device, train_layer};
 
 #[test]
 fn hand_written_mamba_backward_matches_autograd() {
     let Some(dev) = device() else { return };
-    let cfg = config();
-    let w = random_weights(&cfg, RandomInit { seed: 11, perturb: true }, DType::BF16, &dev).unwrap();
-    let mut model = Model::from_tensors(&cfg, w, DType::BF16, &dev).unwrap();
-    model.differentiable = true;
+    let mut model = block_model(32, 11, &dev);
     // layer 2 trained in full, as the trainer sets it up: f32 variables, the model holding bf16
     // casts of the projections' weights and the f32 variables themselves for the rest
     let layer = 2;
@@ -43,7 +27,7 @@ fn hand_written_mamba_backward_matches_autograd() {
         10,
         "norm, in_proj, conv w and b, x_proj, dt_proj w and b, A_log, D, out_proj"
     );
-    let (b, l, d) = (2, 80, cfg.hidden_size); // 80 = two chunks of 32 and a partial one
+    let (b, l, d) = (2, 80, model.cfg.hidden_size); // 80 = two chunks of 32 and a partial one
     let h = (Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap() * 0.5).unwrap();
     let g = (Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap() * 1e-2).unwrap();
 

@@ -9,36 +9,21 @@
 
 mod gpu_common;
 
-use blackmamba::model::config::Config;
 use blackmamba::model::moe::Routing;
-use blackmamba::model::random::{random_weights, RandomInit};
-use blackmamba::model::Model;
 use blackmamba::ops::moe_block_grad::half_block_grads;
 use blackmamba::sinkhorn::SinkhornOpts;
-use candle_core::{DType, Tensor, Var};
-use gpu_common::{check_block_grads, device, train_layer};
-
-fn config() -> Config {
-    let json = serde_json::json!({
-        "num_layers": 3, "hidden_size": 192, "state_size": 16, "conv_dimension": 4,
-        "vocab_size": 64, "expansion_factor": 2, "mamba_moe_layers": ["r", "8", "r"],
-        "ffn_hidden_size": 96, "add_bias_linear": false, "swiglu": true, "max_sequence_length": 2048
-    });
-    Config::from_json_str(&json.to_string()).unwrap()
-}
+use candle_core::{Tensor, Var};
+use gpu_common::{block_model, check_block_grads, device, train_layer};
 
 #[test]
 fn hand_written_moe_backward_matches_autograd() {
     let Some(dev) = device() else { return };
-    let cfg = config();
-    let w = random_weights(&cfg, RandomInit { seed: 12, perturb: true }, DType::BF16, &dev).unwrap();
-    let mut model = Model::from_tensors(&cfg, w, DType::BF16, &dev).unwrap();
-    model.differentiable = true;
+    let mut model = block_model(96, 12, &dev);
     model.routing = Routing::Sinkhorn(SinkhornOpts::default());
     let layer = 1;
     let vars = train_layer(&mut model, layer);
     assert_eq!(vars.len(), 1 + 2 + 8 * 2, "norm, router weight and bias, 8 experts' fc1 and fc2");
-    let (b, l, d) = (2, 80, cfg.hidden_size);
+    let (b, l, d) = (2, 80, model.cfg.hidden_size);
     let h = Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap();
     let g = (Tensor::randn(0f32, 1.0, (b, l, d), &dev).unwrap() * 1e-2).unwrap();
 

@@ -32,6 +32,23 @@ pub fn rel(a: &Tensor, b: &Tensor) -> f32 {
     d / s.max(1e-6)
 }
 
+/// A bf16 model of three half-blocks (Mamba, 8-expert MoE, Mamba) with the released state size
+/// and conv width, d 192 (d_inner 384: three channel blocks of the scan kernels), experts of
+/// `ffn` hidden units; random weights from `seed`, on its differentiable path.
+pub fn block_model(ffn: usize, seed: u64, dev: &Device) -> blackmamba::model::Model {
+    let json = serde_json::json!({
+        "num_layers": 3, "hidden_size": 192, "state_size": 16, "conv_dimension": 4,
+        "vocab_size": 64, "expansion_factor": 2, "mamba_moe_layers": ["r", "8", "r"],
+        "ffn_hidden_size": ffn, "add_bias_linear": false, "swiglu": true, "max_sequence_length": 2048
+    });
+    let cfg = blackmamba::model::config::Config::from_json_str(&json.to_string()).unwrap();
+    let init = blackmamba::model::random::RandomInit { seed, perturb: true };
+    let w = blackmamba::model::random::random_weights(&cfg, init, DType::BF16, dev).unwrap();
+    let mut model = blackmamba::model::Model::from_tensors(&cfg, w, DType::BF16, dev).unwrap();
+    model.differentiable = true;
+    model
+}
+
 /// Makes half-block `layer` of `model` trained in full as the trainer sets it up: f32
 /// variables, the model holding bf16 casts of the bf16 weights and the f32 variables themselves
 /// for the rest. Returns each tensor's name and variable.

@@ -4,7 +4,6 @@
 # binary and test executable of a `--features cuda` build), torch_baseline.py, torch_finetune.py
 # and tiny-a/ (the fixture):
 #   bash gpu_run.sh tune      tests, benches with per-kernel profiles, launch-shape sweep
-#   bash gpu_run.sh stage     tests, decode with and without the staged layout (--preload), sweep
 #   bash gpu_run.sh ftprof    tests, bench --finetune with phase profiles (2.8B, seq 2048)
 #   bash gpu_run.sh ftfinal   tests, bench --finetune (LoRA batch 8, every weight batch 1 and 4) and
 #                             the same three steps in PyTorch, one run
@@ -15,12 +14,15 @@
 #   bash gpu_run.sh final3    tests, decode (graph, pipelined) and prefill benches with the PyTorch
 #                             decode baseline, 16k-token memory run, bench --finetune (LoRA batch 8,
 #                             every weight batch 1 and 4): the numbers of the README, one call
-#   bash gpu_run.sh persistent  tests, the multi-kernel graph beside the persistent decode kernel
-#                             (plain and fused layout, with the probe), its sweep and per-stage times
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
 #                                  targets at batch 8, and the same step in PyTorch
 #   bash gpu_run.sh finetune-full  the same with every weight trained, batch 1 and 4
+#   bash gpu_run.sh s6        tests, then decode on the user's path (bench --path user, and the
+#                             `generate` command) beside the bare decoder (graph), this build and
+#                             the previous one (blackmamba-base.xz) in the same call, and the
+#                             PyTorch decode baseline
 # (the finetune phases skip the parity tests, to stay within one call's 10 minutes)
+# Every GPU test fails instead of skipping when it finds no GPU (BLACKMAMBA_REQUIRE_GPU=1).
 # No cargo on the GPU machine: everything is built beforehand.
 set -u
 PHASE=${1:-final}
@@ -30,8 +32,9 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export RUST_BACKTRACE=1
+export BLACKMAMBA_REQUIRE_GPU=1
 for f in *.xz; do xz -d -f -k "$f"; done
-chmod +x blackmamba gpu_parity *_gpu 2>/dev/null
+chmod +x blackmamba blackmamba-base gpu_parity *_gpu 2>/dev/null
 S=$OUT/summary.txt
 R=/tmp/raw
 mkdir -p $R
@@ -40,7 +43,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memo
 
 if [ "${PHASE#finetune}" = "$PHASE" ]; then
     log "parity tests"
-    timeout 200 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+    [ -x gpu_parity ] && timeout 200 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
     for t in *_gpu; do # the other CUDA-only test binaries carried along (tests/*_gpu.rs)
         [ -x "$t" ] || continue
         log "$t"
@@ -48,27 +51,18 @@ if [ "${PHASE#finetune}" = "$PHASE" ]; then
     done
 fi
 
-bench() { # name, args...
+bench() { # name, args... (BIN= another binary)
     local name=$1
     shift
-    log "blackmamba bench $*"
-    timeout "${BENCH_TIMEOUT:-100}" ./blackmamba bench "$@" > "$R/b_$name.txt" 2> "$R/b_$name.err"
+    log "${BIN:-./blackmamba} bench $*"
+    timeout "${BENCH_TIMEOUT:-100}" "${BIN:-./blackmamba}" bench "$@" > "$R/b_$name.txt" 2> "$R/b_$name.err"
     echo "rc=$?" >> "$R/b_$name.err"
     cat "$R/b_$name.txt" >> "$S"
     grep -v "^loaded" "$R/b_$name.err" >> "$S"
 }
 M28="--model random:2.8b --device cuda --dtype bf16"
 M15="--model random:1.5b --device cuda --dtype bf16"
-if [ "$PHASE" = stage ]; then
-    for m in 28 15; do
-        eval "M=\$M$m"
-        bench ${m}plain $M --prompt-len 2048 --gen-len 1024 --modes graph,pipelined
-        bench ${m}staged $M --prompt-len 2048 --gen-len 1024 --modes graph,pipelined,graph-probe --preload
-    done
-    BENCH_TIMEOUT=150 bench ft28full1p --finetune $M28 --seq-len 2048 --batch 1 --method full --steps 2 --profile
-    BENCH_TIMEOUT=150 bench ft28lora1p --finetune $M28 --seq-len 2048 --batch 1 --steps 2 --profile
-    bench 28sw $M28 --prompt-len 64 --gen-len 128 --modes graph --sweep
-elif [ "$PHASE" = ftprof ]; then
+if [ "$PHASE" = ftprof ]; then
     BENCH_TIMEOUT=150
     FT="--finetune $M28 --seq-len 2048 --steps 2 --profile"
     bench ft28full1 $FT --batch 1 --method full
@@ -88,12 +82,21 @@ elif [ "$PHASE" = ftfinal ]; then
     tf --shape 2.8b --seq-len 2048 --batch 8 --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 1 --method full --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 4 --method full --steps 3
-elif [ "$PHASE" = persistent ]; then
-    P="graph,pipelined,graph-probe,persistent,persistent-probe,persistent-fused,persistent-fused-probe"
-    bench 28p $M28 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
-    bench 15p $M15 --prompt-len 2048 --gen-len 1024 --reps 1 --modes $P
-    bench 28psw $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent --persistent --sweep --profile
-    bench 28pf $M28 --prompt-len 64 --gen-len 128 --reps 1 --modes persistent-fused --persistent --fuse --profile
+elif [ "$PHASE" = s6 ]; then
+    for m in 28 15; do
+        eval "M=\$M$m"
+        bench ${m}new $M --prompt-len 2048 --gen-len 1024 --reps 3 --modes graph,user,graph-probe
+        [ -x blackmamba-base ] && BIN=./blackmamba-base bench ${m}old $M --prompt-len 2048 --gen-len 1024 --reps 3 --modes graph,graph-probe
+    done
+    # the user's own command, default sampling, 1,024 tokens after a ~2k-token prompt
+    P="$(cat prompt.txt 2>/dev/null)"
+    for b in blackmamba blackmamba-base; do
+        [ -x $b ] || continue
+        log "$b generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 (prompt.txt)"
+        timeout 200 ./$b generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
+    done
+    log "torch baseline"
+    PYTHONUNBUFFERED=1 timeout 150 python3 torch_baseline.py --shape 2.8b --gen-len 256 --eager-len 32 2>&1 | tee -a "$S"
 elif [ "$PHASE" = final3 ]; then
     bench 28 $M28 --prompt-len 2048 --gen-len 1024 --reps 5 --modes graph,pipelined,graph-probe --profile
     BENCH_TIMEOUT=150

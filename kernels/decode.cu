@@ -19,27 +19,28 @@ extern "C" __global__ void set_token(unsigned int* tok, unsigned int id) { tok[0
     extern "C" __global__ void embed_##S(const T* emb, const unsigned int* tok, int d, float* res) {                   \
         embed_impl<T>(emb, tok, d, res);                                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void in_proj_conv_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, const T* bias, T* xz, int di, int KC, const float* conv, const float* cw, const float* cb, T* vout, int vec, int pf) { in_proj_conv_impl<T, false>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec, pf); }                      \
-    extern "C" __global__ void in_proj_conv_pre_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, const T* bias, T* xz, int di, int KC, const float* conv, const float* cw, const float* cb, T* vout, int vec, int pf) { in_proj_conv_impl<T, true>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec, pf); }                  \
-    extern "C" __global__ void gemv_rows_##S(const T* W, int M, int K, const T* x, T* out, int vec, int pf) { gemv_rows_impl<T, false>(W, M, K, x, out, vec, pf); }                      \
-    extern "C" __global__ void gemv_rows_pre_##S(const T* W, int M, int K, const T* x, T* out, int vec, int pf) { gemv_rows_impl<T, true>(W, M, K, x, out, vec, pf); }                  \
+    extern "C" __global__ void in_proj_conv_##S(const T* W, int M, int K, const float* res, const float* nw, float eps, \
+                                                const T* bias, T* xz, int di, int KC, const float* conv,                \
+                                                const float* cw, const float* cb, T* vout, int vec) {                   \
+        in_proj_conv_impl<T>(W, M, K, res, nw, eps, bias, xz, di, KC, conv, cw, cb, vout, vec);                         \
+    }                                                                                                                   \
+    extern "C" __global__ void gemv_rows_##S(const T* W, int M, int K, const T* x, T* out, int vec) {                   \
+        gemv_rows_impl<T>(W, M, K, x, out, vec);                                                                        \
+    }                                                                                                                   \
     extern "C" __global__ void moe_fc1_##S(const float* Wr, const float* br, int E, const unsigned long long* wtab,      \
                                            int* route, float* telem, int M, int K, const float* res, const float* nw,   \
                                            float eps, T* out, int epi, int act, int vec) {                              \
-        moe_fc1_impl<T>(Wr, br, E, wtab, route, telem, M, K, res, nw, eps, out, epi, act, vec, [](int) {});                         \
+        moe_fc1_impl<T>(Wr, br, E, wtab, route, telem, M, K, res, nw, eps, out, epi, act, vec);                         \
     }                                                                                                                   \
-    extern "C" __global__ void moe_router_##S(const float* Wr, const float* br, int E, int* route, float* telem, int K,  \
-                                              const float* res, const float* nw, float eps, const unsigned int* step) { \
-        moe_router_impl<T>(Wr, br, E, route, telem, K, res, nw, eps, step);                                            \
+    extern "C" __global__ void gemv_resid_##S(const T* W, const unsigned long long* wtab, const int* route, int M,      \
+                                              int K, const T* x, float* res, const float* gate, const T* bias,          \
+                                              int vec) {                                                                \
+        gemv_resid_impl<T>(W, wtab, route, M, K, x, res, gate, bias, vec, blockIdx.x, gridDim.x, blockIdx.y,            \
+                           gridDim.y);                                                                                  \
     }                                                                                                                   \
-    extern "C" __global__ void moe_fc1_pre_##S(const unsigned long long* wtab, const int* route, const unsigned int* step, \
-                                               int M, int K, const float* res, const float* nw, float eps, T* out,      \
-                                               int epi, int act, int vec) {                                             \
-        moe_fc1_staged_impl<T>(wtab, route, step, M, K, res, nw, eps, out, epi, act, vec);                              \
-    }                                                                                                                   \
-    extern "C" __global__ void gemv_resid_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, false>(W, wtab, route, M, K, x, res, gate, bias, vec, pf, blockIdx.x, gridDim.x, blockIdx.y, gridDim.y); }                      \
-    extern "C" __global__ void gemv_resid_pre_##S(const T* W, const unsigned long long* wtab, const int* route, int M, int K, const T* x, float* res, const float* gate, const T* bias, int vec, int pf) { gemv_resid_impl<T, true>(W, wtab, route, M, K, x, res, gate, bias, vec, pf, blockIdx.x, gridDim.x, blockIdx.y, gridDim.y); }                  \
-    extern "C" __global__ void head_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb, float eps, float* logits, float* pv, int* pi, float temp, unsigned long long seed, const unsigned int* step, int vec, int pf) { head_impl<T, false>(E, V, K, res, lw, lb, eps, logits, pv, pi, temp, seed, step, vec, pf); }                      \
-    extern "C" __global__ void head_pre_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb, float eps, float* logits, float* pv, int* pi, float temp, unsigned long long seed, const unsigned int* step, int vec, int pf) { head_impl<T, true>(E, V, K, res, lw, lb, eps, logits, pv, pi, temp, seed, step, vec, pf); }
+    extern "C" __global__ void head_##S(const T* E, int V, int K, const float* res, const float* lw, const float* lb,    \
+                                        float eps, float* logits, float* pv, int* pi, int vec) {                        \
+        head_impl<T>(E, V, K, res, lw, lb, eps, logits, pv, pi, vec);                                                   \
+    }
 
 INSTANTIATE_T(DECODE_KERNELS)

@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::model::probe::Probe;
 use crate::model::state::State;
 use crate::model::{Logits, Model};
+use crate::runtime::stepper::{StepPath, Stepper};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{TokenStream, EOS_ID};
 
@@ -81,6 +82,8 @@ pub struct GenOutcome {
     pub stop: StopReason,
     /// The last sampled token, not yet fed to the state: feed it first on the next turn.
     pub pending: Option<u32>,
+    /// Which path decoded (the CUDA decoder, or `Model::step` and why).
+    pub path: StepPath,
 }
 
 /// Generates from `prompt` (may be empty when `state` already holds a context, or it starts with
@@ -106,7 +109,7 @@ pub fn generate(
     let mut p = probe.then(Probe::new);
     let ids = Tensor::from_slice(&prompt, (1, prompt.len()), dev)?;
     let logits = model.forward(&ids, state, Logits::Last, p.as_mut())?; // (1, 1, V)
-    let mut logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     on_event(GenEvent::Prefilled {
         n_tokens: prompt.len(),
@@ -122,8 +125,11 @@ pub fn generate(
         prefill_secs,
         ..Default::default()
     };
+    // the first token from the prefill's logits (host); every later one from a step
+    let mut next = sampler.sample(&logits, &history);
+    stats.ttft_secs = t0.elapsed().as_secs_f64();
     let t_decode = Instant::now();
-    let mut stepper = crate::ops::Stepper::new(model, state, probe);
+    let mut stepper = Stepper::new(model, state, probe, &sampler, &history)?;
     let mut stop = StopReason::MaxTokens;
     let mut pending = None;
     while out.len() < params.max_tokens {
@@ -131,11 +137,8 @@ pub fn generate(
             stop = StopReason::Cancelled;
             break;
         }
-        let id = sampler.sample(&logits, &history);
-        if out.is_empty() {
-            stats.ttft_secs = t0.elapsed().as_secs_f64();
-        }
-        if id == EOS_ID {
+        let id = next;
+        if id == EOS_ID && !params.ignore_eos {
             stop = StopReason::Eos;
             pending = Some(id);
             break;
@@ -174,9 +177,9 @@ pub fn generate(
             }
             break;
         }
-        // Feed the token to get the next logits (also gives its telemetry).
+        // Feed the token and get the next (also gives its telemetry).
         let mut sp = probe.then(Probe::new);
-        logits = stepper.step(model, id, state, sp.as_mut())?;
+        next = stepper.next(model, id, state, sp.as_mut(), &mut sampler, &history)?;
         on_event(GenEvent::Token {
             id,
             pos,
@@ -193,15 +196,17 @@ pub fn generate(
             on_event(GenEvent::Tail { text: &tail })?;
         }
     }
+    let path = stepper.path().clone();
     stepper.finish(model, state)?;
     stats.gen_tokens = out.len();
-    stats.decode_secs = t_decode.elapsed().as_secs_f64() - (stats.ttft_secs - prefill_secs).max(0.0);
+    stats.decode_secs = t_decode.elapsed().as_secs_f64();
     Ok(GenOutcome {
         tokens: out,
         text,
         stats,
         stop,
         pending,
+        path,
     })
 }
 

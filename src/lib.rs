@@ -17,6 +17,7 @@ pub mod loader;
 pub mod model;
 pub mod ops;
 pub mod rng;
+pub mod runtime;
 pub mod sampling;
 pub mod sinkhorn;
 pub mod tokenizer;

@@ -10,6 +10,17 @@ impl Rng {
         Self(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
 
+    /// The generator's whole state: a generator rebuilt from it ([`Rng::from_state`]) draws the
+    /// same numbers from here on (the device sampler keeps it on the GPU).
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// A generator at a state taken from [`Rng::state`].
+    pub fn from_state(state: u64) -> Self {
+        Self(state)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

@@ -23,6 +23,9 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Generation stops when the text ends with one of these (the stop text is not emitted).
     pub stop: Vec<String>,
+    /// Keep generating past end-of-text (benchmarks: a fixed token count).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +40,7 @@ impl Default for SamplingParams {
             seed: 42,
             max_tokens: 256,
             stop: vec![],
+            ignore_eos: false,
         }
     }
 }
@@ -72,6 +76,16 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = Rng::new(params.seed);
         Self { params, rng }
+    }
+
+    /// The state of the sampler's generator (see [`crate::rng::Rng::state`]).
+    pub fn rng_state(&self) -> u64 {
+        self.rng.state()
+    }
+
+    /// Puts the generator at `state` (after a device sampler drew from it).
+    pub fn set_rng_state(&mut self, state: u64) {
+        self.rng = Rng::from_state(state);
     }
 
     /// Picks the next token from `logits` (V), given the tokens so far.

@@ -7,6 +7,8 @@
 mod common;
 mod engine_common;
 
+#[cfg(feature = "cuda")]
+mod gpu_common;
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
@@ -209,6 +211,9 @@ fn list_models_reads_the_hub_cache_of_the_environment() {
 #[test]
 fn switches_between_gpu_and_cpu() {
     use blackmamba::engine::Source;
+    if gpu_common::device().is_none() {
+        return;
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let start = LoadSpec {
         device: Some("cuda".into()),

@@ -172,7 +172,11 @@ fn report_counts_and_times_hang_together() {
         assert_eq!(m.kind, "host");
         assert!(m.after_load_mib > 0.0 && m.peak_mib > 0.0, "{m:?}");
     }
-    let want = if base.use_kernels { "fused CPU scan op" } else { "tensor-op scan" };
+    let want = if base.kernels.enabled {
+        "fused CPU scan op"
+    } else {
+        "tensor-op scan"
+    };
     assert!(r.scan.starts_with(want), "{}", r.scan);
 }
 

@@ -1,4 +1,4 @@
-//! A Mamba half-block's gradients without autograd (`ops::mamba_block_grad`) against its twin,
+//! A Mamba half-block's gradients without autograd (`runtime::grad::mamba_block`) against its twin,
 //! autograd through `Model::block` (the fused autograd ops of `ops::mamba_grad`): the input's
 //! gradient and every trained tensor's, for a bf16 model whose Mamba layer is trained in full,
 //! over sequences of several scan chunks (the last one partial) and several channel blocks.
@@ -10,7 +10,7 @@
 
 mod gpu_common;
 
-use blackmamba::ops::mamba_block_grad::half_block_grads;
+use blackmamba::runtime::grad::mamba_block::half_block_grads;
 use candle_core::{Tensor, Var};
 use gpu_common::{block_model, check_block_grads, device, train_layer};
 

@@ -6,20 +6,17 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod gpu_common;
 
 use blackmamba::model::linear::softplus;
 use blackmamba::model::mamba::MambaMixer;
 use blackmamba::model::random::{random_weights, RandomInit};
-use blackmamba::model::scan::selective_scan;
 use blackmamba::model::state::LayerState;
 use blackmamba::model::{Mixer, Model};
 use blackmamba::ops::mamba_grad::{conv_silu, scan_tail, TailIn};
+use blackmamba::ops::scan::selective_scan;
 use candle_core::{DType, Device, Tensor, Var};
 use common::tiny_config;
-
-fn dev() -> Device {
-    Device::new_cuda(0).expect("a CUDA device")
-}
 
 fn host(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
@@ -92,7 +89,7 @@ fn tail_twin(x: &TailIn) -> (Tensor, Tensor) {
 
 #[test]
 fn conv_silu_matches_the_tensor_op_conv_with_gradients() {
-    let dev = dev();
+    let Some(dev) = gpu_common::device() else { return };
     let (bn, di, k) = (2, 40, 4);
     let mut ck = Checks::default();
     for len in [1, 3, 45, 130] {
@@ -118,7 +115,7 @@ fn conv_silu_matches_the_tensor_op_conv_with_gradients() {
 
 #[test]
 fn scan_tail_matches_the_tensor_op_path_with_gradients() {
-    let dev = dev();
+    let Some(dev) = gpu_common::device() else { return };
     let (bn, di, n) = (2, 40, 8);
     let mut ck = Checks::default();
     for len in [1, 16, 45, 600] {
@@ -170,7 +167,7 @@ fn scan_tail_matches_the_tensor_op_path_with_gradients() {
 
 #[test]
 fn scan_tail_and_conv_gradients_match_central_differences() {
-    let dev = dev();
+    let Some(dev) = gpu_common::device() else { return };
     let (bn, len, di, n) = (2, 37, 16, 8);
     let v = rand(&[bn, len, di], -1.0, 1.0, &dev);
     let dt = rand(&[bn, len, di], -3.0, 0.5, &dev);
@@ -285,7 +282,7 @@ fn mixer_with_vars(dev: &Device) -> (MambaMixer, Vec<(String, Var)>) {
 
 #[test]
 fn fused_mixer_forward_matches_the_tensor_op_mixer_with_every_gradient() {
-    let dev = dev();
+    let Some(dev) = gpu_common::device() else { return };
     let (m, vars) = mixer_with_vars(&dev);
     let (bn, di, k, n) = (2, m.d_inner, m.d_conv, m.d_state);
     let mut ck = Checks::default();
@@ -330,7 +327,7 @@ fn fused_mixer_forward_matches_the_tensor_op_mixer_with_every_gradient() {
 
 #[test]
 fn shapes_past_the_kernels_fall_back_to_the_tensor_op_path() {
-    let dev = dev();
+    let Some(dev) = gpu_common::device() else { return };
     let (mut m, _) = mixer_with_vars(&dev);
     m.d_conv = 9;
     let mut st = LayerState {
@@ -338,5 +335,7 @@ fn shapes_past_the_kernels_fall_back_to_the_tensor_op_path() {
         ssm: Tensor::zeros((1, m.d_inner, m.d_state), DType::F32, &dev).unwrap(),
     };
     let x = rand(&[1, 4, 32], -1.0, 1.0, &dev);
-    assert!(blackmamba::ops::mamba_grad::mixer_forward(&m, &x, &mut st).unwrap().is_none());
+    assert!(blackmamba::model::fused::mamba_train::mixer_forward(&m, &x, &mut st)
+        .unwrap()
+        .is_none());
 }

@@ -1,4 +1,4 @@
-//! A MoE half-block's gradients without autograd (`ops::moe_block_grad`) against its twin,
+//! A MoE half-block's gradients without autograd (`runtime::grad::moe_block`) against its twin,
 //! autograd through `Model::block` with the same Sinkhorn route: the input's gradient and every
 //! trained tensor's (norm, router weight and bias, each expert's fc1 and fc2), for a bf16 model
 //! whose MoE layer is trained in full. Both keep the same tensors in bf16; they differ in the order
@@ -10,7 +10,7 @@
 mod gpu_common;
 
 use blackmamba::model::moe::Routing;
-use blackmamba::ops::moe_block_grad::half_block_grads;
+use blackmamba::runtime::grad::moe_block::half_block_grads;
 use blackmamba::sinkhorn::SinkhornOpts;
 use candle_core::{Tensor, Var};
 use gpu_common::{block_model, check_block_grads, device, train_layer};

@@ -116,3 +116,23 @@ fn sinkhorn_respects_max_iters_and_balances_with_the_standard_variant() {
     let greedy = loads(&blackmamba::sinkhorn::greedy(&cost, t, e), e);
     assert!(greedy[0] > 40, "greedy piles onto expert 0: {greedy:?}");
 }
+
+/// The device sampler takes over the host sampler's generator by its state: a sampler put at
+/// another's state draws what that one would have drawn next.
+#[test]
+fn a_sampler_at_another_ones_generator_state_draws_the_same() {
+    let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 50) as f32 * 0.1).collect();
+    let mut a = Sampler::new(params(1.0, 0, 1.0, 0.0));
+    let history = [1u32, 2, 3];
+    for _ in 0..3 {
+        a.sample(&logits, &history);
+    }
+    let mut b = Sampler::new(params(1.0, 0, 1.0, 0.0));
+    b.set_rng_state(a.rng_state());
+    let next_a: Vec<u32> = (0..20).map(|_| a.sample(&logits, &history)).collect();
+    let next_b: Vec<u32> = (0..20).map(|_| b.sample(&logits, &history)).collect();
+    assert_eq!(next_a, next_b);
+    let mut c = Sampler::new(params(1.0, 0, 1.0, 0.0));
+    let next_c: Vec<u32> = (0..20).map(|_| c.sample(&logits, &history)).collect();
+    assert_ne!(next_a, next_c, "a fresh generator draws otherwise");
+}

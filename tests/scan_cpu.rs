@@ -1,4 +1,4 @@
-//! The CPU scan op (`ops::scan_cpu`) against its tensor-op twin (`model::scan::selective_scan`):
+//! The CPU scan op (`ops::scan_cpu`) against its tensor-op twin (`ops::scan::selective_scan`):
 //! outputs, last state and the gradients autograd gives each, and against central finite
 //! differences; then a training step through it equals one through the twin.
 
@@ -7,7 +7,7 @@
 mod ft_common;
 
 use blackmamba::finetune::{Method, Trainer};
-use blackmamba::model::scan::selective_scan;
+use blackmamba::ops::scan::selective_scan;
 use blackmamba::ops::scan_cpu;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -119,7 +119,7 @@ fn a_training_step_through_the_op_equals_one_through_the_twin() {
     let mut reports = Vec::new();
     for use_kernels in [true, false] {
         let mut m = base.clone();
-        m.use_kernels = use_kernels;
+        m.kernels.enabled = use_kernels;
         let mut probe = m.clone();
         probe.differentiable = true;
         assert_eq!(probe.trains_with_fused_scan(), use_kernels);
@@ -162,7 +162,7 @@ fn every_weight_gets_the_twins_gradient() {
     for use_kernels in [true, false] {
         let mut m = ft_common::model(&cfg, 5, true);
         m.differentiable = true;
-        m.use_kernels = use_kernels;
+        m.kernels.enabled = use_kernels;
         m.routing = Routing::Sinkhorn(SinkhornOpts::default());
         let mut vars = Vec::new();
         m.visit_mut(&mut |n, t| {

@@ -402,3 +402,16 @@ fn definitions(s: &mut String, r: &Report) {
         r.meta.opts.seed
     );
 }
+
+impl Report {
+    /// Writes `report.json` and `report.md` (rendered by [`render`]) into `dir` (created if
+    /// missing), atomically. Here rather than beside the report's type, so that the type does not
+    /// depend on its rendering.
+    pub fn write(&self, dir: &std::path::Path) -> crate::error::Result<()> {
+        use crate::error::Error;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid(format!("report.json: {e}")))?;
+        crate::model::weights::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+        crate::model::weights::write_atomic(&dir.join("report.md"), render(self).as_bytes())
+    }
+}

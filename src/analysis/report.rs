@@ -1,5 +1,5 @@
 //! The routing report: one data structure, written as `report.json` (serde) and `report.md`
-//! (rendered from the same value by [`super::markdown`]), so the two always agree.
+//! (rendered from the same value by `analysis::markdown`, which also writes both files), so the two always agree.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -338,14 +338,6 @@ impl Report {
             mamba,
             drift,
         })
-    }
-
-    /// Writes `report.json` and `report.md` into `dir` (created if missing), atomically.
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid(format!("report.json: {e}")))?;
-        crate::model::weights::write_atomic(&dir.join("report.json"), json.as_bytes())?;
-        crate::model::weights::write_atomic(&dir.join("report.md"), super::markdown::render(self).as_bytes())
     }
 
     /// Reads a `report.json`.

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::model::state::State;
 use crate::model::Model;
 use crate::ops::cuda::{cuda_device, dptr, mem_info};
-use crate::ops::decode::{DecodeOpts, Decoder};
+use crate::runtime::decode::{DecodeOpts, Decoder};
 
 /// MiB of device memory in use (total − free), all processes.
 pub fn used_mib(dev: &Device) -> Result<f64> {
@@ -62,16 +62,6 @@ pub fn decoder_run(
     mem_points: &[usize],
 ) -> Result<(DecodeResult, Vec<(usize, f64)>)> {
     let dev = &model.device;
-    let label = mode;
-    // the persistent modes run the plain modes' loops on the persistent decoder
-    let mode = match mode {
-        "persistent" => "graph",
-        "persistent-eager" => "eager",
-        "persistent-pipelined" => "pipelined",
-        "persistent-probe" | "persistent-fused-probe" => "graph-probe",
-        "persistent-fused" => "graph",
-        m => m,
-    };
     let mut dec = Decoder::new(model, opts)?;
     // warm-up step (modules loaded), then back to the start
     dec.load_state(st0)?;
@@ -119,79 +109,28 @@ pub fn decoder_run(
     }
     let note = match mode {
         "eager" => "our kernels launched one by one, sync per token",
-        "graph-nopdl" => "one CUDA graph per token, no PDL / preload / prefetch, sync per token",
+        "graph-nopdl" => "one CUDA graph per token, no PDL, sync per token",
         "graph" => "one CUDA graph per token, sync per token",
         "pipelined" => "one CUDA graph per token, two tokens in flight",
         _ => "one CUDA graph per token with the telemetry probe, sync per token",
     };
-    let note = match dec.persistent() {
-        Some(true) => format!("{note}; one persistent kernel per token (cooperative launch)"),
-        Some(false) => format!("{note}; one persistent kernel per token (plain launch in the graph)"),
-        None => note.to_string(),
-    };
     Ok((
-        decode_result(label, &times, Some(dec.launches_per_token()), bytes, ceiling, &note),
+        decode_result(mode, &times, Some(dec.launches_per_token()), bytes, ceiling, note),
         mem,
     ))
 }
 
-/// Graph-mode tok/s over a grid of launch options around `base` (`n` tokens each): of the
-/// persistent kernel (fused or not, threads, blocks per SM, split-K, L2 look-ahead) when
-/// `base.persistent`,
-/// else of the multi-kernel step.
+/// Graph-mode tok/s over a grid of launch options around `base` (`n` tokens each): PDL on and
+/// off, blocks per SM, split-K.
 pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts) -> Result<Vec<SweepRow>> {
     let mut rows = Vec::new();
-    if base.persistent {
-        let mut grid = Vec::new();
-        for fuse in [false, true] {
-            for threads in [256u32, 512] {
-                for blocks in [1u32, 2] {
-                    for split_k in if fuse { vec![0u32] } else { vec![1, 2, 4] } {
-                        grid.push((fuse, threads, blocks, split_k, 0u32));
-                    }
-                }
-            }
-            grid.push((fuse, 512, 1, 4, 8));
-        }
-        for (fuse, persistent_threads, persistent_blocks_per_sm, split_k, lookahead_mb) in grid {
-            let opts = DecodeOpts {
-                persistent_threads,
-                persistent_blocks_per_sm,
-                lookahead_mb,
-                split_k,
-                fuse,
-                ..base
-            };
-            let (r, _) = decoder_run(model, st0, first, opts, "graph", n, 0, None, &[])?;
-            rows.push(SweepRow {
-                threads: persistent_threads,
-                blocks_per_sm: persistent_blocks_per_sm,
-                split_k,
-                pdl: false,
-                prefetch: false,
-                preload: false,
-                persistent: true,
-                fuse,
-                lookahead_mb,
-                tok_s: r.tok_s,
-            });
-        }
-        return Ok(rows);
-    }
-    for (pdl, preload, prefetch) in [
-        (true, true, false),
-        (true, false, false),
-        (false, true, false),
-        (false, false, false),
-    ] {
+    for pdl in [true, false] {
         for blocks_per_sm in [4u32, 8] {
             for split_k in [1u32, 2, 4] {
                 let opts = DecodeOpts {
                     blocks_per_sm,
                     split_k,
                     pdl,
-                    prefetch,
-                    preload,
                     ..base
                 };
                 let (r, _) = decoder_run(model, st0, first, opts, "graph", n, 0, None, &[])?;
@@ -200,11 +139,6 @@ pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts)
                     blocks_per_sm,
                     split_k,
                     pdl,
-                    prefetch,
-                    preload,
-                    persistent: false,
-                    fuse: false,
-                    lookahead_mb: 0,
                     tok_s: r.tok_s,
                 });
             }

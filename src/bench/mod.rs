@@ -4,14 +4,12 @@
 //! * `step-slow`: [`Model::step`] on the tensor-op path (the kernels' slow twin), host argmax;
 //! * `step`: [`Model::step`] on the fused-kernel path (CUDA), host argmax;
 //! * `eager` / `graph` / `graph-nopdl` / `pipelined` / `graph-probe`: the
-//!   `crate::ops::decode::Decoder` step, launched one kernel at a time, as one CUDA graph waiting
-//!   for each token, the same without programmatic dependent launch and L2 prefetch, as graphs with
-//!   two tokens in flight, and as a graph with the telemetry probe on;
-//! * `persistent` / `persistent-eager` / `persistent-pipelined` / `persistent-probe`: the same
-//!   decoder built as one persistent kernel per token (`DecodeOpts::persistent`), graph-captured,
-//!   launched directly, two tokens in flight, with the probe (`--persistent` turns the plain
-//!   decoder modes into these); `persistent-fused` / `persistent-fused-probe`: its fused layout
-//!   (`DecodeOpts::fuse`, three stages per Mamba + MoE pair).
+//!   `crate::runtime::decode::Decoder` step, launched one kernel at a time, as one CUDA graph
+//!   waiting for each token, the same without programmatic dependent launch, as graphs with two
+//!   tokens in flight, and as a graph with the telemetry probe on (greedy, the bare kernels);
+//! * `user`: the path a user runs: [`crate::generate::generate`] with the default sampling
+//!   settings (what `blackmamba generate` and the chat do), end-of-text ignored so every run
+//!   decodes the same count.
 //!
 //! Times are wall-clock around synchronised work, after a warm-up. Launches per token are
 //! counted (every kernel of the decoder goes through one counted launch function); cuBLAS and
@@ -53,9 +51,11 @@ pub struct BenchOpts {
     pub slow_prefill: bool,
     /// Also break down one prefill and the decode step by kernel (synchronising between parts).
     pub profile: bool,
-    /// Launch options of the decoder modes (probe, PDL and prefetch are set per mode).
+    /// Launch options of the decoder modes (probe and PDL are set per mode).
     #[cfg(feature = "cuda")]
-    pub decode: crate::ops::decode::DecodeOpts,
+    pub decode: crate::runtime::decode::DecodeOpts,
+    /// Tokenizer of the `user` mode (it streams text as `generate` does).
+    pub tokenizer: Option<tokenizers::Tokenizer>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,11 +86,6 @@ pub struct SweepRow {
     pub blocks_per_sm: u32,
     pub split_k: u32,
     pub pdl: bool,
-    pub prefetch: bool,
-    pub preload: bool,
-    pub persistent: bool,
-    pub fuse: bool,
-    pub lookahead_mb: u32,
     pub tok_s: f64,
 }
 
@@ -122,8 +117,6 @@ pub struct BenchReport {
     pub sweep: Vec<SweepRow>,
     /// Slowdown of `graph-probe` against `graph`, percent.
     pub probe_overhead_pct: Option<f64>,
-    /// Slowdown of `persistent-probe` against `persistent`, percent.
-    pub persistent_probe_overhead_pct: Option<f64>,
     /// Prefill breakdown: (part, ms per prefill, calls per prefill), with a sync after each part.
     pub prefill_profile: Vec<(String, f64, usize)>,
     /// Decode step breakdown: (kernel, µs per token, launches per token), events around each.
@@ -169,7 +162,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
     let dev = model.device.clone();
     let (params_total, params_active) = model.cfg.param_counts();
     #[cfg(feature = "cuda")]
-    let bytes = crate::ops::decode::Decoder::bytes_per_token(model);
+    let bytes = crate::runtime::decode::Decoder::bytes_per_token(model);
     #[cfg(not(feature = "cuda"))]
     let bytes = params_active * model.dtype.size_in_bytes();
     let mut rep = BenchReport {
@@ -186,7 +179,6 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
         memory: None,
         sweep: Vec::new(),
         probe_overhead_pct: None,
-        persistent_probe_overhead_pct: None,
         prefill_profile: Vec::new(),
         decode_profile: Vec::new(),
     };
@@ -227,15 +219,15 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
         tok_s: (b * o.prompt_len) as f64 / med,
     });
     if o.slow_prefill {
-        let keep = model.use_kernels;
-        model.use_kernels = false;
+        let keep = model.kernels;
+        model.kernels.enabled = false;
         model.forward(&warm, &mut model.new_state(1)?, Logits::Last, None)?;
         let mut st = model.new_state(b)?;
         let t0 = Instant::now();
         let l = model.forward(&ids_t, &mut st, Logits::Last, None)?;
         let _host: Vec<f32> = l.flatten_all()?.to_vec1()?;
         let secs = t0.elapsed().as_secs_f64();
-        model.use_kernels = keep;
+        model.kernels = keep;
         rep.prefill_slow = Some(PrefillResult {
             batch: b,
             prompt_len: o.prompt_len,
@@ -257,11 +249,11 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
     for mode in &o.modes {
         match mode.as_str() {
             "step" | "step-slow" => {
-                let keep = model.use_kernels;
-                model.use_kernels = mode == "step";
+                let keep = model.kernels;
+                model.kernels.enabled = keep.enabled && mode == "step";
                 let n = o.step_tokens.min(o.gen_len).max(2);
                 let times = step_loop(model, &st0, first, n)?;
-                model.use_kernels = keep;
+                model.kernels = keep;
                 let note = if mode == "step" && model.runs_kernels() {
                     "Model::step on the fused kernels + cuBLAS; host argmax; launches not counted"
                 } else {
@@ -270,32 +262,16 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 rep.decode.push(decode_result(mode, &times, None, bytes, ceiling, note));
             }
             #[cfg(feature = "cuda")]
-            "eager"
-            | "graph"
-            | "pipelined"
-            | "graph-probe"
-            | "graph-nopdl"
-            | "persistent"
-            | "persistent-eager"
-            | "persistent-pipelined"
-            | "persistent-probe"
-            | "persistent-fused"
-            | "persistent-fused-probe" => {
+            "eager" | "graph" | "pipelined" | "graph-probe" | "graph-nopdl" => {
                 if !dev.is_cuda() {
                     return Err(Error::Invalid(format!("bench mode {mode} needs --device cuda")));
                 }
-                let probe_on = mode.ends_with("-probe");
-                let plain = mode == "graph-nopdl";
-                let opts = crate::ops::decode::DecodeOpts {
-                    probe: probe_on,
-                    pdl: o.decode.pdl && !plain,
-                    prefetch: o.decode.prefetch && !plain,
-                    preload: o.decode.preload && !plain,
-                    persistent: o.decode.persistent || mode.starts_with("persistent"),
-                    fuse: o.decode.fuse || mode.starts_with("persistent-fused"),
+                let opts = crate::runtime::decode::DecodeOpts {
+                    probe: mode == "graph-probe",
+                    pdl: o.decode.pdl && mode != "graph-nopdl",
                     ..o.decode
                 };
-                let track = mode == "graph" || (mode == "persistent" && !o.modes.iter().any(|m| m == "graph"));
+                let track = mode == "graph";
                 let (res, mem) = cuda::decoder_run(
                     model,
                     &st0,
@@ -318,12 +294,19 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 }
                 rep.decode.push(res);
             }
+            "user" => {
+                let tok = match &o.tokenizer {
+                    Some(t) => t.clone(),
+                    None => crate::tokenizer::neox()?,
+                };
+                rep.decode
+                    .push(user_run(model, &tok, &ids[..o.prompt_len], o.gen_len, bytes, ceiling)?);
+            }
             other => {
                 return Err(Error::Invalid(format!(
-                    "bench mode '{other}': use step, step-slow{}",
+                    "bench mode '{other}': use step, step-slow, user{}",
                     if cfg!(feature = "cuda") {
-                        ", eager, graph, graph-nopdl, pipelined, graph-probe, persistent, persistent-eager, \
-                         persistent-pipelined, persistent-probe, persistent-fused or persistent-fused-probe"
+                        ", eager, graph, graph-nopdl, pipelined or graph-probe"
                     } else {
                         " (the decoder modes need a build with --features cuda)"
                     }
@@ -334,12 +317,6 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
     let tok = |m: &str| rep.decode.iter().find(|d| d.mode == m).map(|d| d.tok_s);
     if let (Some(g), Some(p)) = (tok("graph"), tok("graph-probe")) {
         rep.probe_overhead_pct = Some(100.0 * (g - p) / g);
-    }
-    if let (Some(g), Some(p)) = (tok("persistent"), tok("persistent-probe")) {
-        rep.persistent_probe_overhead_pct = Some(100.0 * (g - p) / g);
-    }
-    if let (Some(g), Some(p)) = (tok("persistent-fused"), tok("persistent-fused-probe")) {
-        rep.persistent_probe_overhead_pct = Some(100.0 * (g - p) / g);
     }
     #[cfg(feature = "cuda")]
     if o.sweep && dev.is_cuda() {
@@ -355,12 +332,35 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
             .map(|(n, ms, c)| (n.to_string(), ms, c))
             .collect();
         crate::ops::prof::enable(false);
-        let mut dec = crate::ops::decode::Decoder::new(model, o.decode)?;
+        let mut dec = crate::runtime::decode::Decoder::new(model, o.decode)?;
         dec.load_state(&st0)?;
         dec.set_token(first)?;
         rep.decode_profile = dec.profile(32)?.into_iter().map(|(n, us, c)| (n.to_string(), us, c)).collect();
     }
     Ok(rep)
+}
+
+/// The user's path: [`crate::generate::generate`] from the prompt `ids` with the default sampling
+/// settings, `n` tokens (end-of-text ignored), after one warm-up generation. The time per token
+/// comes from the generation's own decode timer (prefill and first sample excluded).
+fn user_run(model: &Model, tok: &tokenizers::Tokenizer, ids: &[u32], n: usize, bytes: usize, ceiling: Option<f64>) -> Result<DecodeResult> {
+    use crate::sampling::SamplingParams;
+    let params = SamplingParams {
+        max_tokens: n.max(2),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let warm = SamplingParams {
+        max_tokens: 4,
+        ..params.clone()
+    };
+    crate::generate::generate(model, tok, &mut model.new_state(1)?, ids, &warm, false, &cancel, |_| Ok(()))?;
+    let out = crate::generate::generate(model, tok, &mut model.new_state(1)?, ids, &params, false, &cancel, |_| Ok(()))?;
+    let steps = out.stats.gen_tokens.saturating_sub(1).max(1);
+    let per = out.stats.decode_secs / steps as f64;
+    let note = format!("generate, default sampling: {}", out.path);
+    Ok(decode_result("user", &vec![per; steps], None, bytes, ceiling, &note))
 }
 
 /// Decodes `n` tokens with [`Model::step`] and host argmax; seconds per token.
@@ -385,20 +385,9 @@ mod cuda;
 
 /// The default modes: everything this build and device can run.
 pub fn default_modes(dev: &Device) -> Vec<String> {
-    let mut m = vec!["step".to_string()];
+    let mut m = vec!["step".to_string(), "user".to_string()];
     if cfg!(feature = "cuda") && dev.is_cuda() {
-        m.extend(
-            [
-                "eager",
-                "graph",
-                "graph-nopdl",
-                "pipelined",
-                "graph-probe",
-                "persistent",
-                "persistent-probe",
-            ]
-            .map(String::from),
-        );
+        m.extend(["eager", "graph", "graph-nopdl", "pipelined", "graph-probe"].map(String::from));
     }
     m
 }

@@ -11,7 +11,7 @@ use crate::finetune::{FirstPass, Method, Recompute, Target};
 /// Inference flags that mean nothing to `--finetune`.
 const INFERENCE_ONLY: [&str; 9] = [
     "prompt_len",
-    "per_expert",
+    "path",
     "prefill_batch",
     "gen_len",
     "reps",
@@ -20,6 +20,15 @@ const INFERENCE_ONLY: [&str; 9] = [
     "sweep",
     "slow_prefill",
 ];
+
+/// `bench --path`: which decode path to time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPath {
+    /// `generate` with the default sampling settings (what a user runs).
+    User,
+    /// The bare decoder kernels, greedy (the `graph` mode).
+    Kernel,
+}
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -74,13 +83,16 @@ pub struct BenchArgs {
     /// Timed prefill repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Decode modes, comma-separated: step, step-slow, eager, graph, graph-nopdl, pipelined,
-    /// graph-probe, persistent, persistent-eager, persistent-pipelined, persistent-probe,
-    /// persistent-fused, persistent-fused-probe (default:
-    /// step and, on CUDA, eager, graph, graph-nopdl, pipelined, graph-probe, persistent and
-    /// persistent-probe).
-    #[arg(long, value_delimiter = ',')]
+    /// Decode modes, comma-separated: step, step-slow, user (`generate` with the default sampling:
+    /// the path users run), and on CUDA the bare decoder: eager, graph, graph-nopdl, pipelined,
+    /// graph-probe (default: step, user, eager, graph, graph-nopdl, pipelined, graph-probe).
+    #[arg(long, value_delimiter = ',', conflicts_with = "path")]
     pub modes: Vec<String>,
+    /// Shorthand for the decode modes: `user` (= --modes user: `generate` with the default
+    /// sampling, the path the TUI and `generate` run) or `kernel` (= --modes graph: the bare
+    /// decoder, greedy).
+    #[arg(long, value_enum)]
+    pub path: Option<BenchPath>,
     /// Tokens for the step modes (at most --gen-len).
     #[arg(long, default_value_t = 64)]
     pub step_tokens: usize,
@@ -110,36 +122,6 @@ pub struct BenchArgs {
     /// Decoder: no programmatic dependent launch.
     #[arg(long)]
     pub no_pdl: bool,
-    /// Decoder: staged layout: each kernel copies its first weight row per warp into shared memory
-    /// before waiting for the previous kernel, and each MoE router runs as its own kernel, so the
-    /// chosen expert's rows are copied as soon as it is known (measured slower on an H200: off by
-    /// default).
-    #[arg(long)]
-    pub preload: bool,
-    /// Decoder: ask L2 for all weight rows before waiting for the previous kernel.
-    #[arg(long)]
-    pub prefetch: bool,
-    /// Decoder: one persistent kernel per token (the decoder modes eager, graph, pipelined and
-    /// graph-probe run it; with --sweep, sweep its launch shapes). Measured slower than the
-    /// multi-kernel graph on an H200: off by default.
-    #[arg(long)]
-    pub persistent: bool,
-    /// Persistent decoder: threads per block (a multiple of 32 up to 512).
-    #[arg(long, default_value_t = 512)]
-    pub persistent_threads: u32,
-    /// Persistent decoder: blocks per multiprocessor (capped by what fits at once).
-    #[arg(long, default_value_t = 1)]
-    pub persistent_blocks_per_sm: u32,
-    /// Persistent decoder: MB of weights asked of L2 ahead of the running stage (0: none).
-    #[arg(long, default_value_t = 0)]
-    pub lookahead_mb: u32,
-    /// Persistent decoder: fused layout (three grid barriers per Mamba + MoE pair instead of six).
-    #[arg(long)]
-    pub fuse: bool,
-    /// Prefill: run the MoE experts' products one pair per expert instead of two batched cuBLAS
-    /// calls per layer (the way before; to compare).
-    #[arg(long)]
-    pub per_expert: bool,
     /// Seed of the random weights and prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -158,8 +140,9 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
         // the released shapes with random weights drawn on the GPU (seconds, not minutes)
         crate::loader::ModelSource::Random { shape, seed } if device.is_cuda() && shape != "tiny" => {
             let cfg = crate::loader::random_config(shape);
-            let model =
+            let mut model =
                 bench::device_random::random_model(&cfg, *seed, &device, dtype).with_context(|| format!("building random:{shape}"))?;
+            model.kernels = m.kernels.kernels();
             (model, source.label(), None)
         }
         _ => {
@@ -189,10 +172,11 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
         prefill_batch: a.prefill_batch,
         gen_len: a.gen_len,
         reps: a.reps,
-        modes: if a.modes.is_empty() {
-            bench::default_modes(&device)
-        } else {
-            a.modes.clone()
+        modes: match (a.path, a.modes.is_empty()) {
+            (Some(BenchPath::User), _) => vec!["user".into()],
+            (Some(BenchPath::Kernel), _) => vec!["graph".into()],
+            (None, true) => bench::default_modes(&device),
+            (None, false) => a.modes.clone(),
         },
         step_tokens: a.step_tokens,
         sweep: a.sweep,
@@ -201,23 +185,15 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
         slow_prefill: a.slow_prefill,
         profile: a.profile,
         #[cfg(feature = "cuda")]
-        decode: crate::ops::decode::DecodeOpts {
+        decode: crate::runtime::decode::DecodeOpts {
             threads: a.threads,
             blocks_per_sm: a.blocks_per_sm,
             split_k: a.split_k,
             pdl: !a.no_pdl,
-            preload: a.preload,
-            prefetch: a.prefetch,
-            persistent: a.persistent,
-            persistent_threads: a.persistent_threads,
-            persistent_blocks_per_sm: a.persistent_blocks_per_sm,
-            lookahead_mb: a.lookahead_mb,
-            fuse: a.fuse,
             ..Default::default()
         },
+        tokenizer: tok,
     };
-    #[cfg(feature = "cuda")]
-    crate::ops::fused::set_batched_experts(!a.per_expert);
     let rep = bench::run(&mut model, &label, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -373,9 +349,6 @@ fn print_report(r: &BenchReport) {
     if let Some(p) = r.probe_overhead_pct {
         println!("probe overhead (graph-probe vs graph): {p:.2}%");
     }
-    if let Some(p) = r.persistent_probe_overhead_pct {
-        println!("probe overhead (persistent-probe vs persistent): {p:.2}%");
-    }
     if let Some(m) = &r.memory {
         let pts: Vec<String> = m.during_decode_mib.iter().map(|(t, v)| format!("{t} tok: {v:.0}")).collect();
         println!(
@@ -400,16 +373,9 @@ fn print_report(r: &BenchReport) {
         }
     }
     for s in &r.sweep {
-        if s.persistent {
-            println!(
-                "sweep persistent fuse {} threads {} blocks/SM {} look-ahead {} MB split-K {}: {:.1} tok/s",
-                s.fuse, s.threads, s.blocks_per_sm, s.lookahead_mb, s.split_k, s.tok_s
-            );
-        } else {
-            println!(
-                "sweep pdl {} preload {} prefetch {} threads {} blocks/SM {} split-K {}: {:.1} tok/s",
-                s.pdl, s.preload, s.prefetch, s.threads, s.blocks_per_sm, s.split_k, s.tok_s
-            );
-        }
+        println!(
+            "sweep pdl {} threads {} blocks/SM {} split-K {}: {:.1} tok/s",
+            s.pdl, s.threads, s.blocks_per_sm, s.split_k, s.tok_s
+        );
     }
 }

@@ -55,6 +55,7 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
         seed: a.seed,
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        ..SamplingParams::default()
     };
     let model = &loaded.model;
     let ids = crate::tokenizer::encode(&loaded.tokenizer, &a.prompt)?;
@@ -72,13 +73,14 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
     writeln!(out)?;
     let s = outcome.stats;
     eprintln!(
-        "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, device: {}, dtype: {:?}",
+        "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, device: {}, dtype: {:?}, decode path: {}",
         s.prompt_tokens,
         s.gen_tokens,
         s.prefill_tok_s(),
         s.decode_tok_s(),
         if model.device.is_cuda() { "cuda" } else { "cpu" },
-        model.dtype
+        model.dtype,
+        outcome.path
     );
     Ok(())
 }

@@ -52,6 +52,64 @@ pub struct ModelArgs {
     /// A fine-tuned adapter folder (from `finetune` or `train`) to put on the model.
     #[arg(long, global = true)]
     pub adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
+}
+
+/// A/B switches of the fused kernels against their tensor-op twins: each turns one family off
+/// (see `model::Kernels`). Parsed here once and handed to the model; every switch also reads its
+/// `BLACKMAMBA_*` variable (any value but empty, 0, false, no, off turns it on).
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Kernel switches (A/B against the tensor-op twins)")]
+pub struct KernelArgs {
+    /// Run every op on tensor ops, also on a GPU (the kernels' twin).
+    #[arg(long, global = true, env = "BLACKMAMBA_NO_KERNELS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_kernels: bool,
+    /// Decode with one `Model::step` per token instead of the graph-captured CUDA decoder.
+    #[arg(long, global = true, env = "BLACKMAMBA_NO_DECODER", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_decoder: bool,
+    /// Prefill: one product pair per expert instead of two batched cuBLAS calls per MoE layer.
+    #[arg(long, global = true, env = "BLACKMAMBA_PER_EXPERT", value_parser = clap::builder::FalseyValueParser::new())]
+    pub per_expert: bool,
+    /// Fine-tuning: the blocks' RMSNorm as tensor ops instead of the fused op.
+    #[arg(long, global = true, env = "BLACKMAMBA_SLOW_RMSNORM", value_parser = clap::builder::FalseyValueParser::new())]
+    pub slow_rmsnorm: bool,
+    /// Fine-tuning: the loss's cross-entropy as tensor ops on f32 logits.
+    #[arg(long, global = true, env = "BLACKMAMBA_SLOW_XENT", value_parser = clap::builder::FalseyValueParser::new())]
+    pub slow_xent: bool,
+    /// Fine-tuning: Mamba half-blocks through autograd instead of the hand-written backward.
+    #[arg(long, global = true, env = "BLACKMAMBA_SLOW_MAMBA_GRAD", value_parser = clap::builder::FalseyValueParser::new())]
+    pub slow_mamba_grad: bool,
+    /// Fine-tuning: MoE half-blocks through autograd instead of the hand-written backward.
+    #[arg(long, global = true, env = "BLACKMAMBA_SLOW_MOE_GRAD", value_parser = clap::builder::FalseyValueParser::new())]
+    pub slow_moe_grad: bool,
+    /// GPU casts between f32 and bf16/f16 by candle's kernel instead of ours.
+    #[arg(long, global = true, env = "BLACKMAMBA_SLOW_CAST", value_parser = clap::builder::FalseyValueParser::new())]
+    pub slow_cast: bool,
+}
+
+impl KernelArgs {
+    /// The model's kernel choice these switches make.
+    pub fn kernels(&self) -> crate::model::Kernels {
+        crate::model::Kernels {
+            enabled: !self.no_kernels,
+            batched_experts: !self.per_expert,
+            rms_norm: !self.slow_rmsnorm,
+            xent: !self.slow_xent,
+            mamba_grad: !self.slow_mamba_grad,
+            moe_grad: !self.slow_moe_grad,
+            decoder: !self.no_decoder,
+        }
+    }
+
+    /// Process-wide set-up the switches ask for: our cast kernels as candle's cast hook on CUDA
+    /// builds (candle's hook is global by design), unless `--slow-cast`.
+    pub fn install(&self) {
+        #[cfg(feature = "cuda")]
+        if !self.slow_cast {
+            crate::ops::cast::install();
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +146,7 @@ pub enum Command {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    cli.model.kernels.install();
     match cli.command {
         Some(Command::Generate(a)) => generate::run(&cli.model, &a),
         Some(Command::Logits(a)) => logits::run(&cli.model, &a),
@@ -119,6 +178,7 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
         hub: None,
     };
     let mut loaded = crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))?;
+    loaded.model.kernels = m.kernels.kernels();
     if let Some(dir) = &m.adapter {
         crate::finetune::adapter::apply_merged(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());

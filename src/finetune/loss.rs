@@ -1,6 +1,6 @@
 //! The training loss (cross-entropy on the learned positions only) and evaluation.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::finetune::data::{Batch, Example};
@@ -9,29 +9,19 @@ use crate::model::probe::Probe;
 use crate::model::Model;
 
 /// Sum over rows of −log softmax(logits)\[target\]: logits (n, V), targets (n) u32 -> f32 scalar.
-/// The fused [`CrossEntropy`] op on the CPU (f32 logits), the CUDA op of `ops::xent` on the GPU
-/// (f32, bf16 or f16 logits, see [`fuses`]); its tensor-op twin [`nll_sum_slow`] elsewhere.
-pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// The fused [`CrossEntropy`] op on the CPU (f32 logits); on the GPU, with `fused` (the model's
+/// choice, [`Model::fuses_loss`]), the CUDA op of `ops::xent` (f32, bf16 or f16 logits); its
+/// tensor-op twin [`nll_sum_slow`] elsewhere.
+pub fn nll_sum(logits: &Tensor, targets: &Tensor, fused: bool) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
         return Ok(logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)?.sum_all()?);
     }
     #[cfg(feature = "cuda")]
-    if fuses(logits.device(), logits.dtype()) {
+    if fused && logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return Ok(crate::ops::xent::cross_entropy(logits, targets)?.sum_all()?);
     }
+    let _ = fused;
     nll_sum_slow(logits, targets)
-}
-
-/// Whether [`nll_sum`] takes logits of `dtype` on `dev` through the fused CUDA op, which computes
-/// in f32 whatever their dtype: the training head then hands over its bf16 logits as they are.
-/// Elsewhere the logits are to be f32 (the twin computes in their dtype).
-pub fn fuses(dev: &Device, dtype: DType) -> bool {
-    #[cfg(feature = "cuda")]
-    if dev.is_cuda() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-        return crate::ops::xent::enabled();
-    }
-    let _ = (dev, dtype);
-    false
 }
 
 /// [`nll_sum`] from tensor ops (log-softmax, gather): any device and dtype.
@@ -97,7 +87,7 @@ impl candle_core::CustomOp2 for CrossEntropy {
 pub fn batch_nll(model: &Model, batch: &Batch, probe: Option<&mut Probe>) -> Result<Tensor> {
     let mut state = model.new_state(batch.ids.dim(0)?)?;
     let logits = model.forward_rows(&batch.ids, &mut state, &batch.rows, probe)?; // (n, V)
-    nll_sum(&logits, &batch.targets)
+    nll_sum(&logits, &batch.targets, model.fuses_loss(logits.dtype()))
 }
 
 /// Held-out loss of a model over examples.

@@ -39,6 +39,8 @@ pub struct AdamW {
     pub t: u64,
     /// (m, v) per parameter, f32, shaped like it
     pub moments: Vec<(Tensor, Tensor)>,
+    /// Update CUDA parameters with the fused kernel (the model's kernels on); off, tensor ops.
+    pub fused: bool,
 }
 
 impl AdamW {
@@ -52,7 +54,12 @@ impl AdamW {
                 Ok((t.zeros_like()?, t.zeros_like()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { hp, t: 0, moments })
+        Ok(Self {
+            hp,
+            t: 0,
+            moments,
+            fused: true,
+        })
     }
 
     /// One update with gradients `grads` (one per parameter, f32) multiplied by `grad_scale`
@@ -65,7 +72,7 @@ impl AdamW {
         }
         self.t += 1;
         #[cfg(feature = "cuda")]
-        if crate::ops::kernels_enabled() && self.fusable(params) {
+        if self.fused && self.fusable(params) {
             self.step_fused(params, grads, lr, grad_scale, casts)?;
             return Ok(!casts.is_empty());
         }
@@ -156,12 +163,14 @@ pub fn lr_at(s: usize, total: usize, lr: f64, warmup: usize, min_ratio: f64) -> 
     min + (lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// The global L2 norm of a list of gradients (one host sync).
-pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+/// The global L2 norm of a list of gradients (one host sync); `fused`: by the CUDA kernel where
+/// the gradients are on a GPU.
+pub fn global_norm(grads: &[Tensor], fused: bool) -> Result<f64> {
     #[cfg(feature = "cuda")]
-    if crate::ops::kernels_enabled() && grads.iter().all(|g| g.device().is_cuda()) {
+    if fused && grads.iter().all(|g| g.device().is_cuda()) {
         return Ok(crate::ops::optim::sum_squares(grads)?.sqrt());
     }
+    let _ = fused;
     global_norm_ops(grads)
 }
 

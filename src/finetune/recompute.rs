@@ -18,7 +18,7 @@
 //! the same inputs would give, without the host round trip; the probe records pass 1.
 //! The gradients equal those of [`crate::finetune::loss::batch_nll`]'s single backward
 //! (`tests/finetune_recompute.rs`). On the GPU the layers of a bf16 model are differentiated
-//! without autograd where they can be (`ops::mamba_block_grad`, `ops::moe_block_grad`; their
+//! without autograd where they can be (`runtime::grad::mamba_block`, `runtime::grad::moe_block`; their
 //! time counts as backward).
 
 use candle_core::backprop::GradStore;
@@ -99,7 +99,7 @@ pub fn nll_and_grads(
     // 2. head and loss
     let top = Var::from_tensor(&hs[n])?;
     let logits = model.head_rows(top.as_tensor(), &batch.rows)?; // (n, V)
-    let nll = nll_sum(&logits, &batch.targets)?;
+    let nll = nll_sum(&logits, &batch.targets, model.fuses_loss(logits.dtype()))?;
     let store = (&nll / per)?.backward()?;
     accumulate(grads, vars, &store)?;
     let mut g = match store.get(top.as_tensor()) {
@@ -158,8 +158,8 @@ pub fn nll_and_grads(
     Ok(nll.detach())
 }
 
-/// Half-block `i`'s gradients without autograd where `ops::mamba_block_grad` /
-/// `ops::moe_block_grad` take it.
+/// Half-block `i`'s gradients without autograd where `runtime::grad::mamba_block` /
+/// `runtime::grad::moe_block` take it.
 #[cfg(feature = "cuda")]
 fn by_hand(
     model: &Model,
@@ -167,15 +167,15 @@ fn by_hand(
     h: &Tensor,
     g: &Tensor,
     route: Option<&Route>,
-) -> Result<Option<crate::ops::mamba_block_grad::BlockGrads>> {
+) -> Result<Option<crate::runtime::grad::mamba_block::BlockGrads>> {
     match model.layers[i].is_moe() {
-        true => crate::ops::moe_block_grad::half_block_grads(model, i, h, g, route),
-        false => crate::ops::mamba_block_grad::half_block_grads(model, i, h, g),
+        true => crate::runtime::grad::moe_block::half_block_grads(model, i, h, g, route),
+        false => crate::runtime::grad::mamba_block::half_block_grads(model, i, h, g),
     }
 }
 
 /// Half-block `i` of pass 1: on the fused inference kernels where the model runs them and
-/// `first_pass` allows (`ops::fused::first_pass_block`), else [`Model::block`].
+/// `first_pass` allows (`runtime::grad::first_pass_block`), else [`Model::block`].
 fn first_pass_block(
     model: &Model,
     first_pass: FirstPass,
@@ -187,7 +187,7 @@ fn first_pass_block(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if first_pass == FirstPass::Kernels && model.trains_with_kernels() {
-        return crate::ops::fused::first_pass_block(model, i, res, state, probe, route);
+        return crate::runtime::grad::first_pass_block(model, i, res, state, probe, route);
     }
     let _ = first_pass;
     model.block(i, res, state, probe, true, Some(route))

@@ -168,6 +168,7 @@ impl Trainer {
             weight_decay: cfg.weight_decay,
         };
         let mut opt = AdamW::new(&params, hp)?;
+        opt.fused = model.kernels.enabled;
         let mut step = 0;
         let mut cursor = DataCursor::default();
         let mut last_loss = None;
@@ -311,7 +312,7 @@ impl Trainer {
             .zip(&self.params)
             .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
-        let grad_norm = global_norm(&grads)?;
+        let grad_norm = global_norm(&grads, self.model.kernels.enabled)?;
         if !grad_norm.is_finite() {
             return Err(self.fail(format!("the gradient norm is {grad_norm} at step {}", self.step + 1)));
         }

@@ -23,16 +23,7 @@ pub enum LayerKind {
     Moe { experts: usize },
 }
 
-/// The activation of the expert's gate half (SPEC §3 step 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    /// Exact (erf) GELU: what Zyphra's inference code runs.
-    #[default]
-    Gelu,
-    /// SiLU: what Megatron's `--swiglu` trains with.
-    Silu,
-}
+pub use crate::ops::act::Activation;
 
 /// The model configuration: fields mirror `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,9 +14,9 @@ use crate::error::{Error, Result};
 use crate::model::config::Config;
 use crate::model::linear::{softplus, Linear};
 use crate::model::probe::MambaRecord;
-use crate::model::scan::selective_scan;
 use crate::model::state::LayerState;
 use crate::ops::prof::{self, lap};
+use crate::ops::scan::selective_scan;
 
 /// Weights of one Mamba mixer; names as under `decoder.layers.{i}.mixer.`.
 #[derive(Debug, Clone)]
@@ -85,13 +85,13 @@ impl MambaMixer {
     }
 
     /// Full sequence: x (B, L, d) -> (B, L, d), from and into `state`. `fused_scan` lets a
-    /// CUDA model scan with the fused autograd kernels (fine-tuning; see `ops::training_scan`).
+    /// CUDA model scan with the fused autograd kernels (fine-tuning; see `ops::scan::training_scan`).
     /// On CUDA that means the whole mixer past the projections as two fused autograd ops
-    /// (`ops::mamba_grad`: conv + SiLU, and scan + D·v + gate); without a probe only.
+    /// (`model::fused::mamba_train`: conv + SiLU, and scan + D·v + gate); without a probe only.
     pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>, fused_scan: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if fused_scan && probe.is_none() {
-            if let Some(out) = crate::ops::mamba_grad::mixer_forward(self, x, state)? {
+            if let Some(out) = crate::model::fused::mamba_train::mixer_forward(self, x, state)? {
                 return Ok(out);
             }
         }
@@ -119,7 +119,7 @@ impl MambaMixer {
         lap(&mut laps, "mamba x_proj+dt_proj+softplus")?;
         let a = self.a_log.exp()?.neg()?; // eq. 6: (di, N)
         let fused = match fused_scan && probe.is_none() {
-            true => crate::ops::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
+            true => crate::ops::scan::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
             false => None,
         };
         let scan = match fused {

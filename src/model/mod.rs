@@ -6,6 +6,9 @@
 
 pub mod config;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod fused;
+pub mod kernels;
 pub mod linear;
 pub mod mamba;
 pub mod moe;
@@ -14,7 +17,6 @@ pub mod probe;
 pub mod pth;
 pub mod pth_write;
 pub mod random;
-pub mod scan;
 pub mod state;
 pub mod weights;
 
@@ -25,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::ops::prof::{self, lap};
 use config::{Config, LayerKind};
+pub use kernels::Kernels;
 use linear::{layer_norm, rms_norm};
 use mamba::{take, MambaMixer};
 use moe::{Mlp, Route, Routing, SwitchMlp};
@@ -79,9 +82,9 @@ pub struct Model {
     pub routing: Routing,
     /// Use only ops autograd can differentiate (fine-tuning).
     pub differentiable: bool,
-    /// On a CUDA device (and not `differentiable`), run the fused kernels of `crate::ops`; off,
-    /// the GPU runs the same tensor-op path as the CPU (the kernels' slow twin).
-    pub use_kernels: bool,
+    /// Which families of the math run on fused kernels (on a CUDA device, and the CPU's fused
+    /// scan op for fine-tuning); off, the same tensor-op path as the CPU (the kernels' twin).
+    pub kernels: Kernels,
 }
 
 impl Model {
@@ -110,8 +113,7 @@ impl Model {
             device: device.clone(),
             routing: Routing::Greedy,
             differentiable: false,
-            // BLACKMAMBA_NO_KERNELS=1 runs the tensor-op path on the GPU too (an escape hatch).
-            use_kernels: std::env::var_os("BLACKMAMBA_NO_KERNELS").is_none_or(|v| v.is_empty() || v == "0"),
+            kernels: Kernels::default(),
         })
     }
 
@@ -266,21 +268,70 @@ impl Model {
         self.head(&h)
     }
 
-    /// The residual stack (SPEC §2). `seq` picks the full-sequence mixers, else the step ones.
+    /// The residual stack (SPEC §2), the one both backends share. `seq` picks the full-sequence
+    /// mixers, else the step ones. Each layer's norm and mixer run on the fused kernels where
+    /// [`Model::runs_kernels`] (the residual add folded into the next layer's norm), else on
+    /// tensor ops ([`Model::block`]).
     fn run_blocks(&self, x: Tensor, state: &mut State, mut probe: Option<&mut Probe>, seq: bool) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if self.runs_kernels() {
-            return crate::ops::fused::run_blocks(self, x, state, probe, seq);
-        }
         if let Some(p) = probe.as_deref_mut() {
             self.probe_slots(p);
             p.n_tokens += x.elem_count() / self.cfg.hidden_size;
         }
         let mut res = x.to_dtype(DType::F32)?; // residual stream, f32
+        #[cfg(feature = "cuda")]
+        if self.runs_kernels() {
+            let mut pending: Option<Tensor> = None; // the last mixer's output, not yet added
+            for i in 0..self.layers.len() {
+                let (r, out) = self.fused_block(i, &res, pending.as_ref(), state, probe.as_deref_mut(), seq)?;
+                res = r;
+                pending = Some(out);
+            }
+            return match pending {
+                Some(p) => Ok((res + p.to_dtype(DType::F32)?)?),
+                None => Ok(res),
+            };
+        }
         for i in 0..self.layers.len() {
             res = self.block(i, &res, state, probe.as_deref_mut(), seq, None)?;
         }
         Ok(res)
+    }
+
+    /// Half-block `i` on the fused kernels: res (.., d) f32 plus the previous mixer's output
+    /// `pending` (not yet added) -> (res + pending, mixer(rmsnorm(res + pending))), the add and the
+    /// norm in one kernel. Twin: [`Model::block`].
+    #[cfg(feature = "cuda")]
+    fn fused_block(
+        &self,
+        i: usize,
+        res: &Tensor,
+        pending: Option<&Tensor>,
+        state: &mut State,
+        probe: Option<&mut Probe>,
+        seq: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let block = self.layer(i)?;
+        let mut laps = prof::start(&self.device)?;
+        let (res, normed) = fused::add_rmsnorm(res, pending, &block.norm, self.cfg.layernorm_epsilon, self.dtype)?;
+        lap(&mut laps, "add+rmsnorm")?;
+        let out = match &block.mixer {
+            Mixer::Mamba(m) => {
+                let st = state.layers[i]
+                    .as_mut()
+                    .ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
+                let rec = probe.map(|p| &mut p.mamba[self.probe_slot(i, false)]);
+                match seq {
+                    true => fused::mamba_forward(m, &normed, st, rec)?,
+                    false => fused::mamba_step(m, &normed, st, rec)?,
+                }
+            }
+            Mixer::Moe(m) => {
+                let rec = probe.map(|p| &mut p.moe[self.probe_slot(i, true)]);
+                fused::moe_forward(m, &normed, self.routing, rec, self.kernels)?
+            }
+            Mixer::Dense(m) => m.forward(&normed)?,
+        };
+        Ok((res, out))
     }
 
     /// Half-block `i` of the residual stack (tensor-op path): res (.., d) f32 -> res +
@@ -328,11 +379,11 @@ impl Model {
 
     /// A half-block's RMSNorm: res (.., d) f32, w (d) f32 -> (.., d) in the model's dtype. Training
     /// on CUDA takes the fused autograd op of `ops::rms_norm` (the cast folded in); everything else,
-    /// and `BLACKMAMBA_SLOW_RMSNORM=1`, the tensor ops of [`rms_norm`] and a cast, its twin.
+    /// and `kernels.rms_norm` off, the tensor ops of [`rms_norm`] and a cast, its twin.
     fn block_norm(&self, res: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.layernorm_epsilon;
         #[cfg(feature = "cuda")]
-        if self.trains_with_kernels() && crate::ops::rms_norm::enabled() && res.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        if self.trains_with_kernels() && self.kernels.rms_norm && res.dtype() == DType::F32 && w.dtype() == DType::F32 {
             return crate::ops::rms_norm::rms_norm(res, w, eps, self.dtype);
         }
         Ok(rms_norm(res, w, eps, self.differentiable)?.to_dtype(self.dtype)?)
@@ -362,8 +413,8 @@ impl Model {
 
     /// The logits of chosen positions of a final residual h (B, L, d) f32, for the training loss:
     /// `rows` (n) u32 indexes the flattened B·L positions -> (n, V), f32, or in the embedding's
-    /// dtype where [`crate::finetune::loss::nll_sum`] fuses it (CUDA: no (n, V) f32 copy, and the
-    /// gradient flows back into the matmul in that dtype).
+    /// dtype where the training loss fuses it ([`Model::fuses_loss`]; CUDA: no (n, V) f32 copy, and
+    /// the gradient flows back into the matmul in that dtype).
     pub fn head_rows(&self, h: &Tensor, rows: &Tensor) -> Result<Tensor> {
         let (bsz, len, _) = h.dims3()?;
         let h2 = h.reshape((bsz * len, ()))?; // (B·L, d)
@@ -374,35 +425,45 @@ impl Model {
         }; // (n, d)
         #[cfg(not(feature = "cuda"))]
         let x = h2.index_select(rows, 0)?; // (n, d)
-        if !self.runs_kernels() && crate::finetune::loss::fuses(&self.device, self.embedding.dtype()) {
+        if !self.runs_kernels() && self.fuses_loss(self.embedding.dtype()) {
             return self.head_logits(&x); // (n, V) in the embedding's dtype
         }
         self.head(&x)
     }
 
     /// Whether fine-tuning scans with the fused autograd kernels: a differentiable model on
-    /// CUDA with `use_kernels` (the rest of its forward stays tensor ops, which autograd sees).
+    /// CUDA with its kernels on (the rest of its forward stays tensor ops, which autograd sees).
     pub fn trains_with_kernels(&self) -> bool {
-        crate::ops::available() && self.use_kernels && self.differentiable && self.device.is_cuda()
+        crate::ops::available() && self.kernels.enabled && self.differentiable && self.device.is_cuda()
     }
 
     /// Whether fine-tuning scans with a fused autograd op that keeps only its inputs: the CUDA
     /// kernels ([`Model::trains_with_kernels`]) or, on the CPU, [`crate::ops::scan_cpu`]; both
-    /// only with `use_kernels` (`BLACKMAMBA_NO_KERNELS=1` trains through the tensor-op scan).
+    /// only with the kernels on (`--no-kernels` trains through the tensor-op scan).
     pub fn trains_with_fused_scan(&self) -> bool {
-        self.trains_with_kernels() || (self.use_kernels && self.differentiable && self.device.is_cpu())
+        self.trains_with_kernels() || (self.kernels.enabled && self.differentiable && self.device.is_cpu())
     }
 
-    /// Whether forward/step take the fused CUDA kernels (see [`Model::use_kernels`]).
+    /// Whether forward/step take the fused CUDA kernels (see [`Model::kernels`]).
     pub fn runs_kernels(&self) -> bool {
-        crate::ops::available() && self.use_kernels && !self.differentiable && self.device.is_cuda()
+        crate::ops::available() && self.kernels.enabled && !self.differentiable && self.device.is_cuda()
+    }
+
+    /// Whether the training loss takes logits of `dtype` through the fused CUDA cross-entropy,
+    /// which computes in f32 whatever their dtype (the head then hands over its bf16 logits as
+    /// they are); elsewhere the loss wants f32 logits.
+    pub fn fuses_loss(&self, dtype: DType) -> bool {
+        crate::ops::available()
+            && self.device.is_cuda()
+            && self.kernels.on(self.kernels.xent)
+            && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
     }
 
     /// Final LayerNorm + tied head: h (.., d) f32 -> (.., V) f32.
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.runs_kernels() && self.embedding.dtype() != DType::F32 {
-            return crate::ops::fused::head(self, h);
+            return fused::head(self, h);
         }
         Ok(self.head_logits(h)?.to_dtype(DType::F32)?)
     }

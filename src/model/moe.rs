@@ -100,10 +100,7 @@ impl Mlp {
     }
 
     fn activate(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self.act {
-            Activation::Gelu => x.gelu_erf()?,
-            Activation::Silu => candle_nn::ops::silu(x)?,
-        })
+        self.act.apply(x)
     }
 }
 
@@ -145,7 +142,7 @@ impl SwitchMlp {
     /// [`Route`], a filled one is taken as is (the experts it names, not the router's choice now;
     /// the gate values still come from the router, which is how it gets its gradient). Fine-tuning
     /// decides in pass 1 and reuses the route in the recomputed pass (`finetune::recompute`).
-    /// `fused_act` as in [`Mlp::forward_fused`].
+    /// `fused_act` as in [`Mlp::forward_fused`]; it also lets Sinkhorn run on the device.
     pub fn forward_cached(
         &self,
         x: &Tensor,
@@ -179,8 +176,8 @@ impl SwitchMlp {
                     r.experts.len()
                 )))
             }
-            Some(slot) => &*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe)?),
-            None => &*fresh.insert(Route::decide(&logits, n_tok, n_exp, routing, probe)?),
+            Some(slot) => &*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe, fused_act)?),
+            None => &*fresh.insert(Route::decide(&logits, n_tok, n_exp, routing, probe, fused_act)?),
         };
         laps = prof::start(dev)?; // the decision timed its own parts
         let probs = candle_nn::ops::sigmoid(&logits)?; // (T, E)
@@ -227,22 +224,29 @@ pub struct Route {
     group: Option<(RowPermutation, Vec<usize>)>,
 }
 
-/// Sinkhorn over a call's router logits: on the device where they are on a CUDA device with the
-/// kernels on (`ops::sinkhorn`, the same passes and assignment as the host's, to the order of its
-/// f64 sums; `tests/gpu_parity.rs`), else on the host copy.
-fn sinkhorn_on(logits: &Tensor, host: &[f32], n_tok: usize, n_exp: usize, opts: &SinkhornOpts) -> Result<SinkhornResult> {
+/// Sinkhorn over a call's router logits: on the device where they are on a CUDA device and
+/// `device` allows it (the model's kernels on: `ops::sinkhorn`, the same passes and assignment
+/// as the host's, to the order of its f64 sums; `tests/gpu_parity.rs`), else on the host copy.
+fn sinkhorn_on(logits: &Tensor, host: &[f32], n_tok: usize, n_exp: usize, opts: &SinkhornOpts, device: bool) -> Result<SinkhornResult> {
     #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() && crate::ops::kernels_enabled() && n_exp <= 32 {
+    if device && logits.device().is_cuda() && n_exp <= 32 {
         return crate::ops::sinkhorn::sinkhorn(logits, opts);
     }
-    let _ = logits;
+    let _ = (logits, device);
     Ok(sinkhorn(host, n_tok, n_exp, opts))
 }
 
 impl Route {
     /// Decides from the router logits (T, E) f32, recording into `probe`: greedy on the host copy,
     /// Sinkhorn on the device where it can ([`sinkhorn_on`]); the grouping on the host.
-    pub(crate) fn decide(logits: &Tensor, n_tok: usize, n_exp: usize, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Self> {
+    pub(crate) fn decide(
+        logits: &Tensor,
+        n_tok: usize,
+        n_exp: usize,
+        routing: Routing,
+        probe: Option<&mut MoeRecord>,
+        device: bool,
+    ) -> Result<Self> {
         let dev = logits.device();
         let mut laps = prof::start(dev)?; // `bench --finetune --profile`; None otherwise
         let host: Vec<f32> = logits.detach().flatten_all()?.to_vec1()?; // routing is decided on the host
@@ -250,7 +254,7 @@ impl Route {
         let (experts, trace) = match routing {
             Routing::Greedy => (greedy(&host, n_tok, n_exp), None),
             Routing::Sinkhorn(opts) => {
-                let r = sinkhorn_on(logits, &host, n_tok, n_exp, &opts)?;
+                let r = sinkhorn_on(logits, &host, n_tok, n_exp, &opts, device)?;
                 (r.assignment.clone(), Some(r))
             }
         };

@@ -7,7 +7,8 @@
 //! kernels/cast.cu converts eight elements a thread with 16-byte loads and stores. It takes
 //! contiguous tensors whose input and output addresses are 16-byte aligned; any other layout or
 //! dtype pair returns `None` and runs candle's kernel, the twin (tests/cast_gpu.rs compares the
-//! two, and `BLACKMAMBA_SLOW_CAST=1` leaves the hook out).
+//! two). The hook is process-wide by candle's design: the command line installs it once at
+//! start-up (`--slow-cast` leaves it out); a library user calls [`install`].
 #![allow(unsafe_code)]
 
 use candle_core::backend::BackendStorage;
@@ -15,20 +16,14 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::cuda_backend::{set_cast_hook, CudaStorageSlice};
 use candle_core::{CudaStorage, DType, Layout};
 
-use crate::ops::cuda::{func, Launch, Module};
-use crate::ops::scan_grad::to_candle;
+use crate::ops::cuda::{func, to_candle, Launch, Module};
 
 const THREADS: u32 = 256;
 
-/// Installs the hook once per process (later calls do nothing); not with `BLACKMAMBA_SLOW_CAST`
-/// set (to anything but empty or 0).
+/// Installs the hook once per process (later calls do nothing).
 pub fn install() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("BLACKMAMBA_SLOW_CAST").is_none_or(|v| v.is_empty() || v == "0") {
-            set_cast_hook(cast);
-        }
-    });
+    ONCE.call_once(|| set_cast_hook(cast));
 }
 
 /// The device address of a storage's element `offset` and its element size.

@@ -2,7 +2,10 @@
 //! loaded once per device; raw device pointers of tensors; kernel launches with their arguments.
 //!
 //! Every launch goes through [`Launch::run`], which counts it ([`launches`]), so the benchmark
-//! reports launches per token by counting, not by estimate.
+//! reports launches per token by counting, not by estimate. `run` is an `unsafe fn`: a launch
+//! reads and writes raw device addresses, and only its caller can vouch that each one addresses
+//! live memory of the size the kernel assumes. Integer arguments are converted with checks; a
+//! value that does not fit makes `run` fail before anything is launched.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -31,10 +34,10 @@ pub enum Module {
     MambaTrain,
     MoeTrain,
     Optim,
-    Persistent,
     Prefill,
     RmsNorm,
     Rows,
+    Sample,
     Scan,
     Sinkhorn,
     Xent,
@@ -50,10 +53,10 @@ impl Module {
             Self::MambaTrain => bins::MAMBA_TRAIN,
             Self::MoeTrain => bins::MOE_TRAIN,
             Self::Optim => bins::OPTIM,
-            Self::Persistent => bins::PERSISTENT,
             Self::Prefill => bins::PREFILL,
             Self::RmsNorm => bins::RMS_NORM,
             Self::Rows => bins::ROWS,
+            Self::Sample => bins::SAMPLE,
             Self::Scan => bins::SCAN,
             Self::Sinkhorn => bins::SINKHORN,
             Self::Xent => bins::XENT,
@@ -83,8 +86,40 @@ fn internal(msg: impl Into<String>) -> Error {
 
 /// The CUDA device of a candle device.
 pub fn cuda_device(dev: &Device) -> Result<&CudaDevice> {
-    super::cast::install(); // our ops' devices cast with our kernels too (once per process)
     Ok(dev.as_cuda_device()?)
+}
+
+/// Our error as candle's (inside candle's custom-op callbacks).
+pub fn to_candle(e: Error) -> candle_core::Error {
+    match e {
+        Error::Candle(c) => c,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}
+
+/// [`storage_ptr`] of an f32 storage (any other dtype is an error naming `what`).
+pub fn f32_ptr(s: &candle_core::CudaStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<u64> {
+    if s.dtype() != DType::F32 {
+        candle_core::bail!("{what}: the inputs must be f32, got {:?}", s.dtype());
+    }
+    storage_ptr(s, l, what)
+}
+
+/// The device address of a contiguous storage's first element (inside candle's custom-op
+/// callbacks); `what` names the op in the error for a strided or unsupported input.
+pub fn storage_ptr(s: &candle_core::CudaStorage, l: &candle_core::Layout, what: &str) -> candle_core::Result<u64> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: the inputs must be contiguous");
+    }
+    let stream = s.device().cuda_stream();
+    let base = match s.dtype() {
+        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F16 => s.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        other => candle_core::bail!("{what}: no kernel for {other:?}"),
+    };
+    Ok(base + (l.start_offset() * s.dtype().size_in_bytes()) as u64)
 }
 
 /// Loads (once per device) and returns the kernel `name` of module `m`.
@@ -192,10 +227,10 @@ pub struct Launch {
     /// Launch with programmatic dependent launch (the kernel may start while the previous one
     /// finishes; it waits with `griddepcontrol.wait`).
     pub pdl: bool,
-    /// Cooperative launch: all blocks co-resident (the persistent decode kernel's grid barriers).
-    pub coop: bool,
     /// A short label (profiles).
     pub label: &'static str,
+    /// The first argument that did not fit its kernel type (then `run` refuses to launch).
+    pub bad: Option<String>,
 }
 
 impl Launch {
@@ -207,16 +242,12 @@ impl Launch {
             block,
             smem,
             pdl: false,
-            coop: false,
             label: "",
+            bad: None,
         }
     }
     pub fn pdl(mut self, on: bool) -> Self {
         self.pdl = on;
-        self
-    }
-    pub fn coop(mut self, on: bool) -> Self {
-        self.coop = on;
         self
     }
     pub fn label(mut self, l: &'static str) -> Self {
@@ -227,17 +258,29 @@ impl Launch {
         self.args.push(Arg::Ptr(p));
         self
     }
+    /// An `int` argument from a size; one over `i32::MAX` makes `run` fail.
     pub fn i32(mut self, v: usize) -> Self {
-        self.args.push(Arg::I32(v as i32));
+        let x = self.checked(i32::try_from(v).ok(), v, "i32");
+        self.args.push(Arg::I32(x));
         self
     }
     pub fn int(mut self, v: i32) -> Self {
         self.args.push(Arg::I32(v));
         self
     }
+    /// A `long long` argument from a size; one over `i64::MAX` makes `run` fail.
     pub fn i64(mut self, v: usize) -> Self {
-        self.args.push(Arg::I64(v as i64));
+        let x = self.checked(i64::try_from(v).ok(), v, "i64");
+        self.args.push(Arg::I64(x));
         self
+    }
+    fn checked<T: Default>(&mut self, x: Option<T>, v: usize, ty: &str) -> T {
+        x.unwrap_or_else(|| {
+            let i = self.args.len();
+            self.bad
+                .get_or_insert_with(|| format!("argument {i} = {v} does not fit the kernel's {ty}"));
+            T::default()
+        })
     }
     pub fn u32(mut self, v: u32) -> Self {
         self.args.push(Arg::U32(v));
@@ -260,13 +303,23 @@ impl Launch {
         self
     }
 
-    /// Enqueues the kernel on `stream` (asynchronous).
-    pub fn run(&self, stream: &CudaStream) -> Result<()> {
+    /// Enqueues the kernel on `stream` (asynchronous). Fails without launching when an
+    /// argument did not fit its type.
+    ///
+    /// # Safety
+    /// The argument list must match the kernel's declaration in `kernels/*.cu`, and every pointer
+    /// argument must address live device memory of the size the kernel reads or writes there,
+    /// until the launch has completed on the stream.
+    pub unsafe fn run(&self, stream: &CudaStream) -> Result<()> {
+        if let Some(bad) = &self.bad {
+            return Err(internal(format!("launch of {}: {bad}", self.label_or_name())));
+        }
         if self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0 {
             return Ok(());
         }
-        if self.pdl || self.coop {
-            return self.run_ex(stream);
+        if self.pdl {
+            // SAFETY: the caller's promise, as for this function.
+            return unsafe { self.run_ex(stream) };
         }
         let mut b = stream.launch_builder(&self.func);
         for a in &self.args {
@@ -285,15 +338,24 @@ impl Launch {
             block_dim: (self.block, 1, 1),
             shared_mem_bytes: self.smem,
         };
-        // SAFETY: the argument list matches the kernel's declaration in kernels/*.cu (each
-        // wrapper states it), and every pointer addresses live device memory of the stated size.
+        // SAFETY: the caller's promise (see `# Safety`).
         unsafe { b.launch(cfg) }.w()?;
         LAUNCHES.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// cuLaunchKernelEx with the programmatic-stream-serialization and/or cooperative attribute.
-    fn run_ex(&self, stream: &CudaStream) -> Result<()> {
+    fn label_or_name(&self) -> String {
+        match self.label {
+            "" => format!("{:?}", self.func),
+            l => l.to_string(),
+        }
+    }
+
+    /// cuLaunchKernelEx with the programmatic-stream-serialization attribute.
+    ///
+    /// # Safety
+    /// As for [`Launch::run`].
+    unsafe fn run_ex(&self, stream: &CudaStream) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         use std::ffi::c_void;
         let mut params: Vec<*mut c_void> = self
@@ -310,18 +372,10 @@ impl Launch {
             })
             .collect();
         // SAFETY: an all-zero attribute is valid (id 0 = ignore, value bytes unused).
-        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-        let mut n_attrs = 0;
-        if self.pdl {
-            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
-            n_attrs += 1;
-        }
-        if self.coop {
-            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-            attrs[n_attrs].value.cooperative = 1;
-            n_attrs += 1;
-        }
+        let mut attrs: [sys::CUlaunchAttribute; 1] = unsafe { std::mem::zeroed() };
+        attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[0].value.programmaticStreamSerializationAllowed = 1;
+        let n_attrs = 1;
         let cfg = sys::CUlaunchConfig {
             gridDimX: self.grid.0,
             gridDimY: self.grid.1,
@@ -356,15 +410,17 @@ pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
     Ok(n.max(1) as u32)
 }
 
-/// The most dynamic shared memory one block may ask for (bytes; sm_90: 227 KiB).
-pub fn max_smem_optin(dev: &CudaDevice) -> Result<u32> {
+/// The device's compute capability (major, minor), e.g. (9, 0) for an H100 or H200.
+pub fn compute_capability(dev: &CudaDevice) -> Result<(u32, u32)> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    let n = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    let ctx = dev.cuda_stream().context().clone();
+    let major = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
         .w()?;
-    Ok(n.max(48 * 1024) as u32)
+    let minor = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .w()?;
+    Ok((major.max(0) as u32, minor.max(0) as u32))
 }
 
 /// (free, total) bytes of device memory.
@@ -423,7 +479,7 @@ macro_rules! cuda_only_op3 {
         )> {
             self.backward(a, b, c, grad)
                 .map(|(x, y, z)| (Some(x), Some(y), Some(z)))
-                .map_err(crate::ops::scan_grad::to_candle)
+                .map_err(crate::ops::cuda::to_candle)
         }
     };
 }

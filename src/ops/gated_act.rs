@@ -12,20 +12,12 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::config::Activation;
-use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launch, Module};
-use crate::ops::scan_grad::to_candle;
+use crate::ops::act::Activation;
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, storage_ptr, suffix, to_candle, Launch, Module};
 
 const THREADS: u32 = 256;
 /// Grid cap of the grid-stride kernels.
 const MAX_BLOCKS: u32 = 16 * 132;
-
-fn act_code(act: Activation) -> i32 {
-    match act {
-        Activation::Gelu => 0,
-        Activation::Silu => 1,
-    }
-}
 
 /// a (n, 2f) in f32, bf16 or f16, on CUDA -> h (n, f) = act(a[:, :f]) ⊙ a[:, f:], differentiable.
 pub fn gated_act(a: &Tensor, act: Activation) -> Result<Tensor> {
@@ -43,7 +35,7 @@ pub fn gated_act(a: &Tensor, act: Activation) -> Result<Tensor> {
 }
 
 /// The op's backward without autograd (for a half-block backward that runs its own, as
-/// `ops::moe_block_grad`): a (n, 2f), dh (n, f) the gradient of `gated_act(a, act)` -> da (n, 2f)
+/// `runtime::grad::moe_block`): a (n, 2f), dh (n, f) the gradient of `gated_act(a, act)` -> da (n, 2f)
 /// in a's dtype.
 pub fn gated_act_backward(a: &Tensor, act: Activation, dh: &Tensor) -> Result<Tensor> {
     let (n, f2) = a.dims2()?;
@@ -54,21 +46,6 @@ struct GatedAct {
     n: usize,
     f: usize,
     act: Activation,
-}
-
-/// The device address of a contiguous storage's first element.
-fn storage_ptr(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
-    if !l.is_contiguous() {
-        candle_core::bail!("gated activation: the input must be contiguous");
-    }
-    let stream = s.device().cuda_stream();
-    let base = match s.dtype() {
-        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
-        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
-        DType::F16 => s.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
-        other => candle_core::bail!("gated activation: no kernel for {other:?}"),
-    };
-    Ok(base + (l.start_offset() * s.dtype().size_in_bytes()) as u64)
 }
 
 impl CustomOp1 for GatedAct {
@@ -84,7 +61,7 @@ impl CustomOp1 for GatedAct {
         let dev = s.device().clone();
         let (n, f) = (self.n, self.f);
         let stream = dev.cuda_stream();
-        let ap = storage_ptr(s, l)?;
+        let ap = storage_ptr(s, l, "gated activation")?;
         let (h, hp) = match s.dtype() {
             DType::F32 => {
                 let h = dev.alloc_zeros::<f32>(n * f)?;
@@ -112,7 +89,7 @@ impl CustomOp1 for GatedAct {
         )
         .i64(n)
         .i32(f)
-        .int(act_code(self.act))
+        .int(self.act.code())
         .ptr(ap)
         .ptr(hp)
         .label("gated-act")
@@ -143,7 +120,7 @@ impl GatedAct {
         )
         .i64(n)
         .i32(f)
-        .int(act_code(self.act))
+        .int(self.act.code())
         .ptr(dptr(&a)?)
         .ptr(dptr(&dh)?)
         .ptr(dptr(&da)?)
@@ -151,4 +128,29 @@ impl GatedAct {
         .run(&cd.cuda_stream())?;
         Ok(da)
     }
+}
+
+/// The experts' gated activation by `moe_act_*`: fc1's output a (n, 2f) -> h (n, f) in a's dtype,
+/// h = act(a[:, :f]) ⊙ a[:, f:] rounded as the twin rounds (`model::moe::Mlp::forward`).
+pub fn gated_act_inference(a: &Tensor, act: Activation) -> Result<Tensor> {
+    let a = a.contiguous()?;
+    let (n, two_f) = a.dims2()?;
+    let f = two_f / 2;
+    let dt = a.dtype();
+    let dev = a.device();
+    let cd = cuda_device(dev)?;
+    let h = empty(&[n, f], dt, dev)?;
+    Launch::new(
+        func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
+        (f.div_ceil(256) as u32, n.min(65535) as u32, 1),
+        256,
+        0,
+    )
+    .i32(n)
+    .i32(f)
+    .ptr(dptr(&a)?)
+    .ptr(dptr(&h)?)
+    .int(act.code())
+    .run(&cd.cuda_stream())?;
+    Ok(h)
 }

@@ -3,11 +3,11 @@
 //!
 //! * [`conv_silu`]: v = SiLU(causal depthwise conv1d(u) + bias), continuing the conv state;
 //! * [`scan_tail`]: out = (Σ_n h·C + D·v)·SiLU(z) with Δ = softplus(dt + bias), A = −exp(A_log);
-//! * [`mixer_forward`]: `MambaMixer::forward` with both (the projections stay tensor ops).
 //!
 //! Each op keeps only its inputs and recomputes the rest in its backward kernel; the tensor-op
 //! chains they replace materialised and differentiated a full f32 (B, L, d_inner) tensor per
-//! elementwise op. The twin is `MambaMixer::forward` with `fused_scan` off (tests/mamba_grad_gpu.rs).
+//! elementwise op. `model::fused::mamba_train` runs the mixer with them; the twin is
+//! `MambaMixer::forward` with `fused_scan` off (tests/mamba_grad_gpu.rs).
 //! Neither op differentiates the incoming state (training starts every sequence at zero).
 #![allow(unsafe_code)]
 
@@ -16,12 +16,8 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::mamba::MambaMixer;
-use crate::model::state::LayerState;
-use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module, ScanIn};
+use crate::ops::cuda::{cuda_device, dptr, empty, f32_ptr, func, to_candle, Launch, Module, ScanIn};
 use crate::ops::mamba_kernels::{conv_backward, conv_forward, tail_backward, ConvDims, TailPtrs, KMAX, NMAX, THREADS};
-use crate::ops::prof::{self, lap};
-use crate::ops::scan_grad::{ptr_of, to_candle};
 
 fn f32c(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.contiguous()?)
@@ -56,7 +52,7 @@ impl CustomOp3 for ConvSiluOp {
         let vp = v.device_ptr(&dev.cuda_stream()).0;
         let d = ConvDims { bn, len, di, k: self.k };
         let (st, st_out) = (dptr(&self.st).map_err(to_candle)?, dptr(&self.st_out).map_err(to_candle)?);
-        let (up, wp, bp) = (ptr_of(su, lu)?, ptr_of(sw, lw)?, ptr_of(sb, lb)?);
+        let (up, wp, bp) = (f32_ptr(su, lu, "conv")?, f32_ptr(sw, lw, "conv")?, f32_ptr(sb, lb, "conv")?);
         conv_forward(&dev, "f32", d, up, di, st, wp, bp, vp, 0, st_out).map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(v, dev), Shape::from((bn, len, di))))
     }
@@ -138,7 +134,11 @@ impl CustomOp3 for ScanTailOp {
             s.lc as usize,
             s.q as usize,
         );
-        let (pv, pbc, pp) = (ptr_of(s1, l1)?, ptr_of(s2, l2)?, ptr_of(s3, l3)?);
+        let (pv, pbc, pp) = (
+            f32_ptr(s1, l1, "scan tail")?,
+            f32_ptr(s2, l2, "scan tail")?,
+            f32_ptr(s3, l3, "scan tail")?,
+        );
         let out = dev.alloc_zeros::<f32>(bn * len * di)?;
         let sum_delta = dev.alloc_zeros::<f32>((bn * q * di).max(1))?;
         let big_s = dev.alloc_zeros::<f32>((bn * q * di * n).max(1))?;
@@ -294,41 +294,4 @@ pub fn scan_tail(x: &TailIn) -> Result<(Tensor, Tensor)> {
         },
     };
     Ok((vdz.apply_op3(&bc, &p, op)?, h_last))
-}
-
-/// `MambaMixer::forward` for training on the GPU: in_proj, [`conv_silu`], x_proj/dt_proj,
-/// [`scan_tail`], out_proj, advancing `state`. `None` when the shapes are past the kernels
-/// (K > 8, N > 16) or the tensors are not on a CUDA device: the caller takes the tensor-op path.
-pub fn mixer_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState) -> Result<Option<Tensor>> {
-    if !x.device().is_cuda() || m.d_conv == 0 || m.d_conv > KMAX || m.d_state == 0 || m.d_state > NMAX {
-        return Ok(None);
-    }
-    let di = m.d_inner;
-    let mut laps = prof::start(x.device())?; // `bench --finetune --profile`; None otherwise
-    let xz = m.in_proj.forward(x)?; // (B, L, 2·di)
-    lap(&mut laps, "mamba in_proj")?;
-    let u = xz.narrow(D::Minus1, 0, di)?; // (B, L, di)
-    let z = xz.narrow(D::Minus1, di, di)?; // (B, L, di)
-    let (v, new_conv) = conv_silu(&u, &m.conv_w, &m.conv_b, &state.conv)?; // (B, L, di), (B, di, K)
-    lap(&mut laps, "mamba conv-silu (fused)")?;
-    let (dt, bm, cm) = m.ssm_raw(&v)?; // (B, L, di), (B, L, N), (B, L, N)
-    lap(&mut laps, "mamba x_proj+dt_proj")?;
-    let tail = TailIn {
-        v: &v,
-        dt: &dt,
-        z: &z,
-        b: &bm,
-        c: &cm,
-        a_log: &m.a_log,
-        d: &m.d,
-        dt_bias: &m.dt_bias,
-        h0: &state.ssm,
-    };
-    let (y, h_last) = scan_tail(&tail)?; // (B, L, di), (B, di, N)
-    lap(&mut laps, "mamba scan-tail (fused)")?;
-    let out = m.out_proj.forward(&y.to_dtype(m.out_proj.weight.dtype())?)?; // (B, L, d)
-    lap(&mut laps, "mamba out_proj")?;
-    state.conv = new_conv;
-    state.ssm = h_last;
-    Ok(Some(out))
 }

@@ -18,8 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::ops::cuda::{cuda_device, dptr, empty, func, sm_count, suffix, Launch, Module};
-use crate::ops::scan_grad::to_candle;
+use crate::ops::cuda::{cuda_device, dptr, empty, f32_ptr, func, sm_count, suffix, to_candle, Launch, Module};
 
 const THREADS: u32 = 256;
 /// Backward blocks per SM (each keeps a d-float dw accumulator in shared memory).
@@ -87,19 +86,6 @@ struct RmsNormOp {
     out: DType,
 }
 
-/// The device address of a contiguous f32 storage's first element.
-fn f32_ptr(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
-    if !l.is_contiguous() {
-        candle_core::bail!("rms norm: the inputs must be contiguous");
-    }
-    let stream = s.device().cuda_stream();
-    let base = match s.dtype() {
-        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
-        other => candle_core::bail!("rms norm: the input and weight must be f32, got {other:?}"),
-    };
-    Ok(base + (l.start_offset() * 4) as u64)
-}
-
 impl CustomOp2 for RmsNormOp {
     fn name(&self) -> &'static str {
         "rms-norm-cuda"
@@ -112,7 +98,7 @@ impl CustomOp2 for RmsNormOp {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s1.device().clone();
         let stream = dev.cuda_stream();
-        let (xp, wp) = (f32_ptr(s1, l1)?, f32_ptr(s2, l2)?);
+        let (xp, wp) = (f32_ptr(s1, l1, "rms norm")?, f32_ptr(s2, l2, "rms norm")?);
         let n = self.rows * self.d;
         let (y, yp) = match self.out {
             DType::F32 => {

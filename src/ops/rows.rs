@@ -13,8 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::ops::cuda::{blocks_for, cuda_device, dptr, func, suffix, Launch, Module};
-use crate::ops::scan_grad::{ptr_of, to_candle};
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, f32_ptr, func, suffix, to_candle, Launch, Module};
 
 const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 16 * 132;
@@ -100,7 +99,7 @@ impl CustomOp1 for SelectRows {
         .i64(n)
         .i32(d)
         .ptr(dptr(&self.idx).map_err(to_candle)?)
-        .ptr(ptr_of(s, l)?)
+        .ptr(f32_ptr(s, l, "row selection")?)
         .ptr(op)
         .label("gather-rows")
         .run(&stream)

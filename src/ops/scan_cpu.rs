@@ -1,7 +1,7 @@
 //! The selective scan as an autograd op on the CPU, for fine-tuning there: forward and backward
 //! are plain loops, sequential over the sequence and split over channels between threads, and
 //! the op keeps only its inputs for the backward pass. The tensor-op twin
-//! [`crate::model::scan::selective_scan`] keeps every intermediate of its ⌈log₂ chunk⌉ rounds
+//! [`crate::ops::scan::selective_scan`] keeps every intermediate of its ⌈log₂ chunk⌉ rounds
 //! (tens of (B, L, d_inner, N) tensors per Mamba layer), which made the CPU training step slow
 //! and gigabytes large; `tests/scan_cpu.rs` checks this op against it and against finite
 //! differences. The CUDA counterpart is [`crate::ops`]' `scan_grad`.
@@ -20,7 +20,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
-use crate::model::scan::ScanOut;
+use crate::ops::scan::ScanOut;
 
 /// Sizes of one scan.
 #[derive(Debug, Clone, Copy)]
@@ -292,7 +292,7 @@ impl CustomOp3 for ScanCpuOp {
     }
 }
 
-/// The scan of [`crate::model::scan::selective_scan`] on CPU tensors: y differentiable w.r.t. v,
+/// The scan of [`crate::ops::scan::selective_scan`] on CPU tensors: y differentiable w.r.t. v,
 /// delta, a, b and c through the op above; h_last (and no per-position norms) detached.
 pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, h0: &Tensor) -> Result<ScanOut> {
     let (bn, len, di) = v.dims3()?;

@@ -1,6 +1,6 @@
 //! The chunked selective scan as an autograd op: forward by `scan_chunk_sum_f32` /
 //! `scan_chunk_out_f32`, backward by `scan_bwd_f32` (kernels/scan.cu). For fine-tuning on the
-//! GPU; the twin is [`crate::model::scan::selective_scan`], whose every op autograd sees.
+//! GPU; the twin is [`crate::ops::scan::selective_scan`], whose every op autograd sees.
 //!
 //! Inputs are packed into three tensors (a candle custom op takes at most three):
 //! `vd` = stack([v, Δ], 2) (B, L, 2, d_inner), `bc` = cat([B, C], 2) (B, L, 2N), `a` (d_inner, N).
@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::ops::cuda::{dptr, dptr_opt, func, Launch, Module, ScanIn};
+use crate::ops::cuda::{dptr, dptr_opt, f32_ptr, func, to_candle, Launch, Module, ScanIn};
 
 /// Chunk length of the backward pass (its per-channel history lives in a (B, LC, N, d_inner) scratch).
 const BWD_CHUNK: usize = 16;
@@ -23,22 +23,6 @@ struct ScanOp {
     len: usize,
     di: usize,
     n: usize,
-}
-
-pub(crate) fn ptr_of(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
-    if !l.is_contiguous() {
-        candle_core::bail!("selective_scan: inputs must be contiguous");
-    }
-    let stream = s.device().cuda_stream();
-    let p = s.as_cuda_slice::<f32>()?.device_ptr(&stream).0;
-    Ok(p + (l.start_offset() * 4) as u64)
-}
-
-pub(crate) fn to_candle(e: Error) -> candle_core::Error {
-    match e {
-        Error::Candle(c) => c,
-        other => candle_core::Error::Msg(other.to_string()),
-    }
 }
 
 impl CustomOp3 for ScanOp {
@@ -55,7 +39,11 @@ impl CustomOp3 for ScanOp {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s1.device().clone();
         let (bn, len, di, n) = (self.bn, self.len, self.di, self.n);
-        let (pvd, pbc, pa) = (ptr_of(s1, l1)?, ptr_of(s2, l2)?, ptr_of(s3, l3)?);
+        let (pvd, pbc, pa) = (
+            f32_ptr(s1, l1, "selective-scan")?,
+            f32_ptr(s2, l2, "selective-scan")?,
+            f32_ptr(s3, l3, "selective-scan")?,
+        );
         let lc = len.div_ceil(32).div_ceil(16).clamp(1, 16) * 16;
         let q = len.div_ceil(lc);
         let dims = ScanIn {
@@ -208,7 +196,7 @@ impl ScanOp {
 }
 
 /// y = Σ_n h_t·C_t of the scan (B, L, d_inner), differentiable w.r.t. v, delta, a, b and c
-/// (not h0). Shapes as [`crate::model::scan::selective_scan`]; all f32; N at most 16.
+/// (not h0). Shapes as [`crate::ops::scan::selective_scan`]; all f32; N at most 16.
 pub fn selective_scan_grad(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, h0: Option<&Tensor>) -> Result<Tensor> {
     let (bn, len, di) = v.dims3()?;
     let n = a.dim(1)?;

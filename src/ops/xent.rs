@@ -14,8 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::ops::cuda::{cuda_device, dptr, empty, func, suffix, Launch, Module};
-use crate::ops::scan_grad::to_candle;
+use crate::ops::cuda::{cuda_device, dptr, empty, func, storage_ptr, suffix, to_candle, Launch, Module};
 
 const THREADS: u32 = 256;
 
@@ -62,22 +61,6 @@ struct CrossEntropyOp {
     v: usize,
 }
 
-/// The device address of a contiguous storage's first element.
-fn storage_ptr(s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
-    if !l.is_contiguous() {
-        candle_core::bail!("cross-entropy: the inputs must be contiguous");
-    }
-    let stream = s.device().cuda_stream();
-    let base = match s.dtype() {
-        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
-        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
-        DType::F16 => s.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
-        DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
-        other => candle_core::bail!("cross-entropy: no kernel for {other:?}"),
-    };
-    Ok(base + (l.start_offset() * s.dtype().size_in_bytes()) as u64)
-}
-
 /// 1 when rows of `v` elements of `dtype` at these addresses can be read as 16-byte vectors.
 fn vec_flag(v: usize, dtype: DType, ptrs: &[u64]) -> i32 {
     let k = 16 / dtype.size_in_bytes();
@@ -99,7 +82,7 @@ impl CustomOp2 for CrossEntropyOp {
         }
         let dev = s1.device().clone();
         let stream = dev.cuda_stream();
-        let (xp, tp) = (storage_ptr(s1, l1)?, storage_ptr(s2, l2)?);
+        let (xp, tp) = (storage_ptr(s1, l1, "cross-entropy")?, storage_ptr(s2, l2, "cross-entropy")?);
         let out = dev.alloc_zeros::<f32>(self.n * 2)?; // (n, 2)
         let op = out.device_ptr(&stream).0;
         let sfx = suffix(s1.dtype()).map_err(to_candle)?;

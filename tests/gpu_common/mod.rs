@@ -4,12 +4,16 @@
 
 use candle_core::{DType, Device, Tensor};
 
-/// The first CUDA device, or None (the test then passes with a note: no GPU on this machine).
+/// The first CUDA device, the one policy of every GPU test: without a device the test is
+/// skipped with one line saying so, unless `BLACKMAMBA_REQUIRE_GPU=1` (bench/gpu_run.sh sets it
+/// on the GPU machine), where a missing device fails it.
 pub fn device() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
+            let required = std::env::var("BLACKMAMBA_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0");
+            assert!(!required, "BLACKMAMBA_REQUIRE_GPU is set but there is no CUDA device: {e}");
+            eprintln!("skipped: no CUDA device ({e}); BLACKMAMBA_REQUIRE_GPU=1 makes this a failure");
             None
         }
     }
@@ -72,7 +76,7 @@ pub fn train_layer(model: &mut blackmamba::model::Model, layer: usize) -> Vec<(S
 /// carried through its cast as the trainer does, within 2e-2 (relative to the largest value);
 /// a variable without a gradient in one must have none in the other.
 pub fn check_block_grads(
-    fast: &blackmamba::ops::mamba_block_grad::BlockGrads,
+    fast: &blackmamba::runtime::grad::mamba_block::BlockGrads,
     store: &candle_core::backprop::GradStore,
     h: &candle_core::Var,
     vars: &[(String, candle_core::Var)],

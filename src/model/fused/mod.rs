@@ -3,28 +3,25 @@
 //! the router and the token grouping done by the kernels of `kernels/*.cu`. The matrix products
 //! stay on cuBLAS (through [`Linear::forward`], so adapters still apply to in/out projections).
 //!
-//! Used by [`Model`] when its tensors are on a CUDA device, `!differentiable` and `use_kernels`.
-//! Every function here has its slow twin named in its doc; `tests/gpu_parity.rs` compares them.
+//! The CUDA backend of [`Model`]: `Model::run_blocks` dispatches each layer here when the model
+//! runs on a CUDA device, is not `differentiable` and has its kernels on ([`super::Kernels`]);
+//! [`mamba_train`] is the Mamba mixer of fine-tuning with the fused autograd ops. Every function
+//! here has its slow twin named in its doc; `tests/gpu_parity.rs` compares them.
 #![allow(unsafe_code)]
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::probe::Probe;
-use crate::model::state::State;
-use crate::model::{Mixer, Model};
+use crate::model::Model;
 use crate::ops::cuda::{cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
-use crate::ops::prof::{self, lap};
 
-mod first_pass;
-pub(crate) mod mamba;
-mod moe;
+pub mod mamba;
+pub mod mamba_train;
+pub mod moe;
 mod moe_batched;
 
-pub use first_pass::first_pass_block;
-pub use mamba::{mamba_forward, mamba_step, selective_scan};
+pub use mamba::{mamba_forward, mamba_step};
 pub use moe::moe_forward;
-pub use moe_batched::set_batched_experts;
 
 const THREADS: u32 = 256;
 
@@ -125,50 +122,6 @@ pub fn head(model: &Model, h: &Tensor) -> Result<Tensor> {
     let last = shape.len() - 1;
     shape[last] = v;
     Ok(logits.reshape(shape)?)
-}
-
-/// The residual stack of [`Model`] on the fused path (see `Model::run_blocks` for the twin).
-pub fn run_blocks(model: &Model, x: Tensor, state: &mut State, mut probe: Option<&mut Probe>, seq: bool) -> Result<Tensor> {
-    if let Some(p) = probe.as_deref_mut() {
-        model.probe_slots(p);
-        p.n_tokens += x.elem_count() / model.cfg.hidden_size;
-    }
-    let eps = model.cfg.layernorm_epsilon;
-    let mut res = x.to_dtype(DType::F32)?; // residual stream, f32
-    let mut pending: Option<Tensor> = None; // the last mixer's output, not yet added
-    let (mut moe_slot, mut mamba_slot) = (0, 0);
-    let mut laps = prof::start(&model.device)?;
-    for (i, block) in model.layers.iter().enumerate() {
-        let (r, normed) = add_rmsnorm(&res, pending.as_ref(), &block.norm, eps, model.dtype)?;
-        res = r;
-        lap(&mut laps, "add+rmsnorm")?;
-        let out = match &block.mixer {
-            Mixer::Mamba(m) => {
-                let st = state.layers[i]
-                    .as_mut()
-                    .ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
-                let rec = probe.as_deref_mut().map(|p| &mut p.mamba[mamba_slot]);
-                mamba_slot += 1;
-                if seq {
-                    mamba_forward(m, &normed, st, rec)?
-                } else {
-                    mamba_step(m, &normed, st, rec)?
-                }
-            }
-            Mixer::Moe(m) => {
-                let rec = probe.as_deref_mut().map(|p| &mut p.moe[moe_slot]);
-                moe_slot += 1;
-                moe_forward(m, &normed, model.routing, rec)?
-            }
-            Mixer::Dense(m) => m.forward(&normed)?,
-        };
-        pending = Some(out);
-        laps = prof::start(&model.device)?;
-    }
-    match pending {
-        Some(p) => Ok((res + p.to_dtype(DType::F32)?)?),
-        None => Ok(res),
-    }
 }
 
 /// Appends a small tensor's values (any shape, flattened) to a host vector.

@@ -11,8 +11,6 @@
 //! [`crate::model::moe::SwitchMlp::forward`]); `tests/gpu_parity.rs` compares them.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use candle_core::cuda_backend::cudarc::cublas::sys;
 use candle_core::{DType, Tensor};
 
@@ -20,13 +18,7 @@ use super::{launch_cap, THREADS};
 use crate::error::{Error, Result};
 use crate::model::moe::{Mlp, SwitchMlp};
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, Launch, Module};
-
-static OFF: AtomicBool = AtomicBool::new(false);
-
-/// Turns the batched expert products off (`blackmamba bench --per-expert`, to compare) or on.
-pub fn set_batched_experts(on: bool) {
-    OFF.store(!on, Ordering::Relaxed);
-}
+use crate::ops::gated_act::gated_act_inference;
 
 /// Whether an expert can run on this path: gated, no bias, no adapter, contiguous weights.
 fn plain(e: &Mlp, dtype: DType) -> bool {
@@ -51,7 +43,7 @@ pub(super) fn experts_batched(
     let n_exp = m.experts.len();
     let (n_tok, d) = xs.dims2()?;
     let rows = counts.iter().copied().max().unwrap_or(0) as usize;
-    if OFF.load(Ordering::Relaxed) || rows == 0 || n_exp * rows > 2 * n_tok || !m.experts.iter().all(|e| plain(e, dt)) {
+    if rows == 0 || n_exp * rows > 2 * n_tok || !m.experts.iter().all(|e| plain(e, dt)) {
         return Ok(None);
     }
     let dev = xs.device();
@@ -87,7 +79,7 @@ pub(super) fn experts_batched(
     let f = f2 / 2;
     let w1: Vec<&Tensor> = m.experts.iter().map(|e| &e.fc1.weight).collect();
     let a = batched_linear(&w1, &x_pad, rows, f2, d)?; // (E·R, 2f)
-    let h = super::moe::gated_act(&a, m.experts[0].act)?; // (E·R, f)
+    let h = gated_act_inference(&a, m.experts[0].act)?; // (E·R, f)
     let w2: Vec<&Tensor> = m.experts.iter().map(|e| &e.fc2.weight).collect();
     let ys = batched_linear(&w2, &h, rows, d, f)?; // (E·R, d)
     Ok(Some((ys, padpos)))

@@ -6,20 +6,23 @@ use candle_core::{DType, Tensor};
 
 use super::{launch_cap, THREADS};
 use crate::error::{Error, Result};
+use crate::model::kernels::Kernels;
 use crate::model::moe::{Route, Routing, SwitchMlp};
 use crate::model::probe::MoeRecord;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launch, Module};
+use crate::ops::gated_act::gated_act_inference;
 use crate::ops::prof::{self, lap};
 
 /// Fused SwitchMLP (greedy routing): router + sigmoid + top-1 and the token grouping on device,
 /// the experts' products batched (or one cuBLAS product pair per expert that has tokens).
 /// x (.., d) -> (.., d) f32.
-/// Twin: [`SwitchMlp::forward`] (also used here for Sinkhorn routing).
-pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>) -> Result<Tensor> {
+/// `k` says whether the experts' products are batched. Twin: [`SwitchMlp::forward`] (also
+/// used here for Sinkhorn routing).
+pub fn moe_forward(m: &SwitchMlp, x: &Tensor, routing: Routing, probe: Option<&mut MoeRecord>, k: Kernels) -> Result<Tensor> {
     if routing != Routing::Greedy || !moe_fusable(m) {
         return m.forward(x, routing, probe);
     }
-    moe_run(m, x, None, probe)
+    moe_run(m, x, None, probe, k)
 }
 
 /// [`moe_forward`] for fine-tuning's first pass (`finetune::recompute`, no autograd): the
@@ -32,11 +35,12 @@ pub fn moe_forward_decide(
     routing: Routing,
     probe: Option<&mut MoeRecord>,
     slot: &mut Option<Route>,
+    k: Kernels,
 ) -> Result<Tensor> {
     if !moe_fusable(m) {
         return m.forward_cached(x, routing, probe, Some(slot), true);
     }
-    moe_run(m, x, Some((routing, slot)), probe)
+    moe_run(m, x, Some((routing, slot)), probe, k)
 }
 
 /// Whether the kernels take this layer: a router without adapter, at most 16 experts, a kernel
@@ -49,7 +53,13 @@ fn moe_fusable(m: &SwitchMlp) -> bool {
 
 /// The fused layer; with `decide`, the routing is decided from the logits into the slot instead
 /// of greedy.
-fn moe_run(m: &SwitchMlp, x: &Tensor, decide: Option<(Routing, &mut Option<Route>)>, mut probe: Option<&mut MoeRecord>) -> Result<Tensor> {
+fn moe_run(
+    m: &SwitchMlp,
+    x: &Tensor,
+    decide: Option<(Routing, &mut Option<Route>)>,
+    mut probe: Option<&mut MoeRecord>,
+    k: Kernels,
+) -> Result<Tensor> {
     let wdt = m.experts.first().map_or(x.dtype(), |e| e.fc1.weight.dtype());
     let dims = x.dims().to_vec();
     let d = *dims.last().ok_or_else(|| Error::Invalid("moe: scalar input".into()))?;
@@ -96,7 +106,7 @@ fn moe_run(m: &SwitchMlp, x: &Tensor, decide: Option<(Routing, &mut Option<Route
     lap(&mut laps, "moe.router")?;
     let route: Option<&Route> = match decide {
         None => None,
-        Some((routing, slot)) => Some(&*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe.take())?)),
+        Some((routing, slot)) => Some(&*slot.insert(Route::decide(&logits, n_tok, n_exp, routing, probe.take(), true)?)),
     };
     let decided = route.is_some();
     let (expert, gate) = match route {
@@ -131,7 +141,11 @@ fn moe_run(m: &SwitchMlp, x: &Tensor, decide: Option<(Routing, &mut Option<Route
         }
     };
     lap(&mut laps, "moe.group+sync")?;
-    let (ys, rows_of) = match super::moe_batched::experts_batched(m, &xs, &expert, &inverse, &counts)? {
+    let batched = match k.batched_experts {
+        true => super::moe_batched::experts_batched(m, &xs, &expert, &inverse, &counts)?,
+        false => None,
+    };
+    let (ys, rows_of) = match batched {
         Some((ys, padpos)) => (ys, padpos),                          // (E·R, d) padded, token -> row
         None => (experts_looped(m, &xs, &order, &counts)?, inverse), // (T, d) grouped
     };
@@ -184,35 +198,6 @@ fn expert_forward(e: &crate::model::moe::Mlp, x: &Tensor) -> Result<Tensor> {
     if !e.gated || !plain(&e.fc1) || !plain(&e.fc2) {
         return e.forward(x);
     }
-    let h = gated_act(&e.fc1.forward(x)?, e.act)?; // (n, f)
+    let h = gated_act_inference(&e.fc1.forward(x)?, e.act)?; // (n, f)
     e.fc2.forward(&h)
-}
-
-/// The experts' gated activation by `moe_act_*`: fc1's output a (n, 2f) -> h (n, f) in a's dtype,
-/// h = act(a[:, :f]) ⊙ a[:, f:] rounded as the twin rounds ([`crate::model::moe::Mlp::forward`]).
-pub(super) fn gated_act(a: &Tensor, act: crate::model::config::Activation) -> Result<Tensor> {
-    let a = a.contiguous()?;
-    let (n, two_f) = a.dims2()?;
-    let f = two_f / 2;
-    let dt = a.dtype();
-    let dev = a.device();
-    let cd = cuda_device(dev)?;
-    let h = empty(&[n, f], dt, dev)?;
-    let act = match act {
-        crate::model::config::Activation::Gelu => 0,
-        crate::model::config::Activation::Silu => 1,
-    };
-    Launch::new(
-        func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
-        (f.div_ceil(THREADS as usize) as u32, n.min(65535) as u32, 1),
-        THREADS,
-        0,
-    )
-    .i32(n)
-    .i32(f)
-    .ptr(dptr(&a)?)
-    .ptr(dptr(&h)?)
-    .int(act)
-    .run(&cd.cuda_stream())?;
-    Ok(h)
 }

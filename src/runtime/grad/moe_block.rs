@@ -20,27 +20,18 @@
 //!
 //! It applies to bf16 models with gated experts whose projections have neither adapters nor biases
 //! and a plain f32 router (full and router-only fine-tuning, and LoRA that leaves the experts
-//! alone); anything else, or `BLACKMAMBA_SLOW_MOE_GRAD=1`, takes autograd.
+//! alone); anything else, or ``--slow-moe-grad``, takes autograd.
 
 use candle_core::{DType, Tensor};
 
+use super::mamba_block::BlockGrads;
 use crate::error::Result;
 use crate::model::linear::Linear;
 use crate::model::moe::Route;
 use crate::model::{Mixer, Model};
 use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module};
 use crate::ops::gated_act::{gated_act, gated_act_backward};
-use crate::ops::mamba_block_grad::BlockGrads;
 use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
-
-/// Whether the layer-wise recomputation may take [`half_block_grads`]: the kernels are on and
-/// `BLACKMAMBA_SLOW_MOE_GRAD` is unset, empty or 0 (set, MoE layers take autograd: the A/B
-/// switch of `bench --finetune`).
-pub fn enabled() -> bool {
-    super::kernels_enabled()
-        && super::rms_norm::enabled()
-        && std::env::var_os("BLACKMAMBA_SLOW_MOE_GRAD").is_none_or(|v| v.is_empty() || v == "0")
-}
 
 /// The gradients at the gate of out = y·gate (kernels/moe_train.cu): g (n, d) f32, y (n, d) bf16,
 /// gate (n, 1) f32 -> (dgate = Σ_k g·y (n, 1) f32, dy = g·gate (n, d) bf16), one pass over g and y.
@@ -87,8 +78,10 @@ pub fn half_block_grads(model: &Model, i: usize, h: &Tensor, g: &Tensor, route: 
     };
     let Some((group, counts)) = route.grouping() else { return Ok(None) };
     let bf = DType::BF16;
+    let k = model.kernels;
     let fits = model.trains_with_kernels()
-        && enabled()
+        && k.moe_grad
+        && k.rms_norm
         && h.dtype() == DType::F32
         && m.router.lora.is_none()
         && m.router.weight.dtype() == DType::F32

@@ -12,9 +12,9 @@
 
 use candle_core::{DType, Tensor};
 
-use super::mamba::mamba_fusable;
-use super::{add_rmsnorm, mamba_forward, moe};
 use crate::error::{Error, Result};
+use crate::model::fused::mamba::mamba_fusable;
+use crate::model::fused::{add_rmsnorm, mamba_forward, moe};
 use crate::model::moe::Route;
 use crate::model::probe::Probe;
 use crate::model::state::State;

@@ -2,66 +2,9 @@
 
 use candle_core::cuda_backend::WrapErr;
 
-use candle_core::cuda_backend::cudarc::driver::{sys::CUfunction_attribute, CudaFunction};
-
-use super::{Decoder, LayerPtrs, Sizes, SSM_THREADS};
-use crate::error::{Error, Result};
+use super::{Decoder, LayerPtrs, SSM_THREADS};
+use crate::error::Result;
 use crate::ops::cuda::{func, suffix, Launch, Module};
-
-/// Threads of the staged layout's router kernel (one block).
-const ROUTER_THREADS: u32 = 1024;
-
-/// Dynamic shared memory (bytes) of each matrix-vector kernel: the normalised input `xs` where the
-/// kernel has one, and, staged, one weight row (or K slice) per warp (kernels/decode.cu).
-struct StagedSmem {
-    xs: u32,
-    in_proj: u32,
-    x_proj: u32,
-    out_proj: u32,
-    fc1: u32,
-    fc2: u32,
-    head: u32,
-}
-
-impl StagedSmem {
-    fn new(s: Sizes, warps: u32, split: u32, staged: bool) -> Self {
-        let v = 16 / s.es;
-        // a K slice as the kernels cut it: ceil(K / parts) rounded up to whole 16-byte pieces
-        let slice = |k: usize, parts: usize| k.div_ceil(parts).div_ceil(v) * v * s.es;
-        let xs = (s.d * s.es).div_ceil(16) * 16;
-        let w = warps as usize;
-        let on = |bytes: usize| if staged { bytes } else { 0 };
-        let u = |b: usize| u32::try_from(b).unwrap_or(u32::MAX);
-        Self {
-            xs: u(xs),
-            in_proj: u(xs + on(w * s.d * s.es)),
-            x_proj: u(on(w * slice(s.di, w))),
-            out_proj: u(on(w * slice(s.di, split as usize))),
-            fc1: u(xs + on(w * if s.gated { 2 } else { 1 } * s.d * s.es)),
-            fc2: u(on(w * slice(s.f, split as usize))),
-            head: u(xs + on(w * s.d * s.es)),
-        }
-    }
-}
-
-/// Lets `f` use `bytes` of dynamic shared memory (above 48 KiB a kernel must ask); more than the
-/// device allows is an error naming the fix.
-fn allow_smem(f: &CudaFunction, bytes: u32, max: u32) -> Result<()> {
-    if bytes > max {
-        return Err(Error::Invalid(format!(
-            "fast decode: staging weight rows needs {} KiB of shared memory per block, the GPU allows {} KiB; \
-             use fewer threads per block or turn staging off (bench --no-preload)",
-            bytes / 1024,
-            max / 1024
-        )));
-    }
-    if bytes > 48 * 1024 {
-        let v = i32::try_from(bytes).unwrap_or(i32::MAX);
-        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v)
-            .map_err(|e| Error::Invalid(format!("fast decode: cannot allow {bytes} bytes of shared memory: {e}")))?;
-    }
-    Ok(())
-}
 
 impl Decoder {
     pub(super) fn build(&self, slot: usize) -> Result<Vec<Launch>> {
@@ -76,28 +19,17 @@ impl Decoder {
         let rows_grid = |m: usize| (m.div_ceil(warps as usize) as u32).clamp(1, cap);
         let vec_ok = |kdim: usize| i32::from((kdim * s.es) % 16 == 0);
         let split = if o.split_k > 0 { o.split_k } else { 2 };
-        let pf = i32::from(o.prefetch);
         let out = b.out[slot];
-        let staged = o.preload;
-        let pre = if staged { "pre_" } else { "" };
-        let sm = StagedSmem::new(s, warps, split, staged);
+        // dynamic shared memory: the normalised input of the kernels that have one (K elements)
+        let xs = u32::try_from((s.d * s.es).div_ceil(16) * 16)
+            .map_err(|_| crate::error::Error::Invalid("fast decode: hidden size too large".into()))?;
         let f_embed = func(dev, Module::Decode, &format!("embed_{sfx}"))?;
-        let f_fc1 = func(dev, Module::Decode, &format!("moe_fc1_{pre}{sfx}"))?;
-        let f_router = func(dev, Module::Decode, &format!("moe_router_{sfx}"))?;
-        let f_resid = func(dev, Module::Decode, &format!("gemv_resid_{pre}{sfx}"))?;
-        let f_head = func(dev, Module::Decode, &format!("head_{pre}{sfx}"))?;
+        let f_fc1 = func(dev, Module::Decode, &format!("moe_fc1_{sfx}"))?;
+        let f_resid = func(dev, Module::Decode, &format!("gemv_resid_{sfx}"))?;
+        let f_head = func(dev, Module::Decode, &format!("head_{sfx}"))?;
         let f_final = func(dev, Module::Decode, "sample_final")?;
-        let f_inconv = func(dev, Module::Decode, &format!("in_proj_conv_{pre}{sfx}"))?;
-        let f_rows = func(dev, Module::Decode, &format!("gemv_rows_{pre}{sfx}"))?;
-        for (f, bytes) in [
-            (&f_fc1, sm.fc1),
-            (&f_resid, sm.out_proj.max(sm.fc2)),
-            (&f_head, sm.head),
-            (&f_inconv, sm.in_proj),
-            (&f_rows, sm.x_proj),
-        ] {
-            allow_smem(f, bytes, self.max_smem)?;
-        }
+        let f_inconv = func(dev, Module::Decode, &format!("in_proj_conv_{sfx}"))?;
+        let f_rows = func(dev, Module::Decode, &format!("gemv_rows_{sfx}"))?;
         let f_ssm = func(dev, Module::MambaStep, &format!("ssm_step_{sfx}"))?;
         let n_mamba = self.mamba_idx.len();
         // words of the out buffer: [token, mamba sums (3 per layer), moe (E + 1 per layer)]
@@ -141,7 +73,7 @@ impl Decoder {
                     // in_proj with the block's RMSNorm, conv window + SiLU as epilogue:
                     // xz = W_in · T(rmsnorm(res)) (2·di), v = SiLU(conv(window)) (di)
                     v.push(
-                        Launch::new(f_inconv.clone(), (rows_grid(2 * s.di), 1, 1), th, sm.in_proj)
+                        Launch::new(f_inconv.clone(), (rows_grid(2 * s.di), 1, 1), th, xs)
                             .label("mamba.in_proj+norm+conv")
                             .ptr(*in_w)
                             .i32(2 * s.di)
@@ -157,20 +89,18 @@ impl Decoder {
                             .ptr(*conv_w)
                             .ptr(*conv_b)
                             .ptr(b.v)
-                            .int(vec_ok(s.d))
-                            .int(pf),
+                            .int(vec_ok(s.d)),
                     );
                     // x_proj: dbc = W_x · v (R + 2N rows), one block per row
                     v.push(
-                        Launch::new(f_rows.clone(), (r2 as u32, 1, 1), th, sm.x_proj)
+                        Launch::new(f_rows.clone(), (r2 as u32, 1, 1), th, 0)
                             .label("mamba.x_proj")
                             .ptr(*x_w)
                             .i32(r2)
                             .i32(s.di)
                             .ptr(b.v)
                             .ptr(b.dbc)
-                            .int(vec_ok(s.di))
-                            .int(pf),
+                            .int(vec_ok(s.di)),
                     );
                     // dt_proj + softplus + SSM update + D skip + gate; state in place
                     v.push(
@@ -204,7 +134,7 @@ impl Decoder {
                     );
                     // out_proj into the residual stream
                     v.push(
-                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, sm.out_proj)
+                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, 0)
                             .label("mamba.out_proj+residual")
                             .ptr(*out_w)
                             .ptr(0)
@@ -215,8 +145,7 @@ impl Decoder {
                             .ptr(b.res)
                             .ptr(0)
                             .ptr(*out_b)
-                            .int(vec_ok(s.di))
-                            .int(pf),
+                            .int(vec_ok(s.di)),
                     );
                 }
                 LayerPtrs::Moe {
@@ -232,65 +161,30 @@ impl Decoder {
                     table_off += (16 * n_experts) as u64;
                     let telem = if o.probe { moe_words[*es] } else { 0 };
                     let epi = if s.gated { 1 } else { 2 };
-                    if staged {
-                        // the router alone (it publishes the expert early), then the chosen
-                        // expert's fc1, its rows staged as soon as the expert is known
-                        v.push(
-                            Launch::new(f_router.clone(), (1, 1, 1), ROUTER_THREADS, sm.xs)
-                                .label("moe.router+norm")
-                                .ptr(*router_w)
-                                .ptr(*router_b)
-                                .i32(*n_experts)
-                                .ptr(route)
-                                .ptr(telem)
-                                .i32(s.d)
-                                .ptr(b.res)
-                                .ptr(*norm)
-                                .f32(s.eps)
-                                .ptr(b.step),
-                        );
-                        v.push(
-                            Launch::new(f_fc1.clone(), (rows_grid(s.f), 1, 1), th, sm.fc1)
-                                .label("moe.fc1+norm+act")
-                                .ptr(fc1_tab)
-                                .ptr(route)
-                                .ptr(b.step)
-                                .i32(s.f)
-                                .i32(s.d)
-                                .ptr(b.res)
-                                .ptr(*norm)
-                                .f32(s.eps)
-                                .ptr(b.h)
-                                .int(epi)
-                                .int(s.act)
-                                .int(vec_ok(s.d)),
-                        );
-                    } else {
-                        // router (in every block) + the chosen expert's fc1 with the block's
-                        // RMSNorm and the (gated) activation
-                        v.push(
-                            Launch::new(f_fc1.clone(), (rows_grid(s.f), 1, 1), th, sm.fc1)
-                                .label("moe.router+fc1+norm+act")
-                                .ptr(*router_w)
-                                .ptr(*router_b)
-                                .i32(*n_experts)
-                                .ptr(fc1_tab)
-                                .ptr(route)
-                                .ptr(telem)
-                                .i32(s.f)
-                                .i32(s.d)
-                                .ptr(b.res)
-                                .ptr(*norm)
-                                .f32(s.eps)
-                                .ptr(b.h)
-                                .int(epi)
-                                .int(s.act)
-                                .int(vec_ok(s.d)),
-                        );
-                    }
+                    // router (in every block) + the chosen expert's fc1 with the block's
+                    // RMSNorm and the (gated) activation
+                    v.push(
+                        Launch::new(f_fc1.clone(), (rows_grid(s.f), 1, 1), th, xs)
+                            .label("moe.router+fc1+norm+act")
+                            .ptr(*router_w)
+                            .ptr(*router_b)
+                            .i32(*n_experts)
+                            .ptr(fc1_tab)
+                            .ptr(route)
+                            .ptr(telem)
+                            .i32(s.f)
+                            .i32(s.d)
+                            .ptr(b.res)
+                            .ptr(*norm)
+                            .f32(s.eps)
+                            .ptr(b.h)
+                            .int(epi)
+                            .int(s.act)
+                            .int(vec_ok(s.d)),
+                    );
                     // fc2, scaled by the gate, into the residual stream
                     v.push(
-                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, sm.fc2)
+                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, 0)
                             .label("moe.fc2+gate+residual")
                             .ptr(0)
                             .ptr(fc2_tab)
@@ -301,14 +195,13 @@ impl Decoder {
                             .ptr(b.res)
                             .ptr(route + 4)
                             .ptr(0)
-                            .int(vec_ok(s.f))
-                            .int(pf),
+                            .int(vec_ok(s.f)),
                     );
                 }
             }
         }
         v.push(
-            Launch::new(f_head, (s.head_blocks, 1, 1), th, sm.head)
+            Launch::new(f_head, (s.head_blocks, 1, 1), th, xs)
                 .label("head+layernorm+argmax")
                 .ptr(b.emb)
                 .i32(s.vocab)
@@ -320,36 +213,30 @@ impl Decoder {
                 .ptr(b.logits)
                 .ptr(b.pv)
                 .ptr(b.pi)
-                .f32(o.temperature)
-                .u64(o.seed)
-                .ptr(b.step)
-                .int(vec_ok(s.d))
-                .int(pf),
+                .int(vec_ok(s.d)),
         );
-        v.push(
-            Launch::new(f_final, (1, 1, 1), 1024, 0)
-                .label("sample")
+        let parts = if o.probe { b.parts } else { 0 };
+        v.push(match &self.sampler {
+            Some(smp) => smp.launch(b.logits, s.vocab, b.tok, b.step, out, parts, n_mamba, s.ssm_blocks as usize)?,
+            None => Launch::new(f_final, (1, 1, 1), 1024, 0)
+                .label("argmax")
                 .ptr(b.pv)
                 .ptr(b.pi)
-                .int(s.head_blocks as i32)
+                .i32(s.head_blocks as usize)
                 .ptr(b.tok)
                 .ptr(b.step)
                 .ptr(out)
-                .ptr(if o.probe { b.parts } else { 0 })
+                .ptr(parts)
                 .i32(n_mamba)
-                .int(s.ssm_blocks as i32),
-        );
+                .i32(s.ssm_blocks as usize),
+        });
         Ok(v.into_iter().map(|l| l.pdl(o.pdl)).collect())
     }
 
     /// Per-kernel GPU time of the step: `n` eager steps (no PDL, no graph) with a timing event
-    /// around every launch (persistent: per stage, timed on the device). Returns (label, µs per
-    /// token, launches per token), slowest first.
+    /// around every launch. Returns (label, µs per token, launches per token), slowest first.
     pub fn profile(&mut self, n: usize) -> Result<Vec<(&'static str, f64, usize)>> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-        if self.pgrid.is_some() {
-            return self.profile_persistent(n);
-        }
         let launches: Vec<Launch> = self.launches[0].iter().cloned().map(|l| l.pdl(false)).collect();
         let ctx = self.stream.context().clone();
         let mut acc = vec![0f64; launches.len()];
@@ -360,7 +247,8 @@ impl Decoder {
                 .w()?;
             evs[0].record(&self.stream).w()?;
             for (i, l) in launches.iter().enumerate() {
-                l.run(&self.stream)?;
+                // SAFETY: the step's own launches (see `Decoder::enqueue_eager`).
+                unsafe { l.run(&self.stream) }?;
                 evs[i + 1].record(&self.stream).w()?;
             }
             self.stream.synchronize().w()?;

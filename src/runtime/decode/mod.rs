@@ -19,13 +19,11 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::config::Activation;
 use crate::model::{Mixer, Model};
-use crate::ops::cuda::{cuda_device, dptr, func, max_smem_optin, sm_count, suffix, Launch, Module};
+use crate::ops::cuda::{compute_capability, cuda_device, dptr, func, sm_count, suffix, Launch, Module};
 
 mod io;
 mod launches;
-mod persistent;
 
 /// Launch shapes and sampling of a [`Decoder`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,35 +36,12 @@ pub struct DecodeOpts {
     pub split_k: u32,
     /// Gather telemetry (router logits and choice, state norms) and copy it with the token.
     pub probe: bool,
-    /// 0: greedy; else sample softmax(logits / temperature) on device (Gumbel-max).
-    pub temperature: f32,
-    pub seed: u64,
-    /// Programmatic dependent launch: each kernel starts while the previous one finishes.
+    /// End each step with the device sampler (`ops::sample`: the host sampler's settings, set by
+    /// [`Decoder::set_sampling`]); off, the step is greedy (the head's argmax).
+    pub sampler: bool,
+    /// Programmatic dependent launch: each kernel starts while the previous one finishes
+    /// (sm_90 and newer; [`Decoder::new`] turns it off on older GPUs).
     pub pdl: bool,
-    /// Kernels ask L2 for all their weight rows before waiting for the previous kernel.
-    pub prefetch: bool,
-    /// Staged layout (variants `*_pre_*`): each warp copies its first weight row (or K slice)
-    /// into shared memory (cp.async) before waiting for the previous kernel, so weights stream in
-    /// while that kernel runs; a MoE layer runs its router as a one-block kernel that publishes
-    /// the expert early, and the fc1 blocks stage that expert's rows as soon as it is known.
-    pub preload: bool,
-    /// One persistent kernel per token (`kernels/persistent.cu`): every stage of the step in one
-    /// cooperative launch, grid-wide barriers between dependent stages.
-    pub persistent: bool,
-    /// Threads per block of the persistent kernel (a multiple of 32 up to 512).
-    pub persistent_threads: u32,
-    /// Blocks per multiprocessor of the persistent kernel (capped by what fits at once).
-    pub persistent_blocks_per_sm: u32,
-    /// Persistent kernel: MB of static weights asked of L2 ahead of the running stage (each block
-    /// its own rows; at least the next stage while waiting at a barrier); 0 asks for none.
-    pub lookahead_mb: u32,
-    /// Persistent kernel, fused layout: x_proj folded into in_proj, out_proj into the SSM step,
-    /// fc2 into router + fc1 (split over K by block, partial sums added with atomics; transposed
-    /// copies of out_proj and every fc2 are made): three grid barriers per Mamba + MoE pair
-    /// instead of six. Needs Mamba and MoE layers alternating, starting with Mamba. The rows each
-    /// block adds go through shared memory when they fit (W_out's copied before the barrier that
-    /// opens the SSM stage, fc2's right after the router).
-    pub fuse: bool,
 }
 
 impl Default for DecodeOpts {
@@ -76,16 +51,8 @@ impl Default for DecodeOpts {
             blocks_per_sm: 8,
             split_k: 0,
             probe: false,
-            temperature: 0.0,
-            seed: 0,
+            sampler: false,
             pdl: true,
-            prefetch: false,
-            preload: false,
-            persistent: false,
-            persistent_threads: 512,
-            persistent_blocks_per_sm: 1,
-            lookahead_mb: 0,
-            fuse: false,
         }
     }
 }
@@ -109,8 +76,6 @@ enum LayerPtrs {
         d: u64,
         out_w: u64,
         out_b: u64,
-        /// out_proj transposed, (di, d) (fused persistent layout; else 0)
-        out_wt: u64,
         slot: usize,
     },
     Moe {
@@ -144,10 +109,8 @@ pub struct Decoder {
     moe_idx: Vec<(usize, usize)>,
     /// Steps run since the last token was set.
     pub steps: u64,
-    /// The most dynamic shared memory a block may use on this device (bytes).
-    max_smem: u32,
-    /// The persistent kernel's launch shape (persistent option on).
-    pgrid: Option<persistent::Grid>,
+    /// The device sampler of `opts.sampler`.
+    sampler: Option<crate::ops::sample::DeviceSampler>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -189,15 +152,6 @@ struct Bufs {
     emb: u64,
     final_w: u64,
     final_b: u64,
-    /// The persistent kernel's barrier counter (u64).
-    bar: u64,
-    /// Fused persistent layout: fc2 transposed per expert (same layout as `table`), x_proj sums
-    /// (f32, R + 2N), the second residual copy (f32, d); else 0.
-    table_t: u64,
-    dbcf: u64,
-    res_alt: u64,
-    /// Per-stage start times of the persistent kernel (profiles; u64, stages + 1).
-    timing: u64,
 }
 
 /// Page-locked host memory for the per-step words (two slots).
@@ -239,48 +193,83 @@ fn unsupported(what: &str) -> Error {
 }
 
 impl Decoder {
+    /// Whether the decoder can take `model`: a kernel dtype for every matrix, no adapters, no
+    /// biases on x_proj, dt_proj or the experts, at most 32 experts a layer, no dense layers,
+    /// widths within one block's shared memory. `Err` says what stands in the way.
+    pub fn supports(model: &Model) -> std::result::Result<(), String> {
+        let cfg = &model.cfg;
+        let dtype = model.dtype;
+        if suffix(dtype).is_err() {
+            return Err(format!("no decode kernels for {dtype:?}"));
+        }
+        if model.embedding.dtype() != dtype {
+            return Err("the embedding's dtype differs from the model's".into());
+        }
+        let (d, di, n, k) = (cfg.hidden_size, cfg.d_inner(), cfg.state_size, cfg.conv_dimension);
+        if n > 32 || !(1..=32).contains(&k) {
+            return Err("state size or conv width over 32".into());
+        }
+        if d.max(di).max(cfg.ffn_hidden_size) * dtype.size_in_bytes() > 48 * 1024 {
+            return Err("a layer too wide for one block's shared memory".into());
+        }
+        for b in &model.layers {
+            match &b.mixer {
+                Mixer::Mamba(m) => {
+                    if [&m.in_proj, &m.x_proj, &m.dt_proj, &m.out_proj]
+                        .iter()
+                        .any(|l| l.lora.is_some() || l.weight.dtype() != dtype)
+                    {
+                        return Err("an adapter or a mixed dtype in a Mamba layer".into());
+                    }
+                    if m.x_proj.bias.is_some() || m.dt_proj.bias.is_some() {
+                        return Err("a bias on x_proj or dt_proj".into());
+                    }
+                }
+                Mixer::Moe(m) => {
+                    if m.router.lora.is_some() {
+                        return Err("an adapter on a router".into());
+                    }
+                    if m.router.bias.is_none() {
+                        return Err("a router without bias".into());
+                    }
+                    if m.experts.len() > 32 {
+                        return Err("more than 32 experts in a layer".into());
+                    }
+                    for e in &m.experts {
+                        if e.fc1.lora.is_some() || e.fc2.lora.is_some() || e.fc1.bias.is_some() || e.fc2.bias.is_some() {
+                            return Err("an adapter or a bias on an expert".into());
+                        }
+                        if e.fc1.weight.dtype() != dtype || e.fc2.weight.dtype() != dtype {
+                            return Err("an expert in another dtype".into());
+                        }
+                    }
+                }
+                Mixer::Dense(_) => return Err("a dense MLP layer".into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Builds the decoder for `model` (on CUDA, every matrix in one dtype, no adapters, no dense
     /// layers), with a zero state.
-    pub fn new(model: &Model, opts: DecodeOpts) -> Result<Self> {
+    pub fn new(model: &Model, mut opts: DecodeOpts) -> Result<Self> {
         let dev = cuda_device(&model.device)?.clone();
+        // programmatic dependent launch is a Hopper (sm_90) feature
+        opts.pdl &= compute_capability(&dev)?.0 >= 9;
         let stream = dev.cuda_stream();
         let cfg = &model.cfg;
         let dtype = model.dtype;
-        suffix(dtype)?;
+        Self::supports(model).map_err(|why| unsupported(&why))?;
         if opts.threads % 32 != 0 || opts.threads == 0 || opts.threads > 1024 {
             return Err(Error::Invalid(format!(
                 "fast decode: threads {} must be a multiple of 32 up to 1024",
                 opts.threads
             )));
         }
-        if model.embedding.dtype() != dtype {
-            return Err(unsupported("the embedding's dtype differs from the model's"));
-        }
         let (d, di, n, r, k) = (cfg.hidden_size, cfg.d_inner(), cfg.state_size, cfg.dt_rank(), cfg.conv_dimension);
-        if n > 32 || !(1..=32).contains(&k) {
-            return Err(unsupported("state size or conv width over 32"));
-        }
         let es = dtype.size_in_bytes();
         let f = cfg.ffn_hidden_size;
-        if d.max(di).max(f) * es > 48 * 1024 {
-            return Err(unsupported("a layer too wide for one block's shared memory"));
-        }
         let sms = sm_count(&dev)?;
-        let max_smem = max_smem_optin(&dev)?;
-        let fused = opts.persistent && opts.fuse;
-        if fused {
-            let alternating = model.layers.iter().enumerate().all(|(i, b)| match b.mixer {
-                Mixer::Mamba(_) => i % 2 == 0,
-                Mixer::Moe(_) => i % 2 == 1,
-                Mixer::Dense(_) => false,
-            });
-            if !alternating {
-                return Err(unsupported(
-                    "the fused persistent layout needs Mamba and MoE layers alternating, starting with Mamba \
-                     (turn fuse off)",
-                ));
-            }
-        }
         let mut hold = Vec::new();
         let mut keep = |t: &Tensor| -> Result<u64> {
             let t = t.contiguous()?;
@@ -290,20 +279,11 @@ impl Decoder {
         };
         let mut layers = Vec::new();
         let mut table: Vec<i64> = Vec::new();
-        let mut table_t: Vec<i64> = Vec::new();
         let (mut mamba_idx, mut moe_idx) = (Vec::new(), Vec::new());
         for (i, b) in model.layers.iter().enumerate() {
             let norm = keep(&b.norm)?;
             match &b.mixer {
                 Mixer::Mamba(m) => {
-                    for l in [&m.in_proj, &m.x_proj, &m.dt_proj, &m.out_proj] {
-                        if l.lora.is_some() || l.weight.dtype() != dtype {
-                            return Err(unsupported("an adapter or a mixed dtype in a Mamba layer"));
-                        }
-                    }
-                    if m.x_proj.bias.is_some() || m.dt_proj.bias.is_some() {
-                        return Err(unsupported("a bias on x_proj or dt_proj"));
-                    }
                     layers.push(LayerPtrs::Mamba {
                         norm,
                         in_w: keep(&m.in_proj.weight)?,
@@ -323,39 +303,18 @@ impl Decoder {
                             Some(t) => keep(&t.to_dtype(dtype)?)?,
                             None => 0,
                         },
-                        out_wt: if fused { keep(&m.out_proj.weight.t()?)? } else { 0 },
                         slot: mamba_idx.len(),
                     });
                     mamba_idx.push(i);
                 }
                 Mixer::Moe(m) => {
-                    if m.router.lora.is_some() {
-                        return Err(unsupported("an adapter on a router"));
-                    }
                     let ne = m.experts.len();
-                    if ne > 32 {
-                        return Err(unsupported("more than 32 experts in a layer"));
-                    }
-                    for e in &m.experts {
-                        if e.fc1.lora.is_some() || e.fc2.lora.is_some() || e.fc1.bias.is_some() || e.fc2.bias.is_some() {
-                            return Err(unsupported("an adapter or a bias on an expert"));
-                        }
-                        if e.fc1.weight.dtype() != dtype || e.fc2.weight.dtype() != dtype {
-                            return Err(unsupported("an expert in another dtype"));
-                        }
-                    }
                     // table: per MoE layer, fc1 pointers of its experts then fc2 pointers
                     for e in &m.experts {
                         table.push(keep(&e.fc1.weight)? as i64);
                     }
                     for e in &m.experts {
                         table.push(keep(&e.fc2.weight)? as i64);
-                    }
-                    if fused {
-                        table_t.extend(std::iter::repeat_n(0, ne));
-                        for e in &m.experts {
-                            table_t.push(keep(&e.fc2.weight.t()?)? as i64);
-                        }
                     }
                     let bias = m.router.bias.as_ref().ok_or_else(|| unsupported("a router without bias"))?;
                     layers.push(LayerPtrs::Moe {
@@ -381,16 +340,6 @@ impl Decoder {
         let table_dev = Tensor::from_vec(table, table_len, &Device::Cpu)?.to_device(mdev)?;
         let table_p = dptr(&table_dev)?;
         hold.push(table_dev);
-        let table_t_p = if fused {
-            let n = table_t.len().max(1);
-            table_t.resize(n, 0);
-            let t = Tensor::from_vec(table_t, n, &Device::Cpu)?.to_device(mdev)?;
-            let p = dptr(&t)?;
-            hold.push(t);
-            p
-        } else {
-            0
-        };
         let mut alloc = |n: usize, dt: DType| -> Result<u64> {
             let t = Tensor::zeros(n.max(1), dt, mdev)?;
             let p = dptr(&t)?;
@@ -401,19 +350,10 @@ impl Decoder {
         let n_moe = moe_idx.len();
         let telem_words = 3 * n_mamba + moe_idx.iter().map(|&(_, e)| e + 1).sum::<usize>();
         let n_words = 1 + telem_words;
-        let pgrid = if opts.persistent {
-            Some(persistent::Grid::new(&dev, dtype, &opts, cfg, n_mamba, n_moe, sms, max_smem)?)
-        } else {
-            None
-        };
-        let ssm_threads = pgrid.as_ref().map_or(SSM_THREADS, |g| g.threads);
-        let ssm_blocks = di.div_ceil((ssm_threads / 32) as usize) as u32;
-        let head_blocks = match &pgrid {
-            Some(g) => g.blocks,
-            None => (cfg.vocab_size.div_ceil((opts.threads / 32) as usize) as u32)
-                .min(sms * opts.blocks_per_sm)
-                .max(1),
-        };
+        let ssm_blocks = di.div_ceil((SSM_THREADS / 32) as usize) as u32;
+        let head_blocks = (cfg.vocab_size.div_ceil((opts.threads / 32) as usize) as u32)
+            .min(sms * opts.blocks_per_sm)
+            .max(1);
         let bufs = Bufs {
             tok: alloc(1, DType::U32)?,
             step: alloc(1, DType::U32)?,
@@ -436,14 +376,6 @@ impl Decoder {
             emb,
             final_w,
             final_b,
-            bar: alloc(2, DType::U32)?,
-            table_t: table_t_p,
-            dbcf: if fused { alloc(r + 2 * n, DType::F32)? } else { 0 },
-            res_alt: if fused { alloc(d, DType::F32)? } else { 0 },
-            timing: match &pgrid {
-                Some(g) => alloc(2 * (g.n_stages + 1), DType::U32)?,
-                None => 0,
-            },
         };
         let sizes = Sizes {
             d,
@@ -455,10 +387,7 @@ impl Decoder {
             vocab: cfg.vocab_size,
             es,
             gated: cfg.swiglu,
-            act: match cfg.expert_activation {
-                Activation::Gelu => 0,
-                Activation::Silu => 1,
-            },
+            act: cfg.expert_activation.code(),
             eps: cfg.layernorm_epsilon as f32,
             sms,
             head_blocks,
@@ -480,17 +409,12 @@ impl Decoder {
             mamba_idx,
             moe_idx,
             steps: 0,
-            max_smem,
-            pgrid,
+            sampler: match opts.sampler {
+                true => Some(crate::ops::sample::DeviceSampler::new(&model.device)?),
+                false => None,
+            },
         };
-        me.launches = if opts.persistent {
-            let (l0, t0) = me.build_persistent(0)?;
-            let (l1, t1) = me.build_persistent(1)?;
-            me._hold.extend([t0, t1]);
-            [l0, l1]
-        } else {
-            [me.build(0)?, me.build(1)?]
-        };
+        me.launches = [me.build(0)?, me.build(1)?];
         Ok(me)
     }
 
@@ -518,7 +442,9 @@ impl Decoder {
 
     fn enqueue_eager(&mut self, slot: usize) -> Result<()> {
         for l in &self.launches[slot] {
-            l.run(&self.stream)?;
+            // SAFETY: `build` wrote each launch's arguments to match its kernel in
+            // kernels/decode.cu and mamba_step.cu, over buffers that `self._hold` keeps alive.
+            unsafe { l.run(&self.stream) }?;
         }
         let n = self.n_words_copied();
         let dst = self.host.slice_mut(slot * self.n_words, n);
@@ -535,24 +461,12 @@ impl Decoder {
         }
     }
 
-    /// Captures the step (both slots) as CUDA graphs; later steps replay them. A cooperative
-    /// launch that the driver will not capture is captured as a plain launch of the same grid
-    /// (which the GPU holds at once: the grid is sized by occupancy).
+    /// Captures the step (both slots) as CUDA graphs; later steps replay them.
     pub fn capture(&mut self) -> Result<()> {
         for slot in 0..2 {
-            if self.graphs[slot].is_some() {
-                continue;
+            if self.graphs[slot].is_none() {
+                self.graphs[slot] = Some(self.capture_slot(slot)?);
             }
-            let g = match self.capture_slot(slot) {
-                Err(_) if self.launches[slot].iter().any(|l| l.coop) => {
-                    for l in self.launches.iter_mut().flatten() {
-                        l.coop = false;
-                    }
-                    self.capture_slot(slot)?
-                }
-                r => r?,
-            };
-            self.graphs[slot] = Some(g);
         }
         Ok(())
     }
@@ -567,12 +481,6 @@ impl Decoder {
         let g = g?.ok_or_else(|| Error::Invalid("fast decode: the graph capture recorded nothing".into()))?;
         g.upload().w()?;
         Ok(g)
-    }
-
-    /// Whether the step is one persistent kernel, and whether that kernel goes out as a
-    /// cooperative launch (false after a graph capture that had to drop the attribute).
-    pub fn persistent(&self) -> Option<bool> {
-        self.pgrid.as_ref().map(|_| self.launches[0].iter().any(|l| l.coop))
     }
 
     /// Whether the step runs as a captured graph.
@@ -597,6 +505,20 @@ impl Decoder {
         Ok(self.stream.record_event(None).w()?)
     }
 
+    /// Sets the device sampler's settings, generator state and history for the next steps (a
+    /// decoder built with `opts.sampler`); see [`crate::ops::sample::DeviceSampler::reset`].
+    pub fn set_sampling(&self, p: &crate::sampling::SamplingParams, rng: u64, history: &[u32]) -> Result<()> {
+        match &self.sampler {
+            Some(s) => s.reset(p, rng, history),
+            None => Err(Error::Invalid("fast decode: built without the device sampler".into())),
+        }
+    }
+
+    /// The device sampler's state (its generator and draws), when the decoder has one.
+    pub fn sampler_state(&self) -> Result<Option<crate::ops::sample::SampleState>> {
+        self.sampler.as_ref().map(crate::ops::sample::DeviceSampler::state).transpose()
+    }
+
     /// Sets the next step's input token.
     pub fn set_token(&mut self, id: u32) -> Result<()> {
         if id as usize >= self.sizes.vocab {
@@ -606,7 +528,8 @@ impl Decoder {
             });
         }
         let f = func(&self.dev, Module::Decode, "set_token")?;
-        Launch::new(f, (1, 1, 1), 32, 0).ptr(self.bufs.tok).u32(id).run(&self.stream)?;
+        // SAFETY: set_token(unsigned* tok, unsigned id) writes one word of the token buffer.
+        unsafe { Launch::new(f, (1, 1, 1), 32, 0).ptr(self.bufs.tok).u32(id).run(&self.stream) }?;
         self.steps = 0;
         Ok(())
     }

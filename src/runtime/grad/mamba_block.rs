@@ -24,8 +24,9 @@
 //! two.
 //!
 //! It applies to bf16 models whose Mamba projections have neither adapters nor biases (full and
-//! router-only fine-tuning, and LoRA that leaves the Mamba layers alone); anything else, or
-//! `BLACKMAMBA_SLOW_MAMBA_GRAD=1`, takes autograd.
+//! router-only fine-tuning, and LoRA that leaves the Mamba layers alone); anything else, or a
+//! model whose [`crate::model::kernels::Kernels`] turn `mamba_grad` off (`--slow-mamba-grad`),
+//! takes autograd.
 #![allow(unsafe_code)]
 
 use candle_core::{DType, Tensor};
@@ -36,15 +37,6 @@ use crate::model::{Mixer, Model};
 use crate::ops::cuda::{cuda_device, dptr, empty, ScanIn};
 use crate::ops::mamba_kernels::{conv_backward, conv_forward, tail_backward, ConvDims, TailPtrs, KMAX, NMAX};
 use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
-
-/// Whether the layer-wise recomputation may take [`half_block_grads`]: the kernels are on and
-/// `BLACKMAMBA_SLOW_MAMBA_GRAD` is unset, empty or 0 (set, Mamba layers take autograd: the A/B
-/// switch of `bench --finetune`).
-pub fn enabled() -> bool {
-    super::kernels_enabled()
-        && super::rms_norm::enabled()
-        && std::env::var_os("BLACKMAMBA_SLOW_MAMBA_GRAD").is_none_or(|v| v.is_empty() || v == "0")
-}
 
 /// What [`half_block_grads`] returns: the gradient of the block's input and, for each of the
 /// block's trained tensors, the tensor as the model holds it (a variable, or the bf16 cast of
@@ -71,8 +63,10 @@ fn plain(l: &Linear) -> bool {
 pub fn half_block_grads(model: &Model, i: usize, h: &Tensor, g: &Tensor) -> Result<Option<BlockGrads>> {
     let blk = model.layer(i)?;
     let Mixer::Mamba(m) = &blk.mixer else { return Ok(None) };
+    let k = model.kernels;
     let fits = model.trains_with_kernels()
-        && enabled()
+        && k.mamba_grad
+        && k.rms_norm
         && h.dtype() == DType::F32
         && [&m.in_proj, &m.x_proj, &m.dt_proj, &m.out_proj].into_iter().all(plain)
         && (1..=KMAX).contains(&m.d_conv)

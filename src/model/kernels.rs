@@ -1,0 +1,56 @@
+//! Which backend runs each family of the model's math: the fused kernels (`crate::ops` on CUDA,
+//! the fused scan op on the CPU) or their tensor-op twins. Parsed once at the edge (the command
+//! line's `--no-kernels`, `--slow-*` flags and their `BLACKMAMBA_*` variables) and handed to
+//! the model; nothing below the command line reads the environment. Every switch exists to A/B
+//! a kernel against its twin; the defaults are the fast path.
+
+/// The model's choice of kernels, per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    /// The fused kernels at all. Off, the GPU runs the CPU's tensor-op path (and fine-tuning on
+    /// the CPU the tensor-op scan): the twin of every kernel below.
+    pub enabled: bool,
+    /// Prefill: every expert's products as one batched cuBLAS call per layer product (off: one
+    /// product pair per expert).
+    pub batched_experts: bool,
+    /// Fine-tuning: the blocks' RMSNorm as one fused autograd op.
+    pub rms_norm: bool,
+    /// Fine-tuning: the loss's cross-entropy fused over the head's logits in their dtype.
+    pub xent: bool,
+    /// Fine-tuning: Mamba half-blocks differentiated by hand (`runtime::grad::mamba_block`).
+    pub mamba_grad: bool,
+    /// Fine-tuning: MoE half-blocks differentiated by hand (`runtime::grad::moe_block`).
+    pub moe_grad: bool,
+    /// Batch-1 decode (`generate`, the chat) on the graph-captured decoder of `runtime::decode`
+    /// (off: one [`crate::model::Model::step`] per token, the decoder's twin).
+    pub decoder: bool,
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batched_experts: true,
+            rms_norm: true,
+            xent: true,
+            mamba_grad: true,
+            moe_grad: true,
+            decoder: true,
+        }
+    }
+}
+
+impl Kernels {
+    /// Every family on its tensor-op twin.
+    pub fn off() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a family's kernel runs: the kernels are on and so is the family.
+    pub fn on(&self, family: bool) -> bool {
+        self.enabled && family
+    }
+}

@@ -18,6 +18,7 @@ pub mod model;
 pub mod ops;
 pub mod rng;
 pub mod sampling;
+pub mod signals;
 pub mod sinkhorn;
 pub mod tokenizer;
 pub mod tui;

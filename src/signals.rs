@@ -19,8 +19,8 @@ Exit codes:
   129  SIGHUP (terminal closed)
   130  SIGINT (Ctrl-C)
   143  SIGTERM (kill, timeout, docker stop, schedulers)
-The TUI puts the terminal back before it exits on any of these signals. finetune and train save
-a checkpoint first: continue with --resume DIR. A second signal while a training step runs ends
+The TUI puts the terminal back before it exits on any of these signals (and saves a run of its
+fine-tune panel). finetune and train save a checkpoint first: continue with --resume DIR. A second signal while a training step runs ends
 at once, keeping the last saved checkpoint.";
 
 /// A signal that stops the program.

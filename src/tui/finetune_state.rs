@@ -171,6 +171,14 @@ impl FinetuneState {
         }
     }
 
+    /// Whether a run has trained steps that a save would keep (running, paused or stopped).
+    pub fn run_to_save(&self) -> bool {
+        matches!(
+            self.status,
+            FinetuneStatus::Running | FinetuneStatus::Paused | FinetuneStatus::Stopped
+        ) && !self.history.is_empty()
+    }
+
     /// Seconds left at the recent pace.
     pub fn eta_secs(&self) -> Option<f64> {
         let last = self.history.last()?;

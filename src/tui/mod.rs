@@ -19,7 +19,8 @@ pub mod update;
 pub mod views;
 pub mod widgets;
 
-use std::io::{stdout, Stdout};
+use std::io::{stdout, Stdout, Write};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ use crossterm::terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScree
 use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
 
-use crate::engine::protocol::{Command, LoadSpec};
+use crate::engine::protocol::{Command, EngineEvent, FinetuneCommand, FinetuneEvent, LoadSpec};
 use crate::engine::{panic_text, Engine, Source};
 use crate::error::{Error, Result};
 use crate::signals::{Signal, Signals};
@@ -110,11 +111,40 @@ pub fn run(opts: Options) -> Result<Exit> {
         std::mem::forget(terminal);
     }
     drop(guard);
+    // A signal during a fine-tuning run in the panel: save it, as `blackmamba finetune` does.
+    let save_run = matches!(result, Ok(Exit::Signal(_))) && app.ft.run_to_save();
+    if save_run {
+        engine.send(Command::Finetune(FinetuneCommand::Save));
+    }
     // Give the engine a moment to finish its token; don't hang the shell on a long prefill.
     engine.send(Command::Shutdown);
+    let wait = Duration::from_secs(if save_run { 60 } else { 2 });
     let t0 = Instant::now();
-    while !engine.is_finished() && t0.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(10));
+    let mut saved: Option<std::result::Result<PathBuf, String>> = None;
+    while !engine.is_finished() && t0.elapsed() < wait {
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::Saved(p)))) => saved = Some(Ok(p)),
+            Ok(Msg::Engine(EngineEvent::Error { message, .. })) => saved = Some(Err(message)),
+            _ => {}
+        }
+    }
+    if save_run {
+        // writeln, not eprintln: after SIGHUP stderr may be gone
+        let mut err = std::io::stderr();
+        let data = app.ft.spec.data.display();
+        let _ = match saved {
+            Some(Ok(p)) => writeln!(
+                err,
+                "saved the fine-tuning run to {0}; continue it with: blackmamba finetune --data {data} --resume {0}",
+                p.display()
+            ),
+            Some(Err(e)) => writeln!(err, "saving the fine-tuning run failed: {e}"),
+            None => writeln!(
+                err,
+                "the fine-tuning run was not saved: the engine did not answer within {} s",
+                wait.as_secs()
+            ),
+        };
     }
     result
 }

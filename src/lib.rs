@@ -19,6 +19,7 @@ pub mod ops;
 pub mod rng;
 pub mod runtime;
 pub mod sampling;
+pub mod signals;
 pub mod sinkhorn;
 pub mod tokenizer;
 pub mod tui;

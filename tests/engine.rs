@@ -243,6 +243,76 @@ fn cancel_stops_within_a_token() {
 }
 
 #[test]
+fn a_long_prompt_can_be_cancelled_while_it_is_read() {
+    use blackmamba::engine::chat::PREFILL_CHUNK;
+    let cfg = common::tiny_config(&["r", "8", "r", "4"], 16, 50304);
+    let tok = blackmamba::tokenizer::neox().unwrap();
+    let loaded = blackmamba::loader::Loaded {
+        model: common::tiny_model(&cfg, 3),
+        tokenizer: tok,
+        label: "tiny".into(),
+        untrained: true,
+        load_secs: 0.0,
+    };
+    // the sink runs on the engine thread: the flag is set as soon as the first chunk is reported,
+    // as Esc would be while the rest of the paste is read
+    let cancel = CancelFlag::new();
+    let (tx, rx) = channel();
+    let flag = cancel.clone();
+    let e = Engine::spawn(
+        Source::Loaded(Box::new(loaded)),
+        Box::new(move |ev| {
+            if matches!(ev, EngineEvent::Prompt { id: 1, .. }) {
+                flag.cancel();
+            }
+            let _ = tx.send(ev);
+        }),
+    )
+    .unwrap();
+    assert!(matches!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), EngineEvent::Loaded(_)));
+    let paste = "word ".repeat(3 * PREFILL_CHUNK);
+    e.send(Command::Chat {
+        id: 1,
+        text: paste,
+        params: greedy(8),
+        cancel,
+    });
+    let evs = until_done(&rx);
+    let read: usize = evs
+        .iter()
+        .map(|ev| match ev {
+            EngineEvent::Prompt { tokens, .. } => tokens.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(read, PREFILL_CHUNK, "one chunk read, then the cancel was seen");
+    assert!(!evs.iter().any(|ev| matches!(ev, EngineEvent::Token { .. })), "nothing generated");
+    let n = evs.len();
+    assert!(
+        matches!(evs[n - 2], EngineEvent::Rewound { pos: 0, turns: 0 }),
+        "the turn is dropped: {:?}",
+        evs[n - 2]
+    );
+    assert!(matches!(
+        evs[n - 1],
+        EngineEvent::Done {
+            stop: StopReason::Cancelled,
+            ..
+        }
+    ));
+    // the conversation is as before: the next turn starts at position 0
+    let evs = chat(&e, &rx, 2, "Hello", &greedy(4));
+    let first = evs.iter().find_map(|ev| match ev {
+        EngineEvent::Prompt { tokens, .. } => tokens.first().map(|t| t.pos),
+        _ => None,
+    });
+    assert_eq!(first, Some(0));
+    let (_, stop) = answer(&evs);
+    assert_ne!(stop, StopReason::Cancelled);
+    e.shutdown();
+}
+
+#[test]
 fn sinkhorn_runs_over_the_last_window() {
     let (e, rx) = engine();
     chat(&e, &rx, 1, "Some words to route through the experts", &greedy(10));

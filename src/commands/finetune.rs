@@ -2,8 +2,6 @@
 //! options and loop it shares with `blackmamba train`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::commands::ModelArgs;
 use crate::finetune::data::BadLine;
 use crate::finetune::{DataFormat, FinetuneConfig, Method, Recompute, StepReport, Target, Trainer};
+use crate::signals::{Interrupted, Signals};
 
 /// Options shared by `finetune` and `train` (unset ones take the command's defaults).
 #[derive(Debug, Args, Clone)]
@@ -186,19 +185,12 @@ fn resume_base(m: &ModelArgs, resume: Option<&std::path::Path>) -> ModelArgs {
     m
 }
 
-/// Runs a trainer to the end with a progress bar: eval before and after, Ctrl-C saves and exits,
-/// a non-finite loss stops without saving.
+/// Runs a trainer to the end with a progress bar: eval before and after; a non-finite loss stops
+/// without saving. SIGINT, SIGTERM or SIGHUP stop it after the current step: it saves a checkpoint
+/// (atomically: every file is renamed into place once complete) and returns [`Interrupted`], so
+/// the process ends with 130, 143 or 129. A second signal during a step ends the process at once.
 pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: FinetuneConfig) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // a second Ctrl-C while a step runs quits at once
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        });
-    }
+    let signals = Signals::install(true)?;
     let out = cfg.out.clone();
     let mut t = Trainer::new(base, tok, cfg).context("setting up the run")?;
     let c = t.config().clone();
@@ -236,16 +228,17 @@ pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: Finet
     let every = (c.steps / 20).max(1);
     let mut last: Option<StepReport> = None;
     while !t.done() {
-        if stop.load(Ordering::SeqCst) {
+        if let Some(sig) = signals.received() {
             pb.abandon();
-            t.save()?;
+            t.save().context("saving the checkpoint after the signal")?;
             eprintln!(
-                "interrupted at step {}: checkpoint saved to {}; continue with --resume {}",
+                "{} at step {}: checkpoint saved to {}; continue with --resume {}",
+                sig.name(),
                 t.steps_done(),
                 out.display(),
                 out.display()
             );
-            return Ok(());
+            return Err(Interrupted(sig).into());
         }
         let r = match t.step() {
             Ok(r) => r,

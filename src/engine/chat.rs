@@ -2,9 +2,10 @@
 //! the state without reading anything again, and conversations saved as JSON with those snapshots.
 //!
 //! A turn feeds `prefix` = (the previous answer's unfed last token, unless it was end-of-text) +
-//! `close_turn` + `prompt_for_turn`. All of it but its last id is read in one forward call; the
-//! state there is the turn's `ready` snapshot. Generation starts from `ready` with that last id, so
-//! regenerating is: restore `ready`, generate again.
+//! `close_turn` + `prompt_for_turn`. All of it but its last id is read first, in chunks of
+//! [`PREFILL_CHUNK`] with a cancel check between them (cancelled there, the turn is dropped:
+//! `Rewound`, then `Done`); the state there is the turn's `ready` snapshot. Generation starts from
+//! `ready` with that last id, so regenerating is: restore `ready`, generate again.
 
 use std::path::Path;
 
@@ -16,12 +17,16 @@ use crate::chat_template::{close_turn, prompt_for_turn, STOP_STRINGS};
 use crate::engine::protocol::{CancelFlag, ConversationInfo, EngineEvent, ReqId};
 use crate::engine::telemetry::{records, RouterHistory};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenEvent, GenOutcome};
+use crate::generate::{generate, GenEvent, GenOutcome, GenStats, StopReason};
 use crate::model::probe::Probe;
 use crate::model::state::{State, StateSnapshot};
 use crate::model::{Logits, Model};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::EOS_ID;
+
+/// Prompt tokens read per forward call; the cancel flag is checked between calls, so Esc stops a
+/// long paste within one chunk.
+pub const PREFILL_CHUNK: usize = 128;
 
 /// One question and its answer.
 #[derive(Debug, Clone)]
@@ -40,6 +45,9 @@ pub struct Turn {
     pub pending: Option<u32>,
     pub regens: u64,
 }
+
+/// A turn that was answered: its `ready` snapshot, the outcome, the ids fed and the state after.
+type Answered = (State, GenOutcome, Vec<u32>, State);
 
 /// The conversation the engine holds.
 #[derive(Debug, Clone)]
@@ -93,19 +101,26 @@ impl Conversation {
             id,
             user: user.to_string(),
         });
-        let run = (|| -> Result<(State, GenOutcome, Vec<u32>, State)> {
+        let run = (|| -> Result<Option<Answered>> {
             let mut ready = self.state.clone();
             let t0 = std::time::Instant::now();
-            if !head.is_empty() {
+            // in chunks, so that a long paste can be cancelled while it is read
+            for chunk in head.chunks(PREFILL_CHUNK) {
+                if cancel.is_cancelled() {
+                    return Ok(None);
+                }
                 let mut probe = Probe::new();
                 let pos0 = ready.pos;
-                let ids = Tensor::from_slice(head, (1, head.len()), &model.device)?;
+                let ids = Tensor::from_slice(chunk, (1, chunk.len()), &model.device)?;
                 model.forward(&ids, &mut ready, Logits::Last, Some(&mut probe))?;
                 hist.push(&probe, pos0);
                 emit(EngineEvent::Prompt {
                     id,
-                    tokens: records(tok, head, pos0, false, Some(&probe)),
+                    tokens: records(tok, chunk, pos0, false, Some(&probe)),
                 });
+            }
+            if cancel.is_cancelled() {
+                return Ok(None);
             }
             let head_secs = t0.elapsed().as_secs_f64();
             let (mut out, fed, end) = answer(model, tok, hist, id, &ready, last_id, params, cancel, emit)?;
@@ -113,10 +128,10 @@ impl Conversation {
             out.stats.prompt_tokens += head.len();
             out.stats.prefill_secs += head_secs;
             out.stats.ttft_secs += head_secs;
-            Ok((ready, out, fed, end))
+            Ok(Some((ready, out, fed, end)))
         })();
         match run {
-            Ok((ready, out, fed, end)) => {
+            Ok(Some((ready, out, fed, end))) => {
                 let turn = Turn {
                     user: user.to_string(),
                     answer: out.text.clone(),
@@ -133,6 +148,20 @@ impl Conversation {
                     id,
                     stats: out.stats,
                     stop: out.stop,
+                });
+                Ok(())
+            }
+            Ok(None) => {
+                // cancelled while reading the prompt: the turn never happened
+                hist.truncate(self.state.pos);
+                emit(EngineEvent::Rewound {
+                    pos: self.state.pos,
+                    turns: self.turns.len(),
+                });
+                emit(EngineEvent::Done {
+                    id,
+                    stats: GenStats::default(),
+                    stop: StopReason::Cancelled,
                 });
                 Ok(())
             }

@@ -88,13 +88,17 @@ fn run(source: Source, rx: Receiver<Command>, mut sink: Sink) {
         worker.serve(&rx, &mut sink);
     }));
     if let Err(p) = result {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
-        sink(EngineEvent::Fatal(format!("the engine stopped: {msg}")));
+        sink(EngineEvent::Fatal(format!("the engine stopped: {}", panic_text(p.as_ref()))));
     }
+}
+
+/// The message of a panic payload (a `String` or `&str`; anything else is "unknown panic").
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// What the engine thread owns.
@@ -183,9 +187,14 @@ impl Worker {
                 Ok(())
             }
             Command::NewChat { system } => {
+                let has_system = system.is_some();
                 self.conv = Conversation::new(model, system)?;
                 self.hist.clear();
                 emit(EngineEvent::Rewound { pos: 0, turns: 0 });
+                // the UI shows the system prompt as the chat's first message
+                if has_system {
+                    emit(EngineEvent::Conversation(Box::new(self.conv.info())));
+                }
                 Ok(())
             }
             Command::Sinkhorn { window, max_iters, tol } => {
@@ -278,7 +287,10 @@ fn load(spec: &LoadSpec, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
         hub: None,
     };
     let mut loaded = std::thread::scope(|scope| {
-        let job = scope.spawn(|| crate::loader::load(&source, &device, dtype, &opts));
+        let job = std::thread::Builder::new()
+            .name("loader".into())
+            .spawn_scoped(scope, || crate::loader::load(&source, &device, dtype, &opts))
+            .map_err(|e| Error::Invalid(format!("cannot start the model loader thread: {e}")))?;
         while !job.is_finished() {
             if let Ok(p) = rx.recv_timeout(std::time::Duration::from_millis(50)) {
                 if p.stage != "ready" {
@@ -291,7 +303,7 @@ fn load(spec: &LoadSpec, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
             }
         }
         job.join()
-            .unwrap_or_else(|_| Err(crate::Error::Invalid("the model loader panicked".into())))
+            .unwrap_or_else(|p| Err(Error::Invalid(format!("the model loader panicked: {}", panic_text(p.as_ref())))))
     })?;
     if let Some(dir) = &spec.adapter {
         sink(EngineEvent::LoadProgress {

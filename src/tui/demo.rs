@@ -6,7 +6,6 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use crate::engine::protocol::{Command, EngineEvent, FinetuneEvent, FinetuneProgress, ModelInfo, ProbeRouting, Route, TokenRec};
 use crate::engine::telemetry::RouterHistory;
 use crate::generate::{GenStats, StopReason};
-use crate::model::probe::{MoeRecord, Probe};
 use crate::rng::Rng;
 use crate::tui::app::{App, Msg};
 
@@ -128,30 +127,12 @@ pub fn conversation(app: &mut App, info: &ModelInfo, turns: usize, answer: usize
     app.update(Msg::Engine(EngineEvent::Sinkhorn(Box::new(report))));
 }
 
-/// Router logits consistent with the token's chosen experts.
+/// Router logits consistent with the token's chosen experts, appended as one row of the history.
 fn push_logits(hist: &mut RouterHistory, info: &ModelInfo, t: &TokenRec, rng: &mut Rng) {
-    let moe = info
-        .moe_layers
-        .iter()
-        .zip(&t.routes)
-        .map(|(&(layer, e), r)| MoeRecord {
-            layer,
-            n_experts: e,
-            logits: (0..e)
-                .map(|j| rng.normal() as f32 * 0.5 + if j == usize::from(r.expert) { 1.5 } else { 0.0 })
-                .collect(),
-            experts: vec![u32::from(r.expert)],
-            sinkhorn: None,
-        })
-        .collect();
-    hist.push(
-        &Probe {
-            n_tokens: 1,
-            moe,
-            ..Probe::default()
-        },
-        t.pos,
-    );
+    for ((&(_, e), r), rows) in info.moe_layers.iter().zip(&t.routes).zip(hist.logits.iter_mut()) {
+        rows.extend((0..e).map(|j| rng.normal() as f32 * 0.5 + if j == usize::from(r.expert) { 1.5 } else { 0.0 }));
+    }
+    hist.pos.push(t.pos);
 }
 
 /// Plays `steps` fine-tuning steps of a made-up run, with probe routing before and after.

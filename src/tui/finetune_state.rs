@@ -1,15 +1,11 @@
 //! The fine-tune panel's state: the form, the trainer's status and its progress history. Drawn by
-//! `views::finetune`; changed only through [`FinetuneState::key`] and [`FinetuneState::apply`].
+//! `views::finetune`, whose key table changes it through these methods; the engine's news comes in
+//! through [`FinetuneState::apply`].
 
 use std::path::PathBuf;
 
-use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-
-use crate::engine::protocol::{
-    FinetuneCommand, FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting,
-};
-use crate::tui::app::edit_line;
-use crate::tui::text::Editor;
+use crate::engine::protocol::{FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting};
+use crate::tui::editor::Editor;
 
 /// The form fields, in order.
 pub const FIELDS: [&str; 10] = [
@@ -99,7 +95,8 @@ impl FinetuneState {
         matches!(i, 0 | 2 | 9)
     }
 
-    fn set_text(&mut self, i: usize, v: &str) {
+    /// Sets text field `i` from what was typed.
+    pub fn set_text(&mut self, i: usize, v: &str) {
         let v = v.trim();
         match i {
             0 => self.spec.data = PathBuf::from(v),
@@ -108,7 +105,8 @@ impl FinetuneState {
         }
     }
 
-    fn adjust(&mut self, i: usize, d: i64) {
+    /// Steps field `i` up (`d` > 0) or down.
+    pub fn adjust(&mut self, i: usize, d: i64) {
         let s = &mut self.spec;
         let step = |x: usize, by: usize, lo: usize, hi: usize| {
             let v = if d > 0 { x.saturating_add(by) } else { x.saturating_sub(by) };
@@ -141,46 +139,6 @@ impl FinetuneState {
         }
     }
 
-    /// A key in the panel; returns a command for the engine.
-    pub fn key(&mut self, k: KeyEvent) -> Option<FinetuneCommand> {
-        if let Some(ed) = self.editing.as_mut() {
-            match k.code {
-                KeyCode::Enter => {
-                    let text = ed.text.clone();
-                    self.editing = None;
-                    self.set_text(self.sel, &text);
-                }
-                KeyCode::Esc => self.editing = None,
-                _ => edit_line(ed, k),
-            }
-            return None;
-        }
-        if k.modifiers.contains(KeyModifiers::CONTROL) {
-            return None;
-        }
-        match k.code {
-            KeyCode::Up | KeyCode::Char('k') => self.sel = self.sel.saturating_sub(1),
-            KeyCode::Down | KeyCode::Char('j') => self.sel = (self.sel + 1).min(FIELDS.len() - 1),
-            KeyCode::Left | KeyCode::Char('h' | '-') => self.adjust(self.sel, -1),
-            KeyCode::Right | KeyCode::Char('l' | '+') => self.adjust(self.sel, 1),
-            KeyCode::Enter if Self::is_text(self.sel) => self.editing = Some(Editor::new(&self.value(self.sel))),
-            KeyCode::Enter => self.adjust(self.sel, 1),
-            KeyCode::Char('s') => return Some(FinetuneCommand::Start(Box::new(self.spec.clone()))),
-            KeyCode::Char('p') => {
-                return Some(if self.status == FinetuneStatus::Paused {
-                    FinetuneCommand::Resume
-                } else {
-                    FinetuneCommand::Pause
-                })
-            }
-            KeyCode::Char('x') => return Some(FinetuneCommand::Stop),
-            KeyCode::Char('w') => return Some(FinetuneCommand::Save),
-            KeyCode::Char('u') => return Some(FinetuneCommand::UseFinetuned(!self.using_finetuned)),
-            _ => {}
-        }
-        None
-    }
-
     /// Applies fine-tuning news from the engine.
     pub fn apply(&mut self, ev: FinetuneEvent) {
         match ev {
@@ -211,6 +169,14 @@ impl FinetuneState {
                 }
             }
         }
+    }
+
+    /// Whether a run has trained steps that a save would keep (running, paused or stopped).
+    pub fn run_to_save(&self) -> bool {
+        matches!(
+            self.status,
+            FinetuneStatus::Running | FinetuneStatus::Paused | FinetuneStatus::Stopped
+        ) && !self.history.is_empty()
     }
 
     /// Seconds left at the recent pace.

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod demo;
+pub mod editor;
 pub mod finetune_state;
 pub mod keymap;
 pub mod picker;
@@ -14,11 +15,14 @@ pub mod store;
 pub mod text;
 pub mod theme;
 pub mod ui;
+pub mod update;
 pub mod views;
 pub mod widgets;
 
-use std::io::{stdout, Stdout};
+use std::io::{stdout, Stdout, Write};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossterm::event::{
@@ -30,9 +34,10 @@ use crossterm::terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScree
 use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
 
-use crate::engine::protocol::{Command, LoadSpec};
-use crate::engine::{Engine, Source};
+use crate::engine::protocol::{Command, EngineEvent, FinetuneCommand, FinetuneEvent, LoadSpec};
+use crate::engine::{panic_text, Engine, Source};
 use crate::error::{Error, Result};
+use crate::signals::{Signal, Signals};
 use app::{App, Msg, TICKS_PER_SEC};
 
 /// What `blackmamba chat` needs.
@@ -41,20 +46,35 @@ pub struct Options {
     pub load: LoadSpec,
     /// `--theme NAME|FILE`.
     pub theme: Option<String>,
+    /// The system prompt of the first chat (`--system`, `--system-file`).
+    pub system: Option<String>,
+    /// SIGINT, SIGTERM and SIGHUP: seen, the UI puts the terminal back and ends.
+    pub signals: Signals,
+}
+
+/// How the UI ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The user quit (Ctrl-Q, or Ctrl-C with nothing running).
+    Quit,
+    /// A signal stopped it; the terminal is restored.
+    Signal(Signal),
 }
 
 /// Shortest time between two frames.
 const FRAME: Duration = Duration::from_millis(33);
 
-/// Opens the TUI and runs it until the user quits.
-pub fn run(opts: Options) -> Result<()> {
+/// Opens the TUI and runs it until the user quits or a signal comes. The terminal is put back on
+/// every way out: return, error, signal and panic of this thread (panics of other threads are
+/// shown in the UI instead, see [`PanicHook`]).
+pub fn run(opts: Options) -> Result<Exit> {
     let (theme, warning) = theme::resolve(opts.theme.as_deref());
     let mut app = App::new(theme);
     if let Some(w) = warning {
         app.notify(w, true);
     }
-    install_panic_hook();
     let (tx, rx) = mpsc::channel::<Msg>();
+    let _hook = PanicHook::install(tx.clone(), restore);
     let etx = tx.clone();
     let engine = Engine::spawn(
         Source::Spec(opts.load),
@@ -62,32 +82,89 @@ pub fn run(opts: Options) -> Result<()> {
             let _ = etx.send(Msg::Engine(ev));
         }),
     )?;
-    let mut guard = TerminalGuard::enter()?;
+    if opts.system.is_some() {
+        app.chat.system.clone_from(&opts.system);
+        engine.send(Command::NewChat { system: opts.system });
+    }
+    let (guard, mut terminal) = TerminalGuard::enter()?;
     std::thread::Builder::new()
         .name("input".into())
-        .spawn(move || input_loop(&tx))
+        .spawn(move || {
+            let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| input_loop(&tx))) {
+                Ok(why) => why,
+                Err(_) => "it panicked".into(),
+            };
+            let _ = tx.send(Msg::InputClosed(why));
+        })
         .map_err(|e| Error::Invalid(format!("cannot start the input thread: {e}")))?;
-    let result = event_loop(&mut app, &mut guard.terminal, &rx, &engine);
+    let result = match event_loop(&mut app, &mut terminal, &rx, &engine, &opts.signals) {
+        // a closed terminal fails reads and writes and sends SIGHUP, in either order
+        Err(e) => signal_within(&opts.signals, Duration::from_millis(300)).map_or(Err(e), |sig| Ok(Exit::Signal(sig))),
+        ok => ok,
+    };
     if let Some(b) = &app.busy {
         b.cancel.cancel();
     }
+    // ratatui's Terminal shows the cursor when dropped and prints to stderr if it cannot, which
+    // panics once the terminal is gone (SIGHUP): show it here and, if that fails, skip the drop.
+    if terminal.show_cursor().is_err() {
+        std::mem::forget(terminal);
+    }
     drop(guard);
+    // A signal during a fine-tuning run in the panel: save it, as `blackmamba finetune` does.
+    let save_run = matches!(result, Ok(Exit::Signal(_))) && app.ft.run_to_save();
+    if save_run {
+        engine.send(Command::Finetune(FinetuneCommand::Save));
+    }
     // Give the engine a moment to finish its token; don't hang the shell on a long prefill.
     engine.send(Command::Shutdown);
+    let wait = Duration::from_secs(if save_run { 60 } else { 2 });
     let t0 = Instant::now();
-    while !engine.is_finished() && t0.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(10));
+    let mut saved: Option<std::result::Result<PathBuf, String>> = None;
+    while !engine.is_finished() && t0.elapsed() < wait {
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::Saved(p)))) => saved = Some(Ok(p)),
+            Ok(Msg::Engine(EngineEvent::Error { message, .. })) => saved = Some(Err(message)),
+            _ => {}
+        }
+    }
+    if save_run {
+        // writeln, not eprintln: after SIGHUP stderr may be gone
+        let mut err = std::io::stderr();
+        let data = app.ft.spec.data.display();
+        let _ = match saved {
+            Some(Ok(p)) => writeln!(
+                err,
+                "saved the fine-tuning run to {0}; continue it with: blackmamba finetune --data {data} --resume {0}",
+                p.display()
+            ),
+            Some(Err(e)) => writeln!(err, "saving the fine-tuning run failed: {e}"),
+            None => writeln!(
+                err,
+                "the fine-tuning run was not saved: the engine did not answer within {} s",
+                wait.as_secs()
+            ),
+        };
     }
     result
 }
 
-fn event_loop(app: &mut App, term: &mut Terminal<CrosstermBackend<Stdout>>, rx: &mpsc::Receiver<Msg>, engine: &Engine) -> Result<()> {
+fn event_loop(
+    app: &mut App,
+    term: &mut Terminal<CrosstermBackend<Stdout>>,
+    rx: &mpsc::Receiver<Msg>,
+    engine: &Engine,
+    signals: &Signals,
+) -> Result<Exit> {
     let tick = Duration::from_millis(1000 / TICKS_PER_SEC);
     let mut next_tick = Instant::now() + tick;
     let mut last_draw = Instant::now() - FRAME;
     let mut dirty = true;
     let io = |e: std::io::Error| Error::io("terminal", e);
     loop {
+        if let Some(sig) = signals.received() {
+            return Ok(Exit::Signal(sig));
+        }
         if dirty && last_draw.elapsed() >= FRAME {
             term.draw(|f| ui::draw(app, f.area(), f.buffer_mut())).map_err(io)?;
             last_draw = Instant::now();
@@ -101,7 +178,7 @@ fn event_loop(app: &mut App, term: &mut Terminal<CrosstermBackend<Stdout>>, rx: 
         let first = match rx.recv_timeout(wait) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(RecvTimeoutError::Disconnected) => return Ok(Exit::Quit),
         };
         let mut msgs: Vec<Msg> = first.into_iter().collect();
         msgs.extend(rx.try_iter().take(10_000));
@@ -115,6 +192,9 @@ fn event_loop(app: &mut App, term: &mut Terminal<CrosstermBackend<Stdout>>, rx: 
             dirty |= app.busy.is_some() || app.model.is_none() || app.switching.is_some() || app.notice.is_some();
         }
         for m in msgs {
+            if let Msg::InputClosed(why) = &m {
+                return Err(Error::Invalid(format!("the terminal input stopped ({why})")));
+            }
             if !matches!(m, Msg::Tick) {
                 dirty = true;
             }
@@ -123,12 +203,27 @@ fn event_loop(app: &mut App, term: &mut Terminal<CrosstermBackend<Stdout>>, rx: 
             }
         }
         if app.quit {
-            return Ok(());
+            return Ok(Exit::Quit);
         }
     }
 }
 
-fn input_loop(tx: &mpsc::Sender<Msg>) {
+/// The signal received, waiting up to `wait` for one.
+fn signal_within(signals: &Signals, wait: Duration) -> Option<Signal> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(sig) = signals.received() {
+            return Some(sig);
+        }
+        if t0.elapsed() >= wait {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Forwards terminal events until the terminal fails or the UI is gone; returns why it stopped.
+fn input_loop(tx: &mpsc::Sender<Msg>) -> String {
     loop {
         let msg = match crossterm::event::read() {
             Ok(Event::Key(k)) => Msg::Key(k),
@@ -136,22 +231,21 @@ fn input_loop(tx: &mpsc::Sender<Msg>) {
             Ok(Event::Mouse(m)) => Msg::Mouse(m),
             Ok(Event::Resize(w, h)) => Msg::Resize(w, h),
             Ok(_) => continue,
-            Err(_) => return,
+            Err(e) => return e.to_string(),
         };
         if tx.send(msg).is_err() {
-            return;
+            return "the UI has ended".into();
         }
     }
 }
 
 /// Puts the terminal into raw mode on the alternate screen with mouse and bracketed paste, and
-/// puts it back when dropped (normal exit and errors) or on a panic (see [`install_panic_hook`]).
-struct TerminalGuard {
-    terminal: Terminal<CrosstermBackend<Stdout>>,
-}
+/// puts it back when dropped (normal exit, errors and signals) or on a panic (see [`PanicHook`]).
+struct TerminalGuard;
 
 impl TerminalGuard {
-    fn enter() -> Result<Self> {
+    /// Enters the UI's terminal modes; returns the guard and the terminal to draw on.
+    fn enter() -> Result<(Self, Terminal<CrosstermBackend<Stdout>>)> {
         let io = |e: std::io::Error| Error::io("terminal", e);
         enable_raw_mode().map_err(|e| {
             Error::Invalid(format!(
@@ -173,7 +267,7 @@ impl TerminalGuard {
             Ok(mut terminal) => {
                 let _ = terminal.hide_cursor();
                 let _ = terminal.clear();
-                Ok(Self { terminal })
+                Ok((Self, terminal))
             }
             Err(e) => {
                 restore();
@@ -203,15 +297,46 @@ pub fn restore() {
     let _ = disable_raw_mode();
 }
 
-/// Restores the terminal before the default panic message is printed. Panics of the engine thread
-/// are not printed over the screen: the engine reports them as a fatal event.
-fn install_panic_hook() {
-    let prev = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if std::thread::current().name() == Some("engine") {
-            return;
-        }
-        restore();
-        prev(info);
-    }));
+/// The panic hook while the UI runs. A panic of the UI thread puts the terminal back and then
+/// prints the usual message. A panic of any other thread (engine, model loader, input) leaves the
+/// terminal alone, since the UI goes on: its message goes to the UI as [`Msg::Panicked`] and is
+/// shown as an error. Dropping the guard puts the previous hook back.
+pub struct PanicHook {
+    prev: Arc<PrevHook>,
+}
+
+type PrevHook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync + 'static>;
+
+impl PanicHook {
+    /// Installs the hook; the calling thread is the UI thread, `restore` puts the terminal back.
+    pub fn install(tx: mpsc::Sender<Msg>, restore: fn()) -> Self {
+        let ui = std::thread::current().id();
+        let prev: Arc<PrevHook> = Arc::new(std::panic::take_hook());
+        let chained = prev.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            let me = std::thread::current();
+            if me.id() == ui {
+                restore();
+                chained(info);
+                return;
+            }
+            let message = match info.location() {
+                Some(l) => format!("{} ({}:{})", panic_text(info.payload()), l.file(), l.line()),
+                None => panic_text(info.payload()),
+            };
+            let thread = me.name().unwrap_or("unnamed").to_string();
+            // the UI is gone: print as usual
+            if tx.send(Msg::Panicked { thread, message }).is_err() {
+                chained(info);
+            }
+        }));
+        Self { prev }
+    }
+}
+
+impl Drop for PanicHook {
+    fn drop(&mut self) {
+        let prev = self.prev.clone();
+        std::panic::set_hook(Box::new(move |info| prev(info)));
+    }
 }

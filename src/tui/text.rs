@@ -1,5 +1,5 @@
 //! Text for the screen: sanitising (no control bytes reach the terminal), display widths, word
-//! wrapping of styled segments, and the multi-line input editor.
+//! wrapping of styled segments.
 
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
@@ -134,102 +134,6 @@ fn take_last_word(cur: &mut Vec<(String, Style)>) -> Vec<(String, Style)> {
     Vec::new()
 }
 
-/// A multi-line text input with a cursor (byte offset into `text`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Editor {
-    pub text: String,
-    pub cursor: usize,
-}
-
-impl Editor {
-    pub fn new(text: &str) -> Self {
-        Self {
-            text: text.to_string(),
-            cursor: text.len(),
-        }
-    }
-    pub fn is_blank(&self) -> bool {
-        self.text.trim().is_empty()
-    }
-    pub fn clear(&mut self) {
-        self.text.clear();
-        self.cursor = 0;
-    }
-    pub fn take(&mut self) -> String {
-        self.cursor = 0;
-        std::mem::take(&mut self.text)
-    }
-    /// Inserts text (pastes too); `\r\n` and `\r` become `\n`, other control characters are dropped.
-    pub fn insert(&mut self, s: &str) {
-        let clean: String = s
-            .replace("\r\n", "\n")
-            .replace('\r', "\n")
-            .chars()
-            .map(|c| if c == '\t' { ' ' } else { c })
-            .filter(|&c| c == '\n' || !c.is_control())
-            .collect();
-        self.text.insert_str(self.cursor, &clean);
-        self.cursor += clean.len();
-    }
-    pub fn backspace(&mut self) {
-        if let Some(c) = self.text[..self.cursor].chars().next_back() {
-            self.cursor -= c.len_utf8();
-            self.text.remove(self.cursor);
-        }
-    }
-    pub fn delete(&mut self) {
-        if self.cursor < self.text.len() {
-            self.text.remove(self.cursor);
-        }
-    }
-    pub fn left(&mut self) {
-        if let Some(c) = self.text[..self.cursor].chars().next_back() {
-            self.cursor -= c.len_utf8();
-        }
-    }
-    pub fn right(&mut self) {
-        if let Some(c) = self.text[self.cursor..].chars().next() {
-            self.cursor += c.len_utf8();
-        }
-    }
-    pub fn home(&mut self) {
-        self.cursor = self.text[..self.cursor].rfind('\n').map_or(0, |i| i + 1);
-    }
-    pub fn end(&mut self) {
-        self.cursor = self.text[self.cursor..].find('\n').map_or(self.text.len(), |i| self.cursor + i);
-    }
-    /// Moves to the previous line; false when already on the first.
-    pub fn up(&mut self) -> bool {
-        let start = self.text[..self.cursor].rfind('\n').map_or(0, |i| i + 1);
-        if start == 0 {
-            return false;
-        }
-        let col = self.text[start..self.cursor].chars().count();
-        let prev_start = self.text[..start - 1].rfind('\n').map_or(0, |i| i + 1);
-        self.cursor = advance(&self.text, prev_start, start - 1, col);
-        true
-    }
-    /// Moves to the next line; false when already on the last.
-    pub fn down(&mut self) -> bool {
-        let Some(nl) = self.text[self.cursor..].find('\n').map(|i| self.cursor + i) else {
-            return false;
-        };
-        let start = self.text[..self.cursor].rfind('\n').map_or(0, |i| i + 1);
-        let col = self.text[start..self.cursor].chars().count();
-        let next_end = self.text[nl + 1..].find('\n').map_or(self.text.len(), |i| nl + 1 + i);
-        self.cursor = advance(&self.text, nl + 1, next_end, col);
-        true
-    }
-    pub fn lines(&self) -> usize {
-        self.text.split('\n').count()
-    }
-}
-
-/// Byte offset `col` characters after `from`, but not past `end`.
-fn advance(text: &str, from: usize, end: usize, col: usize) -> usize {
-    text[from..end].char_indices().nth(col).map_or(end, |(i, _)| from + i)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,21 +155,5 @@ mod tests {
         for l in wrap(&[("x".repeat(50), st), ("日本語のテキスト".into(), st)], 7, "> ") {
             assert!(l.width() <= 7, "{l:?}");
         }
-    }
-
-    #[test]
-    fn editor_moves_between_lines_and_edits_utf8() {
-        let mut e = Editor::new("héllo\nwörld!");
-        assert!(e.up());
-        assert_eq!(&e.text[e.cursor..], "\nwörld!");
-        e.home();
-        e.right();
-        e.right();
-        e.backspace();
-        assert_eq!(e.text, "hllo\nwörld!");
-        assert!(e.down());
-        e.insert("X\r\nY\x1b");
-        assert!(e.text.contains("X\nY"));
-        assert!(!e.text.contains('\x1b'));
     }
 }

@@ -8,9 +8,10 @@ use ratatui::widgets::{Clear, Widget};
 
 use crate::engine::HBM_BANDWIDTH_CEILING;
 use crate::tui::app::{App, View, TICKS_PER_SEC};
-use crate::tui::keymap;
+use crate::tui::keymap::{self, section, Section};
 use crate::tui::text::{clip, sanitize, width};
 use crate::tui::theme::Role;
+use crate::tui::update;
 use crate::tui::views;
 use crate::tui::widgets::{framed, lines, put};
 
@@ -226,17 +227,46 @@ fn status(app: &App, area: Rect, buf: &mut Buffer) {
     }
 }
 
+/// The legend line's (key, word) pairs: the keys that work now, from the tables that handle them.
+pub fn legend_keys(app: &App) -> Vec<(String, &'static str)> {
+    if app.picker.open && app.switching.is_none() {
+        return keymap::legend(views::picker::KEYS);
+    }
+    let mut keys = match app.view {
+        View::Chat => keymap::legend(views::chat::legend(app)),
+        View::Routing => keymap::legend(views::routing::KEYS),
+        View::Sinkhorn => keymap::legend(views::sinkhorn::KEYS),
+        View::State => keymap::legend(views::state::KEYS),
+        View::Finetune => keymap::legend(views::finetune::legend(app)),
+    };
+    keys.extend(keymap::legend(update::GLOBAL_KEYS));
+    keys
+}
+
+/// The help screen, from the same tables that handle the keys.
+pub fn help_sections() -> Vec<Section> {
+    let mut out = vec![update::everywhere()];
+    out.extend(views::chat::help());
+    out.push(section(
+        "Text input (message, prompts, fields)",
+        crate::tui::editor::EDIT_KEYS,
+        &[("typing, paste", "insert text (a paste goes in whole)")],
+    ));
+    out.push(views::routing::help());
+    out.push(views::sinkhorn::help());
+    out.push(views::state::help());
+    out.push(views::finetune::help());
+    out.push(views::picker::help());
+    out.push(update::help_section());
+    out
+}
+
 fn legend(app: &App, area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
     let mut spans = Vec::new();
     let mut used = 0;
-    let keys = if app.picker.open && app.switching.is_none() {
-        keymap::PICKER
-    } else {
-        keymap::legend(app.view)
-    };
-    for (k, what) in keys {
-        let w = width(k) + width(what) + 3;
+    for (k, what) in legend_keys(app) {
+        let w = width(&k) + width(what) + 3;
         if used + w > usize::from(area.width) {
             break;
         }
@@ -256,11 +286,23 @@ fn help(app: &App, body: Rect, buf: &mut Buffer) {
     let inner = framed(app, "Help: ↑↓ PgUp PgDn scroll, any other key closes", true, area, buf);
     let kw = 30.min(usize::from(inner.width) / 3);
     let mut ls = Vec::new();
-    for (section, keys) in keymap::help() {
-        ls.push(Line::from(Span::styled(section, t.style(Role::Accent))));
-        for (k, d) in keys {
+    for s in help_sections() {
+        if !s.title.is_empty() {
+            ls.push(Line::from(Span::styled(s.title, t.style(Role::Accent))));
+        }
+        for (k, d) in s.lines {
+            // keys too long for the column get a line of their own
+            let keys = if width(&k) < kw {
+                format!("  {k:<kw$}")
+            } else {
+                ls.push(Line::from(Span::styled(
+                    format!("  {}", clip(&k, usize::from(inner.width))),
+                    t.style(Role::Key),
+                )));
+                format!("  {:<kw$}", "")
+            };
             ls.push(Line::from(vec![
-                Span::styled(format!("  {:<kw$}", clip(k, kw)), t.style(Role::Key)),
+                Span::styled(keys, t.style(Role::Key)),
                 Span::styled(d, t.style(Role::Text)),
             ]));
         }

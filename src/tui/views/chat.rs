@@ -1,16 +1,24 @@
 //! The chat view: the conversation (streaming, scrollable, optionally coloured by expert), the
-//! message input and the sampling panel.
+//! message input, the file and system prompts and the sampling panel; and their keys.
 
+use crossterm::event::{KeyCode, KeyEvent};
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 
 use crate::chat_template::Role as Speaker;
-use crate::tui::app::{sampling_value, App, ChatFocus, SAMPLING_FIELDS};
+use crate::engine::protocol::Command;
+use crate::sampling::SamplingParams;
+use crate::tui::app::{bind, App, ChatFocus, KeyAction};
+use crate::tui::editor::{edit, Editor};
+use crate::tui::keymap::{find, section, step_in, Binding, Chord, Section};
 use crate::tui::text::{sanitize, wrap};
 use crate::tui::theme::Role;
 use crate::tui::widgets::{framed, lines, put};
+
+/// The sampling parameters the panel edits, in order.
+pub const SAMPLING_FIELDS: [&str; 7] = ["temperature", "top-k", "top-p", "min-p", "repeat penalty", "seed", "max tokens"];
 
 /// Spinner frames.
 pub const SPINNER: [&str; 4] = ["◐", "◓", "◑", "◒"];
@@ -28,7 +36,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         u16::from(main.height >= 2)
     };
     let [hist, input] = Layout::vertical([Constraint::Min(1), Constraint::Length(input_h)]).areas(main);
-    let focused_input = matches!(app.chat.focus, ChatFocus::Input | ChatFocus::Path(_));
+    let focused_input = matches!(app.chat.focus, ChatFocus::Input | ChatFocus::Path(_) | ChatFocus::System);
     // below 5 rows the frame would leave no room for the text
     let inner = if hist.height >= 5 {
         framed(app, "Chat", false, hist, buf)
@@ -38,12 +46,14 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     history(app, inner, buf);
     let ed = match app.chat.focus {
         ChatFocus::Path(_) => &app.chat.path,
+        ChatFocus::System => &app.chat.system_input,
         _ => &app.chat.input,
     };
     if input.height >= 3 {
         let title = match app.chat.focus {
             ChatFocus::Path(true) => "Save conversation to (Enter saves, Esc cancels)",
             ChatFocus::Path(false) => "Load conversation from (Enter loads, Esc cancels)",
+            ChatFocus::System => "System prompt (Enter starts a new chat with it, Esc cancels)",
             _ => "Message",
         };
         let inner = framed(app, title, focused_input, input, buf);
@@ -65,7 +75,7 @@ pub fn history_lines(app: &App, w: usize) -> Vec<Line<'static>> {
     let mut out: Vec<Line<'static>> = Vec::new();
     if app.chat.messages.is_empty() {
         let hint = if app.model.is_some() {
-            "Type a message and press Enter. Alt-Enter adds a line; Ctrl-P edits sampling; ? shows every key."
+            "Type a message and press Enter. Alt-Enter adds a line; Ctrl-P edits sampling; Ctrl-G sets a system prompt; ? shows every key."
         } else {
             "The model is loading; you can type already."
         };
@@ -133,7 +143,7 @@ fn history(app: &App, area: Rect, buf: &mut Buffer) {
     }
 }
 
-fn editor(app: &App, ed: &crate::tui::text::Editor, focused: bool, area: Rect, buf: &mut Buffer) {
+fn editor(app: &App, ed: &Editor, focused: bool, area: Rect, buf: &mut Buffer) {
     if area.is_empty() {
         return;
     }
@@ -228,4 +238,244 @@ fn sampling(app: &App, area: Rect, buf: &mut Buffer) {
         ls.push(Line::from(Span::styled("←→ change, Esc done", t.style(Role::Muted))));
     }
     lines(inner, buf, ls);
+}
+
+/// Keys of the message input; other keys edit the message ([`crate::tui::editor::EDIT_KEYS`]).
+pub const INPUT_KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Enter)], "send the message", |app, _, out| send(app, out)).legend("send"),
+    bind(
+        &[Chord::alt_key(KeyCode::Enter), Chord::shift_key(KeyCode::Enter), Chord::ctrl('j')],
+        "new line in the message",
+        |app, _, _| app.chat.input.insert("\n"),
+    )
+    .legend("newline"),
+    bind(&[Chord::ctrl('p')], "sampling panel", |app, _, _| {
+        app.chat.focus = ChatFocus::Sampling
+    })
+    .legend("sampling"),
+    bind(
+        &[Chord::ctrl('r')],
+        "regenerate the last answer (from the saved state)",
+        |app, _, out| regenerate(app, out),
+    )
+    .legend("regenerate"),
+    bind(&[Chord::ctrl('z')], "undo the last turn (restores the state)", |app, _, out| {
+        if app.ready() {
+            out.push(Command::Undo);
+        }
+    })
+    .legend("undo"),
+    bind(&[Chord::ctrl('n')], "new chat (keeps the system prompt)", |app, _, out| {
+        if app.ready() {
+            out.push(Command::NewChat {
+                system: app.chat.system.clone(),
+            });
+            app.stats = None;
+        }
+    })
+    .legend("new"),
+    bind(&[Chord::ctrl('g')], "system prompt: set it and start a new chat", |app, _, _| {
+        app.chat.system_input = Editor::new(app.chat.system.as_deref().unwrap_or(""));
+        app.chat.focus = ChatFocus::System;
+    })
+    .legend("system"),
+    bind(
+        &[Chord::ctrl('s')],
+        "save the conversation (JSON with state snapshots)",
+        |app, _, _| {
+            app.chat.focus = ChatFocus::Path(true);
+        },
+    )
+    .legend("save"),
+    bind(&[Chord::ctrl('o')], "load a saved conversation", |app, _, _| {
+        app.chat.focus = ChatFocus::Path(false)
+    })
+    .legend("load"),
+    bind(&[Chord::ctrl('t')], "colour tokens by expert", |app, _, _| {
+        app.chat.color_experts = !app.chat.color_experts
+    })
+    .legend("experts"),
+    bind(&[Chord::ctrl('l')], "the MoE layer of the colours", |app, _, _| {
+        app.chat.color_layer = step_in(app.chat.color_layer, 1, app.moe_count().max(1));
+        app.chat.color_experts = true;
+    }),
+    bind(&[Chord::ctrl('u')], "clear the message", |app, _, _| app.chat.input.clear()),
+    bind(&[Chord::key(KeyCode::PageUp)], "scroll the history up", |app, _, _| app.scroll(-10)),
+    bind(&[Chord::key(KeyCode::PageDown)], "scroll the history down", |app, _, _| {
+        app.scroll(10)
+    }),
+    bind(
+        &[Chord::key(KeyCode::Up)],
+        "line up in the message, else scroll the history",
+        |app, _, _| {
+            if !app.chat.input.up() {
+                app.scroll(-1);
+            }
+        },
+    ),
+    bind(
+        &[Chord::key(KeyCode::Down)],
+        "line down in the message, else scroll the history",
+        |app, _, _| {
+            if !app.chat.input.down() {
+                app.scroll(1);
+            }
+        },
+    ),
+];
+
+/// Keys of the sampling panel (Ctrl-P).
+pub const SAMPLING_KEYS: &[Binding<KeyAction>] = &[
+    bind(
+        &[Chord::key(KeyCode::Esc), Chord::key(KeyCode::Enter), Chord::ctrl('p')],
+        "back to the message",
+        |app, _, _| app.chat.focus = ChatFocus::Input,
+    )
+    .legend("back"),
+    bind(&[Chord::key(KeyCode::Up), Chord::ch('k')], "previous parameter", |app, _, _| {
+        app.chat.param_sel = step_in(app.chat.param_sel, -1, SAMPLING_FIELDS.len());
+    })
+    .legend("parameter"),
+    bind(&[Chord::key(KeyCode::Down), Chord::ch('j')], "next parameter", |app, _, _| {
+        app.chat.param_sel = step_in(app.chat.param_sel, 1, SAMPLING_FIELDS.len());
+    }),
+    bind(
+        &[Chord::key(KeyCode::Left), Chord::ch('-'), Chord::ch('h')],
+        "decrease",
+        |app, _, _| {
+            adjust(&mut app.chat.params, app.chat.param_sel, -1.0);
+        },
+    )
+    .legend("change"),
+    bind(
+        &[Chord::key(KeyCode::Right), Chord::ch('+'), Chord::ch('='), Chord::ch('l')],
+        "increase",
+        |app, _, _| adjust(&mut app.chat.params, app.chat.param_sel, 1.0),
+    ),
+];
+
+/// Keys of the save, load and system prompts; other keys edit the text.
+pub const PROMPT_KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Enter)], "save, load, or start the new chat", |app, _, out| {
+        submit(app, out)
+    })
+    .legend("ok"),
+    bind(&[Chord::key(KeyCode::Esc)], "cancel", |app, _, _| app.chat.focus = ChatFocus::Input).legend("cancel"),
+];
+
+/// The help sections of the chat view.
+pub fn help() -> Vec<Section> {
+    vec![
+        section("Chat", INPUT_KEYS, &[]),
+        section("Chat: sampling panel (Ctrl-P)", SAMPLING_KEYS, &[]),
+        section("Chat: save, load and system prompts (Ctrl-S, Ctrl-O, Ctrl-G)", PROMPT_KEYS, &[]),
+    ]
+}
+
+/// The keys the legend line shows now.
+pub fn legend(app: &App) -> &'static [Binding<KeyAction>] {
+    match app.chat.focus {
+        ChatFocus::Input => INPUT_KEYS,
+        ChatFocus::Sampling => SAMPLING_KEYS,
+        ChatFocus::Path(_) | ChatFocus::System => PROMPT_KEYS,
+    }
+}
+
+/// A key in the chat view.
+pub fn key(app: &mut App, k: KeyEvent, out: &mut Vec<Command>) {
+    if let Some(b) = find(legend(app), &k) {
+        (b.action)(app, k, out);
+        return;
+    }
+    let _ = match app.chat.focus {
+        ChatFocus::Input => edit(&mut app.chat.input, k),
+        ChatFocus::Path(_) => edit(&mut app.chat.path, k),
+        ChatFocus::System => edit(&mut app.chat.system_input, k),
+        ChatFocus::Sampling => false,
+    };
+}
+
+fn send(app: &mut App, out: &mut Vec<Command>) {
+    if app.chat.input.is_blank() || !app.ready() {
+        return;
+    }
+    let text = app.chat.input.take();
+    let (id, cancel) = app.new_request();
+    app.chat.scroll = 0;
+    out.push(Command::Chat {
+        id,
+        text: text.trim().to_string(),
+        params: app.chat.params.clone(),
+        cancel,
+    });
+}
+
+fn regenerate(app: &mut App, out: &mut Vec<Command>) {
+    if !app.ready() {
+        return;
+    }
+    if app.chat.messages.iter().all(|m| m.role != Speaker::Assistant) {
+        app.notify("nothing to regenerate yet", false);
+        return;
+    }
+    let (id, cancel) = app.new_request();
+    out.push(Command::Regenerate {
+        id,
+        params: app.chat.params.clone(),
+        cancel,
+    });
+}
+
+/// Enter in a prompt: save or load the conversation, or start a chat with the system prompt.
+fn submit(app: &mut App, out: &mut Vec<Command>) {
+    let focus = app.chat.focus;
+    app.chat.focus = ChatFocus::Input;
+    match focus {
+        ChatFocus::Path(save) => {
+            let p = std::path::PathBuf::from(app.chat.path.text.trim());
+            if p.as_os_str().is_empty() {
+                app.notify("no file name given", true);
+            } else if app.ready() {
+                out.push(if save { Command::SaveChat(p) } else { Command::LoadChat(p) });
+            }
+        }
+        ChatFocus::System => {
+            if app.ready() {
+                let text = app.chat.system_input.text.trim();
+                app.chat.system = (!text.is_empty()).then(|| text.to_string());
+                out.push(Command::NewChat {
+                    system: app.chat.system.clone(),
+                });
+                app.stats = None;
+            }
+        }
+        ChatFocus::Input | ChatFocus::Sampling => {}
+    }
+}
+
+/// Changes sampling field `i` by one step in direction `d`.
+pub fn adjust(p: &mut SamplingParams, i: usize, d: f64) {
+    let round = |x: f64, q: f64| (x / q).round() * q;
+    match i {
+        0 => p.temperature = round((p.temperature + 0.1 * d).clamp(0.0, 5.0), 0.01),
+        1 => p.top_k = (p.top_k as i64 + 5 * d as i64).clamp(0, 500) as usize,
+        2 => p.top_p = round((p.top_p + 0.05 * d).clamp(0.05, 1.0), 0.01),
+        3 => p.min_p = round((p.min_p + 0.01 * d).clamp(0.0, 0.5), 0.01),
+        4 => p.repeat_penalty = (f64::from(p.repeat_penalty) + 0.05 * d).clamp(1.0, 2.0).mul_add(100.0, 0.0).round() as f32 / 100.0,
+        5 => p.seed = p.seed.wrapping_add_signed(d as i64),
+        _ => p.max_tokens = (p.max_tokens as i64 + 32 * d as i64).clamp(1, 8192) as usize,
+    }
+}
+
+/// The value of sampling field `i`, for the panel.
+pub fn sampling_value(p: &SamplingParams, i: usize) -> String {
+    match i {
+        0 => format!("{:.2}", p.temperature),
+        1 => format!("{}", p.top_k),
+        2 => format!("{:.2}", p.top_p),
+        3 => format!("{:.2}", p.min_p),
+        4 => format!("{:.2}", p.repeat_penalty),
+        5 => format!("{}", p.seed),
+        _ => format!("{}", p.max_tokens),
+    }
 }

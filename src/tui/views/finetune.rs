@@ -7,9 +7,13 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Gauge, Widget};
 
-use crate::engine::protocol::{FinetuneStatus, ProbeRouting};
-use crate::tui::app::App;
+use crossterm::event::{KeyCode, KeyEvent};
+
+use crate::engine::protocol::{Command, FinetuneCommand, FinetuneStatus, ProbeRouting};
+use crate::tui::app::{bind, App, KeyAction};
+use crate::tui::editor::{edit, Editor};
 use crate::tui::finetune_state::{FinetuneState, FIELDS};
+use crate::tui::keymap::{find, section, Binding, Chord, Section};
 use crate::tui::text::{fit, one_line, sanitize};
 use crate::tui::theme::Role;
 use crate::tui::widgets::{framed, line_chart, lines, put, short, Series};
@@ -211,4 +215,114 @@ fn mini_heatmap(app: &App, r: &ProbeRouting, area: Rect, buf: &mut Buffer) {
             put(buf, area, area.x + c as u16, y, &format!("{}", e % 10), t.expert_cell(e));
         }
     }
+}
+
+/// Keys of the fine-tune form.
+pub const KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Up), Chord::ch('k')], "previous field", |app, _, _| {
+        app.ft.sel = app.ft.sel.saturating_sub(1);
+    })
+    .legend("field"),
+    bind(&[Chord::key(KeyCode::Down), Chord::ch('j')], "next field", |app, _, _| {
+        app.ft.sel = (app.ft.sel + 1).min(FIELDS.len() - 1);
+    }),
+    bind(
+        &[Chord::key(KeyCode::Left), Chord::ch('h'), Chord::ch('-')],
+        "smaller value",
+        |app, _, _| {
+            app.ft.adjust(app.ft.sel, -1);
+        },
+    )
+    .legend("change"),
+    bind(
+        &[Chord::key(KeyCode::Right), Chord::ch('l'), Chord::ch('+')],
+        "larger value",
+        |app, _, _| {
+            app.ft.adjust(app.ft.sel, 1);
+        },
+    ),
+    bind(&[Chord::key(KeyCode::Enter)], "type a path or list; step a value", |app, _, _| {
+        let i = app.ft.sel;
+        if FinetuneState::is_text(i) {
+            app.ft.editing = Some(Editor::new(&app.ft.value(i)));
+        } else {
+            app.ft.adjust(i, 1);
+        }
+    })
+    .legend("edit"),
+    bind(&[Chord::ch('s')], "start a run", |app, _, out| {
+        let spec = Box::new(app.ft.spec.clone());
+        send(app, FinetuneCommand::Start(spec), out);
+    })
+    .legend("start"),
+    bind(&[Chord::ch('p')], "pause / resume", |app, _, out| {
+        let c = if app.ft.status == FinetuneStatus::Paused {
+            FinetuneCommand::Resume
+        } else {
+            FinetuneCommand::Pause
+        };
+        send(app, c, out);
+    })
+    .legend("pause"),
+    bind(&[Chord::ch('x')], "stop the run", |app, _, out| {
+        send(app, FinetuneCommand::Stop, out)
+    })
+    .legend("stop"),
+    bind(&[Chord::ch('w')], "save the adapter", |app, _, out| {
+        send(app, FinetuneCommand::Save, out)
+    })
+    .legend("save"),
+    bind(&[Chord::ch('u')], "chat with the fine-tuned / base weights", |app, _, out| {
+        let on = !app.ft.using_finetuned;
+        send(app, FinetuneCommand::UseFinetuned(on), out);
+    })
+    .legend("use tuned"),
+];
+
+/// Keys while a field is typed into; other keys edit it.
+pub const FIELD_KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Enter)], "set the field", |app, _, _| {
+        if let Some(ed) = app.ft.editing.take() {
+            app.ft.set_text(app.ft.sel, &ed.text);
+        }
+    })
+    .legend("set"),
+    bind(&[Chord::key(KeyCode::Esc)], "keep the old value", |app, _, _| app.ft.editing = None).legend("cancel"),
+];
+
+/// The help section of this view.
+pub fn help() -> Section {
+    let mut s = section("Fine-tune", KEYS, &[]);
+    s.lines.extend(section("", FIELD_KEYS, &[]).lines);
+    s
+}
+
+/// The keys the legend line shows now.
+pub fn legend(app: &App) -> &'static [Binding<KeyAction>] {
+    if app.ft.editing.is_some() {
+        FIELD_KEYS
+    } else {
+        KEYS
+    }
+}
+
+/// A key in this view.
+pub fn key(app: &mut App, k: KeyEvent, out: &mut Vec<Command>) {
+    if let Some(b) = find(legend(app), &k) {
+        (b.action)(app, k, out);
+    } else if let Some(ed) = app.ft.editing.as_mut() {
+        edit(ed, k);
+    }
+}
+
+/// Sends a fine-tuning command; a new run forgets the last one's charts.
+fn send(app: &mut App, c: FinetuneCommand, out: &mut Vec<Command>) {
+    if matches!(c, FinetuneCommand::Start(_)) {
+        app.ft.history.clear();
+        app.ft.probe_before = None;
+        app.ft.probe_after = None;
+        app.ft.saved = None;
+    }
+    app.ft.awaiting = true;
+    out.push(Command::Finetune(c));
 }

@@ -7,9 +7,14 @@ use ratatui::layout::Rect;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Clear, Widget};
 
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
 use crate::catalog::{human_bytes, human_count, Availability, ModelChoice};
-use crate::tui::app::App;
-use crate::tui::picker::Picker;
+use crate::engine::protocol::Command;
+use crate::tui::app::{bind, App, KeyAction, Loading};
+use crate::tui::editor::edit;
+use crate::tui::keymap::{find, section, step_in, Binding, Chord, Section};
+use crate::tui::picker::{Picker, PickerAction};
 use crate::tui::text::{clip, fit, sanitize, width, wrap};
 use crate::tui::theme::Role;
 use crate::tui::widgets::{framed, lines};
@@ -208,4 +213,147 @@ fn footer<'a>(app: &App, p: &Picker, w: usize) -> Vec<Line<'a>> {
         )));
     }
     out
+}
+
+/// Keys of the open picker.
+pub const KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Up)], "previous model", |app, _, _| {
+        app.picker.sel = step_in(app.picker.sel, -1, app.picker.rows());
+    })
+    .legend("model"),
+    bind(&[Chord::key(KeyCode::Down)], "next model", |app, _, _| {
+        app.picker.sel = step_in(app.picker.sel, 1, app.picker.rows());
+    }),
+    bind(&[Chord::key(KeyCode::PageUp)], "first model", |app, _, _| app.picker.sel = 0),
+    bind(&[Chord::key(KeyCode::PageDown)], "the typed entry", |app, _, _| {
+        app.picker.sel = app.picker.rows() - 1;
+    }),
+    bind(
+        &[Chord::key(KeyCode::Enter)],
+        "load the selected model (a new chat starts on it)",
+        |app, _, out| {
+            let action = app.picker.choose();
+            load(app, action, out);
+        },
+    )
+    .legend("load"),
+    bind(&[Chord::key(KeyCode::Tab)], "next device and dtype to load on", |app, _, _| {
+        app.picker.cycle_runtime(1)
+    })
+    .legend("device, dtype"),
+    bind(&[Chord::key(KeyCode::BackTab)], "previous device and dtype", |app, _, _| {
+        app.picker.cycle_runtime(-1)
+    }),
+    bind(
+        &[Chord::key(KeyCode::Esc), Chord::ctrl('k')],
+        "close; the current model stays",
+        |app, _, _| app.picker.open = false,
+    )
+    .legend("close"),
+];
+
+/// Keys on a model row (on the typed entry, they edit the text instead).
+pub const LIST_KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Home)], "first model", |app, _, _| app.picker.sel = 0),
+    bind(&[Chord::key(KeyCode::End)], "the typed entry", |app, _, _| {
+        app.picker.sel = app.picker.rows() - 1;
+    }),
+    bind(&[Chord::key(KeyCode::Left)], "previous device and dtype", |app, _, _| {
+        app.picker.cycle_runtime(-1)
+    }),
+    bind(&[Chord::key(KeyCode::Right)], "next device and dtype", |app, _, _| {
+        app.picker.cycle_runtime(1)
+    }),
+];
+
+/// The help section of the picker.
+pub fn help() -> Section {
+    let mut s = section("Model picker (Ctrl-K)", KEYS, &[]);
+    s.lines.extend(
+        section(
+            "",
+            LIST_KEYS,
+            &[("typing", "a folder, owner/name[@revision] or random:SHAPE[@seed]")],
+        )
+        .lines,
+    );
+    s
+}
+
+/// Ctrl-K: opens the picker and asks the engine for the list of models.
+pub fn open(app: &mut App, out: &mut Vec<Command>) {
+    if app.fatal.is_some() {
+        app.notify("the engine has stopped; quit with Ctrl-Q", true);
+        return;
+    }
+    // the engine answers nothing until a load ends
+    if let Some(name) = &app.switching {
+        app.notify(format!("{name} is loading; Ctrl-K works once it is ready"), false);
+        return;
+    }
+    if app.model.is_none() {
+        app.notify("the model is still loading; Ctrl-K works once it is ready", false);
+        return;
+    }
+    app.picker.open(app.model.as_ref());
+    out.push(Command::ListModels);
+}
+
+/// A key while the picker is open.
+pub fn key(app: &mut App, k: KeyEvent, out: &mut Vec<Command>) {
+    if let Some(b) = find(KEYS, &k) {
+        (b.action)(app, k, out);
+        return;
+    }
+    if app.picker.on_other() {
+        edit(&mut app.picker.other, k);
+        return;
+    }
+    if let Some(b) = find(LIST_KEYS, &k) {
+        (b.action)(app, k, out);
+        return;
+    }
+    // typing on a choice starts the typed entry
+    if let KeyCode::Char(c) = k.code {
+        if !k.modifiers.intersects(KeyModifiers::CONTROL | KeyModifiers::ALT) {
+            app.picker.sel = app.picker.choices().len();
+            app.picker.other.insert(c.encode_utf8(&mut [0; 4]));
+        }
+    }
+}
+
+/// Enter: loads the chosen model, or says why not.
+fn load(app: &mut App, action: PickerAction, out: &mut Vec<Command>) {
+    let (spec, name) = match action {
+        PickerAction::Refuse(why) => {
+            app.notify(why, true);
+            return;
+        }
+        PickerAction::Load(spec, name) => (spec, name),
+    };
+    let same = app.model.as_ref().is_some_and(|m| {
+        spec.revision.is_none()
+            && crate::loader::ModelSource::parse(spec.model.as_deref(), None).is_ok_and(|s| s.label() == m.label)
+            && spec.device.as_deref() == Some(m.device.as_str())
+            && spec.dtype.as_deref() == Some(m.dtype.as_str())
+    });
+    if same {
+        app.picker.open = false;
+        app.notify(
+            format!("{name} is already loaded ({} {})", app.picker.device, app.picker.dtype),
+            false,
+        );
+        return;
+    }
+    if !app.ready() {
+        return;
+    }
+    app.picker.open = false;
+    app.loading = Some(Loading {
+        stage: format!("loading {name}"),
+        done: 0,
+        total: 1,
+    });
+    app.switching = Some(name);
+    out.push(Command::Load(spec));
 }

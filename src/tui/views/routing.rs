@@ -6,7 +6,11 @@ use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 
-use crate::tui::app::App;
+use crossterm::event::{KeyCode, KeyEvent};
+
+use crate::engine::protocol::Command;
+use crate::tui::app::{bind, App, KeyAction};
+use crate::tui::keymap::{find, section, Binding, Chord, Section};
 use crate::tui::store::balance;
 use crate::tui::text::{fit, one_line};
 use crate::tui::theme::Role;
@@ -189,4 +193,44 @@ fn balance_table(app: &App, moe: &[(usize, usize)], area: Rect, buf: &mut Buffer
         ls.push(Line::from(spans));
     }
     lines(inner, buf, ls);
+}
+
+/// Keys of the routing view.
+pub const KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Up), Chord::ch('k')], "previous token", |app, _, _| {
+        app.move_token(-1)
+    })
+    .legend("token"),
+    bind(&[Chord::key(KeyCode::Down), Chord::ch('j')], "next token", |app, _, _| {
+        app.move_token(1)
+    }),
+    bind(&[Chord::key(KeyCode::PageUp)], "20 tokens back", |app, _, _| app.move_token(-20)).legend("page"),
+    bind(&[Chord::key(KeyCode::PageDown)], "20 tokens on", |app, _, _| app.move_token(20)),
+    bind(&[Chord::key(KeyCode::Home), Chord::ch('g')], "first token", |app, _, _| {
+        app.move_token(-(app.tele.len() as isize));
+    })
+    .legend("first/newest"),
+    bind(
+        &[Chord::key(KeyCode::End), Chord::ch('G')],
+        "newest token (follows the generation)",
+        |app, _, _| {
+            app.routing_sel = None;
+        },
+    ),
+];
+
+/// The help section of this view.
+pub fn help() -> Section {
+    section(
+        "Routing: which expert each token went to, per MoE layer",
+        KEYS,
+        &[("", "cells: expert id on its colour; loads, CV, entropy, busiest share, stickiness")],
+    )
+}
+
+/// A key in this view.
+pub fn key(app: &mut App, k: KeyEvent, out: &mut Vec<Command>) {
+    if let Some(b) = find(KEYS, &k) {
+        (b.action)(app, k, out);
+    }
 }

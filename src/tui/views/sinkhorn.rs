@@ -8,7 +8,11 @@ use ratatui::text::{Line, Span};
 
 use crate::engine::protocol::{SinkhornLayer, SinkhornOrigin, SinkhornReport};
 use crate::sinkhorn::Variant;
-use crate::tui::app::App;
+use crossterm::event::{KeyCode, KeyEvent};
+
+use crate::engine::protocol::Command;
+use crate::tui::app::{bind, App, KeyAction};
+use crate::tui::keymap::{find, section, step_in, Binding, Chord, Section};
 use crate::tui::theme::Role;
 use crate::tui::widgets::{bar, framed, line_chart, lines, Series};
 
@@ -191,5 +195,46 @@ fn slot_of(v: Variant) -> usize {
     match v {
         Variant::Zyphra => 0,
         Variant::Standard => 1,
+    }
+}
+
+/// Keys of the Sinkhorn view.
+pub const KEYS: &[Binding<KeyAction>] = &[
+    bind(&[Chord::key(KeyCode::Left), Chord::ch('h')], "previous MoE layer", |app, _, _| {
+        app.sink.layer = step_in(app.sink.layer, -1, app.moe_count());
+    })
+    .legend("layer"),
+    bind(&[Chord::key(KeyCode::Right), Chord::ch('l')], "next MoE layer", |app, _, _| {
+        app.sink.layer = step_in(app.sink.layer, 1, app.moe_count());
+    }),
+    bind(
+        &[Chord::ch('+'), Chord::ch('='), Chord::key(KeyCode::Up)],
+        "double the window N",
+        |app, _, out| {
+            app.sink.window = (app.sink.window * 2).min(4096);
+            out.push(app.sinkhorn_cmd());
+        },
+    )
+    .legend("window"),
+    bind(&[Chord::ch('-'), Chord::key(KeyCode::Down)], "halve the window N", |app, _, out| {
+        app.sink.window = (app.sink.window / 2).max(4);
+        out.push(app.sinkhorn_cmd());
+    }),
+    bind(&[Chord::ch('r')], "run again", |app, _, out| out.push(app.sinkhorn_cmd())).legend("rerun"),
+    bind(&[Chord::ch('t')], "show the chat window or the last training batch", |app, _, _| {
+        app.sink.show_train = !app.sink.show_train;
+    })
+    .legend("chat/training"),
+];
+
+/// The help section of this view.
+pub fn help() -> Section {
+    section("Sinkhorn: balanced routing of the last N tokens", KEYS, &[])
+}
+
+/// A key in this view.
+pub fn key(app: &mut App, k: KeyEvent, out: &mut Vec<Command>) {
+    if let Some(b) = find(KEYS, &k) {
+        (b.action)(app, k, out);
     }
 }

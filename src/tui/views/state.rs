@@ -6,7 +6,11 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 
-use crate::tui::app::App;
+use crossterm::event::{KeyCode, KeyEvent};
+
+use crate::engine::protocol::Command;
+use crate::tui::app::{bind, App, KeyAction};
+use crate::tui::keymap::{find, section, step_in, Binding, Chord, Section};
 use crate::tui::theme::Role;
 use crate::tui::widgets::{bar, framed, line_chart, lines, put, short, Series};
 
@@ -161,4 +165,31 @@ fn mean_delta(app: &App, mamba: &[usize], sel: usize, area: Rect, buf: &mut Buff
         ]));
     }
     lines(inner, buf, ls);
+}
+
+/// Keys of the state view.
+pub const KEYS: &[Binding<KeyAction>] = &[
+    bind(
+        &[Chord::key(KeyCode::Left), Chord::ch('h'), Chord::key(KeyCode::Up)],
+        "previous Mamba layer of the line charts",
+        |app, _, _| app.state_layer = step_in(app.state_layer, -1, app.mamba_count()),
+    )
+    .legend("layer"),
+    bind(
+        &[Chord::key(KeyCode::Right), Chord::ch('l'), Chord::key(KeyCode::Down)],
+        "next Mamba layer",
+        |app, _, _| app.state_layer = step_in(app.state_layer, 1, app.mamba_count()),
+    ),
+];
+
+/// The help section of this view.
+pub fn help() -> Section {
+    section("State: Mamba state norms over positions", KEYS, &[])
+}
+
+/// A key in this view.
+pub fn key(app: &mut App, k: KeyEvent, out: &mut Vec<Command>) {
+    if let Some(b) = find(KEYS, &k) {
+        (b.action)(app, k, out);
+    }
 }

@@ -62,6 +62,9 @@ pub fn run(m: &ModelArgs, a: &ChatArgs) -> anyhow::Result<()> {
     let signals = Signals::install(false)?;
     let exit = crate::tui::run(crate::tui::Options {
         load,
+        engine: crate::engine::protocol::EngineOpts {
+            kernels: m.kernels.kernels(),
+        },
         theme: a.theme.clone(),
         system,
         signals,

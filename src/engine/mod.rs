@@ -21,7 +21,7 @@ use crate::hub::HubEnv;
 use crate::loader::{LoadOpts, Loaded, ModelSource};
 use crate::model::Model;
 use chat::Conversation;
-use protocol::{Command, EngineEvent, LoadSpec, ModelInfo};
+use protocol::{Command, EngineEvent, EngineOpts, LoadSpec, ModelInfo};
 use telemetry::RouterHistory;
 
 /// The nominal HBM bandwidth of one NVIDIA H200 (4.8 TB/s, NVIDIA's data sheet): decoding one token
@@ -49,10 +49,15 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; it loads the model and then waits for commands.
     pub fn spawn(source: Source, sink: Sink) -> Result<Self> {
+        Self::spawn_with(source, EngineOpts::default(), sink)
+    }
+
+    /// [`Engine::spawn`] with the options every model it loads runs with.
+    pub fn spawn_with(source: Source, opts: EngineOpts, sink: Sink) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let join = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(source, rx, sink))
+            .spawn(move || run(source, opts, rx, sink))
             .map_err(|e| Error::Invalid(format!("cannot start the engine thread: {e}")))?;
         Ok(Self { tx, join: Some(join) })
     }
@@ -76,9 +81,9 @@ impl Engine {
     }
 }
 
-fn run(source: Source, rx: Receiver<Command>, mut sink: Sink) {
+fn run(source: Source, opts: EngineOpts, rx: Receiver<Command>, mut sink: Sink) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut worker = match Worker::start(source, &mut sink) {
+        let mut worker = match Worker::start(source, opts, &mut sink) {
             Ok(w) => w,
             Err(e) => {
                 sink(EngineEvent::Fatal(format!("loading the model failed: {e}")));
@@ -109,13 +114,14 @@ struct Worker {
     conv: Conversation,
     hist: RouterHistory,
     ft: finetune::Finetuning,
+    opts: EngineOpts,
 }
 
 impl Worker {
-    fn start(source: Source, sink: &mut Sink) -> Result<Self> {
+    fn start(source: Source, opts: EngineOpts, sink: &mut Sink) -> Result<Self> {
         let loaded = match source {
             Source::Loaded(l) => *l,
-            Source::Spec(spec) => load(&spec, sink)?,
+            Source::Spec(spec) => load(&spec, opts, sink)?,
         };
         let info = model_info(&loaded);
         let model = loaded.model;
@@ -129,6 +135,7 @@ impl Worker {
             conv,
             hist,
             ft: finetune::Finetuning::new(),
+            opts,
         })
     }
 
@@ -247,7 +254,7 @@ impl Worker {
                 "a fine-tuning run is going (step {done} of {steps}); stop it with x in the Fine-tune view before loading another model"
             )));
         }
-        let loaded = load(spec, emit)?;
+        let loaded = load(spec, self.opts, emit)?;
         let info = model_info(&loaded);
         self.conv = Conversation::new(&loaded.model, None)?;
         self.hist = RouterHistory::new(&info.moe_layers);
@@ -261,7 +268,7 @@ impl Worker {
 }
 
 /// Loads the model named by `spec`, reporting stages.
-fn load(spec: &LoadSpec, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
+fn load(spec: &LoadSpec, eo: EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
     let total = 3;
     sink(EngineEvent::LoadProgress {
         stage: "choosing the device".into(),
@@ -305,6 +312,7 @@ fn load(spec: &LoadSpec, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
         job.join()
             .unwrap_or_else(|p| Err(Error::Invalid(format!("the model loader panicked: {}", panic_text(p.as_ref())))))
     })?;
+    loaded.model.kernels = eo.kernels;
     if let Some(dir) = &spec.adapter {
         sink(EngineEvent::LoadProgress {
             stage: format!("applying adapter {}", dir.display()),

@@ -50,6 +50,13 @@ pub struct LoadSpec {
     pub adapter: Option<PathBuf>,
 }
 
+/// How the engine runs every model it loads: the command line's kernel switches (plain data,
+/// parsed once at the edge).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineOpts {
+    pub kernels: crate::model::Kernels,
+}
+
 /// UI → engine.
 #[derive(Debug, Clone)]
 pub enum Command {

@@ -34,7 +34,7 @@ use crossterm::terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScree
 use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
 
-use crate::engine::protocol::{Command, EngineEvent, FinetuneCommand, FinetuneEvent, LoadSpec};
+use crate::engine::protocol::{Command, EngineEvent, EngineOpts, FinetuneCommand, FinetuneEvent, LoadSpec};
 use crate::engine::{panic_text, Engine, Source};
 use crate::error::{Error, Result};
 use crate::signals::{Signal, Signals};
@@ -44,6 +44,8 @@ use app::{App, Msg, TICKS_PER_SEC};
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     pub load: LoadSpec,
+    /// How the engine runs the models it loads (the kernel switches of the command line).
+    pub engine: EngineOpts,
     /// `--theme NAME|FILE`.
     pub theme: Option<String>,
     /// The system prompt of the first chat (`--system`, `--system-file`).
@@ -76,8 +78,9 @@ pub fn run(opts: Options) -> Result<Exit> {
     let (tx, rx) = mpsc::channel::<Msg>();
     let _hook = PanicHook::install(tx.clone(), restore);
     let etx = tx.clone();
-    let engine = Engine::spawn(
+    let engine = Engine::spawn_with(
         Source::Spec(opts.load),
+        opts.engine,
         Box::new(move |ev| {
             let _ = etx.send(Msg::Engine(ev));
         }),

@@ -243,3 +243,25 @@ fn a_flipped_byte_in_tensor_data_fails_the_crc_check() {
     let e = pth_err(&f);
     assert!(e.contains("CRC") || e.contains("checksum"), "{e}");
 }
+
+#[test]
+fn a_config_with_absurd_sizes_is_refused_instead_of_overflowing() {
+    use blackmamba::model::config::Config;
+    let base = serde_json::json!({
+        "num_layers": 2, "hidden_size": 32, "vocab_size": 40, "mamba_moe_layers": ["r", "8"],
+        "ffn_hidden_size": 24
+    });
+    assert!(Config::from_json_str(&base.to_string()).is_ok());
+    // d_inner = expansion_factor * hidden_size and the parameter count overflowed these
+    for (key, value) in [
+        ("hidden_size", 1u64 << 40),
+        ("expansion_factor", 1 << 40),
+        ("ffn_hidden_size", 1 << 60),
+        ("state_size", 1 << 40),
+    ] {
+        let mut v = base.clone();
+        v[key] = value.into();
+        let e = Config::from_json_str(&v.to_string()).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("more than"), "{key}: {e}");
+    }
+}

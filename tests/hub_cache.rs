@@ -379,3 +379,19 @@ fn an_uncached_revision_offline_names_it_and_the_cached_snapshots() {
         .to_string();
     assert!(e.contains("--revision ../../x"), "{e}");
 }
+
+#[test]
+fn the_conversion_cache_follows_xdg_then_home() {
+    use blackmamba::hub::default_convert_cache;
+    let some = |s: &str| Some(std::ffi::OsString::from(s));
+    assert_eq!(
+        default_convert_cache(some("/x/cache"), some("/home/u")),
+        Some(PathBuf::from("/x/cache/blackmamba"))
+    );
+    // a relative XDG_CACHE_HOME is ignored, as the XDG spec asks
+    assert_eq!(
+        default_convert_cache(some("rel"), some("/home/u")),
+        Some(PathBuf::from("/home/u/.cache/blackmamba"))
+    );
+    assert_eq!(default_convert_cache(None, None), None);
+}

@@ -209,9 +209,11 @@ pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts
             let dir = crate::hub::resolve_with(&env, repo, revision.as_deref(), &mut |f, d, t| {
                 opts.report(&format!("download {f}"), d, t)
             })?;
+            // the config first: a bad one is reported before any conversion
+            let cfg = Config::from_file(&dir.join("config.json"))?;
             let (files, note) = hub_weights(&env, &dir, opts)?;
             notes.extend(note);
-            let (m, t) = load_files(&dir, &files, device, dtype, opts)?;
+            let (m, t) = load_files(&dir, &cfg, &files, device, dtype, opts)?;
             (m, t, false)
         }
     };
@@ -290,19 +292,27 @@ pub fn load_dir_with(dir: &Path, device: &Device, dtype: DType, opts: &LoadOpts)
             "no config.json in this folder; --model needs a folder with config.json and the weights",
         ));
     }
+    let cfg = Config::from_file(&cfg_path)?;
     let files = WeightFiles::find(dir)?;
-    load_files(dir, &files, device, dtype, opts)
+    load_files(dir, &cfg, &files, device, dtype, opts)
 }
 
-/// Loads `dir/config.json` with the weights `files`: names and shapes are checked from the file
-/// headers before any tensor data is read; every error names the weights file.
-fn load_files(dir: &Path, files: &WeightFiles, device: &Device, dtype: DType, opts: &LoadOpts) -> Result<(Model, Option<PathBuf>)> {
-    let cfg = Config::from_file(&dir.join("config.json"))?;
+/// Loads the model of `cfg` with the weights `files`: names and shapes are checked from the file
+/// headers before any tensor data is read; every error names the weights file. Returns the
+/// tokenizer path of `dir`, if any.
+fn load_files(
+    dir: &Path,
+    cfg: &Config,
+    files: &WeightFiles,
+    device: &Device,
+    dtype: DType,
+    opts: &LoadOpts,
+) -> Result<(Model, Option<PathBuf>)> {
     let model = (|| {
-        check_index(&cfg, &tensor_index(files)?)?;
+        check_index(cfg, &tensor_index(files)?)?;
         let raw = read_tensors_with(files, device, &mut |d, t| opts.report("read", d as u64, t as u64))?;
-        let w = check_and_convert(&cfg, raw, dtype)?;
-        Model::from_tensors(&cfg, w, dtype, device)
+        let w = check_and_convert(cfg, raw, dtype)?;
+        Model::from_tensors(cfg, w, dtype, device)
     })()
     .map_err(|e| files.name_in(e))?;
     let tok = dir.join("tokenizer.json");

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::hub::{HubEnv, REQUIRED_FILES};
+use crate::hub::{cached_snapshot, HubEnv, REQUIRED_FILES};
 use crate::loader::{random_config, ModelSource};
 use crate::model::config::Config;
-use crate::model::convert::MARKER;
+use crate::model::convert::ConversionCache;
 
 /// The Zyphra checkpoints, always listed: (hub id, alias).
 pub const ZYPHRA: [(&str, &str); 2] = [("Zyphra/BlackMamba-1.5B", "1.5b"), ("Zyphra/BlackMamba-2.8B", "2.8b")];
@@ -24,7 +24,8 @@ pub const RANDOM_SHAPES: [&str; 3] = ["tiny", "1.5b", "2.8b"];
 pub enum Availability {
     /// Loads without the network (built in, random, or cached and already converted).
     Ready,
-    /// Cached, but the first load converts `pytorch_model.bin` to safetensors (once).
+    /// Cached, but the first load converts `pytorch_model.bin` to safetensors (once, into this
+    /// program's own cache).
     Convert,
     /// Loading downloads these files first.
     Download { missing: Vec<String> },
@@ -62,7 +63,8 @@ pub struct ModelChoice {
     pub about: String,
     /// Parameters in total and active per token, when the config is known without downloading.
     pub params: Option<(usize, usize)>,
-    /// Bytes of weight files on disk (cached hub repos).
+    /// Bytes of weights on disk (cached hub repos): `pytorch_model.bin` plus its conversion in
+    /// this program's cache, when there is one.
     pub disk_bytes: Option<u64>,
     /// Random weights (the UI shows the demo banner once loaded).
     pub untrained: bool,
@@ -151,10 +153,12 @@ fn hub_choice(env: &HubEnv, repo: &str, cfg: Option<&Config>, about: String) -> 
         .filter(|f| snap.as_ref().is_none_or(|d| !d.join(f).is_file()))
         .map(|f| (*f).to_string())
         .collect();
-    let disk_bytes = snap
+    let bin = snap.as_ref().map(|d| d.join("pytorch_model.bin"));
+    let conversion = bin.as_ref().and_then(|b| converted(env, b));
+    let disk_bytes = bin
         .as_ref()
-        .and_then(|d| std::fs::metadata(d.join("pytorch_model.bin")).ok())
-        .map(|m| m.len());
+        .and_then(|b| std::fs::metadata(b).ok())
+        .map(|m| m.len() + conversion.as_ref().and_then(|c| std::fs::metadata(c).ok()).map_or(0, |c| c.len()));
     let availability = if !missing.is_empty() {
         if env.offline {
             Availability::Unavailable {
@@ -169,7 +173,8 @@ fn hub_choice(env: &HubEnv, repo: &str, cfg: Option<&Config>, about: String) -> 
         } else {
             Availability::Download { missing }
         }
-    } else if snap.as_ref().is_some_and(|d| converted(d)) {
+    } else if conversion.is_some() || env.convert_cache.is_none() {
+        // converted already, or no cache to convert into: the .bin is read as it is
         Availability::Ready
     } else {
         Availability::Convert
@@ -186,10 +191,10 @@ fn hub_choice(env: &HubEnv, repo: &str, cfg: Option<&Config>, about: String) -> 
     }
 }
 
-/// Whether the folder holds a safetensors conversion with its marker (the loader still checks
-/// that the marker matches the source).
-fn converted(dir: &Path) -> bool {
-    dir.join("model.safetensors").is_file() && dir.join(MARKER).is_file()
+/// The conversion of `bin` in this program's cache, if there is one (found by the blob's hash;
+/// nothing is hashed here).
+fn converted(env: &HubEnv, bin: &Path) -> Option<PathBuf> {
+    ConversionCache::new(env.convert_cache.clone()?).lookup(bin)
 }
 
 /// The cached `config.json` of `repo`, if there is one and it is a BlackMamba config.
@@ -199,14 +204,7 @@ fn cached_config(env: &HubEnv, repo: &str) -> Option<Config> {
 
 /// The snapshot folder `refs/main` points at, if it exists.
 fn snapshot_dir(env: &HubEnv, repo: &str) -> Option<PathBuf> {
-    let dir = env.repo_dir(repo);
-    let commit = std::fs::read_to_string(dir.join("refs").join("main")).ok()?;
-    let commit = commit.trim();
-    if commit.is_empty() || commit.contains(['/', '\\']) || commit.starts_with('.') {
-        return None;
-    }
-    let snap = dir.join("snapshots").join(commit);
-    snap.is_dir().then_some(snap)
+    cached_snapshot(env, repo, "main")
 }
 
 /// Model repos in a hub cache (`models--owner--name`), as `owner/name`, sorted.

@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod finetune;
+pub mod fsutil;
 pub mod generate;
 pub mod hub;
 pub mod loader;

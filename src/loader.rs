@@ -13,6 +13,7 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::model::config::Config;
+use crate::model::convert::ConversionCache;
 use crate::model::random::{random_weights, RandomInit};
 use crate::model::weights::{check_and_convert, check_index, read_tensors_with, tensor_index, WeightFiles};
 use crate::model::Model;
@@ -124,6 +125,9 @@ pub struct Loaded {
     /// Set for random weights: the UI shows a banner.
     pub untrained: bool,
     pub load_secs: f64,
+    /// What the user should know about this load, one line each (e.g. that the checkpoint was read
+    /// without its conversion, and why).
+    pub notes: Vec<String>,
 }
 
 /// A step of loading, for progress bars and the TUI.
@@ -172,6 +176,7 @@ impl LoadOpts {
 /// Loads a model and its tokenizer.
 pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts) -> Result<Loaded> {
     let t0 = Instant::now();
+    let mut notes = Vec::new();
     let (model, tok_path, untrained) = match source {
         ModelSource::Embedded => {
             opts.report("read", 0, 1);
@@ -191,6 +196,7 @@ pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts
                 label: source.label(),
                 untrained: false,
                 load_secs: t0.elapsed().as_secs_f64(),
+                notes,
             });
         }
         ModelSource::Random { shape, seed } => (random_model(shape, *seed, device, dtype)?, None, true),
@@ -203,9 +209,11 @@ pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts
             let dir = crate::hub::resolve_with(&env, repo, revision.as_deref(), &mut |f, d, t| {
                 opts.report(&format!("download {f}"), d, t)
             })?;
-            // First load: convert the pickle to safetensors beside it; later loads memory-map that.
-            crate::model::convert::ensure_safetensors(&dir, &mut |d, t| opts.report("convert", d as u64, t as u64))?;
-            let (m, t) = load_dir_with(&dir, device, dtype, opts)?;
+            // the config first: a bad one is reported before any conversion
+            let cfg = Config::from_file(&dir.join("config.json"))?;
+            let (files, note) = hub_weights(&env, &dir, opts)?;
+            notes.extend(note);
+            let (m, t) = load_files(&dir, &cfg, &files, device, dtype, opts)?;
             (m, t, false)
         }
     };
@@ -232,7 +240,34 @@ pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts
         label: source.label(),
         untrained,
         load_secs: t0.elapsed().as_secs_f64(),
+        notes,
     })
+}
+
+/// The weights of a hub snapshot: the conversion of its `pytorch_model.bin` in this program's
+/// cache (made on the first load; nothing is written into the hub cache), or the `.bin` itself,
+/// with a note saying why, when there is no cache or it cannot be written.
+fn hub_weights(env: &crate::hub::HubEnv, dir: &Path, opts: &LoadOpts) -> Result<(WeightFiles, Option<String>)> {
+    let bin = dir.join("pytorch_model.bin");
+    let slow = "reading pytorch_model.bin directly, which is slower on every load";
+    let Some(root) = &env.convert_cache else {
+        return Ok((
+            WeightFiles::Pth(bin),
+            Some(format!("no cache folder for conversions (set XDG_CACHE_HOME or HOME): {slow}")),
+        ));
+    };
+    let cache = ConversionCache::new(root);
+    match cache.ensure(&bin, &mut |d, t| opts.report("convert", d as u64, t as u64)) {
+        Ok((st, _)) => Ok((WeightFiles::Safetensors(vec![st]), None)),
+        Err(e) if cache.is_cache_error(&e) => Ok((
+            WeightFiles::Pth(bin),
+            Some(format!(
+                "the conversion cache cannot be written ({e}): {slow}; make {} writable or set XDG_CACHE_HOME to a writable folder",
+                root.display()
+            )),
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// A model with random weights of a named shape.
@@ -259,10 +294,27 @@ pub fn load_dir_with(dir: &Path, device: &Device, dtype: DType, opts: &LoadOpts)
     }
     let cfg = Config::from_file(&cfg_path)?;
     let files = WeightFiles::find(dir)?;
-    check_index(&cfg, &tensor_index(&files)?)?;
-    let raw = read_tensors_with(&files, device, &mut |d, t| opts.report("read", d as u64, t as u64))?;
-    let w = check_and_convert(&cfg, raw, dtype)?;
-    let model = Model::from_tensors(&cfg, w, dtype, device)?;
+    load_files(dir, &cfg, &files, device, dtype, opts)
+}
+
+/// Loads the model of `cfg` with the weights `files`: names and shapes are checked from the file
+/// headers before any tensor data is read; every error names the weights file. Returns the
+/// tokenizer path of `dir`, if any.
+fn load_files(
+    dir: &Path,
+    cfg: &Config,
+    files: &WeightFiles,
+    device: &Device,
+    dtype: DType,
+    opts: &LoadOpts,
+) -> Result<(Model, Option<PathBuf>)> {
+    let model = (|| {
+        check_index(cfg, &tensor_index(files)?)?;
+        let raw = read_tensors_with(files, device, &mut |d, t| opts.report("read", d as u64, t as u64))?;
+        let w = check_and_convert(cfg, raw, dtype)?;
+        Model::from_tensors(cfg, w, dtype, device)
+    })()
+    .map_err(|e| files.name_in(e))?;
     let tok = dir.join("tokenizer.json");
     Ok((model, tok.is_file().then_some(tok)))
 }

@@ -11,7 +11,7 @@ use blackmamba::catalog::{cached_repos, scan, split_revision, Availability, Cata
 use blackmamba::hub::HubEnv;
 use blackmamba::loader::{load, LoadOpts, ModelSource};
 use blackmamba::model::config::Config;
-use blackmamba::model::convert::ensure_safetensors;
+use blackmamba::model::convert::{ConversionCache, MARKER};
 use blackmamba::model::pth_write;
 use candle_core::{DType, Device};
 use common::{tiny_config, tiny_model};
@@ -46,6 +46,7 @@ fn env(cache: &Path, offline: bool) -> HubEnv {
         offline,
         endpoint: None,
         token: None,
+        convert_cache: Some(cache.join("blackmamba-conversions")),
     }
 }
 
@@ -164,10 +165,22 @@ fn cached_converted_partial_and_foreign_repos() {
     // the Zyphra repos are listed once
     assert_eq!(c.choices.iter().filter(|m| m.name.starts_with("Zyphra/")).count(), 2);
 
-    // after the first load's conversion the repo is ready
-    ensure_safetensors(&snap, &mut |_, _| {}).unwrap();
+    // a conversion an earlier version left in the snapshot, of another source, does not count
+    std::fs::write(snap.join("model.safetensors"), b"stale").unwrap();
+    std::fs::write(snap.join(MARKER), r#"{"source": "pytorch_model.bin", "fingerprint": "blob:old"}"#).unwrap();
+    assert_eq!(
+        find(&scan(&env(cache.path(), true)), "Zyphra/BlackMamba-2.8B").availability,
+        Availability::Convert
+    );
+
+    // after the first load's conversion (into our own cache) the repo is ready, and its size on
+    // disk counts both files
+    let conv = ConversionCache::new(cache.path().join("blackmamba-conversions"));
+    let (st, _) = conv.ensure(&snap.join("pytorch_model.bin"), &mut |_, _| {}).unwrap();
     let c = scan(&env(cache.path(), true));
-    assert_eq!(find(&c, "Zyphra/BlackMamba-2.8B").availability, Availability::Ready);
+    let z = find(&c, "Zyphra/BlackMamba-2.8B");
+    assert_eq!(z.availability, Availability::Ready);
+    assert_eq!(z.disk_bytes, Some(bin + std::fs::metadata(&st).unwrap().len()));
 }
 
 #[test]

@@ -179,6 +179,9 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     };
     let mut loaded = crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))?;
     loaded.model.kernels = m.kernels.kernels();
+    for note in &loaded.notes {
+        eprintln!("note: {note}");
+    }
     if let Some(dir) = &m.adapter {
         crate::finetune::adapter::apply_merged(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());

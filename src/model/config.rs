@@ -179,6 +179,20 @@ impl Config {
         if self.vocab_size > u32::MAX as usize {
             return Err(Error::config("vocab_size", format!("is too large: {}", self.vocab_size)));
         }
+        // Far above any real model, low enough that every size derived from the config (and the
+        // parameter count) fits in usize arithmetic: a config.json is untrusted input.
+        for (key, value, max) in [
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("ffn_hidden_size", self.ffn_hidden_size, 1 << 20),
+            ("state_size", self.state_size, 1 << 12),
+            ("conv_dimension", self.conv_dimension, 1 << 10),
+            ("expansion_factor", self.expansion_factor, 1 << 6),
+            ("num_layers", self.num_layers, 1 << 12),
+        ] {
+            if value > max {
+                return Err(Error::config(key, format!("is {value}, more than the {max} any real model uses")));
+            }
+        }
         Ok(())
     }
 

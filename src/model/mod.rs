@@ -13,6 +13,7 @@ pub mod linear;
 pub mod mamba;
 pub mod moe;
 pub mod permute;
+pub mod pickle;
 pub mod probe;
 pub mod pth;
 pub mod pth_write;

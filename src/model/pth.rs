@@ -1,306 +1,33 @@
 //! A safe reader for torch zip checkpoints (`pytorch_model.bin`).
 //!
-//! The pickle inside is interpreted by a small stack machine of our own that only builds data:
-//! nothing from a checkpoint is ever executed, and every global it names must be one a tensor
-//! state dict needs (tensor rebuild, typed storages, `OrderedDict`); any other global is refused
-//! with an error naming it. Lengths are checked against the bytes that remain, so a corrupt or
-//! truncated file is an error, never a panic or a huge allocation.
+//! The pickle inside is read by [`crate::model::pickle`], which only builds data. Everything the
+//! file says about sizes is checked before it is used, because a checkpoint is untrusted input:
+//!
+//! * `data.pkl` may hold at most [`MAX_PICKLE_BYTES`];
+//! * every zip entry's declared size must be possible: a stored entry's equals its stored bytes, a
+//!   deflated one is at most [`MAX_DEFLATE_RATIO`] times its compressed bytes, and no entry claims
+//!   more compressed bytes than the file holds; reading stops at the declared size, and the CRC of
+//!   every entry is checked;
+//! * offsets, shapes and strides are multiplied with checked arithmetic, and every tensor must fit
+//!   in its storage entry (without overlapping views), all before any tensor data is read.
+//!
+//! So a corrupt, truncated or hostile file is a one-line error naming the file, never a panic, an
+//! abort or a huge allocation.
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::pickle::{unpickle, Id, Limits, Obj, Pickle};
 
-/// Globals a torch state dict may name, and nothing else.
-const ALLOWED_GLOBALS: &[(&str, &str)] = &[
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("collections", "OrderedDict"),
-    ("torch", "FloatStorage"),
-    ("torch", "BFloat16Storage"),
-    ("torch", "HalfStorage"),
-    ("torch", "DoubleStorage"),
-    ("torch", "LongStorage"),
-    ("torch", "IntStorage"),
-    ("torch", "ByteStorage"),
-    ("torch", "BoolStorage"),
-];
+/// The largest `data.pkl` read (a 2.8B-parameter state dict's is about 100 kB).
+pub const MAX_PICKLE_BYTES: u64 = 32 << 20;
 
-/// A pickled value. Calls are kept as data (`Call`), never performed.
-#[derive(Debug, Clone, PartialEq)]
-enum Obj {
-    Global(String, String),
-    Int(i64),
-    Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Bool(bool),
-    None,
-    Tuple(Vec<Obj>),
-    List(Vec<Obj>),
-    Dict(Vec<(Obj, Obj)>),
-    Call(Box<Obj>, Box<Obj>),
-    PersId(Box<Obj>),
-    Mark,
-}
-
-struct Machine<'a> {
-    data: &'a [u8],
-    pos: usize,
-    stack: Vec<Obj>,
-    memo: HashMap<u32, Obj>,
-}
-
-type PResult<T> = std::result::Result<T, String>;
-
-impl<'a> Machine<'a> {
-    fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or("the pickle ends early (truncated file?)")?;
-        let s = &self.data[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> PResult<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> PResult<u16> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> PResult<u32> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn line(&mut self) -> PResult<String> {
-        let rest = &self.data[self.pos..];
-        let n = rest
-            .iter()
-            .position(|&c| c == b'\n')
-            .ok_or("the pickle ends inside a global name")?;
-        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
-        self.pos += n + 1;
-        Ok(s)
-    }
-    fn pop(&mut self) -> PResult<Obj> {
-        self.stack.pop().ok_or_else(|| "pickle stack underflow (corrupt file?)".to_string())
-    }
-    fn pop_mark(&mut self) -> PResult<Vec<Obj>> {
-        let at = self
-            .stack
-            .iter()
-            .rposition(|o| *o == Obj::Mark)
-            .ok_or("pickle mark missing (corrupt file?)")?;
-        let items = self.stack.split_off(at + 1);
-        self.stack.pop();
-        Ok(items)
-    }
-    fn top(&mut self) -> PResult<&mut Obj> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| "pickle stack underflow (corrupt file?)".to_string())
-    }
-    fn global(&mut self, module: String, name: String) -> PResult<()> {
-        if !ALLOWED_GLOBALS.iter().any(|(m, n)| *m == module && *n == name) {
-            return Err(format!(
-                "refusing pickle global '{module}.{name}': a weights file may only name tensor, storage and OrderedDict globals (nothing from a checkpoint is executed)"
-            ));
-        }
-        self.stack.push(Obj::Global(module, name));
-        Ok(())
-    }
-    fn set_items(&mut self, items: Vec<Obj>) -> PResult<()> {
-        if items.len() % 2 != 0 {
-            return Err("odd number of dict items (corrupt file?)".into());
-        }
-        match self.top()? {
-            Obj::Dict(d) => {
-                let mut it = items.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    d.push((k, v));
-                }
-                Ok(())
-            }
-            _ => Err("dict items set on a non-dict (corrupt file?)".into()),
-        }
-    }
-
-    /// Runs to STOP and returns the top of the stack.
-    fn run(mut self) -> PResult<Obj> {
-        loop {
-            let op = self.u8()?;
-            match op {
-                0x80 => {
-                    self.u8()?; // PROTO
-                }
-                0x95 => {
-                    self.take(8)?; // FRAME
-                }
-                b'c' => {
-                    let (m, n) = (self.line()?, self.line()?);
-                    self.global(m, n)?;
-                }
-                0x93 => {
-                    let n = self.pop()?;
-                    let m = self.pop()?;
-                    match (m, n) {
-                        (Obj::Str(m), Obj::Str(n)) => self.global(m, n)?,
-                        _ => return Err("STACK_GLOBAL needs two strings".into()),
-                    }
-                }
-                b'q' => {
-                    let k = u32::from(self.u8()?);
-                    let v = self.top()?.clone();
-                    self.memo.insert(k, v);
-                }
-                b'r' => {
-                    let k = self.u32()?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(k, v);
-                }
-                0x94 => {
-                    let k = u32::try_from(self.memo.len()).map_err(|_| "memo too large")?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(k, v);
-                }
-                b'h' | b'j' => {
-                    let k = if op == b'h' { u32::from(self.u8()?) } else { self.u32()? };
-                    let v = self
-                        .memo
-                        .get(&k)
-                        .cloned()
-                        .ok_or_else(|| format!("pickle memo {k} missing (corrupt file?)"))?;
-                    self.stack.push(v);
-                }
-                b'(' => self.stack.push(Obj::Mark),
-                b')' => self.stack.push(Obj::Tuple(vec![])),
-                b'}' => self.stack.push(Obj::Dict(vec![])),
-                b']' => self.stack.push(Obj::List(vec![])),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Obj::Tuple(items));
-                }
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Obj::List(items));
-                }
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Obj::Dict(vec![]));
-                    self.set_items(items)?;
-                }
-                0x85..=0x87 => {
-                    let n = usize::from(op - 0x84);
-                    if self.stack.len() < n {
-                        return Err("pickle stack underflow (corrupt file?)".into());
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Obj::Tuple(items));
-                }
-                b'X' | 0x8c | b'B' | b'C' => {
-                    let n = match op {
-                        b'X' | b'B' => self.u32()? as usize,
-                        _ => usize::from(self.u8()?),
-                    };
-                    let bytes = self.take(n)?;
-                    if op == b'X' || op == 0x8c {
-                        let s = std::str::from_utf8(bytes).map_err(|_| "a pickle string is not UTF-8 (corrupt file?)")?;
-                        self.stack.push(Obj::Str(s.to_string()));
-                    } else {
-                        self.stack.push(Obj::Bytes(bytes.to_vec()));
-                    }
-                }
-                b'J' => {
-                    let v = self.u32()? as i32;
-                    self.stack.push(Obj::Int(i64::from(v)));
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.stack.push(Obj::Int(i64::from(v)));
-                }
-                b'M' => {
-                    let v = self.u16()?;
-                    self.stack.push(Obj::Int(i64::from(v)));
-                }
-                0x8a => {
-                    let n = usize::from(self.u8()?);
-                    if n > 8 {
-                        return Err("integer too large in pickle".into());
-                    }
-                    let b = self.take(n)?;
-                    let mut v: i64 = 0;
-                    for (i, &x) in b.iter().enumerate() {
-                        v |= i64::from(x) << (8 * i);
-                    }
-                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
-                        v -= 1i64 << (8 * n); // two's complement sign
-                    }
-                    self.stack.push(Obj::Int(v));
-                }
-                b'G' => {
-                    let b = self.take(8)?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    self.stack.push(Obj::Float(f64::from_be_bytes(a)));
-                }
-                0x88 => self.stack.push(Obj::Bool(true)),
-                0x89 => self.stack.push(Obj::Bool(false)),
-                b'N' => self.stack.push(Obj::None),
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let f = self.pop()?;
-                    // OrderedDict() is the one call we "perform": it is an empty dict.
-                    if f == Obj::Global("collections".into(), "OrderedDict".into()) {
-                        self.stack.push(Obj::Dict(vec![]));
-                    } else {
-                        self.stack.push(Obj::Call(Box::new(f), Box::new(args)));
-                    }
-                }
-                b'b' => {
-                    // BUILD: state for an object; for our data it only ever fills a dict.
-                    let state = self.pop()?;
-                    if let (Obj::Dict(items), Ok(Obj::Dict(d))) = (state, self.top()) {
-                        d.extend(items);
-                    }
-                }
-                b'Q' => {
-                    let id = self.pop()?;
-                    self.stack.push(Obj::PersId(Box::new(id)));
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    self.set_items(vec![k, v])?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    self.set_items(items)?;
-                }
-                b'a' | b'e' => {
-                    let items = if op == b'a' { vec![self.pop()?] } else { self.pop_mark()? };
-                    match self.top()? {
-                        Obj::List(l) => l.extend(items),
-                        _ => return Err("append to a non-list (corrupt file?)".into()),
-                    }
-                }
-                b'0' => {
-                    self.pop()?;
-                }
-                b'1' => {
-                    self.pop_mark()?;
-                }
-                b'.' => return self.pop(),
-                other => return Err(format!("unsupported pickle opcode 0x{other:02x} (not a torch weights file?)")),
-            }
-        }
-    }
-}
+/// The most bytes deflate can produce from one compressed byte (zlib's bound is 1032:1).
+pub const MAX_DEFLATE_RATIO: u64 = 1032;
 
 /// Where one tensor's bytes are and how to view them.
 #[derive(Debug, Clone)]
@@ -308,9 +35,38 @@ pub struct TensorInfo {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub stride: Vec<usize>,
+    /// In elements, from the start of the storage.
     pub offset: usize,
     /// The storage key: data lives in `<archive>/data/<key>`.
     pub key: String,
+}
+
+impl TensorInfo {
+    /// Elements of the tensor; `None` when the shape's product overflows.
+    pub fn numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+    }
+
+    /// Bytes of the tensor once read; `None` on overflow.
+    pub fn nbytes(&self) -> Option<usize> {
+        self.numel()?.checked_mul(self.dtype.size_in_bytes())
+    }
+
+    /// Elements of storage the tensor reaches, from its first to its last (`None` on overflow).
+    fn span(&self) -> Option<usize> {
+        if self.numel()? == 0 {
+            return Some(0);
+        }
+        self.shape
+            .iter()
+            .zip(&self.stride)
+            .try_fold(1usize, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
+    }
+
+    /// Bytes of storage the tensor needs: `(offset + span) * element size` (`None` on overflow).
+    pub fn storage_bytes_needed(&self) -> Option<usize> {
+        self.offset.checked_add(self.span()?)?.checked_mul(self.dtype.size_in_bytes())
+    }
 }
 
 fn storage_dtype(class: &str) -> Option<DType> {
@@ -320,127 +76,167 @@ fn storage_dtype(class: &str) -> Option<DType> {
         "HalfStorage" => DType::F16,
         "DoubleStorage" => DType::F64,
         "LongStorage" => DType::I64,
-        "IntStorage" => DType::I64, // widened below
         "ByteStorage" | "BoolStorage" => DType::U8,
         _ => return None,
     })
 }
 
-fn usizes(o: &Obj) -> Option<Vec<usize>> {
-    match o {
+fn usizes(p: &Pickle, id: Id) -> Option<Vec<usize>> {
+    match p.get(id)? {
         Obj::Tuple(v) | Obj::List(v) => v
             .iter()
-            .map(|x| if let Obj::Int(i) = x { usize::try_from(*i).ok() } else { None })
+            .map(|&x| {
+                if let Some(Obj::Int(i)) = p.get(x) {
+                    usize::try_from(*i).ok()
+                } else {
+                    None
+                }
+            })
             .collect(),
         _ => None,
     }
 }
 
-fn tensor_info(value: &Obj) -> std::result::Result<TensorInfo, String> {
-    let Obj::Call(f, args) = value else {
+fn tensor_info(p: &Pickle, value: Id) -> std::result::Result<TensorInfo, String> {
+    let Some(&Obj::Call(mut f, mut args)) = p.get(value) else {
         return Err("is not a tensor".into());
     };
-    let (f, args) = match (&**f, &**args) {
-        (Obj::Global(_, n), Obj::Tuple(a)) if n == "_rebuild_parameter" => match a.first() {
-            Some(Obj::Call(f2, a2)) => (&**f2, &**a2),
-            _ => return Err("is a parameter without a tensor".into()),
-        },
-        (f, a) => (f, a),
-    };
-    if !matches!(f, Obj::Global(_, n) if n == "_rebuild_tensor_v2") {
+    if let (Some(Obj::Global(_, n)), Some(Obj::Tuple(a))) = (p.get(f), p.get(args)) {
+        if n == "_rebuild_parameter" {
+            match a.first().and_then(|&t| p.get(t)) {
+                Some(&Obj::Call(f2, a2)) => (f, args) = (f2, a2),
+                _ => return Err("is a parameter without a tensor".into()),
+            }
+        }
+    }
+    if !matches!(p.get(f), Some(Obj::Global(_, n)) if n == "_rebuild_tensor_v2") {
         return Err("is not a tensor".into());
     }
-    let Obj::Tuple(a) = args else {
+    let Some(Obj::Tuple(a)) = p.get(args) else {
         return Err("has malformed tensor arguments".into());
     };
     if a.len() < 4 {
         return Err("has too few tensor arguments".into());
     }
-    let Obj::PersId(pid) = &a[0] else {
+    let Some(Obj::PersId(pid)) = p.get(a[0]) else {
         return Err("has no storage reference".into());
     };
-    let Obj::Tuple(p) = &**pid else {
+    let Some(Obj::Tuple(r)) = p.get(*pid) else {
         return Err("has a malformed storage reference".into());
     };
-    let (class, key) = match (p.get(1), p.get(2)) {
+    let (class, key) = match (r.get(1).and_then(|&i| p.get(i)), r.get(2).and_then(|&i| p.get(i))) {
         (Some(Obj::Global(_, c)), Some(Obj::Str(k))) => (c.clone(), k.clone()),
         _ => return Err("has a malformed storage reference".into()),
     };
-    if key.contains('/') || key.contains("..") {
+    if key.is_empty() || key.contains(['/', '\\']) || key.contains("..") {
         return Err(format!("names a storage outside the archive: '{key}'"));
-    }
-    let dtype = storage_dtype(&class).ok_or_else(|| format!("has unsupported storage '{class}'"))?;
-    let offset = match &a[1] {
-        Obj::Int(o) => usize::try_from(*o).map_err(|_| "has a negative offset")?,
-        _ => return Err("has a malformed offset".into()),
-    };
-    let shape = usizes(&a[2]).ok_or("has a malformed shape")?;
-    let stride = usizes(&a[3]).ok_or("has a malformed stride")?;
-    if shape.len() != stride.len() {
-        return Err("has shape and stride of different ranks".into());
     }
     if class == "IntStorage" {
         return Err("has int32 storage, which weights never use".into());
     }
-    Ok(TensorInfo {
+    let dtype = storage_dtype(&class).ok_or_else(|| format!("has unsupported storage '{class}'"))?;
+    let offset = match p.get(a[1]) {
+        Some(Obj::Int(o)) => usize::try_from(*o).map_err(|_| format!("has a negative storage offset ({o})"))?,
+        _ => return Err("has a malformed offset".into()),
+    };
+    let shape = usizes(p, a[2]).ok_or("has a malformed shape")?;
+    let stride = usizes(p, a[3]).ok_or("has a malformed stride")?;
+    if shape.len() != stride.len() {
+        return Err("has shape and stride of different ranks".into());
+    }
+    let info = TensorInfo {
         dtype,
         shape,
         stride,
         offset,
         key,
-    })
+    };
+    if info.nbytes().is_none() || info.storage_bytes_needed().is_none() {
+        return Err(format!(
+            "has a shape {:?} (stride {:?}, offset {}) whose size overflows: the file is corrupt or hostile",
+            info.shape, info.stride, info.offset
+        ));
+    }
+    Ok(info)
+}
+
+/// Unpickles a torch `data.pkl` and lists its tensors (name, where its data is), in file order;
+/// `key` selects a top-level entry (`{"model": state_dict}`). The entry point of the unpickler for
+/// the loader, the fuzz target and tests.
+pub fn parse_pickle(data: &[u8], key: Option<&str>) -> std::result::Result<Vec<(String, TensorInfo)>, String> {
+    let p = unpickle(data, Limits::for_len(data.len()))?;
+    let mut dict = p.root;
+    if let Some(k) = key {
+        let Some(Obj::Dict(items)) = p.get(dict) else {
+            return Err(format!("the top level is not a dictionary (expected {{\"{k}\": state_dict}})"));
+        };
+        dict = items
+            .iter()
+            .find(|(n, _)| matches!(p.get(*n), Some(Obj::Str(s)) if s == k))
+            .map(|&(_, v)| v)
+            .ok_or_else(|| format!("no '{k}' entry at the top level (expected {{\"{k}\": state_dict}})"))?;
+    }
+    let Some(Obj::Dict(items)) = p.get(dict) else {
+        return Err("the state dict is not a dictionary".into());
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::new();
+    for &(name, value) in items {
+        let Some(Obj::Str(name)) = p.get(name) else { continue };
+        let info = tensor_info(&p, value).map_err(|m| format!("entry '{name}' {m}"))?;
+        if !seen.insert(name.as_str()) {
+            return Err(format!("tensor '{name}' appears twice in the state dict (corrupt file?)"));
+        }
+        entries.push((name.clone(), info));
+    }
+    Ok(entries)
 }
 
 /// The tensors of a torch zip checkpoint, known from its pickle before any data is read.
 #[derive(Debug, Clone)]
 pub struct PthIndex {
-    pub path: std::path::PathBuf,
+    pub path: PathBuf,
     prefix: String,
+    file_len: u64,
     /// (name, where its data is), in file order
     pub entries: Vec<(String, TensorInfo)>,
 }
 
+/// The reader of a checkpoint's zip archive.
+pub type PthZip = zip::ZipArchive<std::io::BufReader<std::fs::File>>;
+
 impl PthIndex {
-    /// Reads the pickle of `path` and indexes the state dict under `key` (e.g. `"model"`).
+    /// Reads the pickle of `path`, indexes the state dict under `key` (e.g. `"model"`) and checks
+    /// that every tensor fits in its storage entry; reads no tensor data.
     pub fn open(path: &Path, key: Option<&str>) -> Result<Self> {
         let bad = |msg: String| Error::bad_file(path, msg);
+        let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
         let mut zip = open_zip(path)?;
         let pkl_name = (0..zip.len())
             .filter_map(|i| zip.name_for_index(i).and_then(|r| r.ok()).map(|s| s.to_string()))
             .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
             .ok_or_else(|| bad("no data.pkl inside: not a torch checkpoint".into()))?;
         let prefix = pkl_name.strip_suffix("data.pkl").unwrap_or("").to_string();
-        let mut pkl = Vec::new();
-        zip.by_name(&pkl_name)
-            .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
-            .map_err(|e| bad(format!("cannot read data.pkl ({e}); the file is corrupt or truncated")))?;
-        let root = Machine {
-            data: &pkl,
-            pos: 0,
-            stack: Vec::new(),
-            memo: HashMap::new(),
-        }
-        .run()
-        .map_err(bad)?;
-        let dict = match (key, root) {
-            (Some(k), Obj::Dict(items)) => match items.into_iter().find(|(n, _)| *n == Obj::Str(k.into())) {
-                Some((_, v)) => v,
-                None => return Err(bad(format!("no '{k}' entry at the top level (expected {{\"{k}\": state_dict}})"))),
-            },
-            (_, root) => root,
-        };
-        let Obj::Dict(items) = dict else {
-            return Err(bad("the state dict is not a dictionary".into()));
-        };
-        let mut entries = Vec::with_capacity(items.len());
-        for (name, value) in items {
-            let Obj::Str(name) = name else { continue };
-            let info = tensor_info(&value).map_err(|m| bad(format!("entry '{name}' {m}")))?;
-            entries.push((name, info));
+        let pkl = read_entry(&mut zip, &pkl_name, file_len, MAX_PICKLE_BYTES).map_err(bad)?;
+        let entries = parse_pickle(&pkl, key).map_err(bad)?;
+        let mut sizes: HashMap<&str, u64> = HashMap::new();
+        for (name, info) in &entries {
+            let size = match sizes.get(info.key.as_str()) {
+                Some(&s) => s,
+                None => {
+                    let s = entry_meta(&mut zip, &format!("{prefix}data/{}", info.key), file_len)
+                        .map_err(|m| bad(format!("tensor '{name}': {m}")))?
+                        .0;
+                    sizes.insert(&info.key, s);
+                    s
+                }
+            };
+            check_fits(info, size).map_err(|m| bad(format!("tensor '{name}': {m}")))?;
         }
         Ok(Self {
             path: path.to_path_buf(),
             prefix,
+            file_len,
             entries,
         })
     }
@@ -450,7 +246,10 @@ impl PthIndex {
         let mut zip = open_zip(&self.path)?;
         let mut out = HashMap::with_capacity(self.entries.len());
         for (i, (name, info)) in self.entries.iter().enumerate() {
-            let t = read_tensor(&mut zip, &self.prefix, info).map_err(|m| Error::bad_file(&self.path, format!("tensor '{name}': {m}")))?;
+            let t = self.read_one(&mut zip, info).map_err(|e| match e {
+                Error::BadFile { path, msg } => Error::bad_file(path, format!("tensor '{name}': {msg}")),
+                other => other,
+            })?;
             out.insert(name.clone(), t.to_device(device)?);
             each(i + 1, self.entries.len());
         }
@@ -458,13 +257,13 @@ impl PthIndex {
     }
 
     /// Reads one tensor (on the CPU).
-    pub fn read_one(&self, zip: &mut zip::ZipArchive<std::io::BufReader<std::fs::File>>, info: &TensorInfo) -> Result<Tensor> {
-        read_tensor(zip, &self.prefix, info).map_err(|m| Error::bad_file(&self.path, m))
+    pub fn read_one(&self, zip: &mut PthZip, info: &TensorInfo) -> Result<Tensor> {
+        read_tensor(zip, &self.prefix, info, self.file_len).map_err(|m| Error::bad_file(&self.path, m))
     }
 }
 
 /// Opens the zip archive of a torch checkpoint.
-pub fn open_zip(path: &Path) -> Result<zip::ZipArchive<std::io::BufReader<std::fs::File>>> {
+pub fn open_zip(path: &Path) -> Result<PthZip> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| Error::bad_file(path, format!("not a torch zip checkpoint or truncated ({e}); re-download it")))
@@ -475,47 +274,108 @@ pub fn read_state_dict(path: &Path, key: Option<&str>, device: &Device) -> Resul
     PthIndex::open(path, key)?.read_all(device, &mut |_, _| {})
 }
 
-fn read_tensor<R: Read + std::io::Seek>(
-    zip: &mut zip::ZipArchive<R>,
-    prefix: &str,
-    info: &TensorInfo,
-) -> std::result::Result<Tensor, String> {
-    let entry = format!("{prefix}data/{}", info.key);
-    let mut f = zip.by_name(&entry).map_err(|e| format!("storage '{entry}' missing ({e})"))?;
-    let esize = info.dtype.size_in_bytes();
-    let numel: usize = info.shape.iter().product();
-    // The last element any stride reaches, so a short storage is caught before reading.
-    let span = if numel == 0 {
-        0
-    } else {
-        1 + info.shape.iter().zip(&info.stride).map(|(d, s)| (d - 1) * s).sum::<usize>()
-    };
-    let need = (info.offset + span) * esize;
-    if (f.size() as usize) < need {
-        return Err(format!("storage holds {} bytes but the tensor needs {need} (truncated?)", f.size()));
+/// The declared size and CRC of a zip entry, after checking the size is one the entry can have.
+fn entry_meta(zip: &mut PthZip, name: &str, file_len: u64) -> std::result::Result<(u64, u32), String> {
+    let f = zip
+        .by_name(name)
+        .map_err(|e| format!("storage '{name}' missing ({e}); the file is corrupt or truncated"))?;
+    let (size, packed) = (f.size(), f.compressed_size());
+    if packed > file_len {
+        return Err(format!(
+            "entry '{name}' claims {packed} compressed bytes but the file has {file_len} (truncated?)"
+        ));
     }
-    let mut bytes = vec![0u8; need];
-    f.read_exact(&mut bytes)
-        .map_err(|e| format!("cannot read storage ({e}); file corrupt or truncated"))?;
-    let flat = Tensor::from_raw_buffer(&bytes[info.offset * esize..], info.dtype, &[span], &Device::Cpu).map_err(|e| e.to_string())?;
-    let contiguous: Vec<usize> = {
-        let mut s = vec![1usize; info.shape.len()];
-        for i in (0..info.shape.len().saturating_sub(1)).rev() {
-            s[i] = s[i + 1] * info.shape[i + 1];
-        }
-        s
-    };
+    match f.compression() {
+        zip::CompressionMethod::Stored if size != packed => Err(format!(
+            "stored entry '{name}' declares {size} bytes but holds {packed}: the file is corrupt or hostile"
+        )),
+        zip::CompressionMethod::Stored => Ok((size, f.crc32())),
+        zip::CompressionMethod::Deflated if size > packed.saturating_mul(MAX_DEFLATE_RATIO).saturating_add(1024) => Err(format!(
+            "entry '{name}' declares {size} bytes from {packed} compressed bytes, more than deflate can produce: the file is corrupt or hostile"
+        )),
+        zip::CompressionMethod::Deflated => Ok((size, f.crc32())),
+        other => Err(format!("entry '{name}' uses compression {other}, which torch never writes")),
+    }
+}
+
+/// Reads a whole zip entry of at most `max` bytes: never past its declared size, CRC checked.
+fn read_entry(zip: &mut PthZip, name: &str, file_len: u64, max: u64) -> std::result::Result<Vec<u8>, String> {
+    let (size, crc) = entry_meta(zip, name, file_len)?;
+    if size > max {
+        return Err(format!(
+            "entry '{name}' declares {size} bytes, more than the {max} a checkpoint's {} may have (hostile file?)",
+            name.rsplit('/').next().unwrap_or(name)
+        ));
+    }
+    let cap = usize::try_from(size).map_err(|_| format!("entry '{name}' is too large for this machine"))?;
+    let mut f = zip.by_name(name).map_err(|e| format!("entry '{name}' missing ({e})"))?;
+    let mut buf = Vec::with_capacity(cap);
+    (&mut f)
+        .take(size.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read '{name}' ({e}); the file is corrupt or truncated: re-download it"))?;
+    if buf.len() != cap {
+        return Err(format!(
+            "entry '{name}' inflates to {}{} bytes but declares {size}: the file is corrupt or hostile",
+            buf.len(),
+            if buf.len() > cap { "+" } else { "" }
+        ));
+    }
+    if crc32fast::hash(&buf) != crc {
+        return Err(format!("entry '{name}' fails its CRC check: the file is corrupt; re-download it"));
+    }
+    Ok(buf)
+}
+
+/// Checks that a tensor lies inside a storage of `size` bytes and does not view more bytes than
+/// the storage holds (overlapping strides, which weights never use).
+fn check_fits(info: &TensorInfo, size: u64) -> std::result::Result<(), String> {
+    let overflow = || format!("shape {:?} with offset {} overflows", info.shape, info.offset);
+    let need = info.storage_bytes_needed().ok_or_else(overflow)?;
+    let nbytes = info.nbytes().ok_or_else(overflow)?;
+    if need as u64 > size {
+        return Err(format!(
+            "needs {need} bytes of storage '{}' (shape {:?}, offset {}) but it holds {size} (truncated or corrupt file)",
+            info.key, info.shape, info.offset
+        ));
+    }
+    if nbytes as u64 > size {
+        return Err(format!(
+            "views {nbytes} bytes of a {size}-byte storage (overlapping strides {:?}); weights never do this",
+            info.stride
+        ));
+    }
+    Ok(())
+}
+
+fn read_tensor(zip: &mut PthZip, prefix: &str, info: &TensorInfo, file_len: u64) -> std::result::Result<Tensor, String> {
+    let entry = format!("{prefix}data/{}", info.key);
+    let (size, _) = entry_meta(zip, &entry, file_len)?;
+    check_fits(info, size)?;
+    let bytes = read_entry(zip, &entry, file_len, size)?;
+    let esize = info.dtype.size_in_bytes();
+    let numel = info.numel().ok_or("shape overflows")?;
+    let span = info.span().ok_or("shape overflows")?;
+    let start = info.offset.checked_mul(esize).ok_or("offset overflows")?;
+    let end = info.storage_bytes_needed().ok_or("offset overflows")?;
+    let flat = Tensor::from_raw_buffer(&bytes[start..end], info.dtype, &[span], &Device::Cpu).map_err(|e| e.to_string())?;
+    let mut contiguous = vec![1usize; info.shape.len()];
+    for i in (0..info.shape.len().saturating_sub(1)).rev() {
+        // no overflow: the product of the shape was checked above
+        contiguous[i] = contiguous[i + 1] * info.shape[i + 1];
+    }
     if numel == 0 || info.stride == contiguous {
         return flat
             .narrow(0, 0, numel)
             .and_then(|t| t.reshape(Shape::from(info.shape.clone())))
             .map_err(|e| e.to_string());
     }
-    // General strides: gather the elements through an index tensor.
+    // General strides: gather the elements through an index tensor (every index < span, checked).
     let mut idx = Vec::with_capacity(numel);
     let mut pos = vec![0usize; info.shape.len()];
     for _ in 0..numel {
-        idx.push(u32::try_from(pos.iter().zip(&info.stride).map(|(p, s)| p * s).sum::<usize>()).map_err(|_| "tensor too large")?);
+        let at: usize = pos.iter().zip(&info.stride).map(|(p, s)| p * s).sum();
+        idx.push(u32::try_from(at).map_err(|_| "tensor too large for a strided read")?);
         for d in (0..pos.len()).rev() {
             pos[d] += 1;
             if pos[d] < info.shape[d] {

@@ -89,7 +89,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     p.op(b's');
     p.op(b'.');
 
-    let tmp = crate::model::weights::tmp_path(path);
+    let tmp = crate::fsutil::tmp_path(path);
     let io = |e: std::io::Error| Error::io(&tmp, e);
     let zerr = |e: zip::result::ZipError| Error::bad_file(&tmp, e.to_string());
     let file = std::fs::File::create(&tmp).map_err(io)?;

@@ -11,6 +11,10 @@ use crate::error::{Error, Result};
 use crate::model::config::{Config, LayerKind};
 use crate::model::pth;
 
+// The atomic-write helpers live in `crate::fsutil` (so `pth_write` need not import this module);
+// re-exported here for the callers that still name them by this path.
+pub use crate::fsutil::{tmp_path, write_atomic};
+
 /// Name -> expected shape of every tensor in a checkpoint of this config, in file order.
 pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     let d = cfg.hidden_size;
@@ -76,48 +80,73 @@ pub fn keeps_f32(name: &str) -> bool {
         || name.ends_with("conv1d.bias")
 }
 
-/// The weight files of a model directory, in the order they are looked for.
+/// The weight files of a model directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightFiles {
     Safetensors(Vec<PathBuf>),
     Pth(PathBuf),
 }
 
+/// The names [`WeightFiles::find`] looks for, in order.
+pub const WEIGHT_NAMES: [&str; 3] = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
+
 impl WeightFiles {
-    /// Finds the weights in `dir`: `model.safetensors`, the shards of
-    /// `model.safetensors.index.json`, any single `*.safetensors`, then `pytorch_model.bin`.
+    /// Finds the weights in `dir` by name, never by guessing: `model.safetensors`, else the shards
+    /// listed in `model.safetensors.index.json`, else `pytorch_model.bin`. Any other
+    /// `.safetensors` file (a reference output, an adapter, an unrelated download) is never taken
+    /// for the weights. A `model.safetensors` that an earlier version of this program converted
+    /// from the `pytorch_model.bin` beside it is skipped once that `.bin` has changed.
     pub fn find(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        if single.is_file() {
+        let single = dir.join(WEIGHT_NAMES[0]);
+        let bin = dir.join(WEIGHT_NAMES[2]);
+        if single.is_file() && !(bin.is_file() && crate::model::convert::legacy_conversion_is_stale(dir)) {
             return Ok(Self::Safetensors(vec![single]));
         }
-        let index = dir.join("model.safetensors.index.json");
+        let index = dir.join(WEIGHT_NAMES[1]);
         if index.is_file() {
             return Ok(Self::Safetensors(read_index(&index)?));
         }
-        let mut st: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
-            .collect();
-        st.sort();
-        if st.len() == 1 {
-            return Ok(Self::Safetensors(st));
-        }
-        let bin = dir.join("pytorch_model.bin");
         if bin.is_file() {
             return Ok(Self::Pth(bin));
         }
-        if st.len() > 1 {
+        let mut others: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        others.sort();
+        if !others.is_empty() {
             return Err(Error::bad_file(
                 dir,
-                "several .safetensors files but no model.safetensors.index.json to say which belong together",
+                format!(
+                    "no weights found: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin; {} is not taken for the weights: if it holds this model, rename it to model.safetensors",
+                    others.join(", ")
+                ),
             ));
         }
         Err(Error::bad_file(
             dir,
             "no weights found: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin",
         ))
+    }
+
+    /// The file that errors name: the weights file, or for shards their index.
+    pub fn primary(&self) -> PathBuf {
+        match self {
+            Self::Pth(p) => p.clone(),
+            Self::Safetensors(v) if v.len() == 1 => v[0].clone(),
+            Self::Safetensors(v) => v.first().and_then(|p| p.parent()).unwrap_or(Path::new(".")).join(WEIGHT_NAMES[1]),
+        }
+    }
+
+    /// `e`, naming [`Self::primary`] when it does not name a file already (a missing or
+    /// misshapen tensor, a tensor-library error).
+    pub fn name_in(&self, e: Error) -> Error {
+        match e {
+            Error::BadFile { .. } | Error::Io { .. } => e,
+            other => Error::bad_file(self.primary(), other.to_string()),
+        }
     }
 }
 
@@ -166,6 +195,18 @@ pub fn mmap(path: &Path) -> Result<memmap2::Mmap> {
 
 fn bad_st(p: &Path, e: impl std::fmt::Display) -> Error {
     Error::bad_file(p, format!("not a valid safetensors file ({e}); re-download or re-convert it"))
+}
+
+/// Parses a whole safetensors file held in memory and reads every tensor onto the CPU; returns
+/// the names and shapes. The entry point of the safetensors reader for the fuzz target and tests.
+pub fn parse_safetensors(bytes: &[u8]) -> std::result::Result<Vec<(String, Vec<usize>)>, String> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let t: Tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| format!("tensor '{name}': {e}"))?;
+        out.push((name, t.dims().to_vec()));
+    }
+    Ok(out)
 }
 
 /// Names and shapes of every tensor in the files, read from headers only (no tensor data).
@@ -309,18 +350,5 @@ pub fn check_and_convert(cfg: &Config, mut tensors: HashMap<String, Tensor>, dty
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = tmp_path(path);
     candle_core::safetensors::save(tensors, &tmp).map_err(|e| Error::bad_file(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// A sibling temp path for atomic writes.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
-}
-
-/// Writes bytes atomically (temp file + rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -21,6 +21,7 @@ pub fn spawn(model: Model, tokenizer: Tokenizer, wait: Duration) -> (Engine, Rec
         label: "tiny".into(),
         untrained: true,
         load_secs: 0.0,
+        notes: Vec::new(),
     };
     let (tx, rx) = channel();
     let e = Engine::spawn(

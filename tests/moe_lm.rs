@@ -297,10 +297,17 @@ fn fixture(name: &str) -> Option<PathBuf> {
 }
 
 fn check_fixture(name: &str) {
-    let Some(dir) = fixture(name) else { return };
+    if let Some(dir) = fixture(name) {
+        check_against(&dir, name);
+    }
+}
+
+/// Compares the model in `dir` with `dir/expected.safetensors` (the layout of
+/// scripts/moe_fixtures.py).
+fn check_against(dir: &Path, name: &str) {
     let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     let ids: Vec<u32> = exp["ids"].to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect();
-    let m = MoeLm::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let m = MoeLm::load(dir, &Device::Cpu, DType::F32).unwrap();
     let k = m.config().num_experts_per_tok;
 
     let (logits, probe) = m.forward(&ids, &mut m.new_cache()).unwrap();
@@ -340,7 +347,7 @@ fn check_fixture(name: &str) {
     assert_eq!(got, want_greedy, "{name}: greedy continuation");
 
     // bf16: as close to transformers' bf16 as bf16 rounding allows
-    let mb = MoeLm::load(&dir, &Device::Cpu, DType::BF16).unwrap();
+    let mb = MoeLm::load(dir, &Device::Cpu, DType::BF16).unwrap();
     let (lb, _) = mb.forward(&ids, &mut mb.new_cache()).unwrap();
     let ours = max_abs(&lb, &exp["logits_bf16"]);
     let theirs = max_abs(&exp["logits_bf16"], &exp["logits"]);
@@ -366,4 +373,52 @@ fn olmoe_matches_transformers_on_the_tiny_fixture() {
 #[test]
 fn mixtral_matches_transformers_on_the_tiny_fixture() {
     check_fixture("mixtral-tiny");
+}
+
+/// The fixture checker itself, on a fixture written in the script's layout from this crate's own
+/// outputs (a random Mixtral with a window shorter than the prompt): the harness reads every key
+/// with the script's dtypes and shapes; transformers' numbers come only from the real fixtures.
+#[test]
+fn the_fixture_checker_reads_the_scripts_layout() {
+    let json = mixtral_json("16");
+    let (m, w) = random_model(&json, 31);
+    let dir = tempfile::tempdir().unwrap();
+    save_dir(dir.path(), &json, &w, 1);
+    let prompt = ids(64, 96, 8);
+    let (logits, probe) = m.forward(&prompt, &mut m.new_cache()).unwrap();
+    let bf = MoeLm::from_source(m.config().clone(), &w, &Device::Cpu, DType::BF16).unwrap();
+    let (logits_bf16, _) = bf.forward(&prompt, &mut bf.new_cache()).unwrap();
+    let (l, e, k) = (prompt.len(), m.config().num_experts, m.config().num_experts_per_tok);
+    let mut probs = Vec::new();
+    let mut top = Vec::new();
+    for p in &probe {
+        probs.extend_from_slice(&p.routing.router_probs);
+        top.extend((0..l).flat_map(|t| p.routing.expert_set(t)).map(i64::from));
+    }
+    let params = SamplingParams {
+        temperature: 0.0,
+        repeat_penalty: 1.0,
+        ..Default::default()
+    };
+    let greedy = generate(&m, &mut m.new_cache(), &prompt, &mut Sampler::new(params), 16, None, &mut |_, _| {}).unwrap();
+    let cpu = &Device::Cpu;
+    let exp: HashMap<String, Tensor> = [
+        (
+            "ids",
+            Tensor::new(prompt.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(), cpu).unwrap(),
+        ),
+        ("logits", logits),
+        ("logits_bf16", logits_bf16),
+        ("router_probs", Tensor::from_vec(probs, (probe.len(), l, e), cpu).unwrap()),
+        ("topk_experts", Tensor::from_vec(top, (probe.len(), l, k), cpu).unwrap()),
+        (
+            "greedy",
+            Tensor::new(greedy.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(), cpu).unwrap(),
+        ),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n.to_string(), t))
+    .collect();
+    candle_core::safetensors::save(&exp, dir.path().join("expected.safetensors")).unwrap();
+    check_against(dir.path(), "self-made");
 }

@@ -16,6 +16,7 @@ pub mod generate;
 pub mod hub;
 pub mod loader;
 pub mod model;
+pub mod moe_lm;
 pub mod ops;
 pub mod rng;
 pub mod runtime;

@@ -17,6 +17,8 @@
 #   bash gpu_run.sh finetune       `bench --finetune` on 2.8B shapes, seq 2048, LoRA on all
 #                                  targets at batch 8, and the same step in PyTorch
 #   bash gpu_run.sh finetune-full  the same with every weight trained, batch 1 and 4
+#   bash gpu_run.sh s6tests   tests, and the transformer-MoE fixtures (moe_fixtures.py) on the CPU
+#   bash gpu_run.sh s6bench   (no tests) decode on the user's path ...; s6: tests, then the same:
 #   bash gpu_run.sh s6        tests, then decode on the user's path (bench --path user, and the
 #                             `generate` command) beside the bare decoder (graph), this build and
 #                             the previous one (blackmamba-base.xz) in the same call, and the
@@ -41,7 +43,7 @@ mkdir -p $R
 log() { echo "== $*" | tee -a "$S"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv,noheader | tee -a "$S"
 
-if [ "${PHASE#finetune}" = "$PHASE" ]; then
+if [ "${PHASE#finetune}" = "$PHASE" ] && [ "$PHASE" != s6bench ]; then
     log "parity tests"
     [ -x gpu_parity ] && timeout 200 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
     for t in *_gpu; do # the other CUDA-only test binaries carried along (tests/*_gpu.rs)
@@ -82,7 +84,13 @@ elif [ "$PHASE" = ftfinal ]; then
     tf --shape 2.8b --seq-len 2048 --batch 8 --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 1 --method full --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 4 --method full --steps 3
-elif [ "$PHASE" = s6 ]; then
+elif [ "$PHASE" = s6tests ]; then
+    if [ -f moe_fixtures.py ]; then # the transformer-MoE golden fixtures, on this machine's CPU
+        log "moe_fixtures.py"
+        rm -rf /tmp/fx && PYTHONUNBUFFERED=1 timeout 240 python3 moe_fixtures.py --out /tmp/fx 2>&1 | tail -20 | tee -a "$S"
+        tar -C /tmp/fx -cf "$OUT/moe_fixtures.tar" . 2>&1 | tee -a "$S"
+    fi
+elif [ "$PHASE" = s6 ] || [ "$PHASE" = s6bench ]; then
     for m in 28 15; do
         eval "M=\$M$m"
         bench ${m}new $M --prompt-len 2048 --gen-len 1024 --reps 3 --modes graph,user,graph-probe

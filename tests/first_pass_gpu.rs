@@ -26,8 +26,8 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 type Run = (Vec<StepReport>, Vec<(String, Vec<f32>)>);
 
 /// `steps` steps of `method` with pass 1 on `first`, every layer recomputed.
-fn train(dtype: DType, method: Method, first: FirstPass, steps: usize) -> Run {
-    let Some(dev) = gpu_common::device() else { return };
+fn train(dev: &Device, dtype: DType, method: Method, first: FirstPass, steps: usize) -> Run {
+    let dev = dev.clone();
     // Mamba and 8-expert MoE layers, wide enough for several channel blocks of the kernels
     let cfg = config(&["r", "8", "r", "8", "r", "8"], 192);
     let w = random_weights(&cfg, RandomInit { seed: 5, perturb: true }, dtype, &dev).unwrap();
@@ -56,9 +56,10 @@ fn train(dtype: DType, method: Method, first: FirstPass, steps: usize) -> Run {
 
 #[test]
 fn kernel_first_pass_takes_the_steps_of_the_tensor_op_first_pass() {
+    let Some(dev) = gpu_common::device() else { return };
     for method in [Method::Lora, Method::Full] {
-        let (fast, w_fast) = train(DType::F32, method, FirstPass::Kernels, 3);
-        let (slow, w_slow) = train(DType::F32, method, FirstPass::Ops, 3);
+        let (fast, w_fast) = train(&dev, DType::F32, method, FirstPass::Kernels, 3);
+        let (slow, w_slow) = train(&dev, DType::F32, method, FirstPass::Ops, 3);
         for (a, b) in fast.iter().zip(&slow) {
             let what = format!("f32 {method:?} step {}", a.step);
             eprintln!(
@@ -104,11 +105,12 @@ fn l2_rel(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn kernel_first_pass_in_bf16_stays_within_rounding() {
+    let Some(dev) = gpu_common::device() else { return };
     // bf16 rounds the two paths' intermediates at different places (about 4e-3 relative each):
     // one step's loss and gradient norm are compared (the next steps start from weights that
     // AdamW moved apart, as in the f32 test, and diverge further in bf16)
-    let (fast, _) = train(DType::BF16, Method::Full, FirstPass::Kernels, 1);
-    let (slow, _) = train(DType::BF16, Method::Full, FirstPass::Ops, 1);
+    let (fast, _) = train(&dev, DType::BF16, Method::Full, FirstPass::Kernels, 1);
+    let (slow, _) = train(&dev, DType::BF16, Method::Full, FirstPass::Ops, 1);
     let (a, b) = (&fast[0], &slow[0]);
     eprintln!(
         "bf16: loss {} / {}, gradient norm {} / {}",

@@ -9,7 +9,7 @@ mod gpu_common;
 
 use blackmamba::model::config::Activation;
 use blackmamba::ops::gated_act::gated_act;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use gpu_common::rel;
 
 /// The tensor-op twin: a (n, 2f) -> act(a[:, :f]) ⊙ a[:, f:].

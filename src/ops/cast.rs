@@ -23,7 +23,9 @@ const THREADS: u32 = 256;
 /// Installs the hook once per process (later calls do nothing).
 pub fn install() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| set_cast_hook(cast));
+    ONCE.call_once(|| {
+        set_cast_hook(cast);
+    });
 }
 
 /// The device address of a storage's element `offset` and its element size.
@@ -69,12 +71,15 @@ fn run(s: &CudaStorage, layout: &Layout, to: DType, name: &str) -> candle_core::
     }
     let (outp, _) = address(&out, 0)?;
     let blocks = n.div_ceil(8 * THREADS as usize).clamp(1, 1 << 16) as u32;
-    Launch::new(func(&dev, Module::Cast, name).map_err(to_candle)?, (blocks, 1, 1), THREADS, 0)
-        .i64(n)
-        .ptr(inp)
-        .ptr(outp)
-        .label("cast")
-        .run(&dev.cuda_stream())
-        .map_err(to_candle)?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(func(&dev, Module::Cast, name).map_err(to_candle)?, (blocks, 1, 1), THREADS, 0)
+            .i64(n)
+            .ptr(inp)
+            .ptr(outp)
+            .label("cast")
+            .run(&dev.cuda_stream())
+    }
+    .map_err(to_candle)?;
     Ok(out)
 }

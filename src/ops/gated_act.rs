@@ -81,19 +81,22 @@ impl CustomOp1 for GatedAct {
             other => candle_core::bail!("gated activation: no kernel for {other:?}"),
         };
         let sfx = suffix(s.dtype()).map_err(to_candle)?;
-        Launch::new(
-            func(&dev, Module::GatedAct, &format!("gated_act_fwd_{sfx}")).map_err(to_candle)?,
-            (blocks_for(n * f, THREADS, MAX_BLOCKS), 1, 1),
-            THREADS,
-            0,
-        )
-        .i64(n)
-        .i32(f)
-        .int(self.act.code())
-        .ptr(ap)
-        .ptr(hp)
-        .label("gated-act")
-        .run(&stream)
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(&dev, Module::GatedAct, &format!("gated_act_fwd_{sfx}")).map_err(to_candle)?,
+                (blocks_for(n * f, THREADS, MAX_BLOCKS), 1, 1),
+                THREADS,
+                0,
+            )
+            .i64(n)
+            .i32(f)
+            .int(self.act.code())
+            .ptr(ap)
+            .ptr(hp)
+            .label("gated-act")
+            .run(&stream)
+        }
         .map_err(to_candle)?;
         Ok((h, Shape::from((n, f))))
     }
@@ -112,20 +115,23 @@ impl GatedAct {
         let a = a.contiguous()?;
         let dh = grad.to_dtype(a.dtype())?.contiguous()?;
         let da = empty(&[n, 2 * f], a.dtype(), dev)?;
-        Launch::new(
-            func(cd, Module::GatedAct, &format!("gated_act_bwd_{}", suffix(a.dtype())?))?,
-            (blocks_for(n * f, THREADS, MAX_BLOCKS), 1, 1),
-            THREADS,
-            0,
-        )
-        .i64(n)
-        .i32(f)
-        .int(self.act.code())
-        .ptr(dptr(&a)?)
-        .ptr(dptr(&dh)?)
-        .ptr(dptr(&da)?)
-        .label("gated-act-bwd")
-        .run(&cd.cuda_stream())?;
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(cd, Module::GatedAct, &format!("gated_act_bwd_{}", suffix(a.dtype())?))?,
+                (blocks_for(n * f, THREADS, MAX_BLOCKS), 1, 1),
+                THREADS,
+                0,
+            )
+            .i64(n)
+            .i32(f)
+            .int(self.act.code())
+            .ptr(dptr(&a)?)
+            .ptr(dptr(&dh)?)
+            .ptr(dptr(&da)?)
+            .label("gated-act-bwd")
+            .run(&cd.cuda_stream())
+        }?;
         Ok(da)
     }
 }
@@ -140,17 +146,20 @@ pub fn gated_act_inference(a: &Tensor, act: Activation) -> Result<Tensor> {
     let dev = a.device();
     let cd = cuda_device(dev)?;
     let h = empty(&[n, f], dt, dev)?;
-    Launch::new(
-        func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
-        (f.div_ceil(256) as u32, n.min(65535) as u32, 1),
-        256,
-        0,
-    )
-    .i32(n)
-    .i32(f)
-    .ptr(dptr(&a)?)
-    .ptr(dptr(&h)?)
-    .int(act.code())
-    .run(&cd.cuda_stream())?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
+            (f.div_ceil(256) as u32, n.min(65535) as u32, 1),
+            256,
+            0,
+        )
+        .i32(n)
+        .i32(f)
+        .ptr(dptr(&a)?)
+        .ptr(dptr(&h)?)
+        .int(act.code())
+        .run(&cd.cuda_stream())
+    }?;
     Ok(h)
 }

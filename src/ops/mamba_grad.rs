@@ -154,11 +154,40 @@ impl CustomOp3 for ScanTailOp {
         let f4 = |i: usize| (i * 4) as u64;
         let (pdt, pz, pd, pbias) = (pv + f4(di), pv + f4(2 * di), pp + f4(di * n), pp + f4(di * n + di));
         if q > 1 {
+            // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+            unsafe {
+                Launch::new(
+                    func(&dev, Module::Scan, "scan_chunk_sum_f32").map_err(to_candle)?,
+                    grid,
+                    THREADS,
+                    (lc * n * 4) as u32,
+                )
+                .scan(s)
+                .ptr(pdt)
+                .i64(v_bs)
+                .i32(v_ts)
+                .ptr(pbias)
+                .ptr(pp)
+                .int(1)
+                .ptr(pbc)
+                .i64(bc_bs)
+                .i32(bc_ts)
+                .ptr(pv)
+                .i64(v_bs)
+                .i32(v_ts)
+                .ptr(sdp)
+                .ptr(ssp)
+                .run(&stream)
+            }
+            .map_err(to_candle)?;
+        }
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
             Launch::new(
-                func(&dev, Module::Scan, "scan_chunk_sum_f32").map_err(to_candle)?,
+                func(&dev, Module::Scan, "scan_chunk_out_f32").map_err(to_candle)?,
                 grid,
                 THREADS,
-                (lc * n * 4) as u32,
+                ((2 * lc * n + 2 * lc) * 4) as u32,
             )
             .scan(s)
             .ptr(pdt)
@@ -168,49 +197,26 @@ impl CustomOp3 for ScanTailOp {
             .ptr(pp)
             .int(1)
             .ptr(pbc)
+            .ptr(pbc + f4(n))
             .i64(bc_bs)
             .i32(bc_ts)
             .ptr(pv)
             .i64(v_bs)
             .i32(v_ts)
+            .ptr(pz)
+            .i64(v_bs)
+            .i32(v_ts)
+            .ptr(pd)
+            .ptr(dptr(&self.h0).map_err(to_candle)?)
             .ptr(sdp)
             .ptr(ssp)
+            .ptr(op)
+            .ptr(0)
+            .ptr(dptr(&self.h_last).map_err(to_candle)?)
+            .ptr(0)
+            .ptr(0)
             .run(&stream)
-            .map_err(to_candle)?;
         }
-        Launch::new(
-            func(&dev, Module::Scan, "scan_chunk_out_f32").map_err(to_candle)?,
-            grid,
-            THREADS,
-            ((2 * lc * n + 2 * lc) * 4) as u32,
-        )
-        .scan(s)
-        .ptr(pdt)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(pbias)
-        .ptr(pp)
-        .int(1)
-        .ptr(pbc)
-        .ptr(pbc + f4(n))
-        .i64(bc_bs)
-        .i32(bc_ts)
-        .ptr(pv)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(pz)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(pd)
-        .ptr(dptr(&self.h0).map_err(to_candle)?)
-        .ptr(sdp)
-        .ptr(ssp)
-        .ptr(op)
-        .ptr(0)
-        .ptr(dptr(&self.h_last).map_err(to_candle)?)
-        .ptr(0)
-        .ptr(0)
-        .run(&stream)
         .map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((bn, len, di))))
     }

@@ -57,25 +57,28 @@ pub fn conv_forward(
     v16: u64,
     st_out: u64,
 ) -> Result<()> {
-    Launch::new(
-        func(dev, Module::MambaTrain, &format!("conv_silu_fwd_{sfx}"))?,
-        (d.di.div_ceil(THREADS as usize) as u32, (d.bn * d.len).min(65535) as u32, 1),
-        THREADS,
-        0,
-    )
-    .i32(d.bn)
-    .i32(d.len)
-    .i32(d.di)
-    .i32(d.k)
-    .ptr(u)
-    .i32(su)
-    .ptr(st)
-    .ptr(w)
-    .ptr(b)
-    .ptr(v)
-    .ptr(v16)
-    .ptr(st_out)
-    .run(&dev.cuda_stream())
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(dev, Module::MambaTrain, &format!("conv_silu_fwd_{sfx}"))?,
+            (d.di.div_ceil(THREADS as usize) as u32, (d.bn * d.len).min(65535) as u32, 1),
+            THREADS,
+            0,
+        )
+        .i32(d.bn)
+        .i32(d.len)
+        .i32(d.di)
+        .i32(d.k)
+        .ptr(u)
+        .i32(su)
+        .ptr(st)
+        .ptr(w)
+        .ptr(b)
+        .ptr(v)
+        .ptr(v16)
+        .ptr(st_out)
+        .run(&dev.cuda_stream())
+    }
 }
 
 /// The conv's backward: the gradient of v is `gv` (f32, (B, L, di)) plus `gv2` (bf16, same shape)
@@ -94,29 +97,32 @@ pub fn conv_backward(
     (du, sdu): (u64, usize),
 ) -> Result<(Tensor, Tensor)> {
     let tiles = d.len.div_ceil(CONV_TILE);
-    let part = empty(&[d.bn * tiles, d.k + 1, d.di], DType::F32, dev)?; // every element written
-    Launch::new(
-        func(cd, Module::MambaTrain, &format!("conv_silu_bwd_{sfx}"))?,
-        (d.di.div_ceil(THREADS as usize) as u32, tiles as u32, d.bn as u32),
-        THREADS,
-        0,
-    )
-    .i32(d.bn)
-    .i32(d.len)
-    .i32(d.di)
-    .i32(d.k)
-    .i32(CONV_TILE)
-    .ptr(u)
-    .i32(su)
-    .ptr(st)
-    .ptr(dptr(w)?)
-    .ptr(dptr(b)?)
-    .ptr(gv)
-    .ptr(gv2)
-    .ptr(du)
-    .i32(sdu)
-    .ptr(dptr(&part)?)
-    .run(&cd.cuda_stream())?;
+    let part = empty(&[d.bn * tiles, d.k + 1, d.di], DType::F32, dev)?;
+    unsafe {
+        // every element written
+        Launch::new(
+            func(cd, Module::MambaTrain, &format!("conv_silu_bwd_{sfx}"))?,
+            (d.di.div_ceil(THREADS as usize) as u32, tiles as u32, d.bn as u32),
+            THREADS,
+            0,
+        )
+        .i32(d.bn)
+        .i32(d.len)
+        .i32(d.di)
+        .i32(d.k)
+        .i32(CONV_TILE)
+        .ptr(u)
+        .i32(su)
+        .ptr(st)
+        .ptr(dptr(w)?)
+        .ptr(dptr(b)?)
+        .ptr(gv)
+        .ptr(gv2)
+        .ptr(du)
+        .i32(sdu)
+        .ptr(dptr(&part)?)
+        .run(&cd.cuda_stream())
+    }?;
     let sums = part.sum(0)?; // (K+1, di): the tiles' partial sums, in a fixed order
     let dw = sums.narrow(0, 0, d.k)?.t()?.contiguous()?.reshape((d.di, 1, d.k))?;
     let db = sums.narrow(0, d.k, 1)?.reshape(d.di)?;
@@ -188,21 +194,25 @@ pub fn tail_backward(
         0,
     )
     .scan(dims);
-    inputs(chunks).ptr(dptr(&sum_delta)?).ptr(dptr(&hs)?).ptr(dptr(&lr)?).run(&stream)?;
-    // 2. composed into each chunk's start state and incoming carry (in place)
-    Launch::new(
-        func(cd, Module::MambaTrain, "scan_tail_carry_f32")?,
-        ((bn * di * n).div_ceil(256) as u32, 1, 1),
-        256,
-        0,
-    )
-    .scan(dims)
-    .ptr(p)
-    .ptr(h0)
-    .ptr(dptr(&sum_delta)?)
-    .ptr(dptr(&hs)?)
-    .ptr(dptr(&lr)?)
-    .run(&stream)?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe { inputs(chunks).ptr(dptr(&sum_delta)?).ptr(dptr(&hs)?).ptr(dptr(&lr)?).run(&stream) }?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        // 2. composed into each chunk's start state and incoming carry (in place)
+        Launch::new(
+            func(cd, Module::MambaTrain, "scan_tail_carry_f32")?,
+            ((bn * di * n).div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+        )
+        .scan(dims)
+        .ptr(p)
+        .ptr(h0)
+        .ptr(dptr(&sum_delta)?)
+        .ptr(dptr(&hs)?)
+        .ptr(dptr(&lr)?)
+        .run(&stream)
+    }?;
     // 3. the gradients, chunk groups in parallel; dB, dC per channel block, then summed
     let groups = BWD_BLOCKS.div_ceil(cbs * bn).clamp(1, q);
     let cpg = q.div_ceil(groups);
@@ -216,30 +226,36 @@ pub fn tail_backward(
     )
     .scan(dims)
     .int(cpg as i32);
-    inputs(bwd)
-        .ptr(dptr(&hs)?)
-        .ptr(dptr(&lr)?)
-        .ptr(io.dv.0)
-        .ptr(io.ddt.0)
-        .ptr(io.dz.0)
-        .ptr(io.yg)
-        .i32(io.dv.1)
-        .i32(io.ddt.1)
-        .i32(io.dz.1)
-        .ptr(dptr(&dbc_part)?)
-        .ptr(dptr(dp)?)
-        .run(&stream)?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        inputs(bwd)
+            .ptr(dptr(&hs)?)
+            .ptr(dptr(&lr)?)
+            .ptr(io.dv.0)
+            .ptr(io.ddt.0)
+            .ptr(io.dz.0)
+            .ptr(io.yg)
+            .i32(io.dv.1)
+            .i32(io.ddt.1)
+            .i32(io.dz.1)
+            .ptr(dptr(&dbc_part)?)
+            .ptr(dptr(dp)?)
+            .run(&stream)
+    }?;
     let total = bn * len * 2 * n;
-    Launch::new(
-        func(cd, Module::MambaTrain, "scan_tail_dbc_f32")?,
-        (total.div_ceil(256) as u32, 1, 1),
-        256,
-        0,
-    )
-    .i32(bn)
-    .i32(cbs)
-    .i32(len * 2 * n)
-    .ptr(dptr(&dbc_part)?)
-    .ptr(dptr(dbc)?)
-    .run(&stream)
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::MambaTrain, "scan_tail_dbc_f32")?,
+            (total.div_ceil(256) as u32, 1, 1),
+            256,
+            0,
+        )
+        .i32(bn)
+        .i32(cbs)
+        .i32(len * 2 * n)
+        .ptr(dptr(&dbc_part)?)
+        .ptr(dptr(dbc)?)
+        .run(&stream)
+    }
 }

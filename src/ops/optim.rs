@@ -2,6 +2,7 @@
 //! parameter, in place, and the gradients' sum of squares into one f64 read once per step.
 //! Slow twins: [`crate::finetune::optim::AdamW::step_ops`] and
 //! [`crate::finetune::optim::global_norm_ops`]; parity in `tests/gpu_parity.rs`.
+#![allow(unsafe_code)]
 
 use candle_core::{DType, Tensor};
 
@@ -69,23 +70,26 @@ pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep, cast:
     }
     let cd = cuda_device(w.device())?;
     let cap = sm_count(cd)? * 8;
-    Launch::new(func(cd, Module::Optim, "adamw_f32")?, (blocks_for(n, 256, cap), 1, 1), 256, 0)
-        .ptr(dptr(w)?)
-        .ptr(dptr(&g)?)
-        .ptr(dptr(m)?)
-        .ptr(dptr(v)?)
-        .u64(n as u64)
-        .f32(s.lr as f32)
-        .f32(s.beta1 as f32)
-        .f32(s.beta2 as f32)
-        .f32(s.bc1 as f32)
-        .f32(s.bc2 as f32)
-        .f32(s.eps as f32)
-        .f32(s.decay as f32)
-        .f32(s.gscale as f32)
-        .ptr(wc)
-        .int(wc_kind)
-        .run(&cd.cuda_stream())
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(func(cd, Module::Optim, "adamw_f32")?, (blocks_for(n, 256, cap), 1, 1), 256, 0)
+            .ptr(dptr(w)?)
+            .ptr(dptr(&g)?)
+            .ptr(dptr(m)?)
+            .ptr(dptr(v)?)
+            .u64(n as u64)
+            .f32(s.lr as f32)
+            .f32(s.beta1 as f32)
+            .f32(s.beta2 as f32)
+            .f32(s.bc1 as f32)
+            .f32(s.bc2 as f32)
+            .f32(s.eps as f32)
+            .f32(s.decay as f32)
+            .f32(s.gscale as f32)
+            .ptr(wc)
+            .int(wc_kind)
+            .run(&cd.cuda_stream())
+    }
 }
 
 /// Σ over all gradients of g², accumulated on the device in f64 and read once.
@@ -102,11 +106,14 @@ pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
         if n == 0 {
             continue;
         }
-        Launch::new(f.clone(), (blocks_for(n, 256, cap), 1, 1), 256, 0)
-            .ptr(dptr(&g)?)
-            .u64(n as u64)
-            .ptr(dptr(&acc)?)
-            .run(&cd.cuda_stream())?;
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(f.clone(), (blocks_for(n, 256, cap), 1, 1), 256, 0)
+                .ptr(dptr(&g)?)
+                .u64(n as u64)
+                .ptr(dptr(&acc)?)
+                .run(&cd.cuda_stream())
+        }?;
     }
     Ok(acc.to_vec1::<f64>()?[0])
 }

@@ -27,13 +27,6 @@ const BWD_BLOCKS_PER_SM: u32 = 4;
 /// accumulate in the partial-sum scratch itself.
 const MAX_SMEM_D: usize = 48 * 1024 / 4 - 64;
 
-/// Whether CUDA training takes this op: the kernels are on ([`super::kernels_enabled`]) and
-/// `BLACKMAMBA_SLOW_RMSNORM` is unset, empty or 0 (set, the blocks take the tensor-op twin: the
-/// A/B switch of `bench --finetune`).
-pub fn enabled() -> bool {
-    super::kernels_enabled() && std::env::var_os("BLACKMAMBA_SLOW_RMSNORM").is_none_or(|v| v.is_empty() || v == "0")
-}
-
 /// x (.., d) f32 and w (d) f32 on CUDA -> (.., d) in `out` (f32, bf16 or f16) =
 /// x · rsqrt(mean(x²) + eps) · w, differentiable in x (gradient f32) and w.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, out: DType) -> Result<Tensor> {
@@ -119,20 +112,23 @@ impl CustomOp2 for RmsNormOp {
             other => candle_core::bail!("rms norm: no kernel for output {other:?}"),
         };
         let sfx = suffix(self.out).map_err(to_candle)?;
-        Launch::new(
-            func(&dev, Module::RmsNorm, &format!("rms_norm_fwd_{sfx}")).map_err(to_candle)?,
-            (self.rows.clamp(1, 1 << 20) as u32, 1, 1),
-            THREADS,
-            0,
-        )
-        .i64(self.rows)
-        .i32(self.d)
-        .f32(self.eps)
-        .ptr(xp)
-        .ptr(wp)
-        .ptr(yp)
-        .label("rms-norm")
-        .run(&stream)
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(&dev, Module::RmsNorm, &format!("rms_norm_fwd_{sfx}")).map_err(to_candle)?,
+                (self.rows.clamp(1, 1 << 20) as u32, 1, 1),
+                THREADS,
+                0,
+            )
+            .i64(self.rows)
+            .i32(self.d)
+            .f32(self.eps)
+            .ptr(xp)
+            .ptr(wp)
+            .ptr(yp)
+            .label("rms-norm")
+            .run(&stream)
+        }
         .map_err(to_candle)?;
         Ok((y, Shape::from((self.rows, self.d))))
     }
@@ -163,34 +159,40 @@ impl RmsNormOp {
             None
         };
         let stream = cd.cuda_stream();
-        Launch::new(
-            func(cd, Module::RmsNorm, &format!("rms_norm_bwd_{}", suffix(self.out)?))?,
-            (blocks, 1, 1),
-            THREADS,
-            if smem_acc && part.is_some() { (d * 4) as u32 } else { 0 },
-        )
-        .i64(rows)
-        .i32(d)
-        .f32(self.eps)
-        .int(i32::from(smem_acc))
-        .ptr(dptr(&x)?)
-        .ptr(dptr(&w)?)
-        .ptr(dptr(&g)?)
-        .ptr(dptr(&dx)?)
-        .ptr(part.as_ref().map_or(Ok(0), dptr)?)
-        .label("rms-norm-bwd")
-        .run(&stream)?;
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(cd, Module::RmsNorm, &format!("rms_norm_bwd_{}", suffix(self.out)?))?,
+                (blocks, 1, 1),
+                THREADS,
+                if smem_acc && part.is_some() { (d * 4) as u32 } else { 0 },
+            )
+            .i64(rows)
+            .i32(d)
+            .f32(self.eps)
+            .int(i32::from(smem_acc))
+            .ptr(dptr(&x)?)
+            .ptr(dptr(&w)?)
+            .ptr(dptr(&g)?)
+            .ptr(dptr(&dx)?)
+            .ptr(part.as_ref().map_or(Ok(0), dptr)?)
+            .label("rms-norm-bwd")
+            .run(&stream)
+        }?;
         let Some(part) = part else {
             return Ok((dx, None));
         };
-        let dw = empty(&[d], DType::F32, dev)?; // (d)
-        Launch::new(func(cd, Module::RmsNorm, "rms_norm_dw")?, (d.div_ceil(32) as u32, 1, 1), 256, 0)
-            .i32(blocks as usize)
-            .i32(d)
-            .ptr(dptr(&part)?)
-            .ptr(dptr(&dw)?)
-            .label("rms-norm-dw")
-            .run(&stream)?;
+        let dw = empty(&[d], DType::F32, dev)?;
+        unsafe {
+            // (d)
+            Launch::new(func(cd, Module::RmsNorm, "rms_norm_dw")?, (d.div_ceil(32) as u32, 1, 1), 256, 0)
+                .i32(blocks as usize)
+                .i32(d)
+                .ptr(dptr(&part)?)
+                .ptr(dptr(&dw)?)
+                .label("rms-norm-dw")
+                .run(&stream)
+        }?;
         Ok((dx, Some(dw)))
     }
 }

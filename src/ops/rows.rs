@@ -33,19 +33,22 @@ pub fn scatter_add_rows(src: &Tensor, idx: &Tensor, rows: usize) -> Result<Tenso
     let cd = cuda_device(dev)?;
     let (src, idx) = (src.contiguous()?, idx.contiguous()?);
     let dst = Tensor::zeros((rows, d), DType::F32, dev)?;
-    Launch::new(
-        func(cd, Module::Rows, &format!("scatter_add_rows_{}", suffix(src.dtype())?))?,
-        (blocks_for(n * d, THREADS, MAX_BLOCKS), 1, 1),
-        THREADS,
-        0,
-    )
-    .i64(n)
-    .i32(d)
-    .ptr(dptr(&idx)?)
-    .ptr(dptr(&src)?)
-    .ptr(dptr(&dst)?)
-    .label("scatter-rows")
-    .run(&cd.cuda_stream())?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::Rows, &format!("scatter_add_rows_{}", suffix(src.dtype())?))?,
+            (blocks_for(n * d, THREADS, MAX_BLOCKS), 1, 1),
+            THREADS,
+            0,
+        )
+        .i64(n)
+        .i32(d)
+        .ptr(dptr(&idx)?)
+        .ptr(dptr(&src)?)
+        .ptr(dptr(&dst)?)
+        .label("scatter-rows")
+        .run(&cd.cuda_stream())
+    }?;
     Ok(dst)
 }
 
@@ -90,19 +93,22 @@ impl CustomOp1 for SelectRows {
         let out = dev.alloc_zeros::<f32>(n * d)?;
         let stream = dev.cuda_stream();
         let op = out.device_ptr(&stream).0;
-        Launch::new(
-            func(&dev, Module::Rows, "gather_rows_f32").map_err(to_candle)?,
-            (blocks_for(n * d, THREADS, MAX_BLOCKS), 1, 1),
-            THREADS,
-            0,
-        )
-        .i64(n)
-        .i32(d)
-        .ptr(dptr(&self.idx).map_err(to_candle)?)
-        .ptr(f32_ptr(s, l, "row selection")?)
-        .ptr(op)
-        .label("gather-rows")
-        .run(&stream)
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(&dev, Module::Rows, "gather_rows_f32").map_err(to_candle)?,
+                (blocks_for(n * d, THREADS, MAX_BLOCKS), 1, 1),
+                THREADS,
+                0,
+            )
+            .i64(n)
+            .i32(d)
+            .ptr(dptr(&self.idx).map_err(to_candle)?)
+            .ptr(f32_ptr(s, l, "row selection")?)
+            .ptr(op)
+            .label("gather-rows")
+            .run(&stream)
+        }
         .map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, d))))
     }

@@ -66,11 +66,40 @@ impl CustomOp3 for ScanOp {
         let (v_bs, v_ts) = (len * 2 * di, 2 * di);
         let (bc_bs, bc_ts) = (len * 2 * n, 2 * n);
         if q > 1 {
+            // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+            unsafe {
+                Launch::new(
+                    func(&dev, Module::Scan, "scan_chunk_sum_f32").map_err(to_candle)?,
+                    grid,
+                    128,
+                    (lc * n * 4) as u32,
+                )
+                .scan(dims)
+                .ptr(pvd + (di * 4) as u64)
+                .i64(v_bs)
+                .i32(v_ts)
+                .ptr(0)
+                .ptr(pa)
+                .int(0)
+                .ptr(pbc)
+                .i64(bc_bs)
+                .i32(bc_ts)
+                .ptr(pvd)
+                .i64(v_bs)
+                .i32(v_ts)
+                .ptr(sdp)
+                .ptr(ssp)
+                .run(&stream)
+            }
+            .map_err(to_candle)?;
+        }
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
             Launch::new(
-                func(&dev, Module::Scan, "scan_chunk_sum_f32").map_err(to_candle)?,
+                func(&dev, Module::Scan, "scan_chunk_out_f32").map_err(to_candle)?,
                 grid,
                 128,
-                (lc * n * 4) as u32,
+                ((2 * lc * n + 2 * lc) * 4) as u32,
             )
             .scan(dims)
             .ptr(pvd + (di * 4) as u64)
@@ -80,49 +109,26 @@ impl CustomOp3 for ScanOp {
             .ptr(pa)
             .int(0)
             .ptr(pbc)
+            .ptr(pbc + (n * 4) as u64)
             .i64(bc_bs)
             .i32(bc_ts)
             .ptr(pvd)
             .i64(v_bs)
             .i32(v_ts)
+            .ptr(0)
+            .i64(0)
+            .i32(0)
+            .ptr(0)
+            .ptr(h0)
             .ptr(sdp)
             .ptr(ssp)
+            .ptr(0)
+            .ptr(yp)
+            .ptr(0)
+            .ptr(0)
+            .ptr(0)
             .run(&stream)
-            .map_err(to_candle)?;
         }
-        Launch::new(
-            func(&dev, Module::Scan, "scan_chunk_out_f32").map_err(to_candle)?,
-            grid,
-            128,
-            ((2 * lc * n + 2 * lc) * 4) as u32,
-        )
-        .scan(dims)
-        .ptr(pvd + (di * 4) as u64)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(0)
-        .ptr(pa)
-        .int(0)
-        .ptr(pbc)
-        .ptr(pbc + (n * 4) as u64)
-        .i64(bc_bs)
-        .i32(bc_ts)
-        .ptr(pvd)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(0)
-        .i64(0)
-        .i32(0)
-        .ptr(0)
-        .ptr(h0)
-        .ptr(sdp)
-        .ptr(ssp)
-        .ptr(0)
-        .ptr(yp)
-        .ptr(0)
-        .ptr(0)
-        .ptr(0)
-        .run(&stream)
         .map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((bn, len, di))))
     }
@@ -157,40 +163,43 @@ impl ScanOp {
         };
         let (v_bs, v_ts) = (len * 2 * di, 2 * di);
         let (bc_bs, bc_ts) = (len * 2 * n, 2 * n);
-        Launch::new(
-            func(cd, Module::Scan, "scan_bwd_f32")?,
-            (di.div_ceil(128) as u32, bn as u32, 1),
-            128,
-            (lc * 2 * n * 4) as u32,
-        )
-        .scan(dims)
-        .ptr(pvd + (di * 4) as u64)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(dptr(&a)?)
-        .ptr(pbc)
-        .ptr(pbc + (n * 4) as u64)
-        .i64(bc_bs)
-        .i32(bc_ts)
-        .ptr(pvd)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(dptr_opt(self.h0.as_ref())?)
-        .ptr(dptr(&gy)?)
-        .ptr(dptr(&hs)?)
-        .ptr(dptr(&hist)?)
-        .ptr(pdvd)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(pdvd + (di * 4) as u64)
-        .i64(v_bs)
-        .i32(v_ts)
-        .ptr(pdbc)
-        .ptr(pdbc + (n * 4) as u64)
-        .i64(bc_bs)
-        .i32(bc_ts)
-        .ptr(dptr(&da)?)
-        .run(&cd.cuda_stream())?;
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(cd, Module::Scan, "scan_bwd_f32")?,
+                (di.div_ceil(128) as u32, bn as u32, 1),
+                128,
+                (lc * 2 * n * 4) as u32,
+            )
+            .scan(dims)
+            .ptr(pvd + (di * 4) as u64)
+            .i64(v_bs)
+            .i32(v_ts)
+            .ptr(dptr(&a)?)
+            .ptr(pbc)
+            .ptr(pbc + (n * 4) as u64)
+            .i64(bc_bs)
+            .i32(bc_ts)
+            .ptr(pvd)
+            .i64(v_bs)
+            .i32(v_ts)
+            .ptr(dptr_opt(self.h0.as_ref())?)
+            .ptr(dptr(&gy)?)
+            .ptr(dptr(&hs)?)
+            .ptr(dptr(&hist)?)
+            .ptr(pdvd)
+            .i64(v_bs)
+            .i32(v_ts)
+            .ptr(pdvd + (di * 4) as u64)
+            .i64(v_bs)
+            .i32(v_ts)
+            .ptr(pdbc)
+            .ptr(pdbc + (n * 4) as u64)
+            .i64(bc_bs)
+            .i32(bc_ts)
+            .ptr(dptr(&da)?)
+            .run(&cd.cuda_stream())
+        }?;
         Ok((dvd, dbc, da))
     }
 }

@@ -60,11 +60,39 @@ pub(crate) fn scan_launch(
         (None, None)
     };
     if let (Some(sd), Some(ss)) = (&sum_delta, &big_s) {
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(cd, Module::Scan, &format!("scan_chunk_sum_{sfx}"))?,
+                grid,
+                128,
+                (lc * n * 4) as u32,
+            )
+            .scan(s)
+            .ptr(a.dt.0)
+            .i64(a.dt.1)
+            .i32(a.dt.2)
+            .ptr(a.dt_bias)
+            .ptr(a.a)
+            .int(i32::from(a.a_is_log))
+            .ptr(a.b)
+            .i64(a.bc.0)
+            .i32(a.bc.1)
+            .ptr(a.v.0)
+            .i64(a.v.1)
+            .i32(a.v.2)
+            .ptr(dptr(sd)?)
+            .ptr(dptr(ss)?)
+            .run(&stream)
+        }?;
+    }
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
         Launch::new(
-            func(cd, Module::Scan, &format!("scan_chunk_sum_{sfx}"))?,
+            func(cd, Module::Scan, &format!("scan_chunk_out_{sfx}"))?,
             grid,
             128,
-            (lc * n * 4) as u32,
+            ((2 * lc * n + 2 * lc) * 4) as u32,
         )
         .scan(s)
         .ptr(a.dt.0)
@@ -74,48 +102,26 @@ pub(crate) fn scan_launch(
         .ptr(a.a)
         .int(i32::from(a.a_is_log))
         .ptr(a.b)
+        .ptr(a.c)
         .i64(a.bc.0)
         .i32(a.bc.1)
         .ptr(a.v.0)
         .i64(a.v.1)
         .i32(a.v.2)
-        .ptr(dptr(sd)?)
-        .ptr(dptr(ss)?)
-        .run(&stream)?;
+        .ptr(a.z.0)
+        .i64(a.z.1)
+        .i32(a.z.2)
+        .ptr(a.d)
+        .ptr(a.h0)
+        .ptr(dptr_opt(sum_delta.as_ref())?)
+        .ptr(dptr_opt(big_s.as_ref())?)
+        .ptr(dptr_opt(y_t)?)
+        .ptr(dptr_opt(y_raw)?)
+        .ptr(dptr_opt(h_last)?)
+        .ptr(dptr_opt(hsq)?)
+        .ptr(dptr_opt(dsum)?)
+        .run(&stream)
     }
-    Launch::new(
-        func(cd, Module::Scan, &format!("scan_chunk_out_{sfx}"))?,
-        grid,
-        128,
-        ((2 * lc * n + 2 * lc) * 4) as u32,
-    )
-    .scan(s)
-    .ptr(a.dt.0)
-    .i64(a.dt.1)
-    .i32(a.dt.2)
-    .ptr(a.dt_bias)
-    .ptr(a.a)
-    .int(i32::from(a.a_is_log))
-    .ptr(a.b)
-    .ptr(a.c)
-    .i64(a.bc.0)
-    .i32(a.bc.1)
-    .ptr(a.v.0)
-    .i64(a.v.1)
-    .i32(a.v.2)
-    .ptr(a.z.0)
-    .i64(a.z.1)
-    .i32(a.z.2)
-    .ptr(a.d)
-    .ptr(a.h0)
-    .ptr(dptr_opt(sum_delta.as_ref())?)
-    .ptr(dptr_opt(big_s.as_ref())?)
-    .ptr(dptr_opt(y_t)?)
-    .ptr(dptr_opt(y_raw)?)
-    .ptr(dptr_opt(h_last)?)
-    .ptr(dptr_opt(hsq)?)
-    .ptr(dptr_opt(dsum)?)
-    .run(&stream)
 }
 
 /// The selective scan on f32 tensors by the chunked kernels; same contract as the twin

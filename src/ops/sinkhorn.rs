@@ -1,5 +1,6 @@
 //! Sinkhorn on the device (`kernels/sinkhorn.cu`): the whole loop in one launch of one block, in
 //! f64, with the same trace as the host version. Twin: [`crate::sinkhorn::sinkhorn`].
+#![allow(unsafe_code)]
 
 use candle_core::{DType, Tensor};
 
@@ -30,21 +31,24 @@ pub fn sinkhorn(cost: &Tensor, opts: &SinkhornOpts) -> Result<SinkhornResult> {
         Variant::Zyphra => (2.0, 1),
         Variant::Standard => (1.0, 0),
     };
-    Launch::new(func(cd, Module::Sinkhorn, "sinkhorn_run")?, (1, 1, 1), 1024, 0)
-        .i32(t)
-        .i32(e)
-        .ptr(dptr(&cost)?)
-        .f64(scale)
-        .int(zyphra)
-        .i32(iters)
-        .f64(opts.tol)
-        .ptr(dptr(&k)?)
-        .ptr(dptr(&d0)?)
-        .ptr(dptr(&plan)?)
-        .ptr(dptr(&assign)?)
-        .ptr(dptr(&trace)?)
-        .ptr(dptr(&status)?)
-        .run(&cd.cuda_stream())?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(func(cd, Module::Sinkhorn, "sinkhorn_run")?, (1, 1, 1), 1024, 0)
+            .i32(t)
+            .i32(e)
+            .ptr(dptr(&cost)?)
+            .f64(scale)
+            .int(zyphra)
+            .i32(iters)
+            .f64(opts.tol)
+            .ptr(dptr(&k)?)
+            .ptr(dptr(&d0)?)
+            .ptr(dptr(&plan)?)
+            .ptr(dptr(&assign)?)
+            .ptr(dptr(&trace)?)
+            .ptr(dptr(&status)?)
+            .run(&cd.cuda_stream())
+    }?;
     let status: Vec<u32> = status.to_vec1()?;
     let n = (status[0] as usize).min(iters);
     let tr: Vec<f64> = trace.to_vec1()?;

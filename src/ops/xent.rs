@@ -18,13 +18,6 @@ use crate::ops::cuda::{cuda_device, dptr, empty, func, storage_ptr, suffix, to_c
 
 const THREADS: u32 = 256;
 
-/// Whether the training loss takes this op: the kernels are on ([`super::kernels_enabled`]) and
-/// `BLACKMAMBA_SLOW_XENT` is unset, empty or 0 (set, the loss takes its tensor-op twin and the
-/// head its f32 logits again: the A/B switch of `bench --finetune`).
-pub fn enabled() -> bool {
-    super::kernels_enabled() && std::env::var_os("BLACKMAMBA_SLOW_XENT").is_none_or(|v| v.is_empty() || v == "0")
-}
-
 /// logits (n, V) f32, bf16 or f16 and targets (n) u32, on CUDA -> (n) f32 with
 /// logsumexp(row) − row\[target\], differentiable in the logits (gradient in their dtype).
 /// Targets outside [0, V) are an error (checked on the host: one reduction and a 4-byte copy).
@@ -86,19 +79,22 @@ impl CustomOp2 for CrossEntropyOp {
         let out = dev.alloc_zeros::<f32>(self.n * 2)?; // (n, 2)
         let op = out.device_ptr(&stream).0;
         let sfx = suffix(s1.dtype()).map_err(to_candle)?;
-        Launch::new(
-            func(&dev, Module::Xent, &format!("xent_fwd_{sfx}")).map_err(to_candle)?,
-            (self.n as u32, 1, 1),
-            THREADS,
-            0,
-        )
-        .i32(self.v)
-        .int(vec_flag(self.v, s1.dtype(), &[xp]))
-        .ptr(xp)
-        .ptr(tp)
-        .ptr(op)
-        .label("xent")
-        .run(&stream)
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(&dev, Module::Xent, &format!("xent_fwd_{sfx}")).map_err(to_candle)?,
+                (self.n as u32, 1, 1),
+                THREADS,
+                0,
+            )
+            .i32(self.v)
+            .int(vec_flag(self.v, s1.dtype(), &[xp]))
+            .ptr(xp)
+            .ptr(tp)
+            .ptr(op)
+            .label("xent")
+            .run(&stream)
+        }
         .map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((self.n, 2))))
     }
@@ -122,21 +118,24 @@ impl CrossEntropyOp {
         let g = grad.to_dtype(DType::F32)?.contiguous()?; // (n, 2)
         let d = empty(&[n, v], x.dtype(), dev)?; // (n, V)
         let (xp, dp) = (dptr(&x)?, dptr(&d)?);
-        Launch::new(
-            func(cd, Module::Xent, &format!("xent_bwd_{}", suffix(x.dtype())?))?,
-            (n as u32, 1, 1),
-            THREADS,
-            0,
-        )
-        .i32(v)
-        .int(vec_flag(v, x.dtype(), &[xp, dp]))
-        .ptr(xp)
-        .ptr(dptr(&t)?)
-        .ptr(dptr(&res)?)
-        .ptr(dptr(&g)?)
-        .ptr(dp)
-        .label("xent-bwd")
-        .run(&cd.cuda_stream())?;
+        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        unsafe {
+            Launch::new(
+                func(cd, Module::Xent, &format!("xent_bwd_{}", suffix(x.dtype())?))?,
+                (n as u32, 1, 1),
+                THREADS,
+                0,
+            )
+            .i32(v)
+            .int(vec_flag(v, x.dtype(), &[xp, dp]))
+            .ptr(xp)
+            .ptr(dptr(&t)?)
+            .ptr(dptr(&res)?)
+            .ptr(dptr(&g)?)
+            .ptr(dp)
+            .label("xent-bwd")
+            .run(&cd.cuda_stream())
+        }?;
         Ok(d)
     }
 }

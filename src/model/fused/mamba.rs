@@ -5,19 +5,19 @@
 use candle_core::{DType, Tensor, D};
 
 use super::{launch_cap, push_host, THREADS};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::mamba::MambaMixer;
 use crate::model::probe::MambaRecord;
 use crate::model::state::LayerState;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module, ScanIn};
 use crate::ops::prof::{self, lap};
-use crate::ops::scan::ScanOut;
+use crate::ops::scan_kernels::{scan_chunks, scan_launch, ScanArgs};
 
 /// Whether a Mamba mixer can take the fused path (no adapters on x_proj/dt_proj, one dtype).
 /// Whether the kernels take this mixer; `seq`: the full-sequence path, where x_proj and dt_proj
 /// run through [`crate::model::linear::Linear::forward`] and so may carry adapters (the step
 /// reads their weights directly).
-pub(super) fn mamba_fusable(m: &MambaMixer, seq: bool) -> bool {
+pub(crate) fn mamba_fusable(m: &MambaMixer, seq: bool) -> bool {
     let dt = m.in_proj.weight.dtype();
     (seq || (m.x_proj.lora.is_none() && m.dt_proj.lora.is_none()))
         && m.x_proj.bias.is_none()
@@ -52,26 +52,29 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
     let vt = empty(&[bn, len, di], dt, dev)?;
     let new_conv = empty(&[bn, di, k], DType::F32, dev)?;
     let conv_in = state.conv.contiguous()?;
-    let cw = m.conv_w.contiguous()?; // (di, 1, K)
-    Launch::new(
-        func(cd, Module::Prefill, &format!("conv1d_fwd_{sfx}"))?,
-        (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
-        THREADS,
-        0,
-    )
-    .i32(bn)
-    .i32(len)
-    .i32(di)
-    .i32(k)
-    .ptr(dptr(&xz)?)
-    .i32(2 * di)
-    .ptr(dptr(&conv_in)?)
-    .ptr(dptr(&cw)?)
-    .ptr(dptr(&m.conv_b.contiguous()?)?)
-    .ptr(dptr(&v)?)
-    .ptr(dptr(&vt)?)
-    .ptr(dptr(&new_conv)?)
-    .run(&stream)?;
+    let cw = m.conv_w.contiguous()?;
+    unsafe {
+        // (di, 1, K)
+        Launch::new(
+            func(cd, Module::Prefill, &format!("conv1d_fwd_{sfx}"))?,
+            (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
+            THREADS,
+            0,
+        )
+        .i32(bn)
+        .i32(len)
+        .i32(di)
+        .i32(k)
+        .ptr(dptr(&xz)?)
+        .i32(2 * di)
+        .ptr(dptr(&conv_in)?)
+        .ptr(dptr(&cw)?)
+        .ptr(dptr(&m.conv_b.contiguous()?)?)
+        .ptr(dptr(&v)?)
+        .ptr(dptr(&vt)?)
+        .ptr(dptr(&new_conv)?)
+        .run(&stream)
+    }?;
     lap(&mut laps, "mamba.conv")?;
     // eqs. 4-5 inputs: [δ; B; C] = W_x v (cuBLAS), dt = W_dt δ (cuBLAS); softplus in the scan
     let xdbl = m.x_proj.forward(&vt)?.contiguous()?; // (B, L, R+2N) T
@@ -171,24 +174,27 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
     let dbc = empty(&[bn, r2], dt, dev)?;
     let vec = i32::from((di * es) % 16 == 0);
     let warps = THREADS / 32;
-    Launch::new(
-        func(cd, Module::MambaStep, &format!("conv_xproj_{sfx}"))?,
-        (blocks_for(r2, warps, cap), bn as u32, 1),
-        THREADS,
-        (di * es) as u32,
-    )
-    .i32(di)
-    .i32(k)
-    .i32(r2)
-    .ptr(dptr(&xz)?)
-    .i32(2 * di)
-    .ptr(dptr(&conv_in)?)
-    .ptr(dptr(&cw)?)
-    .ptr(dptr(&cb)?)
-    .ptr(dptr(&wx)?)
-    .ptr(dptr(&dbc)?)
-    .int(vec)
-    .run(&stream)?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::MambaStep, &format!("conv_xproj_{sfx}"))?,
+            (blocks_for(r2, warps, cap), bn as u32, 1),
+            THREADS,
+            (di * es) as u32,
+        )
+        .i32(di)
+        .i32(k)
+        .i32(r2)
+        .ptr(dptr(&xz)?)
+        .i32(2 * di)
+        .ptr(dptr(&conv_in)?)
+        .ptr(dptr(&cw)?)
+        .ptr(dptr(&cb)?)
+        .ptr(dptr(&wx)?)
+        .ptr(dptr(&dbc)?)
+        .int(vec)
+        .run(&stream)
+    }?;
     let y = empty(&[bn, di], dt, dev)?;
     let new_conv = empty(&[bn, di, k], DType::F32, dev)?;
     let new_h = empty(&[bn, di, n], DType::F32, dev)?;
@@ -198,34 +204,37 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
         None
     };
     let h_in = state.ssm.contiguous()?;
-    Launch::new(
-        func(cd, Module::MambaStep, &format!("ssm_step_{sfx}"))?,
-        (blocks_for(bn * di, warps, u32::MAX), 1, 1),
-        THREADS,
-        0,
-    )
-    .i32(bn)
-    .i32(di)
-    .i32(r)
-    .i32(n)
-    .i32(k)
-    .ptr(dptr(&xz)?)
-    .i32(2 * di)
-    .ptr(dptr(&conv_in)?)
-    .ptr(dptr(&new_conv)?)
-    .ptr(dptr(&cw)?)
-    .ptr(dptr(&cb)?)
-    .ptr(dptr(&dbc)?)
-    .ptr(dptr(&m.dt_proj.weight.contiguous()?)?)
-    .ptr(dptr(&m.dt_bias.contiguous()?)?)
-    .ptr(dptr(&m.a_log.contiguous()?)?)
-    .ptr(dptr(&m.d.contiguous()?)?)
-    .ptr(dptr(&h_in)?)
-    .ptr(dptr(&new_h)?)
-    .ptr(dptr(&y)?)
-    .ptr(dptr_opt(telem.as_ref())?)
-    .int(0)
-    .run(&stream)?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::MambaStep, &format!("ssm_step_{sfx}"))?,
+            (blocks_for(bn * di, warps, u32::MAX), 1, 1),
+            THREADS,
+            0,
+        )
+        .i32(bn)
+        .i32(di)
+        .i32(r)
+        .i32(n)
+        .i32(k)
+        .ptr(dptr(&xz)?)
+        .i32(2 * di)
+        .ptr(dptr(&conv_in)?)
+        .ptr(dptr(&new_conv)?)
+        .ptr(dptr(&cw)?)
+        .ptr(dptr(&cb)?)
+        .ptr(dptr(&dbc)?)
+        .ptr(dptr(&m.dt_proj.weight.contiguous()?)?)
+        .ptr(dptr(&m.dt_bias.contiguous()?)?)
+        .ptr(dptr(&m.a_log.contiguous()?)?)
+        .ptr(dptr(&m.d.contiguous()?)?)
+        .ptr(dptr(&h_in)?)
+        .ptr(dptr(&new_h)?)
+        .ptr(dptr(&y)?)
+        .ptr(dptr_opt(telem.as_ref())?)
+        .int(0)
+        .run(&stream)
+    }?;
     let out = m.out_proj.forward(&y)?; // (B, d)
     if let (Some(p), Some(t)) = (probe, &telem) {
         let v: Vec<f32> = t.flatten_all()?.to_vec1()?;

@@ -51,15 +51,18 @@ pub fn add_rmsnorm(res: &Tensor, add: Option<&Tensor>, w: &Tensor, eps: f64, out
     };
     let res_out = empty(&dims, DType::F32, dev)?;
     let out = empty(&dims, out_dtype, dev)?;
-    Launch::new(func(cd, Module::Prefill, &name)?, (rows as u32, 1, 1), THREADS, 0)
-        .i32(d)
-        .ptr(dptr(&res)?)
-        .ptr(dptr_opt(add.as_ref())?)
-        .ptr(dptr(&res_out)?)
-        .ptr(dptr(&w.contiguous()?)?)
-        .f32(eps as f32)
-        .ptr(dptr(&out)?)
-        .run(&cd.cuda_stream())?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(func(cd, Module::Prefill, &name)?, (rows as u32, 1, 1), THREADS, 0)
+            .i32(d)
+            .ptr(dptr(&res)?)
+            .ptr(dptr_opt(add.as_ref())?)
+            .ptr(dptr(&res_out)?)
+            .ptr(dptr(&w.contiguous()?)?)
+            .f32(eps as f32)
+            .ptr(dptr(&out)?)
+            .run(&cd.cuda_stream())
+    }?;
     Ok((res_out, out))
 }
 

@@ -86,23 +86,26 @@ fn moe_run(
                                                                   // the router weights in each block's shared memory when they fit the default 48 KB
     let w_bytes = n_exp * d * 4;
     let in_smem = w_bytes <= 48 * 1024;
-    Launch::new(
-        func(cd, Module::Prefill, &format!("router_top1_{sfx}"))?,
-        (blocks_for(n_tok, THREADS / 32, cap), 1, 1),
-        THREADS,
-        if in_smem { w_bytes as u32 } else { 0 },
-    )
-    .i32(n_tok)
-    .i32(d)
-    .i32(n_exp)
-    .ptr(dptr(&xs)?)
-    .ptr(dptr(&wr)?)
-    .ptr(dptr(&bias)?)
-    .ptr(dptr(&logits)?)
-    .ptr(dptr(&expert)?)
-    .ptr(dptr(&gate)?)
-    .int(i32::from(in_smem))
-    .run(&stream)?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::Prefill, &format!("router_top1_{sfx}"))?,
+            (blocks_for(n_tok, THREADS / 32, cap), 1, 1),
+            THREADS,
+            if in_smem { w_bytes as u32 } else { 0 },
+        )
+        .i32(n_tok)
+        .i32(d)
+        .i32(n_exp)
+        .ptr(dptr(&xs)?)
+        .ptr(dptr(&wr)?)
+        .ptr(dptr(&bias)?)
+        .ptr(dptr(&logits)?)
+        .ptr(dptr(&expert)?)
+        .ptr(dptr(&gate)?)
+        .int(i32::from(in_smem))
+        .run(&stream)
+    }?;
     lap(&mut laps, "moe.router")?;
     let route: Option<&Route> = match decide {
         None => None,
@@ -128,14 +131,17 @@ fn moe_run(
             let inverse = empty(&[n_tok], DType::U32, dev)?;
             let counts = empty(&[n_exp], DType::U32, dev)?;
             let nt: u32 = if n_exp <= 8 { 1024 } else { 512 };
-            Launch::new(func(cd, Module::Prefill, "moe_group")?, (1, 1, 1), nt, nt * n_exp as u32 * 4)
-                .i32(n_tok)
-                .i32(n_exp)
-                .ptr(dptr(&expert)?)
-                .ptr(dptr(&order)?)
-                .ptr(dptr(&inverse)?)
-                .ptr(dptr(&counts)?)
-                .run(&stream)?;
+            // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+            unsafe {
+                Launch::new(func(cd, Module::Prefill, "moe_group")?, (1, 1, 1), nt, nt * n_exp as u32 * 4)
+                    .i32(n_tok)
+                    .i32(n_exp)
+                    .ptr(dptr(&expert)?)
+                    .ptr(dptr(&order)?)
+                    .ptr(dptr(&inverse)?)
+                    .ptr(dptr(&counts)?)
+                    .run(&stream)
+            }?;
             let counts: Vec<u32> = counts.to_vec1()?; // the one host sync: sizes of the expert products
             (order, inverse, counts)
         }
@@ -151,19 +157,22 @@ fn moe_run(
     };
     lap(&mut laps, "moe.experts")?;
     let y = empty(&[n_tok, d], DType::F32, dev)?;
-    Launch::new(
-        func(cd, Module::Prefill, &format!("moe_unpermute_{sfx}"))?,
-        (d.div_ceil(THREADS as usize) as u32, n_tok.min(65535) as u32, 1),
-        THREADS,
-        0,
-    )
-    .i32(n_tok)
-    .i32(d)
-    .ptr(dptr(&ys)?)
-    .ptr(dptr(&rows_of)?)
-    .ptr(dptr(&gate)?)
-    .ptr(dptr(&y)?)
-    .run(&stream)?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::Prefill, &format!("moe_unpermute_{sfx}"))?,
+            (d.div_ceil(THREADS as usize) as u32, n_tok.min(65535) as u32, 1),
+            THREADS,
+            0,
+        )
+        .i32(n_tok)
+        .i32(d)
+        .ptr(dptr(&ys)?)
+        .ptr(dptr(&rows_of)?)
+        .ptr(dptr(&gate)?)
+        .ptr(dptr(&y)?)
+        .run(&stream)
+    }?;
     lap(&mut laps, "moe.unpermute")?;
     if let Some(p) = probe.filter(|_| !decided) {
         p.n_experts = n_exp;

@@ -58,22 +58,25 @@ pub(super) fn experts_batched(
     }
     let base = Tensor::new(base.as_slice(), dev)?;
     let padpos = empty(&[n_tok], DType::U32, dev)?;
-    let order_pad = Tensor::zeros(n_exp * rows, DType::U32, dev)?; // padding rows gather token 0
-    Launch::new(
-        func(cd, Module::Prefill, "moe_pad_index")?,
-        (blocks_for(n_tok, THREADS, launch_cap(dev)?), 1, 1),
-        THREADS,
-        0,
-    )
-    .i32(n_tok)
-    .i32(n_exp)
-    .ptr(dptr(expert)?)
-    .ptr(dptr(inverse)?)
-    .ptr(dptr(&base)?)
-    .i32(rows)
-    .ptr(dptr(&padpos)?)
-    .ptr(dptr(&order_pad)?)
-    .run(&stream)?;
+    let order_pad = Tensor::zeros(n_exp * rows, DType::U32, dev)?;
+    unsafe {
+        // padding rows gather token 0
+        Launch::new(
+            func(cd, Module::Prefill, "moe_pad_index")?,
+            (blocks_for(n_tok, THREADS, launch_cap(dev)?), 1, 1),
+            THREADS,
+            0,
+        )
+        .i32(n_tok)
+        .i32(n_exp)
+        .ptr(dptr(expert)?)
+        .ptr(dptr(inverse)?)
+        .ptr(dptr(&base)?)
+        .i32(rows)
+        .ptr(dptr(&padpos)?)
+        .ptr(dptr(&order_pad)?)
+        .run(&stream)
+    }?;
     let x_pad = xs.index_select(&order_pad, 0)?.contiguous()?; // (E·R, d)
     let f2 = m.experts[0].fc1.weight.dim(0)?; // 2f: gate and up rows
     let f = f2 / 2;

@@ -48,7 +48,7 @@ pub fn first_pass_block(
         }
         Mixer::Moe(m) => {
             let rec = probe.map(|p| &mut p.moe[model.probe_slot(i, true)]);
-            moe::moe_forward_decide(m, &normed, model.routing, rec, route)?
+            moe::moe_forward_decide(m, &normed, model.routing, rec, route, model.kernels)?
         }
         Mixer::Dense(m) => m.forward(&normed)?,
     };

@@ -21,6 +21,7 @@
 //! It applies to bf16 models with gated experts whose projections have neither adapters nor biases
 //! and a plain f32 router (full and router-only fine-tuning, and LoRA that leaves the experts
 //! alone); anything else, or ``--slow-moe-grad``, takes autograd.
+#![allow(unsafe_code)]
 
 use candle_core::{DType, Tensor};
 
@@ -42,21 +43,24 @@ fn gate_backward(g: &Tensor, y: &Tensor, gate: &Tensor) -> Result<(Tensor, Tenso
     let (g, y, gate) = (g.contiguous()?, y.contiguous()?, gate.contiguous()?);
     let dgate = empty(&[n, 1], DType::F32, dev)?;
     let dy = empty(&[n, d], DType::BF16, dev)?;
-    Launch::new(
-        func(cd, Module::MoeTrain, "moe_gate_bwd_bf16")?,
-        (n.clamp(1, 65535) as u32, 1, 1),
-        256,
-        0,
-    )
-    .i64(n)
-    .i32(d)
-    .ptr(dptr(&g)?)
-    .ptr(dptr(&y)?)
-    .ptr(dptr(&gate)?)
-    .ptr(dptr(&dgate)?)
-    .ptr(dptr(&dy)?)
-    .label("moe-gate-bwd")
-    .run(&cd.cuda_stream())?;
+    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    unsafe {
+        Launch::new(
+            func(cd, Module::MoeTrain, "moe_gate_bwd_bf16")?,
+            (n.clamp(1, 65535) as u32, 1, 1),
+            256,
+            0,
+        )
+        .i64(n)
+        .i32(d)
+        .ptr(dptr(&g)?)
+        .ptr(dptr(&y)?)
+        .ptr(dptr(&gate)?)
+        .ptr(dptr(&dgate)?)
+        .ptr(dptr(&dy)?)
+        .label("moe-gate-bwd")
+        .run(&cd.cuda_stream())
+    }?;
     Ok((dgate, dy))
 }
 

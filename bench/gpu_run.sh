@@ -41,6 +41,12 @@ S=$OUT/summary.txt
 R=/tmp/raw
 mkdir -p $R
 log() { echo "== $*" | tee -a "$S"; }
+moe_fixtures() { # the transformer-MoE golden fixtures (scripts/moe_fixtures.py), on this machine's CPU
+    [ -f moe_fixtures.py ] || return 0
+    log "moe_fixtures.py"
+    rm -rf /tmp/fx && PYTHONUNBUFFERED=1 timeout 240 python3 moe_fixtures.py --out /tmp/fx 2>&1 | tail -20 | tee -a "$S"
+    tar -C /tmp/fx -cf "$OUT/moe_fixtures.tar" . 2>&1 | tee -a "$S"
+}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv,noheader | tee -a "$S"
 
 if [ "${PHASE#finetune}" = "$PHASE" ] && [ "$PHASE" != s6bench ]; then
@@ -85,12 +91,9 @@ elif [ "$PHASE" = ftfinal ]; then
     tf --shape 2.8b --seq-len 2048 --batch 1 --method full --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 4 --method full --steps 3
 elif [ "$PHASE" = s6tests ]; then
-    if [ -f moe_fixtures.py ]; then # the transformer-MoE golden fixtures, on this machine's CPU
-        log "moe_fixtures.py"
-        rm -rf /tmp/fx && PYTHONUNBUFFERED=1 timeout 240 python3 moe_fixtures.py --out /tmp/fx 2>&1 | tail -20 | tee -a "$S"
-        tar -C /tmp/fx -cf "$OUT/moe_fixtures.tar" . 2>&1 | tee -a "$S"
-    fi
+    moe_fixtures
 elif [ "$PHASE" = s6 ] || [ "$PHASE" = s6bench ]; then
+    [ "$PHASE" = s6 ] && moe_fixtures
     for m in 28 15; do
         eval "M=\$M$m"
         bench ${m}new $M --prompt-len 2048 --gen-len 1024 --reps 3 --modes graph,user,graph-probe
@@ -101,7 +104,7 @@ elif [ "$PHASE" = s6 ] || [ "$PHASE" = s6bench ]; then
     for b in blackmamba blackmamba-base; do
         [ -x $b ] || continue
         log "$b generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 (prompt.txt)"
-        timeout 200 ./$b generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
+        timeout 150 ./$b generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
     done
     log "torch baseline"
     PYTHONUNBUFFERED=1 timeout 150 python3 torch_baseline.py --shape 2.8b --gen-len 256 --eager-len 32 2>&1 | tee -a "$S"

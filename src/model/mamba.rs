@@ -84,17 +84,12 @@ impl MambaMixer {
         self.out_proj.visit_mut("out_proj", f)
     }
 
-    /// Full sequence: x (B, L, d) -> (B, L, d), from and into `state`. `fused_scan` lets a
-    /// CUDA model scan with the fused autograd kernels (fine-tuning; see `ops::scan::training_scan`).
-    /// On CUDA that means the whole mixer past the projections as two fused autograd ops
-    /// (`model::fused::mamba_train`: conv + SiLU, and scan + D·v + gate); without a probe only.
+    /// Full sequence: x (B, L, d) -> (B, L, d), from and into `state`. `fused_scan` lets the
+    /// model scan with a fused autograd op that keeps only its inputs (fine-tuning; see
+    /// `ops::scan_train::training_scan`); without a probe only. (On CUDA, fine-tuning takes the
+    /// whole mixer past the projections as fused ops instead: `Model::block` picks
+    /// `model::fused::mamba_train`.)
     pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>, fused_scan: bool) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if fused_scan && probe.is_none() {
-            if let Some(out) = crate::model::fused::mamba_train::mixer_forward(self, x, state)? {
-                return Ok(out);
-            }
-        }
         let (_b, len, _d) = x.dims3()?;
         let (di, k) = (self.d_inner, self.d_conv);
         let mut laps = prof::start(x.device())?; // `bench --finetune --profile`; None otherwise
@@ -119,7 +114,7 @@ impl MambaMixer {
         lap(&mut laps, "mamba x_proj+dt_proj+softplus")?;
         let a = self.a_log.exp()?.neg()?; // eq. 6: (di, N)
         let fused = match fused_scan && probe.is_none() {
-            true => crate::ops::scan::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
+            true => crate::ops::scan_train::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
             false => None,
         };
         let scan = match fused {

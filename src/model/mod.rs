@@ -360,10 +360,10 @@ impl Model {
                     .as_mut()
                     .ok_or_else(|| Error::Invalid(format!("state has no entry for Mamba layer {i}")))?;
                 let rec = probe.filter(|p| !p.moe_only).map(|p| &mut p.mamba[slot(false)]);
-                if seq {
-                    m.forward(&normed, st, rec, self.trains_with_fused_scan())?
-                } else {
-                    m.step(&normed, st, rec)?
+                match (seq, self.fused_training_mixer(m, &normed, st, rec.is_some())?) {
+                    (true, Some(out)) => out,
+                    (true, None) => m.forward(&normed, st, rec, self.trains_with_fused_scan())?,
+                    (false, _) => m.step(&normed, st, rec)?,
                 }
             }
             Mixer::Moe(m) => {
@@ -376,6 +376,18 @@ impl Model {
         let res = (res + out.to_dtype(DType::F32)?)?;
         lap(&mut laps, "block residual add")?;
         Ok(res)
+    }
+
+    /// Fine-tuning on CUDA (no probe): the Mamba mixer past its projections as the fused autograd
+    /// ops of `model::fused::mamba_train`; `None` where they do not apply (then the tensor-op
+    /// mixer runs, its twin). The full-sequence path only.
+    fn fused_training_mixer(&self, m: &MambaMixer, x: &Tensor, st: &mut state::LayerState, probing: bool) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if self.trains_with_kernels() && !probing {
+            return fused::mamba_train::mixer_forward(m, x, st);
+        }
+        let _ = (m, x, st, probing);
+        Ok(None)
     }
 
     /// A half-block's RMSNorm: res (.., d) f32, w (d) f32 -> (.., d) in the model's dtype. Training

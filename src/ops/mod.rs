@@ -4,7 +4,7 @@
 //!
 //! * `cuda`: loading the kernels, device pointers, checked launches (feature `cuda`);
 //! * [`act`]: the experts' activation and its kernel code;
-//! * [`scan`]: the selective scan from tensor ops (the twin), [`scan::training_scan`] for
+//! * [`scan`]: the selective scan from tensor ops (the twin), [`scan_train::training_scan`] for
 //!   fine-tuning; `scan_kernels`: the chunked scan kernels; `scan_grad`: the scan as an autograd
 //!   op; [`scan_cpu`]: the same op on the CPU;
 //! * `mamba_grad`, `mamba_kernels`: the Mamba mixer's conv + SiLU and scan + D·v + gate as
@@ -42,6 +42,7 @@ pub mod scan_cpu;
 pub mod scan_grad;
 #[cfg(feature = "cuda")]
 pub mod scan_kernels;
+pub mod scan_train;
 #[cfg(feature = "cuda")]
 pub mod sinkhorn;
 #[cfg(feature = "cuda")]

@@ -70,34 +70,3 @@ pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
     let h_norm = if want_norm { Some(Tensor::cat(&norms, 1)?) } else { None };
     Ok(ScanOut { y, h_last: h_prev, h_norm })
 }
-
-/// The selective scan for fine-tuning: on the GPU y through the autograd op of `scan_grad`
-/// (fused forward and backward kernels), the final state through the inference scan kernel (the
-/// state is never differentiated); on the CPU the op of [`super::scan_cpu`]. `None` where neither can
-/// run (CUDA tensors in a build without `cuda`, N > 16 on CUDA): the caller then uses the
-/// tensor-op scan, the twin both are tested against.
-pub fn training_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Tensor, h0: &Tensor) -> Result<Option<ScanOut>> {
-    if v.device().is_cpu() {
-        return super::scan_cpu::selective_scan(v, delta, a, b, c, h0).map(Some);
-    }
-    #[cfg(feature = "cuda")]
-    if v.device().is_cuda() && a.dim(1)? <= 16 {
-        let y = super::scan_grad::selective_scan_grad(v, delta, a, b, c, Some(h0))?;
-        let last = super::scan_kernels::selective_scan(
-            &v.detach(),
-            &delta.detach(),
-            &a.detach(),
-            &b.detach(),
-            &c.detach(),
-            &h0.detach(),
-            false,
-        )?;
-        return Ok(Some(ScanOut {
-            y,
-            h_last: last.h_last,
-            h_norm: None,
-        }));
-    }
-    let _ = (v, delta, a, b, c, h0);
-    Ok(None)
-}

@@ -39,8 +39,16 @@ __device__ __forceinline__ int slot_row(int q, int m) {
     return r < m ? (int)r : -1;
 }
 
+// One vector reduction on sm_90+; four scalar atomics before (no `red` of vector types there).
 __device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+    atomicAdd(p + 2, c);
+    atomicAdd(p + 3, d);
+#else
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+#endif
 }
 
 // ra (and rb when given) (d) += g · Σ_{q < cnt} val[q] · Wt[idx[q], :] (+ bias, block 0), with one

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod finetune;
 pub mod generate;
+pub mod gpu_arch;
 pub mod hub;
 pub mod loader;
 pub mod model;

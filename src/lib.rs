@@ -7,6 +7,7 @@ pub mod bench;
 pub mod catalog;
 pub mod chat_template;
 pub mod commands;
+pub mod config_file;
 pub mod embedded;
 pub mod engine;
 pub mod error;

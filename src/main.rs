@@ -1,7 +1,5 @@
 //! The `blackmamba` binary: parses the command line and runs one command.
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
     // candle asks for its thread count on every CPU matmul and, without this variable, answers by
     // reading /proc/cpuinfo each time (a tenth of decode time on small models). Decide it once.
@@ -9,7 +7,7 @@ fn main() -> std::process::ExitCode {
         let n = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    let cli = blackmamba::commands::Cli::parse();
+    let cli = blackmamba::commands::parse();
     match blackmamba::commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -65,7 +65,8 @@ fn exact_cut(b: &[u8], i: usize) -> bool {
 }
 
 /// Text pieces of about [`PIECE_BYTES`], read from `r` as needed, each valid UTF-8 and cut at an
-/// exact cut (see [`exact_cut`]) where one exists within [`MAX_PIECE_BYTES`].
+/// exact cut (a token boundary of the pre-tokenizer: after `x\n` before a non-space, or before a
+/// single space between non-spaces) where one exists within [`MAX_PIECE_BYTES`].
 pub struct TextPieces<R> {
     reader: R,
     name: String,

@@ -348,15 +348,18 @@ pub fn device(kind: Option<DeviceArg>) -> Result<Device> {
     crate::ops::cast::install();
     let dev = pick_device(kind)?;
     #[cfg(feature = "cuda")]
-    check_arch(&dev)?;
+    cuda_arch(&dev)?;
     Ok(dev)
 }
 
-/// Checks that this build's kernels can run on the GPU (compute capability and archs built).
+/// The compute capability of a CUDA device and the code of this build it runs (see
+/// [`crate::gpu_arch::check`]), or the one-line error naming the card and the archs built;
+/// `None` on the CPU. Use [`crate::gpu_arch::hopper_features`] on the result before launching with
+/// Hopper-only attributes.
 #[cfg(feature = "cuda")]
-fn check_arch(dev: &Device) -> Result<()> {
+pub fn cuda_arch(dev: &Device) -> Result<Option<((u32, u32), crate::gpu_arch::Code)>> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
-    let Device::Cuda(d) = dev else { return Ok(()) };
+    let Device::Cuda(d) = dev else { return Ok(None) };
     let ctx = d.cuda_stream().context().clone();
     let attr = |a| {
         ctx.attribute(a)
@@ -368,9 +371,8 @@ fn check_arch(dev: &Device) -> Result<()> {
         attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     );
     let name = ctx.name().unwrap_or_else(|_| "GPU 0".into());
-    crate::gpu_arch::check(&name, cc, &crate::gpu_arch::built_archs())
-        .map(|_| ())
-        .map_err(Error::Invalid)
+    let code = crate::gpu_arch::check(&name, cc, &crate::gpu_arch::built_archs()).map_err(Error::Invalid)?;
+    Ok(Some((cc, code)))
 }
 
 fn pick_device(kind: Option<DeviceArg>) -> Result<Device> {

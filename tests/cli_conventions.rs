@@ -70,6 +70,7 @@ fn device_and_dtype_values_are_listed_and_checked_by_clap() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("'gpu'") && err.contains("[possible values: cpu, cuda]"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "usage errors are one line too: {err}");
     let o = bm(dir.path()).args(["check", "--dtype", "f64"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("[possible values: f32, bf16, f16]"));
 }

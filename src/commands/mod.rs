@@ -119,19 +119,41 @@ pub enum Command {
 }
 
 /// Parses the command line of this process over the defaults of the config file (see
-/// [`crate::config_file`]) and applies `--color`. Exits with a message on a usage error, as clap
-/// does (status 2); `--help` and `--version` print and exit 0.
+/// [`crate::config_file`]) and applies `--color`. A usage error exits with status 2 and one line
+/// (see [`one_line`]); `--help` and `--version` print and exit 0.
 pub fn parse() -> Cli {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let config = crate::config_file::default_path(std::env::var_os("XDG_CONFIG_HOME").as_deref(), std::env::var_os("HOME").as_deref());
     match parse_from(args, config.as_deref()) {
         Ok(cli) => cli,
-        Err(ParseError::Clap(e)) => e.exit(),
+        Err(ParseError::Clap(e)) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit()
+            }
+            eprintln!("{}", one_line(&e));
+            std::process::exit(2);
+        }
         Err(ParseError::Config(msg)) => {
             eprintln!("error: {msg}");
             std::process::exit(2);
         }
     }
+}
+
+/// A clap usage error on one line, as every other error of the program: its message and notes
+/// (e.g. the possible values), without the usage and "For more information" lines.
+pub fn one_line(e: &clap::Error) -> String {
+    e.render()
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Why [`parse_from`] failed.

@@ -274,8 +274,9 @@ __device__ __forceinline__ float2 warp_dot2(const T* __restrict__ w0, const T* _
 // kernel start its launch. Both are no-ops for a kernel launched without the attribute. Code
 // before pdl_wait() may read only weights and results of kernels at least two launches back.
 // A file that defines BM_NO_PDL before including this header (the persistent decode kernel, one
-// launch per token) compiles both to nothing.
-#ifdef BM_NO_PDL
+// launch per token) compiles both to nothing, and so does every build for a card older than sm_90
+// (the fat binary's sm_80/86/89 code; the host launches it without the attribute there).
+#if defined(BM_NO_PDL) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
 __device__ __forceinline__ void pdl_wait() {}
 __device__ __forceinline__ void pdl_trigger() {}
 #else
@@ -284,17 +285,20 @@ __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.lau
 #endif
 
 // Asks L2 to fetch [p, p + bytes): one bulk prefetch when 16-byte aligned, else one prefetch
-// per 128-byte line spread over the warp's lanes.
+// per 128-byte line spread over the warp's lanes (always the latter before sm_90, which has no
+// bulk prefetch).
 __device__ __forceinline__ void warp_prefetch(const void* p, size_t bytes) {
     const int lane = threadIdx.x & 31;
     const char* c = reinterpret_cast<const char*>(p);
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     if ((reinterpret_cast<size_t>(c) & 15) == 0 && (bytes & 15) == 0 && bytes < (1u << 30)) {
         if (lane == 0 && bytes > 0)
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(c), "r"((unsigned)bytes) : "memory");
-    } else {
-        for (size_t off = (size_t)lane * 128; off < bytes; off += 32 * 128)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+        return;
     }
+#endif
+    for (size_t off = (size_t)lane * 128; off < bytes; off += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
 }
 
 #define INSTANTIATE_T(MACRO) MACRO(float, f32) MACRO(bf16, bf16) MACRO(f16, f16)

@@ -319,19 +319,122 @@ fn load_files(
     Ok((model, tok.is_file().then_some(tok)))
 }
 
+/// `--device`: where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU (always available).
+    Cpu,
+    /// The first NVIDIA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The name as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            other => Err(Error::Invalid(format!("--device {other}: use cpu or cuda"))),
+        }
+    }
+}
+
+/// `--dtype`: the floating-point type of the weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit float (the CPU default).
+    F32,
+    /// bfloat16 (the GPU default).
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+impl DTypeArg {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// The name as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for DTypeArg {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            other => Err(Error::Invalid(format!("--dtype {other}: use f32, bf16 or f16"))),
+        }
+    }
+}
+
 /// Picks the device: `cuda` when asked or when built with CUDA and a GPU is there, else CPU.
-/// On CUDA, casts take this project's kernels from here on (`ops::cast`).
-pub fn device(name: Option<&str>) -> Result<Device> {
+/// On CUDA, casts take this project's kernels from here on (`ops::cast`), and a GPU that none of
+/// the compiled kernels fits (see [`crate::gpu_arch`]) is an error naming it.
+pub fn device(kind: Option<DeviceArg>) -> Result<Device> {
     #[cfg(feature = "cuda")]
     crate::ops::cast::install();
-    match name {
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Device::new_cuda(0).map_err(|e| {
+    let dev = pick_device(kind)?;
+    #[cfg(feature = "cuda")]
+    cuda_arch(&dev)?;
+    Ok(dev)
+}
+
+/// The compute capability of a CUDA device and the code of this build it runs (see
+/// [`crate::gpu_arch::check`]), or the one-line error naming the card and the archs built;
+/// `None` on the CPU. Use [`crate::gpu_arch::hopper_features`] on the result before launching with
+/// Hopper-only attributes.
+#[cfg(feature = "cuda")]
+pub fn cuda_arch(dev: &Device) -> Result<Option<((u32, u32), crate::gpu_arch::Code)>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
+    let Device::Cuda(d) = dev else { return Ok(None) };
+    let ctx = d.cuda_stream().context().clone();
+    let attr = |a| {
+        ctx.attribute(a)
+            .map(|v| u32::try_from(v).unwrap_or(0))
+            .map_err(|e| Error::Invalid(format!("reading the GPU's compute capability: {e}")))
+    };
+    let cc = (
+        attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    );
+    let name = ctx.name().unwrap_or_else(|_| "GPU 0".into());
+    let code = crate::gpu_arch::check(&name, cc, &crate::gpu_arch::built_archs()).map_err(Error::Invalid)?;
+    Ok(Some((cc, code)))
+}
+
+fn pick_device(kind: Option<DeviceArg>) -> Result<Device> {
+    match kind {
+        Some(DeviceArg::Cpu) => Ok(Device::Cpu),
+        Some(DeviceArg::Cuda) => Device::new_cuda(0).map_err(|e| {
             Error::Invalid(format!(
                 "--device cuda: no usable GPU ({e}); build with --features cuda on a machine with an NVIDIA driver, or use --device cpu"
             ))
         }),
-        Some(other) => Err(Error::Invalid(format!("--device {other}: use cpu or cuda"))),
         None => Ok(if candle_core::utils::cuda_is_available() {
             Device::new_cuda(0).unwrap_or(Device::Cpu)
         } else {
@@ -340,13 +443,11 @@ pub fn device(name: Option<&str>) -> Result<Device> {
     }
 }
 
-/// Parses `--dtype`; the default is bf16 on a GPU and f32 on the CPU.
-pub fn dtype(name: Option<&str>, device: &Device) -> Result<DType> {
-    match name {
-        None => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
-        Some("f32") => Ok(DType::F32),
-        Some("bf16") => Ok(DType::BF16),
-        Some("f16") => Ok(DType::F16),
-        Some(other) => Err(Error::Invalid(format!("--dtype {other}: use f32, bf16 or f16"))),
+/// The dtype of `--dtype`; the default is bf16 on a GPU and f32 on the CPU.
+pub fn dtype(kind: Option<DTypeArg>, device: &Device) -> DType {
+    match kind {
+        Some(k) => k.dtype(),
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
     }
 }

@@ -4,9 +4,7 @@
 
 use std::io::Write;
 
-use clap::{CommandFactory, FromArgMatches};
-
-use blackmamba::signals::{Interrupted, EXIT_CODES_HELP};
+use blackmamba::signals::Interrupted;
 
 fn main() -> std::process::ExitCode {
     // candle asks for its thread count on every CPU matmul and, without this variable, answers by
@@ -15,8 +13,7 @@ fn main() -> std::process::ExitCode {
         let n = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    let matches = blackmamba::commands::Cli::command().after_help(EXIT_CODES_HELP).get_matches();
-    let cli = blackmamba::commands::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let cli = blackmamba::commands::parse();
     match blackmamba::commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

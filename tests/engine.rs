@@ -253,6 +253,7 @@ fn a_long_prompt_can_be_cancelled_while_it_is_read() {
         label: "tiny".into(),
         untrained: true,
         load_secs: 0.0,
+        notes: Vec::new(),
     };
     // the sink runs on the engine thread: the flag is set as soon as the first chunk is reported,
     // as Esc would be while the rest of the paste is read

@@ -246,6 +246,8 @@ impl<'m> Streamer<'m> {
 pub enum Input {
     Prompt(String),
     File(std::path::PathBuf),
+    /// Standard input (`-`), read in blocks as a file is.
+    Stdin,
 }
 
 impl Input {
@@ -253,6 +255,7 @@ impl Input {
     pub fn from_args(prompt: Option<&str>, file: Option<&Path>) -> Result<Self> {
         match (prompt, file) {
             (Some(p), None) => Ok(Self::Prompt(p.to_string())),
+            (None, Some(f)) if f.as_os_str() == "-" => Ok(Self::Stdin),
             (None, Some(f)) => Ok(Self::File(f.to_path_buf())),
             _ => Err(Error::Invalid("give the text with either --prompt TEXT or --input FILE".into())),
         }
@@ -263,8 +266,24 @@ impl Input {
         match self {
             Self::Prompt(p) => format!("--prompt ({} bytes)", p.len()),
             Self::File(f) => f.display().to_string(),
+            Self::Stdin => "standard input".into(),
         }
     }
+}
+
+fn push_blocks<R: BufRead>(
+    s: &mut Streamer<'_>,
+    tok: &Tokenizer,
+    blocks: TextBlocks<R>,
+    f: &mut dyn FnMut(Chunk<'_>) -> Result<()>,
+) -> Result<()> {
+    for block in blocks {
+        s.push(&crate::tokenizer::encode(tok, &block?)?, f)?;
+        if s.full() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Tokenises the input block by block and streams it through the model; returns tokens run.
@@ -278,14 +297,8 @@ pub fn run_input(
     let mut s = Streamer::new(model, opts)?;
     match input {
         Input::Prompt(p) => s.push(&crate::tokenizer::encode(tok, p)?, f)?,
-        Input::File(path) => {
-            for block in file_blocks(path, 1 << 16)? {
-                s.push(&crate::tokenizer::encode(tok, &block?)?, f)?;
-                if s.full() {
-                    break;
-                }
-            }
-        }
+        Input::File(path) => push_blocks(&mut s, tok, file_blocks(path, 1 << 16)?, f)?,
+        Input::Stdin => push_blocks(&mut s, tok, TextBlocks::new(std::io::stdin().lock(), "standard input", 1 << 16), f)?,
     }
     if s.taken() == 0 {
         return Err(Error::Invalid(format!("{}: no tokens to analyse (empty text)", input.label())));

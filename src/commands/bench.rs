@@ -132,8 +132,8 @@ pub struct BenchArgs {
 
 pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    let device = crate::loader::device(m.device.as_deref())?;
-    let dtype = crate::loader::dtype(m.dtype.as_deref(), &device)?;
+    let device = crate::loader::device(m.device)?;
+    let dtype = crate::loader::dtype(m.dtype, &device);
     let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
     let t0 = std::time::Instant::now();
     let (mut model, label, tok) = match &source {

@@ -54,8 +54,8 @@ pub fn run(m: &ModelArgs, a: &ChatArgs) -> anyhow::Result<()> {
         model: m.model.clone(),
         revision: m.revision.clone(),
         tokenizer: m.tokenizer.clone(),
-        device: m.device.clone(),
-        dtype: m.dtype.clone(),
+        device: m.device.map(|d| d.as_str().to_string()),
+        dtype: m.dtype.map(|d| d.as_str().to_string()),
         adapter: m.adapter.clone(),
     };
     let system = a.system_prompt()?;

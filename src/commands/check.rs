@@ -28,6 +28,41 @@ pub struct CheckArgs {
     /// Decode steps timed for the throughput line.
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Print the report as one JSON object on stdout (the exit status still tells pass or fail).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `check --json`.
+#[derive(Debug, Default, serde::Serialize)]
+struct Report {
+    ok: bool,
+    model: String,
+    layers: usize,
+    vocab: usize,
+    device: &'static str,
+    dtype: String,
+    load_s: f64,
+    ttft_s: f64,
+    prefill_tokens: usize,
+    prefill_tok_s: f64,
+    decode_steps: usize,
+    decode_tok_s: f64,
+    logits: usize,
+    non_finite: usize,
+    reference: Option<RefReport>,
+}
+
+/// The comparison with `--reference`.
+#[derive(Debug, Default, serde::Serialize)]
+struct RefReport {
+    agree: usize,
+    positions: usize,
+    max_abs_diff: f32,
+    /// Per position: top-1 here, top-1 there, max |Δ logits|.
+    top1: Vec<u32>,
+    top1_ref: Vec<u32>,
+    max_abs_diff_per_position: Vec<f32>,
 }
 
 pub fn run(m: &ModelArgs, a: &CheckArgs) -> anyhow::Result<()> {
@@ -70,27 +105,23 @@ pub fn run(m: &ModelArgs, a: &CheckArgs) -> anyhow::Result<()> {
     let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     let bad = flat.iter().filter(|x| !x.is_finite()).count();
-    println!(
-        "model: {} ({} layers, vocab {}), device: {}, dtype: {:?}",
-        loaded.label,
-        model.cfg.num_layers,
-        model.cfg.vocab_size,
-        dev_name(dev),
-        model.dtype
-    );
-    println!(
-        "load: {load_secs:.2} s; time to first token from start: {:.2} s",
-        load_secs + prefill_secs
-    );
-    println!(
-        "prefill: {} tokens at {:.1} tok/s; decode: {} steps at {:.1} tok/s",
-        ids.len(),
-        ids.len() as f64 / prefill_secs.max(1e-9),
-        a.decode_steps,
-        a.decode_steps as f64 / decode_secs.max(1e-9)
-    );
-    println!("logits: {} values, {bad} NaN/inf", flat.len());
-    let mut ok = bad == 0;
+    let mut rep = Report {
+        ok: bad == 0,
+        model: loaded.label.clone(),
+        layers: model.cfg.num_layers,
+        vocab: model.cfg.vocab_size,
+        device: dev_name(dev),
+        dtype: format!("{:?}", model.dtype).to_lowercase(),
+        load_s: load_secs,
+        ttft_s: load_secs + prefill_secs,
+        prefill_tokens: ids.len(),
+        prefill_tok_s: ids.len() as f64 / prefill_secs.max(1e-9),
+        decode_steps: a.decode_steps,
+        decode_tok_s: a.decode_steps as f64 / decode_secs.max(1e-9),
+        logits: flat.len(),
+        non_finite: bad,
+        reference: None,
+    };
     if let Some(r) = reference {
         let want = r
             .get("logits")
@@ -107,24 +138,51 @@ pub fn run(m: &ModelArgs, a: &CheckArgs) -> anyhow::Result<()> {
         let theirs = want.argmax(1)?.to_vec1::<u32>()?;
         let diff = (&logits - &want)?.abs()?.max(1)?.to_vec1::<f32>()?;
         let agree = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+        rep.ok &= agree == l;
+        rep.reference = Some(RefReport {
+            agree,
+            positions: l,
+            max_abs_diff: diff.iter().copied().fold(0f32, f32::max),
+            top1: ours,
+            top1_ref: theirs,
+            max_abs_diff_per_position: diff,
+        });
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&rep)?);
+    } else {
+        print_report(&rep, model.dtype);
+    }
+    anyhow::ensure!(rep.ok, "check failed (see above)");
+    Ok(())
+}
+
+fn print_report(rep: &Report, dtype: DType) {
+    println!(
+        "model: {} ({} layers, vocab {}), device: {}, dtype: {dtype:?}",
+        rep.model, rep.layers, rep.vocab, rep.device
+    );
+    println!("load: {:.2} s; time to first token from start: {:.2} s", rep.load_s, rep.ttft_s);
+    println!(
+        "prefill: {} tokens at {:.1} tok/s; decode: {} steps at {:.1} tok/s",
+        rep.prefill_tokens, rep.prefill_tok_s, rep.decode_steps, rep.decode_tok_s
+    );
+    println!("logits: {} values, {} NaN/inf", rep.logits, rep.non_finite);
+    if let Some(r) = &rep.reference {
         println!(
-            "reference: top-1 agreement {agree}/{l}; max |Δ logits| {:.3e}",
-            diff.iter().copied().fold(0f32, f32::max)
+            "reference: top-1 agreement {}/{}; max |Δ logits| {:.3e}",
+            r.agree, r.positions, r.max_abs_diff
         );
         println!("position  top1(ours)  top1(ref)  max|Δ|");
-        for p in 0..l {
+        for p in 0..r.positions {
+            let (o, t) = (r.top1[p], r.top1_ref[p]);
             println!(
-                "{p:>8}  {:>10}  {:>9}  {:.3e}{}",
-                ours[p],
-                theirs[p],
-                diff[p],
-                if ours[p] == theirs[p] { "" } else { "  <- differs" }
+                "{p:>8}  {o:>10}  {t:>9}  {:.3e}{}",
+                r.max_abs_diff_per_position[p],
+                if o == t { "" } else { "  <- differs" }
             );
         }
-        ok &= agree == l;
     }
-    anyhow::ensure!(ok, "check failed (see above)");
-    Ok(())
 }
 
 fn dev_name(d: &Device) -> &'static str {

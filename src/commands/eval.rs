@@ -23,6 +23,21 @@ pub struct EvalArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `eval --json`.
+#[derive(Debug, serde::Serialize)]
+struct Report<'a> {
+    data: String,
+    loss: f64,
+    perplexity: f64,
+    tokens: usize,
+    sequences: usize,
+    skipped_lines: usize,
+    model: &'a str,
 }
 
 pub fn run(m: &ModelArgs, a: &EvalArgs) -> anyhow::Result<()> {
@@ -43,6 +58,19 @@ pub fn run(m: &ModelArgs, a: &EvalArgs) -> anyhow::Result<()> {
     }
     let model = inference_view(&loaded.model)?;
     let r = evaluate(&model, &ds.examples, a.batch)?;
+    if a.json {
+        let rep = Report {
+            data: a.data.display().to_string(),
+            loss: r.loss,
+            perplexity: r.perplexity,
+            tokens: r.tokens,
+            sequences: ds.examples.len(),
+            skipped_lines: ds.bad.len(),
+            model: &loaded.label,
+        };
+        println!("{}", serde_json::to_string(&rep)?);
+        return Ok(());
+    }
     println!(
         "{}: loss {:.4} nats/token, perplexity {:.3} over {} tokens ({} sequences) [{}]",
         a.data.display(),

@@ -1,19 +1,25 @@
 //! `blackmamba generate`: prompt in, streamed text out.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use clap::Args;
 
+use crate::commands::prompt::PromptSource;
 use crate::commands::ModelArgs;
-use crate::generate::{generate, GenEvent};
+use crate::generate::{generate, GenEvent, StopReason};
 use crate::sampling::SamplingParams;
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("input").required(true))]
 pub struct GenerateArgs {
     /// The prompt text.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, group = "input")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a UTF-8 file; `-` reads standard input.
+    #[arg(long, group = "input", value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
@@ -38,9 +44,32 @@ pub struct GenerateArgs {
     /// Stop when this text appears (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Print one JSON object (text, stop reason, token counts, speeds) instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `generate --json`.
+#[derive(Debug, serde::Serialize)]
+struct Report<'a> {
+    text: &'a str,
+    stop: StopReason,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    ttft_s: f64,
+    model: &'a str,
+    device: &'static str,
+    dtype: String,
+    /// The decode path (CUDA decoder with device or host sampling, or `Model::step`).
+    decode_path: String,
 }
 
 pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
+    let prompt = PromptSource::from_args(a.prompt.as_deref(), a.prompt_file.as_deref())
+        .ok_or_else(|| anyhow::anyhow!("give the prompt with --prompt TEXT or --prompt-file PATH"))?
+        .read()?;
     let loaded = super::load(m)?;
     if loaded.untrained {
         eprintln!("note: {} has untrained random weights; its text is noise", loaded.label);
@@ -58,27 +87,46 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     let model = &loaded.model;
-    let ids = crate::tokenizer::encode(&loaded.tokenizer, &a.prompt)?;
+    let ids = crate::tokenizer::encode(&loaded.tokenizer, &prompt)?;
     let mut state = model.new_state(1)?;
     let cancel = AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
+    let stream = !a.json;
     let outcome = generate(model, &loaded.tokenizer, &mut state, &ids, &params, false, &cancel, |ev| {
-        if let GenEvent::Token { text, .. } | GenEvent::Tail { text } = ev {
+        if let (true, GenEvent::Token { text, .. } | GenEvent::Tail { text }) = (stream, ev) {
             out.write_all(text.as_bytes())
                 .and_then(|()| out.flush())
                 .map_err(|e| crate::Error::io("stdout", e))?;
         }
         Ok(())
     })?;
-    writeln!(out)?;
     let s = outcome.stats;
+    let device = if model.device.is_cuda() { "cuda" } else { "cpu" };
+    if a.json {
+        let report = Report {
+            text: &outcome.text,
+            stop: outcome.stop,
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.gen_tokens,
+            prefill_tok_s: s.prefill_tok_s(),
+            decode_tok_s: s.decode_tok_s(),
+            ttft_s: s.ttft_secs,
+            model: &loaded.label,
+            device,
+            dtype: format!("{:?}", model.dtype).to_lowercase(),
+            decode_path: outcome.path.to_string(),
+        };
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        return Ok(());
+    }
+    writeln!(out)?;
     eprintln!(
         "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, device: {}, dtype: {:?}, decode path: {}",
         s.prompt_tokens,
         s.gen_tokens,
         s.prefill_tok_s(),
         s.decode_tok_s(),
-        if model.device.is_cuda() { "cuda" } else { "cpu" },
+        device,
         model.dtype,
         outcome.path
     );

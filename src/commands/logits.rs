@@ -2,21 +2,29 @@
 //! checkpoint against a reference.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
+use crate::commands::prompt::PromptSource;
 use crate::commands::ModelArgs;
 use crate::model::probe::Probe;
 use crate::model::{Logits, Model};
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("input").required(true))]
 pub struct LogitsArgs {
     /// Comma-separated token ids, e.g. 1,2,3.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', group = "input")]
     pub ids: Vec<u32>,
+    /// Text to tokenize instead of --ids.
+    #[arg(long, group = "input")]
+    pub prompt: Option<String>,
+    /// Read the text from a UTF-8 file instead of --ids; `-` reads standard input.
+    #[arg(long, group = "input", value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
     /// Output safetensors file: `logits` (L, V) f32, `experts` (n_moe, L) i64, `router_probs` (n_moe, L, E) f32, `ids` (L) i64.
     #[arg(long)]
     pub out: PathBuf,
@@ -66,25 +74,54 @@ pub fn routing_tensors(probe: &Probe, max_experts: usize) -> crate::Result<(Tens
 }
 
 pub fn run(m: &ModelArgs, a: &LogitsArgs) -> anyhow::Result<()> {
-    if a.ids.is_empty() {
+    check_out(&a.out)?;
+    let text = PromptSource::from_args(a.prompt.as_deref(), a.prompt_file.as_deref())
+        .map(|p| p.read())
+        .transpose()?;
+    if text.is_none() && a.ids.is_empty() {
         anyhow::bail!("--ids: give at least one token id");
     }
     let loaded = super::load(m)?;
+    let ids = match &text {
+        Some(t) => crate::tokenizer::encode(&loaded.tokenizer, t)?,
+        None => a.ids.clone(),
+    };
+    anyhow::ensure!(!ids.is_empty(), "the prompt has no tokens; give some text");
     let model = &loaded.model;
-    let (logits, probe) = teacher_forced(model, &a.ids, a.step)?;
+    let (logits, probe) = teacher_forced(model, &ids, a.step)?;
     let (experts, probs) = routing_tensors(&probe, model.cfg.max_experts())?;
     let mut out = HashMap::new();
     out.insert("logits".to_string(), logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
     out.insert("experts".to_string(), experts);
     out.insert("router_probs".to_string(), probs);
-    let ids: Vec<i64> = a.ids.iter().map(|&i| i64::from(i)).collect();
-    out.insert("ids".to_string(), Tensor::from_vec(ids, a.ids.len(), &Device::Cpu)?);
-    crate::model::weights::save_safetensors(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
-        "wrote {} ({} positions, {} MoE layers)",
-        a.out.display(),
-        a.ids.len(),
-        probe.moe.len()
-    );
+    let n = ids.len();
+    let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    out.insert("ids".to_string(), Tensor::from_vec(ids, n, &Device::Cpu)?);
+    save(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {} ({n} positions, {} MoE layers)", a.out.display(), probe.moe.len());
     Ok(())
+}
+
+/// `--out` must name a file (checked before the model loads, so a typo costs nothing).
+pub fn check_out(out: &Path) -> anyhow::Result<()> {
+    if out.is_dir() {
+        anyhow::bail!(
+            "--out {}: is a folder; give a file name such as {}",
+            out.display(),
+            out.join("logits.safetensors").display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes the tensors atomically (temp file + rename); on any failure the temp file is removed.
+fn save(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+    let tmp = crate::model::weights::tmp_path(path);
+    let res = candle_core::safetensors::save(tensors, &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }

@@ -14,18 +14,15 @@ pub struct MergeArgs {
     /// The folder to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// Dtype of the written matrices: f32, bf16 or f16 (default: --dtype's). A_log, D, norms,
-    /// router and conv stay f32.
-    #[arg(long)]
-    pub save_dtype: Option<String>,
+    /// Dtype of the written matrices (default: --dtype's). A_log, D, norms, router and conv stay
+    /// f32.
+    #[arg(long, value_enum)]
+    pub save_dtype: Option<crate::loader::DTypeArg>,
 }
 
 pub fn run(m: &ModelArgs, a: &MergeArgs) -> anyhow::Result<()> {
     let loaded = super::load(m)?;
-    let dtype = match &a.save_dtype {
-        Some(s) => crate::loader::dtype(Some(s), &loaded.model.device)?,
-        None => loaded.model.dtype,
-    };
+    let dtype = a.save_dtype.map_or(loaded.model.dtype, crate::loader::DTypeArg::dtype);
     loaded
         .model
         .save_dir(&a.out, dtype)

@@ -4,27 +4,57 @@ pub mod analyze;
 pub mod bench;
 pub mod chat;
 pub mod check;
+pub mod completions;
 pub mod eval;
 pub mod finetune;
 pub mod generate;
 pub mod logits;
 pub mod merge;
 pub mod models;
+pub mod prompt;
 pub mod random_checkpoint;
 pub mod trace;
 pub mod train;
 pub mod train_tokenizer;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, ColorChoice, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::loader::{DTypeArg, DeviceArg};
+
+/// `-V`: the version and the commit it was built from.
+const SHORT_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BLACKMAMBA_GIT_COMMIT"), ")");
+
+/// `--version`: version, commit, whether CUDA is compiled in and for which GPU architectures.
+pub fn long_version() -> String {
+    let cuda = cfg!(feature = "cuda");
+    let archs = crate::gpu_arch::built_archs();
+    format!(
+        "{}\ncommit: {}\nfeatures: cuda {}\ncuda archs: {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("BLACKMAMBA_GIT_COMMIT"),
+        if cuda { "on" } else { "off" },
+        if cuda {
+            crate::gpu_arch::describe(&archs)
+        } else {
+            "none (built without --features cuda)".into()
+        }
+    )
+}
 
 /// A terminal playground for BlackMamba (Mamba + mixture-of-experts language models).
+///
+/// Defaults for any long option can be set in $XDG_CONFIG_HOME/blackmamba/config.toml (see the
+/// README); flags and environment variables override it.
 #[derive(Debug, Parser)]
-#[command(name = "blackmamba", version, about, long_about = None)]
+#[command(name = "blackmamba", version = SHORT_VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Colour in output and the TUI: auto (a terminal, unless NO_COLOR is set), always or never.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
     /// TUI options, also accepted without the `chat` subcommand.
     #[command(flatten)]
     pub chat: chat::ChatArgs,
@@ -43,12 +73,12 @@ pub struct ModelArgs {
     /// tokenizer.json to use instead of the model folder's or the embedded GPT-NeoX one.
     #[arg(long, global = true)]
     pub tokenizer: Option<std::path::PathBuf>,
-    /// cpu or cuda (default: cuda when built with it and a GPU is present, else cpu).
-    #[arg(long, global = true)]
-    pub device: Option<String>,
-    /// f32, bf16 or f16 for the matrices (default: bf16 on GPU, f32 on CPU).
-    #[arg(long, global = true)]
-    pub dtype: Option<String>,
+    /// Where to run (default: cuda when built with it and a GPU is present, else cpu).
+    #[arg(long, global = true, value_enum)]
+    pub device: Option<DeviceArg>,
+    /// Type of the weight matrices (default: bf16 on GPU, f32 on CPU).
+    #[arg(long, global = true, value_enum)]
+    pub dtype: Option<DTypeArg>,
     /// A fine-tuned adapter folder (from `finetune` or `train`) to put on the model.
     #[arg(long, global = true)]
     pub adapter: Option<std::path::PathBuf>,
@@ -142,6 +172,104 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// List the models that can be loaded (embedded, hub cache, random shapes) and their status.
     Models(models::ModelsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(completions::CompletionsArgs),
+}
+
+/// Parses the command line of this process over the defaults of the config file (see
+/// [`crate::config_file`]) and applies `--color`. A usage error exits with status 2 and one line
+/// (see [`one_line`]); `--help` and `--version` print and exit 0.
+pub fn parse() -> Cli {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let config = crate::config_file::default_path(std::env::var_os("XDG_CONFIG_HOME").as_deref(), std::env::var_os("HOME").as_deref());
+    match parse_from(args, config.as_deref()) {
+        Ok(cli) => cli,
+        Err(ParseError::Clap(e)) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit()
+            }
+            eprintln!("{}", one_line(&e));
+            std::process::exit(2);
+        }
+        Err(ParseError::Config(msg)) => {
+            eprintln!("error: {msg}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// A clap usage error on one line, as every other error of the program: its message and notes
+/// (e.g. the possible values), without the usage and "For more information" lines.
+pub fn one_line(e: &clap::Error) -> String {
+    e.render()
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Why [`parse_from`] failed.
+#[derive(Debug)]
+pub enum ParseError {
+    /// A usage error, `--help` or `--version` (clap prints and exits).
+    Clap(clap::Error),
+    /// The config file is unreadable or holds a bad key or value (one line naming the file).
+    Config(String),
+}
+
+/// [`parse`] of given arguments (the program name first) and config file (none when `None` or
+/// missing).
+pub fn parse_from(args: Vec<std::ffi::OsString>, config: Option<&std::path::Path>) -> Result<Cli, ParseError> {
+    let mut cmd = Cli::command()
+        .long_version(long_version())
+        .after_help(crate::signals::EXIT_CODES_HELP);
+    let mut file_color = None;
+    if let Some(path) = config.filter(|p| p.is_file()) {
+        let cfg = crate::config_file::ConfigFile::read(path).map_err(|e| ParseError::Config(e.to_string()))?;
+        file_color = cfg.color();
+        cmd = cfg.apply(cmd).map_err(|e| ParseError::Config(e.to_string()))?;
+    }
+    // clap colours its own help and errors before the parsed value exists: look for the flag
+    let color = color_flag(&args).or(file_color).unwrap_or(ColorChoice::Auto);
+    cmd = cmd.color(color);
+    let matches = cmd.try_get_matches_from(args).map_err(ParseError::Clap)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(ParseError::Clap)?;
+    apply_color(cli.color);
+    Ok(cli)
+}
+
+/// The last `--color WHEN` / `--color=WHEN` before `--`, if it names a valid choice.
+fn color_flag(args: &[std::ffi::OsString]) -> Option<ColorChoice> {
+    use clap::ValueEnum;
+    let mut found = None;
+    let mut it = args.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(a) = it.next() {
+        let v = match a.as_ref() {
+            "--" => break,
+            "--color" => it.next().map(|v| v.to_string()),
+            other => other.strip_prefix("--color=").map(str::to_string),
+        };
+        if let Some(c) = v.and_then(|v| ColorChoice::from_str(&v, false).ok()) {
+            found = Some(c);
+        }
+    }
+    found
+}
+
+/// `--color` for the TUI (crossterm honours NO_COLOR itself; an explicit choice overrides it).
+/// The progress bars draw no colour.
+fn apply_color(c: ColorChoice) {
+    match c {
+        ColorChoice::Always => crossterm::style::force_color_output(true),
+        ColorChoice::Never => crossterm::style::force_color_output(false),
+        ColorChoice::Auto => {}
+    }
 }
 
 /// Runs the parsed command line.
@@ -162,6 +290,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Chat(a)) => chat::run(&cli.model, &a.or(cli.chat)),
         Some(Command::Bench(a)) => bench::run(&cli.model, &a),
         Some(Command::Models(a)) => models::run(&a),
+        Some(Command::Completions(a)) => completions::run(&a),
         None => chat::run(&cli.model, &cli.chat),
     }
 }
@@ -170,8 +299,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     use anyhow::Context;
     let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
-    let device = crate::loader::device(m.device.as_deref())?;
-    let dtype = crate::loader::dtype(m.dtype.as_deref(), &device)?;
+    let device = crate::loader::device(m.device)?;
+    let dtype = crate::loader::dtype(m.dtype, &device);
     let opts = crate::loader::LoadOpts {
         tokenizer: m.tokenizer.clone(),
         progress: Some(cli_progress()),

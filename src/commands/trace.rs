@@ -14,8 +14,8 @@ pub struct TraceArgs {
     /// The text to trace.
     #[arg(long, conflicts_with = "input")]
     pub prompt: Option<String>,
-    /// A UTF-8 text file to trace (read in blocks; any length).
-    #[arg(long)]
+    /// A UTF-8 text file to trace (read in blocks; any length); `-` reads standard input.
+    #[arg(long, visible_alias = "prompt-file", value_name = "PATH")]
     pub input: Option<PathBuf>,
     /// Output file.
     #[arg(long)]
@@ -32,10 +32,33 @@ pub struct TraceArgs {
     /// Stop after N tokens (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_tokens: usize,
+    /// Print the summary (file, rows, format, tokens, speed) as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `trace --json`.
+#[derive(Debug, serde::Serialize)]
+struct Report<'a> {
+    out: String,
+    format: &'a str,
+    rows: usize,
+    tokens: usize,
+    secs: f64,
+    tok_s: f64,
+    model: &'a str,
+    input: String,
 }
 
 pub fn run(m: &ModelArgs, a: &TraceArgs) -> anyhow::Result<()> {
     let input = Input::from_args(a.prompt.as_deref(), a.input.as_deref())?;
+    if a.out.is_dir() {
+        anyhow::bail!(
+            "--out {}: is a folder; give a file name such as {}",
+            a.out.display(),
+            a.out.join("trace.jsonl").display()
+        );
+    }
     let format = a.format.unwrap_or_else(|| {
         if a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
             Format::Csv
@@ -69,6 +92,23 @@ pub fn run(m: &ModelArgs, a: &TraceArgs) -> anyhow::Result<()> {
     };
     let rows = w.finish()?;
     let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let report = Report {
+            out: a.out.display().to_string(),
+            format: match format {
+                Format::Jsonl => "jsonl",
+                Format::Csv => "csv",
+            },
+            rows,
+            tokens,
+            secs,
+            tok_s: tokens as f64 / secs.max(1e-9),
+            model: &loaded.label,
+            input: input.label(),
+        };
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     eprintln!(
         "wrote {} ({rows} tokens, {format:?}) in {secs:.1} s ({:.0} tok/s)",
         a.out.display(),

@@ -40,8 +40,8 @@ pub fn run(m: &ModelArgs, a: &TrainArgs) -> anyhow::Result<()> {
         ..FinetuneConfig::default()
     };
     a.run.apply(&mut cfg)?;
-    let device = crate::loader::device(m.device.as_deref())?;
-    let dtype = crate::loader::dtype(m.dtype.as_deref(), &device)?;
+    let device = crate::loader::device(m.device)?;
+    let dtype = crate::loader::dtype(m.dtype, &device);
     let tok = match &m.tokenizer {
         Some(p) => crate::tokenizer::from_file(p)?,
         None => crate::tokenizer::neox()?,

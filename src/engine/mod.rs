@@ -276,8 +276,8 @@ fn load(spec: &LoadSpec, eo: EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> R
         total,
     });
     let source = ModelSource::parse(spec.model.as_deref(), spec.revision.as_deref())?;
-    let device = crate::loader::device(spec.device.as_deref())?;
-    let dtype = crate::loader::dtype(spec.dtype.as_deref(), &device)?;
+    let device = crate::loader::device(spec.device.as_deref().map(str::parse).transpose()?)?;
+    let dtype = crate::loader::dtype(spec.dtype.as_deref().map(str::parse).transpose()?, &device);
     sink(EngineEvent::LoadProgress {
         stage: format!("loading {}", source.label()),
         done: 1,

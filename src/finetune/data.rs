@@ -8,7 +8,11 @@
 //!   `{"text": "..."}`; conversations are rendered with [`crate::chat_template::render`] and the
 //!   loss is on the assistant tokens only (`text` lines: on every token). Lines that cannot be
 //!   used are skipped and reported with their number and the reason; blank lines are ignored.
+//!
+//! Files are streamed (see [`crate::finetune::data_stream`]): memory holds the token ids and
+//! one piece of text (or one line) at a time, whatever the file's size or line length.
 
+use std::io::Read;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -19,6 +23,7 @@ use tokenizers::Tokenizer;
 
 use crate::chat_template::{render, Message, Role};
 use crate::error::{Error, Result};
+use crate::finetune::data_stream::{read_line, Hashing, Line, TextPieces, MAX_LINE_BYTES};
 use crate::rng::Rng;
 use crate::tokenizer::{encode, EOS_ID};
 
@@ -95,18 +100,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Reads and tokenizes a data file. Examples longer than `seq_len + 1` tokens are cut; ids must
 /// be below `vocab`. A file with no usable example is an error that quotes the first bad lines.
 pub fn load(path: &Path, format: DataFormat, tok: &Tokenizer, seq_len: usize, vocab: usize) -> Result<Dataset> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let hash = sha256_hex(&bytes);
-    let text = String::from_utf8(bytes).map_err(|e| {
-        Error::bad_file(
-            path,
-            format!("not UTF-8 text (byte {}); save it as UTF-8", e.utf8_error().valid_up_to()),
-        )
-    })?;
-    let (examples, bad) = match format.resolve(path) {
-        DataFormat::Jsonl => jsonl_examples(&text, tok, seq_len)?,
-        _ => (text_examples(&text, tok, seq_len)?, vec![]),
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = Hashing::new(file);
+    let name = path.display().to_string();
+    let (examples, bad, reader) = match format.resolve(path) {
+        DataFormat::Jsonl => {
+            let mut r = std::io::BufReader::new(reader);
+            let (examples, bad) = jsonl_stream(&mut r, &name, tok, seq_len)?;
+            (examples, bad, r.into_inner())
+        }
+        _ => {
+            let mut pieces = TextPieces::new(reader, &name);
+            let examples = text_stream(&mut pieces, tok, seq_len)?;
+            (examples, vec![], pieces.into_inner())
+        }
     };
+    let hash = reader.finish().map_err(|e| Error::io(path, e))?;
     for ex in &examples {
         if let Some(&id) = ex.ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::bad_file(
@@ -129,57 +138,65 @@ pub fn load(path: &Path, format: DataFormat, tok: &Tokenizer, seq_len: usize, vo
 
 /// Plain text -> windows of `seq_len + 1` tokens.
 pub fn text_examples(text: &str, tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
-    let mut ids = Vec::new();
-    for piece in split_text(text, 1 << 16) {
-        ids.extend(encode(tok, piece)?);
-    }
+    text_stream(&mut TextPieces::new(text.as_bytes(), "text"), tok, seq_len)
+}
+
+/// Text pieces -> windows of `seq_len + 1` tokens, each overlapping the next by one token, built
+/// as the ids come (the ids are held once, in the windows).
+fn text_stream<R: Read>(pieces: &mut TextPieces<R>, tok: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
     let mut out = Vec::new();
+    let mut pending: Vec<u32> = Vec::new();
+    while let Some(piece) = pieces.next_piece()? {
+        pending.extend(encode(tok, &piece)?);
+        let mut start = 0;
+        while pending.len() - start >= seq_len + 2 {
+            out.push(window(&pending[start..start + seq_len + 1]));
+            start += seq_len;
+        }
+        pending.drain(..start);
+    }
+    // the rest: one full window and/or a last short one (of at least two tokens)
     let mut start = 0;
-    while start + 1 < ids.len() {
-        let end = (start + seq_len + 1).min(ids.len());
-        let w = ids[start..end].to_vec();
-        out.push(Example {
-            mask: vec![true; w.len()],
-            ids: w,
-        });
+    while start + 1 < pending.len() {
+        let end = (start + seq_len + 1).min(pending.len());
+        out.push(window(&pending[start..end]));
         start += seq_len;
     }
     Ok(out)
 }
 
-/// Cuts text into pieces of about `target` bytes, each ending in a newline that is followed by
-/// a non-space character, so that tokenizing the pieces equals tokenizing the whole.
-fn split_text(text: &str, target: usize) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while rest.len() > target {
-        let b = rest.as_bytes();
-        let cut = (target..b.len().saturating_sub(1)).find(|&i| b[i] == b'\n' && !b[i + 1].is_ascii_whitespace());
-        match cut {
-            Some(i) => {
-                out.push(&rest[..=i]);
-                rest = &rest[i + 1..];
-            }
-            None => break,
-        }
+fn window(ids: &[u32]) -> Example {
+    Example {
+        ids: ids.to_vec(),
+        mask: vec![true; ids.len()],
     }
-    if !rest.is_empty() {
-        out.push(rest);
-    }
-    out
 }
 
 /// JSONL -> one example per usable line, plus the skipped lines.
 pub fn jsonl_examples(text: &str, tok: &Tokenizer, seq_len: usize) -> Result<(Vec<Example>, Vec<BadLine>)> {
+    jsonl_stream(&mut text.as_bytes(), "text", tok, seq_len)
+}
+
+/// JSONL read line by line (each line at most [`MAX_LINE_BYTES`]); lines are numbered from 1.
+fn jsonl_stream<R: std::io::BufRead>(r: &mut R, name: &str, tok: &Tokenizer, seq_len: usize) -> Result<(Vec<Example>, Vec<BadLine>)> {
     let mut examples = Vec::new();
     let mut bad = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    let mut n = 0;
+    while let Some(line) = read_line(r, name, MAX_LINE_BYTES)? {
+        n += 1;
+        let line = match line {
+            Line::Text(t) => t,
+            Line::Bad(reason) => {
+                bad.push(BadLine { line: n, reason });
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
-        match jsonl_line(line, tok, seq_len) {
+        match jsonl_line(&line, tok, seq_len) {
             Ok(ex) => examples.push(ex),
-            Err(LineError::Bad(reason)) => bad.push(BadLine { line: i + 1, reason }),
+            Err(LineError::Bad(reason)) => bad.push(BadLine { line: n, reason }),
             Err(LineError::Fatal(e)) => return Err(e),
         }
     }

@@ -6,6 +6,7 @@
 //! a progress bar from them and the TUI's fine-tune panel draws its charts from the same reports.
 //!
 //! * [`data`] — plain text and JSONL chat data (rendered with [`crate::chat_template`]) -> examples
+//! * [`data_stream`] — reading data files in bounded pieces (any size, any line length)
 //! * [`lora`] — which linears a method trains; adapters on and off the model
 //! * [`adapter`] — `--adapter DIR` (load, apply, merge)
 //! * [`optim`] — AdamW, the learning-rate schedule, gradient clipping
@@ -17,6 +18,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod data;
+pub mod data_stream;
 pub mod lora;
 pub mod loss;
 pub mod metrics;

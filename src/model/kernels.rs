@@ -24,6 +24,9 @@ pub struct Kernels {
     /// Batch-1 decode (`generate`, the chat) on the graph-captured decoder of `runtime::decode`
     /// (off: one [`crate::model::Model::step`] per token, the decoder's twin).
     pub decoder: bool,
+    /// The decoder samples the next token on the device (`ops::sample`); off, its logits are
+    /// copied to the host and sampled there (the device sampler's twin).
+    pub sampler: bool,
 }
 
 impl Default for Kernels {
@@ -36,6 +39,7 @@ impl Default for Kernels {
             mamba_grad: true,
             moe_grad: true,
             decoder: true,
+            sampler: true,
         }
     }
 }

@@ -67,7 +67,10 @@ impl Stepper {
                     fed_by_device: None,
                 });
             }
-            let on_device = crate::ops::sample::supports(&sampler.params);
+            let on_device = match model.kernels.sampler {
+                true => crate::ops::sample::supports(&sampler.params),
+                false => Err("--slow-sampler".to_string()),
+            };
             let opts = DecodeOpts {
                 probe,
                 sampler: on_device.is_ok(),

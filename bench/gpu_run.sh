@@ -51,7 +51,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memo
 
 if [ "${PHASE#finetune}" = "$PHASE" ] && [ "$PHASE" != s6bench ]; then
     log "parity tests"
-    [ -x gpu_parity ] && timeout 200 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+    [ -x gpu_parity ] && timeout 240 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
     for t in *_gpu; do # the other CUDA-only test binaries carried along (tests/*_gpu.rs)
         [ -x "$t" ] || continue
         log "$t"
@@ -90,6 +90,9 @@ elif [ "$PHASE" = ftfinal ]; then
     tf --shape 2.8b --seq-len 2048 --batch 8 --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 1 --method full --steps 3
     tf --shape 2.8b --seq-len 2048 --batch 4 --method full --steps 3
+elif [ "$PHASE" = s6quick ]; then # the tests above, then the user's path against the kernels, new and old binary
+    bench 28new $M28 --prompt-len 2048 --gen-len 512 --reps 1 --modes graph,user
+    [ -x blackmamba-base ] && BIN=./blackmamba-base bench 28old $M28 --prompt-len 2048 --gen-len 512 --reps 1 --modes graph
 elif [ "$PHASE" = s6tests ]; then
     moe_fixtures
 elif [ "$PHASE" = s6 ] || [ "$PHASE" = s6bench ]; then

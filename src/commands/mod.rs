@@ -98,10 +98,10 @@ pub struct KernelArgs {
     /// Decode with one `Model::step` per token instead of the graph-captured CUDA decoder.
     #[arg(long, global = true, env = "BLACKMAMBA_NO_DECODER", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_decoder: bool,
-    /// The CUDA decoder copies its logits to the host and samples there, instead of sampling on
-    /// the device.
-    #[arg(long, global = true, env = "BLACKMAMBA_SLOW_SAMPLER", value_parser = clap::builder::FalseyValueParser::new())]
-    pub slow_sampler: bool,
+    /// The CUDA decoder samples the next token on the device (only the token comes back) instead
+    /// of copying its logits to the host sampler. Opt-in until its GPU parity tests have run.
+    #[arg(long, global = true, env = "BLACKMAMBA_DEVICE_SAMPLER", value_parser = clap::builder::FalseyValueParser::new())]
+    pub device_sampler: bool,
     /// Prefill: one product pair per expert instead of two batched cuBLAS calls per MoE layer.
     #[arg(long, global = true, env = "BLACKMAMBA_PER_EXPERT", value_parser = clap::builder::FalseyValueParser::new())]
     pub per_expert: bool,
@@ -133,7 +133,7 @@ impl KernelArgs {
             mamba_grad: !self.slow_mamba_grad,
             moe_grad: !self.slow_moe_grad,
             decoder: !self.no_decoder,
-            sampler: !self.slow_sampler,
+            sampler: self.device_sampler,
         }
     }
 

@@ -25,7 +25,8 @@ pub struct Kernels {
     /// (off: one [`crate::model::Model::step`] per token, the decoder's twin).
     pub decoder: bool,
     /// The decoder samples the next token on the device (`ops::sample`); off, its logits are
-    /// copied to the host and sampled there (the device sampler's twin).
+    /// copied to the host and sampled there (the device sampler's twin). Off by default until the
+    /// device sampler's parity tests have run on a GPU (`--device-sampler` turns it on).
     pub sampler: bool,
 }
 
@@ -39,7 +40,7 @@ impl Default for Kernels {
             mamba_grad: true,
             moe_grad: true,
             decoder: true,
-            sampler: true,
+            sampler: false,
         }
     }
 }

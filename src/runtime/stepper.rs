@@ -69,7 +69,7 @@ impl Stepper {
             }
             let on_device = match model.kernels.sampler {
                 true => crate::ops::sample::supports(&sampler.params),
-                false => Err("--slow-sampler".to_string()),
+                false => Err("the device sampler is opt-in (--device-sampler)".to_string()),
             };
             let opts = DecodeOpts {
                 probe,

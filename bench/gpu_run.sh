@@ -24,6 +24,10 @@
 #                             the previous one (blackmamba-base.xz) in the same call, and the
 #                             PyTorch decode baseline
 # (the finetune phases skip the parity tests, to stay within one call's 10 minutes)
+# Carry: stripped, `xz`-compressed binaries in a git-ignored folder named in the call's carry. The
+# tree travels too (~31 MB, 20 MB of it the embedded model), so for two binaries plus a test binary
+# in one call, build them with assets/default/model.safetensors swapped for an empty safetensors
+# file (the benches use random weights) and put the real file back afterwards (~10 MB each).
 # Every GPU test fails instead of skipping when it finds no GPU (BLACKMAMBA_REQUIRE_GPU=1).
 # No cargo on the GPU machine: everything is built beforehand.
 set -u

@@ -124,6 +124,16 @@ pub(crate) fn scan_launch(
     }
 }
 
+/// The scan's per-token telemetry accumulators (Σh², ΣΔ), (B, L) f32 zeros each, when `want`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn telemetry_sums(bn: usize, len: usize, want: bool, dev: &candle_core::Device) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if !want {
+        return Ok((None, None));
+    }
+    let z = || Tensor::zeros((bn, len), DType::F32, dev);
+    Ok((Some(z()?), Some(z()?)))
+}
+
 /// The selective scan on f32 tensors by the chunked kernels; same contract as the twin
 /// [`crate::ops::scan::selective_scan`] (v, delta (B, L, di); a (di, N); b, c (B, L, N);
 /// h0 (B, di, N)). N must be at most 16.
@@ -166,16 +176,7 @@ pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
     };
     let y = empty(&[bn, len, di], DType::F32, dev)?;
     let h_last = empty(&[bn, di, n], DType::F32, dev)?;
-    let hsq = if want_norm {
-        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
-    } else {
-        None
-    };
-    let dsum = if want_norm {
-        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
-    } else {
-        None
-    };
+    let (hsq, dsum) = telemetry_sums(bn, len, want_norm, dev)?;
     scan_launch(dev, DType::F32, &args, None, Some(&y), Some(&h_last), hsq.as_ref(), dsum.as_ref())?;
     Ok(ScanOut {
         y,

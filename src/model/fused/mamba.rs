@@ -11,7 +11,7 @@ use crate::model::probe::MambaRecord;
 use crate::model::state::LayerState;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module, ScanIn};
 use crate::ops::prof::{self, lap};
-use crate::ops::scan_kernels::{scan_chunks, scan_launch, ScanArgs};
+use crate::ops::scan_kernels::{scan_chunks, scan_launch, telemetry_sums, ScanArgs};
 
 /// Whether a Mamba mixer can take the fused path (no adapters on x_proj/dt_proj, one dtype).
 /// Whether the kernels take this mixer; `seq`: the full-sequence path, where x_proj and dt_proj
@@ -113,17 +113,7 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
     };
     let y = empty(&[bn, len, di], dt, dev)?;
     let h_last = empty(&[bn, di, n], DType::F32, dev)?;
-    let want = probe.is_some();
-    let hsq = if want {
-        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
-    } else {
-        None
-    };
-    let dsum = if want {
-        Some(Tensor::zeros((bn, len), DType::F32, dev)?)
-    } else {
-        None
-    };
+    let (hsq, dsum) = telemetry_sums(bn, len, probe.is_some(), dev)?;
     scan_launch(dev, dt, &args, Some(&y), None, Some(&h_last), hsq.as_ref(), dsum.as_ref())?;
     lap(&mut laps, "mamba.scan")?;
     let out = m.out_proj.forward(&y)?; // (B, L, d) eq. 9

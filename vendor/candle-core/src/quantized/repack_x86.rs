@@ -586,7 +586,10 @@ pub(crate) fn amx_available() -> bool {
         // is_x86_feature_detected!("amx-int8") is unstable; read CPUID leaf 7 directly
         #[cfg(target_arch = "x86_64")]
         let has_amx = {
-            let info = core::arch::x86_64::__cpuid_count(7, 0);
+            // unsafe before Rust 1.94, safe since: keep the block for the rust-version (1.89)
+            #[allow(unused_unsafe)]
+            // SAFETY: CPUID is available on every x86_64 processor.
+            let info = unsafe { core::arch::x86_64::__cpuid_count(7, 0) };
             info.edx & (1 << 25) != 0 && info.edx & (1 << 24) != 0
         };
         #[cfg(not(target_arch = "x86_64"))]

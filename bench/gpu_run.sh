@@ -19,6 +19,8 @@
 #   bash gpu_run.sh finetune-full  the same with every weight trained, batch 1 and 4
 #   bash gpu_run.sh s6tests   tests, and the transformer-MoE fixtures (moe_fixtures.py) on the CPU
 #   bash gpu_run.sh s6bench   (no tests) decode on the user's path ...; s6: tests, then the same:
+#   bash gpu_run.sh s7        tests (moe_fixtures.py beside them on the CPU), then the user's path
+#                             with the host sampler and with --device-sampler, 2.8B and 1.5B
 #   bash gpu_run.sh s6        tests, then decode on the user's path (bench --path user, and the
 #                             `generate` command) beside the bare decoder (graph), this build and
 #                             the previous one (blackmamba-base.xz) in the same call, and the
@@ -53,13 +55,17 @@ moe_fixtures() { # the transformer-MoE golden fixtures (scripts/moe_fixtures.py)
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv,noheader | tee -a "$S"
 
+if [ "$PHASE" = s7 ]; then # the fixtures on the CPU beside the GPU work
+    ( moe_fixtures ) > /tmp/fx.log 2>&1 &
+    FXPID=$!
+fi
 if [ "${PHASE#finetune}" = "$PHASE" ] && [ "$PHASE" != s6bench ]; then
     log "parity tests"
-    [ -x gpu_parity ] && timeout 240 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+    [ -x gpu_parity ] && timeout 150 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
     for t in *_gpu; do # the other CUDA-only test binaries carried along (tests/*_gpu.rs)
-        [ -x "$t" ] || continue
+        [ -x "$t" ] && [ "$PHASE" != s7 ] || continue # s7 runs them after its benches
         log "$t"
-        timeout 150 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
+        timeout 60 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
     done
 fi
 
@@ -97,6 +103,23 @@ elif [ "$PHASE" = ftfinal ]; then
 elif [ "$PHASE" = s6quick ]; then # the tests above, then the user's path against the kernels, new and old binary
     bench 28new $M28 --prompt-len 2048 --gen-len 512 --reps 1 --modes graph,user
     [ -x blackmamba-base ] && BIN=./blackmamba-base bench 28old $M28 --prompt-len 2048 --gen-len 512 --reps 1 --modes graph
+elif [ "$PHASE" = s7 ]; then # the user's path: host sampler (default) vs --device-sampler, one binary
+    bench 28 $M28 --prompt-len 2048 --gen-len 1024 --reps 2 --modes graph,user
+    bench 28ds $M28 --prompt-len 2048 --gen-len 1024 --reps 2 --modes user --device-sampler
+    P="$(cat prompt.txt 2>/dev/null)"
+    for ds in "" --device-sampler; do
+        log "blackmamba generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 $ds (prompt.txt)"
+        timeout 100 ./blackmamba generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 $ds --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
+    done
+    [ -n "${S7_SHORT:-}" ] && rm -f ./*_gpu # short call: 2.8B only, no training tests
+    [ -z "${S7_SHORT:-}" ] && bench 15 $M15 --prompt-len 2048 --gen-len 1024 --reps 2 --modes graph,user
+    [ -z "${S7_SHORT:-}" ] && bench 15ds $M15 --prompt-len 2048 --gen-len 1024 --reps 2 --modes user --device-sampler
+    for t in *_gpu; do
+        [ -x "$t" ] || continue
+        log "$t"
+        timeout 60 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
+    done
+    wait $FXPID; cat /tmp/fx.log >> "$S"
 elif [ "$PHASE" = s6tests ]; then
     moe_fixtures
 elif [ "$PHASE" = s6 ] || [ "$PHASE" = s6bench ]; then

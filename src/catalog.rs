@@ -82,9 +82,37 @@ pub struct Catalog {
     pub cuda: bool,
 }
 
-/// Lists the models of the embedded binary, the hub cache of `env` and the random shapes.
-pub fn scan(env: &HubEnv) -> Catalog {
+/// Lists the models of the embedded binary, the hub cache of `env` and the random shapes
+/// (without hub settings: the embedded model and the random shapes, no cache folder).
+pub fn scan(env: Option<&HubEnv>) -> Catalog {
     let mut choices = vec![embedded()];
+    if let Some(env) = env {
+        choices.extend(hub_choices(env));
+    }
+    for shape in RANDOM_SHAPES {
+        let arg = format!("random:{shape}");
+        choices.push(ModelChoice {
+            label: label_of(Some(&arg)),
+            name: arg.clone(),
+            arg: Some(arg),
+            about: format!("random weights of the {shape} shape: noise, for speed and memory tests"),
+            params: Some(random_config(shape).param_counts()),
+            disk_bytes: None,
+            untrained: true,
+            availability: Availability::Ready,
+        });
+    }
+    Catalog {
+        choices,
+        cache_dir: env.map(|e| e.cache_dir.clone()).unwrap_or_default(),
+        offline: env.is_none_or(|e| e.offline),
+        cuda: candle_core::utils::cuda_is_available(),
+    }
+}
+
+/// Zyphra's released checkpoints (cached or not) and the BlackMamba repos of the hub cache.
+fn hub_choices(env: &HubEnv) -> Vec<ModelChoice> {
+    let mut choices = Vec::new();
     for (repo, alias) in ZYPHRA {
         let cfg = if repo.ends_with("1.5B") {
             Config::blackmamba_1_5b()
@@ -106,25 +134,7 @@ pub fn scan(env: &HubEnv) -> Catalog {
         };
         choices.push(hub_choice(env, &repo, Some(&cfg), "in the hub cache".into()));
     }
-    for shape in RANDOM_SHAPES {
-        let arg = format!("random:{shape}");
-        choices.push(ModelChoice {
-            label: label_of(Some(&arg)),
-            name: arg.clone(),
-            arg: Some(arg),
-            about: format!("random weights of the {shape} shape: noise, for speed and memory tests"),
-            params: Some(random_config(shape).param_counts()),
-            disk_bytes: None,
-            untrained: true,
-            availability: Availability::Ready,
-        });
-    }
-    Catalog {
-        choices,
-        cache_dir: env.cache_dir.clone(),
-        offline: env.offline,
-        cuda: candle_core::utils::cuda_is_available(),
-    }
+    choices
 }
 
 fn embedded() -> ModelChoice {

@@ -5,12 +5,12 @@
 //! `refs/<name>`; anything else (a commit sha) names `snapshots/<sha>` itself.
 //!
 //! The environment (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`, and
-//! `XDG_CACHE_HOME` / `HOME` for this program's own conversion cache) is read once, by
-//! [`HubEnv::from_env`] at the edge, into a [`HubEnv`], so tests can pass their own.
+//! `XDG_CACHE_HOME` / `HOME` for this program's own conversion cache) is read once, at the edge
+//! (`commands::environment::hub_env`), into a [`HubEnv`] handed down, so tests pass their own.
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 
 use crate::error::{Error, Result};
 
@@ -30,29 +30,6 @@ pub struct HubEnv {
 }
 
 impl HubEnv {
-    /// Reads the standard variables: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
-    /// `~/.cache/huggingface/hub`; `HF_HUB_OFFLINE=1` for cache only; `HF_ENDPOINT`; `HF_TOKEN`
-    /// (else the token file of the cache); the conversion cache is `$XDG_CACHE_HOME/blackmamba`,
-    /// else `$HOME/.cache/blackmamba`.
-    pub fn from_env() -> Self {
-        let cache_dir = std::env::var_os("HF_HUB_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Cache::from_env().path().clone());
-        let offline =
-            std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
-        let token = std::env::var("HF_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-            .or_else(|| Cache::from_env().token());
-        Self {
-            cache_dir,
-            offline,
-            endpoint: std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()),
-            token,
-            convert_cache: default_convert_cache(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")),
-        }
-    }
-
     /// The folder of one repo in the cache.
     pub fn repo_dir(&self, repo: &str) -> PathBuf {
         self.cache_dir.join(format!("models--{}", repo.replace('/', "--")))
@@ -197,9 +174,4 @@ fn snapshot_of(file: Option<PathBuf>) -> Result<PathBuf> {
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .ok_or_else(|| Error::Invalid("hub cache returned a path without a folder".into()))
-}
-
-/// [`resolve_with`] using the process environment, printing nothing.
-pub fn resolve(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
-    resolve_with(&HubEnv::from_env(), repo, revision, &mut |_, _, _| {})
 }

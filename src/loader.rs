@@ -147,7 +147,7 @@ pub type ProgressFn = std::sync::Arc<dyn Fn(&LoadProgress) + Send + Sync>;
 pub struct LoadOpts {
     pub tokenizer: Option<PathBuf>,
     pub progress: Option<ProgressFn>,
-    /// The hub environment; `None` reads the process environment.
+    /// The hub settings (read from the environment at the edge); `None`: hub ids cannot load.
     pub hub: Option<crate::hub::HubEnv>,
 }
 
@@ -205,13 +205,16 @@ pub fn load(source: &ModelSource, device: &Device, dtype: DType, opts: &LoadOpts
             (m, t, false)
         }
         ModelSource::Hub { repo, revision } => {
-            let env = opts.hub.clone().unwrap_or_else(crate::hub::HubEnv::from_env);
-            let dir = crate::hub::resolve_with(&env, repo, revision.as_deref(), &mut |f, d, t| {
+            let env = opts
+                .hub
+                .as_ref()
+                .ok_or_else(|| Error::Invalid(format!("{repo}: this caller gives no hub settings; pass a local folder instead")))?;
+            let dir = crate::hub::resolve_with(env, repo, revision.as_deref(), &mut |f, d, t| {
                 opts.report(&format!("download {f}"), d, t)
             })?;
             // the config first: a bad one is reported before any conversion
             let cfg = Config::from_file(&dir.join("config.json"))?;
-            let (files, note) = hub_weights(&env, &dir, opts)?;
+            let (files, note) = hub_weights(env, &dir, opts)?;
             notes.extend(note);
             let (m, t) = load_files(&dir, &cfg, &files, device, dtype, opts)?;
             (m, t, false)

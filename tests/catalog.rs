@@ -64,7 +64,7 @@ fn find<'a>(c: &'a Catalog, name: &str) -> &'a ModelChoice {
 #[test]
 fn empty_cache_lists_embedded_zyphra_and_random_shapes() {
     let cache = tempfile::tempdir().unwrap();
-    let online = scan(&env(cache.path(), false));
+    let online = scan(Some(&env(cache.path(), false)));
     let names: Vec<&str> = online.choices.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
@@ -96,7 +96,7 @@ fn empty_cache_lists_embedded_zyphra_and_random_shapes() {
     assert_eq!(online.cache_dir, cache.path());
 
     // offline: the Zyphra repos cannot load, and the reason names the missing files and the folder
-    let offline = scan(&env(cache.path(), true));
+    let offline = scan(Some(&env(cache.path(), true)));
     let z = find(&offline, "Zyphra/BlackMamba-1.5B");
     match &z.availability {
         Availability::Unavailable { reason } => {
@@ -135,7 +135,7 @@ fn cached_converted_partial_and_foreign_repos() {
             "someone/mamba-moe-small"
         ]
     );
-    let c = scan(&env(cache.path(), true));
+    let c = scan(Some(&env(cache.path(), true)));
     // cached but not converted yet
     let z = find(&c, "Zyphra/BlackMamba-2.8B");
     assert_eq!(z.availability, Availability::Convert);
@@ -149,7 +149,7 @@ fn cached_converted_partial_and_foreign_repos() {
         find(&c, "Zyphra/BlackMamba-1.5B").availability,
         Availability::Unavailable { .. }
     ));
-    let online = scan(&env(cache.path(), false));
+    let online = scan(Some(&env(cache.path(), false)));
     assert_eq!(
         find(&online, "Zyphra/BlackMamba-1.5B").availability,
         Availability::Download {
@@ -169,7 +169,7 @@ fn cached_converted_partial_and_foreign_repos() {
     std::fs::write(snap.join("model.safetensors"), b"stale").unwrap();
     std::fs::write(snap.join(MARKER), r#"{"source": "pytorch_model.bin", "fingerprint": "blob:old"}"#).unwrap();
     assert_eq!(
-        find(&scan(&env(cache.path(), true)), "Zyphra/BlackMamba-2.8B").availability,
+        find(&scan(Some(&env(cache.path(), true))), "Zyphra/BlackMamba-2.8B").availability,
         Availability::Convert
     );
 
@@ -177,7 +177,7 @@ fn cached_converted_partial_and_foreign_repos() {
     // disk counts both files
     let conv = ConversionCache::new(cache.path().join("blackmamba-conversions"));
     let (st, _) = conv.ensure(&snap.join("pytorch_model.bin"), &mut |_, _| {}).unwrap();
-    let c = scan(&env(cache.path(), true));
+    let c = scan(Some(&env(cache.path(), true)));
     let z = find(&c, "Zyphra/BlackMamba-2.8B");
     assert_eq!(z.availability, Availability::Ready);
     assert_eq!(z.disk_bytes, Some(bin + std::fs::metadata(&st).unwrap().len()));
@@ -193,7 +193,7 @@ fn a_cached_choice_loads_under_its_label() {
         &["config.json", "pytorch_model.bin"],
     );
     let e = env(cache.path(), true);
-    let c = scan(&e);
+    let c = scan(Some(&e));
     let opts = LoadOpts {
         hub: Some(e.clone()),
         ..Default::default()

@@ -395,3 +395,17 @@ fn the_conversion_cache_follows_xdg_then_home() {
     );
     assert_eq!(default_convert_cache(None, None), None);
 }
+
+#[test]
+fn without_hub_settings_a_hub_id_is_refused_in_one_line() {
+    // the layers below the command line read no environment: a caller that gives no hub
+    // settings cannot reach the hub (or the process's hub cache) by accident
+    let e = match load(&hub_source(), &Device::Cpu, DType::F32, &LoadOpts::default()) {
+        Ok(_) => panic!("a hub id loaded without hub settings"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("Zyphra/BlackMamba-2.8B") && e.contains("local folder") && !e.contains('\n'),
+        "{e}"
+    );
+}

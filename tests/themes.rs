@@ -23,7 +23,7 @@ fn every_builtin_loads_and_sets_every_key() {
     assert!(dark.len() >= 30, "{dark:?}");
     for (name, text) in BUILTIN {
         assert_eq!(keys(text), dark, "{name} must set the same keys as dark");
-        let t = Theme::load(name).unwrap();
+        let t = Theme::load(name, None).unwrap();
         assert_eq!(t.name, *name);
         assert_ne!(t.style(Role::Accent).fg, None);
         assert_ne!(t.expert_color(0), t.expert_color(1));
@@ -35,8 +35,8 @@ fn every_builtin_loads_and_sets_every_key() {
 
 #[test]
 fn user_file_overrides_only_its_keys() {
-    let t = Theme::load("tests/fixtures/themes/user_overlay.toml").unwrap();
-    let light = Theme::load("light").unwrap();
+    let t = Theme::load("tests/fixtures/themes/user_overlay.toml", None).unwrap();
+    let light = Theme::load("light", None).unwrap();
     assert_eq!(t.name, "mine");
     assert_eq!(t.style(Role::Accent).fg, Some(Color::Rgb(255, 0, 0)));
     assert_eq!(t.style(Role::Text), light.style(Role::Text));
@@ -44,8 +44,23 @@ fn user_file_overrides_only_its_keys() {
     assert_eq!(t.expert_color(3), Color::Blue, "the palette repeats");
 }
 
+#[test]
+fn a_builtin_takes_the_users_overlay_from_the_theme_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dark.toml"), "[base]\naccent = \"#00ff00\"\n").unwrap();
+    let dark = Theme::load("dark", None).unwrap();
+    let t = Theme::load("dark", Some(dir.path())).unwrap();
+    assert_eq!(t.style(Role::Accent).fg, Some(Color::Rgb(0, 255, 0)));
+    assert_ne!(dark.style(Role::Accent).fg, Some(Color::Rgb(0, 255, 0)));
+    assert_eq!(t.style(Role::Text), dark.style(Role::Text), "only the overlay's keys change");
+    // a bad overlay is reported, naming its file
+    std::fs::write(dir.path().join("light.toml"), "[base]\naccent = \"#12\"\n").unwrap();
+    let e = Theme::load("light", Some(dir.path())).unwrap_err().to_string();
+    assert!(e.contains("light.toml"), "{e}");
+}
+
 fn err(path: &str) -> String {
-    Theme::load(path).unwrap_err().to_string()
+    Theme::load(path, None).unwrap_err().to_string()
 }
 
 #[test]
@@ -67,14 +82,14 @@ fn bad_files_name_file_line_and_key() {
 
 #[test]
 fn the_tui_falls_back_to_the_default_theme_with_a_message() {
-    let (t, warning) = resolve(Some("tests/fixtures/themes/invalid_unknown_key.toml"));
+    let (t, warning) = resolve(Some("tests/fixtures/themes/invalid_unknown_key.toml"), None);
     assert_eq!(t, Theme::default_theme());
     let w = warning.unwrap();
     assert!(
         w.contains("invalid_unknown_key.toml:4") && w.contains("using the default theme"),
         "{w}"
     );
-    let (t, warning) = resolve(Some("high-contrast"));
+    let (t, warning) = resolve(Some("high-contrast"), None);
     assert_eq!(t.name, "high-contrast");
     assert!(warning.is_none());
 }

@@ -101,7 +101,7 @@ fn system_prompt_starts_a_chat_and_stays_for_new_ones() {
 
 #[test]
 fn a_theme_error_outlives_the_loaded_note() {
-    let (t, warning) = theme::resolve(Some("no-such-theme"));
+    let (t, warning) = theme::resolve(Some("no-such-theme"), None);
     let warning = warning.unwrap();
     let mut app = App::new(t);
     app.notify(warning.clone(), true);

@@ -64,8 +64,10 @@ pub fn run(m: &ModelArgs, a: &ChatArgs) -> anyhow::Result<()> {
         load,
         engine: crate::engine::protocol::EngineOpts {
             kernels: m.kernels.kernels(),
+            hub: Some(super::environment::hub_env()),
         },
         theme: a.theme.clone(),
+        theme_dir: super::environment::theme_dir(),
         system,
         signals,
     })

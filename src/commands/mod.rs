@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod check;
 pub mod completions;
+pub mod environment;
 pub mod eval;
 pub mod finetune;
 pub mod generate;
@@ -309,7 +310,7 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     let opts = crate::loader::LoadOpts {
         tokenizer: m.tokenizer.clone(),
         progress: Some(cli_progress()),
-        hub: None,
+        hub: Some(environment::hub_env()),
     };
     let mut loaded = crate::loader::load(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))?;
     loaded.model.kernels = m.kernels.kernels();

@@ -5,7 +5,6 @@
 use clap::Args;
 
 use crate::catalog::{human_bytes, human_count, scan, Availability};
-use crate::hub::HubEnv;
 
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
@@ -15,7 +14,7 @@ pub struct ModelsArgs {
 }
 
 pub fn run(a: &ModelsArgs) -> anyhow::Result<()> {
-    let c = scan(&HubEnv::from_env());
+    let c = scan(Some(&super::environment::hub_env()));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(());

@@ -17,7 +17,6 @@ use std::thread::JoinHandle;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::hub::HubEnv;
 use crate::loader::{LoadOpts, Loaded, ModelSource};
 use crate::model::Model;
 use chat::Conversation;
@@ -121,7 +120,7 @@ impl Worker {
     fn start(source: Source, opts: EngineOpts, sink: &mut Sink) -> Result<Self> {
         let loaded = match source {
             Source::Loaded(l) => *l,
-            Source::Spec(spec) => load(&spec, opts, sink)?,
+            Source::Spec(spec) => load(&spec, &opts, sink)?,
         };
         let info = model_info(&loaded);
         let model = loaded.model;
@@ -233,7 +232,7 @@ impl Worker {
             }
             Command::Finetune(c) => self.ft.handle(c, &self.model, &self.tok, &self.label, emit),
             Command::ListModels => {
-                emit(EngineEvent::Models(Box::new(crate::catalog::scan(&HubEnv::from_env()))));
+                emit(EngineEvent::Models(Box::new(crate::catalog::scan(self.opts.hub.as_ref()))));
                 Ok(())
             }
             Command::Load(spec) => {
@@ -254,7 +253,7 @@ impl Worker {
                 "a fine-tuning run is going (step {done} of {steps}); stop it with x in the Fine-tune view before loading another model"
             )));
         }
-        let loaded = load(spec, self.opts, emit)?;
+        let loaded = load(spec, &self.opts, emit)?;
         let info = model_info(&loaded);
         self.conv = Conversation::new(&loaded.model, None)?;
         self.hist = RouterHistory::new(&info.moe_layers);
@@ -268,7 +267,7 @@ impl Worker {
 }
 
 /// Loads the model named by `spec`, reporting stages.
-fn load(spec: &LoadSpec, eo: EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
+fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
     let total = 3;
     sink(EngineEvent::LoadProgress {
         stage: "choosing the device".into(),
@@ -291,7 +290,7 @@ fn load(spec: &LoadSpec, eo: EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> R
         progress: Some(std::sync::Arc::new(move |p: &crate::loader::LoadProgress| {
             let _ = tx.send(p.clone());
         })),
-        hub: None,
+        hub: eo.hub.clone(),
     };
     let mut loaded = std::thread::scope(|scope| {
         let job = std::thread::Builder::new()

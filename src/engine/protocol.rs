@@ -50,11 +50,14 @@ pub struct LoadSpec {
     pub adapter: Option<PathBuf>,
 }
 
-/// How the engine runs every model it loads: the command line's kernel switches (plain data,
-/// parsed once at the edge).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How the engine runs every model it loads: the command line's kernel switches and the hub
+/// settings (plain data, read once at the edge).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineOpts {
     pub kernels: crate::model::Kernels,
+    /// The hub settings for loading hub ids and listing the hub cache (read from the environment
+    /// at the edge); `None`: local folders, the embedded model and random shapes only.
+    pub hub: Option<crate::hub::HubEnv>,
 }
 
 /// UI → engine.

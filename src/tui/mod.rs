@@ -48,6 +48,8 @@ pub struct Options {
     pub engine: EngineOpts,
     /// `--theme NAME|FILE`.
     pub theme: Option<String>,
+    /// The user's theme overlays (`~/.config/blackmamba/themes`, read at the edge).
+    pub theme_dir: Option<std::path::PathBuf>,
     /// The system prompt of the first chat (`--system`, `--system-file`).
     pub system: Option<String>,
     /// SIGINT, SIGTERM and SIGHUP: seen, the UI puts the terminal back and ends.
@@ -70,7 +72,7 @@ const FRAME: Duration = Duration::from_millis(33);
 /// every way out: return, error, signal and panic of this thread (panics of other threads are
 /// shown in the UI instead, see [`PanicHook`]).
 pub fn run(opts: Options) -> Result<Exit> {
-    let (theme, warning) = theme::resolve(opts.theme.as_deref());
+    let (theme, warning) = theme::resolve(opts.theme.as_deref(), opts.theme_dir.as_deref());
     let mut app = App::new(theme);
     if let Some(w) = warning {
         app.notify(w, true);

@@ -110,12 +110,13 @@ impl Theme {
         Ok(Self::from_table(name, base))
     }
 
-    /// `--theme NAME|FILE`: a built-in name (plus the user's overlay for it), or a TOML file.
-    pub fn load(arg: &str) -> Result<Self> {
+    /// `--theme NAME|FILE`: a built-in name (plus the user's overlay for it, `NAME.toml` in
+    /// `user_dir`, the edge's `~/.config/blackmamba/themes`), or a TOML file.
+    pub fn load(arg: &str, user_dir: Option<&Path>) -> Result<Self> {
         let path = Path::new(arg);
         if BUILTIN.iter().any(|(n, _)| *n == arg) && !path.is_file() {
             let mut theme = Self::builtin(arg)?;
-            if let Some(user) = user_dir().map(|d| d.join(format!("{arg}.toml"))).filter(|p| p.is_file()) {
+            if let Some(user) = user_dir.map(|d| d.join(format!("{arg}.toml"))).filter(|p| p.is_file()) {
                 theme.apply_file(&user)?;
             }
             return Ok(theme);
@@ -281,14 +282,6 @@ impl Theme {
     }
 }
 
-/// `~/.config/blackmamba/themes` (or under `$XDG_CONFIG_HOME`).
-fn user_dir() -> Option<std::path::PathBuf> {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))?;
-    Some(base.join("blackmamba").join("themes"))
-}
-
 /// Parses and checks a theme file: known sections and keys, colour values.
 fn parse(text: &str, file: &str) -> Result<toml::Table> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
@@ -386,9 +379,10 @@ fn key_line(text: &str, section: &str, key: &str) -> usize {
     1
 }
 
-/// Resolves `--theme` for the TUI: on any problem, the default theme and a one-line warning.
-pub fn resolve(arg: Option<&str>) -> (Theme, Option<String>) {
-    match arg.map(Theme::load).unwrap_or_else(|| Theme::load("dark")) {
+/// Resolves `--theme` for the TUI (`user_dir`: see [`Theme::load`]): on any problem, the default
+/// theme and a one-line warning.
+pub fn resolve(arg: Option<&str>, user_dir: Option<&Path>) -> (Theme, Option<String>) {
+    match Theme::load(arg.unwrap_or("dark"), user_dir) {
         Ok(t) => (t, None),
         Err(e) => (Theme::default_theme(), Some(format!("{e}; using the default theme"))),
     }

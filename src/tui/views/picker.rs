@@ -201,10 +201,12 @@ fn footer<'a>(app: &App, p: &Picker, w: usize) -> Vec<Line<'a>> {
     ]));
     if let Some(c) = &p.catalog {
         let mode = if c.offline { "offline: cache only" } else { "online" };
-        out.push(Line::from(Span::styled(
-            clip(&format!("hub cache {} ({mode})", sanitize(&c.cache_dir.display().to_string())), w),
-            t.style(Role::Muted),
-        )));
+        let hub = if c.cache_dir.as_os_str().is_empty() {
+            "no hub settings: local models only".to_string()
+        } else {
+            format!("hub cache {} ({mode})", sanitize(&c.cache_dir.display().to_string()))
+        };
+        out.push(Line::from(Span::styled(clip(&hub, w), t.style(Role::Muted))));
     }
     if !app.chat.messages.is_empty() {
         out.push(Line::from(Span::styled(

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::finetune::adapter::{AdapterMeta, META_FILE};
 use crate::finetune::data::DataCursor;
+use crate::finetune::optim::Param;
 use crate::finetune::FinetuneConfig;
 use crate::model::weights::{read_tensors, tmp_path, WeightFiles};
 
@@ -167,4 +168,59 @@ fn load_with(dir: &Path, device: &Device, state: TrainerState) -> Result<Loaded>
         weights,
         moments,
     })
+}
+
+/// Whether two paths name the same folder.
+pub fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Pretty JSON bytes of a checkpoint file.
+pub fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(v).map_err(|e| Error::Invalid(format!("serialising a checkpoint file: {e}")))
+}
+
+/// Errors unless the checkpoint was made by a run this one can continue.
+pub fn check_resumable(st: &TrainerState, cfg: &FinetuneConfig, data_hash: &str, params: &[Param], dir: &std::path::Path) -> Result<()> {
+    let old = &st.config;
+    let mismatch = |what: &str, a: String, b: String| {
+        Err(Error::Invalid(format!(
+            "--resume {}: the checkpoint used {what} {a}, this run {b}; use the same setting to continue it",
+            dir.display()
+        )))
+    };
+    if old.method != cfg.method {
+        return mismatch("--method", old.method.name().into(), cfg.method.name().into());
+    }
+    if st.data_hash != data_hash {
+        return mismatch("data with sha256", st.data_hash.clone(), data_hash.to_string());
+    }
+    if old.seq_len != cfg.seq_len {
+        return mismatch("--seq-len", old.seq_len.to_string(), cfg.seq_len.to_string());
+    }
+    if old.seed != cfg.seed {
+        return mismatch("--seed", old.seed.to_string(), cfg.seed.to_string());
+    }
+    if old.eval_data != cfg.eval_data || old.eval_fraction != cfg.eval_fraction {
+        return mismatch("held-out data", format!("{:?}", old.eval_data), format!("{:?}", cfg.eval_data));
+    }
+    let names: Vec<&String> = params.iter().map(|p| &p.name).collect();
+    if st.params.iter().collect::<Vec<_>>() != names {
+        return mismatch(
+            "trainable tensors",
+            format!("{} ({:?} rank {})", st.params.len(), old.targets, old.rank),
+            format!("{} ({:?} rank {})", names.len(), cfg.targets, cfg.rank),
+        );
+    }
+    if old.rank != cfg.rank || old.alpha != cfg.alpha {
+        return mismatch(
+            "--rank/--alpha",
+            format!("{}/{}", old.rank, old.alpha),
+            format!("{}/{}", cfg.rank, cfg.alpha),
+        );
+    }
+    Ok(())
 }

@@ -23,6 +23,7 @@ pub mod lora;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod params;
 pub mod recompute;
 pub mod trainer;
 

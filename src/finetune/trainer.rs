@@ -9,27 +9,24 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::finetune::adapter::{AdapterMeta, ADAPTER_FILE, FORMAT as ADAPTER_FORMAT, META_FILE, MODEL_FILE};
-use crate::finetune::checkpoint::{self, CheckpointFiles, TrainerState, OPTIMIZER_FILE, STATE_FILE};
+use crate::finetune::checkpoint::{self, check_resumable, same_path, to_json, CheckpointFiles, TrainerState, OPTIMIZER_FILE, STATE_FILE};
 use crate::finetune::data::{self, BadLine, Batch, Batcher, DataCursor, Example};
-use crate::finetune::lora::{attach, init_adapter, merge_all, visit_named_linears, LinearKind};
+use crate::finetune::lora::merge_all;
 use crate::finetune::loss::{batch_nll, evaluate, inference_view, EvalResult};
 use crate::finetune::metrics::{Metrics, MetricsLine};
-use crate::finetune::optim::{clip_scale, decays, global_norm, lr_at, AdamW, AdamWParams, Param};
+use crate::finetune::optim::{clip_scale, global_norm, lr_at, AdamW, AdamWParams, Param};
+use crate::finetune::params::{make_params, Casts};
 use crate::finetune::recompute::{accumulate, nll_and_grads, LayerTiming};
 use crate::finetune::{FinetuneConfig, Method, StepReport};
 use crate::model::moe::Routing;
 use crate::model::probe::Probe;
 use crate::model::Model;
-use crate::rng::Rng;
 use crate::sinkhorn::{greedy, loads};
-
-/// Params the model holds as a cast: name -> (param index, model dtype).
-type Casts = HashMap<String, (usize, DType)>;
 
 /// A fine-tuning or training run.
 pub struct Trainer {
@@ -532,109 +529,4 @@ impl Trainer {
         self.cast_of = cast_of;
         Ok(())
     }
-}
-
-/// Whether two paths name the same folder.
-fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
-}
-
-/// Pretty JSON bytes of a checkpoint file.
-fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec_pretty(v).map_err(|e| Error::Invalid(format!("serialising a checkpoint file: {e}")))
-}
-
-/// Makes the trainable tensors of `cfg.method` and puts them (or their casts) into `model`.
-fn make_params(model: &mut Model, cfg: &FinetuneConfig) -> Result<(Vec<Param>, Casts)> {
-    let mut params = Vec::new();
-    let mut casts = HashMap::new();
-    if cfg.method == Method::Lora {
-        let mut rng = Rng::new(cfg.seed ^ 0x10AA);
-        let device = model.device.clone();
-        let scale = cfg.alpha / cfg.rank as f64;
-        visit_named_linears(model, &mut |name, kind, l| {
-            let LinearKind::Target(t) = kind else { return Ok(()) };
-            if !cfg.targets.contains(&t) {
-                return Ok(());
-            }
-            let (out, inp) = l.weight.dims2()?;
-            let (a, b) = init_adapter(out, inp, cfg.rank.min(out.min(inp)).max(1), &mut rng, &device)?;
-            let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-            attach(name, l, va.as_tensor().clone(), vb.as_tensor().clone(), scale)?;
-            for (suffix, var) in [("lora_a", va), ("lora_b", vb)] {
-                let n = format!("{name}.{suffix}");
-                params.push(Param { decay: true, name: n, var });
-            }
-            Ok(())
-        })?;
-    }
-    let replace = |name: &str| match cfg.method {
-        Method::Full => true,
-        Method::Router => name.contains(".router."),
-        Method::Lora => cfg.train_router && name.contains(".router."),
-    };
-    model.visit_mut(&mut |name, t| {
-        if !replace(name) || name.ends_with(".lora_a") || name.ends_with(".lora_b") {
-            return Ok(());
-        }
-        let var = Var::from_tensor(&t.detach().to_dtype(DType::F32)?)?;
-        let dt = t.dtype();
-        if dt == DType::F32 {
-            *t = var.as_tensor().clone();
-        } else {
-            casts.insert(name.to_string(), (params.len(), dt));
-        }
-        params.push(Param {
-            name: name.to_string(),
-            decay: decays(name),
-            var,
-        });
-        Ok(())
-    })?;
-    Ok((params, casts))
-}
-
-/// Errors unless the checkpoint was made by a run this one can continue.
-fn check_resumable(st: &TrainerState, cfg: &FinetuneConfig, data_hash: &str, params: &[Param], dir: &std::path::Path) -> Result<()> {
-    let old = &st.config;
-    let mismatch = |what: &str, a: String, b: String| {
-        Err(Error::Invalid(format!(
-            "--resume {}: the checkpoint used {what} {a}, this run {b}; use the same setting to continue it",
-            dir.display()
-        )))
-    };
-    if old.method != cfg.method {
-        return mismatch("--method", old.method.name().into(), cfg.method.name().into());
-    }
-    if st.data_hash != data_hash {
-        return mismatch("data with sha256", st.data_hash.clone(), data_hash.to_string());
-    }
-    if old.seq_len != cfg.seq_len {
-        return mismatch("--seq-len", old.seq_len.to_string(), cfg.seq_len.to_string());
-    }
-    if old.seed != cfg.seed {
-        return mismatch("--seed", old.seed.to_string(), cfg.seed.to_string());
-    }
-    if old.eval_data != cfg.eval_data || old.eval_fraction != cfg.eval_fraction {
-        return mismatch("held-out data", format!("{:?}", old.eval_data), format!("{:?}", cfg.eval_data));
-    }
-    let names: Vec<&String> = params.iter().map(|p| &p.name).collect();
-    if st.params.iter().collect::<Vec<_>>() != names {
-        return mismatch(
-            "trainable tensors",
-            format!("{} ({:?} rank {})", st.params.len(), old.targets, old.rank),
-            format!("{} ({:?} rank {})", names.len(), cfg.targets, cfg.rank),
-        );
-    }
-    if old.rank != cfg.rank || old.alpha != cfg.alpha {
-        return mismatch(
-            "--rank/--alpha",
-            format!("{}/{}", old.rank, old.alpha),
-            format!("{}/{}", cfg.rank, cfg.alpha),
-        );
-    }
-    Ok(())
 }

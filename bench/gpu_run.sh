@@ -61,7 +61,7 @@ if [ "$PHASE" = s7 ]; then # the fixtures on the CPU beside the GPU work
 fi
 if [ "${PHASE#finetune}" = "$PHASE" ] && [ "$PHASE" != s6bench ]; then
     log "parity tests"
-    [ -x gpu_parity ] && timeout 150 ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
+    [ -x gpu_parity ] && timeout "${TEST_TIMEOUT:-150}" ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
     for t in *_gpu; do # the other CUDA-only test binaries carried along (tests/*_gpu.rs)
         [ -x "$t" ] && [ "$PHASE" != s7 ] || continue # s7 runs them after its benches
         log "$t"
@@ -104,12 +104,13 @@ elif [ "$PHASE" = s6quick ]; then # the tests above, then the user's path agains
     bench 28new $M28 --prompt-len 2048 --gen-len 512 --reps 1 --modes graph,user
     [ -x blackmamba-base ] && BIN=./blackmamba-base bench 28old $M28 --prompt-len 2048 --gen-len 512 --reps 1 --modes graph
 elif [ "$PHASE" = s7 ]; then # the user's path: host sampler (default) vs --device-sampler, one binary
-    bench 28 $M28 --prompt-len 2048 --gen-len 1024 --reps 2 --modes graph,user
-    bench 28ds $M28 --prompt-len 2048 --gen-len 1024 --reps 2 --modes user --device-sampler
+    G=1024 && [ -n "${S7_SHORT:-}" ] && G=512
+    bench 28 $M28 --prompt-len 2048 --gen-len $G --reps 2 --modes graph,user
+    bench 28ds $M28 --prompt-len 2048 --gen-len $G --reps 2 --modes user --device-sampler
     P="$(cat prompt.txt 2>/dev/null)"
     for ds in "" --device-sampler; do
-        log "blackmamba generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 $ds (prompt.txt)"
-        timeout 100 ./blackmamba generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 1024 $ds --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
+        log "blackmamba generate --model random:2.8b --device cuda --dtype bf16 --max-tokens $G $ds (prompt.txt)"
+        timeout 100 ./blackmamba generate --model random:2.8b --device cuda --dtype bf16 --max-tokens $G $ds --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
     done
     [ -n "${S7_SHORT:-}" ] && rm -f ./*_gpu # short call: 2.8B only, no training tests
     [ -z "${S7_SHORT:-}" ] && bench 15 $M15 --prompt-len 2048 --gen-len 1024 --reps 2 --modes graph,user

@@ -129,6 +129,20 @@ fn a_theme_error_outlives_the_loaded_note() {
 }
 
 #[test]
+fn the_loaders_notes_are_shown_with_the_loaded_line() {
+    let mut app = App::new(Theme::default_theme());
+    let mut info = demo::model_info(2, 8, false);
+    info.notes = vec!["read pytorch_model.bin directly: the conversion cache is read-only".into()];
+    app.update(Msg::Engine(EngineEvent::Loaded(Box::new(info))));
+    let n = app.notice.clone().unwrap();
+    assert!(
+        n.text.starts_with("loaded ") && n.text.contains("note: read pytorch_model.bin directly"),
+        "{n:?}"
+    );
+    assert!(screen(&app, 160, 24).contains("note: read pytorch_model.bin"));
+}
+
+#[test]
 fn a_background_panic_is_an_error_and_the_app_goes_on() {
     let mut app = ready_app();
     app.update(Msg::Panicked {

@@ -352,5 +352,6 @@ pub fn model_info(l: &Loaded) -> ModelInfo {
         bytes_per_token: active as f64 * dtype.size_in_bytes() as f64,
         load_secs: l.load_secs,
         finetune_available: finetune::AVAILABLE,
+        notes: l.notes.clone(),
     }
 }

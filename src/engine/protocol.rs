@@ -212,6 +212,9 @@ pub struct ModelInfo {
     pub load_secs: f64,
     /// Whether this build can fine-tune.
     pub finetune_available: bool,
+    /// What the loader says the user should know (e.g. a checkpoint read without its conversion,
+    /// and why), one line each.
+    pub notes: Vec<String>,
 }
 
 /// The routing of one token in one MoE layer.

@@ -32,6 +32,7 @@ pub fn model_info(pairs: usize, experts: usize, untrained: bool) -> ModelInfo {
         bytes_per_token: 1.6e6,
         load_secs: 0.25,
         finetune_available: crate::engine::finetune::AVAILABLE,
+        notes: Vec::new(),
     }
 }
 

@@ -242,7 +242,12 @@ impl App {
                         });
                     }
                 }
-                self.notify(format!("loaded {} in {:.1} s", info.label, info.load_secs), false);
+                let mut text = format!("loaded {} in {:.1} s", info.label, info.load_secs);
+                for n in &info.notes {
+                    text.push_str("; note: ");
+                    text.push_str(n);
+                }
+                self.notify(text, false);
                 self.chat.color_layer = self.chat.color_layer.min(info.moe_layers.len().saturating_sub(1));
                 self.model = Some(*info);
             }

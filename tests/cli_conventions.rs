@@ -301,3 +301,50 @@ fn the_manifest_states_the_checked_msrv_and_pins_its_dependencies() {
         .iter()
         .any(|p| p["name"].as_str() == Some("clap_complete")));
 }
+
+#[test]
+fn finetune_resume_takes_the_runs_base_model_over_the_config_files_default() {
+    use blackmamba::commands::{finetune::resume_base, parse_from, Command as Sub};
+    use blackmamba::finetune::adapter::{AdapterMeta, FORMAT, META_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "model = \"random:tiny\"\n").unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let meta = AdapterMeta {
+        format: FORMAT.into(),
+        method: blackmamba::finetune::Method::Lora,
+        base_model: FIXTURE.into(),
+        base_config: blackmamba::model::config::Config::from_file(&Path::new(FIXTURE).join("config.json")).unwrap(),
+        targets: vec![],
+        rank: 4,
+        alpha: 8.0,
+        train_router: false,
+        step: 1,
+        data_hash: "0".into(),
+        weights: "adapter.safetensors".into(),
+    };
+    std::fs::write(run.join(META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
+    let args = |extra: &[&str]| {
+        let mut a: Vec<std::ffi::OsString> = vec!["blackmamba".into(), "finetune".into(), "--data".into(), "d.txt".into()];
+        a.extend(["--resume".into(), run.clone().into_os_string()]);
+        a.extend(extra.iter().map(|s| s.into()));
+        parse_from(a, Some(&cfg)).unwrap()
+    };
+    // the config file's model is a default: the run's recorded base model wins
+    let cli = args(&[]);
+    assert!(matches!(cli.command, Some(Sub::Finetune(_))));
+    assert!(cli.model.model_from_config);
+    assert_eq!(resume_base(&cli.model, Some(&run)).model.as_deref(), Some(FIXTURE));
+    // a --model the user gives is kept
+    let cli = args(&["--model", "random:tiny"]);
+    assert!(!cli.model.model_from_config);
+    assert_eq!(resume_base(&cli.model, Some(&run)).model.as_deref(), Some("random:tiny"));
+    // without --resume the config file's model is the model
+    let cli = parse_from(
+        vec!["blackmamba".into(), "generate".into(), "--prompt".into(), "x".into()],
+        Some(&cfg),
+    )
+    .unwrap();
+    assert_eq!(cli.model.model.as_deref(), Some("random:tiny"));
+}

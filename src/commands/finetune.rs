@@ -169,14 +169,18 @@ pub fn run(m: &ModelArgs, a: &FinetuneArgs) -> anyhow::Result<()> {
     drive(&loaded.model, &loaded.tokenizer, cfg)
 }
 
-/// With `--resume DIR` and no `--model`: the base model the run was trained on, as recorded in
-/// `DIR/adapter.json` (a folder, hub id or random shape; "embedded" is the default anyway).
-/// Otherwise (or when DIR has no readable record: the trainer reports that) the arguments as given.
-fn resume_base(m: &ModelArgs, resume: Option<&std::path::Path>) -> ModelArgs {
+/// With `--resume DIR` and no `--model` (a config file's `model` default does not count): the base
+/// model the run was trained on, as recorded in `DIR/adapter.json` (a folder, hub id or random
+/// shape; "embedded" is the default anyway). Otherwise (or when DIR has no readable record: the
+/// trainer reports that) the arguments as given.
+pub fn resume_base(m: &ModelArgs, resume: Option<&std::path::Path>) -> ModelArgs {
     let mut m = m.clone();
-    if let (None, Some(dir)) = (&m.model, resume) {
+    let given = m.model.is_some() && !m.model_from_config;
+    if let (false, Some(dir)) = (given, resume) {
         if let Ok(meta) = crate::finetune::adapter::AdapterMeta::read(dir) {
-            if meta.base_model != "embedded" {
+            if meta.base_model == "embedded" {
+                m.model = None;
+            } else {
                 eprintln!("resuming on {} (the base model recorded in {})", meta.base_model, dir.display());
                 m.model = Some(meta.base_model);
             }

@@ -68,6 +68,10 @@ pub struct ModelArgs {
     /// 1.5b) or random:tiny|1.5b|2.8b. Default: the embedded model.
     #[arg(long, global = true)]
     pub model: Option<String>,
+    /// Whether `model` is the config file's default rather than given by the user (then
+    /// `finetune --resume` takes the run's recorded base model instead).
+    #[arg(skip)]
+    pub model_from_config: bool,
     /// Hub revision (branch, tag or commit) for a hub id.
     #[arg(long, global = true)]
     pub revision: Option<String>,
@@ -245,7 +249,13 @@ pub fn parse_from(args: Vec<std::ffi::OsString>, config: Option<&std::path::Path
     let color = color_flag(&args).or(file_color).unwrap_or(ColorChoice::Auto);
     cmd = cmd.color(color);
     let matches = cmd.try_get_matches_from(args).map_err(ParseError::Clap)?;
-    let cli = Cli::from_arg_matches(&matches).map_err(ParseError::Clap)?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(ParseError::Clap)?;
+    // a global option's value lands in the subcommand's matches: the deepest one that has it
+    let mut m = &matches;
+    while let Some((_, sub)) = m.subcommand() {
+        m = sub;
+    }
+    cli.model.model_from_config = m.value_source("model") == Some(clap::parser::ValueSource::DefaultValue);
     apply_color(cli.color);
     Ok(cli)
 }

@@ -3,66 +3,21 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[path = "common/pty.rs"]
+mod pty;
 
-use portable_pty::{native_pty_system, CommandBuilder, PtySize};
+use pty::Tui;
 
 /// Runs the TUI until its tab bar is drawn, quits with Ctrl-Q, and returns all it wrote.
 fn tui_bytes(args: &[&str], no_color: bool) -> String {
-    let pair = native_pty_system()
-        .openpty(PtySize {
-            rows: 24,
-            cols: 80,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
-    let home = tempfile::tempdir().unwrap();
-    let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_blackmamba"));
-    cmd.args(args);
-    cmd.env("TERM", "xterm-256color");
-    cmd.env("HOME", home.path());
-    cmd.env("XDG_CONFIG_HOME", home.path());
-    cmd.env_remove("NO_COLOR");
-    if no_color {
-        cmd.env("NO_COLOR", "1");
-    }
-    cmd.cwd(home.path());
-    let mut child = pair.slave.spawn_command(cmd).unwrap();
-    drop(pair.slave);
-    let raw = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let mut reader = pair.master.try_clone_reader().unwrap();
-    {
-        let raw = raw.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                raw.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-    }
-    let text = || String::from_utf8_lossy(&raw.lock().unwrap()).to_string();
-    let t0 = Instant::now();
-    while !(text().contains("F1 Chat") && text().contains("F5 Fine-tune")) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no tab bar: {:?}", text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let mut w = pair.master.take_writer().unwrap();
-    w.write_all(b"\x11").unwrap();
-    w.flush().unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the app did not quit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    text()
+    let env: &[(&str, &str)] = if no_color { &[("NO_COLOR", "1")] } else { &[] };
+    let mut t = Tui::spawn(args, 24, 80, env, |_| {});
+    t.wait("the tab bar", 30, |s| s.contains("F1 Chat") && s.contains("F5 Fine-tune"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    t.send(b"\x11");
+    t.wait_exit("the app did not quit", 20);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    t.raw_text()
 }
 
 /// SGR colour sequences: foreground or background, 256-colour or RGB.

@@ -7,13 +7,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
+#[path = "common/pty.rs"]
+mod pty;
+
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use blackmamba::model::pth_write;
-use portable_pty::{native_pty_system, CommandBuilder, PtySize};
+use pty::Tui;
 
 const COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
 
@@ -32,30 +32,6 @@ fn fake_cache(cache: &Path) {
     std::os::unix::fs::symlink("../../blobs/b2", snap.join("pytorch_model.bin")).unwrap();
 }
 
-struct Screen {
-    parser: Arc<Mutex<vt100::Parser>>,
-}
-
-impl Screen {
-    fn text(&self) -> String {
-        self.parser.lock().unwrap().screen().contents()
-    }
-    fn wait(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
-        let t0 = Instant::now();
-        loop {
-            let s = self.text();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(secs),
-                "timed out waiting for {what}; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// The line of the screen below the tab bar that names `what`.
 fn line_of<'a>(s: &'a str, what: &str) -> &'a str {
     s.lines().skip(1).find(|l| l.contains(what)).unwrap_or_default()
@@ -66,64 +42,26 @@ fn pick_a_cached_hub_model_chat_and_switch_again_in_a_pty() {
     let home = tempfile::tempdir().unwrap();
     let cache = home.path().join("hub");
     fake_cache(&cache);
-    let (rows, cols) = (28u16, 100u16);
-    let pair = native_pty_system()
-        .openpty(PtySize {
-            rows,
-            cols,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
-    let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_blackmamba"));
-    cmd.env("TERM", "xterm-256color");
-    cmd.env("HOME", home.path());
-    cmd.env("XDG_CONFIG_HOME", home.path());
-    cmd.env("HF_HUB_CACHE", &cache);
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd.env_remove("HF_HOME");
-    cmd.cwd(home.path());
-    let mut child = pair.slave.spawn_command(cmd).unwrap();
-    drop(pair.slave);
-    let nz = |n: u16| std::num::NonZeroU16::new(n).unwrap();
-    let parser = Arc::new(Mutex::new(vt100::Parser::new(nz(rows), nz(cols), 0)));
-    let mut reader = pair.master.try_clone_reader().unwrap();
-    {
-        let parser = parser.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                parser.lock().unwrap().process(&buf[..n]);
-            }
-        });
-    }
-    let mut w = pair.master.take_writer().unwrap();
-    let mut send = |bytes: &[u8]| {
-        w.write_all(bytes).unwrap();
-        w.flush().unwrap();
-    };
-    let screen = Screen { parser };
+    let cache = cache.to_str().unwrap().to_string();
+    let mut t = Tui::spawn_in(home, &[], 28, 100, &[("HF_HUB_CACHE", &cache), ("HF_HUB_OFFLINE", "1")]);
     let down = b"\x1b[B";
     let up = b"\x1b[A";
 
-    screen.wait("the embedded model", 120, |s| s.contains("cpu f32") && s.contains(" embedded "));
+    t.wait("the embedded model", 120, |s| s.contains("cpu f32") && s.contains(" embedded "));
 
     // Ctrl-K lists what the cache holds: the 2.8B cached (not converted), the 1.5B out of reach
-    send(b"\x0b");
-    let s = screen.wait("the list", 30, |s| s.contains("Model: Enter loads") && s.contains("random:tiny"));
+    t.send(b"\x0b");
+    let s = t.wait("the list", 30, |s| s.contains("Model: Enter loads") && s.contains("random:tiny"));
     assert!(line_of(&s, "Zyphra/BlackMamba-2.8B").contains("cached, converts once"), "{s}");
     assert!(line_of(&s, "Zyphra/BlackMamba-1.5B").contains("offline, not cached"), "{s}");
     assert!(line_of(&s, " embedded").contains("●"), "the loaded model is marked:\n{s}");
     assert!(s.contains("offline: cache only"), "{s}");
 
     // the 2.8B: third row
-    send(down);
-    send(down);
-    send(b"\r");
-    let s = screen.wait("the switch", 120, |s| s.contains("loaded Zyphra/BlackMamba-2.8B"));
+    t.send(down);
+    t.send(down);
+    t.send(b"\r");
+    let s = t.wait("the switch", 120, |s| s.contains("loaded Zyphra/BlackMamba-2.8B"));
     assert!(
         s.lines().next().unwrap_or_default().contains("Zyphra/BlackMamba-2.8B"),
         "the tab bar names it:\n{s}"
@@ -131,14 +69,14 @@ fn pick_a_cached_hub_model_chat_and_switch_again_in_a_pty() {
     assert!(s.contains("cpu f32"), "{s}");
 
     // chat with it
-    send(b"Hello there");
-    screen.wait("the typed text", 10, |s| s.contains("Hello there"));
-    send(b"\r");
-    screen.wait("the answer", 120, |s| s.contains("decode") && s.contains("tok/s"));
+    t.send(b"Hello there");
+    t.wait("the typed text", 10, |s| s.contains("Hello there"));
+    t.send(b"\r");
+    t.wait("the answer", 120, |s| s.contains("decode") && s.contains("tok/s"));
 
     // converted by that load: now ready
-    send(b"\x0b");
-    let s = screen.wait("the list again", 30, |s| {
+    t.send(b"\x0b");
+    let s = t.wait("the list again", 30, |s| {
         s.contains("Model: Enter loads") && line_of(s, "Zyphra/BlackMamba-2.8B").contains("ready")
     });
     assert!(line_of(&s, "Zyphra/BlackMamba-2.8B").contains("●"), "{s}");
@@ -148,27 +86,20 @@ fn pick_a_cached_hub_model_chat_and_switch_again_in_a_pty() {
     );
 
     // the 1.5B (one row up from the loaded one) is refused offline, with the reason
-    send(up);
-    send(b"\r");
-    let s = screen.wait("the refusal", 20, |s| s.contains("HF_HUB_OFFLINE is set"));
+    t.send(up);
+    t.send(b"\r");
+    let s = t.wait("the refusal", 20, |s| s.contains("HF_HUB_OFFLINE is set"));
     assert!(s.contains("Model: Enter loads"), "the picker stays open:\n{s}");
 
     // a typed entry: random weights, with the demo banner
-    send(b"random:tiny@3");
-    screen.wait("the typed entry", 10, |s| s.contains("other: random:tiny@3"));
-    send(b"\r");
-    let s = screen.wait("random weights", 120, |s| s.contains("loaded random:tiny@3"));
+    t.send(b"random:tiny@3");
+    t.wait("the typed entry", 10, |s| s.contains("other: random:tiny@3"));
+    t.send(b"\r");
+    let s = t.wait("random weights", 120, |s| s.contains("loaded random:tiny@3"));
     assert!(s.contains("untrained demo weights"), "{s}");
     assert!(!s.contains("Hello there"), "the old chat is gone:\n{s}");
 
-    send(b"\x11");
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "the app did not quit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    t.send(b"\x11");
+    let status = t.wait_exit("the app did not quit", 20);
     assert!(status.success(), "exit status {status:?}");
 }

@@ -8,81 +8,28 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portable_pty::{native_pty_system, CommandBuilder, PtySize};
+use pty::Tui;
 
-fn nz(n: u16) -> std::num::NonZeroU16 {
-    std::num::NonZeroU16::new(n).unwrap()
-}
-
-/// The pty's line discipline flags (Debug of termios' local flags, e.g. "ICANON | ECHO").
-fn local_flags(master: &dyn portable_pty::MasterPty) -> String {
-    format!("{:?}", master.get_termios().unwrap().local_flags)
-}
+#[path = "common/pty.rs"]
+mod pty;
 
 fn signal_restores_and_exits(sig: &str, code: u32) {
-    let pair = native_pty_system()
-        .openpty(PtySize {
-            rows: 24,
-            cols: 80,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
-    let home = tempfile::tempdir().unwrap();
-    let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_blackmamba"));
-    cmd.env("TERM", "xterm-256color");
-    cmd.env("HOME", home.path());
-    cmd.env("XDG_CONFIG_HOME", home.path());
-    cmd.cwd(home.path());
-    let mut child = pair.slave.spawn_command(cmd).unwrap();
-    drop(pair.slave);
-    let parser = Arc::new(Mutex::new(vt100::Parser::new(nz(24), nz(80), 0)));
-    let raw = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let mut reader = pair.master.try_clone_reader().unwrap();
-    {
-        let (parser, raw) = (parser.clone(), raw.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                parser.lock().unwrap().process(&buf[..n]);
-                raw.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-    }
-    let t0 = Instant::now();
-    while !parser.lock().unwrap().screen().contents().contains("F1 Chat") {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the UI did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(parser.lock().unwrap().screen().alternate_screen());
-    assert!(!local_flags(&*pair.master).contains("ICANON"), "raw mode while the UI runs");
+    let mut t = Tui::spawn(&[], 24, 80, &[], |_| {});
+    t.wait("the UI", 60, |s| s.contains("F1 Chat"));
+    assert!(t.alternate_screen());
+    assert!(!t.local_flags().contains("ICANON"), "raw mode while the UI runs");
 
-    let pid = child.process_id().unwrap().to_string();
-    let sent = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "SIG{sig} did not end the app");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    t.kill(sig);
+    let status = t.wait_exit(&format!("SIG{sig} did not end the app"), 20);
     assert_eq!(
         (status.exit_code(), status.signal()),
         (code, None),
         "SIG{sig}: exit code 128 + signal number, not killed by the signal"
     );
     std::thread::sleep(Duration::from_millis(200));
-    let flags = local_flags(&*pair.master);
+    let flags = t.local_flags();
     assert!(flags.contains("ICANON") && flags.contains("ECHO"), "cooked mode again: {flags}");
-    let raw = raw.lock().unwrap();
-    let tail = String::from_utf8_lossy(&raw[raw.len().saturating_sub(400)..]).to_string();
+    let tail = t.raw_tail(400);
     for (seq, what) in [
         ("\x1b[?1049l", "main screen"),
         ("\x1b[?1000l", "mouse capture off"),
@@ -91,7 +38,7 @@ fn signal_restores_and_exits(sig: &str, code: u32) {
     ] {
         assert!(tail.contains(seq), "{what}: {tail:?}");
     }
-    assert!(!parser.lock().unwrap().screen().alternate_screen());
+    assert!(!t.alternate_screen());
 }
 
 #[test]
@@ -168,94 +115,39 @@ fn closing_the_terminal_ends_the_app_with_129() {
 
 #[test]
 fn sigterm_during_a_panel_run_saves_it_and_exits_143() {
-    const ROWS: u16 = 30;
-    const COLS: u16 = 100;
-    let pair = native_pty_system()
-        .openpty(PtySize {
-            rows: ROWS,
-            cols: COLS,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
-    let home = tempfile::tempdir().unwrap();
     // the panel's default dataset and output are data.jsonl and adapter in the working folder
-    std::fs::write(
-        home.path().join("data.jsonl"),
-        "{\"prompt\": \"Where did the dog sit?\", \"response\": \"On the mat.\"}\n".repeat(40),
-    )
-    .unwrap();
-    let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_blackmamba"));
-    cmd.env("TERM", "xterm-256color");
-    cmd.env("HOME", home.path());
-    cmd.cwd(home.path());
-    let mut child = pair.slave.spawn_command(cmd).unwrap();
-    drop(pair.slave);
-    let parser = Arc::new(Mutex::new(vt100::Parser::new(nz(ROWS), nz(COLS), 0)));
-    let mut reader = pair.master.try_clone_reader().unwrap();
-    {
-        let parser = parser.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                parser.lock().unwrap().process(&buf[..n]);
-            }
-        });
-    }
-    let mut w = pair.master.take_writer().unwrap();
-    let mut send = |bytes: &[u8], times: usize| {
-        for _ in 0..times {
-            w.write_all(bytes).unwrap();
-            w.flush().unwrap();
-        }
-    };
-    let wait = |what: &str, secs: u64, pred: &dyn Fn(&str) -> bool| {
-        let t0 = Instant::now();
-        loop {
-            let s = parser.lock().unwrap().screen().contents();
-            if pred(&s) {
-                return s;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}:\n{s}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait("the model", 120, &|s| s.contains("cpu f32"));
+    let mut t = Tui::spawn(&[], 30, 100, &[], |home| {
+        std::fs::write(
+            home.join("data.jsonl"),
+            "{\"prompt\": \"Where did the dog sit?\", \"response\": \"On the mat.\"}\n".repeat(40),
+        )
+        .unwrap();
+    });
+    t.wait("the model", 120, |s| s.contains("cpu f32"));
     // F5; seq len 256 → 16, batch 8 → 1; 200 steps; start
-    send(b"\x1b[15~", 1);
-    wait("the Fine-tune view", 20, &|s| s.contains("╭ Fine-tune "));
-    send(b"\x1b[B", 7);
-    send(b"\x1b[D", 4);
-    send(b"\x1b[B", 1);
-    send(b"\x1b[D", 7);
-    send(b"s", 1);
+    t.send(b"\x1b[15~");
+    t.wait("the Fine-tune view", 20, |s| s.contains("╭ Fine-tune "));
+    t.send_n(b"\x1b[B", 7);
+    t.send_n(b"\x1b[D", 4);
+    t.send_n(b"\x1b[B", 1);
+    t.send_n(b"\x1b[D", 7);
+    t.send(b"s");
     let step = |s: &str| -> usize {
         s.split("step ")
             .filter_map(|t| t.split("/200").next().and_then(|n| n.trim().parse().ok()))
             .max()
             .unwrap_or(0)
     };
-    let s = wait("a few steps", 300, &|s| step(s) >= 3);
+    let s = t.wait("a few steps", 300, |s| step(s) >= 3);
     let seen = step(&s);
 
-    let pid = child.process_id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "SIGTERM did not end the app");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    t.kill("TERM");
+    let status = t.wait_exit("SIGTERM did not end the app", 60);
     assert_eq!((status.exit_code(), status.signal()), (143, None));
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(home.path().join("adapter/trainer_state.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(t.home.join("adapter/trainer_state.json")).unwrap()).unwrap();
     let saved = state["step"].as_u64().unwrap() as usize;
     assert!(saved >= seen && saved < 200, "saved at step {saved}, the screen showed {seen}");
-    let s = parser.lock().unwrap().screen().contents();
+    let s = t.text();
     assert!(s.contains("saved the fine-tuning run to adapter"), "{s}");
 }

@@ -399,9 +399,14 @@ impl std::str::FromStr for DTypeArg {
 /// On CUDA, casts take this project's kernels from here on (`ops::cast`), and a GPU that none of
 /// the compiled kernels fits (see [`crate::gpu_arch`]) is an error naming it.
 pub fn device(kind: Option<DeviceArg>) -> Result<Device> {
+    device_on(kind, 0)
+}
+
+/// [`device`] with the GPU of CUDA ordinal `gpu` (a data-parallel rank's local rank).
+pub fn device_on(kind: Option<DeviceArg>, gpu: usize) -> Result<Device> {
     #[cfg(feature = "cuda")]
     crate::ops::cast::install();
-    let dev = pick_device(kind)?;
+    let dev = pick_device(kind, gpu)?;
     #[cfg(feature = "cuda")]
     cuda_arch(&dev)?;
     Ok(dev)
@@ -430,16 +435,16 @@ pub fn cuda_arch(dev: &Device) -> Result<Option<((u32, u32), crate::gpu_arch::Co
     Ok(Some((cc, code)))
 }
 
-fn pick_device(kind: Option<DeviceArg>) -> Result<Device> {
+fn pick_device(kind: Option<DeviceArg>, gpu: usize) -> Result<Device> {
     match kind {
         Some(DeviceArg::Cpu) => Ok(Device::Cpu),
-        Some(DeviceArg::Cuda) => Device::new_cuda(0).map_err(|e| {
+        Some(DeviceArg::Cuda) => Device::new_cuda(gpu).map_err(|e| {
             Error::Invalid(format!(
-                "--device cuda: no usable GPU ({e}); build with --features cuda on a machine with an NVIDIA driver, or use --device cpu"
+                "--device cuda: no usable GPU {gpu} ({e}); build with --features cuda on a machine with an NVIDIA driver, or use --device cpu"
             ))
         }),
         None => Ok(if candle_core::utils::cuda_is_available() {
-            Device::new_cuda(0).unwrap_or(Device::Cpu)
+            Device::new_cuda(gpu).unwrap_or(Device::Cpu)
         } else {
             Device::Cpu
         }),

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use hf_hub::Cache;
 
 use crate::hub::{default_convert_cache, HubEnv};
+use crate::runtime::dist::DistEnv;
 
 /// The hub settings of the standard variables: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub`; `HF_HUB_OFFLINE=1` for cache only; `HF_ENDPOINT`; `HF_TOKEN`
@@ -29,6 +30,12 @@ pub fn hub_env() -> HubEnv {
         token,
         convert_cache: default_convert_cache(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")),
     }
+}
+
+/// This process's place in a data-parallel run, from torchrun's, Slurm's or Open MPI's variables
+/// (see [`DistEnv::from_vars`]).
+pub fn dist_env() -> crate::error::Result<DistEnv> {
+    DistEnv::from_vars(|k| std::env::var(k).ok())
 }
 
 /// The user's theme overlays: `$XDG_CONFIG_HOME/blackmamba/themes`, else

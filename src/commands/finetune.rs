@@ -11,7 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::commands::ModelArgs;
 use crate::finetune::data::BadLine;
 use crate::finetune::{DataFormat, FinetuneConfig, Method, Recompute, StepReport, Target, Trainer};
-use crate::signals::{Interrupted, Signals};
+use crate::runtime::dist::tcp::TcpGroup;
+use crate::runtime::dist::{Collective, Single, Timeouts};
+use crate::signals::{Interrupted, Signal, Signals};
 
 /// Options shared by `finetune` and `train` (unset ones take the command's defaults).
 #[derive(Debug, Args, Clone)]
@@ -142,6 +144,16 @@ pub struct FinetuneArgs {
     /// Also train the routers with --method lora.
     #[arg(long)]
     pub train_router: bool,
+    /// One rank of a data-parallel run: rank, world size and rank 0's address from the
+    /// environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT as torchrun sets them,
+    /// or Slurm's / Open MPI's); `blackmamba launch --gpus N -- finetune ...` sets them. Each rank
+    /// trains on --batch sequences of every global batch of --batch × world size.
+    #[arg(long)]
+    pub distributed: bool,
+    /// With --distributed: seconds a rank waits for the others in one exchange before it stops
+    /// with an error naming the rank that did not answer.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub dist_timeout: u64,
 }
 
 pub fn run(m: &ModelArgs, a: &FinetuneArgs) -> anyhow::Result<()> {
@@ -160,13 +172,26 @@ pub fn run(m: &ModelArgs, a: &FinetuneArgs) -> anyhow::Result<()> {
         cfg.alpha = al;
     }
     cfg.train_router |= a.train_router;
-    let m = &resume_base(m, a.run.resume.as_deref());
-    let loaded = super::load(m)?;
-    if loaded.untrained {
+    let mut m = resume_base(m, a.run.resume.as_deref());
+    let group: Box<dyn Collective> = if a.distributed {
+        let env = super::environment::dist_env()?;
+        // the rank's GPU: its place on this host
+        m.gpu = env.local_rank;
+        let t = Timeouts {
+            op: Duration::from_secs(a.dist_timeout.max(1)),
+            ..Timeouts::default()
+        };
+        let g = TcpGroup::join(&env, t).with_context(|| format!("joining the run as rank {} of {}", env.rank, env.world_size))?;
+        Box::new(g)
+    } else {
+        Box::new(Single)
+    };
+    let loaded = super::load(&m)?;
+    if loaded.untrained && group.rank() == 0 {
         eprintln!("note: {} has untrained random weights", loaded.label);
     }
     cfg.base_model = loaded.label.clone();
-    drive(&loaded.model, &loaded.tokenizer, cfg)
+    drive_in(&loaded.model, &loaded.tokenizer, cfg, group)
 }
 
 /// With `--resume DIR` and no `--model` (a config file's `model` default does not count): the base
@@ -194,16 +219,35 @@ pub fn resume_base(m: &ModelArgs, resume: Option<&std::path::Path>) -> ModelArgs
 /// (atomically: every file is renamed into place once complete) and returns [`Interrupted`], so
 /// the process ends with 130, 143 or 129. A second signal during a step ends the process at once.
 pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: FinetuneConfig) -> anyhow::Result<()> {
+    drive_in(base, tok, cfg, Box::new(Single))
+}
+
+/// [`drive`] as one rank of a data-parallel run (see [`Trainer::new_in`]): rank 0 reports and
+/// saves, the others train quietly; a signal to any rank stops every rank after the same step.
+pub fn drive_in(
+    base: &crate::model::Model,
+    tok: &tokenizers::Tokenizer,
+    cfg: FinetuneConfig,
+    group: Box<dyn Collective>,
+) -> anyhow::Result<()> {
     let signals = Signals::install(true)?;
     let out = cfg.out.clone();
-    let mut t = Trainer::new(base, tok, cfg).context("setting up the run")?;
+    let quiet = group.rank() != 0;
+    let say = |line: String| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    let mut t = Trainer::new_in(base, tok, cfg, group).context("setting up the run")?;
     let c = t.config().clone();
     let (n_train, n_eval) = t.data_sizes();
-    report_bad("data", &c.data, &t.bad_lines);
-    if let Some(e) = &c.eval_data {
-        report_bad("eval data", e, &t.eval_bad_lines);
+    if !quiet {
+        report_bad("data", &c.data, &t.bad_lines);
+        if let Some(e) = &c.eval_data {
+            report_bad("eval data", e, &t.eval_bad_lines);
+        }
     }
-    eprintln!(
+    say(format!(
         "{} on {}: {} trainable values; {n_train} training and {n_eval} held-out examples; {} steps of {}×{} sequences of ≤{} tokens{}",
         c.method.name(),
         c.base_model,
@@ -217,31 +261,37 @@ pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: Finet
         } else {
             String::new()
         }
-    );
+    ));
     let before = t.eval()?;
     if let Some(e) = before {
-        eprintln!(
+        say(format!(
             "eval before: loss {:.4}, perplexity {:.2} ({} tokens)",
             e.loss, e.perplexity, e.tokens
-        );
+        ));
         t.log_eval(e.loss)?;
     }
-    let pb = ProgressBar::new(c.steps as u64).with_position(t.steps_done() as u64);
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(c.steps as u64).with_position(t.steps_done() as u64)
+    };
     pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     pb.enable_steady_tick(Duration::from_millis(500));
     let every = (c.steps / 20).max(1);
     let mut last: Option<StepReport> = None;
     while !t.done() {
-        if let Some(sig) = signals.received() {
+        // every rank stops after the same step: a signal seen by any rank stops them all
+        let mine = signals.received();
+        if let Some(sig) = t.any_rank(mine.is_some())?.then(|| mine.unwrap_or(Signal::Terminate)) {
             pb.abandon();
             t.save().context("saving the checkpoint after the signal")?;
-            eprintln!(
+            say(format!(
                 "{} at step {}: checkpoint saved to {}; continue with --resume {}",
                 sig.name(),
                 t.steps_done(),
                 out.display(),
                 out.display()
-            );
+            ));
             return Err(Interrupted(sig).into());
         }
         let r = match t.step() {
@@ -262,13 +312,13 @@ pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: Finet
         if let Some(ev) = r.eval_loss {
             let line = format!("step {}: eval loss {ev:.4} (perplexity {:.2})", r.step, ev.exp());
             if pb.is_hidden() {
-                eprintln!("{line}");
+                say(line);
             } else {
                 pb.println(line);
             }
         }
         if pb.is_hidden() && (r.step % every == 0 || r.step == c.steps) {
-            eprintln!("step {}/{}: {msg}", r.step, c.steps);
+            say(format!("step {}/{}: {msg}", r.step, c.steps));
         }
         pb.set_position(r.step as u64);
         pb.set_message(msg);
@@ -277,19 +327,23 @@ pub fn drive(base: &crate::model::Model, tok: &tokenizers::Tokenizer, cfg: Finet
     pb.finish();
     t.save()?;
     if let Some(r) = &last {
-        eprintln!("final training loss {:.4}", r.loss);
+        say(format!("final training loss {:.4}", r.loss));
     }
     match (before, last.and_then(|r| r.eval_loss)) {
-        (Some(b), Some(a)) => eprintln!(
+        (Some(b), Some(a)) => say(format!(
             "eval after: loss {a:.4}, perplexity {:.2} (before: {:.4}, {:.2})",
             a.exp(),
             b.loss,
             b.perplexity
-        ),
-        (None, _) => eprintln!("no held-out data: pass --eval-data or a non-zero --eval-fraction to measure it"),
+        )),
+        (None, _) => say("no held-out data: pass --eval-data or a non-zero --eval-fraction to measure it".into()),
         _ => {}
     }
-    eprintln!("saved to {} (metrics in {})", out.display(), out.join("metrics.jsonl").display());
+    say(format!(
+        "saved to {} (metrics in {})",
+        out.display(),
+        out.join("metrics.jsonl").display()
+    ));
     Ok(())
 }
 

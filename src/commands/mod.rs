@@ -9,6 +9,7 @@ pub mod environment;
 pub mod eval;
 pub mod finetune;
 pub mod generate;
+pub mod launch;
 pub mod logits;
 pub mod merge;
 pub mod models;
@@ -72,6 +73,9 @@ pub struct ModelArgs {
     /// `finetune --resume` takes the run's recorded base model instead).
     #[arg(skip)]
     pub model_from_config: bool,
+    /// The CUDA device ordinal to use (a data-parallel rank's local rank; 0 otherwise).
+    #[arg(skip)]
+    pub gpu: usize,
     /// Hub revision (branch, tag or commit) for a hub id.
     #[arg(long, global = true)]
     pub revision: Option<String>,
@@ -172,6 +176,8 @@ pub enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Fine-tune a model on text or JSONL chat data (LoRA, router-only or full).
     Finetune(finetune::FinetuneArgs),
+    /// Start the ranks of a data-parallel fine-tuning run on this host: launch --gpus N -- finetune ...
+    Launch(launch::LaunchArgs),
     /// Train a model from random weights of a config.json (full training).
     Train(train::TrainArgs),
     /// Print the loss and perplexity of a model (and adapter) on a data file.
@@ -300,6 +306,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Trace(a)) => trace::run(&cli.model, &a),
         Some(Command::Analyze(a)) => analyze::run(&cli.model, &a),
         Some(Command::Finetune(a)) => finetune::run(&cli.model, &a),
+        Some(Command::Launch(a)) => launch::run(&a),
         Some(Command::Train(a)) => train::run(&cli.model, &a),
         Some(Command::Eval(a)) => eval::run(&cli.model, &a),
         Some(Command::Merge(a)) => merge::run(&cli.model, &a),
@@ -315,7 +322,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     use anyhow::Context;
     let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
-    let device = crate::loader::device(m.device)?;
+    let device = crate::loader::device_on(m.device, m.gpu)?;
     let dtype = crate::loader::dtype(m.dtype, &device);
     let opts = crate::loader::LoadOpts {
         tokenizer: m.tokenizer.clone(),

@@ -26,7 +26,15 @@ use crate::finetune::{FinetuneConfig, Method, StepReport};
 use crate::model::moe::Routing;
 use crate::model::probe::Probe;
 use crate::model::Model;
+use crate::runtime::dist::{check_same, Collective, Single};
 use crate::sinkhorn::{greedy, loads};
+
+/// A run's examples and the hash of its data file.
+struct RunData {
+    train: Vec<Example>,
+    held_out: Vec<Example>,
+    hash: String,
+}
 
 /// A fine-tuning or training run.
 pub struct Trainer {
@@ -60,6 +68,8 @@ pub struct Trainer {
     /// Wait for the device between the phases of a step, so [`StepTiming`] splits it exactly.
     sync_timing: bool,
     timing: StepTiming,
+    /// The other ranks of a data-parallel run ([`crate::runtime::dist::Single`] alone).
+    group: Box<dyn Collective>,
 }
 
 /// Where the last step's time went, in seconds. Without [`Trainer::set_sync_timing`] the device
@@ -91,6 +101,17 @@ impl Trainer {
     /// Sets up a run on a copy of `base` (any adapter on it is merged in first): loads the data,
     /// makes the trainable tensors, and resumes from `cfg.resume` when set.
     pub fn new(base: &Model, tok: &Tokenizer, cfg: FinetuneConfig) -> Result<Self> {
+        Self::new_in(base, tok, cfg, Box::new(Single))
+    }
+
+    /// [`Trainer::new`] as one rank of a data-parallel run: every rank draws the same global
+    /// batches of `batch × world size` examples and trains on its own `batch` of them; the
+    /// gradients and the loss are summed across ranks before the optimiser step, so the run
+    /// follows the one-process run with the global batch (within rounding, and with Sinkhorn
+    /// routing balanced over each rank's micro-batch, as Megatron balances per rank). Rank 0
+    /// alone writes metrics.jsonl and checkpoints; every rank must see the same data, settings
+    /// and resumed checkpoint (checked at the start).
+    pub fn new_in(base: &Model, tok: &Tokenizer, cfg: FinetuneConfig, group: Box<dyn Collective>) -> Result<Self> {
         cfg.validate()?;
         let same_dir = cfg.resume.as_ref().is_some_and(|r| same_path(r, &cfg.out));
         if cfg.out.join(STATE_FILE).is_file() && !same_dir {
@@ -115,7 +136,12 @@ impl Trainer {
         if cfg.eval_max > 0 {
             held_out.truncate(cfg.eval_max);
         }
-        let mut me = Self::setup(base, tok, cfg, train, held_out, ds.hash, true)?;
+        let data = RunData {
+            train,
+            held_out,
+            hash: ds.hash,
+        };
+        let mut me = Self::setup(base, tok, cfg, data, true, group)?;
         me.bad_lines = ds.bad;
         me.eval_bad_lines = eval_bad;
         Ok(me)
@@ -132,7 +158,12 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::Invalid("no training examples were given".into()));
         }
-        Self::setup(base, tok, cfg, train, Vec::new(), String::from("in-memory"), false)
+        let data = RunData {
+            train,
+            held_out: Vec::new(),
+            hash: String::from("in-memory"),
+        };
+        Self::setup(base, tok, cfg, data, false, Box::new(Single))
     }
 
     /// The common part of [`Trainer::new`] and [`Trainer::in_memory`]: the model copy, the
@@ -142,11 +173,20 @@ impl Trainer {
         base: &Model,
         tok: &Tokenizer,
         cfg: FinetuneConfig,
-        train: Vec<Example>,
-        held_out: Vec<Example>,
-        data_hash: String,
+        data: RunData,
         files: bool,
+        mut group: Box<dyn Collective>,
     ) -> Result<Self> {
+        let RunData {
+            train,
+            held_out,
+            hash: data_hash,
+        } = data;
+        if group.world_size() > 1 {
+            check_same(&mut *group, "training data (sha256)", &data_hash)?;
+            let settings = serde_json::to_string(&cfg).map_err(|e| Error::Invalid(format!("serialising the run's settings: {e}")))?;
+            check_same(&mut *group, "set of run settings", &settings)?;
+        }
         let mut model = base.clone();
         merge_all(&mut model)?;
         model.differentiable = true;
@@ -189,7 +229,7 @@ impl Trainer {
             last_loss = ck.state.last_loss;
             last_saved = Some(step);
         }
-        let metrics = if files {
+        let metrics = if files && group.rank() == 0 {
             Some(Metrics::open(&cfg.out, cfg.resume.as_deref().map(|d| (d, step)))?)
         } else {
             None
@@ -216,6 +256,7 @@ impl Trainer {
             failed: None,
             sync_timing: false,
             timing: StepTiming::default(),
+            group,
         };
         me.refresh_casts()?;
         Ok(me)
@@ -234,8 +275,11 @@ impl Trainer {
         }
         let t0 = Instant::now();
         let lr = lr_at(self.step, self.cfg.steps, self.cfg.lr, self.cfg.warmup, self.cfg.min_lr_ratio);
-        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.batcher.next(self.cfg.batch)).collect();
-        let total_targets: usize = micro.iter().flatten().map(|&i| self.train[i].n_targets()).sum();
+        // every rank draws the same global micro-batches and takes its own share of each
+        let (world, rank, b) = (self.group.world_size(), self.group.rank(), self.cfg.batch);
+        let global: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.batcher.next(b * world)).collect();
+        let total_targets: usize = global.iter().flatten().map(|&i| self.train[i].n_targets()).sum();
+        let micro: Vec<Vec<usize>> = global.iter().map(|g| g.iter().skip(rank * b).take(b).copied().collect()).collect();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let (mut nll_total, mut n_inputs) = (0f64, 0usize);
         let mut expert_load: Vec<Vec<usize>> = Vec::new();
@@ -300,15 +344,23 @@ impl Trainer {
             sinkhorn = probe.moe.into_iter().filter_map(|r| r.sinkhorn).collect();
         }
         let to = Instant::now();
-        let loss = nll_total / total_targets.max(1) as f64;
-        if !loss.is_finite() {
-            return Err(self.fail(format!("the loss is {loss} at step {}", self.step + 1)));
-        }
         let grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&self.params)
             .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
+        let grads = if world > 1 {
+            let mut nll = [nll_total];
+            self.group.all_reduce_f64(&mut nll)?;
+            nll_total = nll[0];
+            all_reduce_tensors(&mut *self.group, grads)?
+        } else {
+            grads
+        };
+        let loss = nll_total / total_targets.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(self.fail(format!("the loss is {loss} at step {}", self.step + 1)));
+        }
         let grad_norm = global_norm(&grads, self.model.kernels.enabled)?;
         if !grad_norm.is_finite() {
             return Err(self.fail(format!("the gradient norm is {grad_norm} at step {}", self.step + 1)));
@@ -452,10 +504,31 @@ impl Trainer {
         Ok(m)
     }
 
+    /// Whether `flag` holds on any rank (the flag itself in a run of one process): how the ranks
+    /// agree to stop after the same step.
+    pub fn any_rank(&mut self, flag: bool) -> Result<bool> {
+        if self.group.world_size() == 1 {
+            return Ok(flag);
+        }
+        let mut v = [f64::from(u8::from(flag))];
+        self.group.all_reduce_f64(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// This process's rank (0 outside a data-parallel run).
+    pub fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
     /// Writes the checkpoint into `cfg.out` (atomically; see [`checkpoint`]).
     pub fn save(&mut self) -> Result<()> {
         if let Some(why) = &self.failed {
             return Err(Error::Invalid(format!("not saving: {why}")));
+        }
+        if self.group.rank() != 0 {
+            // rank 0 writes the run's one checkpoint
+            self.last_saved = Some(self.step);
+            return Ok(());
         }
         let weights: HashMap<String, Tensor> = self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect();
         let names: Vec<String> = self.params.iter().map(|p| p.name.clone()).collect();
@@ -529,4 +602,24 @@ impl Trainer {
         self.cast_of = cast_of;
         Ok(())
     }
+}
+
+/// The element-wise sums of every rank's `grads` (one reduction over all of them, in f32),
+/// back in each tensor's shape, dtype and device.
+fn all_reduce_tensors(group: &mut dyn Collective, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let mut flat: Vec<f32> = Vec::new();
+    for g in &grads {
+        flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    group.all_reduce_f32(&mut flat)?;
+    let mut off = 0;
+    grads
+        .iter()
+        .map(|g| {
+            let n = g.elem_count();
+            let t = Tensor::from_slice(&flat[off..off + n], g.shape(), g.device())?.to_dtype(g.dtype())?;
+            off += n;
+            Ok(t)
+        })
+        .collect()
 }

@@ -5,11 +5,13 @@
 //!   switch between the two;
 //! * `decode`: the batch-1 decode step as a fixed list of kernel launches over static buffers,
 //!   captured once as a CUDA graph, sampling on the device (feature `cuda`);
+//! * [`dist`]: data-parallel training's ranks and collectives (the TCP star through rank 0);
 //! * `grad`: the training runtime's pieces that drive several layers' kernels at once: the
 //!   recomputed step's first pass and the half-blocks differentiated by hand (feature `cuda`).
 
 #[cfg(feature = "cuda")]
 pub mod decode;
+pub mod dist;
 #[cfg(feature = "cuda")]
 pub mod grad;
 pub mod stepper;

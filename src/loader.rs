@@ -292,6 +292,15 @@ pub fn load_dir_with(dir: &Path, device: &Device, dtype: DType, opts: &LoadOpts)
             "no config.json in this folder; --model needs a folder with config.json and the weights",
         ));
     }
+    if let Some(family) = crate::lm::family_of(dir)? {
+        return Err(Error::bad_file(
+            &cfg_path,
+            format!(
+                "model_type '{}' is a transformer checkpoint, which this command does not run; generate, logits, trace and analyze --compare take it",
+                family.model_type()
+            ),
+        ));
+    }
     let cfg = Config::from_file(&cfg_path)?;
     let files = WeightFiles::find(dir)?;
     load_files(dir, &cfg, &files, device, dtype, opts)

@@ -323,6 +323,32 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     Ok(loaded)
 }
 
+/// Loads `--model` of either family (see [`crate::lm`]): a folder whose config.json names
+/// `olmoe` or `mixtral` as a transformer, anything else as [`load`] does. An adapter applies to
+/// BlackMamba only.
+pub fn load_any(m: &ModelArgs) -> anyhow::Result<crate::lm::AnyLoaded> {
+    use anyhow::Context;
+    let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
+    if !crate::lm::is_transformer(&source)? {
+        return Ok(load(m)?.into());
+    }
+    if let Some(dir) = &m.adapter {
+        anyhow::bail!(
+            "--adapter {}: adapters apply to BlackMamba models; {} is a transformer checkpoint",
+            dir.display(),
+            source.label()
+        );
+    }
+    let device = crate::loader::device(m.device)?;
+    let dtype = crate::loader::dtype(m.dtype, &device);
+    let opts = crate::loader::LoadOpts {
+        tokenizer: m.tokenizer.clone(),
+        progress: Some(cli_progress()),
+        hub: None,
+    };
+    crate::lm::load_any(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))
+}
+
 /// A progress bar on stderr for downloads, conversion and reading (hidden when not a terminal).
 fn cli_progress() -> crate::loader::ProgressFn {
     use indicatif::{ProgressBar, ProgressStyle};

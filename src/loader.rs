@@ -33,10 +33,13 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// Parses `--model`: `None` is the embedded model; an existing path is a folder; `random:…`
+    /// Parses `--model`: `None` (or `embedded`) is the embedded model; an existing path is a folder; `random:…`
     /// is random weights; `2.8b` / `1.5b` are aliases of the Zyphra repos; `owner/name` is a hub id.
     pub fn parse(arg: Option<&str>, revision: Option<&str>) -> Result<Self> {
         let Some(arg) = arg else { return Ok(Self::Embedded) };
+        if arg == "embedded" && !Path::new(arg).exists() {
+            return Ok(Self::Embedded);
+        }
         if let Some(rest) = arg.strip_prefix("random:") {
             let (shape, seed) = match rest.split_once('@') {
                 Some((s, seed)) => (

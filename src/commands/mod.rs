@@ -1,6 +1,7 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
 pub mod analyze;
+pub mod analyze_compare;
 pub mod bench;
 pub mod chat;
 pub mod check;
@@ -63,8 +64,9 @@ pub struct Cli {
 /// Where the model comes from and where it runs: shared by every command.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ModelArgs {
-    /// Model: a folder (config.json + weights), a hub id (Zyphra/BlackMamba-2.8B, aliases 2.8b and
-    /// 1.5b) or random:tiny|1.5b|2.8b. Default: the embedded model.
+    /// Model: a folder (config.json + weights; an OLMoE or Mixtral folder by its config's model_type),
+    /// a hub id (Zyphra/BlackMamba-2.8B, aliases 2.8b and 1.5b), random:tiny|1.5b|2.8b or embedded.
+    /// Default: the embedded model.
     #[arg(long, global = true)]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit) for a hub id.

@@ -231,3 +231,35 @@ fn blackmamba_only_commands_refuse_a_transformer_folder_in_one_line() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn the_tui_records_of_a_transformer_carry_all_k_experts() {
+    let l = load_any(
+        &ModelSource::Dir(fixture("olmoe-tiny")),
+        &Device::Cpu,
+        DType::F32,
+        &LoadOpts::default(),
+    )
+    .unwrap();
+    let AnyModel::Transformer(m) = &l.model else {
+        panic!("not a transformer")
+    };
+    let ids = [5u32, 9, 300, 41];
+    let (_, layers) = m.forward(&ids, &mut m.new_cache()).unwrap();
+    let probe = blackmamba::lm::probe::SharedProbe::from_transformer(&layers);
+    let recs = blackmamba::engine::telemetry::records_shared(&l.tokenizer, &ids, 10, false, Some(&probe));
+    assert_eq!(recs.len(), 4);
+    for (t, r) in recs.iter().enumerate() {
+        assert_eq!(r.pos, 10 + t);
+        for (layer, p) in layers.iter().enumerate() {
+            let want = p.routing.experts_of(t);
+            assert_eq!(u32::from(r.routes[layer].expert), want[0]);
+            let more: Vec<u32> = r.more[layer].iter().map(|&(e, _)| u32::from(e)).collect();
+            assert_eq!(more, &want[1..], "token {t} layer {layer}");
+            assert!(r.more[layer].windows(2).all(|w| w[0].1 >= w[1].1), "best first");
+        }
+    }
+    // a probe of other tokens gives records without telemetry
+    let none = blackmamba::engine::telemetry::records_shared(&l.tokenizer, &ids[..2], 0, false, Some(&probe));
+    assert!(none.iter().all(|r| r.routes.is_empty() && r.more.is_empty()));
+}

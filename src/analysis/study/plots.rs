@@ -156,11 +156,7 @@ pub fn coactivation_matrix(r: &ModelRoutes, m: usize) -> Vec<Vec<f64>> {
 /// A measure of a layer, if it has one.
 type Measure<'a> = &'a dyn Fn(&LayerStudy) -> Option<f64>;
 
-fn model_series(
-    models: &[ModelStudy],
-    f: Measure<'_>,
-    chance: Option<Measure<'_>>,
-) -> Vec<Series> {
+fn model_series(models: &[ModelStudy], f: Measure<'_>, chance: Option<Measure<'_>>) -> Vec<Series> {
     let mut out = Vec::new();
     for (i, s) in models.iter().enumerate() {
         let color = expert_color(if i == 0 { 1 } else { 0 });
@@ -195,7 +191,10 @@ pub fn write_all(models: &[ModelStudy], routes: &[&ModelRoutes], nmi: &[Vec<f64>
         "Load balance by depth",
         &[
             panel("CV of expert loads", model_series(models, &|l| Some(l.balance.cv), None)),
-            panel("router entropy / ln E", model_series(models, &|l| Some(l.norm_router_entropy), None)),
+            panel(
+                "router entropy / ln E",
+                model_series(models, &|l| Some(l.norm_router_entropy), None),
+            ),
         ],
         tall,
         &dir.join("compare_balance.png"),

@@ -448,4 +448,11 @@ fn routing_view_top8_of_64_experts() {
     for (w, h) in [(40, 12), (20, 6), (1, 1)] {
         draw(&app, w, h);
     }
+    // the other views of a model without Mamba layers draw too
+    for v in [View::Chat, View::Sinkhorn, View::State, View::Finetune] {
+        app.view = v;
+        for (w, h) in [(110, 30), (40, 12)] {
+            draw(&app, w, h);
+        }
+    }
 }

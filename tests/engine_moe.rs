@@ -128,18 +128,38 @@ fn a_transformer_chats_with_its_cache_and_top_k_telemetry() {
     let ev = engine_common::until(&rx, Duration::from_secs(10), |ev| matches!(ev, EngineEvent::Rewound { .. }));
     assert!(matches!(ev.last(), Some(EngineEvent::Rewound { pos: 0, turns: 0 })));
 
-    // BlackMamba-only commands: one line each, and the engine keeps running
+    // Sinkhorn runs over the transformer's router history (its log-probabilities)
+    let evs4 = chat(&e, &rx, 5, "Route me");
+    assert!(matches!(evs4.last(), Some(EngineEvent::Done { .. })));
     assert!(e.send(Command::Sinkhorn {
         window: 64,
-        max_iters: 10,
+        max_iters: 50,
         tol: 1e-3
     }));
+    let ev = engine_common::until(&rx, Duration::from_secs(10), |ev| {
+        matches!(ev, EngineEvent::Sinkhorn(_) | EngineEvent::Error { .. })
+    });
+    let Some(EngineEvent::Sinkhorn(r)) = ev.last() else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(r.layers.len(), 2);
+    let (p4, g4) = tokens(&evs4);
+    assert_eq!(r.n_tokens, p4.len() + g4.len() - 1, "every fed token of the conversation");
+    for l in &r.layers {
+        assert_eq!((l.n_experts, l.greedy_loads.iter().sum::<usize>()), (16, r.n_tokens));
+    }
+
+    // BlackMamba-only commands: one line each, and the engine keeps running
+    let path = std::env::temp_dir().join("blackmamba-engine-moe-chat.json");
+    assert!(e.send(Command::SaveChat(path.clone())));
     let ev = engine_common::until(&rx, Duration::from_secs(10), |ev| matches!(ev, EngineEvent::Error { .. }));
     let Some(EngineEvent::Error { message, .. }) = ev.last() else {
         unreachable!()
     };
     assert!(message.contains("BlackMamba") && message.contains("olmoe"), "{message}");
+    assert!(!path.exists());
     let evs3 = chat(&e, &rx, 4, "Still there?");
+    assert!(tokens(&evs3).0[0].pos > 0, "the conversation goes on");
     assert!(matches!(evs3.last(), Some(EngineEvent::Done { .. })));
     e.shutdown();
 }

@@ -456,3 +456,29 @@ fn routing_view_top8_of_64_experts() {
         }
     }
 }
+
+/// The Sinkhorn view of a 64-expert layer lists the busiest experts that fit.
+#[test]
+fn sinkhorn_view_of_64_experts_lists_the_busiest() {
+    let mut app = App::new(Theme::default_theme());
+    let info = demo::transformer_info(2, 64);
+    demo::topk_conversation(&mut app, &info, 8, 8, 5);
+    let mut hist = blackmamba::engine::telemetry::RouterHistory::new(&info.moe_layers);
+    let mut rng = blackmamba::rng::Rng::new(9);
+    for t in 0..96 {
+        for rows in hist.logits.iter_mut() {
+            rows.extend((0..64).map(|e| rng.normal() as f32 + if e == t % 5 { 2.0 } else { 0.0 }));
+        }
+        hist.pos.push(t);
+    }
+    let report = blackmamba::engine::sinkhorn::window_report(&hist, 64, 200, 1e-4);
+    app.update(Msg::Engine(EngineEvent::Sinkhorn(Box::new(report))));
+    app.notice = None;
+    app.view = View::Sinkhorn;
+    let s = screen(&app, 110, 30);
+    assert!(s.contains("of 64: greedy"), "{s}");
+    for e in 0..5 {
+        assert!(s.contains(&format!(" {e:>2} ")), "the favoured expert {e} is listed:\n{s}");
+    }
+    insta::assert_snapshot!("sinkhorn_64_experts_110x30", s);
+}

@@ -3,12 +3,14 @@
 //! in cancellable chunks), with the key/value cache in place of the recurrent state. A cache is
 //! cheap to keep (its tensors are shared, a run appends new ones), so every turn keeps the cache
 //! before it (undo) and before its last prompt id (regenerate), as BlackMamba's turns keep states.
+//! The router history gets each token's log-probabilities, so the Sinkhorn view runs on a
+//! transformer's routing too (a per-token constant does not change what Sinkhorn balances).
 
 use tokenizers::Tokenizer;
 
 use crate::chat_template::{prompt_for_turn, STOP_STRINGS};
 use crate::engine::protocol::{CancelFlag, ConversationInfo, EngineEvent, ReqId};
-use crate::engine::telemetry::records_shared;
+use crate::engine::telemetry::{records_shared, RouterHistory};
 use crate::error::{Error, Result};
 use crate::generate::{GenOutcome, GenStats, StopReason};
 use crate::lm::probe::SharedProbe;
@@ -65,6 +67,7 @@ impl MoeConversation {
         &mut self,
         model: &MoeLm,
         tok: &Tokenizer,
+        hist: &mut RouterHistory,
         id: ReqId,
         user: &str,
         params: &SamplingParams,
@@ -98,6 +101,7 @@ impl MoeConversation {
                 let pos0 = ready.pos();
                 let (_, layers) = model.forward(chunk, &mut ready)?;
                 let probe = SharedProbe::from_transformer(&layers);
+                hist.push_shared(&probe, pos0);
                 emit(EngineEvent::Prompt {
                     id,
                     tokens: records_shared(tok, chunk, pos0, false, Some(&probe)),
@@ -107,7 +111,7 @@ impl MoeConversation {
                 return Ok(None);
             }
             let head_secs = t0.elapsed().as_secs_f64();
-            let (mut out, end) = self.answer(model, tok, id, &ready, last_id, params, cancel, emit)?;
+            let (mut out, end) = self.answer(model, tok, hist, id, &ready, last_id, params, cancel, emit)?;
             out.stats.prompt_tokens += head.len();
             out.stats.prefill_secs += head_secs;
             out.stats.ttft_secs += head_secs;
@@ -132,7 +136,7 @@ impl MoeConversation {
                 Ok(())
             }
             Ok(None) => {
-                self.rewound(emit);
+                self.rewound(hist, emit);
                 emit(EngineEvent::Done {
                     id,
                     stats: GenStats::default(),
@@ -141,13 +145,14 @@ impl MoeConversation {
                 Ok(())
             }
             Err(e) => {
-                self.rewound(emit);
+                self.rewound(hist, emit);
                 Err(e)
             }
         }
     }
 
-    fn rewound(&self, emit: Emit<'_>) {
+    fn rewound(&self, hist: &mut RouterHistory, emit: Emit<'_>) {
+        hist.truncate(self.cache.pos());
         emit(EngineEvent::Rewound {
             pos: self.cache.pos(),
             turns: self.turns.len(),
@@ -160,6 +165,7 @@ impl MoeConversation {
         &mut self,
         model: &MoeLm,
         tok: &Tokenizer,
+        hist: &mut RouterHistory,
         id: ReqId,
         params: &SamplingParams,
         cancel: &CancelFlag,
@@ -173,12 +179,13 @@ impl MoeConversation {
         let mut p = params.clone();
         p.seed = p.seed.wrapping_add(turn.regens);
         let (ready, last_id, user) = (turn.ready.clone(), turn.last_id, turn.user.clone());
+        hist.truncate(ready.pos());
         emit(EngineEvent::Rewound {
             pos: ready.pos(),
             turns: n - 1,
         });
         emit(EngineEvent::TurnStarted { id, user });
-        match self.answer(model, tok, id, &ready, last_id, &p, cancel, emit) {
+        match self.answer(model, tok, hist, id, &ready, last_id, &p, cancel, emit) {
             Ok((out, end)) => {
                 if let Some(turn) = self.turns.last_mut() {
                     turn.answer = out.text.clone();
@@ -193,18 +200,18 @@ impl MoeConversation {
                 Ok(())
             }
             Err(e) => {
-                self.undo(emit);
+                self.undo(hist, emit);
                 Err(e)
             }
         }
     }
 
     /// Removes the last turn; returns false when there is none.
-    pub fn undo(&mut self, emit: Emit<'_>) -> bool {
+    pub fn undo(&mut self, hist: &mut RouterHistory, emit: Emit<'_>) -> bool {
         let Some(turn) = self.turns.pop() else { return false };
         self.cache = turn.before;
         self.pending = turn.before_pending;
-        self.rewound(emit);
+        self.rewound(hist, emit);
         true
     }
 
@@ -223,6 +230,7 @@ impl MoeConversation {
         &self,
         model: &MoeLm,
         tok: &Tokenizer,
+        hist: &mut RouterHistory,
         id: ReqId,
         ready: &KvCache,
         last_id: u32,
@@ -240,11 +248,17 @@ impl MoeConversation {
         let pos0 = ready.pos();
         let out = generate_text(model, tok, &mut cache, &[last_id], &params, &self.eos, cancel.as_atomic(), |ev| {
             match ev {
-                TextEvent::Prefilled { probe, .. } => emit(EngineEvent::Prompt {
-                    id,
-                    tokens: records_shared(tok, &[last_id], pos0, false, Some(probe)),
-                }),
+                TextEvent::Prefilled { probe, .. } => {
+                    hist.push_shared(probe, pos0);
+                    emit(EngineEvent::Prompt {
+                        id,
+                        tokens: records_shared(tok, &[last_id], pos0, false, Some(probe)),
+                    });
+                }
                 TextEvent::Token { id: tid, pos, text, probe } => {
+                    if let Some(p) = probe {
+                        hist.push_shared(p, pos);
+                    }
                     let rec = records_shared(tok, &[tid], pos, true, probe).pop().unwrap_or_default();
                     emit(EngineEvent::Token {
                         id,

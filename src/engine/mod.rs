@@ -234,7 +234,7 @@ impl Worker {
         }
         let (model, conv, ft) = match &mut self.chat {
             Chat::Mamba { model, conv, ft } => (model, conv, ft),
-            Chat::Moe { model, conv } => return handle_moe(model, conv, &self.tok, cmd, emit),
+            Chat::Moe { model, conv } => return handle_moe(model, conv, &self.tok, &mut self.hist, cmd, emit),
         };
         let model = ft.chat_model().unwrap_or(model);
         match cmd {
@@ -257,16 +257,7 @@ impl Worker {
                 }
                 Ok(())
             }
-            Command::Sinkhorn { window, max_iters, tol } => {
-                if window == 0 || max_iters == 0 || tol.is_nan() || tol <= 0.0 {
-                    return Err(Error::Invalid(format!(
-                        "Sinkhorn window {window}, max iterations {max_iters}, tolerance {tol}: all must be positive"
-                    )));
-                }
-                let r = sinkhorn::window_report(&self.hist, window, max_iters, tol);
-                emit(EngineEvent::Sinkhorn(Box::new(r)));
-                Ok(())
-            }
+            Command::Sinkhorn { window, max_iters, tol } => sinkhorn_report(&self.hist, window, max_iters, tol, emit),
             Command::SaveChat(path) => {
                 conv.save(&path, &self.label)?;
                 emit(EngineEvent::Notice(format!("saved the conversation to {}", path.display())));
@@ -313,9 +304,17 @@ impl Worker {
     }
 }
 
-/// The commands of a transformer's chat: turns, regenerate, undo and a new chat; fine-tuning,
-/// Sinkhorn and saved conversations are BlackMamba's and answered with one line saying so.
-fn handle_moe(model: &MoeLm, conv: &mut MoeConversation, tok: &Tokenizer, cmd: Command, emit: &mut dyn FnMut(EngineEvent)) -> Result<()> {
+/// The commands of a transformer's chat: turns, regenerate, undo, a new chat and Sinkhorn over
+/// the router history; fine-tuning and saved conversations are BlackMamba's and answered with one
+/// line saying so.
+fn handle_moe(
+    model: &MoeLm,
+    conv: &mut MoeConversation,
+    tok: &Tokenizer,
+    hist: &mut RouterHistory,
+    cmd: Command,
+    emit: &mut dyn FnMut(EngineEvent),
+) -> Result<()> {
     let family = model.config().family.model_type();
     let only = |what: &str| {
         Err(Error::Invalid(format!(
@@ -323,10 +322,10 @@ fn handle_moe(model: &MoeLm, conv: &mut MoeConversation, tok: &Tokenizer, cmd: C
         )))
     };
     match cmd {
-        Command::Chat { id, text, params, cancel } => conv.chat(model, tok, id, &text, &params, &cancel, emit),
-        Command::Regenerate { id, params, cancel } => conv.regenerate(model, tok, id, &params, &cancel, emit),
+        Command::Chat { id, text, params, cancel } => conv.chat(model, tok, hist, id, &text, &params, &cancel, emit),
+        Command::Regenerate { id, params, cancel } => conv.regenerate(model, tok, hist, id, &params, &cancel, emit),
         Command::Undo => {
-            if !conv.undo(emit) {
+            if !conv.undo(hist, emit) {
                 emit(EngineEvent::Notice("nothing to undo".into()));
             }
             Ok(())
@@ -335,17 +334,30 @@ fn handle_moe(model: &MoeLm, conv: &mut MoeConversation, tok: &Tokenizer, cmd: C
             let has_system = system.is_some();
             let eos = conv.eos().to_vec();
             *conv = MoeConversation::new(model, system, eos);
+            hist.clear();
             emit(EngineEvent::Rewound { pos: 0, turns: 0 });
             if has_system {
                 emit(EngineEvent::Conversation(Box::new(conv.info())));
             }
             Ok(())
         }
-        Command::Sinkhorn { .. } => only("Sinkhorn routing (the router of top-1 experts)"),
+        Command::Sinkhorn { window, max_iters, tol } => sinkhorn_report(hist, window, max_iters, tol, emit),
         Command::SaveChat(_) | Command::LoadChat(_) => only("saving and loading a conversation"),
         Command::Finetune(_) => only("fine-tuning"),
         Command::ListModels | Command::Load(_) | Command::Shutdown => Ok(()),
     }
+}
+
+/// Sinkhorn of both variants over the last `window` rows of the router history.
+fn sinkhorn_report(hist: &RouterHistory, window: usize, max_iters: usize, tol: f64, emit: &mut dyn FnMut(EngineEvent)) -> Result<()> {
+    if window == 0 || max_iters == 0 || tol.is_nan() || tol <= 0.0 {
+        return Err(Error::Invalid(format!(
+            "Sinkhorn window {window}, max iterations {max_iters}, tolerance {tol}: all must be positive"
+        )));
+    }
+    let r = sinkhorn::window_report(hist, window, max_iters, tol);
+    emit(EngineEvent::Sinkhorn(Box::new(r)));
+    Ok(())
 }
 
 /// Loads the model named by `spec`, reporting stages.

@@ -123,6 +123,21 @@ impl RouterHistory {
         self.pos.extend(pos0..pos0 + n);
     }
 
+    /// Appends the router scores of a shared probe (either family) covering tokens at `pos0..`.
+    pub fn push_shared(&mut self, probe: &SharedProbe, pos0: usize) {
+        if probe.moe.len() != self.logits.len() {
+            return;
+        }
+        let n = probe.tokens;
+        if probe.moe.iter().zip(&self.n_experts).any(|(m, &e)| m.scores.len() != n * e) {
+            return;
+        }
+        for (dst, m) in self.logits.iter_mut().zip(&probe.moe) {
+            dst.extend_from_slice(&m.scores);
+        }
+        self.pos.extend(pos0..pos0 + n);
+    }
+
     /// Drops every row at position `pos` or later.
     pub fn truncate(&mut self, pos: usize) {
         let keep = self.pos.iter().take_while(|&&p| p < pos).count();

@@ -29,6 +29,10 @@ pub struct LayerRoutes {
     pub weights: Vec<f32>,
     /// Entropy of each token's router distribution, in nats (T).
     pub entropy: Vec<f32>,
+    /// Router scores of every expert (T·E), up to a constant per token: BlackMamba's logits, a
+    /// transformer's log-probabilities (what Sinkhorn balances; the constant does not matter).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scores: Vec<f32>,
 }
 
 impl LayerRoutes {
@@ -53,6 +57,7 @@ impl LayerRoutes {
         self.probs.extend_from_slice(&other.probs);
         self.weights.extend_from_slice(&other.weights);
         self.entropy.extend_from_slice(&other.entropy);
+        self.scores.extend_from_slice(&other.scores);
     }
 
     /// The routes of one BlackMamba MoE layer (top-1).
@@ -74,6 +79,7 @@ impl LayerRoutes {
             out.weights.push(if row.is_empty() { 0.0 } else { rec.gate(t) });
             out.entropy.push(h);
         }
+        out.scores = rec.logits.clone();
         out
     }
 
@@ -88,6 +94,7 @@ impl LayerRoutes {
             probs: r.probs.clone(),
             weights: r.weights.clone(),
             entropy: r.entropy.clone(),
+            scores: r.router_probs.iter().map(|&p| p.max(1e-30).ln()).collect(),
         }
     }
 }

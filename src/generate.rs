@@ -211,7 +211,7 @@ pub fn generate(
 }
 
 /// The end of the part of `text` (from `shown`) that cannot be the start of a stop string.
-fn safe_prefix(text: &str, shown: usize, stops: &[String]) -> usize {
+pub fn safe_prefix(text: &str, shown: usize, stops: &[String]) -> usize {
     let mut safe = text.len();
     for s in stops.iter().filter(|s| !s.is_empty()) {
         // longest suffix of text that is a proper prefix of s

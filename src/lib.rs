@@ -16,6 +16,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod gpu_arch;
 pub mod hub;
+pub mod lm;
 pub mod loader;
 pub mod model;
 pub mod moe_lm;

@@ -33,10 +33,13 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// Parses `--model`: `None` is the embedded model; an existing path is a folder; `random:…`
+    /// Parses `--model`: `None` (or `embedded`) is the embedded model; an existing path is a folder; `random:…`
     /// is random weights; `2.8b` / `1.5b` are aliases of the Zyphra repos; `owner/name` is a hub id.
     pub fn parse(arg: Option<&str>, revision: Option<&str>) -> Result<Self> {
         let Some(arg) = arg else { return Ok(Self::Embedded) };
+        if arg == "embedded" && !Path::new(arg).exists() {
+            return Ok(Self::Embedded);
+        }
         if let Some(rest) = arg.strip_prefix("random:") {
             let (shape, seed) = match rest.split_once('@') {
                 Some((s, seed)) => (
@@ -293,6 +296,15 @@ pub fn load_dir_with(dir: &Path, device: &Device, dtype: DType, opts: &LoadOpts)
         return Err(Error::bad_file(
             dir,
             "no config.json in this folder; --model needs a folder with config.json and the weights",
+        ));
+    }
+    if let Some(family) = crate::lm::family_of(dir)? {
+        return Err(Error::bad_file(
+            &cfg_path,
+            format!(
+                "model_type '{}' is a transformer checkpoint, which this command does not run; generate, logits, trace and analyze --compare take it",
+                family.model_type()
+            ),
         ));
     }
     let cfg = Config::from_file(&cfg_path)?;

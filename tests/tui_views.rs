@@ -423,3 +423,62 @@ fn sinkhorn_view_of_a_training_batch() {
     assert!(s.contains("training batch of step 42"), "{s}");
     insta::assert_snapshot!("sinkhorn_training_100x30", s);
 }
+
+/// A transformer MoE (4 layers of 64 experts, top-8): the grid shows each token's first expert,
+/// the legend the id range, the detail all eight with their probabilities, the loads every choice.
+#[test]
+fn routing_view_top8_of_64_experts() {
+    let mut app = App::new(Theme::default_theme());
+    let info = demo::transformer_info(4, 64);
+    demo::topk_conversation(&mut app, &info, 8, 12, 3);
+    app.notice = None;
+    app.view = View::Routing;
+    for _ in 0..3 {
+        key(&mut app, KeyCode::Up, KeyModifiers::NONE);
+    }
+    let s = screen(&app, 110, 30);
+    assert!(s.contains("experts 0–63 24 tok top-8"), "{s}");
+    let sel = &app.tele.tokens[app.tele.len() - 4];
+    assert_eq!(sel.more[0].len(), 7);
+    let detail = format!("{} {:.2}", sel.more[0][6].0, sel.more[0][6].1);
+    assert!(s.contains(&detail), "the eighth expert of layer 0 ({detail}) is listed:\n{s}");
+    let b = blackmamba::tui::store::balance(&app.tele, 0, 64);
+    assert_eq!(b.loads.iter().sum::<usize>(), app.tele.len() * 8, "loads count all k choices");
+    insta::assert_snapshot!("routing_top8_of_64_110x30", s);
+    for (w, h) in [(40, 12), (20, 6), (1, 1)] {
+        draw(&app, w, h);
+    }
+    // the other views of a model without Mamba layers draw too
+    for v in [View::Chat, View::Sinkhorn, View::State, View::Finetune] {
+        app.view = v;
+        for (w, h) in [(110, 30), (40, 12)] {
+            draw(&app, w, h);
+        }
+    }
+}
+
+/// The Sinkhorn view of a 64-expert layer lists the busiest experts that fit.
+#[test]
+fn sinkhorn_view_of_64_experts_lists_the_busiest() {
+    let mut app = App::new(Theme::default_theme());
+    let info = demo::transformer_info(2, 64);
+    demo::topk_conversation(&mut app, &info, 8, 8, 5);
+    let mut hist = blackmamba::engine::telemetry::RouterHistory::new(&info.moe_layers);
+    let mut rng = blackmamba::rng::Rng::new(9);
+    for t in 0..96 {
+        for rows in hist.logits.iter_mut() {
+            rows.extend((0..64).map(|e| rng.normal() as f32 + if e == t % 5 { 2.0 } else { 0.0 }));
+        }
+        hist.pos.push(t);
+    }
+    let report = blackmamba::engine::sinkhorn::window_report(&hist, 64, 200, 1e-4);
+    app.update(Msg::Engine(EngineEvent::Sinkhorn(Box::new(report))));
+    app.notice = None;
+    app.view = View::Sinkhorn;
+    let s = screen(&app, 110, 30);
+    assert!(s.contains("of 64: greedy"), "{s}");
+    for e in 0..5 {
+        assert!(s.contains(&format!(" {e:>2} ")), "the favoured expert {e} is listed:\n{s}");
+    }
+    insta::assert_snapshot!("sinkhorn_64_experts_110x30", s);
+}

@@ -306,6 +306,41 @@ pub fn run_input(
     s.finish(f)
 }
 
+/// The token ids of the whole input (tokenised block by block, as [`run_input`] does), at most
+/// `max_tokens` of them (0 = all): for a model whose runs are not streamed (a transformer).
+pub fn input_ids(tok: &Tokenizer, input: &Input, max_tokens: usize) -> Result<Vec<u32>> {
+    let cap = if max_tokens == 0 { usize::MAX } else { max_tokens };
+    let mut ids = Vec::new();
+    let mut take = |block: &str| -> Result<bool> {
+        ids.extend(crate::tokenizer::encode(tok, block)?);
+        Ok(ids.len() >= cap)
+    };
+    match input {
+        Input::Prompt(p) => {
+            take(p)?;
+        }
+        Input::File(path) => {
+            for b in file_blocks(path, 1 << 16)? {
+                if take(&b?)? {
+                    break;
+                }
+            }
+        }
+        Input::Stdin => {
+            for b in TextBlocks::new(std::io::stdin().lock(), "standard input", 1 << 16) {
+                if take(&b?)? {
+                    break;
+                }
+            }
+        }
+    }
+    ids.truncate(cap);
+    if ids.is_empty() {
+        return Err(Error::Invalid(format!("{}: no tokens to analyse (empty text)", input.label())));
+    }
+    Ok(ids)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

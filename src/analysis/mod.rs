@@ -15,6 +15,7 @@ pub mod markdown;
 pub mod metrics;
 pub mod plots;
 pub mod report;
+pub mod study;
 pub mod trace;
 
 use std::path::Path;

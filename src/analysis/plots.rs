@@ -60,8 +60,8 @@ pub fn depth_color(x: f64) -> RGBColor {
     RGBColor(mix(V[i].0, V[i + 1].0), mix(V[i].1, V[i + 1].1), mix(V[i].2, V[i + 1].2))
 }
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
-type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
+pub(crate) type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+pub(crate) type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
 fn register_font() -> Result<()> {
     static DONE: OnceLock<bool> = OnceLock::new();
@@ -108,7 +108,7 @@ pub fn render_png(size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> DrawResult) 
     Ok(out)
 }
 
-fn write_png(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> DrawResult) -> Result<()> {
+pub(crate) fn write_png(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area<'_>) -> DrawResult) -> Result<()> {
     let bytes = render_png(size, draw)?;
     crate::model::weights::write_atomic(path, &bytes)
 }

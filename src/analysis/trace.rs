@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::lm::probe::SharedProbe;
 use crate::model::probe::Probe;
 
 /// The routing of one token in one MoE layer.
@@ -20,8 +21,17 @@ pub struct MoeEntry {
     pub expert: u32,
     /// σ(logit) of the chosen expert: the gate that scales its output.
     pub prob: f32,
-    /// (E) router logits
+    /// (E) router logits (BlackMamba; empty for a transformer)
     pub logits: Vec<f32>,
+    /// (k) the chosen experts, best first (a transformer's top-k; absent for BlackMamba)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<u32>,
+    /// (k) their router probabilities
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probs: Vec<f32>,
+    /// Entropy of the router distribution in nats (a transformer)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<f32>,
 }
 
 /// The state telemetry of one token in one Mamba layer.
@@ -41,6 +51,9 @@ pub struct TokenRecord {
     pub text: String,
     pub moe: Vec<MoeEntry>,
     pub mamba: Vec<MambaEntry>,
+    /// Key/value positions each attention layer caches after this token (a transformer)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_len: Option<usize>,
 }
 
 /// The records of the tokens of one forward call (`start` = position of `ids[0]`); `text` gives a
@@ -60,6 +73,9 @@ pub fn token_records(start: usize, ids: &[u32], probe: &Probe, text: &mut dyn Fn
                         expert: *m.experts.get(t).ok_or_else(|| short(m.layer))?,
                         prob: m.gate(t),
                         logits: row.to_vec(),
+                        experts: Vec::new(),
+                        probs: Vec::new(),
+                        entropy: None,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -82,6 +98,49 @@ pub fn token_records(start: usize, ids: &[u32], probe: &Probe, text: &mut dyn Fn
                 text: text(id)?,
                 moe,
                 mamba,
+                kv_len: None,
+            })
+        })
+        .collect()
+}
+
+/// The records of a transformer's run (`start` = position of `ids[0]` in the input, `seq_start`
+/// its position in the current sequence, `kv_cap` the most positions a layer caches).
+pub fn shared_records(
+    start: usize,
+    seq_start: usize,
+    ids: &[u32],
+    probe: &SharedProbe,
+    kv_cap: usize,
+    text: &mut dyn FnMut(u32) -> Result<String>,
+) -> Result<Vec<TokenRecord>> {
+    ids.iter()
+        .enumerate()
+        .map(|(t, &id)| {
+            let moe = probe
+                .moe
+                .iter()
+                .map(|m| {
+                    let experts = m.experts_of(t).to_vec();
+                    let probs = m.probs_of(t).to_vec();
+                    Ok(MoeEntry {
+                        layer: m.layer,
+                        expert: *experts.first().ok_or_else(|| short(m.layer))?,
+                        prob: probs.first().copied().unwrap_or(0.0),
+                        logits: Vec::new(),
+                        experts,
+                        probs,
+                        entropy: m.entropy.get(t).copied(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(TokenRecord {
+                pos: start + t,
+                id,
+                text: text(id)?,
+                moe,
+                mamba: Vec::new(),
+                kv_len: Some((seq_start + t + 1).min(kv_cap)),
             })
         })
         .collect()
@@ -114,12 +173,21 @@ pub fn csv_field(s: &str) -> String {
 pub fn csv_header(r: &TokenRecord) -> String {
     let mut cols = vec!["pos".to_string(), "id".into(), "text".into()];
     for m in &r.moe {
-        cols.push(format!("L{}_expert", m.layer));
-        cols.push(format!("L{}_prob", m.layer));
-        cols.extend((0..m.logits.len()).map(|e| format!("L{}_logit{e}", m.layer)));
+        if m.experts.is_empty() {
+            cols.push(format!("L{}_expert", m.layer));
+            cols.push(format!("L{}_prob", m.layer));
+            cols.extend((0..m.logits.len()).map(|e| format!("L{}_logit{e}", m.layer)));
+        } else {
+            cols.extend((0..m.experts.len()).map(|j| format!("L{}_expert{j}", m.layer)));
+            cols.extend((0..m.probs.len()).map(|j| format!("L{}_prob{j}", m.layer)));
+            cols.push(format!("L{}_entropy", m.layer));
+        }
     }
     for m in &r.mamba {
         cols.extend(["ssm_norm", "conv_norm", "mean_delta"].map(|c| format!("L{}_{c}", m.layer)));
+    }
+    if r.kv_len.is_some() {
+        cols.push("kv_len".into());
     }
     cols.join(",")
 }
@@ -128,12 +196,21 @@ pub fn csv_header(r: &TokenRecord) -> String {
 pub fn csv_row(r: &TokenRecord) -> String {
     let mut cols = vec![r.pos.to_string(), r.id.to_string(), csv_field(&r.text)];
     for m in &r.moe {
-        cols.push(m.expert.to_string());
-        cols.push(m.prob.to_string());
-        cols.extend(m.logits.iter().map(ToString::to_string));
+        if m.experts.is_empty() {
+            cols.push(m.expert.to_string());
+            cols.push(m.prob.to_string());
+            cols.extend(m.logits.iter().map(ToString::to_string));
+        } else {
+            cols.extend(m.experts.iter().map(ToString::to_string));
+            cols.extend(m.probs.iter().map(ToString::to_string));
+            cols.push(m.entropy.map_or(String::new(), |h| h.to_string()));
+        }
     }
     for m in &r.mamba {
         cols.extend([m.ssm_norm, m.conv_norm, m.mean_delta].map(|x| x.to_string()));
+    }
+    if let Some(kv) = r.kv_len {
+        cols.push(kv.to_string());
     }
     cols.join(",")
 }
@@ -149,6 +226,7 @@ pub struct TraceWriter {
 }
 
 impl TraceWriter {
+    /// Creates the temp file beside `path`.
     pub fn create(path: &Path, format: Format) -> Result<Self> {
         let tmp = crate::model::weights::tmp_path(path);
         let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -164,19 +242,47 @@ impl TraceWriter {
 
     /// Writes the records of one forward call.
     pub fn write_chunk(&mut self, start: usize, ids: &[u32], probe: &Probe, tok: &Tokenizer) -> Result<()> {
+        let records = {
+            let mut text = self.texter(tok);
+            token_records(start, ids, probe, &mut text)?
+        };
+        self.write_records(&records)
+    }
+
+    /// Writes the records of one run of a transformer (see [`shared_records`]).
+    pub fn write_shared(
+        &mut self,
+        start: usize,
+        seq_start: usize,
+        ids: &[u32],
+        probe: &SharedProbe,
+        kv_cap: usize,
+        tok: &Tokenizer,
+    ) -> Result<()> {
+        let records = {
+            let mut text = self.texter(tok);
+            shared_records(start, seq_start, ids, probe, kv_cap, &mut text)?
+        };
+        self.write_records(&records)
+    }
+
+    /// A token's text, decoded once per id.
+    fn texter<'a>(&'a mut self, tok: &'a Tokenizer) -> impl FnMut(u32) -> Result<String> + 'a {
         let texts = &mut self.texts;
-        let mut text = |id: u32| -> Result<String> {
+        move |id: u32| -> Result<String> {
             if let Some(t) = texts.get(&id) {
                 return Ok(t.clone());
             }
             let t = crate::tokenizer::decode(tok, &[id])?;
             texts.insert(id, t.clone());
             Ok(t)
-        };
-        let records = token_records(start, ids, probe, &mut text)?;
+        }
+    }
+
+    fn write_records(&mut self, records: &[TokenRecord]) -> Result<()> {
         let tmp = self.tmp.clone();
         let io = |e: std::io::Error| Error::io(&tmp, e);
-        for r in &records {
+        for r in records {
             match self.format {
                 Format::Jsonl => {
                     serde_json::to_writer(&mut self.out, r).map_err(|e| Error::Invalid(format!("{}: {e}", tmp.display())))?;

@@ -23,10 +23,16 @@ pub struct AnalyzeArgs {
     /// Output folder (created if missing) for report.md, report.json and the figures.
     #[arg(long)]
     pub out: PathBuf,
-    /// A second model (same MoE layout) to measure routing drift against, e.g. the model before
-    /// fine-tuning; same forms as --model.
-    #[arg(long)]
-    pub compare: Option<String>,
+    /// One model: the routing drift of --model against it (same MoE layout), e.g. the model before
+    /// fine-tuning. Two models A B (any family: BlackMamba, OLMoE, Mixtral; same forms as --model,
+    /// `embedded` for the built-in one): the two side by side on the --text set (report.md,
+    /// compare.json and PNG figures in --out).
+    #[arg(long, num_args = 1..=2, value_names = ["A", "B"])]
+    pub compare: Vec<String>,
+    /// The text set of `--compare A B`: UTF-8 files (one source, or domain, each) or folders of
+    /// .txt/.md files (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub text: Vec<PathBuf>,
     /// Also write PNG figures.
     #[arg(long)]
     pub plot: bool,
@@ -56,7 +62,7 @@ pub struct AnalyzeArgs {
     pub max_tokens: usize,
 }
 
-fn progress(label: &str) -> impl FnMut(usize) + '_ {
+pub(super) fn progress(label: &str) -> impl FnMut(usize) + '_ {
     let t0 = std::time::Instant::now();
     let mut last = 0.0;
     move |n| {
@@ -70,6 +76,12 @@ fn progress(label: &str) -> impl FnMut(usize) + '_ {
 }
 
 pub fn run(m: &ModelArgs, a: &AnalyzeArgs) -> anyhow::Result<()> {
+    if a.compare.len() == 2 {
+        return super::analyze_compare::run(m, a);
+    }
+    if !a.text.is_empty() {
+        anyhow::bail!("--text: the text set is for --compare A B; give one model's text with --input FILE");
+    }
     let input = Input::from_args(a.prompt.as_deref(), a.input.as_deref())?;
     if a.window < 2 {
         anyhow::bail!("--window {}: a Sinkhorn window needs at least 2 tokens", a.window);
@@ -115,7 +127,7 @@ pub fn run(m: &ModelArgs, a: &AnalyzeArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     drop(loaded.model);
-    let other = match &a.compare {
+    let other = match a.compare.first() {
         Some(spec) => {
             let m2 = ModelArgs {
                 model: Some(spec.clone()),

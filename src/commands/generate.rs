@@ -9,6 +9,8 @@ use clap::Args;
 use crate::commands::prompt::PromptSource;
 use crate::commands::ModelArgs;
 use crate::generate::{generate, GenEvent, StopReason};
+use crate::lm::text::{generate_text, TextEvent};
+use crate::lm::AnyModel;
 use crate::sampling::SamplingParams;
 
 #[derive(Debug, Args)]
@@ -70,7 +72,7 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
     let prompt = PromptSource::from_args(a.prompt.as_deref(), a.prompt_file.as_deref())
         .ok_or_else(|| anyhow::anyhow!("give the prompt with --prompt TEXT or --prompt-file PATH"))?
         .read()?;
-    let loaded = super::load(m)?;
+    let loaded = super::load_any(m)?;
     if loaded.untrained {
         eprintln!("note: {} has untrained random weights; its text is noise", loaded.label);
     }
@@ -86,22 +88,49 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         ..SamplingParams::default()
     };
-    let model = &loaded.model;
     let ids = crate::tokenizer::encode(&loaded.tokenizer, &prompt)?;
-    let mut state = model.new_state(1)?;
     let cancel = AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
     let stream = !a.json;
-    let outcome = generate(model, &loaded.tokenizer, &mut state, &ids, &params, false, &cancel, |ev| {
-        if let (true, GenEvent::Token { text, .. } | GenEvent::Tail { text }) = (stream, ev) {
+    let mut emit = |text: &str| -> crate::Result<()> {
+        if stream {
             out.write_all(text.as_bytes())
                 .and_then(|()| out.flush())
                 .map_err(|e| crate::Error::io("stdout", e))?;
         }
         Ok(())
-    })?;
+    };
+    let (outcome, path) = match &loaded.model {
+        AnyModel::BlackMamba(model) => {
+            let mut state = model.new_state(1)?;
+            let o = generate(model, &loaded.tokenizer, &mut state, &ids, &params, false, &cancel, |ev| match ev {
+                GenEvent::Token { text, .. } | GenEvent::Tail { text } => emit(text),
+                GenEvent::Prefilled { .. } => Ok(()),
+            })?;
+            let path = o.path.to_string();
+            (o, path)
+        }
+        AnyModel::Transformer(model) => {
+            let mut cache = model.new_cache();
+            let o = generate_text(
+                model,
+                &loaded.tokenizer,
+                &mut cache,
+                &ids,
+                &params,
+                &loaded.eos,
+                &cancel,
+                |ev| match ev {
+                    TextEvent::Token { text, .. } | TextEvent::Tail { text } => emit(text),
+                    TextEvent::Prefilled { .. } => Ok(()),
+                },
+            )?;
+            (o, "key/value cache, one MoeLm::step per token".to_string())
+        }
+    };
     let s = outcome.stats;
-    let device = if model.device.is_cuda() { "cuda" } else { "cpu" };
+    let device = if loaded.model.device().is_cuda() { "cuda" } else { "cpu" };
+    let dtype = loaded.model.dtype();
     if a.json {
         let report = Report {
             text: &outcome.text,
@@ -113,8 +142,8 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
             ttft_s: s.ttft_secs,
             model: &loaded.label,
             device,
-            dtype: format!("{:?}", model.dtype).to_lowercase(),
-            decode_path: outcome.path.to_string(),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            decode_path: path,
         };
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
         return Ok(());
@@ -127,8 +156,8 @@ pub fn run(m: &ModelArgs, a: &GenerateArgs) -> anyhow::Result<()> {
         s.prefill_tok_s(),
         s.decode_tok_s(),
         device,
-        model.dtype,
-        outcome.path
+        dtype,
+        path
     );
     Ok(())
 }

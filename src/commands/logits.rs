@@ -10,8 +10,10 @@ use clap::Args;
 
 use crate::commands::prompt::PromptSource;
 use crate::commands::ModelArgs;
+use crate::lm::AnyModel;
 use crate::model::probe::Probe;
 use crate::model::{Logits, Model};
+use crate::moe_lm::MoeLm;
 
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("input").required(true))]
@@ -25,10 +27,12 @@ pub struct LogitsArgs {
     /// Read the text from a UTF-8 file instead of --ids; `-` reads standard input.
     #[arg(long, group = "input", value_name = "PATH")]
     pub prompt_file: Option<PathBuf>,
-    /// Output safetensors file: `logits` (L, V) f32, `experts` (n_moe, L) i64, `router_probs` (n_moe, L, E) f32, `ids` (L) i64.
+    /// Output safetensors file: `logits` (L, V) f32, `experts` (n_moe, L) i64 (a transformer: (layers, L, k),
+    /// best first), `router_probs` (n_moe, L, E) f32, `ids` (L) i64.
     #[arg(long)]
     pub out: PathBuf,
-    /// Use the cached path: the first token prefilled, then one step per token.
+    /// Use the cached path: the first token prefilled, then one step per token (a transformer:
+    /// one cached step per token).
     #[arg(long)]
     pub step: bool,
 }
@@ -51,6 +55,32 @@ pub fn teacher_forced(model: &Model, ids: &[u32], step: bool) -> crate::Result<(
         model.forward(&t, &mut state, Logits::All, Some(&mut probe))?.squeeze(0)?
     };
     Ok((logits, probe))
+}
+
+/// Logits (L, V) f32, chosen experts (layers, L, k) i64 best first and router probabilities
+/// (layers, L, E) f32 of a transformer on `ids`: one run, or with `step` one cached step per token.
+pub fn transformer_forced(model: &MoeLm, ids: &[u32], step: bool) -> crate::Result<(Tensor, Tensor, Tensor)> {
+    let mut cache = model.new_cache();
+    let mut rows = Vec::new();
+    let n_layers = model.config().num_hidden_layers;
+    let mut experts: Vec<Vec<i64>> = vec![Vec::new(); n_layers];
+    let mut probs: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
+    let (k, e) = (model.config().num_experts_per_tok, model.config().num_experts);
+    let runs: Vec<&[u32]> = if step { ids.chunks(1).collect() } else { vec![ids] };
+    for run in runs {
+        let (l, probe) = model.forward(run, &mut cache)?;
+        rows.push(l.to_device(&Device::Cpu)?);
+        for (i, p) in probe.iter().enumerate() {
+            experts[i].extend(p.routing.experts.iter().map(|&x| i64::from(x)));
+            probs[i].extend_from_slice(&p.routing.router_probs);
+        }
+    }
+    let l = ids.len();
+    Ok((
+        Tensor::cat(&rows, 0)?,
+        Tensor::from_vec(experts.concat(), (n_layers, l, k), &Device::Cpu)?,
+        Tensor::from_vec(probs.concat(), (n_layers, l, e), &Device::Cpu)?,
+    ))
 }
 
 /// The `experts` [n_moe, L] and `router_probs` [n_moe, L, E_max] tensors of a probe.
@@ -81,15 +111,24 @@ pub fn run(m: &ModelArgs, a: &LogitsArgs) -> anyhow::Result<()> {
     if text.is_none() && a.ids.is_empty() {
         anyhow::bail!("--ids: give at least one token id");
     }
-    let loaded = super::load(m)?;
+    let loaded = super::load_any(m)?;
     let ids = match &text {
         Some(t) => crate::tokenizer::encode(&loaded.tokenizer, t)?,
         None => a.ids.clone(),
     };
     anyhow::ensure!(!ids.is_empty(), "the prompt has no tokens; give some text");
-    let model = &loaded.model;
-    let (logits, probe) = teacher_forced(model, &ids, a.step)?;
-    let (experts, probs) = routing_tensors(&probe, model.cfg.max_experts())?;
+    let (logits, experts, probs, n_moe) = match &loaded.model {
+        AnyModel::BlackMamba(model) => {
+            let (logits, probe) = teacher_forced(model, &ids, a.step)?;
+            let (experts, probs) = routing_tensors(&probe, model.cfg.max_experts())?;
+            (logits, experts, probs, probe.moe.len())
+        }
+        AnyModel::Transformer(model) => {
+            let (logits, experts, probs) = transformer_forced(model, &ids, a.step)?;
+            let n = experts.dim(0)?;
+            (logits, experts, probs, n)
+        }
+    };
     let mut out = HashMap::new();
     out.insert("logits".to_string(), logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
     out.insert("experts".to_string(), experts);
@@ -98,7 +137,7 @@ pub fn run(m: &ModelArgs, a: &LogitsArgs) -> anyhow::Result<()> {
     let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
     out.insert("ids".to_string(), Tensor::from_vec(ids, n, &Device::Cpu)?);
     save(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote {} ({n} positions, {} MoE layers)", a.out.display(), probe.moe.len());
+    eprintln!("wrote {} ({n} positions, {n_moe} MoE layers)", a.out.display());
     Ok(())
 }
 

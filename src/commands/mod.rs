@@ -1,6 +1,7 @@
 //! The command line: one subcommand per job; no subcommand opens the TUI (same as `chat`).
 
 pub mod analyze;
+pub mod analyze_compare;
 pub mod bench;
 pub mod chat;
 pub mod check;
@@ -65,8 +66,9 @@ pub struct Cli {
 /// Where the model comes from and where it runs: shared by every command.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ModelArgs {
-    /// Model: a folder (config.json + weights), a hub id (Zyphra/BlackMamba-2.8B, aliases 2.8b and
-    /// 1.5b) or random:tiny|1.5b|2.8b. Default: the embedded model.
+    /// Model: a folder (config.json + weights; an OLMoE or Mixtral folder by its config's model_type),
+    /// a hub id (Zyphra/BlackMamba-2.8B, aliases 2.8b and 1.5b), random:tiny|1.5b|2.8b or embedded.
+    /// Default: the embedded model.
     #[arg(long, global = true)]
     pub model: Option<String>,
     /// Whether `model` is the config file's default rather than given by the user (then
@@ -339,6 +341,32 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
     }
     Ok(loaded)
+}
+
+/// Loads `--model` of either family (see [`crate::lm`]): a folder whose config.json names
+/// `olmoe` or `mixtral` as a transformer, anything else as [`load`] does. An adapter applies to
+/// BlackMamba only.
+pub fn load_any(m: &ModelArgs) -> anyhow::Result<crate::lm::AnyLoaded> {
+    use anyhow::Context;
+    let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;
+    if !crate::lm::is_transformer(&source)? {
+        return Ok(load(m)?.into());
+    }
+    if let Some(dir) = &m.adapter {
+        anyhow::bail!(
+            "--adapter {}: adapters apply to BlackMamba models; {} is a transformer checkpoint",
+            dir.display(),
+            source.label()
+        );
+    }
+    let device = crate::loader::device_on(m.device, m.gpu)?;
+    let dtype = crate::loader::dtype(m.dtype, &device);
+    let opts = crate::loader::LoadOpts {
+        tokenizer: m.tokenizer.clone(),
+        progress: Some(cli_progress()),
+        hub: Some(environment::hub_env()),
+    };
+    crate::lm::load_any(&source, &device, dtype, &opts).with_context(|| format!("loading model {}", source.label()))
 }
 
 /// A progress bar on stderr for downloads, conversion and reading (hidden when not a terminal).

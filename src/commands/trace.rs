@@ -8,6 +8,7 @@ use clap::Args;
 use crate::analysis::input::{self, Input, StreamOpts};
 use crate::analysis::trace::{Format, TraceWriter};
 use crate::commands::ModelArgs;
+use crate::lm::{run, AnyModel};
 
 #[derive(Debug, Args)]
 pub struct TraceArgs {
@@ -66,7 +67,7 @@ pub fn run(m: &ModelArgs, a: &TraceArgs) -> anyhow::Result<()> {
             Format::Jsonl
         }
     });
-    let loaded = super::load(m)?;
+    let loaded = super::load_any(m)?;
     if loaded.untrained {
         eprintln!(
             "note: {} has untrained random weights; its routing is not a trained model's",
@@ -80,9 +81,28 @@ pub fn run(m: &ModelArgs, a: &TraceArgs) -> anyhow::Result<()> {
     };
     let mut w = TraceWriter::create(&a.out, format).with_context(|| format!("creating {}", a.out.display()))?;
     let t0 = std::time::Instant::now();
-    let res = input::run_input(&loaded.model, &loaded.tokenizer, &input, opts, &mut |c| {
-        w.write_chunk(c.start, c.ids, c.probe, &loaded.tokenizer)
-    });
+    let tok = &loaded.tokenizer;
+    let res = match &loaded.model {
+        AnyModel::BlackMamba(model) => input::run_input(model, tok, &input, opts, &mut |c| w.write_chunk(c.start, c.ids, c.probe, tok)),
+        AnyModel::Transformer(model) => {
+            let cfg = model.config();
+            let kv_cap = cfg.sliding_window.map_or(usize::MAX, |win| win.saturating_sub(1).max(1));
+            let any = &loaded.model;
+            input::input_ids(tok, &input, a.max_tokens).and_then(|ids| {
+                // --reset-every cuts the input into sequences; each starts a fresh cache
+                let seq = if a.reset_every == 0 { ids.len() } else { a.reset_every };
+                let mut done = 0;
+                for (s, part) in ids.chunks(seq).enumerate() {
+                    let base = s * seq;
+                    done += run::stream(any, part, a.chunk, &mut |c| {
+                        w.write_shared(base + c.start, c.seq_pos, c.ids, c.probe, kv_cap, tok)
+                    })?
+                    .tokens;
+                }
+                Ok(done)
+            })
+        }
+    };
     let tokens = match res {
         Ok(n) => n,
         Err(e) => {

@@ -6,7 +6,9 @@
 //! its own thread (DESIGN §3).
 
 pub mod chat;
+pub mod chat_moe;
 pub mod finetune;
+pub mod info;
 pub mod protocol;
 pub mod sinkhorn;
 pub mod telemetry;
@@ -17,10 +19,14 @@ use std::thread::JoinHandle;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::lm::{AnyLoaded, AnyModel};
 use crate::loader::{LoadOpts, Loaded, ModelSource};
 use crate::model::Model;
+use crate::moe_lm::MoeLm;
 use chat::Conversation;
-use protocol::{Command, EngineEvent, EngineOpts, LoadSpec, ModelInfo};
+use chat_moe::MoeConversation;
+pub use info::{model_info, model_info_any};
+use protocol::{Command, EngineEvent, EngineOpts, LoadSpec};
 use telemetry::RouterHistory;
 
 /// The nominal HBM bandwidth of one NVIDIA H200 (4.8 TB/s, NVIDIA's data sheet): decoding one token
@@ -105,46 +111,79 @@ pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// The model and conversation of the family loaded.
+enum Chat {
+    /// BlackMamba: the recurrent-state conversation and fine-tuning.
+    Mamba {
+        model: Box<Model>,
+        conv: Conversation,
+        ft: Box<finetune::Finetuning>,
+    },
+    /// A transformer MoE: the key/value-cache conversation (no fine-tuning, no Sinkhorn).
+    Moe { model: Box<MoeLm>, conv: MoeConversation },
+}
+
+impl Chat {
+    fn new(model: AnyModel, eos: Vec<u32>) -> Result<Self> {
+        Ok(match model {
+            AnyModel::BlackMamba(m) => {
+                let conv = Conversation::new(&m, None)?;
+                Self::Mamba {
+                    model: m,
+                    conv,
+                    ft: Box::new(finetune::Finetuning::new()),
+                }
+            }
+            AnyModel::Transformer(m) => {
+                let conv = MoeConversation::new(&m, None, eos);
+                Self::Moe { model: m, conv }
+            }
+        })
+    }
+
+    fn ft(&mut self) -> Option<&mut finetune::Finetuning> {
+        match self {
+            Self::Mamba { ft, .. } => Some(ft),
+            Self::Moe { .. } => None,
+        }
+    }
+}
+
 /// What the engine thread owns.
 struct Worker {
-    model: Model,
+    chat: Chat,
     tok: Tokenizer,
     label: String,
-    conv: Conversation,
     hist: RouterHistory,
-    ft: finetune::Finetuning,
     opts: EngineOpts,
 }
 
 impl Worker {
     fn start(source: Source, opts: EngineOpts, sink: &mut Sink) -> Result<Self> {
         let loaded = match source {
-            Source::Loaded(l) => *l,
+            Source::Loaded(l) => AnyLoaded::from(*l),
             Source::Spec(spec) => load(&spec, &opts, sink)?,
         };
-        let info = model_info(&loaded);
-        let model = loaded.model;
-        let conv = Conversation::new(&model, None)?;
+        let info = model_info_any(&loaded);
         let hist = RouterHistory::new(&info.moe_layers);
+        let chat = Chat::new(loaded.model, loaded.eos)?;
         sink(EngineEvent::Loaded(Box::new(info)));
         Ok(Self {
-            model,
+            chat,
             tok: loaded.tokenizer,
             label: loaded.label,
-            conv,
             hist,
-            ft: finetune::Finetuning::new(),
             opts,
         })
     }
 
     fn serve(&mut self, rx: &Receiver<Command>, sink: &mut Sink) {
         loop {
-            let cmd = if self.ft.wants_step() {
+            let cmd = if self.chat.ft().is_some_and(|f| f.wants_step()) {
                 match rx.try_recv() {
                     Ok(c) => c,
                     Err(TryRecvError::Empty) => {
-                        if let Err(e) = self.ft.step(sink) {
+                        if let Some(Err(e)) = self.chat.ft().map(|f| f.step(sink)) {
                             sink(EngineEvent::Error {
                                 id: None,
                                 message: e.to_string(),
@@ -177,88 +216,86 @@ impl Worker {
     }
 
     fn handle(&mut self, cmd: Command, sink: &mut Sink) -> Result<()> {
-        let model = self.ft.chat_model().unwrap_or(&self.model);
         let emit: &mut dyn FnMut(EngineEvent) = sink;
         match cmd {
-            Command::Chat { id, text, params, cancel } => {
-                self.conv.chat(model, &self.tok, &mut self.hist, id, &text, &params, &cancel, emit)
+            Command::ListModels => {
+                emit(EngineEvent::Models(Box::new(crate::catalog::scan(self.opts.hub.as_ref()))));
+                return Ok(());
             }
-            Command::Regenerate { id, params, cancel } => {
-                self.conv.regenerate(model, &self.tok, &mut self.hist, id, &params, &cancel, emit)
+            Command::Load(spec) => {
+                if let Err(e) = self.switch(&spec, emit) {
+                    emit(EngineEvent::LoadFailed(format!("{e}; still on {}", self.label)));
+                }
+                return Ok(());
             }
+            Command::Shutdown => return Ok(()),
+            _ => {}
+        }
+        let (model, conv, ft) = match &mut self.chat {
+            Chat::Mamba { model, conv, ft } => (model, conv, ft),
+            Chat::Moe { model, conv } => return handle_moe(model, conv, &self.tok, &mut self.hist, cmd, emit),
+        };
+        let model = ft.chat_model().unwrap_or(model);
+        match cmd {
+            Command::Chat { id, text, params, cancel } => conv.chat(model, &self.tok, &mut self.hist, id, &text, &params, &cancel, emit),
+            Command::Regenerate { id, params, cancel } => conv.regenerate(model, &self.tok, &mut self.hist, id, &params, &cancel, emit),
             Command::Undo => {
-                if !self.conv.undo(&mut self.hist, emit) {
+                if !conv.undo(&mut self.hist, emit) {
                     emit(EngineEvent::Notice("nothing to undo".into()));
                 }
                 Ok(())
             }
             Command::NewChat { system } => {
                 let has_system = system.is_some();
-                self.conv = Conversation::new(model, system)?;
+                *conv = Conversation::new(model, system)?;
                 self.hist.clear();
                 emit(EngineEvent::Rewound { pos: 0, turns: 0 });
                 // the UI shows the system prompt as the chat's first message
                 if has_system {
-                    emit(EngineEvent::Conversation(Box::new(self.conv.info())));
+                    emit(EngineEvent::Conversation(Box::new(conv.info())));
                 }
                 Ok(())
             }
-            Command::Sinkhorn { window, max_iters, tol } => {
-                if window == 0 || max_iters == 0 || tol.is_nan() || tol <= 0.0 {
-                    return Err(Error::Invalid(format!(
-                        "Sinkhorn window {window}, max iterations {max_iters}, tolerance {tol}: all must be positive"
-                    )));
-                }
-                let r = sinkhorn::window_report(&self.hist, window, max_iters, tol);
-                emit(EngineEvent::Sinkhorn(Box::new(r)));
-                Ok(())
-            }
+            Command::Sinkhorn { window, max_iters, tol } => sinkhorn_report(&self.hist, window, max_iters, tol, emit),
             Command::SaveChat(path) => {
-                self.conv.save(&path, &self.label)?;
+                conv.save(&path, &self.label)?;
                 emit(EngineEvent::Notice(format!("saved the conversation to {}", path.display())));
                 Ok(())
             }
             Command::LoadChat(path) => {
-                let conv = Conversation::load(&path, model)?;
-                self.conv = conv;
+                let loaded = Conversation::load(&path, model)?;
+                *conv = loaded;
                 self.hist.clear();
-                emit(EngineEvent::Conversation(Box::new(self.conv.info())));
+                emit(EngineEvent::Conversation(Box::new(conv.info())));
                 emit(EngineEvent::Notice(format!(
                     "loaded {} turns from {}",
-                    self.conv.turns.len(),
+                    conv.turns.len(),
                     path.display()
                 )));
                 Ok(())
             }
-            Command::Finetune(c) => self.ft.handle(c, &self.model, &self.tok, &self.label, emit),
-            Command::ListModels => {
-                emit(EngineEvent::Models(Box::new(crate::catalog::scan(self.opts.hub.as_ref()))));
-                Ok(())
+            Command::Finetune(c) => {
+                let Chat::Mamba { model, ft, .. } = &mut self.chat else {
+                    return Ok(());
+                };
+                ft.handle(c, model, &self.tok, &self.label, emit)
             }
-            Command::Load(spec) => {
-                if let Err(e) = self.switch(&spec, emit) {
-                    emit(EngineEvent::LoadFailed(format!("{e}; still on {}", self.label)));
-                }
-                Ok(())
-            }
-            Command::Shutdown => Ok(()),
+            Command::ListModels | Command::Load(_) | Command::Shutdown => Ok(()),
         }
     }
 
     /// Replaces the model by the one `spec` names. The old one serves until the new one has
     /// loaded; then the conversation, router history and fine-tuning state start afresh.
     fn switch(&mut self, spec: &LoadSpec, emit: &mut dyn FnMut(EngineEvent)) -> Result<()> {
-        if let Some((done, steps)) = self.ft.active_run() {
+        if let Some((done, steps)) = self.chat.ft().and_then(|f| f.active_run()) {
             return Err(Error::Invalid(format!(
                 "a fine-tuning run is going (step {done} of {steps}); stop it with x in the Fine-tune view before loading another model"
             )));
         }
         let loaded = load(spec, &self.opts, emit)?;
-        let info = model_info(&loaded);
-        self.conv = Conversation::new(&loaded.model, None)?;
+        let info = model_info_any(&loaded);
+        self.chat = Chat::new(loaded.model, loaded.eos)?;
         self.hist = RouterHistory::new(&info.moe_layers);
-        self.ft = finetune::Finetuning::new();
-        self.model = loaded.model;
         self.tok = loaded.tokenizer;
         self.label = loaded.label;
         emit(EngineEvent::Loaded(Box::new(info)));
@@ -266,8 +303,64 @@ impl Worker {
     }
 }
 
+/// The commands of a transformer's chat: turns, regenerate, undo, a new chat and Sinkhorn over
+/// the router history; fine-tuning and saved conversations are BlackMamba's and answered with one
+/// line saying so.
+fn handle_moe(
+    model: &MoeLm,
+    conv: &mut MoeConversation,
+    tok: &Tokenizer,
+    hist: &mut RouterHistory,
+    cmd: Command,
+    emit: &mut dyn FnMut(EngineEvent),
+) -> Result<()> {
+    let family = model.config().family.model_type();
+    let only = |what: &str| {
+        Err(Error::Invalid(format!(
+            "{what} works on BlackMamba models; this is a {family} checkpoint"
+        )))
+    };
+    match cmd {
+        Command::Chat { id, text, params, cancel } => conv.chat(model, tok, hist, id, &text, &params, &cancel, emit),
+        Command::Regenerate { id, params, cancel } => conv.regenerate(model, tok, hist, id, &params, &cancel, emit),
+        Command::Undo => {
+            if !conv.undo(hist, emit) {
+                emit(EngineEvent::Notice("nothing to undo".into()));
+            }
+            Ok(())
+        }
+        Command::NewChat { system } => {
+            let has_system = system.is_some();
+            let eos = conv.eos().to_vec();
+            *conv = MoeConversation::new(model, system, eos);
+            hist.clear();
+            emit(EngineEvent::Rewound { pos: 0, turns: 0 });
+            if has_system {
+                emit(EngineEvent::Conversation(Box::new(conv.info())));
+            }
+            Ok(())
+        }
+        Command::Sinkhorn { window, max_iters, tol } => sinkhorn_report(hist, window, max_iters, tol, emit),
+        Command::SaveChat(_) | Command::LoadChat(_) => only("saving and loading a conversation"),
+        Command::Finetune(_) => only("fine-tuning"),
+        Command::ListModels | Command::Load(_) | Command::Shutdown => Ok(()),
+    }
+}
+
+/// Sinkhorn of both variants over the last `window` rows of the router history.
+fn sinkhorn_report(hist: &RouterHistory, window: usize, max_iters: usize, tol: f64, emit: &mut dyn FnMut(EngineEvent)) -> Result<()> {
+    if window == 0 || max_iters == 0 || tol.is_nan() || tol <= 0.0 {
+        return Err(Error::Invalid(format!(
+            "Sinkhorn window {window}, max iterations {max_iters}, tolerance {tol}: all must be positive"
+        )));
+    }
+    let r = sinkhorn::window_report(hist, window, max_iters, tol);
+    emit(EngineEvent::Sinkhorn(Box::new(r)));
+    Ok(())
+}
+
 /// Loads the model named by `spec`, reporting stages.
-fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> Result<Loaded> {
+fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> Result<AnyLoaded> {
     let total = 3;
     sink(EngineEvent::LoadProgress {
         stage: "choosing the device".into(),
@@ -295,7 +388,7 @@ fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> 
     let mut loaded = std::thread::scope(|scope| {
         let job = std::thread::Builder::new()
             .name("loader".into())
-            .spawn_scoped(scope, || crate::loader::load(&source, &device, dtype, &opts))
+            .spawn_scoped(scope, || crate::lm::load_any(&source, &device, dtype, &opts))
             .map_err(|e| Error::Invalid(format!("cannot start the model loader thread: {e}")))?;
         while !job.is_finished() {
             if let Ok(p) = rx.recv_timeout(std::time::Duration::from_millis(50)) {
@@ -311,15 +404,28 @@ fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> 
         job.join()
             .unwrap_or_else(|p| Err(Error::Invalid(format!("the model loader panicked: {}", panic_text(p.as_ref())))))
     })?;
-    loaded.model.kernels = eo.kernels;
-    if let Some(dir) = &spec.adapter {
-        sink(EngineEvent::LoadProgress {
-            stage: format!("applying adapter {}", dir.display()),
-            done: 2,
-            total,
-        });
-        crate::finetune::adapter::apply_merged(&mut loaded.model, dir)?;
-        loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
+    match &mut loaded.model {
+        AnyModel::BlackMamba(m) => {
+            m.kernels = eo.kernels;
+            if let Some(dir) = &spec.adapter {
+                sink(EngineEvent::LoadProgress {
+                    stage: format!("applying adapter {}", dir.display()),
+                    done: 2,
+                    total,
+                });
+                crate::finetune::adapter::apply_merged(m, dir)?;
+                loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
+            }
+        }
+        AnyModel::Transformer(_) => {
+            if let Some(dir) = &spec.adapter {
+                return Err(Error::Invalid(format!(
+                    "--adapter {}: adapters apply to BlackMamba models; {} is a transformer checkpoint",
+                    dir.display(),
+                    loaded.label
+                )));
+            }
+        }
     }
     sink(EngineEvent::LoadProgress {
         stage: "ready".into(),
@@ -327,31 +433,4 @@ fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> 
         total,
     });
     Ok(loaded)
-}
-
-/// The facts about a loaded model that the UI shows.
-pub fn model_info(l: &Loaded) -> ModelInfo {
-    let cfg = &l.model.cfg;
-    let (total, active) = cfg.param_counts();
-    let is_gpu = l.model.device.is_cuda();
-    let dtype = l.model.dtype;
-    ModelInfo {
-        label: l.label.clone(),
-        untrained: l.untrained,
-        device: if is_gpu { "cuda".into() } else { "cpu".into() },
-        is_gpu,
-        dtype: format!("{dtype:?}").to_lowercase(),
-        n_layers: cfg.num_layers,
-        moe_layers: cfg.moe_layers(),
-        mamba_layers: cfg.mamba_layers(),
-        d_model: cfg.hidden_size,
-        d_state: cfg.state_size,
-        vocab: cfg.vocab_size,
-        params_total: total,
-        params_active: active,
-        bytes_per_token: active as f64 * dtype.size_in_bytes() as f64,
-        load_secs: l.load_secs,
-        finetune_available: finetune::AVAILABLE,
-        notes: l.notes.clone(),
-    }
 }

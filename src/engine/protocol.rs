@@ -235,8 +235,11 @@ pub struct TokenRec {
     /// The token's own text for axis labels (sanitised by the UI).
     pub piece: String,
     pub generated: bool,
-    /// One per MoE layer.
+    /// One per MoE layer: the first (most probable) expert.
     pub routes: Vec<Route>,
+    /// One per MoE layer of a top-k model (k > 1): the other chosen experts, best first, with
+    /// their router probabilities; empty for BlackMamba's top-1.
+    pub more: Vec<Vec<(u16, f32)>>,
     /// One per Mamba layer: ‖h‖, ‖conv state‖, mean Δ after this token.
     pub ssm_norm: Vec<f32>,
     pub conv_norm: Vec<f32>,

@@ -4,6 +4,7 @@
 use tokenizers::Tokenizer;
 
 use crate::engine::protocol::{Route, TokenRec};
+use crate::lm::probe::SharedProbe;
 use crate::model::probe::Probe;
 use crate::tokenizer::{decode, EOS_ID};
 
@@ -51,6 +52,39 @@ pub fn records(tok: &Tokenizer, ids: &[u32], pos0: usize, generated: bool, probe
         .collect()
 }
 
+/// [`records`] from the probe both families share: the first expert and its router probability
+/// in `routes`, the other k − 1 in `more` (a top-k transformer), no state norms.
+pub fn records_shared(tok: &Tokenizer, ids: &[u32], pos0: usize, generated: bool, probe: Option<&SharedProbe>) -> Vec<TokenRec> {
+    let probe = probe.filter(|p| p.tokens == ids.len());
+    ids.iter()
+        .enumerate()
+        .map(|(t, &id)| {
+            let mut rec = TokenRec {
+                pos: pos0 + t,
+                id,
+                piece: piece(tok, id),
+                generated,
+                ..Default::default()
+            };
+            for m in probe.map_or(&[][..], |p| p.moe.as_slice()) {
+                let (experts, probs) = (m.experts_of(t), m.probs_of(t));
+                let chosen: Vec<(u16, f32)> = experts
+                    .iter()
+                    .zip(probs)
+                    .map(|(&e, &p)| (u16::try_from(e).unwrap_or(u16::MAX), p))
+                    .collect();
+                let first = chosen.first().copied().unwrap_or((0, f32::NAN));
+                rec.routes.push(Route {
+                    expert: first.0,
+                    prob: first.1,
+                });
+                rec.more.push(chosen.get(1..).unwrap_or(&[]).to_vec());
+            }
+            rec
+        })
+        .collect()
+}
+
 /// Router logits of every token fed so far, per MoE layer, for Sinkhorn over a window.
 #[derive(Debug, Clone, Default)]
 pub struct RouterHistory {
@@ -85,6 +119,21 @@ impl RouterHistory {
         }
         for (dst, m) in self.logits.iter_mut().zip(&probe.moe) {
             dst.extend_from_slice(&m.logits);
+        }
+        self.pos.extend(pos0..pos0 + n);
+    }
+
+    /// Appends the router scores of a shared probe (either family) covering tokens at `pos0..`.
+    pub fn push_shared(&mut self, probe: &SharedProbe, pos0: usize) {
+        if probe.moe.len() != self.logits.len() {
+            return;
+        }
+        let n = probe.tokens;
+        if probe.moe.iter().zip(&self.n_experts).any(|(m, &e)| m.scores.len() != n * e) {
+            return;
+        }
+        for (dst, m) in self.logits.iter_mut().zip(&probe.moe) {
+            dst.extend_from_slice(&m.scores);
         }
         self.pos.extend(pos0..pos0 + n);
     }

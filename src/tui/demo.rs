@@ -69,6 +69,7 @@ pub fn token(info: &ModelInfo, pos: usize, generated: bool, rng: &mut Rng) -> To
         piece: WORDS[id as usize].to_string(),
         generated,
         routes,
+        more: Vec::new(),
         ssm_norm: (0..n)
             .map(|k| (1.0 + k as f32) * (1.0 + (pos as f32 / 9.0).sin().abs()) + rng.uniform() as f32)
             .collect(),
@@ -134,6 +135,108 @@ fn push_logits(hist: &mut RouterHistory, info: &ModelInfo, t: &TokenRec, rng: &m
         rows.extend((0..e).map(|j| rng.normal() as f32 * 0.5 + if j == usize::from(r.expert) { 1.5 } else { 0.0 }));
     }
     hist.pos.push(t.pos);
+}
+
+/// A transformer MoE's description: `layers` decoder layers, each with `experts` experts.
+pub fn transformer_info(layers: usize, experts: usize) -> ModelInfo {
+    ModelInfo {
+        label: "olmoe-demo".into(),
+        untrained: true,
+        device: "cpu".into(),
+        is_gpu: false,
+        dtype: "f32".into(),
+        n_layers: layers,
+        moe_layers: (0..layers).map(|i| (i, experts)).collect(),
+        mamba_layers: Vec::new(),
+        d_model: 64,
+        d_state: 0,
+        vocab: 50304,
+        params_total: 1_000_000,
+        params_active: 150_000,
+        bytes_per_token: 6e5,
+        load_secs: 0.25,
+        finetune_available: false,
+        notes: Vec::new(),
+    }
+}
+
+/// Synthetic top-k telemetry of token `pos`: k distinct experts per layer, best first, with
+/// falling router probabilities.
+pub fn topk_token(info: &ModelInfo, k: usize, pos: usize, generated: bool, rng: &mut Rng) -> TokenRec {
+    let id = rng.below(WORDS.len()) as u32;
+    let (mut routes, mut more) = (Vec::new(), Vec::new());
+    for (slot, &(_, e)) in info.moe_layers.iter().enumerate() {
+        let mut chosen: Vec<u16> = Vec::with_capacity(k);
+        let favourite = ((pos / 5 + 3 * slot) % e) as u16;
+        while chosen.len() < k.min(e) {
+            let x = if chosen.is_empty() && rng.uniform() < 0.5 {
+                favourite
+            } else {
+                rng.below(e) as u16
+            };
+            if !chosen.contains(&x) {
+                chosen.push(x);
+            }
+        }
+        let mut p = 0.25 + 0.2 * rng.uniform() as f32;
+        routes.push(Route {
+            expert: chosen[0],
+            prob: p,
+        });
+        more.push(
+            chosen[1..]
+                .iter()
+                .map(|&x| {
+                    p *= 0.7;
+                    (x, p)
+                })
+                .collect(),
+        );
+    }
+    TokenRec {
+        pos,
+        id,
+        piece: WORDS[id as usize].to_string(),
+        generated,
+        routes,
+        more,
+        ..Default::default()
+    }
+}
+
+/// Loads `info` and plays one turn of `tokens` prompt tokens and `tokens` generated ones with
+/// top-`k` routing.
+pub fn topk_conversation(app: &mut App, info: &ModelInfo, k: usize, tokens: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    app.update(Msg::Engine(EngineEvent::Loaded(Box::new(info.clone()))));
+    let cmds = type_and_send(app, "Which experts?");
+    let Some(Command::Chat { id, text, .. }) = cmds.into_iter().next() else {
+        return;
+    };
+    app.update(Msg::Engine(EngineEvent::TurnStarted { id, user: text }));
+    let prompt = (0..tokens).map(|p| topk_token(info, k, p, false, &mut rng)).collect();
+    app.update(Msg::Engine(EngineEvent::Prompt { id, tokens: prompt }));
+    for p in tokens..2 * tokens {
+        let rec = topk_token(info, k, p, true, &mut rng);
+        let text = rec.piece.clone();
+        app.update(Msg::Engine(EngineEvent::Token {
+            id,
+            text,
+            rec: Box::new(rec),
+        }));
+    }
+    let stats = GenStats {
+        prompt_tokens: tokens,
+        prefill_secs: 0.004,
+        gen_tokens: tokens,
+        decode_secs: 0.01 * tokens as f64,
+        ttft_secs: 0.012,
+    };
+    app.update(Msg::Engine(EngineEvent::Done {
+        id,
+        stats,
+        stop: StopReason::MaxTokens,
+    }));
 }
 
 /// Plays `steps` fine-tuning steps of a made-up run, with probe routing before and after.

@@ -91,6 +91,12 @@ pub fn balance(tele: &Telemetry, slot: usize, n_experts: usize) -> Balance {
         if let Some(l) = loads.get_mut(e) {
             *l += 1;
         }
+        // a top-k model: the other chosen experts carry load too
+        for &(x, _) in t.more.get(slot).map_or(&[][..], Vec::as_slice) {
+            if let Some(l) = loads.get_mut(usize::from(x)) {
+                *l += 1;
+            }
+        }
         if let Some((p, pe)) = prev {
             if p + 1 == t.pos {
                 pairs += 1;

@@ -1,6 +1,9 @@
 //! The routing view: a tokens × MoE-layers grid coloured by the chosen expert (id printed in each
 //! cell, colour-blind-safe palette, legend), the selected token's expert and gate probability per
-//! layer, and per-layer load balance over the conversation.
+//! layer, and per-layer load balance over the conversation. For a top-k model (OLMoE, Mixtral) the
+//! grid shows each token's first expert, the detail all k with their router probabilities, the
+//! loads count every choice, and with more than ten experts the legend gives the id range and the
+//! load sparkline one column per group of experts.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -101,13 +104,32 @@ fn grid(app: &App, moe: &[(usize, usize)], cw: usize, area: Rect, buf: &mut Buff
     if legend_h > 0 {
         let y = area.bottom() - 1;
         let n = moe.iter().map(|&(_, e)| e).max().unwrap_or(0);
-        put(buf, area, area.x, y, "experts ", t.style(Role::Muted));
-        let mut x = area.x + 8;
-        for e in 0..n {
-            put(buf, area, x, y, &format!("{e}"), t.expert_cell(e));
-            x += 1;
+        let k = 1 + app
+            .tele
+            .tokens
+            .iter()
+            .map(|t| t.more.first().map_or(0, Vec::len))
+            .max()
+            .unwrap_or(0);
+        let mut x = area.x;
+        if n <= 10 {
+            put(buf, area, x, y, "experts ", t.style(Role::Muted));
+            x += 8;
+            for e in 0..n {
+                put(buf, area, x, y, &format!("{e}"), t.expert_cell(e));
+                x += 1;
+            }
+        } else {
+            // ids of two digits: the cells print them; the palette cycles
+            let text = format!("experts 0–{}", n - 1);
+            put(buf, area, x, y, &text, t.style(Role::Muted));
+            x += text.chars().count() as u16;
         }
-        let info = format!(" {} tokens", app.tele.len());
+        let info = if k > 1 {
+            format!(" {} tok top-{k}", app.tele.len())
+        } else {
+            format!(" {} tokens", app.tele.len())
+        };
         put(buf, area, x, y, &info, t.style(Role::Muted));
     }
 }
@@ -148,12 +170,22 @@ fn token_detail(app: &App, moe: &[(usize, usize)], area: Rect, buf: &mut Buffer)
             continue;
         };
         let e = usize::from(r.expert);
-        ls.push(Line::from(vec![
+        let more = tok.more.get(slot).filter(|m| !m.is_empty());
+        let p = if more.is_some() { "p" } else { "σ" };
+        let bw = if more.is_some() { bw.min(8) } else { bw };
+        let mut spans = vec![
             Span::styled(format!("L{l:<3}"), t.style(Role::Muted)),
             Span::styled(format!(" {e} "), t.expert_cell(e)),
-            Span::styled(format!(" σ {:.2} ", r.prob), t.style(Role::Text)),
+            Span::styled(format!(" {p} {:.2} ", r.prob), t.style(Role::Text)),
             Span::styled(bar(f64::from(r.prob), 1.0, bw), t.expert_text(e)),
-        ]));
+        ];
+        // a top-k model: the other chosen experts, best first
+        for &(x, q) in more.map_or(&[][..], Vec::as_slice) {
+            spans.push(Span::raw(" "));
+            spans.push(Span::styled(format!("{x}"), t.expert_text(usize::from(x))));
+            spans.push(Span::styled(format!(" {q:.2}"), t.style(Role::Muted)));
+        }
+        ls.push(Line::from(spans));
     }
     lines(inner, buf, ls);
 }
@@ -168,13 +200,21 @@ fn balance_table(app: &App, moe: &[(usize, usize)], area: Rect, buf: &mut Buffer
     ))];
     for (slot, &(l, e)) in moe.iter().enumerate() {
         let b = balance(&app.tele, slot, e);
-        let max = b.loads.iter().copied().max().unwrap_or(0).max(1);
+        // at most 10 columns: with more experts each column is the busiest of a group
+        let group = b.loads.len().div_ceil(10).max(1);
+        let cols: Vec<(usize, usize)> = b
+            .loads
+            .chunks(group)
+            .enumerate()
+            .map(|(c, g)| (c * group, g.iter().copied().max().unwrap_or(0)))
+            .collect();
+        let max = cols.iter().map(|c| c.1).max().unwrap_or(0).max(1);
         let mut spans = vec![Span::styled(format!("L{l:<4}"), t.style(Role::Muted))];
-        for (k, &n) in b.loads.iter().enumerate() {
+        for &(k, n) in &cols {
             let level = if n == 0 { ' ' } else { LEVELS[((n * 7) / max).min(7)] };
             spans.push(Span::styled(level.to_string(), t.expert_text(k)));
         }
-        let pad = 10usize.saturating_sub(b.loads.len());
+        let pad = 10usize.saturating_sub(cols.len());
         spans.push(Span::raw(" ".repeat(pad)));
         if b.tokens == 0 {
             spans.push(Span::styled("–", t.style(Role::Muted)));

@@ -117,7 +117,24 @@ fn loads(app: &App, layer: &SinkhornLayer, area: Rect, buf: &mut Buffer) {
             ),
         ]));
     }
-    let mut head = String::from("expert  greedy");
+    // more experts than rows (a 64-expert layer): the busiest under any of the assignments
+    let room = usize::from(inner.height).saturating_sub(ls.len() + 1);
+    let load_of = |e: usize| {
+        std::iter::once(layer.greedy_loads.get(e).copied().unwrap_or(0))
+            .chain(layer.runs.iter().map(|r| r.loads.get(e).copied().unwrap_or(0)))
+            .max()
+            .unwrap_or(0)
+    };
+    let mut shown: Vec<usize> = (0..layer.n_experts).collect();
+    if shown.len() > room {
+        shown.sort_by(|&a, &b| load_of(b).cmp(&load_of(a)).then(a.cmp(&b)));
+        shown.truncate(room);
+    }
+    let mut head = if shown.len() < layer.n_experts {
+        format!("busiest {} of {}: greedy", shown.len(), layer.n_experts)
+    } else {
+        String::from("expert  greedy")
+    };
     for run in &layer.runs {
         head.push_str(match run.variant {
             Variant::Zyphra => " │ Zyphra",
@@ -134,8 +151,9 @@ fn loads(app: &App, layer: &SinkhornLayer, area: Rect, buf: &mut Buffer) {
         .unwrap_or(1)
         .max(1) as f64;
     let bw = (usize::from(inner.width).saturating_sub(8) / 3).saturating_sub(1).clamp(1, 12);
-    for e in 0..layer.n_experts {
-        let mut spans = vec![Span::styled(format!(" {e} "), t.expert_cell(e)), Span::raw(" ")];
+    let id_w = if layer.n_experts > 10 { 2 } else { 1 };
+    for &e in &shown {
+        let mut spans = vec![Span::styled(format!(" {e:>id_w$} "), t.expert_cell(e)), Span::raw(" ")];
         let vals = std::iter::once(layer.greedy_loads.get(e).copied().unwrap_or(0))
             .chain(layer.runs.iter().map(|r| r.loads.get(e).copied().unwrap_or(0)));
         for (k, v) in vals.enumerate() {

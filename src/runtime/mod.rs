@@ -5,6 +5,9 @@
 //!   switch between the two;
 //! * `decode`: the batch-1 decode step as a fixed list of kernel launches over static buffers,
 //!   captured once as a CUDA graph, sampling on the device (feature `cuda`);
+//! * [`megakernel`]: issue 17's one-kernel-per-token decode: the per-SM instruction lists, their
+//!   validator and the CPU interpreter that is the future kernel's slow twin (not on the user's
+//!   path yet);
 //! * `grad`: the training runtime's pieces that drive several layers' kernels at once: the
 //!   recomputed step's first pass and the half-blocks differentiated by hand (feature `cuda`).
 
@@ -12,4 +15,5 @@
 pub mod decode;
 #[cfg(feature = "cuda")]
 pub mod grad;
+pub mod megakernel;
 pub mod stepper;

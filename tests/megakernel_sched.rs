@@ -258,7 +258,12 @@ fn parity(model: &Model, sms: &[usize], seeds: &[u64], tokens: usize) -> (f32, f
     let (mut dl, mut dp, mut ds) = (0f32, 0f32, 0f32);
     let max_diff = |a: &[f32], b: &[f32]| {
         let scale = 1.0 + b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
+        d / scale
     };
     for t in 0..tokens {
         let tok = rng.below(cfg.vocab_size) as u32;

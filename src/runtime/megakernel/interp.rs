@@ -35,10 +35,13 @@ pub struct TokenOut {
     pub routes: Vec<RouteOut>,
 }
 
-/// The kernel's global buffers of one token (see [`super::validate::Buf`]).
+/// The kernel's global buffers (see [`super::validate::Buf`]). The split-K accumulators come
+/// in two sets, by token parity: token t adds into set t % 2 and each adding tile zeroes its
+/// slice of the same vector in the other set, which no instruction of token t touches and which
+/// token t + 1 (launched after token t ends) adds into. No memset, no host work per token.
 struct Arena {
-    res: Vec<Vec<f32>>,
-    xdbc: Vec<Vec<f32>>,
+    res: [Vec<Vec<f32>>; 2],
+    xdbc: [Vec<Vec<f32>>; 2],
     v: Vec<Vec<f32>>,
     z: Vec<Vec<f32>>,
     route: Vec<Option<RouteOut>>,
@@ -50,6 +53,10 @@ pub struct Interpreter<'a> {
     s: &'a Schedule,
     w: &'a HostWeights,
     arena: Arena,
+    /// The dependency counters, monotonic across tokens (never reset).
+    counters: Vec<u64>,
+    /// Tokens decoded so far: the epoch of the counters and the parity of the accumulators.
+    tokens: u64,
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -97,6 +104,12 @@ fn activate(act: Activation, x: f32) -> f32 {
     }
 }
 
+/// Tile `tile` of `tiles`'s share of an n-vector it zeroes for the next token.
+fn share(tile: u32, tiles: u32, n: usize) -> std::ops::Range<usize> {
+    let (t, k) = (tile as usize, tiles.max(1) as usize);
+    t * n / k..(t + 1) * n / k
+}
+
 /// dst += src (the kernel's `red.global.add.f32`).
 fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
@@ -119,15 +132,22 @@ impl<'a> Interpreter<'a> {
             return Err(Error::Invalid("megakernel: the weights do not match the schedule's config".into()));
         }
         let per_layer = |n: usize| (0..cfg.num_layers).map(|_| vec![0.0; n]).collect::<Vec<_>>();
+        let res = || (0..=cfg.num_layers).map(|_| vec![0.0; d]).collect::<Vec<_>>();
         let arena = Arena {
-            res: (0..=cfg.num_layers).map(|_| vec![0.0; d]).collect(),
-            xdbc: per_layer(cfg.x_proj_rows()),
+            res: [res(), res()],
+            xdbc: [per_layer(cfg.x_proj_rows()), per_layer(cfg.x_proj_rows())],
             v: per_layer(di),
             z: per_layer(di),
             route: vec![None; cfg.num_layers],
             logits: vec![0.0; cfg.vocab_size],
         };
-        Ok(Self { s, w, arena })
+        Ok(Self {
+            s,
+            w,
+            arena,
+            counters: vec![0; s.counters.len()],
+            tokens: 0,
+        })
     }
 
     /// Decodes `token`, advancing `state`, with the SMs interleaved as drawn from `seed`.
@@ -144,15 +164,21 @@ impl<'a> Interpreter<'a> {
         if state.conv.len() != cfg.num_layers || state.ssm.len() != cfg.num_layers {
             return Err(Error::Invalid("megakernel: the state does not match the schedule's config".into()));
         }
-        // the token prologue: accumulators zeroed (the kernel: by the previous token's tail or a
-        // memset node), the residual into layer 0 is the embedding row
+        // what the host (later the sampler) provides: the token's embedding row as the residual
+        // into layer 0; the plain-store buffers are poisoned so that a row no tile writes shows
+        let p = (self.tokens % 2) as usize;
         let a = &mut self.arena;
-        a.res.iter_mut().chain(a.xdbc.iter_mut()).for_each(|v| v.fill(0.0));
+        a.res[p][0].copy_from_slice(&self.w.emb[t * d..(t + 1) * d]);
         a.route.iter_mut().for_each(|r| *r = None);
-        a.logits.fill(0.0);
-        a.res[0].copy_from_slice(&self.w.emb[t * d..(t + 1) * d]);
+        a.v.iter_mut()
+            .chain(a.z.iter_mut())
+            .chain([&mut a.logits])
+            .for_each(|v| v.fill(f32::NAN));
         let (w, arena) = (self.w, &mut self.arena);
-        interleave(self.s, seed, |_, _, i| exec(cfg, w, arena, state, i))?;
+        interleave(self.s, seed, &mut self.counters, self.tokens, |_, _, i| {
+            exec(cfg, w, arena, state, i, p)
+        })?;
+        self.tokens += 1;
         let mut routes = Vec::new();
         for (l, _) in cfg.moe_layers() {
             let r = arena.route[l]
@@ -167,15 +193,21 @@ impl<'a> Interpreter<'a> {
     }
 }
 
-/// One instruction on the host buffers.
-fn exec(cfg: &Config, w: &HostWeights, a: &mut Arena, st: &mut HostState, i: &Instr) -> Result<()> {
+/// One instruction on the host buffers; `p` is the token's parity.
+fn exec(cfg: &Config, w: &HostWeights, a: &mut Arena, st: &mut HostState, i: &Instr, p: usize) -> Result<()> {
     let l = i.layer as usize;
     let rows = i.rows.0 as usize..i.rows.1 as usize;
     let eps = cfg.layernorm_epsilon as f32;
     let first = i.tile == 0;
     match (i.op, w.layers.get(l)) {
-        (OpKind::MambaIn, Some(LayerW::Mamba(m))) => mamba_in(cfg, m, a, st, l, rows, eps),
-        (OpKind::MambaSsm, Some(LayerW::Mamba(m))) => mamba_ssm(cfg, m, a, st, l, rows, first),
+        (OpKind::MambaIn, Some(LayerW::Mamba(m))) => {
+            a.xdbc[1 - p][l][share(i.tile, i.tiles, cfg.x_proj_rows())].fill(0.0);
+            mamba_in(cfg, m, a, st, l, rows, eps, p)
+        }
+        (OpKind::MambaSsm, Some(LayerW::Mamba(m))) => {
+            a.res[1 - p][l + 1][share(i.tile, i.tiles, cfg.hidden_size)].fill(0.0);
+            mamba_ssm(cfg, m, a, st, l, rows, first, p)
+        }
         (
             OpKind::MoeFfn,
             Some(LayerW::Moe {
@@ -185,7 +217,8 @@ fn exec(cfg: &Config, w: &HostWeights, a: &mut Arena, st: &mut HostState, i: &In
                 experts,
             }),
         ) => {
-            let x = rms_norm(&a.res[l], norm, eps);
+            a.res[1 - p][l + 1][share(i.tile, i.tiles, cfg.hidden_size)].fill(0.0);
+            let x = rms_norm(&a.res[p][l], norm, eps);
             // the router, redundant in every tile (every tile reaches the same argmax bitwise)
             let logits: Vec<f32> = router_b
                 .iter()
@@ -207,16 +240,17 @@ fn exec(cfg: &Config, w: &HostWeights, a: &mut Arena, st: &mut HostState, i: &In
                     probs,
                 });
             }
-            ffn(cfg, w.act, &experts[best], a, l, &x, rows, first, gate);
+            ffn(cfg, w.act, &experts[best], &mut a.res[p], l, &x, rows, first, gate);
             Ok(())
         }
         (OpKind::DenseFfn, Some(LayerW::Dense { norm, mlp })) => {
-            let x = rms_norm(&a.res[l], norm, eps);
-            ffn(cfg, w.act, mlp, a, l, &x, rows, first, 1.0);
+            a.res[1 - p][l + 1][share(i.tile, i.tiles, cfg.hidden_size)].fill(0.0);
+            let x = rms_norm(&a.res[p][l], norm, eps);
+            ffn(cfg, w.act, mlp, &mut a.res[p], l, &x, rows, first, 1.0);
             Ok(())
         }
         (OpKind::Head, _) if l == cfg.num_layers => {
-            let x = layer_norm(&a.res[l], &w.final_w, &w.final_b, eps);
+            let x = layer_norm(&a.res[p][l], &w.final_w, &w.final_b, eps);
             let d = x.len();
             for r in rows {
                 a.logits[r] = dot(&w.emb[r * d..(r + 1) * d], &x);
@@ -232,10 +266,20 @@ fn exec(cfg: &Config, w: &HostWeights, a: &mut Arena, st: &mut HostState, i: &In
 
 /// Stage 1 of a Mamba layer for channels `rows`: norm, in_proj u/z, conv window + conv + SiLU,
 /// x_proj partial sums.
-fn mamba_in(cfg: &Config, m: &MambaW, a: &mut Arena, st: &mut HostState, l: usize, rows: std::ops::Range<usize>, eps: f32) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn mamba_in(
+    cfg: &Config,
+    m: &MambaW,
+    a: &mut Arena,
+    st: &mut HostState,
+    l: usize,
+    rows: std::ops::Range<usize>,
+    eps: f32,
+    p: usize,
+) -> Result<()> {
     let (d, di, k) = (cfg.hidden_size, cfg.d_inner(), cfg.conv_dimension);
     let xr = cfg.x_proj_rows();
-    let x = rms_norm(&a.res[l], &m.norm, eps);
+    let x = rms_norm(&a.res[p][l], &m.norm, eps);
     let conv = &mut st.conv[l];
     let mut part = vec![0f32; xr];
     for c in rows {
@@ -251,13 +295,14 @@ fn mamba_in(cfg: &Config, m: &MambaW, a: &mut Arena, st: &mut HostState, l: usiz
         a.z[l][c] = z;
         part.iter_mut().zip(&m.x_t[c * xr..(c + 1) * xr]).for_each(|(p, wx)| *p += wx * v);
     }
-    add_into(&mut a.xdbc[l], &part);
+    add_into(&mut a.xdbc[p][l], &part);
     Ok(())
 }
 
 /// Stage 2 of a Mamba layer for channels `rows`: dt_proj + softplus, the state update, C, D
 /// skip, SiLU(z) gate, out_proj partial sums into the next residual (tile 0 adds the residual
 /// and the bias).
+#[allow(clippy::too_many_arguments)]
 fn mamba_ssm(
     cfg: &Config,
     m: &MambaW,
@@ -266,17 +311,18 @@ fn mamba_ssm(
     l: usize,
     rows: std::ops::Range<usize>,
     first: bool,
+    p: usize,
 ) -> Result<()> {
     let (d, n, r) = (cfg.hidden_size, cfg.state_size, cfg.dt_rank());
-    let xd = &a.xdbc[l];
+    let xd = &a.xdbc[p][l];
     let (dt_in, bm, cm) = (&xd[..r], &xd[r..r + n], &xd[r + n..r + 2 * n]);
     let h = &mut st.ssm[l];
     let mut part = if first {
-        let mut p = a.res[l].clone();
+        let mut r0 = a.res[p][l].clone();
         if let Some(b) = &m.out_b {
-            add_into(&mut p, b);
+            add_into(&mut r0, b);
         }
-        p
+        r0
     } else {
         vec![0f32; d]
     };
@@ -292,7 +338,7 @@ fn mamba_ssm(
         let y = (y + v * m.d_skip[c]) * silu(a.z[l][c]);
         part.iter_mut().zip(&m.out_t[c * d..(c + 1) * d]).for_each(|(p, wo)| *p += wo * y);
     }
-    add_into(&mut a.res[l + 1], &part);
+    add_into(&mut a.res[p][l + 1], &part);
     Ok(())
 }
 
@@ -300,7 +346,17 @@ fn mamba_ssm(
 /// fc2 partial sums scaled by the gate into the next residual (tile 0 adds the residual and the
 /// gated fc2 bias).
 #[allow(clippy::too_many_arguments)]
-fn ffn(cfg: &Config, act: Activation, e: &MlpW, a: &mut Arena, l: usize, x: &[f32], rows: std::ops::Range<usize>, first: bool, gate: f32) {
+fn ffn(
+    cfg: &Config,
+    act: Activation,
+    e: &MlpW,
+    res: &mut [Vec<f32>],
+    l: usize,
+    x: &[f32],
+    rows: std::ops::Range<usize>,
+    first: bool,
+    gate: f32,
+) {
     let (d, f) = (cfg.hidden_size, cfg.ffn_hidden_size);
     let bias = |r: usize| e.fc1_b.as_ref().map_or(0.0, |b| b[r]);
     let mut part = vec![0f32; d];
@@ -320,7 +376,7 @@ fn ffn(cfg: &Config, act: Activation, e: &MlpW, a: &mut Arena, l: usize, x: &[f3
     }
     part.iter_mut().for_each(|p| *p *= gate);
     if first {
-        add_into(&mut part, &a.res[l]);
+        add_into(&mut part, &res[l]);
     }
-    add_into(&mut a.res[l + 1], &part);
+    add_into(&mut res[l + 1], &part);
 }

@@ -202,22 +202,35 @@ pub fn check_static(s: &Schedule) -> Result<()> {
     Ok(())
 }
 
-/// Runs every SM's list once (one token) in an interleaving drawn from `seed`: at each step one
-/// SM whose next instruction's waits are met runs it whole, then signals. `exec` sees each
-/// instruction as it runs. An error if no SM can proceed before all are done (a deadlock).
-pub fn interleave(s: &Schedule, seed: u64, mut exec: impl FnMut(usize, usize, &Instr) -> Result<()>) -> Result<()> {
+/// Runs every SM's list once (token number `epoch`, from 0) in an interleaving drawn from
+/// `seed`: at each step one SM whose next instruction's waits are met runs it whole, then adds 1
+/// to its counter. `count` holds the counters, monotonic across tokens as the kernel's: a wait
+/// for `target` signals per token is met at `target · (epoch + 1)`. `exec` sees each instruction
+/// as it runs. An error if no SM can proceed before all are done (a deadlock).
+pub fn interleave(
+    s: &Schedule,
+    seed: u64,
+    count: &mut [u64],
+    epoch: u64,
+    mut exec: impl FnMut(usize, usize, &Instr) -> Result<()>,
+) -> Result<()> {
+    if count.len() != s.counters.len() {
+        return Err(Error::Invalid(format!(
+            "megakernel: {} counters given for a schedule of {}",
+            count.len(),
+            s.counters.len()
+        )));
+    }
+    let need = |w: &super::isa::Wait| u64::from(w.target) * (epoch + 1);
     let mut rng = Rng::new(seed);
     let mut pc = vec![0usize; s.lists.len()];
-    let mut count = vec![0u32; s.counters.len()];
     let policy = seed % 3; // 0: uniform; 1: keep running the last SM; 2: favour the highest SM
     let mut last = 0usize;
     loop {
         let ready = |sm: usize| {
-            s.lists[sm].get(pc[sm]).is_some_and(|i| {
-                i.waits
-                    .iter()
-                    .all(|w| count.get(w.counter as usize).is_some_and(|&c| c >= w.target))
-            })
+            s.lists[sm]
+                .get(pc[sm])
+                .is_some_and(|i| i.waits.iter().all(|w| count.get(w.counter as usize).is_some_and(|&c| c >= need(w))))
         };
         let runnable: Vec<usize> = (0..s.lists.len()).filter(|&sm| ready(sm)).collect();
         if runnable.is_empty() {
@@ -230,13 +243,13 @@ pub fn interleave(s: &Schedule, seed: u64, mut exec: impl FnMut(usize, usize, &I
                     let w = i
                         .waits
                         .iter()
-                        .find(|w| count.get(w.counter as usize).is_none_or(|&c| c < w.target))?;
+                        .find(|w| count.get(w.counter as usize).is_none_or(|&c| c < need(w)))?;
                     let have = count.get(w.counter as usize).copied().unwrap_or(0);
                     Some(format!(
                         "{} waits on {} at {have}/{}",
                         at(s, sm, pc[sm]),
                         s.counter_name(w.counter),
-                        w.target
+                        need(w)
                     ))
                 })
                 .take(4)
@@ -278,7 +291,8 @@ pub fn simulate(s: &Schedule, seed: u64) -> Result<()> {
         }
     }
     let mut done = vec![false; base.last().map_or(0, |b| b + s.lists.last().map_or(0, Vec::len))];
-    interleave(s, seed, |sm, idx, i| {
+    let mut count = vec![0u64; s.counters.len()];
+    interleave(s, seed, &mut count, 0, |sm, idx, i| {
         let me = base[sm] + idx;
         for a in accesses(&s.cfg, i).into_iter().filter(|a| a.mode == Mode::Read) {
             for &(ws, we, _, wsm, widx) in writers.get(&a.buf).map_or(&[][..], Vec::as_slice) {

@@ -6,7 +6,7 @@
 //!   encoding;
 //! * [`schedule`]: the per-SM instruction lists built once per model from a
 //!   [`crate::model::config::Config`], an SM count and tile sizes, balanced by weight bytes;
-//! * [`validate`]: the buffers each instruction touches, static checks and simulated
+//! * [`mod@validate`]: the buffers each instruction touches, static checks and simulated
 //!   interleavings that must never deadlock nor read a range before its writers finish;
 //! * [`host`]: the weights in the layout the kernel streams (split-K matrices transposed) and
 //!   the recurrent state, as f32 host vectors;

@@ -7,7 +7,7 @@
 //! split and the same SM for a channel range (channel ownership: the kernel may keep v and z in
 //! shared memory). Instructions are appended op by op, so every SM's list follows one global
 //! topological order: the oldest unfinished instruction of the token can always run, which is
-//! why the lists cannot deadlock (checked by [`super::validate`]).
+//! why the lists cannot deadlock (checked by [`super::validate()`]).
 
 use crate::error::{Error, Result};
 use crate::model::config::{Config, LayerKind};

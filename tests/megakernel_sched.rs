@@ -243,7 +243,11 @@ fn parity(model: &Model, sms: &[usize], seeds: &[u64], tokens: usize) -> (f32, f
     let scheds: Vec<Schedule> = sms
         .iter()
         .map(|&n| {
-            let s = Schedule::build(cfg, &ScheduleOpts::new(n)).unwrap();
+            let opts = ScheduleOpts {
+                formats: FormatPlan::uniform(WeightFormat::F32), // the weights as Model::step has them
+                ..ScheduleOpts::new(n)
+            };
+            let s = Schedule::build(cfg, &opts).unwrap();
             validate(&s, seeds).unwrap();
             s
         })

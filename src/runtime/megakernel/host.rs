@@ -12,6 +12,10 @@ use crate::model::moe::Mlp;
 use crate::model::state::State;
 use crate::model::{Mixer, Model};
 
+use super::isa::WeightFormat;
+use super::pack::roundtrip;
+use super::schedule::FormatPlan;
+
 fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -98,23 +102,34 @@ pub struct HostWeights {
     pub final_w: Vec<f32>,
     pub final_b: Vec<f32>,
     pub act: Activation,
+    /// The formats the matrices were stored in (and dequantised from).
+    pub formats: FormatPlan,
 }
 
-fn mlp(cfg: &Config, m: &Mlp, layer: usize) -> Result<MlpW> {
+fn mlp(cfg: &Config, m: &Mlp, layer: usize, f: &FormatPlan) -> Result<MlpW> {
+    let (d, ffn) = (cfg.hidden_size, cfg.ffn_hidden_size);
     let (fc1, fc1_b) = linear(&m.fc1, "fc1", layer)?;
     let (fc2, fc2_b) = linear(&m.fc2, "fc2", layer)?;
     Ok(MlpW {
-        fc1,
+        fc1: roundtrip(&fc1, cfg.fc1_rows(), d, f.fc1)?,
         fc1_b,
-        fc2_t: transpose(&fc2, cfg.hidden_size, cfg.ffn_hidden_size),
+        fc2_t: roundtrip(&transpose(&fc2, d, ffn), ffn, d, f.fc2)?,
         fc2_b,
     })
 }
 
 impl HostWeights {
-    /// Copies `model`'s weights (any dtype) to f32 host vectors.
+    /// Copies `model`'s weights (any dtype) to f32 host vectors, as they are.
     pub fn from_model(model: &Model) -> Result<Self> {
+        Self::from_model_in(model, &FormatPlan::uniform(WeightFormat::F32))
+    }
+
+    /// As [`HostWeights::from_model`], each matrix stored in its `formats` entry (in the
+    /// kernel's layout) and dequantised: the values a kernel streaming those bytes computes with.
+    pub fn from_model_in(model: &Model, formats: &FormatPlan) -> Result<Self> {
         let cfg = &model.cfg;
+        let f = formats;
+        let (r, xr) = (cfg.dt_rank(), cfg.x_proj_rows());
         let (d, di) = (cfg.hidden_size, cfg.d_inner());
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, b) in model.layers.iter().enumerate() {
@@ -127,16 +142,16 @@ impl HostWeights {
                     let (out_w, out_b) = linear(&m.out_proj, "out_proj", i)?;
                     LayerW::Mamba(MambaW {
                         norm,
-                        in_w,
+                        in_w: roundtrip(&in_w, 2 * di, d, f.in_proj)?,
                         in_b,
                         conv_w: host(&m.conv_w)?,
                         conv_b: host(&m.conv_b)?,
-                        x_t: transpose(&x_w, cfg.x_proj_rows(), di),
-                        dt_w,
+                        x_t: roundtrip(&transpose(&x_w, xr, di), di, xr, f.x_proj)?,
+                        dt_w: roundtrip(&dt_w, di, r, f.dt_proj)?,
                         dt_b: host(&m.dt_bias)?,
                         a: host(&m.a_log)?.into_iter().map(|x| -x.exp()).collect(),
                         d_skip: host(&m.d)?,
-                        out_t: transpose(&out_w, d, di),
+                        out_t: roundtrip(&transpose(&out_w, d, di), di, d, f.out_proj)?,
                         out_b,
                     })
                 }
@@ -146,21 +161,22 @@ impl HostWeights {
                         norm,
                         router_w,
                         router_b: router_b.ok_or_else(|| Error::Invalid(format!("megakernel: layer {i} router has no bias")))?,
-                        experts: m.experts.iter().map(|e| mlp(cfg, e, i)).collect::<Result<_>>()?,
+                        experts: m.experts.iter().map(|e| mlp(cfg, e, i, f)).collect::<Result<_>>()?,
                     }
                 }
                 Mixer::Dense(m) => LayerW::Dense {
                     norm,
-                    mlp: mlp(cfg, m, i)?,
+                    mlp: mlp(cfg, m, i, f)?,
                 },
             });
         }
         Ok(Self {
-            emb: host(&model.embedding)?,
+            emb: roundtrip(&host(&model.embedding)?, cfg.vocab_size, d, f.head)?,
             layers,
             final_w: host(&model.final_w)?,
             final_b: host(&model.final_b)?,
             act: cfg.expert_activation,
+            formats: *formats,
         })
     }
 }

@@ -131,6 +131,13 @@ impl<'a> Interpreter<'a> {
         if !fits {
             return Err(Error::Invalid("megakernel: the weights do not match the schedule's config".into()));
         }
+        if w.formats != s.opts.formats {
+            return Err(Error::Invalid(format!(
+                "megakernel: the weights are stored as {:?} but the schedule streams {:?}; pack them with \
+                 HostWeights::from_model_in and the schedule's formats",
+                w.formats, s.opts.formats
+            )));
+        }
         let per_layer = |n: usize| (0..cfg.num_layers).map(|_| vec![0.0; n]).collect::<Vec<_>>();
         let res = || (0..=cfg.num_layers).map(|_| vec![0.0; d]).collect::<Vec<_>>();
         let arena = Arena {

@@ -8,6 +8,7 @@
 //!   [`crate::model::config::Config`], an SM count and tile sizes, balanced by weight bytes;
 //! * [`mod@validate`]: the buffers each instruction touches, static checks and simulated
 //!   interleavings that must never deadlock nor read a range before its writers finish;
+//! * [`pack`]: a weight tile's bytes in its format (bf16, f32, fp8 e4m3, int8, 4-bit) and back;
 //! * [`host`]: the weights in the layout the kernel streams (split-K matrices transposed) and
 //!   the recurrent state, as f32 host vectors;
 //! * [`interp`]: the lists executed on the CPU in a simulated interleaving, the same tile
@@ -19,6 +20,7 @@
 pub mod host;
 pub mod interp;
 pub mod isa;
+pub mod pack;
 pub mod schedule;
 pub mod validate;
 

@@ -331,3 +331,30 @@ fn interpreter_matches_model_step_on_an_odd_config() {
     println!("odd config, 512 tokens: max relative |Δ| logits {dl:e}, router probs {dp:e}, states {ds:e}");
     assert!(dl < TOL && dp < TOL && ds < TOL, "logits {dl:e}, probs {dp:e}, states {ds:e}");
 }
+
+#[test]
+fn interpreter_matches_model_step_on_edge_configs() {
+    // the smallest sizes the loader accepts: one layer of each kind, d = 3 (dt_rank 1), N = 1,
+    // K = 1 and 2, one hidden unit, two vocabulary rows; more SMs than rows
+    let edge = |layers: &[&str], k: usize| {
+        let json = serde_json::json!({
+            "num_layers": layers.len(), "hidden_size": 3, "state_size": 1, "conv_dimension": k,
+            "vocab_size": 2, "expansion_factor": 1, "mamba_moe_layers": layers,
+            "ffn_hidden_size": 1, "add_bias_linear": false, "swiglu": true, "max_sequence_length": 16
+        });
+        Config::from_json_str(&json.to_string()).unwrap()
+    };
+    for cfg in [edge(&["r"], 2), edge(&["2"], 4), edge(&["1"], 4), edge(&["9", "r", "r", "2"], 1)] {
+        let model = common::tiny_model(&cfg, 9);
+        let (dl, dp, ds) = parity(&model, &[1, 3, 132], &[0, 1], 32);
+        assert!(
+            dl < TOL && dp < TOL && ds < TOL,
+            "{:?}: logits {dl:e}, probs {dp:e}, states {ds:e}",
+            cfg.mamba_moe_layers
+        );
+        assert_eq!(
+            Schedule::build(&cfg, &ScheduleOpts::new(132)).unwrap().stages(),
+            Some(expected_stages(&cfg))
+        );
+    }
+}

@@ -358,3 +358,51 @@ fn interpreter_matches_model_step_on_edge_configs() {
         );
     }
 }
+
+#[test]
+fn the_cuda_header_mirrors_the_encoding() {
+    use blackmamba::runtime::megakernel::isa::{word, FLAG_EXPERT, FLAG_FIRST, MAX_OPERANDS, MAX_WAITS, WORDS};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/megakernel_isa.cuh");
+    let text = std::fs::read_to_string(path).unwrap();
+    let header: std::collections::BTreeMap<String, u32> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.strip_prefix("#define MK_")?.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect();
+    let mut rust: std::collections::BTreeMap<String, u32> = [
+        ("WORDS", WORDS),
+        ("MAX_WAITS", MAX_WAITS),
+        ("MAX_OPERANDS", MAX_OPERANDS),
+        ("W_HEAD", word::HEAD),
+        ("W_LAYER", word::LAYER),
+        ("W_ROW0", word::ROW0),
+        ("W_ROW1", word::ROW1),
+        ("W_TILE", word::TILE),
+        ("W_TILES", word::TILES),
+        ("W_WAIT0", word::WAIT0),
+        ("W_SIGNAL", word::SIGNAL),
+        ("W_FORMATS", word::FORMATS),
+        ("W_BYTES_LO", word::BYTES_LO),
+        ("W_BYTES_HI", word::BYTES_HI),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v as u32))
+    .collect();
+    rust.insert("FLAG_FIRST".into(), FLAG_FIRST);
+    rust.insert("FLAG_EXPERT".into(), FLAG_EXPERT);
+    for op in OpKind::ALL {
+        rust.insert(format!("OP_{}", op.name().to_uppercase()), op.code());
+    }
+    for (name, f) in [
+        ("F32", WeightFormat::F32),
+        ("BF16", WeightFormat::Bf16),
+        ("FP8_E4M3", WeightFormat::Fp8E4m3),
+        ("INT8", WeightFormat::Int8),
+        ("Q4", WeightFormat::Q4 { group: 2 }),
+    ] {
+        rust.insert(format!("FMT_{name}"), u32::from(f.code() & 15));
+    }
+    assert_eq!(header, rust, "kernels/megakernel_isa.cuh and isa.rs disagree");
+}

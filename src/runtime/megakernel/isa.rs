@@ -221,10 +221,31 @@ impl Instr {
 
 /// Words per encoded instruction.
 pub const WORDS: usize = 16;
-/// Word 10 when an instruction signals nothing (never built; decoded for completeness).
+/// The signal word of an instruction that signals nothing (never built; rejected by decode).
 const NO_COUNTER: u32 = u32::MAX;
-const FLAG_FIRST: u32 = 1;
-const FLAG_EXPERT: u32 = 2;
+/// Flag (word 0, bits 8-15): the op's first tile (adds the residual and the bias, writes the route).
+pub const FLAG_FIRST: u32 = 1;
+/// Flag: the weights depend on the router's choice (the loader streams the next instruction's first).
+pub const FLAG_EXPERT: u32 = 2;
+
+/// Word indices of [`Encoded`] (mirrored in `kernels/megakernel_isa.cuh`).
+pub mod word {
+    /// Opcode (bits 0-7), flags (8-15), number of waits (16-19).
+    pub const HEAD: usize = 0;
+    pub const LAYER: usize = 1;
+    /// First and end row of the tile.
+    pub const ROW0: usize = 2;
+    pub const ROW1: usize = 3;
+    pub const TILE: usize = 4;
+    pub const TILES: usize = 5;
+    /// Wait k: counter at `WAIT0 + 2k`, target per token at `WAIT0 + 2k + 1`.
+    pub const WAIT0: usize = 6;
+    pub const SIGNAL: usize = 10;
+    /// One format byte per weight operand, operand k in bits 8k..8k+7.
+    pub const FORMATS: usize = 11;
+    pub const BYTES_LO: usize = 12;
+    pub const BYTES_HI: usize = 13;
+}
 
 /// An instruction as the kernel reads it: 16 little-endian u32 words (64 bytes, one per
 /// controller fetch).
@@ -259,19 +280,20 @@ impl Instr {
         }
         let mut w = [0u32; WORDS];
         let flags = if self.tile == 0 { FLAG_FIRST } else { 0 } | if self.expert_dependent() { FLAG_EXPERT } else { 0 };
-        w[0] = self.op.code() | (flags << 8) | ((self.waits.len() as u32) << 16);
-        w[1] = self.layer;
-        (w[2], w[3], w[4], w[5]) = (self.rows.0, self.rows.1, self.tile, self.tiles);
+        w[word::HEAD] = self.op.code() | (flags << 8) | ((self.waits.len() as u32) << 16);
+        w[word::LAYER] = self.layer;
+        (w[word::ROW0], w[word::ROW1]) = self.rows;
+        (w[word::TILE], w[word::TILES]) = (self.tile, self.tiles);
         for (k, wait) in self.waits.iter().enumerate() {
-            w[6 + 2 * k] = wait.counter;
-            w[7 + 2 * k] = wait.target;
+            w[word::WAIT0 + 2 * k] = wait.counter;
+            w[word::WAIT0 + 2 * k + 1] = wait.target;
         }
-        w[10] = self.signal;
+        w[word::SIGNAL] = self.signal;
         for (k, f) in self.formats.iter().enumerate() {
-            w[11] |= u32::from(f.code()) << (8 * k);
+            w[word::FORMATS] |= u32::from(f.code()) << (8 * k);
         }
-        w[12] = self.weight_bytes as u32;
-        w[13] = (self.weight_bytes >> 32) as u32;
+        w[word::BYTES_LO] = self.weight_bytes as u32;
+        w[word::BYTES_HI] = (self.weight_bytes >> 32) as u32;
         Ok(Encoded { words: w })
     }
 
@@ -279,39 +301,40 @@ impl Instr {
     pub fn decode(e: &Encoded) -> Result<Self> {
         let w = &e.words;
         let bad = |why: String| Error::Invalid(format!("megakernel: bad encoded instruction {w:?}: {why}"));
-        let op = OpKind::from_code(w[0] & 0xff).ok_or_else(|| bad(format!("unknown opcode {}", w[0] & 0xff)))?;
-        let flags = (w[0] >> 8) & 0xff;
-        let n_waits = ((w[0] >> 16) & 0xf) as usize;
-        if w[0] >> 20 != 0 || flags & !(FLAG_FIRST | FLAG_EXPERT) != 0 || n_waits > MAX_WAITS {
+        let head = w[word::HEAD];
+        let op = OpKind::from_code(head & 0xff).ok_or_else(|| bad(format!("unknown opcode {}", head & 0xff)))?;
+        let flags = (head >> 8) & 0xff;
+        let n_waits = ((head >> 16) & 0xf) as usize;
+        if head >> 20 != 0 || flags & !(FLAG_FIRST | FLAG_EXPERT) != 0 || n_waits > MAX_WAITS {
             return Err(bad("reserved bits of word 0 set or too many waits".into()));
         }
-        if (n_waits..MAX_WAITS).any(|k| w[6 + 2 * k] != 0 || w[7 + 2 * k] != 0) {
+        if (n_waits..MAX_WAITS).any(|k| w[word::WAIT0 + 2 * k] != 0 || w[word::WAIT0 + 2 * k + 1] != 0) {
             return Err(bad("an unused wait slot is not zero".into()));
         }
-        if w[14] != 0 || w[15] != 0 || w[10] == NO_COUNTER {
+        if w[word::BYTES_HI + 1..].iter().any(|&x| x != 0) || w[word::SIGNAL] == NO_COUNTER {
             return Err(bad("reserved words set or no counter to signal".into()));
         }
         let waits = (0..n_waits).map(|k| Wait {
-            counter: w[6 + 2 * k],
-            target: w[7 + 2 * k],
+            counter: w[word::WAIT0 + 2 * k],
+            target: w[word::WAIT0 + 2 * k + 1],
         });
         let n_ops = op.operands().len();
         let formats = (0..n_ops)
-            .map(|k| WeightFormat::from_code((w[11] >> (8 * k)) as u8))
+            .map(|k| WeightFormat::from_code((w[word::FORMATS] >> (8 * k)) as u8))
             .collect::<Result<Vec<_>>>()?;
-        if w[11] >> (8 * n_ops) != 0 {
+        if w[word::FORMATS] >> (8 * n_ops) != 0 {
             return Err(bad(format!("formats for more than the op's {n_ops} operands")));
         }
         let instr = Self {
             op,
-            layer: w[1],
-            rows: (w[2], w[3]),
-            tile: w[4],
-            tiles: w[5],
+            layer: w[word::LAYER],
+            rows: (w[word::ROW0], w[word::ROW1]),
+            tile: w[word::TILE],
+            tiles: w[word::TILES],
             waits: waits.collect(),
-            signal: w[10],
+            signal: w[word::SIGNAL],
             formats,
-            weight_bytes: u64::from(w[12]) | (u64::from(w[13]) << 32),
+            weight_bytes: u64::from(w[word::BYTES_LO]) | (u64::from(w[word::BYTES_HI]) << 32),
         };
         let want = if instr.tile == 0 { FLAG_FIRST } else { 0 } | if instr.expert_dependent() { FLAG_EXPERT } else { 0 };
         if flags != want {

@@ -1,5 +1,5 @@
-// The Mamba SSM decode step of one block: kernels/mamba_step.cu launches it as a kernel,
-// kernels/persistent.cu runs it as a stage of the persistent decode kernel.
+// The Mamba SSM decode step of one block: kernels/mamba_step.cu launches it as a kernel (the
+// graph decoder's ssm_step launch).
 #pragma once
 #include "common.cuh"
 
@@ -10,7 +10,7 @@
 //   A_log: (di, N) f32, D: (di) f32              h_in/out: (B, di, N) f32       y: (B, di) T
 //   telem: null, or telem_mode 0: (B, 3) f32 sums added with atomics; telem_mode 1 (B = 1): one
 //   row of 3 partial sums per block, telem[bx·3 + q], summed later by sample_final;
-//   bx: the block (blockIdx.x, or a virtual block of the persistent decode kernel)
+//   bx: the block (blockIdx.x)
 template <typename T, typename D>
 __device__ void ssm_step_impl(int Bn, int di, int R, int N, int K, const T* __restrict__ xz, int xz_stride,
                               const float* conv_in, float* conv_out, const float* __restrict__ cw,

@@ -1,0 +1,1 @@
+//! Quantised checkpoints (written by `blackmamba quantize`).

@@ -322,6 +322,14 @@ fn load(spec: &LoadSpec, eo: EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> R
         crate::finetune::adapter::apply_merged(&mut loaded.model, dir)?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
     }
+    if let Some(q) = &spec.quant {
+        sink(EngineEvent::LoadProgress {
+            stage: format!("quantising to {}", q.format),
+            done: 2,
+            total,
+        });
+        crate::quant::apply::quantize_loaded(&mut loaded, q)?;
+    }
     sink(EngineEvent::LoadProgress {
         stage: "ready".into(),
         done: total,

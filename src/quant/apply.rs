@@ -208,3 +208,10 @@ pub fn model_format(model: &mut Model) -> Result<Option<QuantFormat>> {
     })?;
     Ok(found)
 }
+
+/// [`quantize_model`] on a loaded model, naming the format in its label.
+pub fn quantize_loaded(loaded: &mut crate::loader::Loaded, spec: &QuantSpec) -> Result<QuantSummary> {
+    let sum = quantize_model(&mut loaded.model, spec)?;
+    loaded.label = format!("{} [{}]", loaded.label, spec.format);
+    Ok(sum)
+}

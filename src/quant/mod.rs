@@ -20,6 +20,7 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod compare;
 pub mod fp8;
 pub mod qweight;
 

@@ -61,8 +61,9 @@ impl QWeight {
         }
         if let Some(g) = format.group() {
             if cols % g != 0 {
+                let other = if cols % 64 == 0 { "q4g64, int8 or fp8" } else { "int8 or fp8" };
                 return Err(Error::Invalid(format!(
-                    "{what}: its rows of {cols} are not a multiple of the {format} group of {g}; use int8, fp8 or q4g64, or keep it (--quant-keep)"
+                    "{what}: its rows of {cols} are not a multiple of the {format} group of {g}; use {other}, or keep it (--quant-keep)"
                 )));
             }
         }

@@ -12,6 +12,7 @@ pub mod logits;
 pub mod merge;
 pub mod models;
 pub mod prompt;
+pub mod quantize;
 pub mod random_checkpoint;
 pub mod trace;
 pub mod train;
@@ -208,6 +209,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Merge an adapter into its base model and write a model folder.
     Merge(merge::MergeArgs),
+    /// Write a quantised checkpoint (--quant FORMAT --out DIR) or compare a quantisation's routing
+    /// and perplexity with the unquantised model (--compare [TEXT]).
+    Quantize(quantize::QuantizeArgs),
     /// Measure prefill and decode speed, launches per token, bandwidth and GPU memory.
     Bench(bench::BenchArgs),
     /// List the models that can be loaded (embedded, hub cache, random shapes) and their status.
@@ -329,6 +333,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Merge(a)) => merge::run(&cli.model, &a),
         Some(Command::Chat(a)) => chat::run(&cli.model, &a.or(cli.chat)),
         Some(Command::Bench(a)) => bench::run(&cli.model, &a),
+        Some(Command::Quantize(a)) => quantize::run(&cli.model, &a),
         Some(Command::Models(a)) => models::run(&a),
         Some(Command::Completions(a)) => completions::run(&a),
         None => chat::run(&cli.model, &cli.chat),
@@ -354,6 +359,9 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
     if let Some(dir) = &m.adapter {
         crate::finetune::adapter::apply_merged(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
+    }
+    if m.kernels.no_kernels {
+        crate::quant::apply::set_ggml(&mut loaded.model, false)?;
     }
     if let Some(q) = m.quant_spec()? {
         crate::quant::apply::quantize_loaded(&mut loaded, &q).with_context(|| format!("quantising {} to {}", source.label(), q.format))?;

@@ -322,6 +322,9 @@ fn load(spec: &LoadSpec, eo: EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> R
         crate::finetune::adapter::apply_merged(&mut loaded.model, dir)?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
     }
+    if !eo.kernels.enabled {
+        crate::quant::apply::set_ggml(&mut loaded.model, false)?;
+    }
     if let Some(q) = &spec.quant {
         sink(EngineEvent::LoadProgress {
             stage: format!("quantising to {}", q.format),

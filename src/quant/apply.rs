@@ -215,3 +215,19 @@ pub fn quantize_loaded(loaded: &mut crate::loader::Loaded, spec: &QuantSpec) -> 
     loaded.label = format!("{} [{}]", loaded.label, spec.format);
     Ok(sum)
 }
+
+/// Turns the CPU's GGML matmuls on or off for every quantised layer (off: the dequantise-then-
+/// matmul twin; `--no-kernels`).
+pub fn set_ggml(model: &mut Model, on: bool) -> Result<()> {
+    let redo = |q: &Option<Arc<QLinear>>| -> Result<Option<Arc<QLinear>>> {
+        match q {
+            Some(q) if q.uses_ggml() != on => Ok(Some(Arc::new(QLinear::new(q.weight.clone(), on)?))),
+            other => Ok(other.clone()),
+        }
+    };
+    model.head_quant = redo(&model.head_quant)?;
+    for_each_linear(model, &mut |_, _, l| {
+        l.quant = redo(&l.quant)?;
+        Ok(())
+    })
+}

@@ -169,3 +169,54 @@ fn quantize_command_writes_a_checkpoint_that_loads_like_quant_at_load() {
     let e = run(&ModelArgs::default(), &args).unwrap_err().to_string();
     assert!(e.contains("--quant FORMAT"), "{e}");
 }
+
+#[test]
+fn quantize_compare_reports_routing_drift_of_the_embedded_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let n_moe = blackmamba::embedded::load(&Device::Cpu, DType::F32)
+        .unwrap()
+        .0
+        .cfg
+        .moe_layers()
+        .len();
+    let mut shares = Vec::new();
+    for f in [QuantFormat::Int8, QuantFormat::Fp8, QuantFormat::Q4 { group: 64 }] {
+        let json = dir.path().join(format!("{f}.json"));
+        let m = ModelArgs {
+            device: Some(blackmamba::loader::DeviceArg::Cpu),
+            quant: Some(f),
+            ..Default::default()
+        };
+        let a = QuantizeArgs {
+            out: None,
+            compare: Some(std::path::PathBuf::new()),
+            window: 64,
+            json: Some(json.clone()),
+        };
+        run(&m, &a).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(r["format"], f.name());
+        let tokens = r["tokens"].as_u64().unwrap();
+        assert!(tokens > 100, "the built-in text is {tokens} tokens");
+        let layers = r["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), n_moe, "one row per MoE layer");
+        let changed: u64 = layers.iter().map(|l| l["changed"].as_u64().unwrap()).sum();
+        assert!(layers.iter().all(|l| l["tokens"].as_u64() == Some(tokens)));
+        let ppl = (r["ppl_ref"].as_f64().unwrap(), r["ppl_quant"].as_f64().unwrap());
+        println!(
+            "{f}: ppl {:.3} -> {:.3}, top-1 {:.3}, experts changed {changed} of {}",
+            ppl.0,
+            ppl.1,
+            r["top1_agree"],
+            n_moe as u64 * tokens
+        );
+        assert!(ppl.0 > 1.0 && ppl.1 > 1.0 && ppl.0 != ppl.1);
+        shares.push(changed);
+    }
+    assert!(
+        shares[0] <= shares[2],
+        "int8 changed more experts ({}) than q4 ({})",
+        shares[0],
+        shares[2]
+    );
+}

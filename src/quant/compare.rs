@@ -155,7 +155,7 @@ impl QuantCompare {
             self.logits_max_abs,
             self.logits_rel_rms
         );
-        s.push_str("| layer | tokens | expert changed | mean |Δσ| | max |Δσ| | mean |Δ gate| |\n|---|---|---|---|---|---|\n");
+        s.push_str("| layer | tokens | expert changed | mean abs Δσ | max abs Δσ | mean abs Δ gate |\n|---|---|---|---|---|---|\n");
         for l in &self.layers {
             s.push_str(&format!(
                 "| {} | {} | {} ({:.2}%) | {:.5} | {:.5} | {:.5} |\n",

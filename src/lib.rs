@@ -21,6 +21,7 @@ pub mod loader;
 pub mod model;
 pub mod moe_lm;
 pub mod ops;
+pub mod quant;
 pub mod rng;
 pub mod runtime;
 pub mod sampling;

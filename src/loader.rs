@@ -324,10 +324,25 @@ fn load_files(
     opts: &LoadOpts,
 ) -> Result<(Model, Option<PathBuf>)> {
     let model = (|| {
-        check_index(cfg, &tensor_index(files)?)?;
-        let raw = read_tensors_with(files, device, &mut |d, t| opts.report("read", d as u64, t as u64))?;
+        // a quantised checkpoint (`blackmamba quantize`): checked and built as the dense model its
+        // dequantised matrices make, then given the packed ones
+        let manifest = crate::quant::checkpoint::read_manifest(dir)?;
+        let mut index = tensor_index(files)?;
+        if let Some((m, f)) = &manifest {
+            index = crate::quant::checkpoint::dense_index(index, m, *f);
+        }
+        check_index(cfg, &index)?;
+        let mut raw = read_tensors_with(files, device, &mut |d, t| opts.report("read", d as u64, t as u64))?;
+        let packed = match &manifest {
+            Some((m, f)) => Some(crate::quant::checkpoint::take_quantized(&mut raw, m, *f, device)?),
+            None => None,
+        };
         let w = check_and_convert(cfg, raw, dtype)?;
-        Model::from_tensors(cfg, w, dtype, device)
+        let mut model = Model::from_tensors(cfg, w, dtype, device)?;
+        if let Some(q) = packed {
+            crate::quant::checkpoint::attach(&mut model, q, true)?;
+        }
+        Ok(model)
     })()
     .map_err(|e| files.name_in(e))?;
     let tok = dir.join("tokenizer.json");

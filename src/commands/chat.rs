@@ -57,6 +57,7 @@ pub fn run(m: &ModelArgs, a: &ChatArgs) -> anyhow::Result<()> {
         device: m.device.map(|d| d.as_str().to_string()),
         dtype: m.dtype.map(|d| d.as_str().to_string()),
         adapter: m.adapter.clone(),
+        quant: m.quant_spec()?,
     };
     let system = a.system_prompt()?;
     let signals = Signals::install(false)?;

@@ -15,6 +15,7 @@ pub mod logits;
 pub mod merge;
 pub mod models;
 pub mod prompt;
+pub mod quantize;
 pub mod random_checkpoint;
 pub mod trace;
 pub mod train;
@@ -93,8 +94,43 @@ pub struct ModelArgs {
     /// A fine-tuned adapter folder (from `finetune` or `train`) to put on the model.
     #[arg(long, global = true)]
     pub adapter: Option<std::path::PathBuf>,
+    /// Weight-only quantisation at load (docs/quantization.md): int8 or fp8 (E4M3) with a scale per
+    /// output channel, q4 (= q4g64) or q4g128 with a scale per group of 64 / 128 inputs.
+    /// Quantised unless --quant-keep names them: in-proj, x-proj, out-proj, fc1, fc2, embedding.
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = parse_quant)]
+    pub quant: Option<crate::quant::QuantFormat>,
+    /// Parts --quant leaves unquantised (comma-separated).
+    #[arg(long, global = true, value_enum, value_delimiter = ',', value_name = "PARTS")]
+    pub quant_keep: Vec<crate::quant::Part>,
+    /// Parts --quant also quantises (comma-separated): router, dt-proj, and, quantised then
+    /// dequantised in place, conv, a-log, d, norms.
+    #[arg(long, global = true, value_enum, value_delimiter = ',', value_name = "PARTS")]
+    pub quant_also: Vec<crate::quant::Part>,
     #[command(flatten)]
     pub kernels: KernelArgs,
+}
+
+fn parse_quant(s: &str) -> Result<crate::quant::QuantFormat, String> {
+    s.parse().map_err(|e: crate::error::Error| e.to_string())
+}
+
+impl ModelArgs {
+    /// `--quant` with `--quant-keep` / `--quant-also`; the CPU's GGML matmuls unless
+    /// `--no-kernels` (then the dequantise-then-matmul twin).
+    pub fn quant_spec(&self) -> anyhow::Result<Option<crate::quant::QuantSpec>> {
+        match self.quant {
+            Some(f) => Ok(Some(crate::quant::QuantSpec::new(
+                f,
+                &self.quant_keep,
+                &self.quant_also,
+                !self.kernels.no_kernels,
+            )?)),
+            None if !self.quant_keep.is_empty() || !self.quant_also.is_empty() => {
+                anyhow::bail!("--quant-keep and --quant-also need --quant FORMAT (int8, fp8, q4 or q4g128)")
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// A/B switches of the fused kernels against their tensor-op twins: each turns one family off
@@ -186,6 +222,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Merge an adapter into its base model and write a model folder.
     Merge(merge::MergeArgs),
+    /// Write a quantised checkpoint (--quant FORMAT --out DIR) or compare a quantisation's routing
+    /// and perplexity with the unquantised model (--compare [TEXT]).
+    Quantize(quantize::QuantizeArgs),
     /// Measure prefill and decode speed, launches per token, bandwidth and GPU memory.
     Bench(bench::BenchArgs),
     /// List the models that can be loaded (embedded, hub cache, random shapes) and their status.
@@ -314,6 +353,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Merge(a)) => merge::run(&cli.model, &a),
         Some(Command::Chat(a)) => chat::run(&cli.model, &a.or(cli.chat)),
         Some(Command::Bench(a)) => bench::run(&cli.model, &a),
+        Some(Command::Quantize(a)) => quantize::run(&cli.model, &a),
         Some(Command::Models(a)) => models::run(&a),
         Some(Command::Completions(a)) => completions::run(&a),
         None => chat::run(&cli.model, &cli.chat),
@@ -340,6 +380,12 @@ pub fn load(m: &ModelArgs) -> anyhow::Result<crate::loader::Loaded> {
         crate::finetune::adapter::apply_merged(&mut loaded.model, dir).with_context(|| format!("loading adapter {}", dir.display()))?;
         loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
     }
+    if m.kernels.no_kernels {
+        crate::quant::apply::set_ggml(&mut loaded.model, false)?;
+    }
+    if let Some(q) = m.quant_spec()? {
+        crate::quant::apply::quantize_loaded(&mut loaded, &q).with_context(|| format!("quantising {} to {}", source.label(), q.format))?;
+    }
     Ok(loaded)
 }
 
@@ -356,6 +402,12 @@ pub fn load_any(m: &ModelArgs) -> anyhow::Result<crate::lm::AnyLoaded> {
         anyhow::bail!(
             "--adapter {}: adapters apply to BlackMamba models; {} is a transformer checkpoint",
             dir.display(),
+            source.label()
+        );
+    }
+    if let Some(q) = m.quant {
+        anyhow::bail!(
+            "--quant {q}: quantisation applies to BlackMamba models; {} is a transformer checkpoint",
             source.label()
         );
     }

@@ -416,6 +416,18 @@ fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> 
                 crate::finetune::adapter::apply_merged(m, dir)?;
                 loaded.label = format!("{} + adapter {}", loaded.label, dir.display());
             }
+            if !eo.kernels.enabled {
+                crate::quant::apply::set_ggml(m, false)?;
+            }
+            if let Some(q) = &spec.quant {
+                sink(EngineEvent::LoadProgress {
+                    stage: format!("quantising to {}", q.format),
+                    done: 2,
+                    total,
+                });
+                crate::quant::apply::quantize_model(m, q)?;
+                loaded.label = format!("{} [{}]", loaded.label, q.format);
+            }
         }
         AnyModel::Transformer(_) => {
             if let Some(dir) = &spec.adapter {
@@ -423,6 +435,12 @@ fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> 
                     "--adapter {}: adapters apply to BlackMamba models; {} is a transformer checkpoint",
                     dir.display(),
                     loaded.label
+                )));
+            }
+            if let Some(q) = &spec.quant {
+                return Err(Error::Invalid(format!(
+                    "--quant {}: quantisation applies to BlackMamba models; {} is a transformer checkpoint",
+                    q.format, loaded.label
                 )));
             }
         }

@@ -48,6 +48,8 @@ pub struct LoadSpec {
     pub dtype: Option<String>,
     /// `--adapter DIR`: a fine-tuned adapter put on the model once it is loaded.
     pub adapter: Option<PathBuf>,
+    /// `--quant`: weight-only quantisation applied once the model (and adapter) is loaded.
+    pub quant: Option<crate::quant::QuantSpec>,
 }
 
 /// How the engine runs every model it loads: the command line's kernel switches and the hub

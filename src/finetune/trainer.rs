@@ -190,6 +190,8 @@ impl Trainer {
         let mut model = base.clone();
         merge_all(&mut model)?;
         model.differentiable = true;
+        // a quantised base trains on its dequantised weights (the GGML matmul has no backward)
+        crate::quant::apply::drop_packed(&mut model)?;
         model.routing = Routing::Sinkhorn(cfg.sinkhorn);
         let (params, casts) = make_params(&mut model, &cfg)?;
         if params.is_empty() {

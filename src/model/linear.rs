@@ -21,19 +21,35 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+    /// The quantised form of `weight` (`--quant`, see [`crate::quant`]); `weight` then holds its
+    /// dequantised values, which every path but the CPU's GGML matmul computes with.
+    pub quant: Option<std::sync::Arc<crate::quant::QLinear>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+        Self {
+            weight,
+            bias,
+            lora: None,
+            quant: None,
+        }
     }
 
     /// Applies the layer to (.., in) -> (.., out). The input is cast to the weight dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
-        let x2 = x.to_dtype(self.weight.dtype())?.reshape(((), inner))?; // (n, in)
-        let mut y = x2.matmul(&self.weight.t()?)?; // (n, out)
+        let wdt = self.weight.dtype();
+        let packed = match &self.quant {
+            Some(q) => q.matmul(&x.reshape(((), inner))?)?, // (n, out) f32 on the CPU's GGML matmul
+            None => None,
+        };
+        let x2 = x.to_dtype(wdt)?.reshape(((), inner))?; // (n, in)
+        let mut y = match packed {
+            Some(y) => y.to_dtype(wdt)?,
+            None => x2.matmul(&self.weight.t()?)?, // (n, out)
+        };
         if let Some(l) = &self.lora {
             // The adapter runs in the activation's dtype (as PyTorch autocast would): the small A
             // and B are cast (their f32 masters get f32 gradients through the cast), never the

@@ -73,6 +73,9 @@ pub struct Model {
     pub cfg: Config,
     /// (V, d): the embedding, also the LM head
     pub embedding: Tensor,
+    /// The embedding's quantised form (`--quant`): `embedding` then holds its dequantised values;
+    /// the CPU's head reads the packed codes through a GGML matmul where the format has one.
+    pub head_quant: Option<std::sync::Arc<crate::quant::QLinear>>,
     pub layers: Vec<Block>,
     /// (d) f32 each
     pub final_w: Tensor,
@@ -107,6 +110,7 @@ impl Model {
         Ok(Self {
             cfg: cfg.clone(),
             embedding,
+            head_quant: None,
             layers,
             final_w: take(&mut w, "decoder.final_layernorm.weight")?.to_dtype(DType::F32)?,
             final_b: take(&mut w, "decoder.final_layernorm.bias")?.to_dtype(DType::F32)?,
@@ -488,7 +492,15 @@ impl Model {
         let out = layer_norm(h, &self.final_w, &self.final_b, eps, self.differentiable)?.to_dtype(self.embedding.dtype())?;
         let dims = out.dims().to_vec();
         let d = dims[dims.len() - 1];
-        let logits = out.reshape(((), d))?.matmul(&self.embedding.t()?)?; // (n, V)
+        let out = out.reshape(((), d))?; // (n, d)
+        let packed = match self.head_quant.as_ref().filter(|_| !self.differentiable) {
+            Some(q) => q.matmul(&out)?,
+            None => None,
+        };
+        let logits = match packed {
+            Some(l) => l.to_dtype(self.embedding.dtype())?,
+            None => out.matmul(&self.embedding.t()?)?, // (n, V)
+        };
         let mut shape = dims;
         let last = shape.len() - 1;
         shape[last] = self.cfg.vocab_size;

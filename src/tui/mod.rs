@@ -74,6 +74,7 @@ const FRAME: Duration = Duration::from_millis(33);
 pub fn run(opts: Options) -> Result<Exit> {
     let (theme, warning) = theme::resolve(opts.theme.as_deref(), opts.theme_dir.as_deref());
     let mut app = App::new(theme);
+    app.picker.quant.clone_from(&opts.load.quant);
     if let Some(w) = warning {
         app.notify(w, true);
     }

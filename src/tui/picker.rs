@@ -31,6 +31,8 @@ pub struct Picker {
     /// (device, dtype) to load on.
     pub device: String,
     pub dtype: String,
+    /// `--quant` of the command line: every model the picker loads is quantised the same way.
+    pub quant: Option<crate::quant::QuantSpec>,
     /// Select the loaded model's row when the catalog comes.
     pending_select: bool,
 }
@@ -153,6 +155,7 @@ impl Picker {
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.clone()),
             adapter: None,
+            quant: self.quant.clone(),
         };
         PickerAction::Load(spec, name)
     }

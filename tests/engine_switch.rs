@@ -188,12 +188,22 @@ fn a_running_fine_tune_blocks_the_switch() {
 }
 
 #[test]
-fn list_models_reads_the_hub_cache_of_the_environment() {
-    // the only test of this binary that reads the hub variables
+fn list_models_reads_the_hub_cache_of_the_edges_settings() {
     let cache = tempfile::tempdir().unwrap();
-    std::env::set_var("HF_HUB_CACHE", cache.path());
-    std::env::set_var("HF_HUB_OFFLINE", "1");
-    let (e, rx) = engine();
+    let hub = blackmamba::hub::HubEnv {
+        cache_dir: cache.path().to_path_buf(),
+        offline: true,
+        endpoint: None,
+        token: None,
+        convert_cache: None,
+    };
+    let cfg = common::tiny_config(&["r", "8", "r", "4"], 16, 50304);
+    let opts = blackmamba::engine::protocol::EngineOpts {
+        hub: Some(hub),
+        ..Default::default()
+    };
+    let (e, rx, first) = engine_common::spawn_with(common::tiny_model(&cfg, 3), blackmamba::tokenizer::neox().unwrap(), WAIT, opts);
+    assert!(matches!(first, EngineEvent::Loaded(_)));
     assert!(e.send(Command::ListModels));
     let evs = until(&rx, |ev| matches!(ev, EngineEvent::Models(_)));
     let Some(EngineEvent::Models(c)) = evs.last() else { unreachable!() };
@@ -202,6 +212,14 @@ fn list_models_reads_the_hub_cache_of_the_environment() {
     assert_eq!(c.choices[0].name, "embedded");
     let z = c.choices.iter().find(|m| m.name == "Zyphra/BlackMamba-2.8B").unwrap();
     assert!(matches!(z.availability, Availability::Unavailable { .. }));
+    e.shutdown();
+    // without hub settings: the embedded model and the random shapes, no hub entry
+    let (e, rx) = engine();
+    assert!(e.send(Command::ListModels));
+    let evs = until(&rx, |ev| matches!(ev, EngineEvent::Models(_)));
+    let Some(EngineEvent::Models(c)) = evs.last() else { unreachable!() };
+    assert!(c.choices.iter().all(|m| !m.name.starts_with("Zyphra/")), "{:?}", c.choices);
+    assert!(c.choices.iter().any(|m| m.name == "random:tiny"));
     e.shutdown();
 }
 

@@ -6,7 +6,7 @@
 use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
-use blackmamba::engine::protocol::EngineEvent;
+use blackmamba::engine::protocol::{EngineEvent, EngineOpts};
 use blackmamba::engine::{Engine, Source};
 use blackmamba::loader::Loaded;
 use blackmamba::model::Model;
@@ -15,6 +15,11 @@ use tokenizers::Tokenizer;
 /// An engine thread on `model` (label "tiny", marked untrained) with its event receiver and the
 /// first event it sent (the load's outcome, for the caller to check).
 pub fn spawn(model: Model, tokenizer: Tokenizer, wait: Duration) -> (Engine, Receiver<EngineEvent>, EngineEvent) {
+    spawn_with(model, tokenizer, wait, EngineOpts::default())
+}
+
+/// [`spawn`] with the engine's options (the hub settings, the kernel switches).
+pub fn spawn_with(model: Model, tokenizer: Tokenizer, wait: Duration, opts: EngineOpts) -> (Engine, Receiver<EngineEvent>, EngineEvent) {
     let loaded = Loaded {
         model,
         tokenizer,
@@ -24,8 +29,9 @@ pub fn spawn(model: Model, tokenizer: Tokenizer, wait: Duration) -> (Engine, Rec
         notes: Vec::new(),
     };
     let (tx, rx) = channel();
-    let e = Engine::spawn(
+    let e = Engine::spawn_with(
         Source::Loaded(Box::new(loaded)),
+        opts,
         Box::new(move |ev| {
             let _ = tx.send(ev);
         }),

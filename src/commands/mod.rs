@@ -7,6 +7,7 @@ pub mod check;
 pub mod completions;
 pub mod environment;
 pub mod eval;
+pub mod eval_tasks;
 pub mod finetune;
 pub mod generate;
 pub mod logits;

@@ -47,7 +47,7 @@ pub fn load(dir: &Path, task: Task, split: Option<&str>) -> Result<TaskData> {
         return Err(Error::bad_file(
             &path,
             format!(
-                "no {} split here; put the task's rows there as JSONL (scripts/extract-olmo-tasks.py writes them) or pick another with --split",
+                "no such file: put {}'s {split} rows there as JSONL (scripts/extract-olmo-tasks.py writes every task but lambada) or pick another split with --split",
                 task.name()
             ),
         ));

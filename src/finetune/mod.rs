@@ -19,6 +19,7 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod data;
 pub mod data_stream;
+pub mod dpo;
 pub mod lora;
 pub mod loss;
 pub mod metrics;

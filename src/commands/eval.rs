@@ -26,17 +26,17 @@ pub struct EvalArgs {
     #[arg(long, requires = "task")]
     pub split: Option<String>,
     /// Few-shot examples before each document.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, requires = "task", default_value_t = 0)]
     pub shots: usize,
     /// Score only the first N documents of each task.
-    #[arg(long)]
+    #[arg(long, requires = "task")]
     pub limit: Option<usize>,
     /// Seed of the few-shot draw and of the bootstrap.
-    #[arg(long, default_value_t = 1234)]
+    #[arg(long, requires = "task", default_value_t = 1234)]
     pub seed: u64,
     /// Read every (context, choice) pair from scratch instead of sharing the context's state
     /// among the choices (same scores, slower; for timing the reuse).
-    #[arg(long)]
+    #[arg(long, requires = "task")]
     pub no_state_reuse: bool,
     /// text or jsonl (default: by extension).
     #[arg(long)]

@@ -25,6 +25,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod prefs;
 pub mod recompute;
 pub mod trainer;
 

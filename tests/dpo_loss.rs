@@ -198,3 +198,31 @@ fn rewards_margin_and_accuracy() {
     assert_eq!(PrefLoss::parse("ipo").unwrap(), PrefLoss::Ipo);
     assert!(PrefLoss::parse("kto").is_err());
 }
+
+#[test]
+fn padded_pair_batches_score_each_side_as_alone_and_the_reference_is_batch_independent() {
+    use blackmamba::finetune::dpo::{pair_logprobs, reference_logprobs};
+    use blackmamba::finetune::prefs::parse;
+    // the embedded model and its tokenizer (the chat template's ids are beyond tiny-a's 512)
+    let (m, tok) = blackmamba::embedded::load(&Device::Cpu, DType::F32).unwrap();
+    let text = "{\"prompt\": \"a b\", \"chosen\": \"c d e f g\", \"rejected\": \"h\"}\n{\"prompt\": \"i j k l m n\", \"chosen\": \"o\", \"rejected\": \"p q r\"}\n";
+    let set = parse(text, &tok, 64).unwrap();
+    assert_eq!(set.pairs.len(), 2, "{:?}", set.bad);
+    let (c, r) = pair_logprobs(&m, &set.pairs).unwrap();
+    let (c, r) = (c.to_vec1::<f32>().unwrap(), r.to_vec1::<f32>().unwrap());
+    for (i, p) in set.pairs.iter().enumerate() {
+        for (got, e) in [(c[i], &p.chosen), (r[i], &p.rejected)] {
+            let start = e.mask.iter().position(|&x| x).unwrap();
+            assert!(e.mask[start..].iter().take_while(|&&x| x).count() > 0);
+            let end = start + e.mask[start..].iter().take_while(|&&x| x).count();
+            let d = direct_logprob(&m, &e.ids[..start], &e.ids[start..end]);
+            assert!((got as f64 - d).abs() < 1e-4, "pair {i}: {got} vs direct {d}");
+        }
+    }
+    let one = reference_logprobs(&m, &set.pairs, 1).unwrap();
+    let two = reference_logprobs(&m, &set.pairs, 2).unwrap();
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a.0 - b.0).abs() < 1e-4 && (a.1 - b.1).abs() < 1e-4, "{one:?} vs {two:?}");
+    }
+    assert!((one[0].0 - c[0]).abs() < 1e-4);
+}

@@ -102,3 +102,53 @@ pub fn pref_loss(
         accuracy,
     })
 }
+
+/// A batch of preference pairs as one (2B, L) sequence batch: the chosen sides first, then the
+/// rejected ones, right-padded with id 0 (mask 0) to the longest -> (ids u32, mask f32).
+pub fn pair_batch(pairs: &[crate::finetune::prefs::PrefPair], device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    let sides: Vec<&crate::finetune::data::Example> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+    let len = sides.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if len < 2 {
+        return Err(Error::Invalid(
+            "a preference batch needs at least one pair of two tokens or more".into(),
+        ));
+    }
+    let mut ids = Vec::with_capacity(sides.len() * len);
+    let mut mask = Vec::with_capacity(sides.len() * len);
+    for e in &sides {
+        ids.extend(e.ids.iter().copied().chain(std::iter::repeat(0)).take(len));
+        mask.extend(
+            e.mask
+                .iter()
+                .map(|&m| f32::from(u8::from(m)))
+                .chain(std::iter::repeat(0.0))
+                .take(len),
+        );
+    }
+    Ok((
+        Tensor::from_vec(ids, (sides.len(), len), device)?,
+        Tensor::from_vec(mask, (sides.len(), len), device)?,
+    ))
+}
+
+/// The summed response log-probs of each pair's (chosen, rejected) sides -> two (B) tensors,
+/// differentiable through `model`.
+pub fn pair_logprobs(model: &Model, pairs: &[crate::finetune::prefs::PrefPair]) -> Result<(Tensor, Tensor)> {
+    let (ids, mask) = pair_batch(pairs, &model.device)?;
+    let lp = sequence_logprobs(model, &ids, &mask)?;
+    let n = pairs.len();
+    Ok((lp.narrow(0, 0, n)?, lp.narrow(0, n, n)?))
+}
+
+/// The reference model's (chosen, rejected) log-probs of every pair, `batch` pairs per pass,
+/// computed once before training (no gradient, nothing of the model kept).
+pub fn reference_logprobs(model: &Model, pairs: &[crate::finetune::prefs::PrefPair], batch: usize) -> Result<Vec<(f32, f32)>> {
+    let view = crate::finetune::loss::inference_view(model)?;
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch.max(1)) {
+        let (c, r) = pair_logprobs(&view, chunk)?;
+        let (c, r) = (c.to_vec1::<f32>()?, r.to_vec1::<f32>()?);
+        out.extend(c.into_iter().zip(r));
+    }
+    Ok(out)
+}

@@ -51,7 +51,7 @@ pub struct TaskReport {
     pub task: &'static str,
     pub split: String,
     pub shots: usize,
-    /// Where the few-shot examples came from: a split, or "<split> (other documents)".
+    /// Where the few-shot examples came from: a split, or `"<split> (other documents)"`.
     pub fewshot_from: String,
     pub docs: usize,
     pub metrics: Vec<Metric>,

@@ -241,7 +241,7 @@ pub fn fewshot_prefix(examples: &[&Doc]) -> String {
     examples.iter().map(|d| format!("{}\n\n", d.example())).collect()
 }
 
-/// HellaSwag's `preprocess` (lm-eval `hellaswag/utils.py`): strip, " [title]" -> ". ", drop
+/// HellaSwag's `preprocess` (lm-eval `hellaswag/utils.py`): strip, `" [title]"` -> `". "`, drop
 /// every `[...]` (within a line, shortest first, as `re.sub(r"\[.*?\]", "")`), "  " -> " ".
 pub fn hellaswag_preprocess(text: &str) -> String {
     let t = py_strip(text).replace(" [title]", ". ");

@@ -11,6 +11,7 @@ pub mod config_file;
 pub mod embedded;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod finetune;
 pub mod fsutil;
 pub mod generate;

@@ -1,5 +1,6 @@
 //! `blackmamba eval`: loss and perplexity of a model (with `--adapter`, of base + adapter) on a
-//! data file, routed as at inference (greedy top-1).
+//! data file, routed as at inference (greedy top-1); or, with `--task`, zero/few-shot benchmarks
+//! scored as lm-evaluation-harness scores them (see [`crate::eval`] and `docs/eval.md`).
 
 use std::path::PathBuf;
 
@@ -11,9 +12,32 @@ use crate::finetune::loss::{evaluate, inference_view};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Data file: plain text or JSONL (as for finetune).
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Data file: plain text or JSONL (as for finetune). Or use --task.
+    #[arg(long, required_unless_present = "task", conflicts_with = "task")]
+    pub data: Option<PathBuf>,
+    /// Benchmarks, comma-separated: hellaswag, piqa, arc_easy, arc_challenge, winogrande,
+    /// openbookqa, lambada, or all; scored as lm-evaluation-harness does (docs/eval.md).
+    #[arg(long, value_delimiter = ',')]
+    pub task: Vec<String>,
+    /// Folder of task files: TASK/SPLIT.jsonl (scripts/extract-olmo-tasks.py writes one).
+    #[arg(long, requires = "task")]
+    pub task_dir: Option<PathBuf>,
+    /// Split to score (default: lm-eval's, else validation, else test, whichever has a file).
+    #[arg(long, requires = "task")]
+    pub split: Option<String>,
+    /// Few-shot examples before each document.
+    #[arg(long, requires = "task", default_value_t = 0)]
+    pub shots: usize,
+    /// Score only the first N documents of each task.
+    #[arg(long, requires = "task")]
+    pub limit: Option<usize>,
+    /// Seed of the few-shot draw and of the bootstrap.
+    #[arg(long, requires = "task", default_value_t = 1234)]
+    pub seed: u64,
+    /// Read every (context, choice) pair from scratch instead of sharing the context's state
+    /// among the choices (same scores, slower; for timing the reuse).
+    #[arg(long, requires = "task")]
+    pub no_state_reuse: bool,
     /// text or jsonl (default: by extension).
     #[arg(long)]
     pub format: Option<String>,
@@ -41,16 +65,19 @@ struct Report<'a> {
 }
 
 pub fn run(m: &ModelArgs, a: &EvalArgs) -> anyhow::Result<()> {
+    let Some(path) = a.data.as_ref() else {
+        return super::eval_tasks::run(m, a);
+    };
     if a.seq_len < 2 || a.batch == 0 {
         anyhow::bail!("--seq-len must be at least 2 and --batch at least 1");
     }
     let format = a.format.as_deref().map(DataFormat::parse).transpose()?.unwrap_or_default();
     let loaded = super::load(m)?;
-    let ds = data::load(&a.data, format, &loaded.tokenizer, a.seq_len, loaded.model.cfg.vocab_size)?;
+    let ds = data::load(path, format, &loaded.tokenizer, a.seq_len, loaded.model.cfg.vocab_size)?;
     if !ds.bad.is_empty() {
         eprintln!(
             "{}: skipped {} line(s), e.g. line {}: {}",
-            a.data.display(),
+            path.display(),
             ds.bad.len(),
             ds.bad[0].line,
             ds.bad[0].reason
@@ -60,7 +87,7 @@ pub fn run(m: &ModelArgs, a: &EvalArgs) -> anyhow::Result<()> {
     let r = evaluate(&model, &ds.examples, a.batch)?;
     if a.json {
         let rep = Report {
-            data: a.data.display().to_string(),
+            data: path.display().to_string(),
             loss: r.loss,
             perplexity: r.perplexity,
             tokens: r.tokens,
@@ -73,7 +100,7 @@ pub fn run(m: &ModelArgs, a: &EvalArgs) -> anyhow::Result<()> {
     }
     println!(
         "{}: loss {:.4} nats/token, perplexity {:.3} over {} tokens ({} sequences) [{}]",
-        a.data.display(),
+        path.display(),
         r.loss,
         r.perplexity,
         r.tokens,

@@ -8,6 +8,7 @@ pub mod check;
 pub mod completions;
 pub mod environment;
 pub mod eval;
+pub mod eval_tasks;
 pub mod finetune;
 pub mod generate;
 pub mod launch;

@@ -19,11 +19,13 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod data;
 pub mod data_stream;
+pub mod dpo;
 pub mod lora;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod prefs;
 pub mod recompute;
 pub mod trainer;
 

@@ -142,6 +142,8 @@ fn quantize_command_writes_a_checkpoint_that_loads_like_quant_at_load() {
         compare: None,
         window: 64,
         json: None,
+        gptq: None,
+        gptq_damp: 0.01,
     };
     run(&base, &args).unwrap();
     let at_load = load(&base).unwrap();
@@ -192,6 +194,8 @@ fn quantize_compare_reports_routing_drift_of_the_embedded_model() {
             compare: Some(std::path::PathBuf::new()),
             window: 64,
             json: Some(json.clone()),
+            gptq: None,
+            gptq_damp: 0.01,
         };
         run(&m, &a).unwrap();
         let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

@@ -32,6 +32,13 @@ pub struct QuantizeArgs {
     /// Tokens per window of the comparison (each window starts from a fresh state).
     #[arg(long, default_value_t = 512)]
     pub window: usize,
+    /// Quantise the linear layers by GPTQ calibrated on this UTF-8 text (the embedding stays
+    /// round-to-nearest); without it, round-to-nearest throughout.
+    #[arg(long, value_name = "TEXT")]
+    pub gptq: Option<PathBuf>,
+    /// GPTQ's damping: this fraction of the mean diagonal of XᵀX is added to its diagonal.
+    #[arg(long, default_value_t = 0.01, requires = "gptq")]
+    pub gptq_damp: f64,
     /// Also write the comparison as JSON to this file.
     #[arg(long, value_name = "FILE", requires = "compare")]
     pub json: Option<PathBuf>,
@@ -52,7 +59,27 @@ pub fn run(m: &ModelArgs, a: &QuantizeArgs) -> anyhow::Result<()> {
     };
     let loaded = super::load(&plain)?;
     let mut model = loaded.model.clone();
-    let sum = crate::quant::quantize_model(&mut model, &spec).with_context(|| format!("quantising {} to {}", loaded.label, spec.format))?;
+    let sum = match &a.gptq {
+        None => crate::quant::quantize_model(&mut model, &spec),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let ids = crate::tokenizer::encode(&loaded.tokenizer, &text)?;
+            let r = crate::quant::gptq::quantize_model_gptq(&mut model, &spec, &ids, a.window, a.gptq_damp);
+            r.map(|(sum, layers)| {
+                let (rtn, gptq): (f64, f64) = layers.iter().fold((0.0, 0.0), |(a, b), l| (a + l.rtn_error, b + l.gptq_error));
+                let lower = layers.iter().filter(|l| l.gptq_error < l.rtn_error).count();
+                eprintln!(
+                    "GPTQ on {} tokens of {}: layer output error {:.1}% of round-to-nearest's in total, lower in {lower} of {} layers",
+                    ids.len(),
+                    path.display(),
+                    100.0 * gptq / rtn.max(f64::MIN_POSITIVE),
+                    layers.len()
+                );
+                sum
+            })
+        }
+    }
+    .with_context(|| format!("quantising {} to {}", loaded.label, spec.format))?;
     eprintln!(
         "{}: {} matrices to {} ({:.1} MiB -> {:.1} MiB, {} on the CPU's GGML matmuls), {} tensors quantised in place",
         loaded.label,

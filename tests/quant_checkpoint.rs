@@ -139,7 +139,8 @@ fn quantize_command_writes_a_checkpoint_that_loads_like_quant_at_load() {
     };
     let args = QuantizeArgs {
         out: Some(out.clone()),
-        compare: None,
+        compare: false,
+        text: None,
         window: 64,
         json: None,
         gptq: None,
@@ -191,7 +192,8 @@ fn quantize_compare_reports_routing_drift_of_the_embedded_model() {
         };
         let a = QuantizeArgs {
             out: None,
-            compare: Some(std::path::PathBuf::new()),
+            compare: true,
+            text: None,
             window: 64,
             json: Some(json.clone()),
             gptq: None,

@@ -67,7 +67,8 @@ fn quantize_gptq_writes_a_checkpoint_that_loads() {
     };
     let a = QuantizeArgs {
         out: Some(out.clone()),
-        compare: None,
+        compare: false,
+        text: None,
         window: 512,
         json: None,
         gptq: Some(calib),

@@ -139,9 +139,12 @@ fn quantize_command_writes_a_checkpoint_that_loads_like_quant_at_load() {
     };
     let args = QuantizeArgs {
         out: Some(out.clone()),
-        compare: None,
+        compare: false,
+        text: None,
         window: 64,
         json: None,
+        gptq: None,
+        gptq_damp: 0.01,
     };
     run(&base, &args).unwrap();
     let at_load = load(&base).unwrap();
@@ -189,9 +192,12 @@ fn quantize_compare_reports_routing_drift_of_the_embedded_model() {
         };
         let a = QuantizeArgs {
             out: None,
-            compare: Some(std::path::PathBuf::new()),
+            compare: true,
+            text: None,
             window: 64,
             json: Some(json.clone()),
+            gptq: None,
+            gptq_damp: 0.01,
         };
         run(&m, &a).unwrap();
         let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

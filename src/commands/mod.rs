@@ -224,7 +224,7 @@ pub enum Command {
     /// Merge an adapter into its base model and write a model folder.
     Merge(merge::MergeArgs),
     /// Write a quantised checkpoint (--quant FORMAT --out DIR) or compare a quantisation's routing
-    /// and perplexity with the unquantised model (`--compare [TEXT]`).
+    /// and perplexity with the unquantised model (--compare, on a text file or a built-in paragraph).
     Quantize(quantize::QuantizeArgs),
     /// Measure prefill and decode speed, launches per token, bandwidth and GPU memory.
     Bench(bench::BenchArgs),

@@ -24,6 +24,8 @@ pub struct Linear {
     /// The quantised form of `weight` (`--quant`, see [`crate::quant`]); `weight` then holds its
     /// dequantised values, which every path but the CPU's GGML matmul computes with.
     pub quant: Option<std::sync::Arc<crate::quant::QLinear>>,
+    /// Calibration (GPTQ, [`crate::quant::gptq`]): while set, every forward adds its inputs' XᵀX.
+    pub tap: Option<crate::quant::gptq::Tap>,
 }
 
 impl Linear {
@@ -33,6 +35,7 @@ impl Linear {
             bias,
             lora: None,
             quant: None,
+            tap: None,
         }
     }
 
@@ -41,6 +44,9 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let wdt = self.weight.dtype();
+        if let Some(tap) = &self.tap {
+            crate::quant::gptq::accumulate(tap, &x.reshape(((), inner))?)?;
+        }
         let packed = match &self.quant {
             Some(q) => q.matmul(&x.reshape(((), inner))?)?, // (n, out) f32 on the CPU's GGML matmul
             None => None,

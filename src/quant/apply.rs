@@ -73,7 +73,7 @@ pub struct QuantSummary {
 }
 
 /// The row-major f32 values of a tensor as a (rows, cols) matrix: the first dimension is rows.
-fn as_matrix(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
+pub(crate) fn as_matrix(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
     let rows = t.dims().first().copied().unwrap_or(1);
     let n = t.elem_count();
     let (rows, cols) = if t.rank() <= 1 { (1, n) } else { (rows, n / rows.max(1)) };
@@ -86,10 +86,17 @@ fn quantize_linear(l: &mut Linear, name: &str, spec: &QuantSpec, sum: &mut Quant
         return check_same(q.weight.format, spec.format, name);
     }
     let (w, rows, cols) = as_matrix(&l.weight)?;
-    let q = QLinear::new(
+    install(
+        l,
         QWeight::quantize(&w, rows, cols, spec.format, &format!("{name}.weight"))?,
-        spec.ggml,
-    )?;
+        spec,
+        sum,
+    )
+}
+
+/// Puts a quantised weight on `l`: the packed form, and its dequantised values as the dense one.
+pub(crate) fn install(l: &mut Linear, q: QWeight, spec: &QuantSpec, sum: &mut QuantSummary) -> Result<()> {
+    let q = QLinear::new(q, spec.ggml)?;
     sum.bytes_before += l.weight.elem_count() * l.weight.dtype().size_in_bytes();
     sum.bytes_after += q.weight.data.len() + 2 * q.weight.scales.len();
     sum.ggml += usize::from(q.uses_ggml());

@@ -22,6 +22,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod compare;
 pub mod fp8;
+pub mod gptq;
 pub mod qweight;
 
 use crate::error::{Error, Result};

@@ -21,7 +21,7 @@ pub struct QWeight {
 
 /// The scale that maps `amax` onto `qmax` as an `f16`, raised by one `f16` step where rounding
 /// made it smaller, so that |w|/s never passes `qmax` (no saturation: the half-step bound holds).
-fn scale_for(amax: f32, qmax: f32, what: &str) -> Result<f16> {
+pub(crate) fn scale_for(amax: f32, qmax: f32, what: &str) -> Result<f16> {
     if amax == 0.0 {
         return Ok(f16::ZERO);
     }
@@ -107,6 +107,39 @@ impl QWeight {
             data,
             scales,
         })
+    }
+
+    /// The stored code of x / s (`x_over_s`): round to nearest, clamped to the format's range
+    /// (int8: the i8 byte; fp8: the E4M3 byte; q4: the nibble q+8).
+    pub fn encode(format: QuantFormat, x_over_s: f32) -> u8 {
+        let qmax = format.qmax();
+        match format {
+            QuantFormat::Int8 => x_over_s.round().clamp(-qmax, qmax) as i8 as u8,
+            QuantFormat::Fp8 => fp8::encode(x_over_s),
+            QuantFormat::Q4 { .. } => (x_over_s.round().clamp(-qmax, qmax) as i32 + 8) as u8,
+        }
+    }
+
+    /// The value of a stored code of [`QWeight::encode`] (before the scale).
+    pub fn decode(format: QuantFormat, code: u8) -> f32 {
+        match format {
+            QuantFormat::Int8 => f32::from(code as i8),
+            QuantFormat::Fp8 => fp8::decode(code),
+            QuantFormat::Q4 { .. } => f32::from(code) - 8.0,
+        }
+    }
+
+    /// Packs one stored code per element (row-major, as [`QWeight::encode`] gives them) with
+    /// their scales.
+    pub fn from_codes(format: QuantFormat, rows: usize, cols: usize, codes: &[u8], scales: Vec<f16>, what: &str) -> Result<Self> {
+        let data = match format {
+            QuantFormat::Q4 { .. } => codes
+                .chunks(2)
+                .map(|p| (p[0] & 0x0F) | (p.get(1).copied().unwrap_or(8) << 4))
+                .collect(),
+            _ => codes.to_vec(),
+        };
+        Self::from_parts(format, rows, cols, data, scales, what)
     }
 
     /// Builds from stored codes and scales, checking their lengths; `what` names the tensor.

@@ -17,6 +17,8 @@
 //! Nothing on the user's path runs this yet: the graph decoder (`runtime::decode`) stays the
 //! default.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod host;
 pub mod interp;
 pub mod isa;

@@ -50,6 +50,8 @@ struct MkParams {
     int64_t d, di, n, r, k, xr, f, vocab, n_layers, route_stride, gated, act, head_fmt, timeout;
     double eps;
 };
+// src/runtime/megakernel/cuda.rs writes exactly PARAMS_WORDS = 29 words: keep the two equal.
+static_assert(sizeof(MkParams) == 29 * 8, "MkParams must be 29 eight-byte words (cuda.rs PARAMS_WORDS)");
 
 // Per-layer table: 16 u64 each. Mamba layers:
 #define MK_LT 16

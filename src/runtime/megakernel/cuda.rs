@@ -28,6 +28,8 @@ use super::schedule::{FormatPlan, Schedule, ScheduleOpts, TileSizes};
 const THREADS: u32 = 256;
 /// u64 words per layer table (`MK_LT`).
 const LT: usize = 16;
+/// 8-byte words of `MkParams` (a static_assert in the kernel holds the same number).
+const PARAMS_WORDS: usize = 29;
 /// Shared memory a block may take without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
 
@@ -303,6 +305,9 @@ impl MegaDecoder {
             .map(|x| x as u64),
         );
         params.extend([act, head_fmt, opts.timeout_cycles.max(1) as u64, cfg.layernorm_epsilon.to_bits()]);
+        if params.len() != PARAMS_WORDS {
+            return Err(err(format!("{} parameter words, the kernel reads {PARAMS_WORDS}", params.len())));
+        }
         let params_p = upload_table(&params, dev, &mut hold)?;
         let aux_n = xr.max(e_max);
         let smem = 4 * (d + aux_n + max_rows + 40);

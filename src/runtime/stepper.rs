@@ -13,7 +13,7 @@
 //! also be asked for: the model's `kernels.decoder` off (`--no-decoder`).
 //! With `kernels.megakernel` (`--megakernel`, opt-in) a batch-1 bf16 or f32 model decodes on
 //! the megakernel of `runtime::megakernel::cuda` (host sampling) instead; where it cannot (the
-//! probe, another dtype or weight format) a one-line note says why and the decoder runs.
+//! probe, another dtype or weight format) the path says why and the decoder runs.
 
 use candle_core::Tensor;
 
@@ -31,6 +31,8 @@ pub enum StepPath {
     Decoder { host_sampling: Option<String> },
     /// The CUDA megakernel (opt-in, `--megakernel`), sampling on the host.
     Megakernel,
+    /// `--megakernel` was asked for but cannot take the model or settings (`why`); `then` ran.
+    NotMegakernel { why: String, then: Box<StepPath> },
     /// [`Model::step`], with the reason the decoder was not used (`None`: it does not apply, as on
     /// the CPU, with kernels off or with `--no-decoder`).
     Model { reason: Option<String> },
@@ -42,6 +44,7 @@ impl std::fmt::Display for StepPath {
             Self::Decoder { host_sampling: None } => write!(f, "CUDA decoder, sampling on the device"),
             Self::Decoder { host_sampling: Some(why) } => write!(f, "CUDA decoder, sampling on the host: {why}"),
             Self::Megakernel => write!(f, "CUDA megakernel, sampling on the host"),
+            Self::NotMegakernel { why, then } => write!(f, "{then} (the megakernel cannot take {why})"),
             Self::Model { reason: None } => write!(f, "Model::step"),
             Self::Model { reason: Some(why) } => write!(f, "Model::step (the CUDA decoder cannot take {why})"),
         }
@@ -66,8 +69,6 @@ impl Stepper {
     /// decoder applies and fails to build or capture.
     pub fn new(model: &Model, state: &State, probe: bool, sampler: &Sampler, history: &[u32]) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        let mut mega_reason = None;
-        #[cfg(feature = "cuda")]
         if model.kernels.megakernel && model.runs_kernels() && state.batch == 1 {
             match mega(model, state, probe)? {
                 Ok(m) => {
@@ -78,15 +79,25 @@ impl Stepper {
                         fed_by_device: None,
                     })
                 }
-                Err(why) => mega_reason = Some(why),
+                Err(why) => {
+                    let mut s = Self::decoder_or_model(model, state, probe, sampler, history)?;
+                    s.path = StepPath::NotMegakernel {
+                        why,
+                        then: Box::new(s.path),
+                    };
+                    return Ok(s);
+                }
             }
         }
+        Self::decoder_or_model(model, state, probe, sampler, history)
+    }
+
+    /// [`Stepper::new`] without the megakernel: the graph decoder where it applies, else
+    /// [`Model::step`].
+    fn decoder_or_model(model: &Model, state: &State, probe: bool, sampler: &Sampler, history: &[u32]) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if model.kernels.decoder && model.runs_kernels() && state.batch == 1 {
             use super::decode::{DecodeOpts, Decoder};
-            if let Some(why) = &mega_reason {
-                eprintln!("note: not the megakernel: it cannot take {why}");
-            }
             if let Err(why) = Decoder::supports(model) {
                 return Ok(Self {
                     dec: None,
@@ -163,7 +174,11 @@ impl Stepper {
                 d.record_probe(0, p)?;
             }
             state.pos += 1;
-            if matches!(self.path, StepPath::Decoder { host_sampling: None }) {
+            let path = match &self.path {
+                StepPath::NotMegakernel { then, .. } => &**then,
+                p => p,
+            };
+            if matches!(path, StepPath::Decoder { host_sampling: None }) {
                 self.fed_by_device = Some(tok);
                 return Ok(tok);
             }

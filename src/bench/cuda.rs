@@ -120,6 +120,33 @@ pub fn decoder_run(
     ))
 }
 
+/// The megakernel (`runtime::megakernel::cuda`, opt-in) for `n` tokens from `st0`: one
+/// cooperative launch per token, then the logits copied to the host and their argmax taken.
+pub fn mega_run(model: &Model, st0: &State, first: u32, n: usize, bytes: usize, ceiling: Option<f64>) -> Result<DecodeResult> {
+    use crate::runtime::megakernel::cuda::{MegaDecoder, MegaOpts};
+    use crate::runtime::megakernel::{FormatPlan, HostState, WeightFormat};
+    let format = match model.dtype {
+        DType::BF16 => WeightFormat::Bf16,
+        _ => WeightFormat::F32,
+    };
+    let opts = MegaOpts {
+        formats: FormatPlan::uniform(format),
+        ..Default::default()
+    };
+    let mut mega = MegaDecoder::new(model, &model.device, &opts)?;
+    mega.load_state(&HostState::from_state(st0)?)?;
+    let mut tok = first;
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let out = mega.step(tok)?;
+        tok = crate::sampling::argmax(&out.logits);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let note = "the megakernel: one cooperative launch per token, logits to the host, host argmax";
+    Ok(decode_result("mega", &times, Some(1), bytes, ceiling, note))
+}
+
 /// Graph-mode tok/s over a grid of launch options around `base` (`n` tokens each): PDL on and
 /// off, blocks per SM, split-K.
 pub fn sweep(model: &Model, st0: &State, first: u32, n: usize, base: DecodeOpts) -> Result<Vec<SweepRow>> {

@@ -7,6 +7,8 @@
 //!   `crate::runtime::decode::Decoder` step, launched one kernel at a time, as one CUDA graph
 //!   waiting for each token, the same without programmatic dependent launch, as graphs with two
 //!   tokens in flight, and as a graph with the telemetry probe on (greedy, the bare kernels);
+//! * `mega` (opt-in, not in the default list): the megakernel of
+//!   `crate::runtime::megakernel::cuda`, one cooperative launch per token, host argmax;
 //! * `user`: the path a user runs: [`crate::generate::generate`] with the default sampling
 //!   settings (what `blackmamba generate` and the chat do), end-of-text ignored so every run
 //!   decodes the same count.
@@ -294,6 +296,14 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 }
                 rep.decode.push(res);
             }
+            #[cfg(feature = "cuda")]
+            "mega" => {
+                if !dev.is_cuda() {
+                    return Err(Error::Invalid("bench mode mega needs --device cuda".into()));
+                }
+                let n = o.gen_len;
+                rep.decode.push(cuda::mega_run(model, &st0, first, n, bytes, ceiling)?);
+            }
             "user" => {
                 let tok = match &o.tokenizer {
                     Some(t) => t.clone(),
@@ -306,7 +316,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 return Err(Error::Invalid(format!(
                     "bench mode '{other}': use step, step-slow, user{}",
                     if cfg!(feature = "cuda") {
-                        ", eager, graph, graph-nopdl, pipelined or graph-probe"
+                        ", eager, graph, graph-nopdl, pipelined, graph-probe or mega (opt-in megakernel)"
                     } else {
                         " (the decoder modes need a build with --features cuda)"
                     }

@@ -85,7 +85,8 @@ pub struct BenchArgs {
     pub reps: usize,
     /// Decode modes, comma-separated: step, step-slow, user (`generate` with the default sampling:
     /// the path users run), and on CUDA the bare decoder: eager, graph, graph-nopdl, pipelined,
-    /// graph-probe (default: step, user, eager, graph, graph-nopdl, pipelined, graph-probe).
+    /// graph-probe, and mega (the opt-in megakernel, not in the default list) (default: step,
+    /// user, eager, graph, graph-nopdl, pipelined, graph-probe).
     #[arg(long, value_delimiter = ',', conflicts_with = "path")]
     pub modes: Vec<String>,
     /// Shorthand for the decode modes: `user` (= --modes user: `generate` with the default

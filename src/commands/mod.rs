@@ -150,6 +150,10 @@ pub struct KernelArgs {
     /// of copying its logits to the host sampler. Opt-in until its GPU parity tests have run.
     #[arg(long, global = true, env = "BLACKMAMBA_DEVICE_SAMPLER", value_parser = clap::builder::FalseyValueParser::new())]
     pub device_sampler: bool,
+    /// Decode with the CUDA megakernel (one persistent launch per token; issue 17) instead of the
+    /// graph-captured decoder. Opt-in until its GPU parity test has run; bf16 and f32 models.
+    #[arg(long, global = true, env = "BLACKMAMBA_MEGAKERNEL", value_parser = clap::builder::FalseyValueParser::new())]
+    pub megakernel: bool,
     /// Prefill: one product pair per expert instead of two batched cuBLAS calls per MoE layer.
     #[arg(long, global = true, env = "BLACKMAMBA_PER_EXPERT", value_parser = clap::builder::FalseyValueParser::new())]
     pub per_expert: bool,
@@ -182,6 +186,7 @@ impl KernelArgs {
             moe_grad: !self.slow_moe_grad,
             decoder: !self.no_decoder,
             sampler: self.device_sampler,
+            megakernel: self.megakernel,
         }
     }
 

@@ -28,6 +28,10 @@ pub struct Kernels {
     /// copied to the host and sampled there (the device sampler's twin). Off by default until the
     /// device sampler's parity tests have run on a GPU (`--device-sampler` turns it on).
     pub sampler: bool,
+    /// Batch-1 decode as one persistent megakernel launch per token
+    /// (`runtime::megakernel::cuda`) instead of the graph-captured decoder. Opt-in
+    /// (`--megakernel`) until its GPU parity test has run; logits go to the host sampler.
+    pub megakernel: bool,
 }
 
 impl Default for Kernels {
@@ -41,6 +45,7 @@ impl Default for Kernels {
             moe_grad: true,
             decoder: true,
             sampler: false,
+            megakernel: false,
         }
     }
 }

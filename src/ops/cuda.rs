@@ -32,6 +32,7 @@ pub enum Module {
     GatedAct,
     MambaStep,
     MambaTrain,
+    Megakernel,
     MoeTrain,
     Optim,
     Prefill,
@@ -51,6 +52,7 @@ impl Module {
             Self::GatedAct => bins::GATED_ACT,
             Self::MambaStep => bins::MAMBA_STEP,
             Self::MambaTrain => bins::MAMBA_TRAIN,
+            Self::Megakernel => bins::MEGAKERNEL,
             Self::MoeTrain => bins::MOE_TRAIN,
             Self::Optim => bins::OPTIM,
             Self::Prefill => bins::PREFILL,
@@ -227,6 +229,9 @@ pub struct Launch {
     /// Launch with programmatic dependent launch (the kernel may start while the previous one
     /// finishes; it waits with `griddepcontrol.wait`).
     pub pdl: bool,
+    /// Launch cooperatively: the driver refuses the launch unless every block can be resident at
+    /// once (the megakernel's blocks wait on each other).
+    pub cooperative: bool,
     /// A short label (profiles).
     pub label: &'static str,
     /// The first argument that did not fit its kernel type (then `run` refuses to launch).
@@ -242,12 +247,18 @@ impl Launch {
             block,
             smem,
             pdl: false,
+            cooperative: false,
             label: "",
             bad: None,
         }
     }
     pub fn pdl(mut self, on: bool) -> Self {
         self.pdl = on;
+        self
+    }
+    /// See [`Launch::cooperative`].
+    pub fn cooperative(mut self, on: bool) -> Self {
+        self.cooperative = on;
         self
     }
     pub fn label(mut self, l: &'static str) -> Self {
@@ -317,7 +328,7 @@ impl Launch {
         if self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0 {
             return Ok(());
         }
-        if self.pdl {
+        if self.pdl || self.cooperative {
             // SAFETY: the caller's promise, as for this function.
             return unsafe { self.run_ex(stream) };
         }
@@ -351,7 +362,7 @@ impl Launch {
         }
     }
 
-    /// cuLaunchKernelEx with the programmatic-stream-serialization attribute.
+    /// cuLaunchKernelEx with the programmatic-stream-serialization and/or cooperative attribute.
     ///
     /// # Safety
     /// As for [`Launch::run`].
@@ -372,10 +383,18 @@ impl Launch {
             })
             .collect();
         // SAFETY: an all-zero attribute is valid (id 0 = ignore, value bytes unused).
-        let mut attrs: [sys::CUlaunchAttribute; 1] = unsafe { std::mem::zeroed() };
-        attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attrs[0].value.programmaticStreamSerializationAllowed = 1;
-        let n_attrs = 1;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n_attrs = 0;
+        if self.pdl {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if self.cooperative {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attrs[n_attrs].value.cooperative = 1;
+            n_attrs += 1;
+        }
         let cfg = sys::CUlaunchConfig {
             gridDimX: self.grid.0,
             gridDimY: self.grid.1,

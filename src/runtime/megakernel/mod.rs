@@ -1,5 +1,6 @@
-//! Batch-1 decode as one persistent megakernel per token (issue 17): the host side and its CPU
-//! twin. The CUDA kernel itself comes later; see docs/decode.md "Megakernel design".
+//! Batch-1 decode as one persistent megakernel per token (issue 17): the host side, its CPU
+//! twin and (feature `cuda`) the first CUDA kernel's runtime; see docs/decode.md "Megakernel
+//! design".
 //!
 //! * [`isa`]: the instruction set (one tile of one fused op for one SM, the counters it waits on
 //!   and signals, each weight operand's [`isa::WeightFormat`]) and its fixed-size `#[repr(C)]`
@@ -14,9 +15,14 @@
 //! * [`interp`]: the lists executed on the CPU in a simulated interleaving, the same tile
 //!   arithmetic the kernel will do, against [`crate::model::Model::step`] in the tests.
 //!
-//! Nothing on the user's path runs this yet: the graph decoder (`runtime::decode`) stays the
-//! default.
+//! * `cuda` (feature `cuda`): the kernel (`kernels/megakernel.cu`) on a GPU, one cooperative
+//!   launch per token; not yet run on a GPU.
+//!
+//! Nothing on the user's path runs this unless asked (`--megakernel`): the graph decoder
+//! (`runtime::decode`) stays the default.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod host;
 pub mod interp;
 pub mod isa;

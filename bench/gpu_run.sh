@@ -20,7 +20,8 @@
 #   bash gpu_run.sh s6tests   tests, and the transformer-MoE fixtures (moe_fixtures.py) on the CPU
 #   bash gpu_run.sh s6bench   (no tests) decode on the user's path ...; s6: tests, then the same:
 #   bash gpu_run.sh s7        tests (moe_fixtures.py beside them on the CPU), then the user's path
-#                             with the host sampler and with --device-sampler, 2.8B and 1.5B
+#                             with the host sampler and with --device-sampler, 2.8B and 1.5B, then
+#                             every carried *_gpu test binary (megakernel_gpu first, if carried)
 #   bash gpu_run.sh s6        tests, then decode on the user's path (bench --path user, and the
 #                             `generate` command) beside the bare decoder (graph), this build and
 #                             the previous one (blackmamba-base.xz) in the same call, and the

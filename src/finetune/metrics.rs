@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::finetune::recompute::LayerTiming;
 use crate::finetune::StepReport;
 use crate::model::weights::write_atomic;
 
@@ -116,4 +117,29 @@ pub fn read(path: &Path) -> Result<Vec<MetricsLine>> {
         .enumerate()
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::bad_file(path, format!("line {}: {e}", i + 1))))
         .collect()
+}
+
+/// Where the last step's time went, in seconds. Without [`crate::finetune::Trainer::set_sync_timing`] the device
+/// may still be working on one phase when the next starts (the host waits only where a value
+/// comes back: the routing, the loss, the gradient norm), so only `total_s` is exact then.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTiming {
+    /// Forward passes and loss of all micro-batches.
+    pub forward_s: f64,
+    /// Backward passes and gradient accumulation.
+    pub backward_s: f64,
+    /// Gradient norm, clipping, the AdamW update and the recast of bf16 weights.
+    pub optim_s: f64,
+    /// The whole step, evaluation and checkpointing excluded.
+    pub total_s: f64,
+    /// Forward and backward of all micro-batches (the gradients accumulated), up to the host's
+    /// read of each micro-batch's loss, which waits for the device: exact without device waits
+    /// of its own. No optimiser: the measure of Zyphra's forward+backward throughput.
+    pub fwd_bwd_s: f64,
+    /// With recomputation and device waits: the backward's parts, summed over micro-batches.
+    pub layers: LayerTiming,
+    /// With device waits: the update's parts (gradient norm; AdamW; recasting bf16 weights).
+    pub norm_s: f64,
+    pub adam_s: f64,
+    pub cast_s: f64,
 }

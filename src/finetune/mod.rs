@@ -38,7 +38,8 @@ use crate::sinkhorn::{SinkhornOpts, SinkhornResult};
 
 pub use data::DataFormat;
 pub use lora::Target;
-pub use trainer::{StepTiming, Trainer};
+pub use metrics::StepTiming;
+pub use trainer::Trainer;
 
 /// What a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -18,15 +18,15 @@ use crate::finetune::checkpoint::{self, check_resumable, same_path, to_json, Che
 use crate::finetune::data::{self, BadLine, Batch, Batcher, DataCursor, Example};
 use crate::finetune::lora::merge_all;
 use crate::finetune::loss::{batch_nll, evaluate, inference_view, EvalResult};
-use crate::finetune::metrics::{Metrics, MetricsLine};
+use crate::finetune::metrics::{Metrics, MetricsLine, StepTiming};
 use crate::finetune::optim::{clip_scale, global_norm, lr_at, AdamW, AdamWParams, Param};
 use crate::finetune::params::{make_params, Casts};
-use crate::finetune::recompute::{accumulate, nll_and_grads, LayerTiming};
+use crate::finetune::recompute::{accumulate, nll_and_grads};
 use crate::finetune::{FinetuneConfig, Method, StepReport};
 use crate::model::moe::Routing;
 use crate::model::probe::Probe;
 use crate::model::Model;
-use crate::runtime::dist::{check_same, Collective, Single};
+use crate::runtime::dist::{all_reduce_tensors, check_same, Collective, Single};
 use crate::sinkhorn::{greedy, loads};
 
 /// A run's examples and the hash of its data file.
@@ -70,31 +70,6 @@ pub struct Trainer {
     timing: StepTiming,
     /// The other ranks of a data-parallel run ([`crate::runtime::dist::Single`] alone).
     group: Box<dyn Collective>,
-}
-
-/// Where the last step's time went, in seconds. Without [`Trainer::set_sync_timing`] the device
-/// may still be working on one phase when the next starts (the host waits only where a value
-/// comes back: the routing, the loss, the gradient norm), so only `total_s` is exact then.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct StepTiming {
-    /// Forward passes and loss of all micro-batches.
-    pub forward_s: f64,
-    /// Backward passes and gradient accumulation.
-    pub backward_s: f64,
-    /// Gradient norm, clipping, the AdamW update and the recast of bf16 weights.
-    pub optim_s: f64,
-    /// The whole step, evaluation and checkpointing excluded.
-    pub total_s: f64,
-    /// Forward and backward of all micro-batches (the gradients accumulated), up to the host's
-    /// read of each micro-batch's loss, which waits for the device: exact without device waits
-    /// of its own. No optimiser: the measure of Zyphra's forward+backward throughput.
-    pub fwd_bwd_s: f64,
-    /// With recomputation and device waits: the backward's parts, summed over micro-batches.
-    pub layers: LayerTiming,
-    /// With device waits: the update's parts (gradient norm; AdamW; recasting bf16 weights).
-    pub norm_s: f64,
-    pub adam_s: f64,
-    pub cast_s: f64,
 }
 
 impl Trainer {
@@ -604,24 +579,4 @@ impl Trainer {
         self.cast_of = cast_of;
         Ok(())
     }
-}
-
-/// The element-wise sums of every rank's `grads` (one reduction over all of them, in f32),
-/// back in each tensor's shape, dtype and device.
-fn all_reduce_tensors(group: &mut dyn Collective, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
-    let mut flat: Vec<f32> = Vec::new();
-    for g in &grads {
-        flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-    }
-    group.all_reduce_f32(&mut flat)?;
-    let mut off = 0;
-    grads
-        .iter()
-        .map(|g| {
-            let n = g.elem_count();
-            let t = Tensor::from_slice(&flat[off..off + n], g.shape(), g.device())?.to_dtype(g.dtype())?;
-            off += n;
-            Ok(t)
-        })
-        .collect()
 }

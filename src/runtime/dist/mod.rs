@@ -17,6 +17,8 @@ pub mod tcp;
 
 use std::time::Duration;
 
+use candle_core::{DType, Tensor};
+
 use crate::error::{Error, Result};
 
 /// This process's place in a distributed run.
@@ -176,6 +178,26 @@ pub fn check_same(group: &mut dyn Collective, what: &str, value: &str) -> Result
         )));
     }
     Ok(())
+}
+
+/// The element-wise sums of every rank's `grads` (one reduction over all of them, in f32),
+/// back in each tensor's shape, dtype and device.
+pub fn all_reduce_tensors(group: &mut dyn Collective, grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let mut flat: Vec<f32> = Vec::new();
+    for g in &grads {
+        flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    group.all_reduce_f32(&mut flat)?;
+    let mut off = 0;
+    grads
+        .iter()
+        .map(|g| {
+            let n = g.elem_count();
+            let t = Tensor::from_slice(&flat[off..off + n], g.shape(), g.device())?.to_dtype(g.dtype())?;
+            off += n;
+            Ok(t)
+        })
+        .collect()
 }
 
 #[cfg(test)]

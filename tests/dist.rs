@@ -210,31 +210,42 @@ fn launch_stops_every_rank_when_one_dies() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = launch(dir.path(), "100000").stderr(std::process::Stdio::piped()).spawn().unwrap();
     // wait for training to run (rank 0 writes metrics), then kill rank 1 the hard way
-    let metrics = dir.path().join("out/metrics.jsonl");
-    let t0 = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_training(dir.path());
     let rank1 = ranks_of(child.id()).into_iter().find(|(_, r)| *r == 1).map(|(pid, _)| pid).unwrap();
     assert!(std::process::Command::new("kill")
         .args(["-KILL", &rank1.to_string()])
         .status()
         .unwrap()
         .success());
+    let (status, err) = exit_of(&mut child, 30, "the run did not stop after rank 1 died");
+    assert!(!status.success());
+    assert!(err.contains("rank 1 failed (killed by signal 9)"), "{err}");
+    assert!(ranks_of(child.id()).is_empty(), "no rank is left running");
+}
+
+/// Waits until rank 0 has written two metrics lines under `dir/out` (training runs).
+fn wait_for_training(dir: &Path) {
+    let metrics = dir.join("out/metrics.jsonl");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The launcher's exit status and all it wrote to stderr; fails with `what` after `secs`.
+fn exit_of(child: &mut std::process::Child, secs: u64, what: &str) -> (std::process::ExitStatus, String) {
     let t0 = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "the run did not stop after rank 1 died");
+        assert!(t0.elapsed() < Duration::from_secs(secs), "{what}");
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    assert!(err.contains("rank 1 failed (killed by signal 9)"), "{err}");
-    assert!(ranks_of(child.id()).is_empty(), "no rank is left running");
+    (status, err)
 }
 
 /// The launcher's children with their RANK (from /proc).
@@ -272,27 +283,13 @@ fn ranks_of(parent: u32) -> Vec<(u32, usize)> {
 fn sigterm_to_the_launcher_saves_the_run_once_and_exits_143() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = launch(dir.path(), "100000").stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let metrics = dir.path().join("out/metrics.jsonl");
-    let t0 = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_training(dir.path());
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap()
         .success());
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the run did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = exit_of(&mut child, 60, "the run did not stop after SIGTERM");
     assert_eq!(status.code(), Some(143), "{err}");
     // every rank stopped after the same step; rank 0 saved it
     assert_eq!(err.matches("checkpoint saved to").count(), 1, "{err}");

@@ -148,17 +148,7 @@ pub fn generate(
         if let Some(piece) = stream.push(tok, id)? {
             text.push_str(&piece);
         }
-        // Stop strings: end at the first match; show only what can no longer start one.
-        let hit = params
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text[shown.min(text.len())..].find(s.as_str()).map(|i| shown + i))
-            .min();
-        let safe = match hit {
-            Some(at) => at,
-            None => safe_prefix(&text, shown, &params.stop),
-        };
+        let (hit, safe) = stop_scan(&text, shown, &params.stop);
         let new = text.get(shown..safe).unwrap_or_default().to_string();
         shown = safe.max(shown);
         let pos = state.pos;
@@ -208,6 +198,18 @@ pub fn generate(
         pending,
         path,
     })
+}
+
+/// Stop strings over the text so far, of which `shown` bytes are already out: the first match
+/// at or after `shown` (where the text ends), and how far the text may be shown now (up to the
+/// match, else up to what can no longer start one).
+pub fn stop_scan(text: &str, shown: usize, stops: &[String]) -> (Option<usize>, usize) {
+    let hit = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text[shown.min(text.len())..].find(s.as_str()).map(|i| shown + i))
+        .min();
+    (hit, hit.unwrap_or_else(|| safe_prefix(text, shown, stops)))
 }
 
 /// The end of the part of `text` (from `shown`) that cannot be the start of a stop string.

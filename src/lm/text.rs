@@ -10,7 +10,7 @@ use tokenizers::Tokenizer;
 
 use super::probe::SharedProbe;
 use crate::error::{Error, Result};
-use crate::generate::{safe_prefix, GenOutcome, GenStats, StopReason};
+use crate::generate::{stop_scan, GenOutcome, GenStats, StopReason};
 use crate::moe_lm::{KvCache, MoeLm};
 use crate::runtime::stepper::StepPath;
 use crate::sampling::{Sampler, SamplingParams};
@@ -94,13 +94,7 @@ pub fn generate_text(
         if let Some(piece) = stream.push(tok, id)? {
             text.push_str(&piece);
         }
-        let hit = params
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text[shown.min(text.len())..].find(s.as_str()).map(|i| shown + i))
-            .min();
-        let safe = hit.unwrap_or_else(|| safe_prefix(&text, shown, &params.stop));
+        let (hit, safe) = stop_scan(&text, shown, &params.stop);
         let new = text.get(shown..safe).unwrap_or_default().to_string();
         shown = safe.max(shown);
         let pos = cache.pos();

@@ -4,16 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+mod mk_common;
+
 use std::path::Path;
 
 use blackmamba::loader::load_dir;
-use blackmamba::model::probe::Probe;
 use blackmamba::model::Model;
 use blackmamba::rng::Rng;
-use blackmamba::runtime::megakernel::pack::{fp8_code, fp8_value, pack, roundtrip, unpack};
+use blackmamba::runtime::megakernel::pack::{fp8_code, fp8_value, pack, unpack};
 use blackmamba::runtime::megakernel::*;
 use candle_core::{DType, Device, Tensor};
+use mk_common::{dequantised, max_diff, reference_step, route_diff};
 
 const FORMATS: [WeightFormat; 6] = [
     WeightFormat::F32,
@@ -88,41 +89,6 @@ fn fp8_codes_follow_the_e4m3_grid() {
     }
 }
 
-/// `model` with every matrix stored in `plan`'s format and dequantised, oriented as the kernel
-/// stores it (x_proj, out_proj and fc2 transposed, so their scales run along input channels).
-fn dequantised(model: &Model, plan: &FormatPlan) -> Model {
-    let mut map = HashMap::new();
-    for (name, t) in model.named_tensors().unwrap() {
-        let stored = [
-            ("in_proj.weight", plan.in_proj, false),
-            ("x_proj.weight", plan.x_proj, true),
-            ("dt_proj.weight", plan.dt_proj, false),
-            ("out_proj.weight", plan.out_proj, true),
-            ("linear_fc1.weight", plan.fc1, false),
-            ("linear_fc2.weight", plan.fc2, true),
-            ("embedding.word_embeddings.weight", plan.head, false),
-        ]
-        .into_iter()
-        .find(|(suffix, ..)| name.ends_with(suffix));
-        let t = match stored {
-            None => t,
-            Some((_, fmt, transposed)) => {
-                let s = if transposed { t.t().unwrap().contiguous().unwrap() } else { t };
-                let (r, c) = s.dims2().unwrap();
-                let v = roundtrip(&s.flatten_all().unwrap().to_vec1::<f32>().unwrap(), r, c, fmt).unwrap();
-                let s = Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap();
-                if transposed {
-                    s.t().unwrap().contiguous().unwrap()
-                } else {
-                    s
-                }
-            }
-        };
-        map.insert(name, t);
-    }
-    Model::from_tensors(&model.cfg, map, DType::F32, &Device::Cpu).unwrap()
-}
-
 /// Largest |Δ| / (1 + max |want|) of the logits over `tokens` random tokens, the interpreter
 /// of `plan` against `Model::step` of `reference`; routes must agree.
 fn run(model: &Model, reference: &Model, plan: FormatPlan, tokens: usize) -> f32 {
@@ -141,30 +107,10 @@ fn run(model: &Model, reference: &Model, plan: FormatPlan, tokens: usize) -> f32
     let mut worst = 0f32;
     for t in 0..tokens {
         let tok = rng.below(model.cfg.vocab_size) as u32;
-        let mut probe = Probe::new();
-        let ids = Tensor::from_slice(&[tok], 1, &Device::Cpu).unwrap();
-        let want = reference
-            .step(&ids, &mut state, Some(&mut probe))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let (want, probe, _) = reference_step(reference, &mut state, tok);
         let got = interp.step(tok, &mut hs, t as u64).unwrap();
-        let experts: Vec<u32> = probe.moe.iter().map(|r| r.experts[0]).collect();
-        assert_eq!(
-            got.routes.iter().map(|r| r.expert).collect::<Vec<_>>(),
-            experts,
-            "{plan:?} token {t}"
-        );
-        let scale = 1.0 + want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let d = got
-            .logits
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
-        worst = worst.max(d / scale);
+        route_diff(&got, &probe, t);
+        worst = worst.max(max_diff(&got.logits, &want));
     }
     worst
 }

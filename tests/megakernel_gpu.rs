@@ -7,82 +7,15 @@
 
 mod common;
 mod gpu_common;
+mod mk_common;
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use blackmamba::loader::load_dir;
 use blackmamba::model::config::Config;
-use blackmamba::model::probe::Probe;
 use blackmamba::model::Model;
 use blackmamba::rng::Rng;
 use blackmamba::runtime::megakernel::cuda::{MegaDecoder, MegaOpts};
-use blackmamba::runtime::megakernel::pack::roundtrip;
 use blackmamba::runtime::megakernel::*;
-use candle_core::{DType, Device, Tensor};
-
-fn tiny_a() -> Model {
-    let fixture = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-a"));
-    load_dir(fixture, &Device::Cpu, DType::F32).unwrap().0
-}
-
-/// Dense layers, biases, no gating, SiLU, K = 3 (the interpreter's odd config).
-fn odd_config() -> Config {
-    let json = serde_json::json!({
-        "num_layers": 6, "hidden_size": 40, "state_size": 8, "conv_dimension": 3,
-        "vocab_size": 300, "expansion_factor": 2, "mamba_moe_layers": ["r", "3", "1", "r", "r", "5"],
-        "ffn_hidden_size": 36, "add_bias_linear": true, "swiglu": false, "max_sequence_length": 2048,
-        "expert_activation": "silu", "layernorm_epsilon": 1e-6
-    });
-    Config::from_json_str(&json.to_string()).unwrap()
-}
-
-/// `model` with every matrix rounded through `plan`'s format as the kernel stores it (x_proj,
-/// out_proj and fc2 transposed): the weights the kernel computes with, in f32 on the CPU.
-fn dequantised(model: &Model, plan: &FormatPlan) -> Model {
-    let mut map = HashMap::new();
-    for (name, t) in model.named_tensors().unwrap() {
-        let stored = [
-            ("in_proj.weight", plan.in_proj, false),
-            ("x_proj.weight", plan.x_proj, true),
-            ("dt_proj.weight", plan.dt_proj, false),
-            ("out_proj.weight", plan.out_proj, true),
-            ("linear_fc1.weight", plan.fc1, false),
-            ("linear_fc2.weight", plan.fc2, true),
-            ("embedding.word_embeddings.weight", plan.head, false),
-        ]
-        .into_iter()
-        .find(|(suffix, ..)| name.ends_with(suffix));
-        let t = match stored {
-            None => t,
-            Some((_, fmt, transposed)) => {
-                let s = if transposed { t.t().unwrap().contiguous().unwrap() } else { t };
-                let (r, c) = s.dims2().unwrap();
-                let v = roundtrip(&s.flatten_all().unwrap().to_vec1::<f32>().unwrap(), r, c, fmt).unwrap();
-                let s = Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap();
-                if transposed {
-                    s.t().unwrap().contiguous().unwrap()
-                } else {
-                    s
-                }
-            }
-        };
-        map.insert(name, t);
-    }
-    Model::from_tensors(&model.cfg, map, DType::F32, &Device::Cpu).unwrap()
-}
-
-/// max |a − b| / (1 + max |b|) (infinite on a NaN).
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = 1.0 + b.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
-    d / scale
-}
+use candle_core::Device;
+use mk_common::{dequantised, max_diff, odd_config, reference_step, route_diff, state_diff, tiny_a};
 
 /// Feeds the same random tokens to `reference`'s `Model::step` (CPU, f32) and to the kernel of
 /// `model` in `plan` with `sms` blocks; returns the largest relative differences of logits,
@@ -101,33 +34,11 @@ fn parity(dev: &Device, model: &Model, reference: &Model, plan: FormatPlan, sms:
     let (mut dl, mut dp, mut ds) = (0f32, 0f32, 0f32);
     for t in 0..tokens {
         let tok = rng.below(cfg.vocab_size) as u32;
-        let mut probe = Probe::new();
-        let ids = Tensor::from_slice(&[tok], 1, &Device::Cpu).unwrap();
-        let want = reference
-            .step(&ids, &mut state, Some(&mut probe))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let want_state = HostState::from_state(&state).unwrap();
+        let (want, probe, want_state) = reference_step(reference, &mut state, tok);
         let got = mega.step(tok).unwrap();
         dl = dl.max(max_diff(&got.logits, &want));
-        assert_eq!(got.routes.len(), probe.moe.len());
-        for (r, rec) in got.routes.iter().zip(&probe.moe) {
-            assert_eq!(
-                (r.layer, r.expert),
-                (rec.layer, rec.experts[0]),
-                "token {t}: route of layer {}",
-                rec.layer
-            );
-            let probs: Vec<f32> = (0..rec.n_experts).map(|e| rec.prob(0, e)).collect();
-            dp = dp.max(max_diff(&r.probs, &probs));
-        }
-        let st = mega.state().unwrap();
-        for (a, b) in st.conv.iter().chain(&st.ssm).zip(want_state.conv.iter().chain(&want_state.ssm)) {
-            ds = ds.max(max_diff(a, b));
-        }
+        dp = dp.max(route_diff(&got, &probe, t));
+        ds = ds.max(state_diff(&mega.state().unwrap(), &want_state));
     }
     (dl, dp, ds)
 }

@@ -5,34 +5,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-
 mod common;
+mod mk_common;
 
 use blackmamba::loader::load_dir;
 use blackmamba::model::config::{Config, LayerKind};
-use blackmamba::model::probe::Probe;
 use blackmamba::model::Model;
 use blackmamba::rng::Rng;
 use blackmamba::runtime::megakernel::validate::{check_static, simulate};
 use blackmamba::runtime::megakernel::*;
-use candle_core::{DType, Device, Tensor};
-
-fn fixture() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-a"))
-}
-
-/// A config off every default the loader accepts: dense and MoE layers of 3 and 5 experts,
-/// biases on every linear layer, no gating, SiLU experts, K = 3, N = 8, d not a multiple of 16.
-fn odd_config() -> Config {
-    let json = serde_json::json!({
-        "num_layers": 6, "hidden_size": 40, "state_size": 8, "conv_dimension": 3,
-        "vocab_size": 300, "expansion_factor": 2, "mamba_moe_layers": ["r", "3", "1", "r", "r", "5"],
-        "ffn_hidden_size": 36, "add_bias_linear": true, "swiglu": false, "max_sequence_length": 2048,
-        "expert_activation": "silu", "layernorm_epsilon": 1e-6
-    });
-    Config::from_json_str(&json.to_string()).unwrap()
-}
+use candle_core::{DType, Device};
+use mk_common::{fixture, max_diff, odd_config, reference_step, route_diff, state_diff};
 
 fn tiny_a_config() -> Config {
     Config::from_file(&fixture().join("config.json")).unwrap()
@@ -260,48 +243,17 @@ fn parity(model: &Model, sms: &[usize], seeds: &[u64], tokens: usize) -> (f32, f
     let mut state = model.new_state(1).unwrap();
     let mut rng = Rng::new(17);
     let (mut dl, mut dp, mut ds) = (0f32, 0f32, 0f32);
-    let max_diff = |a: &[f32], b: &[f32]| {
-        let scale = 1.0 + b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let d = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
-        d / scale
-    };
     for t in 0..tokens {
         let tok = rng.below(cfg.vocab_size) as u32;
-        let mut probe = Probe::new();
-        let ids = Tensor::from_slice(&[tok], 1, &Device::Cpu).unwrap();
-        let want = model
-            .step(&ids, &mut state, Some(&mut probe))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let want_state = HostState::from_state(&state).unwrap();
+        let (want, probe, want_state) = reference_step(model, &mut state, tok);
         for (interp, st, seed) in runs.iter_mut() {
             let got = interp
                 .step(tok, st, *seed ^ (t as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
                 .unwrap();
             assert_eq!(got.logits.len(), want.len());
             dl = dl.max(max_diff(&got.logits, &want));
-            assert_eq!(got.routes.len(), probe.moe.len());
-            for (r, rec) in got.routes.iter().zip(&probe.moe) {
-                assert_eq!(
-                    (r.layer, r.expert),
-                    (rec.layer, rec.experts[0]),
-                    "token {t}: route of layer {}",
-                    rec.layer
-                );
-                let probs: Vec<f32> = (0..rec.n_experts).map(|e| rec.prob(0, e)).collect();
-                dp = dp.max(max_diff(&r.probs, &probs));
-            }
-            for (a, b) in st.conv.iter().chain(&st.ssm).zip(want_state.conv.iter().chain(&want_state.ssm)) {
-                assert_eq!(a.len(), b.len());
-                ds = ds.max(max_diff(a, b));
-            }
+            dp = dp.max(route_diff(&got, &probe, t));
+            ds = ds.max(state_diff(st, &want_state));
         }
     }
     (dl, dp, ds)

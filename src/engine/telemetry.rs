@@ -110,30 +110,24 @@ impl RouterHistory {
 
     /// Appends the rows of a probe covering tokens at `pos0..`.
     pub fn push(&mut self, probe: &Probe, pos0: usize) {
-        if probe.moe.len() != self.logits.len() {
-            return;
-        }
-        let n = probe.n_tokens;
-        if probe.moe.iter().zip(&self.n_experts).any(|(m, &e)| m.logits.len() != n * e) {
-            return;
-        }
-        for (dst, m) in self.logits.iter_mut().zip(&probe.moe) {
-            dst.extend_from_slice(&m.logits);
-        }
-        self.pos.extend(pos0..pos0 + n);
+        let rows: Vec<&[f32]> = probe.moe.iter().map(|m| m.logits.as_slice()).collect();
+        self.push_rows(&rows, probe.n_tokens, pos0);
     }
 
     /// Appends the router scores of a shared probe (either family) covering tokens at `pos0..`.
     pub fn push_shared(&mut self, probe: &SharedProbe, pos0: usize) {
-        if probe.moe.len() != self.logits.len() {
+        let rows: Vec<&[f32]> = probe.moe.iter().map(|m| m.scores.as_slice()).collect();
+        self.push_rows(&rows, probe.tokens, pos0);
+    }
+
+    /// Appends one (n × experts) block of router scores per MoE layer; a probe of another shape
+    /// (layers or experts) is ignored.
+    fn push_rows(&mut self, rows: &[&[f32]], n: usize, pos0: usize) {
+        if rows.len() != self.logits.len() || rows.iter().zip(&self.n_experts).any(|(r, &e)| r.len() != n * e) {
             return;
         }
-        let n = probe.tokens;
-        if probe.moe.iter().zip(&self.n_experts).any(|(m, &e)| m.scores.len() != n * e) {
-            return;
-        }
-        for (dst, m) in self.logits.iter_mut().zip(&probe.moe) {
-            dst.extend_from_slice(&m.scores);
+        for (dst, r) in self.logits.iter_mut().zip(rows) {
+            dst.extend_from_slice(r);
         }
         self.pos.extend(pos0..pos0 + n);
     }

@@ -4,6 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{max_abs, random_ids};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -37,24 +41,6 @@ fn random_model(json: &str, seed: u64) -> (MoeLm, HashMap<String, Tensor>) {
     let cfg = MoeConfig::from_json(json).unwrap();
     let w = random_tensors(&cfg, seed, 0.15).unwrap();
     (MoeLm::from_source(cfg, &w, &Device::Cpu, DType::F32).unwrap(), w)
-}
-
-fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut rng = blackmamba::rng::Rng::new(seed);
-    (0..n).map(|_| rng.below(vocab) as u32).collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn sets(probe: &[LayerProbe]) -> Vec<Vec<Vec<u32>>> {
@@ -93,7 +79,7 @@ fn cached_decoding_matches_the_full_forward_in_both_families() {
         ("mixtral no window", mixtral_json("null"), None),
     ] {
         let (m, _) = random_model(&json, 7);
-        let ids = ids(45, 96, 3);
+        let ids = random_ids(45, 96, 3);
         let (full, full_probe) = m.forward(&ids, &mut m.new_cache()).unwrap();
         let (cached, experts, kv) = chunked(&m, &ids, &[11, 6]);
         let d = max_abs(&full, &cached);
@@ -117,7 +103,7 @@ fn the_sliding_window_changes_what_late_tokens_see() {
     let (windowed, w) = random_model(&mixtral_json("8"), 5);
     let cfg = MoeConfig::from_json(&mixtral_json("null")).unwrap();
     let full = MoeLm::from_source(cfg, &w, &Device::Cpu, DType::F32).unwrap();
-    let ids = ids(30, 96, 9);
+    let ids = random_ids(30, 96, 9);
     let (a, _) = windowed.forward(&ids, &mut windowed.new_cache()).unwrap();
     let (b, _) = full.forward(&ids, &mut full.new_cache()).unwrap();
     let early = max_abs(&a.narrow(0, 0, 8).unwrap(), &b.narrow(0, 0, 8).unwrap());
@@ -130,7 +116,7 @@ fn the_sliding_window_changes_what_late_tokens_see() {
 fn greedy_and_sampled_decoding_with_the_cache_follow_the_full_forward() {
     for json in [olmoe_json(false), mixtral_json("8")] {
         let (m, _) = random_model(&json, 11);
-        let prompt = ids(20, 96, 4);
+        let prompt = random_ids(20, 96, 4);
         for params in [
             SamplingParams {
                 temperature: 0.0,
@@ -207,7 +193,7 @@ fn save_dir(dir: &Path, json: &str, w: &HashMap<String, Tensor>, shards: usize) 
 fn single_file_and_sharded_checkpoints_load_the_same_model() {
     for json in [olmoe_json(false), mixtral_json("8")] {
         let (m, w) = random_model(&json, 21);
-        let ids = ids(12, 96, 1);
+        let ids = random_ids(12, 96, 1);
         let (want, _) = m.forward(&ids, &mut m.new_cache()).unwrap();
         for shards in [1, 3] {
             let dir = tempfile::tempdir().unwrap();
@@ -384,7 +370,7 @@ fn the_fixture_checker_reads_the_scripts_layout() {
     let (m, w) = random_model(&json, 31);
     let dir = tempfile::tempdir().unwrap();
     save_dir(dir.path(), &json, &w, 1);
-    let prompt = ids(64, 96, 8);
+    let prompt = random_ids(64, 96, 8);
     let (logits, probe) = m.forward(&prompt, &mut m.new_cache()).unwrap();
     let bf = MoeLm::from_source(m.config().clone(), &w, &Device::Cpu, DType::BF16).unwrap();
     let (logits_bf16, _) = bf.forward(&prompt, &mut bf.new_cache()).unwrap();

@@ -5,6 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::max_abs;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,19 +29,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn expected(name: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name).join("expected.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn ids_of(exp: &std::collections::HashMap<String, Tensor>) -> Vec<u32> {

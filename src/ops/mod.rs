@@ -38,6 +38,7 @@ pub mod rows;
 pub mod sample;
 pub mod scan;
 pub mod scan_cpu;
+pub mod scan_cpu_infer;
 #[cfg(feature = "cuda")]
 pub mod scan_grad;
 #[cfg(feature = "cuda")]

@@ -271,3 +271,43 @@ fn the_routing_views_c_compares_with_another_format() {
     assert!(!screen(&app, 120, 30).contains("flips int8"));
     e.shutdown();
 }
+
+#[test]
+fn a_quantised_model_compares_with_its_dense_weights_reloaded() {
+    let spec = LoadSpec {
+        device: Some("cpu".into()),
+        dtype: Some("f32".into()),
+        quant: Some(QuantSpec::new(QuantFormat::Int8, &[], &[], true).unwrap()),
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e = Engine::spawn(
+        Source::Spec(spec),
+        Box::new(move |ev| {
+            let _ = tx.send(ev);
+        }),
+    )
+    .unwrap();
+    let evs = engine_common::until(&rx, WAIT, |ev| matches!(ev, EngineEvent::Loaded(_) | EngineEvent::Fatal(_)));
+    let Some(EngineEvent::Loaded(info)) = evs.last() else {
+        panic!("{evs:?}")
+    };
+    assert_eq!(info.quant.as_deref(), Some("int8"), "the loaded format reaches the UI");
+    // the App's `f` on a quantised model asks for the dense weights
+    let mut app = App::new(Theme::default_theme());
+    app.update(Msg::Engine(EngineEvent::Loaded(info.clone())));
+    key(&mut app, KeyCode::F(6), KeyModifiers::NONE);
+    let cmds = key(&mut app, KeyCode::Char('f'), KeyModifiers::NONE);
+    let [cmd @ Command::Compare {
+        with: CompareWith::Format(None),
+        ..
+    }] = &cmds[..]
+    else {
+        panic!("a comparison with the dense weights: {cmds:?}")
+    };
+    let r = compare(&e, &rx, cmd.clone());
+    assert!(r.same_model && r.same_tokens);
+    assert_eq!((r.a.format.as_str(), r.b.format.as_str()), ("int8", "f32"));
+    assert_eq!((r.a.label.as_str(), r.b.label.as_str()), ("embedded [int8]", "embedded"));
+    e.shutdown();
+}

@@ -124,12 +124,13 @@ fn tabs(app: &App, area: Rect, buf: &mut Buffer) {
         spans.push(Span::styled(format!(" F{} {} ", i + 1, v.title()), style));
     }
     let mut used: usize = spans.iter().map(|s| width(&s.content)).sum();
-    // a narrow terminal keeps every tab and drops the name
-    if used > usize::from(area.width) {
+    let label = app.model.as_ref().map(|m| format!(" {} ", sanitize(&m.label)));
+    let label_w = label.as_ref().map_or(0, |l| width(l) + 2);
+    // a narrow terminal keeps every tab and the model's label, dropping the program's name
+    if used + label_w > usize::from(area.width) {
         used -= width(&spans.remove(0).content);
     }
-    if let Some(m) = &app.model {
-        let label = format!(" {} ", sanitize(&m.label));
+    if let Some(label) = label {
         let room = usize::from(area.width).saturating_sub(used);
         if room > width(&label) + 1 {
             spans.push(Span::raw(" ".repeat(room - width(&label))));

@@ -24,9 +24,7 @@
 #define NMAX 16
 static_assert(2 * NMAX == 32, "scan_tail_bwd sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
 
-struct ScanIn {
-    int Bn, L, di, N, LC, Q;
-};
+// ScanIn: kernels/params.cuh
 
 // u at position s of sequence b, channel c (rows of stride su); s < 0 reads the conv state,
 // u_{−j} = state[b, c, K−j], or zero without one.

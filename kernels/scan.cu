@@ -22,9 +22,7 @@
 static_assert(2 * NMAX == 32, "scan_bwd_f32 sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
 
 
-struct ScanIn {
-    int Bn, L, di, N, LC, Q;
-};
+// ScanIn: kernels/params.cuh
 
 // The forward kernels keep a[n] = A[c,n]·log2(e) and take exp2f (one MUFU.EX2) of Δ·a[n]: the
 // decay exp(Δ·A) without expf's range reduction, once per (token, channel, state).

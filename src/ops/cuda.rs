@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
@@ -204,9 +206,29 @@ pub struct ScanIn {
 // SAFETY: plain #[repr(C)] struct of i32, as the kernel declares it.
 unsafe impl DeviceRepr for ScanIn {}
 
+/// A kernel's params struct (`crate::ops::params`) as a launch holds it: the one argument of
+/// the kernel, passed by value (the driver copies the struct at launch).
+pub trait KernelParams: std::fmt::Debug + Send + Sync {
+    /// Pushes the struct onto cudarc's argument list.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>);
+    /// The struct's address, for `cuLaunchKernelEx`'s argument array.
+    fn as_arg(&self) -> *mut std::ffi::c_void;
+}
+
+impl<T: DeviceRepr + std::fmt::Debug + Send + Sync> KernelParams for T {
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(self);
+    }
+    fn as_arg(&self) -> *mut std::ffi::c_void {
+        std::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
 /// One kernel argument.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Arg {
+    /// A params struct, the kernel's only argument.
+    Params(std::sync::Arc<dyn KernelParams>),
     Ptr(u64),
     I32(i32),
     I64(i64),
@@ -263,6 +285,11 @@ impl Launch {
     }
     pub fn label(mut self, l: &'static str) -> Self {
         self.label = l;
+        self
+    }
+    /// The kernel's params struct (its only argument; see `crate::ops::params`).
+    pub fn params<P: KernelParams + 'static>(mut self, p: P) -> Self {
+        self.args.push(Arg::Params(std::sync::Arc::new(p)));
         self
     }
     pub fn ptr(mut self, p: u64) -> Self {
@@ -342,6 +369,10 @@ impl Launch {
                 Arg::F32(v) => b.arg(v),
                 Arg::F64(v) => b.arg(v),
                 Arg::Scan(v) => b.arg(v),
+                Arg::Params(p) => {
+                    p.push(&mut b);
+                    &mut b
+                }
             };
         }
         let cfg = LaunchConfig {
@@ -380,6 +411,7 @@ impl Launch {
                 Arg::F32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
                 Arg::F64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
                 Arg::Scan(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
+                Arg::Params(p) => p.as_arg(),
             })
             .collect();
         // SAFETY: an all-zero attribute is valid (id 0 = ignore, value bytes unused).

@@ -29,6 +29,7 @@ pub mod mamba_grad;
 pub mod mamba_kernels;
 #[cfg(feature = "cuda")]
 pub mod optim;
+pub mod params;
 pub mod prof;
 #[cfg(feature = "cuda")]
 pub mod rms_norm;

@@ -1,0 +1,60 @@
+// Launch parameters of every kernel: one struct per kernel (or per family of kernels sharing a
+// signature, templates over the element type T), taken by value (`__global__ void k(const
+// KParams p)`). The Rust twins are in src/ops/params/ (same names, same field order); the test
+// tests/kernel_params.rs parses this file and compares both layouts field by field, so a field
+// added on one side only fails `cargo test`.
+//
+// Rules for this file (the test's parser reads only these forms): `struct NAME {` or
+// `template <typename T> struct NAME {` on one line, one field a line as `TYPE NAME;` (an optional
+// `__restrict__` after a pointer's `*`), `};` to close, `//` comments. Types: pointers,
+// `int`, `unsigned int`, `float`, `double`, `long long`, `unsigned long long`, or a struct above.
+// Fields go 8-byte ones first, so that no padding falls between fields.
+//
+// Shapes are row-major; (B, L, di) means B·L·di elements with di fastest.
+#pragma once
+
+// ---- selective scan (scan.cu, mamba_train.cu) ----
+
+// The sizes of the selective-scan kernels: B sequences of L tokens, di channels, N states,
+// chunks of LC tokens, Q chunks (Q = ceil(L / LC)).
+struct ScanIn {
+    int Bn;
+    int L;
+    int di;
+    int N;
+    int LC;
+    int Q;
+};
+
+// ---- RMSNorm (rms_norm.cu) ----
+
+// rms_norm_fwd_T: one block per row, grid-stride.
+template <typename T> struct RmsNormFwdParams {
+    const float* x;  // (rows, d) f32
+    const float* w;  // (d) f32
+    T* y;            // (rows, d)
+    long long rows;
+    int d;
+    float eps;
+};
+
+// rms_norm_bwd_T: dx and, where part is not null, each block's share of dw.
+template <typename T> struct RmsNormBwdParams {
+    const float* x;  // (rows, d) f32
+    const float* w;  // (d) f32
+    const T* g;      // (rows, d) the gradient of y
+    float* dx;       // (rows, d) f32
+    float* part;     // (gridDim.x, d) f32 or null
+    long long rows;
+    int d;
+    float eps;
+    int smem_acc;  // 1: accumulate dw in d floats of dynamic shared memory
+};
+
+// rms_norm_dw: dw[k] = Σ_b part[b, k].
+struct RmsNormDwParams {
+    const float* part;  // (nb, d) f32
+    float* dw;          // (d) f32
+    int nb;
+    int d;
+};

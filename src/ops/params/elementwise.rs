@@ -1,0 +1,50 @@
+//! Params of the row-wise and element-wise kernels: RMSNorm, row gathers, casts, cross-entropy,
+//! the gated activation, AdamW, the MoE gate's backward and Sinkhorn.
+
+use super::params;
+
+params! {
+    ELEMENTWISE;
+
+    /// `rms_norm_fwd_T`: y = T(x · rsqrt(mean(x²) + eps) · w), one block per row (grid-stride).
+    struct RmsNormFwdParams {
+        /// (rows, d) f32
+        x: "const float*" => u64,
+        /// (d) f32
+        w: "const float*" => u64,
+        /// (rows, d) T
+        y: "T*" => u64,
+        rows: "long long" => i64,
+        d: "int" => i32,
+        eps: "float" => f32,
+    }
+
+    /// `rms_norm_bwd_T`: dx and, where `part` is not null, each block's share of dw.
+    struct RmsNormBwdParams {
+        /// (rows, d) f32
+        x: "const float*" => u64,
+        /// (d) f32
+        w: "const float*" => u64,
+        /// (rows, d) T, the gradient of y
+        g: "const T*" => u64,
+        /// (rows, d) f32
+        dx: "float*" => u64,
+        /// (blocks, d) f32 or 0
+        part: "float*" => u64,
+        rows: "long long" => i64,
+        d: "int" => i32,
+        eps: "float" => f32,
+        /// 1: accumulate dw in d floats of dynamic shared memory
+        smem_acc: "int" => i32,
+    }
+
+    /// `rms_norm_dw`: dw[k] = Σ_b part[b, k].
+    struct RmsNormDwParams {
+        /// (nb, d) f32
+        part: "const float*" => u64,
+        /// (d) f32
+        dw: "float*" => u64,
+        nb: "int" => i32,
+        d: "int" => i32,
+    }
+}

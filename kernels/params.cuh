@@ -58,3 +58,23 @@ struct RmsNormDwParams {
     int nb;
     int d;
 };
+
+// ---- row gathers and scatters (rows.cu) ----
+
+// gather_rows_f32: out[i, k] = x[idx[i], k].
+struct GatherRowsParams {
+    const unsigned int* idx;  // (n) u32 < R
+    const float* x;           // (R, d) f32
+    float* out;               // (n, d) f32
+    long long n;
+    int d;
+};
+
+// scatter_add_rows_T: dst[idx[i], k] += src[i, k] (float atomics).
+template <typename T> struct ScatterAddRowsParams {
+    const unsigned int* idx;  // (n) u32 < R
+    const T* src;             // (n, d)
+    float* dst;               // (R, d) f32
+    long long n;
+    int d;
+};

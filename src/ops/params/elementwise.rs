@@ -47,4 +47,28 @@ params! {
         nb: "int" => i32,
         d: "int" => i32,
     }
+
+    /// `gather_rows_f32`: out[i, k] = x[idx[i], k].
+    struct GatherRowsParams {
+        /// (n) u32 < R
+        idx: "const unsigned int*" => u64,
+        /// (R, d) f32
+        x: "const float*" => u64,
+        /// (n, d) f32
+        out: "float*" => u64,
+        n: "long long" => i64,
+        d: "int" => i32,
+    }
+
+    /// `scatter_add_rows_T`: dst[idx[i], k] += src[i, k] (float atomics).
+    struct ScatterAddRowsParams {
+        /// (n) u32 < R
+        idx: "const unsigned int*" => u64,
+        /// (n, d) T
+        src: "const T*" => u64,
+        /// (R, d) f32
+        dst: "float*" => u64,
+        n: "long long" => i64,
+        d: "int" => i32,
+    }
 }

@@ -78,3 +78,12 @@ template <typename T> struct ScatterAddRowsParams {
     long long n;
     int d;
 };
+
+// ---- casts (cast.cu) ----
+
+// cast_I_O: dst[i] = O(src[i]); src and dst 16-byte aligned.
+template <typename I, typename O> struct CastParams {
+    const I* src;  // (n)
+    O* dst;        // (n)
+    long long n;
+};

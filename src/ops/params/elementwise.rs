@@ -71,4 +71,13 @@ params! {
         n: "long long" => i64,
         d: "int" => i32,
     }
+
+    /// `cast_I_O`: dst[i] = O(src[i]); both 16-byte aligned.
+    struct CastParams {
+        /// (n) I
+        src: "const I*" => u64,
+        /// (n) O
+        dst: "O*" => u64,
+        n: "long long" => i64,
+    }
 }

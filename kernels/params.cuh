@@ -87,3 +87,25 @@ template <typename I, typename O> struct CastParams {
     O* dst;        // (n)
     long long n;
 };
+
+// ---- cross-entropy (xent.cu) ----
+
+// xent_fwd_T: out[r] = (loss, lse) of logits row r; one block per row.
+template <typename T> struct XentFwdParams {
+    const T* logits;              // (n, v)
+    const unsigned int* targets;  // (n) u32
+    float* out;                   // (n, 2) f32
+    int v;
+    int vec;  // 1: rows are 16-byte aligned and v a multiple of 16 bytes' elements
+};
+
+// xent_bwd_T: dx = (softmax(logits) − onehot(target)) · grad[r, 0].
+template <typename T> struct XentBwdParams {
+    const T* logits;              // (n, v)
+    const unsigned int* targets;  // (n) u32
+    const float* res;             // (n, 2) f32, the forward's (loss, lse)
+    const float* grad;            // (n, 2) f32
+    T* dx;                        // (n, v)
+    int v;
+    int vec;  // as XentFwdParams
+};

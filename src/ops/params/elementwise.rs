@@ -80,4 +80,34 @@ params! {
         dst: "O*" => u64,
         n: "long long" => i64,
     }
+
+    /// `xent_fwd_T`: out[r] = (loss, lse) of logits row r; one block per row.
+    struct XentFwdParams {
+        /// (n, v) T
+        logits: "const T*" => u64,
+        /// (n) u32
+        targets: "const unsigned int*" => u64,
+        /// (n, 2) f32
+        out: "float*" => u64,
+        v: "int" => i32,
+        /// 1: rows are 16-byte aligned and v a multiple of 16 bytes' elements
+        vec: "int" => i32,
+    }
+
+    /// `xent_bwd_T`: dx = (softmax(logits) − onehot(target)) · grad[r, 0].
+    struct XentBwdParams {
+        /// (n, v) T
+        logits: "const T*" => u64,
+        /// (n) u32
+        targets: "const unsigned int*" => u64,
+        /// (n, 2) f32, the forward's (loss, lse)
+        res: "const float*" => u64,
+        /// (n, 2) f32
+        grad: "const float*" => u64,
+        /// (n, v) T
+        dx: "T*" => u64,
+        v: "int" => i32,
+        /// as in [`XentFwdParams`]
+        vec: "int" => i32,
+    }
 }

@@ -109,3 +109,33 @@ template <typename T> struct XentBwdParams {
     int v;
     int vec;  // as XentFwdParams
 };
+
+// ---- the experts' gated activation (gated_act.cu; moe_act_T in prefill.cu) ----
+
+// gated_act_fwd_T: h[r, j] = act(a[r, j]) · a[r, f + j].
+template <typename T> struct GatedActFwdParams {
+    const T* a;  // (n, 2f)
+    T* h;        // (n, f)
+    long long n;
+    int f;
+    int act;  // 0 = GELU (erf), 1 = SiLU
+};
+
+// gated_act_bwd_T: da (n, 2f) from dh (n, f).
+template <typename T> struct GatedActBwdParams {
+    const T* a;   // (n, 2f)
+    const T* dh;  // (n, f)
+    T* da;        // (n, 2f)
+    long long n;
+    int f;
+    int act;  // as GatedActFwdParams
+};
+
+// moe_act_T: the inference twin of gated_act_fwd_T (grid (f / 256, rows)).
+template <typename T> struct MoeActParams {
+    const T* a;  // (n, 2f)
+    T* h;        // (n, f)
+    int n;
+    int f;
+    int act;  // as GatedActFwdParams
+};

@@ -226,6 +226,6 @@ __device__ void moe_act_impl(int n, int f, const T* __restrict__ a, T* __restric
                                                  float* y) {                                                            \
         moe_unpermute_impl<T>(Tn, d, ys, inverse, gate, y);                                                             \
     }                                                                                                                   \
-    extern "C" __global__ void moe_act_##S(int n, int f, const T* a, T* h, int act) { moe_act_impl<T>(n, f, a, h, act); }
+    extern "C" __global__ void moe_act_##S(const MoeActParams<T> p) { moe_act_impl<T>(p.n, p.f, p.a, p.h, p.act); }
 
 INSTANTIATE_T(PREFILL_KERNELS)

@@ -110,4 +110,42 @@ params! {
         /// as in [`XentFwdParams`]
         vec: "int" => i32,
     }
+
+    /// `gated_act_fwd_T`: h[r, j] = act(a[r, j]) · a[r, f + j].
+    struct GatedActFwdParams {
+        /// (n, 2f) T
+        a: "const T*" => u64,
+        /// (n, f) T
+        h: "T*" => u64,
+        n: "long long" => i64,
+        f: "int" => i32,
+        /// 0 = GELU (erf), 1 = SiLU
+        act: "int" => i32,
+    }
+
+    /// `gated_act_bwd_T`: da (n, 2f) from dh (n, f).
+    struct GatedActBwdParams {
+        /// (n, 2f) T
+        a: "const T*" => u64,
+        /// (n, f) T
+        dh: "const T*" => u64,
+        /// (n, 2f) T
+        da: "T*" => u64,
+        n: "long long" => i64,
+        f: "int" => i32,
+        /// as in [`GatedActFwdParams`]
+        act: "int" => i32,
+    }
+
+    /// `moe_act_T` (kernels/prefill.cu): the inference twin of `gated_act_fwd_T`.
+    struct MoeActParams {
+        /// (n, 2f) T
+        a: "const T*" => u64,
+        /// (n, f) T
+        h: "T*" => u64,
+        n: "int" => i32,
+        f: "int" => i32,
+        /// as in [`GatedActFwdParams`]
+        act: "int" => i32,
+    }
 }

@@ -139,3 +139,31 @@ template <typename T> struct MoeActParams {
     int f;
     int act;  // as GatedActFwdParams
 };
+
+// ---- AdamW and the gradient norm (optim.cu) ----
+
+// adamw_f32: one AdamW step over n f32 values, and where wc_kind != 0 a copy of the new weight.
+struct AdamwParams {
+    float* w;        // (n) f32 weight, updated
+    const float* g;  // (n) f32 gradient
+    float* m;        // (n) f32 first moment, updated
+    float* v;        // (n) f32 second moment, updated
+    void* wc;        // (n) bf16 or f16 copy of w, or null
+    unsigned long long n;
+    float lr;
+    float b1;
+    float b2;
+    float bc1;     // 1 − b1^t
+    float bc2;     // 1 − b2^t
+    float eps;
+    float decay;   // 1 − lr · weight decay
+    float gscale;  // gradient scale (clipping)
+    int wc_kind;   // 0: no copy, 1: bf16, 2: f16
+};
+
+// sumsq_f32: acc += Σ g² (one f64 atomic per block).
+struct SumsqParams {
+    const float* g;  // (n) f32
+    double* acc;     // (1) f64
+    unsigned long long n;
+};

@@ -148,4 +148,43 @@ params! {
         /// as in [`GatedActFwdParams`]
         act: "int" => i32,
     }
+
+    /// `adamw_f32`: one AdamW step over n f32 values, and where `wc_kind` != 0 a copy of the
+    /// new weight.
+    struct AdamwParams {
+        /// (n) f32 weight, updated
+        w: "float*" => u64,
+        /// (n) f32 gradient
+        g: "const float*" => u64,
+        /// (n) f32 first moment, updated
+        m: "float*" => u64,
+        /// (n) f32 second moment, updated
+        v: "float*" => u64,
+        /// (n) bf16 or f16 copy of w, or 0
+        wc: "void*" => u64,
+        n: "unsigned long long" => u64,
+        lr: "float" => f32,
+        b1: "float" => f32,
+        b2: "float" => f32,
+        /// 1 − b1^t
+        bc1: "float" => f32,
+        /// 1 − b2^t
+        bc2: "float" => f32,
+        eps: "float" => f32,
+        /// 1 − lr · weight decay
+        decay: "float" => f32,
+        /// gradient scale (clipping)
+        gscale: "float" => f32,
+        /// 0: no copy, 1: bf16, 2: f16
+        wc_kind: "int" => i32,
+    }
+
+    /// `sumsq_f32`: acc += Σ g² (one f64 atomic per block).
+    struct SumsqParams {
+        /// (n) f32
+        g: "const float*" => u64,
+        /// (1) f64
+        acc: "double*" => u64,
+        n: "unsigned long long" => u64,
+    }
 }

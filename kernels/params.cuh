@@ -167,3 +167,35 @@ struct SumsqParams {
     double* acc;     // (1) f64
     unsigned long long n;
 };
+
+// ---- the MoE half-block's backward at the gate (moe_train.cu) ----
+
+// moe_gate_bwd_bf16: dgate[r] = Σ_k g[r, k] · y[r, k], dy[r, k] = bf16(g[r, k] · gate[r]).
+struct MoeGateBwdParams {
+    const float* g;     // (n, d) f32
+    const bf16* y;      // (n, d) bf16
+    const float* gate;  // (n) f32
+    float* dgate;       // (n) f32
+    bf16* dy;           // (n, d) bf16
+    long long n;
+    int d;
+};
+
+// ---- Sinkhorn on the device (sinkhorn.cu) ----
+
+// sinkhorn_run: one block, T tokens, E ≤ 32 experts.
+struct SinkhornParams {
+    const float* cost;     // (T, E) f32 router logits
+    double* K;             // (T, E) f64 scratch
+    double* d0;            // (T) f64 scratch
+    float* plan;           // (T, E) f32
+    unsigned int* assign;  // (T) u32
+    double* trace;         // (max(max_iters, 1), 4) f64
+    int* status;           // (2): iterations run, converged
+    double scale;          // 2 (Zyphra) or 1
+    double tol;
+    int T;
+    int E;
+    int zyphra;  // 1: Zyphra's variant
+    int max_iters;
+};

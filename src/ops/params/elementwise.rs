@@ -187,4 +187,47 @@ params! {
         acc: "double*" => u64,
         n: "unsigned long long" => u64,
     }
+
+    /// `moe_gate_bwd_bf16` (kernels/moe_train.cu): dgate[r] = Σ_k g[r, k] · y[r, k],
+    /// dy[r, k] = bf16(g[r, k] · gate[r]).
+    struct MoeGateBwdParams {
+        /// (n, d) f32
+        g: "const float*" => u64,
+        /// (n, d) bf16
+        y: "const bf16*" => u64,
+        /// (n) f32
+        gate: "const float*" => u64,
+        /// (n) f32
+        dgate: "float*" => u64,
+        /// (n, d) bf16
+        dy: "bf16*" => u64,
+        n: "long long" => i64,
+        d: "int" => i32,
+    }
+
+    /// `sinkhorn_run` (kernels/sinkhorn.cu): one block, T tokens, E ≤ 32 experts.
+    struct SinkhornParams {
+        /// (T, E) f32 router logits
+        cost: "const float*" => u64,
+        /// (T, E) f64 scratch
+        K: "double*" => u64,
+        /// (T) f64 scratch
+        d0: "double*" => u64,
+        /// (T, E) f32
+        plan: "float*" => u64,
+        /// (T) u32
+        assign: "unsigned int*" => u64,
+        /// (max(max_iters, 1), 4) f64
+        trace: "double*" => u64,
+        /// (2): iterations run, converged
+        status: "int*" => u64,
+        /// 2 (Zyphra) or 1
+        scale: "double" => f64,
+        tol: "double" => f64,
+        T: "int" => i32,
+        E: "int" => i32,
+        /// 1: Zyphra's variant
+        zyphra: "int" => i32,
+        max_iters: "int" => i32,
+    }
 }

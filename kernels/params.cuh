@@ -199,3 +199,187 @@ struct SinkhornParams {
     int zyphra;  // 1: Zyphra's variant
     int max_iters;
 };
+
+// ---- the chunked selective scan (scan.cu) ----
+// Inputs are strided views: element (b, t, c) of dt is dt[b · dt_bs + t · dt_ts + c] (likewise
+// v, z, and B / C with bc_bs / bc_ts over (b, t, n)); a null pointer is an absent input.
+
+// scan_chunk_sum_T: each chunk's ΣΔ and own end state from a zero start (grid (di/128, Q, B)).
+template <typename T> struct ScanChunkSumParams {
+    const T* dt;             // (B, L, di) Δ before softplus when dt_bias is not null
+    const float* dt_bias;    // (di) f32 or null
+    const float* A;          // (di, N) f32: A, or A_log when a_is_log
+    const T* Bm;             // (B, L, N)
+    const float* v;          // (B, L, di) f32
+    float* sum_delta;        // (B, Q, di) f32
+    float* Sst;              // (B, Q, di, N) f32
+    long long dt_bs;
+    long long bc_bs;
+    long long v_bs;
+    ScanIn s;
+    int dt_ts;
+    int a_is_log;
+    int bc_ts;
+    int v_ts;
+};
+
+// scan_chunk_out_T: the outputs per chunk from the carried states (grid (di/128, Q, B)).
+template <typename T> struct ScanChunkOutParams {
+    const T* dt;             // as ScanChunkSumParams
+    const float* dt_bias;    // as ScanChunkSumParams
+    const float* A;          // as ScanChunkSumParams
+    const T* Bm;             // (B, L, N)
+    const T* Cm;             // (B, L, N)
+    const float* v;          // (B, L, di) f32
+    const T* z;              // (B, L, di) gate or null
+    const float* Dp;         // (di) f32 skip or null
+    const float* h0;         // (B, di, N) f32 or null (zeros)
+    const float* sum_delta;  // (B, Q, di) f32 (Q > 1)
+    const float* Sst;        // (B, Q, di, N) f32 (Q > 1)
+    T* y_t;                  // (B, L, di) gated output or null
+    float* y_raw;            // (B, L, di) f32 or null
+    float* h_last;           // (B, di, N) f32 or null
+    float* hsq;              // (B, L) f32 telemetry Σh² or null
+    float* dsum;             // (B, L) f32 telemetry ΣΔ or null
+    long long dt_bs;
+    long long bc_bs;
+    long long v_bs;
+    long long z_bs;
+    ScanIn s;
+    int dt_ts;
+    int a_is_log;
+    int bc_ts;
+    int v_ts;
+    int z_ts;
+};
+
+// scan_bwd_f32: the scan's backward (grid (di/128, B); see the kernel's head for the layouts).
+struct ScanBwdParams {
+    const float* dt;  // (B, L, di)
+    const float* A;   // (di, N)
+    const float* Bm;  // (B, L, N)
+    const float* Cm;  // (B, L, N)
+    const float* v;   // (B, L, di)
+    const float* h0;  // (B, di, N) or null
+    const float* gy;  // (B, L, di)
+    float* hs;        // (B, Q, di, N) scratch
+    float* hist;      // (B, LC, N, di) scratch
+    float* dv;        // (B, L, di)
+    float* dd;        // (B, L, di)
+    float* dB;        // (B, L, N), zeroed
+    float* dC;        // (B, L, N), zeroed
+    float* dA;        // (di, N), zeroed
+    long long dt_bs;
+    long long bc_bs;
+    long long v_bs;
+    long long dv_bs;
+    long long dd_bs;
+    long long dbc_bs;
+    ScanIn s;
+    int dt_ts;
+    int bc_ts;
+    int v_ts;
+    int dv_ts;
+    int dd_ts;
+    int dbc_ts;
+};
+
+// ---- the Mamba mixer's fine-tuning kernels (mamba_train.cu) ----
+// Row strides (su, sdu, sv, ...) are in elements, one row per (sequence, position).
+
+// conv_silu_fwd_T: v = SiLU(conv(u) + cb) (grid (di/128, rows)).
+template <typename T> struct ConvSiluFwdParams {
+    const T* u;         // (B, L, ·) rows of stride su
+    const float* st;    // (B, di, K) f32 conv state before, or null (zeros)
+    const float* cw;    // (di, K) f32
+    const float* cb;    // (di) f32
+    float* v;           // (B, L, di) f32
+    bf16* v16;          // (B, L, di) bf16 copy of v, or null
+    float* st_out;      // (B, di, K) f32 conv state after, or null
+    int Bn;
+    int L;
+    int di;
+    int K;
+    int su;
+};
+
+// conv_silu_bwd_T: du and each tile's partial dw / db (grid (di/128, tiles, B)).
+template <typename T> struct ConvSiluBwdParams {
+    const T* u;          // as ConvSiluFwdParams
+    const float* st;     // as ConvSiluFwdParams
+    const float* cw;     // (di, K) f32
+    const float* cb;     // (di) f32
+    const float* gv;     // (B, L, di) f32 gradient of v
+    const bf16* gv2;     // (B, L, di) bf16 second gradient of v, or null
+    T* du;               // (B, L, ·) rows of stride sdu
+    float* part;         // (B · tiles, K + 1, di) f32
+    int Bn;
+    int L;
+    int di;
+    int K;
+    int tile;  // steps per tile
+    int su;
+    int sdu;
+};
+
+// scan_tail_chunks_T: per (b, chunk, c) ΣΔ, the end state from 0 and the start carry from 0.
+template <typename T> struct ScanTailChunksParams {
+    const float* v;    // (B, L, ·) f32 rows of stride sv
+    const T* dt;       // rows of stride sdt
+    const T* z;        // rows of stride sz
+    const T* go;       // (B, L, di) dL/dout
+    const float* bc;   // (B, L, 2N) f32
+    const float* P;    // [A_log (di, N); D (di); bias (di)] f32
+    float* sum_delta;  // (B, Q, di) f32
+    float* S_;         // (B, Q, di, N) f32
+    float* Lq;         // (B, Q, di, N) f32
+    ScanIn s;
+    int sv;
+    int sdt;
+    int sz;
+};
+
+// scan_tail_carry_f32: composes the chunks' start states and incoming carries (in place).
+struct ScanTailCarryParams {
+    const float* P;          // as ScanTailChunksParams
+    const float* h0;         // (B, di, N) f32 or null (zeros)
+    const float* sum_delta;  // (B, Q, di) f32
+    float* HS;               // (B, Q, di, N) f32
+    float* LR;               // (B, Q, di, N) f32
+    ScanIn s;
+};
+
+// scan_tail_bwd_T: the gradients, cpg chunks per block (grid (channel blocks, groups, B)).
+template <typename T> struct ScanTailBwdParams {
+    const float* v;     // as ScanTailChunksParams
+    const T* dt;        // as ScanTailChunksParams
+    const T* z;         // as ScanTailChunksParams
+    const T* go;        // as ScanTailChunksParams
+    const float* bc;    // as ScanTailChunksParams
+    const float* P;     // as ScanTailChunksParams
+    const float* H;     // (B, Q, di, N) f32 chunk start states
+    const float* R;     // (B, Q, di, N) f32 incoming carries
+    float* dv;          // rows of stride sdv, f32
+    T* ddt;             // rows of stride sddt
+    T* dz;              // rows of stride sdz
+    T* yg;              // (B, L, di) the output itself, or null
+    float* dbc_part;    // (B, channel blocks, L, 2N) f32
+    float* dP;          // (di · N + 2 · di) f32, added to
+    ScanIn s;
+    int cpg;  // chunks per block
+    int sv;
+    int sdt;
+    int sz;
+    int sdv;
+    int sddt;
+    int sdz;
+};
+
+// scan_tail_dbc_f32: dbc (B, L2N) = Σ over the CB channel blocks of part (B, CB, L2N).
+struct ScanTailDbcParams {
+    const float* part;  // (B, CB, L2N) f32
+    float* dbc;         // (B, L2N) f32
+    int Bn;
+    int CB;
+    int L2N;
+};

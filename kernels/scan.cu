@@ -190,15 +190,24 @@ __device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long lo
 //   dB, dC: (B, L, N) outputs (accumulated with atomics; zeroed by the caller)
 //   dA: (di, N) output (accumulated with atomics; zeroed by the caller)
 // dynamic shared memory: LC · 2N floats
-extern "C" __global__ void scan_bwd_f32(ScanIn s, const float* __restrict__ dt, long long dt_bs, int dt_ts,
-                                        const float* __restrict__ A, const float* __restrict__ Bm,
-                                        const float* __restrict__ Cm, long long bc_bs, int bc_ts,
-                                        const float* __restrict__ v, long long v_bs, int v_ts,
-                                        const float* __restrict__ h0, const float* __restrict__ gy,
-                                        float* __restrict__ hs, float* __restrict__ hist, float* __restrict__ dv,
-                                        long long dv_bs, int dv_ts, float* __restrict__ dd, long long dd_bs, int dd_ts,
-                                        float* __restrict__ dB, float* __restrict__ dC, long long dbc_bs, int dbc_ts,
-                                        float* __restrict__ dA) {
+extern "C" __global__ void scan_bwd_f32(const ScanBwdParams p) {
+    const ScanIn s = p.s;
+    const float* __restrict__ dt = p.dt;
+    const float* __restrict__ A = p.A;
+    const float* __restrict__ Bm = p.Bm;
+    const float* __restrict__ Cm = p.Cm;
+    const float* __restrict__ v = p.v;
+    const float* __restrict__ h0 = p.h0;
+    const float* __restrict__ gy = p.gy;
+    float* __restrict__ hs = p.hs;
+    float* __restrict__ hist = p.hist;
+    float* __restrict__ dv = p.dv;
+    float* __restrict__ dd = p.dd;
+    float* __restrict__ dB = p.dB;
+    float* __restrict__ dC = p.dC;
+    float* __restrict__ dA = p.dA;
+    const long long dt_bs = p.dt_bs, bc_bs = p.bc_bs, v_bs = p.v_bs, dv_bs = p.dv_bs, dd_bs = p.dd_bs, dbc_bs = p.dbc_bs;
+    const int dt_ts = p.dt_ts, bc_ts = p.bc_ts, v_ts = p.v_ts, dv_ts = p.dv_ts, dd_ts = p.dd_ts, dbc_ts = p.dbc_ts;
     extern __shared__ float red[];  // (LC, 2N): block sums of dB, dC for the current chunk
     const int b = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -302,20 +311,14 @@ extern "C" __global__ void scan_bwd_f32(ScanIn s, const float* __restrict__ dt, 
 }
 
 #define SCAN_KERNELS(T, S)                                                                                              \
-    extern "C" __global__ void scan_chunk_sum_##S(ScanIn s, const T* dt, long long dt_bs, int dt_ts,                   \
-                                                  const float* dt_bias, const float* A, int a_is_log, const T* Bm,     \
-                                                  long long bc_bs, int bc_ts, const float* v, long long v_bs, int v_ts, \
-                                                  float* sum_delta, float* Sst) {                                         \
-        scan_chunk_sum_impl<T>(s, dt, dt_bs, dt_ts, dt_bias, A, a_is_log, Bm, bc_bs, bc_ts, v, v_bs, v_ts, sum_delta,  \
-                               Sst);                                                                                      \
+    extern "C" __global__ void scan_chunk_sum_##S(const ScanChunkSumParams<T> p) {                                      \
+        scan_chunk_sum_impl<T>(p.s, p.dt, p.dt_bs, p.dt_ts, p.dt_bias, p.A, p.a_is_log, p.Bm, p.bc_bs, p.bc_ts, p.v,    \
+                               p.v_bs, p.v_ts, p.sum_delta, p.Sst);                                                     \
     }                                                                                                                   \
-    extern "C" __global__ void scan_chunk_out_##S(                                                                      \
-        ScanIn s, const T* dt, long long dt_bs, int dt_ts, const float* dt_bias, const float* A, int a_is_log,         \
-        const T* Bm, const T* Cm, long long bc_bs, int bc_ts, const float* v, long long v_bs, int v_ts, const T* z,     \
-        long long z_bs, int z_ts, const float* Dp, const float* h0, const float* sum_delta, const float* Sst, T* y_t,     \
-        float* y_raw, float* h_last, float* hsq, float* dsum) {                                                         \
-        scan_chunk_out_impl<T>(s, dt, dt_bs, dt_ts, dt_bias, A, a_is_log, Bm, Cm, bc_bs, bc_ts, v, v_bs, v_ts, z, z_bs, \
-                               z_ts, Dp, h0, sum_delta, Sst, y_t, y_raw, h_last, hsq, dsum);                             \
+    extern "C" __global__ void scan_chunk_out_##S(const ScanChunkOutParams<T> p) {                                      \
+        scan_chunk_out_impl<T>(p.s, p.dt, p.dt_bs, p.dt_ts, p.dt_bias, p.A, p.a_is_log, p.Bm, p.Cm, p.bc_bs, p.bc_ts,   \
+                               p.v, p.v_bs, p.v_ts, p.z, p.z_bs, p.z_ts, p.Dp, p.h0, p.sum_delta, p.Sst, p.y_t,         \
+                               p.y_raw, p.h_last, p.hsq, p.dsum);                                                       \
     }
 
 INSTANTIATE_T(SCAN_KERNELS)

@@ -191,21 +191,6 @@ pub fn empty(shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
     Ok(unsafe { Tensor::empty(shape, dtype, dev) }?)
 }
 
-/// The sizes of the selective-scan kernels (`ScanIn` in kernels/scan.cu).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct ScanIn {
-    pub bn: i32,
-    pub l: i32,
-    pub di: i32,
-    pub n: i32,
-    pub lc: i32,
-    pub q: i32,
-}
-
-// SAFETY: plain #[repr(C)] struct of i32, as the kernel declares it.
-unsafe impl DeviceRepr for ScanIn {}
-
 /// A kernel's params struct (`crate::ops::params`) as a launch holds it: the one argument of
 /// the kernel, passed by value (the driver copies the struct at launch).
 pub trait KernelParams: std::fmt::Debug + Send + Sync {
@@ -236,7 +221,6 @@ pub enum Arg {
     U64(u64),
     F32(f32),
     F64(f64),
-    Scan(ScanIn),
 }
 
 /// A kernel with its arguments and launch shape, ready to run (and to run again: the decode
@@ -336,10 +320,6 @@ impl Launch {
         self.args.push(Arg::F64(v));
         self
     }
-    pub fn scan(mut self, s: ScanIn) -> Self {
-        self.args.push(Arg::Scan(s));
-        self
-    }
 
     /// Enqueues the kernel on `stream` (asynchronous). Fails without launching when an
     /// argument did not fit its type.
@@ -368,7 +348,6 @@ impl Launch {
                 Arg::U32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
                 Arg::F64(v) => b.arg(v),
-                Arg::Scan(v) => b.arg(v),
                 Arg::Params(p) => {
                     p.push(&mut b);
                     &mut b
@@ -410,7 +389,6 @@ impl Launch {
                 Arg::U32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
                 Arg::F32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
                 Arg::F64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-                Arg::Scan(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
                 Arg::Params(p) => p.as_arg(),
             })
             .collect();

@@ -9,7 +9,8 @@ use crate::error::Result;
 use crate::model::mamba::MambaMixer;
 use crate::model::probe::MambaRecord;
 use crate::model::state::LayerState;
-use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module, ScanIn};
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
+use crate::ops::params::ScanIn;
 use crate::ops::prof::{self, lap};
 use crate::ops::scan_kernels::{scan_chunks, scan_launch, telemetry_sums, ScanArgs};
 
@@ -91,14 +92,7 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
         state.ssm.contiguous()?,
     );
     let args = ScanArgs {
-        dims: ScanIn {
-            bn: bn as i32,
-            l: len as i32,
-            di: di as i32,
-            n: n as i32,
-            lc: lc as i32,
-            q: q as i32,
-        },
+        dims: ScanIn::new(bn, len, di, n, lc, q)?,
         dt: (dptr(&dtr)?, len * di, di),
         dt_bias: dptr(&dt_bias)?,
         a: dptr(&a_log)?,
@@ -114,7 +108,11 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
     let y = empty(&[bn, len, di], dt, dev)?;
     let h_last = empty(&[bn, di, n], DType::F32, dev)?;
     let (hsq, dsum) = telemetry_sums(bn, len, probe.is_some(), dev)?;
-    scan_launch(dev, dt, &args, Some(&y), None, Some(&h_last), hsq.as_ref(), dsum.as_ref())?;
+    // SAFETY: args' pointers address the tensors above, bound in this function until it returns:
+    // dtr (B, L, di) T, dt_bias and dd (di) f32, a_log (di, N) f32, B and C (B, L, N) as strided
+    // views into xdbl (B, L, R+2N) T, v (B, L, di) f32, z into xz (B, L, 2di) T, h0 (B, di, N) f32;
+    // y (B, L, di) T and h_last (B, di, N) f32 are the outputs just allocated.
+    unsafe { scan_launch(dev, dt, &args, Some(&y), None, Some(&h_last), hsq.as_ref(), dsum.as_ref()) }?;
     lap(&mut laps, "mamba.scan")?;
     let out = m.out_proj.forward(&y)?; // (B, L, d) eq. 9
     lap(&mut laps, "mamba.out_proj")?;

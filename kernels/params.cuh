@@ -7,7 +7,8 @@
 // Rules for this file (the test's parser reads only these forms): `struct NAME {` or
 // `template <typename T> struct NAME {` on one line, one field a line as `TYPE NAME;` (an optional
 // `__restrict__` after a pointer's `*`), `};` to close, `//` comments. Types: pointers,
-// `int`, `unsigned int`, `float`, `double`, `long long`, `unsigned long long`, or a struct above.
+// `int`, `unsigned int`, `float`, `double`, `long long`, `unsigned long long`, or a struct above;
+// `struct NAME;` declares a type that only pointers name.
 // Fields go 8-byte ones first, so that no padding falls between fields.
 //
 // Shapes are row-major; (B, L, di) means B·L·di elements with di fastest.
@@ -382,4 +383,170 @@ struct ScanTailDbcParams {
     int Bn;
     int CB;
     int L2N;
+};
+
+// ---- the single-token Mamba step (mamba_step.cu) ----
+
+// conv_xproj_T: v = SiLU(conv window) of the u half, then dbc = W_x · v (grid (row blocks, B)).
+template <typename T> struct ConvXprojParams {
+    const T* xz;        // (B, ·) rows of stride xz_stride, u = the first di values
+    const float* conv;  // (B, di, K) f32 conv state
+    const float* cw;    // (di, K) f32
+    const float* cb;    // (di) f32
+    const T* Wx;        // (R2, di)
+    T* dbc;             // (B, R2)
+    int di;
+    int K;
+    int R2;
+    int xz_stride;
+    int vec;  // 1: rows of di values are 16-byte multiples
+};
+
+// ssm_step_T: dt_proj + softplus + the SSM update + D skip + gate; also the decode step's.
+template <typename T> struct SsmStepParams {
+    const T* xz;           // (B, ·) rows of stride xz_stride: [u (di); z (di)]
+    const float* conv_in;  // (B, di, K) f32
+    float* conv_out;       // (B, di, K) f32 (may be conv_in: updated in place)
+    const float* cw;       // (di, K) f32
+    const float* cb;       // (di) f32
+    const T* dbc;          // (B, R + 2N): [δ; B; C]
+    const T* Wdt;          // (di, R)
+    const float* dt_bias;  // (di) f32
+    const float* A_log;    // (di, N) f32
+    const float* Dp;       // (di) f32
+    const float* h_in;     // (B, di, N) f32
+    float* h_out;          // (B, di, N) f32 (may be h_in)
+    T* y;                  // (B, di)
+    float* telem;          // telemetry sums or null (see telem_mode)
+    int Bn;
+    int di;
+    int R;
+    int N;
+    int K;
+    int xz_stride;
+    int telem_mode;  // 0: (B, 3) sums; 1: per-block partials (the decode step's)
+};
+
+// ---- batch-1 decode (decode.cuh / decode.cu, sample.cu) ----
+// res is the f32 residual stream (d); vec: 1 when the rows of K values are 16-byte multiples.
+
+// embed_T: res = E[tok[0]].
+template <typename T> struct EmbedParams {
+    const T* emb;               // (V, d)
+    const unsigned int* tok;    // (1) u32
+    float* res;                 // (d) f32
+    int d;
+};
+
+// in_proj_conv_T: xz = W_in · T(rmsnorm(res)) (+ bias), v = SiLU(conv window) of the u half.
+template <typename T> struct InProjConvParams {
+    const T* W;          // (M, K), M = 2·di
+    const float* res;    // (K) f32
+    const float* nw;     // (K) f32 RMSNorm weight
+    const T* bias;       // (M) or null
+    T* xz;               // (M)
+    const float* conv;   // (di, KC) f32 conv state
+    const float* cw;     // (di, KC) f32
+    const float* cb;     // (di) f32
+    T* vout;             // (di)
+    int M;
+    int K;
+    float eps;
+    int di;
+    int KC;
+    int vec;
+};
+
+// gemv_rows_T: out = W · x, one block per row.
+template <typename T> struct GemvRowsParams {
+    const T* W;  // (M, K)
+    const T* x;  // (K)
+    T* out;      // (M)
+    int M;
+    int K;
+    int vec;
+};
+
+// moe_fc1_T: router (top-1, σ gate) in every block, then the chosen expert's fc1 + activation.
+template <typename T> struct MoeFc1Params {
+    const float* Wr;                 // (E, K) f32 router
+    const float* br;                 // (E) f32 or null
+    const unsigned long long* wtab;  // (E) device addresses of the experts' fc1 (M, K)
+    int* route;                      // (4 words) the chosen expert, then its gate (f32)
+    float* telem;                    // (E + 1) telemetry words or null
+    const float* res;                // (K) f32
+    const float* nw;                 // (K) f32 RMSNorm weight
+    T* out;                          // the activation (see moe_fc1_impl)
+    int E;
+    int M;
+    int K;
+    float eps;
+    int epi;  // 1: gated activation, 2: plain activation
+    int act;  // 0 = GELU (erf), 1 = SiLU
+    int vec;
+};
+
+// gemv_resid_T: res += gate · (W · x) (split-K over gridDim.y); W, or the routed expert's
+// matrix from wtab.
+template <typename T> struct GemvResidParams {
+    const T* W;                      // (M, K) or null (then wtab[route[0]])
+    const unsigned long long* wtab;  // (E) device addresses or null
+    const int* route;                // the chosen expert or null
+    const T* x;                      // (K)
+    float* res;                      // (M) f32
+    const float* gate;               // (1) f32 or null
+    const T* bias;                   // (M) or null
+    int M;
+    int K;
+    int vec;
+};
+
+// head_T: logits = E · layernorm(res) (f32) and each block's argmax candidate.
+template <typename T> struct HeadParams {
+    const T* E;         // (V, K)
+    const float* res;   // (K) f32
+    const float* lw;    // (K) f32 LayerNorm weight
+    const float* lb;    // (K) f32 LayerNorm bias
+    float* logits;      // (V) f32
+    float* pv;          // (gridDim.x) f32 candidates' values
+    int* pi;            // (gridDim.x) candidates' ids
+    int V;
+    int K;
+    float eps;
+    int vec;
+};
+
+// sample_final: argmax over the blocks' candidates -> tok, out[0]; step += 1; the telemetry sums.
+struct SampleFinalParams {
+    const float* pv;     // (n) f32
+    const int* pi;       // (n)
+    unsigned int* tok;   // (1)
+    unsigned int* step;  // (1)
+    unsigned int* out;   // the step's output words
+    const float* parts;  // (n_layers, nblk, 3) f32 telemetry partials or null
+    int n;
+    int n_layers;
+    int nblk;
+};
+
+// set_token: tok[0] = id.
+struct SetTokenParams {
+    unsigned int* tok;  // (1)
+    unsigned int id;
+};
+
+struct SampleState;
+
+// sample_logits (sample.cu): the device sampler; as sample_final, over penalised logits.
+struct SampleLogitsParams {
+    float* logits;       // (V) f32, penalised in place
+    SampleState* st;     // the sampler's state (sample.cu)
+    unsigned int* hist;  // the sampler's token history
+    unsigned int* tok;   // (1)
+    unsigned int* step;  // (1)
+    unsigned int* out;   // the step's output words
+    const float* parts;  // as SampleFinalParams
+    int V;
+    int n_layers;
+    int nblk;
 };

@@ -53,7 +53,8 @@ fn parse(src: &str) -> Result<Vec<CStruct>, String> {
             });
             continue;
         }
-        if line == "#pragma once" {
+        let forward = line.strip_prefix("struct ").and_then(|d| d.strip_suffix(';'));
+        if line == "#pragma once" || forward.is_some_and(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')) {
             continue;
         }
         let decl = match line.strip_prefix("template <") {

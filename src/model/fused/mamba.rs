@@ -10,7 +10,7 @@ use crate::model::mamba::MambaMixer;
 use crate::model::probe::MambaRecord;
 use crate::model::state::LayerState;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
-use crate::ops::params::ScanIn;
+use crate::ops::params::{to_i32, ConvXprojParams, ScanIn, SsmStepParams};
 use crate::ops::prof::{self, lap};
 use crate::ops::scan_kernels::{scan_chunks, scan_launch, telemetry_sums, ScanArgs};
 
@@ -162,7 +162,22 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
     let dbc = empty(&[bn, r2], dt, dev)?;
     let vec = i32::from((di * es) % 16 == 0);
     let warps = THREADS / 32;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = ConvXprojParams {
+        xz: dptr(&xz)?,
+        conv: dptr(&conv_in)?,
+        cw: dptr(&cw)?,
+        cb: dptr(&cb)?,
+        Wx: dptr(&wx)?,
+        dbc: dptr(&dbc)?,
+        di: to_i32(di, "Mamba step: d_inner")?,
+        K: to_i32(k, "Mamba step: conv width")?,
+        R2: to_i32(r2, "Mamba step: x_proj rows")?,
+        xz_stride: to_i32(2 * di, "Mamba step: in_proj width")?,
+        vec,
+    };
+    // SAFETY: xz (B, 2·di) T, conv_in (B, di, K) f32, cw (di, 1, K) and cb (di) f32, wx
+    // (R+2N, di) T and dbc (B, R+2N) T are the contiguous tensors above, bound until this
+    // function returns (candle's stream orders their release after the launch).
     unsafe {
         Launch::new(
             func(cd, Module::MambaStep, &format!("conv_xproj_{sfx}"))?,
@@ -170,17 +185,7 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
             THREADS,
             (di * es) as u32,
         )
-        .i32(di)
-        .i32(k)
-        .i32(r2)
-        .ptr(dptr(&xz)?)
-        .i32(2 * di)
-        .ptr(dptr(&conv_in)?)
-        .ptr(dptr(&cw)?)
-        .ptr(dptr(&cb)?)
-        .ptr(dptr(&wx)?)
-        .ptr(dptr(&dbc)?)
-        .int(vec)
+        .params(params)
         .run(&stream)
     }?;
     let y = empty(&[bn, di], dt, dev)?;
@@ -192,7 +197,40 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
         None
     };
     let h_in = state.ssm.contiguous()?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    // contiguous views bound here so that they outlive the launch
+    let (wdt, dt_bias, a_log, dd) = (
+        m.dt_proj.weight.contiguous()?,
+        m.dt_bias.contiguous()?,
+        m.a_log.contiguous()?,
+        m.d.contiguous()?,
+    );
+    let params = SsmStepParams {
+        xz: dptr(&xz)?,
+        conv_in: dptr(&conv_in)?,
+        conv_out: dptr(&new_conv)?,
+        cw: dptr(&cw)?,
+        cb: dptr(&cb)?,
+        dbc: dptr(&dbc)?,
+        Wdt: dptr(&wdt)?,
+        dt_bias: dptr(&dt_bias)?,
+        A_log: dptr(&a_log)?,
+        Dp: dptr(&dd)?,
+        h_in: dptr(&h_in)?,
+        h_out: dptr(&new_h)?,
+        y: dptr(&y)?,
+        telem: dptr_opt(telem.as_ref())?,
+        Bn: to_i32(bn, "Mamba step: batch")?,
+        di: to_i32(di, "Mamba step: d_inner")?,
+        R: to_i32(r, "Mamba step: dt rank")?,
+        N: to_i32(n, "Mamba step: state size")?,
+        K: to_i32(k, "Mamba step: conv width")?,
+        xz_stride: to_i32(2 * di, "Mamba step: in_proj width")?,
+        telem_mode: 0,
+    };
+    // SAFETY: every pointer is a contiguous tensor bound in this function until it returns:
+    // xz (B, 2·di) T, conv_in / new_conv (B, di, K) f32, cw, cb, dbc (B, R+2N) T, wdt (di, R)
+    // T, dt_bias and dd (di) f32, a_log (di, N) f32, h_in / new_h (B, di, N) f32, y (B, di) T,
+    // telem (B, 3) f32 or null.
     unsafe {
         Launch::new(
             func(cd, Module::MambaStep, &format!("ssm_step_{sfx}"))?,
@@ -200,27 +238,7 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
             THREADS,
             0,
         )
-        .i32(bn)
-        .i32(di)
-        .i32(r)
-        .i32(n)
-        .i32(k)
-        .ptr(dptr(&xz)?)
-        .i32(2 * di)
-        .ptr(dptr(&conv_in)?)
-        .ptr(dptr(&new_conv)?)
-        .ptr(dptr(&cw)?)
-        .ptr(dptr(&cb)?)
-        .ptr(dptr(&dbc)?)
-        .ptr(dptr(&m.dt_proj.weight.contiguous()?)?)
-        .ptr(dptr(&m.dt_bias.contiguous()?)?)
-        .ptr(dptr(&m.a_log.contiguous()?)?)
-        .ptr(dptr(&m.d.contiguous()?)?)
-        .ptr(dptr(&h_in)?)
-        .ptr(dptr(&new_h)?)
-        .ptr(dptr(&y)?)
-        .ptr(dptr_opt(telem.as_ref())?)
-        .int(0)
+        .params(params)
         .run(&stream)
     }?;
     let out = m.out_proj.forward(&y)?; // (B, d)

@@ -550,3 +550,79 @@ struct SampleLogitsParams {
     int n_layers;
     int nblk;
 };
+
+// ---- prefill (prefill.cu; moe_act_T is with the gated activation above) ----
+
+// add_rmsnorm_T (TA = float) and add_rmsnorm_t_T (TA = T): res_out = res + add (f32),
+// out = T(RMSNorm(res_out) · w); one block per token row.
+template <typename T, typename TA> struct AddRmsnormParams {
+    const float* res;  // (rows, d) f32
+    const TA* add;     // (rows, d) or null (first layer)
+    float* res_out;    // (rows, d) f32
+    const float* w;    // (d) f32
+    T* out;            // (rows, d)
+    int d;
+    float eps;
+};
+
+// conv1d_fwd_T: causal depthwise conv over the sequence from the conv state, + SiLU.
+template <typename T> struct Conv1dFwdParams {
+    const T* xz;           // (B, L, ·) rows of stride xz_stride, u = the first di values
+    const float* conv_in;  // (B, di, K) f32
+    const float* cw;       // (di, K) f32
+    const float* cb;       // (di) f32
+    float* v;              // (B, L, di) f32
+    T* vt;                 // (B, L, di)
+    float* conv_out;       // (B, di, K) f32
+    int Bn;
+    int L;
+    int di;
+    int K;
+    int xz_stride;
+};
+
+// router_top1_T: logits = Wr · x + br (f32), top-1 expert, σ gate; one warp per token.
+template <typename T> struct RouterTop1Params {
+    const T* x;        // (Tn, d)
+    const float* Wr;   // (E, d) f32
+    const float* br;   // (E) f32
+    float* logits;     // (Tn, E) f32
+    int* expert;       // (Tn)
+    float* gate;       // (Tn) f32
+    int Tn;
+    int d;
+    int E;
+    int in_smem;  // 1: Wr is staged in E · d floats of dynamic shared memory
+};
+
+// moe_group: tokens grouped per expert (stable), the inverse permutation and counts; one block.
+struct MoeGroupParams {
+    const int* expert;  // (Tn)
+    int* order;         // (Tn) token at each grouped position
+    int* inverse;       // (Tn) grouped position of each token
+    int* counts;        // (E)
+    int Tn;
+    int E;  // at most 16
+};
+
+// moe_pad_index: each token's row in the expert-major padded layout (E, stride, ·).
+struct MoePadIndexParams {
+    const int* expert;   // (Tn)
+    const int* inverse;  // (Tn) from moe_group's order
+    const int* base;     // (E) each expert's first grouped position
+    int* padpos;         // (Tn)
+    int* order_pad;      // (E · stride), padding rows keep the caller's value
+    int Tn;
+    int E;
+    int stride;
+};
+
+// moe_unpermute_T: y[t] = f32(ys[inverse[t]]) · gate[t].
+template <typename T> struct MoeUnpermuteParams {
+    const T* ys;         // (rows, d) in grouped (or padded) order
+    const int* inverse;  // (Tn) row of each token in ys
+    const float* gate;   // (Tn) f32
+    float* y;            // (Tn, d) f32
+    int Tn;
+    int d;
+};

@@ -10,7 +10,7 @@ use crate::model::mamba::MambaMixer;
 use crate::model::probe::MambaRecord;
 use crate::model::state::LayerState;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
-use crate::ops::params::{to_i32, ConvXprojParams, ScanIn, SsmStepParams};
+use crate::ops::params::{to_i32, Conv1dFwdParams, ConvXprojParams, ScanIn, SsmStepParams};
 use crate::ops::prof::{self, lap};
 use crate::ops::scan_kernels::{scan_chunks, scan_launch, telemetry_sums, ScanArgs};
 
@@ -54,26 +54,32 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
     let new_conv = empty(&[bn, di, k], DType::F32, dev)?;
     let conv_in = state.conv.contiguous()?;
     let cw = m.conv_w.contiguous()?;
+    let cb = m.conv_b.contiguous()?;
+    let params = Conv1dFwdParams {
+        xz: dptr(&xz)?,
+        conv_in: dptr(&conv_in)?,
+        cw: dptr(&cw)?, // (di, 1, K)
+        cb: dptr(&cb)?,
+        v: dptr(&v)?,
+        vt: dptr(&vt)?,
+        conv_out: dptr(&new_conv)?,
+        Bn: to_i32(bn, "Mamba prefill: batch")?,
+        L: to_i32(len, "Mamba prefill: length")?,
+        di: to_i32(di, "Mamba prefill: d_inner")?,
+        K: to_i32(k, "Mamba prefill: conv width")?,
+        xz_stride: to_i32(2 * di, "Mamba prefill: in_proj width")?,
+    };
+    // SAFETY: xz (B, L, 2·di) T, conv_in and new_conv (B, di, K) f32, cw (di, 1, K) and cb (di)
+    // f32, v (B, L, di) f32 and vt (B, L, di) T are contiguous tensors bound in this function
+    // until it returns.
     unsafe {
-        // (di, 1, K)
         Launch::new(
             func(cd, Module::Prefill, &format!("conv1d_fwd_{sfx}"))?,
             (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
             THREADS,
             0,
         )
-        .i32(bn)
-        .i32(len)
-        .i32(di)
-        .i32(k)
-        .ptr(dptr(&xz)?)
-        .i32(2 * di)
-        .ptr(dptr(&conv_in)?)
-        .ptr(dptr(&cw)?)
-        .ptr(dptr(&m.conv_b.contiguous()?)?)
-        .ptr(dptr(&v)?)
-        .ptr(dptr(&vt)?)
-        .ptr(dptr(&new_conv)?)
+        .params(params)
         .run(&stream)
     }?;
     lap(&mut laps, "mamba.conv")?;

@@ -245,4 +245,115 @@ params! {
         n_layers: "int" => i32,
         nblk: "int" => i32,
     }
+
+    /// `add_rmsnorm_T` (add f32) and `add_rmsnorm_t_T` (add in T) (kernels/prefill.cu):
+    /// res_out = res + add (f32), out = T(RMSNorm(res_out) · w); one block per token row.
+    struct AddRmsnormParams {
+        /// (rows, d) f32
+        res: "const float*" => u64,
+        /// (rows, d) TA or 0 (the first layer)
+        add: "const TA*" => u64,
+        /// (rows, d) f32
+        res_out: "float*" => u64,
+        /// (d) f32
+        w: "const float*" => u64,
+        /// (rows, d) T
+        out: "T*" => u64,
+        d: "int" => i32,
+        eps: "float" => f32,
+    }
+
+    /// `conv1d_fwd_T` (kernels/prefill.cu): the causal depthwise conv over the sequence from
+    /// the conv state, + SiLU.
+    struct Conv1dFwdParams {
+        /// (B, L, ·) T rows of stride `xz_stride`, u = the first di values
+        xz: "const T*" => u64,
+        /// (B, di, K) f32
+        conv_in: "const float*" => u64,
+        /// (di, K) f32
+        cw: "const float*" => u64,
+        /// (di) f32
+        cb: "const float*" => u64,
+        /// (B, L, di) f32
+        v: "float*" => u64,
+        /// (B, L, di) T
+        vt: "T*" => u64,
+        /// (B, di, K) f32
+        conv_out: "float*" => u64,
+        Bn: "int" => i32,
+        L: "int" => i32,
+        di: "int" => i32,
+        K: "int" => i32,
+        xz_stride: "int" => i32,
+    }
+
+    /// `router_top1_T` (kernels/prefill.cu): logits = Wr · x + br (f32), the top-1 expert and
+    /// its σ gate; one warp per token.
+    struct RouterTop1Params {
+        /// (Tn, d) T
+        x: "const T*" => u64,
+        /// (E, d) f32
+        Wr: "const float*" => u64,
+        /// (E) f32
+        br: "const float*" => u64,
+        /// (Tn, E) f32
+        logits: "float*" => u64,
+        /// (Tn)
+        expert: "int*" => u64,
+        /// (Tn) f32
+        gate: "float*" => u64,
+        Tn: "int" => i32,
+        d: "int" => i32,
+        E: "int" => i32,
+        /// 1: Wr is staged in E · d floats of dynamic shared memory
+        in_smem: "int" => i32,
+    }
+
+    /// `moe_group` (kernels/prefill.cu): tokens grouped per expert (stable), the inverse
+    /// permutation and the counts; one block.
+    struct MoeGroupParams {
+        /// (Tn)
+        expert: "const int*" => u64,
+        /// (Tn) the token at each grouped position
+        order: "int*" => u64,
+        /// (Tn) the grouped position of each token
+        inverse: "int*" => u64,
+        /// (E)
+        counts: "int*" => u64,
+        Tn: "int" => i32,
+        /// at most 16
+        E: "int" => i32,
+    }
+
+    /// `moe_pad_index` (kernels/prefill.cu): each token's row in the expert-major padded layout
+    /// (E, stride, ·).
+    struct MoePadIndexParams {
+        /// (Tn)
+        expert: "const int*" => u64,
+        /// (Tn) from `moe_group`'s order
+        inverse: "const int*" => u64,
+        /// (E) each expert's first grouped position
+        base: "const int*" => u64,
+        /// (Tn)
+        padpos: "int*" => u64,
+        /// (E · stride); padding rows keep the caller's value
+        order_pad: "int*" => u64,
+        Tn: "int" => i32,
+        E: "int" => i32,
+        stride: "int" => i32,
+    }
+
+    /// `moe_unpermute_T` (kernels/prefill.cu): y[t] = f32(ys[inverse[t]]) · gate[t].
+    struct MoeUnpermuteParams {
+        /// (rows, d) T in grouped (or padded) order
+        ys: "const T*" => u64,
+        /// (Tn) the row of each token in ys
+        inverse: "const int*" => u64,
+        /// (Tn) f32
+        gate: "const float*" => u64,
+        /// (Tn, d) f32
+        y: "float*" => u64,
+        Tn: "int" => i32,
+        d: "int" => i32,
+    }
 }

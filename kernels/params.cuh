@@ -626,3 +626,16 @@ template <typename T> struct MoeUnpermuteParams {
     int Tn;
     int d;
 };
+
+// ---- the decode megakernel (megakernel.cu; its instruction list and MkParams are its own) ----
+
+struct MkParams;
+
+// megakernel: one token; dynamic shared memory d + aux_n + rows_n + 40 floats.
+struct MegakernelParams {
+    const MkParams* params;  // the parameter block (megakernel.cu)
+    unsigned int token;
+    unsigned int epoch;  // tokens run since the buffers were made
+    int aux_n;
+    int rows_n;
+};

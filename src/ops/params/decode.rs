@@ -356,4 +356,16 @@ params! {
         Tn: "int" => i32,
         d: "int" => i32,
     }
+
+    /// `megakernel` (kernels/megakernel.cu): one token; dynamic shared memory d + aux_n +
+    /// rows_n + 40 floats.
+    struct MegakernelParams {
+        /// the parameter block (`MkParams` in kernels/megakernel.cu)
+        params: "const MkParams*" => u64,
+        token: "unsigned int" => u32,
+        /// tokens run since the buffers were made
+        epoch: "unsigned int" => u32,
+        aux_n: "int" => i32,
+        rows_n: "int" => i32,
+    }
 }

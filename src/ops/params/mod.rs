@@ -76,6 +76,17 @@ macro_rules! params {
             // pattern is valid for the kernel to read.
             #[cfg(feature = "cuda")]
             unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for $name {}
+
+            #[cfg(feature = "cuda")]
+            impl $crate::ops::cuda::KernelParams for $name {
+                fn push<'a>(&'a self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
+                    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+                    b.arg(self);
+                }
+                fn as_arg(&self) -> *mut std::ffi::c_void {
+                    std::ptr::from_ref(self).cast_mut().cast()
+                }
+            }
         )*
 
         /// The layouts of this file's params structs (for the layout test).

@@ -31,7 +31,7 @@ fn parse(src: &str) -> Result<Vec<CStruct>, String> {
         }
         if let Some(s) = cur.as_mut() {
             if line == "};" {
-                out.push(cur.take().unwrap());
+                out.extend(cur.take());
                 continue;
             }
             let body = line

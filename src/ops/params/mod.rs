@@ -75,6 +75,7 @@ macro_rules! params {
             // as the C struct of the same name (checked by tests/kernel_params.rs); any bit
             // pattern is valid for the kernel to read.
             #[cfg(feature = "cuda")]
+            #[allow(unsafe_code)]
             unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for $name {}
 
             #[cfg(feature = "cuda")]

@@ -12,6 +12,9 @@
 // Fields go 8-byte ones first, so that no padding falls between fields.
 //
 // Shapes are row-major; (B, L, di) means B·L·di elements with di fastest.
+//
+// Over 600 lines on purpose: this is the one copy of every kernel's argument list, read whole by
+// the layout test; sections follow the kernel files.
 #pragma once
 
 // ---- selective scan (scan.cu, mamba_train.cu) ----

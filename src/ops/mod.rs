@@ -23,6 +23,7 @@ pub mod act;
 pub mod cast;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod fast_exp;
 #[cfg(feature = "cuda")]
 pub mod gated_act;
 #[cfg(feature = "cuda")]

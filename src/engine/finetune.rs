@@ -16,14 +16,14 @@ use tokenizers::Tokenizer;
 
 use crate::chat_template::prompt_for_turn;
 use crate::engine::protocol::{
-    EngineEvent, FinetuneCommand, FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting,
-    SinkhornLayer, SinkhornOrigin, SinkhornReport,
+    EngineEvent, FinetuneCommand, FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, PrefProgress,
+    ProbeRouting, SinkhornLayer, SinkhornOrigin, SinkhornReport,
 };
 use crate::engine::sinkhorn::summarize;
 use crate::engine::telemetry::piece;
 use crate::error::{Error, Result};
 use crate::finetune::checkpoint::STATE_FILE;
-use crate::finetune::{FinetuneConfig, Method, StepReport, Target, Trainer};
+use crate::finetune::{FinetuneConfig, Method, Objective, StepReport, Target, Trainer};
 use crate::model::probe::Probe;
 use crate::model::{Logits, Model};
 use crate::sinkhorn::loads;
@@ -213,8 +213,11 @@ impl Finetuning {
             }
         };
         run.active_secs += t0.elapsed().as_secs_f64();
-        let variant = run.trainer.config().sinkhorn.variant;
-        emit(EngineEvent::Sinkhorn(Box::new(sinkhorn_report(&r, &run.moe_layers, variant))));
+        // a DPO step routes greedily: no Sinkhorn run to show
+        if !r.sinkhorn.is_empty() {
+            let variant = run.trainer.config().sinkhorn.variant;
+            emit(EngineEvent::Sinkhorn(Box::new(sinkhorn_report(&r, &run.moe_layers, variant))));
+        }
         emit(EngineEvent::Finetune(FinetuneEvent::Progress(Box::new(progress(
             &r,
             run.active_secs,
@@ -288,14 +291,17 @@ pub fn config_from_spec(spec: &FinetuneSpec, base_label: &str) -> Result<Finetun
             "output: type the folder to write the adapter into (Enter on the field)".into(),
         ));
     }
-    let method = match spec.method {
-        FinetuneMethod::Lora => Method::Lora,
-        FinetuneMethod::Router => Method::Router,
-        FinetuneMethod::Full => Method::Full,
+    let (method, objective) = match spec.method {
+        FinetuneMethod::Lora => (Method::Lora, Objective::Sft),
+        FinetuneMethod::Router => (Method::Router, Objective::Sft),
+        FinetuneMethod::Full => (Method::Full, Objective::Sft),
+        FinetuneMethod::Dpo => (Method::Lora, Objective::Dpo),
+        FinetuneMethod::DpoFull => (Method::Full, Objective::Dpo),
     };
     let mut cfg = FinetuneConfig {
         data: spec.data.clone(),
         method,
+        objective,
         rank: spec.rank,
         alpha: spec.alpha,
         lr: spec.lr,
@@ -354,9 +360,10 @@ fn start_notice(t: &Trainer, eval_before: Option<f64>) -> String {
     let c = t.config();
     let (n_train, n_eval) = t.data_sizes();
     let mut s = format!(
-        "fine-tuning ({}): {} trainable values, {n_train} training and {n_eval} held-out examples",
-        c.method.name(),
-        t.n_trainable()
+        "fine-tuning ({}): {} trainable values, {n_train} training and {n_eval} held-out {}",
+        c.method_label(),
+        t.n_trainable(),
+        if c.objective == Objective::Dpo { "pairs" } else { "examples" }
     );
     if let Some(l) = eval_before {
         s.push_str(&format!(", eval loss before {l:.4}"));
@@ -386,6 +393,12 @@ fn progress(r: &StepReport, elapsed_secs: f64) -> FinetuneProgress {
         expert_load: r.expert_load.clone(),
         sinkhorn_iters: r.sinkhorn_iters.clone(),
         elapsed_secs,
+        pref: r.pref.map(|p| PrefProgress {
+            reward_chosen: p.reward_chosen,
+            reward_rejected: p.reward_rejected,
+            margin: p.margin,
+            accuracy: p.accuracy,
+        }),
     }
 }
 

@@ -49,7 +49,13 @@ pub fn load(path: &Path, tok: &Tokenizer, seq_len: usize) -> Result<PrefSet> {
     let text = String::from_utf8(bytes).map_err(|e| Error::bad_file(path, format!("not UTF-8 text ({e}); save it as UTF-8 JSONL")))?;
     let set = parse(&text, tok, seq_len)?;
     if let Some(b) = set.bad.first() {
-        return Err(Error::bad_file(path, format!("line {}: {}; {LINE_FORMS}", b.line, b.reason)));
+        // a reason that names its own fix (--seq-len) needs no reminder of the line forms
+        let fix = if b.reason.contains("--") {
+            String::new()
+        } else {
+            format!("; {LINE_FORMS}")
+        };
+        return Err(Error::bad_file(path, format!("line {}: {}{fix}", b.line, b.reason)));
     }
     if set.pairs.is_empty() {
         return Err(Error::bad_file(

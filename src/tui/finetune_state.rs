@@ -2,7 +2,7 @@
 //! `views::finetune`, whose key table changes it through these methods; the engine's news comes in
 //! through [`FinetuneState::apply`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::engine::protocol::{FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting};
 use crate::tui::editor::Editor;
@@ -20,6 +20,11 @@ pub const FIELDS: [&str; 10] = [
     "batch",
     "output",
 ];
+
+/// The form's first dataset.
+pub const DEFAULT_DATA: &str = "data.jsonl";
+/// The dataset a DPO method starts with: the demo preference pairs shipped in the repository.
+pub const DEMO_PREFS: &str = "assets/prefs/demo.jsonl";
 
 /// Most progress points kept for the charts.
 pub const MAX_HISTORY: usize = 20_000;
@@ -49,7 +54,7 @@ impl Default for FinetuneState {
             sel: 0,
             editing: None,
             spec: FinetuneSpec {
-                data: PathBuf::from("data.jsonl"),
+                data: PathBuf::from(DEFAULT_DATA),
                 method: FinetuneMethod::Lora,
                 targets: vec!["in_proj".into(), "out_proj".into()],
                 rank: 8,
@@ -115,7 +120,14 @@ impl FinetuneState {
         match i {
             1 => {
                 let k = FinetuneMethod::ALL.iter().position(|&m| m == s.method).unwrap_or(0) as i64;
-                s.method = FinetuneMethod::ALL[(k + d).rem_euclid(3) as usize];
+                let n = FinetuneMethod::ALL.len() as i64;
+                s.method = FinetuneMethod::ALL[(k + d).rem_euclid(n) as usize];
+                // the untouched default dataset follows the method: text data or preference pairs
+                if s.method.is_dpo() && s.data == Path::new(DEFAULT_DATA) {
+                    s.data = PathBuf::from(DEMO_PREFS);
+                } else if !s.method.is_dpo() && s.data == Path::new(DEMO_PREFS) {
+                    s.data = PathBuf::from(DEFAULT_DATA);
+                }
             }
             3 => s.rank = if d > 0 { (s.rank * 2).min(256) } else { (s.rank / 2).max(1) },
             4 => {

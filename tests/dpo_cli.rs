@@ -87,6 +87,18 @@ fn dpo_on_the_embedded_model_lowers_the_loss_and_raises_the_accuracy() {
     );
     assert!(epoch(1, acc) > epoch(0, acc), "accuracy {} -> {}", epoch(0, acc), epoch(1, acc));
     assert!(lines[3].reward_margin.unwrap() > 0.0);
+    // the routing comparison beside the checkpoint: the embedded model's 4 MoE layers of 8 experts
+    let shift: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("routing_shift.json")).unwrap()).unwrap();
+    let layers = shift["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    for l in layers {
+        let sum: f64 = l["after"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
+        assert!(l["before"].as_array().unwrap().len() == 8 && (sum - 1.0).abs() < 1e-9, "{l}");
+    }
+    assert!(
+        err.contains("routing before vs after on") && err.contains("the first 8 training examples"),
+        "{err}"
+    );
 }
 
 #[test]

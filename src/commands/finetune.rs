@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::commands::ModelArgs;
 use crate::finetune::data::BadLine;
 use crate::finetune::dpo::PrefLoss;
+use crate::finetune::routing_shift::{routes, RoutingShift};
 use crate::finetune::{parse_method, DataFormat, FinetuneConfig, Objective, Recompute, StepReport, Target, Trainer};
 use crate::runtime::dist::tcp::TcpGroup;
 use crate::runtime::dist::{Collective, Single, Timeouts};
@@ -289,6 +290,9 @@ pub fn drive_in(
             String::new()
         }
     ));
+    // the base model's routing of the comparison slice (rank 0 writes the comparison)
+    let slice = t.routing_slice();
+    let routes_before = if quiet { None } else { Some(routes(base, &slice.1, c.batch)?) }.filter(|r| !r.is_empty());
     let before = t.eval()?;
     if let Some(e) = before {
         say(format!(
@@ -354,6 +358,12 @@ pub fn drive_in(
     }
     pb.finish();
     t.save()?;
+    if let Some(rb) = &routes_before {
+        let ra = routes(&t.serving_view()?, &slice.1, c.batch)?;
+        let shift = RoutingShift::compare(&slice.0, rb, &ra);
+        shift.save(&out)?;
+        say(shift.summary());
+    }
     if let Some(r) = &last {
         say(format!("final training loss {:.4}", r.loss));
     }

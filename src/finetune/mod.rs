@@ -15,6 +15,7 @@
 //! * [`metrics`] — `metrics.jsonl`
 //! * [`trainer`] — the loop itself
 //! * [`prefs`], [`dpo`] — preference pairs and the DPO / IPO losses (`--method dpo`)
+//! * [`routing_shift`] — expert shares before vs after a run (`routing_shift.json`)
 
 pub mod adapter;
 pub mod checkpoint;
@@ -28,6 +29,7 @@ pub mod optim;
 pub mod params;
 pub mod prefs;
 pub mod recompute;
+pub mod routing_shift;
 pub mod trainer;
 
 use std::path::PathBuf;

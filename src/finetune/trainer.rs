@@ -492,6 +492,21 @@ impl Trainer {
         (n, self.held_out.len())
     }
 
+    /// The examples a routing comparison runs on ([`crate::finetune::routing_shift`]): the
+    /// held-out ones (DPO: their chosen sides), else the first training examples (at most
+    /// `eval_max`, or 64), with a label saying which.
+    pub fn routing_slice(&self) -> (String, Vec<Example>) {
+        if !self.held_out.is_empty() {
+            return (format!("{} held-out examples", self.held_out.len()), self.held_out.clone());
+        }
+        let n = if self.cfg.eval_max > 0 { self.cfg.eval_max } else { 64 };
+        let ex: Vec<Example> = match &self.prefs {
+            Some(p) => p.pairs.iter().take(n).map(|p| p.chosen.clone()).collect(),
+            None => self.train.iter().take(n).cloned().collect(),
+        };
+        (format!("the first {} training examples (no held-out data)", ex.len()), ex)
+    }
+
     /// Number of trainable values.
     pub fn n_trainable(&self) -> usize {
         self.params.iter().map(|p| p.var.as_tensor().elem_count()).sum()

@@ -458,7 +458,11 @@ fn a_dpo_run_reports_its_rewards() {
     s.method = FinetuneMethod::Dpo;
     s.seq_len = 96;
     ft(&e, FinetuneCommand::Start(Box::new(s)));
-    let evs = until(&rx, |ev| is_status(ev, FinetuneStatus::Finished) || is_error(ev));
+    // the run's last news is its routing comparison
+    let evs = until(&rx, |ev| {
+        matches!(ev, EngineEvent::Finetune(FinetuneEvent::RoutingShift(_))) || is_error(ev)
+    });
+    assert!(evs.iter().any(|ev| is_status(ev, FinetuneStatus::Finished)));
     assert!(!is_error(evs.last().unwrap()), "{:?}", evs.last());
     assert!(evs
         .iter()
@@ -471,4 +475,20 @@ fn a_dpo_run_reports_its_rewards() {
     assert!((p[0].loss - std::f64::consts::LN_2).abs() < 1e-6);
     assert!(r[3].margin > r[0].margin, "{r:?}");
     assert!(out.join("adapter.safetensors").is_file());
+    // the routing comparison of the end: saved, summed up, and sent to the panel
+    assert!(out.join("routing_shift.json").is_file());
+    assert!(evs
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Notice(n) if n.starts_with("routing before vs after"))));
+    let shift = evs.iter().find_map(|e| match e {
+        EngineEvent::Finetune(FinetuneEvent::RoutingShift(r)) => Some(r.clone()),
+        _ => None,
+    });
+    let shift = shift.expect("a routing comparison event");
+    assert_eq!(
+        shift.layers.iter().map(|l| l.0).collect::<Vec<_>>(),
+        [1, 3],
+        "the two MoE half-blocks"
+    );
+    assert!(shift.tokens > 0 && shift.layers.iter().all(|l| (0.0..=1.0).contains(&l.1)));
 }

@@ -524,6 +524,14 @@ fn finetune_panel_starts_a_dpo_run_and_shows_its_rewards() {
         "{text}"
     );
     assert!(text.contains("DPO"), "{text}");
+    // the end of the run: how far each MoE layer's routing moved
+    let shift = blackmamba::engine::protocol::RoutingShiftInfo {
+        tokens: 100,
+        layers: vec![(1, 0.025, 0.1), (3, 0.125, 0.3)],
+    };
+    app.update(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::RoutingShift(Box::new(shift)))));
+    let text = screen(&app, 120, 40);
+    assert!(text.contains("routing moved 1:2.5% 3:12.5%"), "{text}");
     // back to a token method: the demo dataset goes back to the default
     key(&mut app, KeyCode::Right, KeyModifiers::NONE);
     key(&mut app, KeyCode::Right, KeyModifiers::NONE);

@@ -335,6 +335,19 @@ pub enum FinetuneEvent {
     /// Something went wrong outside a command (a NaN loss, a failed save at the end): the panel
     /// shows it until the next status change.
     Failed(String),
+    /// At the end of a run: how far each MoE layer's expert shares moved on the held-out slice.
+    RoutingShift(Box<RoutingShiftInfo>),
+}
+
+/// The routing comparison of a finished run (plain data of `finetune::routing_shift`, which
+/// also went to `routing_shift.json` in the output folder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingShiftInfo {
+    /// Tokens compared.
+    pub tokens: usize,
+    /// Per MoE layer: (half-block index, total variation distance of the expert shares before
+    /// vs after, share of the tokens whose expert changed).
+    pub layers: Vec<(usize, f64, f64)>,
 }
 
 /// Where the trainer is.

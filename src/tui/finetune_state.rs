@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::protocol::{FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting};
+use crate::engine::protocol::{
+    FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting, RoutingShiftInfo,
+};
 use crate::tui::editor::Editor;
 
 /// The form fields, in order.
@@ -46,6 +48,8 @@ pub struct FinetuneState {
     pub probe_before: Option<Box<ProbeRouting>>,
     pub probe_after: Option<Box<ProbeRouting>>,
     pub saved: Option<PathBuf>,
+    /// The routing comparison of the finished run.
+    pub routing_shift: Option<Box<RoutingShiftInfo>>,
 }
 
 impl Default for FinetuneState {
@@ -73,6 +77,7 @@ impl Default for FinetuneState {
             probe_before: None,
             probe_after: None,
             saved: None,
+            routing_shift: None,
         }
     }
 }
@@ -173,6 +178,7 @@ impl FinetuneState {
             FinetuneEvent::Saved(p) => self.saved = Some(p),
             FinetuneEvent::Failed(m) => self.message = Some(m),
             FinetuneEvent::UsingFinetuned(b) => self.using_finetuned = b,
+            FinetuneEvent::RoutingShift(r) => self.routing_shift = Some(r),
             FinetuneEvent::ProbeRouting(r) => {
                 if r.after {
                     self.probe_after = Some(r);

@@ -43,7 +43,7 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
     };
     form(app, ft, form_a, buf);
     let dpo = ft.history.last().is_some_and(|p| p.pref.is_some());
-    let prog_rows = if dpo { 7 } else { 6 };
+    let prog_rows = 6 + u16::from(dpo) + u16::from(ft.routing_shift.is_some());
     let [prog, chart, probe] = Layout::vertical([Constraint::Length(prog_rows), Constraint::Min(5), Constraint::Length(8)]).areas(right);
     progress(app, ft, prog, buf);
     let loss: Vec<(f64, f64)> = ft.history.iter().map(|p| (p.step as f64, p.loss)).collect();
@@ -182,6 +182,13 @@ fn progress(app: &App, ft: &FinetuneState, area: Rect, buf: &mut Buffer) {
             Span::styled(format!("{:+.3}", r.margin), t.style(Role::Text)),
             Span::styled("  acc ", t.style(Role::Muted)),
             Span::styled(format!("{:.0}%", r.accuracy * 100.0), t.style(Role::Text)),
+        ]));
+    }
+    if let Some(r) = &ft.routing_shift {
+        let per: Vec<String> = r.layers.iter().map(|(l, moved, _)| format!("{l}:{:.1}%", 100.0 * moved)).collect();
+        ls.push(Line::from(vec![
+            Span::styled("routing moved ", t.style(Role::Muted)),
+            Span::styled(per.join(" "), t.style(Role::Text)),
         ]));
     }
     if let Some(p) = &ft.saved {
@@ -349,6 +356,7 @@ fn send(app: &mut App, c: FinetuneCommand, out: &mut Vec<Command>) {
         app.ft.probe_before = None;
         app.ft.probe_after = None;
         app.ft.saved = None;
+        app.ft.routing_shift = None;
     }
     app.ft.awaiting = true;
     out.push(Command::Finetune(c));

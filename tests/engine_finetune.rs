@@ -437,3 +437,58 @@ fn the_engine_loader_puts_the_adapter_on_the_model() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_dpo_run_reports_its_rewards() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut prefs = String::new();
+    for (q, a, b) in [
+        ("Hi", "Hello there.", "The log."),
+        ("What sat on the mat?", "The cat sat on the mat.", "A bird."),
+        ("Where did the dog sit?", "The dog sat on the log.", "Hello there."),
+        ("Who sang?", "A bird sang in the tree.", "The cat sat on the mat."),
+    ] {
+        prefs.push_str(&serde_json::json!({"prompt": q, "chosen": a, "rejected": b}).to_string());
+        prefs.push('\n');
+    }
+    let data = write(dir.path(), "prefs.jsonl", &prefs);
+    let out = dir.path().join("dpo");
+    let (e, rx) = engine();
+    let mut s = spec(data, out.clone(), 4);
+    s.method = FinetuneMethod::Dpo;
+    s.seq_len = 96;
+    ft(&e, FinetuneCommand::Start(Box::new(s)));
+    // the run's last news is its routing comparison
+    let evs = until(&rx, |ev| {
+        matches!(ev, EngineEvent::Finetune(FinetuneEvent::RoutingShift(_))) || is_error(ev)
+    });
+    assert!(evs.iter().any(|ev| is_status(ev, FinetuneStatus::Finished)));
+    assert!(!is_error(evs.last().unwrap()), "{:?}", evs.last());
+    assert!(evs
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Notice(n) if n.contains("fine-tuning (dpo)") && n.contains("pairs"))));
+    assert!(sinkhorn(&evs).is_empty(), "DPO routes greedily: no Sinkhorn reports");
+    let p = progress(&evs);
+    assert_eq!(p.len(), 4);
+    let r: Vec<_> = p.iter().map(|x| x.pref.unwrap()).collect();
+    assert_eq!((r[0].reward_chosen, r[0].reward_rejected), (0.0, 0.0), "step 0: adapters off = on");
+    assert!((p[0].loss - std::f64::consts::LN_2).abs() < 1e-6);
+    assert!(r[3].margin > r[0].margin, "{r:?}");
+    assert!(out.join("adapter.safetensors").is_file());
+    // the routing comparison of the end: saved, summed up, and sent to the panel
+    assert!(out.join("routing_shift.json").is_file());
+    assert!(evs
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Notice(n) if n.starts_with("routing before vs after"))));
+    let shift = evs.iter().find_map(|e| match e {
+        EngineEvent::Finetune(FinetuneEvent::RoutingShift(r)) => Some(r.clone()),
+        _ => None,
+    });
+    let shift = shift.expect("a routing comparison event");
+    assert_eq!(
+        shift.layers.iter().map(|l| l.0).collect::<Vec<_>>(),
+        [1, 3],
+        "the two MoE half-blocks"
+    );
+    assert!(shift.tokens > 0 && shift.layers.iter().all(|l| (0.0..=1.0).contains(&l.1)));
+}

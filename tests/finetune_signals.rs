@@ -26,16 +26,30 @@ fn steps_in(dir: &Path) -> u64 {
     v["step"].as_u64().unwrap()
 }
 
-/// Starts a long run, waits for its progress line at step 250, sends `sig`; returns the exit code,
-/// stderr, the output folder and the common arguments.
-fn interrupted_run(dir: &Path, sig: &str) -> (Option<i32>, String, String, Vec<String>) {
+/// Starts a long run (`dpo`: `--method dpo` on preference pairs), waits for its progress line at
+/// step 250, sends `sig`; returns the exit code, stderr, the output folder and the common arguments.
+fn interrupted_run(dir: &Path, sig: &str, dpo: bool) -> (Option<i32>, String, String, Vec<String>) {
     let cfg = ft_common::config(&["r", "4", "r", "4"], 16);
     let base = dir.join("base");
     ft_common::model(&cfg, 1, true).save_dir(&base, DType::F32).unwrap();
     ft_common::byte_tokenizer().save(base.join("tokenizer.json"), false).unwrap();
-    let data = ft_common::write(dir, "chat.jsonl", &ft_common::chat_jsonl());
+    let data = if dpo {
+        let prefs = [
+            ("Hi", "Hello.", "Log."),
+            ("Who sat?", "The cat.", "A bird."),
+            ("Sing?", "La la.", "No."),
+        ]
+        .map(|(p, c, r)| serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string() + "\n")
+        .concat();
+        ft_common::write(dir, "prefs.jsonl", &prefs)
+    } else {
+        ft_common::write(dir, "chat.jsonl", &ft_common::chat_jsonl())
+    };
     let out = s(&dir.join("ad"));
+    let method = if dpo { "dpo" } else { "lora" };
     let common: Vec<String> = [
+        "--method",
+        method,
         "--model",
         &s(&base),
         "--data",
@@ -90,10 +104,22 @@ fn interrupted_run(dir: &Path, sig: &str) -> (Option<i32>, String, String, Vec<S
 #[test]
 fn sigterm_saves_a_resumable_checkpoint_and_exits_143() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, err, out, common) = interrupted_run(dir.path(), "TERM");
+    let (code, err, out, common) = interrupted_run(dir.path(), "TERM", false);
+    assert_sigterm_resumes(code, &err, &out, &common);
+}
+
+#[test]
+fn a_dpo_run_stops_on_sigterm_and_resumes_like_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err, out, common) = interrupted_run(dir.path(), "TERM", true);
+    assert!(err.contains("rewards"), "{err}");
+    assert_sigterm_resumes(code, &err, &out, &common);
+}
+
+fn assert_sigterm_resumes(code: Option<i32>, err: &str, out: &str, common: &[String]) {
     assert_eq!(code, Some(143), "{err}");
     assert!(err.contains("blackmamba: stopped by SIGTERM"), "{err}");
-    let done = steps_in(Path::new(&out));
+    let done = steps_in(Path::new(out));
     assert!((250..5000).contains(&done), "{done}");
     assert!(
         err.contains(&format!(
@@ -102,26 +128,26 @@ fn sigterm_saves_a_resumable_checkpoint_and_exits_143() {
         "{err}"
     );
     // no half-written files left behind
-    for f in std::fs::read_dir(&out).unwrap() {
+    for f in std::fs::read_dir(out).unwrap() {
         let name = f.unwrap().file_name().to_string_lossy().to_string();
         assert!(!name.contains(".tmp"), "{name}");
     }
     let more = (done + 2).to_string();
     let o = bin()
         .arg("finetune")
-        .args(&common)
-        .args(["--resume", &out, "--steps", &more])
+        .args(common)
+        .args(["--resume", out, "--steps", &more])
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && e.contains(&format!("resuming at step {done}")), "{e}");
-    assert_eq!(steps_in(Path::new(&out)), done + 2);
+    assert_eq!(steps_in(Path::new(out)), done + 2);
 }
 
 #[test]
 fn sigint_saves_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, err, out, _) = interrupted_run(dir.path(), "INT");
+    let (code, err, out, _) = interrupted_run(dir.path(), "INT", false);
     assert_eq!(code, Some(130), "{err}");
     let done = steps_in(Path::new(&out));
     assert!(err.contains(&format!("SIGINT at step {done}: checkpoint saved")), "{err}");

@@ -483,3 +483,59 @@ fn sinkhorn_view_of_64_experts_lists_the_busiest() {
     }
     insta::assert_snapshot!("sinkhorn_64_experts_110x30", s);
 }
+
+#[test]
+fn finetune_panel_starts_a_dpo_run_and_shows_its_rewards() {
+    use blackmamba::engine::protocol::{FinetuneEvent, FinetuneMethod, FinetuneProgress, PrefProgress};
+    let mut app = small_app();
+    app.view = View::Finetune;
+    // method: Left from lora wraps to dpo-full, Left again is dpo; the untouched dataset follows
+    key(&mut app, KeyCode::Down, KeyModifiers::NONE);
+    key(&mut app, KeyCode::Left, KeyModifiers::NONE);
+    assert_eq!(app.ft.spec.method, FinetuneMethod::DpoFull);
+    key(&mut app, KeyCode::Left, KeyModifiers::NONE);
+    assert_eq!(app.ft.spec.method, FinetuneMethod::Dpo);
+    assert_eq!(app.ft.spec.data, std::path::PathBuf::from("assets/prefs/demo.jsonl"));
+    let cmds = key(&mut app, KeyCode::Char('s'), KeyModifiers::NONE);
+    assert!(matches!(&cmds[..], [Command::Finetune(FinetuneCommand::Start(s))] if s.method == FinetuneMethod::Dpo));
+    let step = |step: usize, margin: f64| FinetuneProgress {
+        step,
+        total_steps: 10,
+        loss: 0.5,
+        lr: 1e-4,
+        grad_norm: 1.0,
+        tokens_per_s: 100.0,
+        eval_loss: None,
+        expert_load: vec![],
+        sinkhorn_iters: vec![],
+        elapsed_secs: step as f64,
+        pref: Some(PrefProgress {
+            reward_chosen: 0.25,
+            reward_rejected: 0.25 - margin,
+            margin,
+            accuracy: 0.75,
+        }),
+    };
+    for (s, m) in [(1, 0.0), (2, 0.5)] {
+        app.update(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::Progress(Box::new(step(s, m))))));
+    }
+    let text = screen(&app, 120, 40);
+    assert!(
+        text.contains("rewards +0.250 / -0.250") && text.contains("margin +0.500") && text.contains("acc 75%"),
+        "{text}"
+    );
+    assert!(text.contains("DPO"), "{text}");
+    // the end of the run: how far each MoE layer's routing moved
+    let shift = blackmamba::engine::protocol::RoutingShiftInfo {
+        tokens: 100,
+        layers: vec![(1, 0.025, 0.1), (3, 0.125, 0.3)],
+    };
+    app.update(Msg::Engine(EngineEvent::Finetune(FinetuneEvent::RoutingShift(Box::new(shift)))));
+    let text = screen(&app, 120, 40);
+    assert!(text.contains("routing moved 1:2.5% 3:12.5%"), "{text}");
+    // back to a token method: the demo dataset goes back to the default
+    key(&mut app, KeyCode::Right, KeyModifiers::NONE);
+    key(&mut app, KeyCode::Right, KeyModifiers::NONE);
+    assert_eq!(app.ft.spec.method, FinetuneMethod::Lora);
+    assert_eq!(app.ft.spec.data, std::path::PathBuf::from("data.jsonl"));
+}

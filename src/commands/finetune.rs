@@ -1,5 +1,5 @@
-//! `blackmamba finetune`: LoRA, router-only or full fine-tuning with a progress bar; and the
-//! options and loop it shares with `blackmamba train`.
+//! `blackmamba finetune`: LoRA, router-only or full fine-tuning, or DPO on preference pairs,
+//! with a progress bar; and the options and loop it shares with `blackmamba train`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::commands::ModelArgs;
 use crate::finetune::data::BadLine;
-use crate::finetune::{DataFormat, FinetuneConfig, Method, Recompute, StepReport, Target, Trainer};
+use crate::finetune::dpo::PrefLoss;
+use crate::finetune::routing_shift::{routes, RoutingShift};
+use crate::finetune::{parse_method, DataFormat, FinetuneConfig, Objective, Recompute, StepReport, Target, Trainer};
 use crate::runtime::dist::tcp::TcpGroup;
 use crate::runtime::dist::{Collective, Single, Timeouts};
 use crate::signals::{Interrupted, Signal, Signals};
@@ -18,7 +20,9 @@ use crate::signals::{Interrupted, Signal, Signals};
 /// Options shared by `finetune` and `train` (unset ones take the command's defaults).
 #[derive(Debug, Args, Clone)]
 pub struct RunOpts {
-    /// Training data: plain text, or JSONL with {"prompt","response"} / {"messages":[...]} / {"text"}.
+    /// Training data: plain text, or JSONL with {"prompt","response"} / {"messages":[...]} / {"text"};
+    /// with --method dpo, JSONL preference pairs {"prompt","chosen","rejected"} (strings, or
+    /// lists of {"role","content"} messages).
     #[arg(long)]
     pub data: PathBuf,
     /// text or jsonl (default: by extension, .jsonl/.json are JSONL).
@@ -128,9 +132,19 @@ impl RunOpts {
 pub struct FinetuneArgs {
     #[command(flatten)]
     pub run: RunOpts,
-    /// lora, router or full [default: lora; with --resume, the run's].
+    /// lora, router or full; or dpo (preference pairs, LoRA adapters; the reference is the base
+    /// with the adapters off), dpo-full (every weight; the reference log-probs are computed once
+    /// before training) or dpo-router [default: lora; with --resume, the run's].
     #[arg(long)]
     pub method: Option<String>,
+    /// DPO's beta: a response's reward is beta·(log π − log π_ref) [default: 0.1; with --resume,
+    /// the run's].
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// DPO's loss: sigmoid (DPO, −log σ(beta·h)) or ipo ((h − 1/(2·beta))²) [default: sigmoid;
+    /// with --resume, the run's].
+    #[arg(long)]
+    pub dpo_loss: Option<String>,
     /// LoRA targets, comma-separated: in_proj,x_proj,dt_proj,out_proj,experts (or all)
     /// [default: all; with --resume, the run's].
     #[arg(long)]
@@ -160,7 +174,16 @@ pub fn run(m: &ModelArgs, a: &FinetuneArgs) -> anyhow::Result<()> {
     let mut cfg = FinetuneConfig::default();
     a.run.apply(&mut cfg)?;
     if let Some(m) = &a.method {
-        cfg.method = Method::parse(m)?;
+        (cfg.method, cfg.objective) = parse_method(m)?;
+    }
+    if let Some(b) = a.beta {
+        cfg.dpo_beta = b;
+    }
+    if let Some(l) = &a.dpo_loss {
+        cfg.dpo_loss = PrefLoss::parse(l)?;
+    }
+    if cfg.objective != Objective::Dpo && (a.beta.is_some() || a.dpo_loss.is_some()) {
+        anyhow::bail!("--beta and --dpo-loss: only with --method dpo, dpo-full or dpo-router");
     }
     if let Some(t) = &a.targets {
         cfg.targets = Target::parse_list(t)?;
@@ -247,14 +270,19 @@ pub fn drive_in(
             report_bad("eval data", e, &t.eval_bad_lines);
         }
     }
+    let unit = match c.objective {
+        Objective::Dpo => "pairs",
+        Objective::Sft => "examples",
+    };
     say(format!(
-        "{} on {}: {} trainable values; {n_train} training and {n_eval} held-out examples; {} steps of {}×{} sequences of ≤{} tokens{}",
-        c.method.name(),
+        "{} on {}: {} trainable values; {n_train} training and {n_eval} held-out {unit}; {} steps of {}×{} {} of ≤{} tokens{}",
+        c.method_label(),
         c.base_model,
         t.n_trainable(),
         c.steps,
         c.grad_accum,
         c.batch,
+        if c.objective == Objective::Dpo { "pairs" } else { "sequences" },
         c.seq_len,
         if t.steps_done() > 0 {
             format!("; resuming at step {}", t.steps_done())
@@ -262,6 +290,9 @@ pub fn drive_in(
             String::new()
         }
     ));
+    // the base model's routing of the comparison slice (rank 0 writes the comparison)
+    let slice = t.routing_slice();
+    let routes_before = if quiet { None } else { Some(routes(base, &slice.1, c.batch)?) }.filter(|r| !r.is_empty());
     let before = t.eval()?;
     if let Some(e) = before {
         say(format!(
@@ -302,8 +333,9 @@ pub fn drive_in(
             }
         };
         let msg = format!(
-            "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{}",
+            "loss {:.4}{} lr {:.2e} |g| {:.3} {:.0} tok/s{}",
             r.loss,
+            pref_summary(&r),
             r.lr,
             r.grad_norm,
             r.tokens_per_s,
@@ -326,6 +358,12 @@ pub fn drive_in(
     }
     pb.finish();
     t.save()?;
+    if let Some(rb) = &routes_before {
+        let ra = routes(&t.serving_view()?, &slice.1, c.batch)?;
+        let shift = RoutingShift::compare(&slice.0, rb, &ra);
+        shift.save(&out)?;
+        say(shift.summary());
+    }
     if let Some(r) = &last {
         say(format!("final training loss {:.4}", r.loss));
     }
@@ -345,6 +383,17 @@ pub fn drive_in(
         out.join("metrics.jsonl").display()
     ));
     Ok(())
+}
+
+/// A DPO step's rewards: chosen / rejected, margin and accuracy.
+fn pref_summary(r: &StepReport) -> String {
+    match &r.pref {
+        Some(p) => format!(
+            " rewards {:+.3}/{:+.3} margin {:+.3} acc {:.2}",
+            p.reward_chosen, p.reward_rejected, p.margin, p.accuracy
+        ),
+        None => String::new(),
+    }
 }
 
 /// The busiest expert's load over the mean (worst MoE layer) and the most Sinkhorn iterations.

@@ -218,7 +218,8 @@ pub enum Command {
     Trace(trace::TraceArgs),
     /// Write a routing report (report.md, report.json, --plot PNGs) of a model on a text.
     Analyze(analyze::AnalyzeArgs),
-    /// Fine-tune a model on text or JSONL chat data (LoRA, router-only or full).
+    /// Fine-tune a model on text or JSONL chat data (LoRA, router-only or full), or on preference
+    /// pairs (DPO / IPO: --method dpo, dpo-full).
     Finetune(finetune::FinetuneArgs),
     /// Start the ranks of a data-parallel fine-tuning run on this host: launch --gpus N -- finetune ...
     Launch(launch::LaunchArgs),

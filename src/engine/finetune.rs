@@ -16,14 +16,16 @@ use tokenizers::Tokenizer;
 
 use crate::chat_template::prompt_for_turn;
 use crate::engine::protocol::{
-    EngineEvent, FinetuneCommand, FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting,
-    SinkhornLayer, SinkhornOrigin, SinkhornReport,
+    EngineEvent, FinetuneCommand, FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, PrefProgress,
+    ProbeRouting, RoutingShiftInfo, SinkhornLayer, SinkhornOrigin, SinkhornReport,
 };
 use crate::engine::sinkhorn::summarize;
 use crate::engine::telemetry::piece;
 use crate::error::{Error, Result};
 use crate::finetune::checkpoint::STATE_FILE;
-use crate::finetune::{FinetuneConfig, Method, StepReport, Target, Trainer};
+use crate::finetune::data::Example;
+use crate::finetune::routing_shift::{routes, Routes, RoutingShift};
+use crate::finetune::{FinetuneConfig, Method, Objective, StepReport, Target, Trainer};
 use crate::model::probe::Probe;
 use crate::model::{Logits, Model};
 use crate::sinkhorn::loads;
@@ -56,6 +58,8 @@ struct Run {
     last_probe: Instant,
     /// Half-block index of each MoE layer.
     moe_layers: Vec<usize>,
+    /// The routing comparison's slice (label, examples) and the base model's routes of it.
+    routes_before: Option<(String, Vec<Example>, Routes)>,
 }
 
 impl Finetuning {
@@ -176,6 +180,9 @@ impl Finetuning {
         if let Some(e) = before {
             trainer.log_eval(e.loss)?;
         }
+        let (label, slice) = trainer.routing_slice();
+        let base_routes = routes(base, &slice, trainer.config().batch)?;
+        let routes_before = (!base_routes.is_empty()).then_some((label, slice, base_routes));
         emit(EngineEvent::Notice(start_notice(&trainer, before.map(|e| e.loss))));
         emit(EngineEvent::Finetune(FinetuneEvent::ProbeRouting(Box::new(probe_routing(
             base,
@@ -191,6 +198,7 @@ impl Finetuning {
             probe_pieces,
             last_probe: Instant::now(),
             moe_layers: base.cfg.moe_layers().iter().map(|&(l, _)| l).collect(),
+            routes_before,
         });
         emit(EngineEvent::Finetune(FinetuneEvent::Status(FinetuneStatus::Running)));
         Ok(())
@@ -213,8 +221,11 @@ impl Finetuning {
             }
         };
         run.active_secs += t0.elapsed().as_secs_f64();
-        let variant = run.trainer.config().sinkhorn.variant;
-        emit(EngineEvent::Sinkhorn(Box::new(sinkhorn_report(&r, &run.moe_layers, variant))));
+        // a DPO step routes greedily: no Sinkhorn run to show
+        if !r.sinkhorn.is_empty() {
+            let variant = run.trainer.config().sinkhorn.variant;
+            emit(EngineEvent::Sinkhorn(Box::new(sinkhorn_report(&r, &run.moe_layers, variant))));
+        }
         emit(EngineEvent::Finetune(FinetuneEvent::Progress(Box::new(progress(
             &r,
             run.active_secs,
@@ -232,7 +243,10 @@ impl Finetuning {
         emit(EngineEvent::Finetune(FinetuneEvent::Status(FinetuneStatus::Finished)));
         let out = run.trainer.config().out.clone();
         match saved {
-            Ok(()) => emit(EngineEvent::Finetune(FinetuneEvent::Saved(out))),
+            Ok(()) => {
+                emit(EngineEvent::Finetune(FinetuneEvent::Saved(out)));
+                run.routing_shift(emit)?;
+            }
             Err(e) => emit(EngineEvent::Finetune(FinetuneEvent::Failed(format!(
                 "fine-tuning finished but saving to {} failed: {e}; w tries again",
                 out.display()
@@ -263,6 +277,23 @@ impl Finetuning {
 }
 
 impl Run {
+    /// The routing comparison of the finished run: saved beside the checkpoint, summed up in a
+    /// notice and sent to the panel.
+    fn routing_shift(&self, emit: &mut dyn FnMut(EngineEvent)) -> Result<()> {
+        let Some((label, slice, before)) = &self.routes_before else {
+            return Ok(());
+        };
+        let after = routes(&self.trainer.serving_view()?, slice, self.trainer.config().batch)?;
+        let shift = RoutingShift::compare(label, before, &after);
+        shift.save(&self.trainer.config().out)?;
+        emit(EngineEvent::Notice(shift.summary()));
+        emit(EngineEvent::Finetune(FinetuneEvent::RoutingShift(Box::new(RoutingShiftInfo {
+            tokens: shift.tokens,
+            layers: shift.layers.iter().map(|l| (l.layer, l.moved, l.tokens_rerouted)).collect(),
+        }))));
+        Ok(())
+    }
+
     /// Routes the probe prompt with the weights trained so far.
     fn probe_after(&mut self, emit: &mut dyn FnMut(EngineEvent)) -> Result<()> {
         let m = self.trainer.serving_view()?;
@@ -288,14 +319,17 @@ pub fn config_from_spec(spec: &FinetuneSpec, base_label: &str) -> Result<Finetun
             "output: type the folder to write the adapter into (Enter on the field)".into(),
         ));
     }
-    let method = match spec.method {
-        FinetuneMethod::Lora => Method::Lora,
-        FinetuneMethod::Router => Method::Router,
-        FinetuneMethod::Full => Method::Full,
+    let (method, objective) = match spec.method {
+        FinetuneMethod::Lora => (Method::Lora, Objective::Sft),
+        FinetuneMethod::Router => (Method::Router, Objective::Sft),
+        FinetuneMethod::Full => (Method::Full, Objective::Sft),
+        FinetuneMethod::Dpo => (Method::Lora, Objective::Dpo),
+        FinetuneMethod::DpoFull => (Method::Full, Objective::Dpo),
     };
     let mut cfg = FinetuneConfig {
         data: spec.data.clone(),
         method,
+        objective,
         rank: spec.rank,
         alpha: spec.alpha,
         lr: spec.lr,
@@ -354,9 +388,10 @@ fn start_notice(t: &Trainer, eval_before: Option<f64>) -> String {
     let c = t.config();
     let (n_train, n_eval) = t.data_sizes();
     let mut s = format!(
-        "fine-tuning ({}): {} trainable values, {n_train} training and {n_eval} held-out examples",
-        c.method.name(),
-        t.n_trainable()
+        "fine-tuning ({}): {} trainable values, {n_train} training and {n_eval} held-out {}",
+        c.method_label(),
+        t.n_trainable(),
+        if c.objective == Objective::Dpo { "pairs" } else { "examples" }
     );
     if let Some(l) = eval_before {
         s.push_str(&format!(", eval loss before {l:.4}"));
@@ -386,6 +421,12 @@ fn progress(r: &StepReport, elapsed_secs: f64) -> FinetuneProgress {
         expert_load: r.expert_load.clone(),
         sinkhorn_iters: r.sinkhorn_iters.clone(),
         elapsed_secs,
+        pref: r.pref.map(|p| PrefProgress {
+            reward_chosen: p.reward_chosen,
+            reward_rejected: p.reward_rejected,
+            margin: p.margin,
+            accuracy: p.accuracy,
+        }),
     }
 }
 

@@ -144,23 +144,34 @@ pub struct FinetuneSpec {
     pub out: PathBuf,
 }
 
-/// What fine-tuning trains.
+/// What fine-tuning trains (the names of `finetune --method`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum FinetuneMethod {
     Lora,
     Router,
     Full,
+    /// DPO on preference pairs with LoRA adapters (the reference: the adapters off).
+    Dpo,
+    /// DPO on every weight (the reference log-probs computed before training).
+    DpoFull,
 }
 
 impl FinetuneMethod {
-    pub const ALL: [Self; 3] = [Self::Lora, Self::Router, Self::Full];
+    pub const ALL: [Self; 5] = [Self::Lora, Self::Router, Self::Full, Self::Dpo, Self::DpoFull];
     pub fn name(self) -> &'static str {
         match self {
             Self::Lora => "lora",
             Self::Router => "router",
             Self::Full => "full",
+            Self::Dpo => "dpo",
+            Self::DpoFull => "dpo-full",
         }
+    }
+
+    /// Whether the method trains on preference pairs.
+    pub fn is_dpo(self) -> bool {
+        matches!(self, Self::Dpo | Self::DpoFull)
     }
 }
 
@@ -341,6 +352,19 @@ pub enum FinetuneEvent {
     /// Something went wrong outside a command (a NaN loss, a failed save at the end): the panel
     /// shows it until the next status change.
     Failed(String),
+    /// At the end of a run: how far each MoE layer's expert shares moved on the held-out slice.
+    RoutingShift(Box<RoutingShiftInfo>),
+}
+
+/// The routing comparison of a finished run (plain data of `finetune::routing_shift`, which
+/// also went to `routing_shift.json` in the output folder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingShiftInfo {
+    /// Tokens compared.
+    pub tokens: usize,
+    /// Per MoE layer: (half-block index, total variation distance of the expert shares before
+    /// vs after, share of the tokens whose expert changed).
+    pub layers: Vec<(usize, f64, f64)>,
 }
 
 /// Where the trainer is.
@@ -368,6 +392,19 @@ pub struct FinetuneProgress {
     pub sinkhorn_iters: Vec<usize>,
     /// Seconds since the run started.
     pub elapsed_secs: f64,
+    /// The rewards of a DPO step (None for other methods).
+    pub pref: Option<PrefProgress>,
+}
+
+/// A DPO step's rewards, β·(log π − log π_ref), means over the step's pairs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefProgress {
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+    /// Mean chosen − rejected reward.
+    pub margin: f64,
+    /// Share of pairs whose chosen reward is above the rejected one.
+    pub accuracy: f64,
 }
 
 /// Experts chosen for each token of the probe prompt, per MoE layer.

@@ -192,8 +192,15 @@ pub fn check_resumable(st: &TrainerState, cfg: &FinetuneConfig, data_hash: &str,
             dir.display()
         )))
     };
-    if old.method != cfg.method {
-        return mismatch("--method", old.method.name().into(), cfg.method.name().into());
+    if old.method != cfg.method || old.objective != cfg.objective {
+        return mismatch("--method", old.method_label(), cfg.method_label());
+    }
+    if old.objective == crate::finetune::Objective::Dpo && (old.dpo_loss != cfg.dpo_loss || old.dpo_beta != cfg.dpo_beta) {
+        return mismatch(
+            "--dpo-loss/--beta",
+            format!("{}/{}", old.dpo_loss.name(), old.dpo_beta),
+            format!("{}/{}", cfg.dpo_loss.name(), cfg.dpo_beta),
+        );
     }
     if st.data_hash != data_hash {
         return mismatch("data with sha256", st.data_hash.clone(), data_hash.to_string());

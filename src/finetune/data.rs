@@ -298,7 +298,7 @@ fn jsonl_line(line: &str, tok: &Tokenizer, seq_len: usize) -> std::result::Resul
 
 /// Splits off a held-out set: `fraction` of the examples (at least one, when there are at least
 /// two), chosen by `seed`. Returns (train, held out).
-pub fn split(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+pub fn split<T>(examples: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let n = examples.len();
     if fraction <= 0.0 || n < 2 {
         return (examples, vec![]);

@@ -6,9 +6,13 @@
 //! sigmoid (DPO) `−log σ(β·h)`, IPO `(h − 1/(2β))²`, each the mean over the pairs. The reference
 //! log-probs are constants (computed once before training, or with the adapter off).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::finetune::data::{Batch, Example};
+use crate::finetune::loss::nll_rows;
+use crate::finetune::prefs::PrefPair;
+use crate::model::probe::Probe;
 use crate::model::{Logits, Model};
 
 /// Which preference loss.
@@ -22,12 +26,20 @@ pub enum PrefLoss {
 }
 
 impl PrefLoss {
-    /// Parses `--loss`.
+    /// The `--dpo-loss` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sigmoid => "sigmoid",
+            Self::Ipo => "ipo",
+        }
+    }
+
+    /// Parses `--dpo-loss`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "sigmoid" | "dpo" => Ok(Self::Sigmoid),
             "ipo" => Ok(Self::Ipo),
-            other => Err(Error::Invalid(format!("preference loss '{other}': use sigmoid or ipo"))),
+            other => Err(Error::Invalid(format!("--dpo-loss {other}: use sigmoid (DPO) or ipo"))),
         }
     }
 }
@@ -63,6 +75,54 @@ pub struct PrefOut {
     pub margin: f64,
     /// Share of pairs whose chosen reward is above the rejected one.
     pub accuracy: f64,
+    /// Pairs in the batch.
+    pub n: usize,
+    /// Pairs whose chosen reward is above the rejected one.
+    pub correct: usize,
+}
+
+/// What a DPO step reports besides its loss: the means over the step's pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct PrefStats {
+    /// Mean β·(log π − log π_ref) of the chosen responses.
+    pub reward_chosen: f64,
+    /// The same of the rejected responses.
+    pub reward_rejected: f64,
+    /// Mean chosen − rejected reward.
+    pub margin: f64,
+    /// Share of pairs whose chosen reward is above the rejected one.
+    pub accuracy: f64,
+}
+
+/// Sums over pairs (micro-batches and ranks add up): pairs, chosen rewards, rejected rewards,
+/// pairs ranked right.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PrefSums(pub [f64; 4]);
+
+impl PrefSums {
+    /// Adds a batch's [`PrefOut`].
+    pub fn add(&mut self, o: &PrefOut) {
+        let n = o.n as f64;
+        for (s, v) in self
+            .0
+            .iter_mut()
+            .zip([n, o.reward_chosen * n, o.reward_rejected * n, o.correct as f64])
+        {
+            *s += v;
+        }
+    }
+
+    /// The means.
+    pub fn stats(&self) -> PrefStats {
+        let [n, c, r, k] = self.0;
+        let n = n.max(1.0);
+        PrefStats {
+            reward_chosen: c / n,
+            reward_rejected: r / n,
+            margin: (c - r) / n,
+            accuracy: k / n,
+        }
+    }
 }
 
 /// The preference loss of policy log-probs (B) against constant reference log-probs (B).
@@ -93,20 +153,22 @@ pub fn pref_loss(
     let n = rc.len().max(1) as f64;
     let reward_chosen = rc.iter().map(|&x| x as f64).sum::<f64>() / n;
     let reward_rejected = rr.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let accuracy = rc.iter().zip(&rr).filter(|(a, b)| a > b).count() as f64 / n;
+    let correct = rc.iter().zip(&rr).filter(|(a, b)| a > b).count();
     Ok(PrefOut {
         loss,
         reward_chosen,
         reward_rejected,
         margin: reward_chosen - reward_rejected,
-        accuracy,
+        accuracy: correct as f64 / n,
+        n: rc.len(),
+        correct,
     })
 }
 
 /// A batch of preference pairs as one (2B, L) sequence batch: the chosen sides first, then the
 /// rejected ones, right-padded with id 0 (mask 0) to the longest -> (ids u32, mask f32).
-pub fn pair_batch(pairs: &[crate::finetune::prefs::PrefPair], device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-    let sides: Vec<&crate::finetune::data::Example> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+pub fn pair_batch(pairs: &[PrefPair], device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    let sides: Vec<&Example> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
     let len = sides.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     if len < 2 {
         return Err(Error::Invalid(
@@ -133,7 +195,7 @@ pub fn pair_batch(pairs: &[crate::finetune::prefs::PrefPair], device: &candle_co
 
 /// The summed response log-probs of each pair's (chosen, rejected) sides -> two (B) tensors,
 /// differentiable through `model`.
-pub fn pair_logprobs(model: &Model, pairs: &[crate::finetune::prefs::PrefPair]) -> Result<(Tensor, Tensor)> {
+pub fn pair_logprobs(model: &Model, pairs: &[PrefPair]) -> Result<(Tensor, Tensor)> {
     let (ids, mask) = pair_batch(pairs, &model.device)?;
     let lp = sequence_logprobs(model, &ids, &mask)?;
     let n = pairs.len();
@@ -142,7 +204,7 @@ pub fn pair_logprobs(model: &Model, pairs: &[crate::finetune::prefs::PrefPair]) 
 
 /// The reference model's (chosen, rejected) log-probs of every pair, `batch` pairs per pass,
 /// computed once before training (no gradient, nothing of the model kept).
-pub fn reference_logprobs(model: &Model, pairs: &[crate::finetune::prefs::PrefPair], batch: usize) -> Result<Vec<(f32, f32)>> {
+pub fn reference_logprobs(model: &Model, pairs: &[PrefPair], batch: usize) -> Result<Vec<(f32, f32)>> {
     let view = crate::finetune::loss::inference_view(model)?;
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch.max(1)) {
@@ -151,4 +213,30 @@ pub fn reference_logprobs(model: &Model, pairs: &[crate::finetune::prefs::PrefPa
         out.extend(c.into_iter().zip(r));
     }
     Ok(out)
+}
+
+/// The summed response log-probs of each sequence of a training batch ([`Batch`] of `sides`)
+/// -> (S) f32, differentiable through `model`: the model's logits only at the learned rows (the
+/// trainer's [`crate::finetune::loss::nll_rows`]), summed per sequence by a (S, n) 0/1 matrix.
+pub fn batch_logprobs(model: &Model, sides: &[&Example], batch: &Batch, probe: Option<&mut Probe>) -> Result<Tensor> {
+    let mut state = model.new_state(batch.ids.dim(0)?)?;
+    let logits = model.forward_rows(&batch.ids, &mut state, &batch.rows, probe)?; // (n, V)
+    let lp = nll_rows(&logits, &batch.targets, model.fuses_loss(logits.dtype()))?
+        .to_dtype(DType::F32)?
+        .neg()?; // (n)
+    let n = batch.n_targets;
+    let mut seg = vec![0f32; sides.len() * n];
+    let mut at = 0;
+    for (s, e) in sides.iter().enumerate() {
+        let k = e.n_targets();
+        seg[s * n + at..s * n + at + k].iter_mut().for_each(|x| *x = 1.0);
+        at += k;
+    }
+    let seg = Tensor::from_vec(seg, (sides.len(), n), &model.device)?;
+    Ok(seg.matmul(&lp.unsqueeze(1)?)?.squeeze(1)?)
+}
+
+/// Both sides of `pairs` as one training batch: the chosen sides first, then the rejected ones.
+pub fn pair_sides<'a>(pairs: &[&'a PrefPair]) -> Vec<&'a Example> {
+    pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect()
 }

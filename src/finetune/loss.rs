@@ -24,6 +24,21 @@ pub fn nll_sum(logits: &Tensor, targets: &Tensor, fused: bool) -> Result<Tensor>
     nll_sum_slow(logits, targets)
 }
 
+/// [`nll_sum`] per row, not summed: (n, V) logits, (n) targets -> (n), differentiable, by the
+/// same fused ops where they apply (the per-sequence sums of DPO).
+pub fn nll_rows(logits: &Tensor, targets: &Tensor, fused: bool) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return Ok(logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)?);
+    }
+    #[cfg(feature = "cuda")]
+    if fused && logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return Ok(crate::ops::xent::cross_entropy(logits, targets)?);
+    }
+    let _ = fused;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?; // (n, V)
+    Ok(logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
+}
+
 /// [`nll_sum`] from tensor ops (log-softmax, gather): any device and dtype.
 pub fn nll_sum_slow(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?; // (n, V)

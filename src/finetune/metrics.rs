@@ -31,6 +31,18 @@ pub struct MetricsLine {
     pub expert_load: Vec<Vec<usize>>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub sinkhorn_iters: Vec<usize>,
+    /// DPO: mean reward β·(log π − log π_ref) of the chosen responses.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reward_chosen: Option<f64>,
+    /// DPO: the same of the rejected responses.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reward_rejected: Option<f64>,
+    /// DPO: mean chosen − rejected reward.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reward_margin: Option<f64>,
+    /// DPO: share of pairs whose chosen reward is above the rejected one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reward_accuracy: Option<f64>,
     /// Seconds since the run (or its resume) started.
     pub elapsed_s: f64,
 }
@@ -46,6 +58,10 @@ impl MetricsLine {
             eval_loss: r.eval_loss,
             expert_load: r.expert_load.clone(),
             sinkhorn_iters: r.sinkhorn_iters.clone(),
+            reward_chosen: r.pref.map(|p| p.reward_chosen),
+            reward_rejected: r.pref.map(|p| p.reward_rejected),
+            reward_margin: r.pref.map(|p| p.margin),
+            reward_accuracy: r.pref.map(|p| p.accuracy),
             elapsed_s,
         }
     }
@@ -60,6 +76,10 @@ impl MetricsLine {
             eval_loss: Some(eval_loss),
             expert_load: vec![],
             sinkhorn_iters: vec![],
+            reward_chosen: None,
+            reward_rejected: None,
+            reward_margin: None,
+            reward_accuracy: None,
             elapsed_s,
         }
     }

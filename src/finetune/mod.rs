@@ -14,6 +14,8 @@
 //! * [`checkpoint`] — atomic checkpoint files and their consistency on resume
 //! * [`metrics`] — `metrics.jsonl`
 //! * [`trainer`] — the loop itself
+//! * [`prefs`], [`dpo`] — preference pairs and the DPO / IPO losses (`--method dpo`)
+//! * [`routing_shift`] — expert shares before vs after a run (`routing_shift.json`)
 
 pub mod adapter;
 pub mod checkpoint;
@@ -27,6 +29,7 @@ pub mod optim;
 pub mod params;
 pub mod prefs;
 pub mod recompute;
+pub mod routing_shift;
 pub mod trainer;
 
 use std::path::PathBuf;
@@ -64,14 +67,52 @@ impl Method {
         }
     }
 
-    /// Parses `--method`.
+    /// Parses a method name: `lora`, `router` or `full`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "lora" => Ok(Self::Lora),
             "router" => Ok(Self::Router),
             "full" => Ok(Self::Full),
-            other => Err(Error::Invalid(format!("--method {other}: use lora, router or full"))),
+            other => Err(Error::Invalid(format!(
+                "--method {other}: use lora, router, full, dpo, dpo-full or dpo-router"
+            ))),
         }
+    }
+}
+
+/// What a run optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Next-token cross-entropy on the learned tokens of the data.
+    #[default]
+    Sft,
+    /// Direct preference optimisation on preference pairs ([`dpo`], [`prefs`]).
+    Dpo,
+}
+
+/// Parses `--method`: `lora`, `router`, `full` (fine-tuning on the data's tokens), or `dpo`,
+/// `dpo-full`, `dpo-router` (preference tuning with LoRA adapters, every weight, or the routers;
+/// `dpo-lora` is `dpo`).
+pub fn parse_method(s: &str) -> Result<(Method, Objective)> {
+    match s.strip_prefix("dpo") {
+        Some("" | "-lora") => Ok((Method::Lora, Objective::Dpo)),
+        Some(rest) => match rest.strip_prefix('-').map(Method::parse) {
+            Some(Ok(m)) => Ok((m, Objective::Dpo)),
+            _ => Err(Error::Invalid(format!(
+                "--method {s}: use lora, router, full, dpo, dpo-full or dpo-router"
+            ))),
+        },
+        None => Ok((Method::parse(s)?, Objective::Sft)),
+    }
+}
+
+/// The `--method` spelling of a run: `lora`, …, `dpo`, `dpo-full`, `dpo-router`.
+pub fn method_label(method: Method, objective: Objective) -> String {
+    match (objective, method) {
+        (Objective::Sft, m) => m.name().to_string(),
+        (Objective::Dpo, Method::Lora) => "dpo".to_string(),
+        (Objective::Dpo, m) => format!("dpo-{}", m.name()),
     }
 }
 
@@ -138,6 +179,12 @@ pub struct FinetuneConfig {
     pub recompute: Recompute,
     /// How a recomputed step's first pass runs.
     pub first_pass: FirstPass,
+    /// What the run optimises: the data's tokens, or preference pairs (`--method dpo…`).
+    pub objective: Objective,
+    /// DPO's β: the reward of a response is β·(log π − log π_ref).
+    pub dpo_beta: f64,
+    /// The preference loss of a DPO run.
+    pub dpo_loss: dpo::PrefLoss,
 }
 
 /// When the trainer recomputes activations ([`crate::finetune::recompute`]).
@@ -229,11 +276,19 @@ impl Default for FinetuneConfig {
             base_model: String::new(),
             recompute: Recompute::Auto,
             first_pass: FirstPass::Kernels,
+            objective: Objective::Sft,
+            dpo_beta: 0.1,
+            dpo_loss: dpo::PrefLoss::Sigmoid,
         }
     }
 }
 
 impl FinetuneConfig {
+    /// The `--method` spelling of this run ([`method_label`]).
+    pub fn method_label(&self) -> String {
+        method_label(self.method, self.objective)
+    }
+
     /// Checks the numbers before any work starts; each error names the setting and the fix.
     pub fn validate(&self) -> Result<()> {
         if self.data.as_os_str().is_empty() {
@@ -286,6 +341,9 @@ impl FinetuneConfig {
                 return bad("--targets", "name at least one of in_proj, x_proj, dt_proj, out_proj, experts");
             }
         }
+        if self.objective == Objective::Dpo && !(self.dpo_beta.is_finite() && self.dpo_beta > 0.0) {
+            return bad("--beta", "must be a positive number (0.1 is usual)");
+        }
         if self.sinkhorn.max_iters == 0 {
             return bad("sinkhorn.max_iters", "must be at least 1");
         }
@@ -299,7 +357,8 @@ pub struct StepReport {
     /// Steps done so far (1 after the first step).
     pub step: usize,
     pub total_steps: usize,
-    /// Mean cross-entropy per target token over the step's micro-batches.
+    /// Mean cross-entropy per target token over the step's micro-batches (DPO: the mean
+    /// preference loss over the step's pairs).
     pub loss: f64,
     /// The learning rate this step used.
     pub lr: f64,
@@ -319,4 +378,7 @@ pub struct StepReport {
     /// Sinkhorn replaced (the TUI's Sinkhorn view compares the two).
     #[serde(default)]
     pub greedy: Vec<Vec<u32>>,
+    /// The rewards of a DPO step (None for other objectives).
+    #[serde(default)]
+    pub pref: Option<dpo::PrefStats>,
 }

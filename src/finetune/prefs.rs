@@ -7,8 +7,8 @@
 //!
 //! Each side is rendered with the chat template ([`crate::chat_template::render`]); the response
 //! mask covers the final assistant message (its text and end-of-text), whose summed log-prob the
-//! loss uses. Lines that cannot be used are skipped and reported with their number and reason, as
-//! for fine-tuning data.
+//! loss uses. [`parse`] reports the lines it cannot use with their number and reason; [`load`]
+//! (what a run reads) stops at the first one.
 
 use std::path::Path;
 
@@ -22,7 +22,9 @@ use crate::finetune::data::{BadLine, Example};
 /// One preference pair, tokenised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefPair {
+    /// The preferred response after the prompt (mask on the response).
     pub chosen: Example,
+    /// The other response after the same prompt.
     pub rejected: Example,
 }
 
@@ -30,25 +32,43 @@ pub struct PrefPair {
 #[derive(Debug, Clone)]
 pub struct PrefSet {
     pub pairs: Vec<PrefPair>,
+    /// Lines that could not be used ([`load`] makes the first one an error).
     pub bad: Vec<BadLine>,
+    /// sha256 of the text, hex.
+    pub hash: String,
 }
 
-/// Reads a preference JSONL file; sequences longer than `seq_len + 1` tokens are cut. A file
-/// with no usable pair is an error that quotes the first bad line.
+/// What a preference line looks like: the fix named by every error about one.
+pub const LINE_FORMS: &str = "each line is {\"prompt\": \"...\", \"chosen\": \"...\", \"rejected\": \"...\"} or the same with lists of {\"role\", \"content\"} messages";
+
+/// Reads a preference JSONL file; sequences longer than `seq_len + 1` tokens are cut. Unlike
+/// fine-tuning data, a preference file is used whole or not at all: the first unusable line is
+/// an error that names the file, the line, what is wrong and the forms a line may take.
 pub fn load(path: &Path, tok: &Tokenizer, seq_len: usize) -> Result<PrefSet> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::bad_file(path, format!("not UTF-8 text ({e}); save it as UTF-8 JSONL")))?;
     let set = parse(&text, tok, seq_len)?;
+    if let Some(b) = set.bad.first() {
+        // a reason that names its own fix (--seq-len) needs no reminder of the line forms
+        let fix = if b.reason.contains("--") {
+            String::new()
+        } else {
+            format!("; {LINE_FORMS}")
+        };
+        return Err(Error::bad_file(path, format!("line {}: {}{fix}", b.line, b.reason)));
+    }
     if set.pairs.is_empty() {
-        let why = set
-            .bad
-            .first()
-            .map_or("the file is empty".to_string(), |b| format!("line {}: {}", b.line, b.reason));
         return Err(Error::bad_file(
             path,
-            format!("no usable preference pair ({why}); each line needs \"prompt\", \"chosen\" and \"rejected\""),
+            format!("no preference pair: the file is empty; {LINE_FORMS}"),
         ));
     }
     Ok(set)
+}
+
+/// The sha256 of a preference file as [`parse`]d (hex): what a resumed run checks.
+pub fn hash(text: &str) -> String {
+    crate::finetune::data::sha256_hex(text.as_bytes())
 }
 
 /// Parses preference JSONL text (blank lines ignored).
@@ -65,7 +85,11 @@ pub fn parse(text: &str, tok: &Tokenizer, seq_len: usize) -> Result<PrefSet> {
             Err(e) => return Err(e),
         }
     }
-    Ok(PrefSet { pairs, bad })
+    Ok(PrefSet {
+        pairs,
+        bad,
+        hash: hash(text),
+    })
 }
 
 /// A line -> a pair, or the reason it is unusable (outer error: the tokenizer failed).

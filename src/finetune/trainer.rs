@@ -6,33 +6,38 @@
 //! Trainable tensors are f32 `Var`s (the master copies); where the model computes in bf16 the
 //! model holds a cast of the master, rebuilt after each update, so gradients reach the f32 copy.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::finetune::adapter::{AdapterMeta, ADAPTER_FILE, FORMAT as ADAPTER_FORMAT, META_FILE, MODEL_FILE};
-use crate::finetune::checkpoint::{self, check_resumable, same_path, to_json, CheckpointFiles, TrainerState, OPTIMIZER_FILE, STATE_FILE};
+use crate::finetune::checkpoint::{self, check_resumable, same_path, STATE_FILE};
 use crate::finetune::data::{self, BadLine, Batch, Batcher, DataCursor, Example};
+use crate::finetune::dpo::PrefSums;
 use crate::finetune::lora::merge_all;
 use crate::finetune::loss::{batch_nll, evaluate, inference_view, EvalResult};
 use crate::finetune::metrics::{Metrics, MetricsLine, StepTiming};
 use crate::finetune::optim::{clip_scale, global_norm, lr_at, AdamW, AdamWParams, Param};
 use crate::finetune::params::{make_params, Casts};
+use crate::finetune::prefs::PrefPair;
 use crate::finetune::recompute::{accumulate, nll_and_grads};
-use crate::finetune::{FinetuneConfig, Method, StepReport};
+use crate::finetune::{FinetuneConfig, Objective, StepReport};
 use crate::model::moe::Routing;
 use crate::model::probe::Probe;
 use crate::model::Model;
 use crate::runtime::dist::{all_reduce_tensors, check_same, Collective, Single};
 use crate::sinkhorn::{greedy, loads};
 
-/// A run's examples and the hash of its data file.
+mod pref;
+mod save;
+
+/// A run's examples (or preference pairs) and the hash of its data file.
 struct RunData {
     train: Vec<Example>,
     held_out: Vec<Example>,
+    /// The training pairs of a DPO run (then `train` is empty).
+    pairs: Vec<PrefPair>,
     hash: String,
 }
 
@@ -70,6 +75,8 @@ pub struct Trainer {
     timing: StepTiming,
     /// The other ranks of a data-parallel run ([`crate::runtime::dist::Single`] alone).
     group: Box<dyn Collective>,
+    /// The pairs and reference of a DPO run.
+    prefs: Option<pref::PrefRun>,
 }
 
 impl Trainer {
@@ -97,6 +104,16 @@ impl Trainer {
             )));
         }
         let vocab = base.cfg.vocab_size;
+        if cfg.objective == Objective::Dpo {
+            let (pairs, held_out, hash) = pref::load(&cfg, tok, vocab)?;
+            let data = RunData {
+                train: Vec::new(),
+                held_out,
+                pairs,
+                hash,
+            };
+            return Self::setup(base, tok, cfg, data, true, group);
+        }
         let ds = data::load(&cfg.data, cfg.format, tok, cfg.seq_len, vocab)?;
         let (train, mut held_out, eval_bad) = match &cfg.eval_data {
             Some(p) => {
@@ -114,6 +131,7 @@ impl Trainer {
         let data = RunData {
             train,
             held_out,
+            pairs: Vec::new(),
             hash: ds.hash,
         };
         let mut me = Self::setup(base, tok, cfg, data, true, group)?;
@@ -133,9 +151,15 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::Invalid("no training examples were given".into()));
         }
+        if cfg.objective == Objective::Dpo {
+            return Err(Error::Invalid(
+                "a run on examples in memory trains on their tokens; DPO reads a preference file".into(),
+            ));
+        }
         let data = RunData {
             train,
             held_out: Vec::new(),
+            pairs: Vec::new(),
             hash: String::from("in-memory"),
         };
         Self::setup(base, tok, cfg, data, false, Box::new(Single))
@@ -155,6 +179,7 @@ impl Trainer {
         let RunData {
             train,
             held_out,
+            pairs,
             hash: data_hash,
         } = data;
         if group.world_size() > 1 {
@@ -167,14 +192,24 @@ impl Trainer {
         model.differentiable = true;
         // a quantised base trains on its dequantised weights (the GGML matmul has no backward)
         crate::quant::apply::drop_packed(&mut model)?;
-        model.routing = Routing::Sinkhorn(cfg.sinkhorn);
+        // DPO scores whole responses as served (see `pref`): greedy routing
+        model.routing = match cfg.objective {
+            Objective::Sft => Routing::Sinkhorn(cfg.sinkhorn),
+            Objective::Dpo => Routing::Greedy,
+        };
         let (params, casts) = make_params(&mut model, &cfg)?;
         if params.is_empty() {
             return Err(Error::Invalid(format!(
                 "--method {}: this model has nothing to train that way (no MoE layer for router, or no layer of the --targets)",
-                cfg.method.name()
+                cfg.method_label()
             )));
         }
+        // before a resume overwrites the trained tensors: the stored reference is the base's
+        let prefs = match cfg.objective {
+            Objective::Dpo => Some(pref::PrefRun::new(&model, &cfg, pairs)?),
+            Objective::Sft => None,
+        };
+        let n_items = prefs.as_ref().map_or(train.len(), |p| p.pairs.len());
         let hp = AdamWParams {
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -212,7 +247,7 @@ impl Trainer {
             None
         };
         let mut me = Self {
-            batcher: Batcher::new(train.len(), cfg.seed, cursor),
+            batcher: Batcher::new(n_items, cfg.seed, cursor),
             cfg,
             model,
             params,
@@ -234,6 +269,7 @@ impl Trainer {
             sync_timing: false,
             timing: StepTiming::default(),
             group,
+            prefs,
         };
         me.refresh_casts()?;
         Ok(me)
@@ -255,7 +291,12 @@ impl Trainer {
         // every rank draws the same global micro-batches and takes its own share of each
         let (world, rank, b) = (self.group.world_size(), self.group.rank(), self.cfg.batch);
         let global: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.batcher.next(b * world)).collect();
-        let total_targets: usize = global.iter().flatten().map(|&i| self.train[i].n_targets()).sum();
+        // the loss is the mean per target token (DPO: per pair)
+        let total_targets: usize = match &self.prefs {
+            Some(_) => global.iter().map(Vec::len).sum(),
+            None => global.iter().flatten().map(|&i| self.train[i].n_targets()).sum(),
+        };
+        let mut pref_sums = PrefSums::default();
         let micro: Vec<Vec<usize>> = global.iter().map(|g| g.iter().skip(rank * b).take(b).copied().collect()).collect();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let (mut nll_total, mut n_inputs) = (0f64, 0usize);
@@ -265,15 +306,25 @@ impl Trainer {
         let mut timing = StepTiming::default();
         for idx in &micro {
             let tf = Instant::now();
-            let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
-            let batch = Batch::new(&refs, &self.model.device)?;
             let mut probe = Probe {
                 moe_only: true,
                 ..Probe::default()
             };
             let per = total_targets.max(1) as f64;
             let vars: Vec<&candle_core::Var> = self.params.iter().map(|p| &p.var).collect();
-            if self.cfg.recompute.applies(&self.model.device) {
+            if let Some(run) = &self.prefs {
+                // forward, reference and backward of the pairs (no recomputation): timed as one
+                // backward
+                let m = pref::micro(&self.model, run, &self.cfg, idx, total_targets, &vars, &mut grads, &mut probe)?;
+                self.phase_sync()?;
+                timing.backward_s += tf.elapsed().as_secs_f64();
+                nll_total += m.loss_sum;
+                pref_sums.add(&m.out);
+                n_inputs += m.n_inputs;
+            } else if self.cfg.recompute.applies(&self.model.device) {
+                let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+                let batch = Batch::new(&refs, &self.model.device)?;
+                n_inputs += batch.n_inputs;
                 // forward and backward interleave, layer by layer: all of it counts as backward
                 // (the profile splits it; see `recompute`)
                 let prof = self.sync_timing.then_some(&mut timing.layers);
@@ -291,6 +342,9 @@ impl Trainer {
                 timing.backward_s += tf.elapsed().as_secs_f64();
                 nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             } else {
+                let refs: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+                let batch = Batch::new(&refs, &self.model.device)?;
+                n_inputs += batch.n_inputs;
                 let nll = batch_nll(&self.model, &batch, Some(&mut probe))?;
                 self.phase_sync()?;
                 let tb = Instant::now();
@@ -304,7 +358,6 @@ impl Trainer {
             }
             // the loss read above waited for the device: forward + backward are done
             timing.fwd_bwd_s += tf.elapsed().as_secs_f64();
-            n_inputs += batch.n_inputs;
             if expert_load.is_empty() {
                 expert_load = probe.moe.iter().map(|r| vec![0; r.n_experts]).collect();
             }
@@ -327,9 +380,11 @@ impl Trainer {
             .map(|(g, p)| g.map_or_else(|| p.var.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
         let grads = if world > 1 {
-            let mut nll = [nll_total];
-            self.group.all_reduce_f64(&mut nll)?;
-            nll_total = nll[0];
+            let mut sums = [nll_total, 0.0, 0.0, 0.0, 0.0];
+            sums[1..].copy_from_slice(&pref_sums.0);
+            self.group.all_reduce_f64(&mut sums)?;
+            nll_total = sums[0];
+            pref_sums.0.copy_from_slice(&sums[1..]);
             all_reduce_tensors(&mut *self.group, grads)?
         } else {
             grads
@@ -375,6 +430,7 @@ impl Trainer {
             expert_load,
             sinkhorn,
             greedy: greedy_routes,
+            pref: self.prefs.as_ref().map(|_| pref_sums.stats()),
         };
         if let Some(m) = &mut self.metrics {
             m.push(&MetricsLine::from_report(&report, self.started.elapsed().as_secs_f64()))?;
@@ -429,9 +485,25 @@ impl Trainer {
         &self.cfg
     }
 
-    /// Training and held-out example counts.
+    /// Training and held-out example counts (DPO: pairs).
     pub fn data_sizes(&self) -> (usize, usize) {
-        (self.train.len(), self.held_out.len())
+        let n = self.prefs.as_ref().map_or(self.train.len(), |p| p.pairs.len());
+        (n, self.held_out.len())
+    }
+
+    /// The examples a routing comparison runs on ([`crate::finetune::routing_shift`]): the
+    /// held-out ones (DPO: their chosen sides), else the first training examples (at most
+    /// `eval_max`, or 64), with a label saying which.
+    pub fn routing_slice(&self) -> (String, Vec<Example>) {
+        if !self.held_out.is_empty() {
+            return (format!("{} held-out examples", self.held_out.len()), self.held_out.clone());
+        }
+        let n = if self.cfg.eval_max > 0 { self.cfg.eval_max } else { 64 };
+        let ex: Vec<Example> = match &self.prefs {
+            Some(p) => p.pairs.iter().take(n).map(|p| p.chosen.clone()).collect(),
+            None => self.train.iter().take(n).cloned().collect(),
+        };
+        (format!("the first {} training examples (no held-out data)", ex.len()), ex)
     }
 
     /// Number of trainable values.
@@ -495,70 +567,6 @@ impl Trainer {
     /// This process's rank (0 outside a data-parallel run).
     pub fn rank(&self) -> usize {
         self.group.rank()
-    }
-
-    /// Writes the checkpoint into `cfg.out` (atomically; see [`checkpoint`]).
-    pub fn save(&mut self) -> Result<()> {
-        if let Some(why) = &self.failed {
-            return Err(Error::Invalid(format!("not saving: {why}")));
-        }
-        if self.group.rank() != 0 {
-            // rank 0 writes the run's one checkpoint
-            self.last_saved = Some(self.step);
-            return Ok(());
-        }
-        let weights: HashMap<String, Tensor> = self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect();
-        let names: Vec<String> = self.params.iter().map(|p| p.name.clone()).collect();
-        let full = self.cfg.method == Method::Full;
-        let weights_file = if full { MODEL_FILE } else { ADAPTER_FILE };
-        let meta = AdapterMeta {
-            format: ADAPTER_FORMAT.into(),
-            method: self.cfg.method,
-            base_model: self.cfg.base_model.clone(),
-            base_config: self.model.cfg.clone(),
-            targets: if self.cfg.method == Method::Lora {
-                self.cfg.targets.clone()
-            } else {
-                vec![]
-            },
-            rank: self.cfg.rank,
-            alpha: self.cfg.alpha,
-            train_router: self.cfg.train_router || self.cfg.method == Method::Router,
-            step: self.step,
-            data_hash: self.data_hash.clone(),
-            weights: weights_file.into(),
-        };
-        let state = TrainerState {
-            format: checkpoint::FORMAT.into(),
-            step: self.step,
-            cursor: self.batcher.cursor,
-            adam_t: self.opt.t,
-            data_hash: self.data_hash.clone(),
-            params: names.clone(),
-            config: self.cfg.clone(),
-            last_loss: self.last_loss,
-        };
-        let mut blobs = Vec::new();
-        if full {
-            blobs.push(("config.json".to_string(), self.model.cfg.to_json_string()?.into_bytes()));
-            let tok = self.tok.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-            blobs.push(("tokenizer.json".to_string(), tok.into_bytes()));
-        }
-        blobs.push((META_FILE.to_string(), to_json(&meta)?));
-        blobs.push((STATE_FILE.to_string(), to_json(&state)?));
-        let files = CheckpointFiles {
-            tensors: vec![
-                (weights_file.to_string(), weights),
-                (
-                    OPTIMIZER_FILE.to_string(),
-                    checkpoint::optimizer_tensors(&names, &self.opt.moments, self.step)?,
-                ),
-            ],
-            blobs,
-        };
-        checkpoint::write(&self.cfg.out, files)?;
-        self.last_saved = Some(self.step);
-        Ok(())
     }
 
     /// Rebuilds the model's casts of the masters (bf16 models) after an update the optimiser

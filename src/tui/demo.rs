@@ -258,6 +258,7 @@ pub fn finetune(app: &mut App, info: &ModelInfo, steps: usize, total: usize) {
                 expert_load: vec![vec![4; 8]; info.moe_layers.len()],
                 sinkhorn_iters: vec![12; info.moe_layers.len()],
                 elapsed_secs: s as f64 * 0.5,
+                pref: None,
             },
         )))));
     }

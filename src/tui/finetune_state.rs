@@ -2,9 +2,11 @@
 //! `views::finetune`, whose key table changes it through these methods; the engine's news comes in
 //! through [`FinetuneState::apply`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::engine::protocol::{FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting};
+use crate::engine::protocol::{
+    FinetuneEvent, FinetuneMethod, FinetuneProgress, FinetuneSpec, FinetuneStatus, ProbeRouting, RoutingShiftInfo,
+};
 use crate::tui::editor::Editor;
 
 /// The form fields, in order.
@@ -20,6 +22,11 @@ pub const FIELDS: [&str; 10] = [
     "batch",
     "output",
 ];
+
+/// The form's first dataset.
+pub const DEFAULT_DATA: &str = "data.jsonl";
+/// The dataset a DPO method starts with: the demo preference pairs shipped in the repository.
+pub const DEMO_PREFS: &str = "assets/prefs/demo.jsonl";
 
 /// Most progress points kept for the charts.
 pub const MAX_HISTORY: usize = 20_000;
@@ -41,6 +48,8 @@ pub struct FinetuneState {
     pub probe_before: Option<Box<ProbeRouting>>,
     pub probe_after: Option<Box<ProbeRouting>>,
     pub saved: Option<PathBuf>,
+    /// The routing comparison of the finished run.
+    pub routing_shift: Option<Box<RoutingShiftInfo>>,
 }
 
 impl Default for FinetuneState {
@@ -49,7 +58,7 @@ impl Default for FinetuneState {
             sel: 0,
             editing: None,
             spec: FinetuneSpec {
-                data: PathBuf::from("data.jsonl"),
+                data: PathBuf::from(DEFAULT_DATA),
                 method: FinetuneMethod::Lora,
                 targets: vec!["in_proj".into(), "out_proj".into()],
                 rank: 8,
@@ -68,6 +77,7 @@ impl Default for FinetuneState {
             probe_before: None,
             probe_after: None,
             saved: None,
+            routing_shift: None,
         }
     }
 }
@@ -115,7 +125,14 @@ impl FinetuneState {
         match i {
             1 => {
                 let k = FinetuneMethod::ALL.iter().position(|&m| m == s.method).unwrap_or(0) as i64;
-                s.method = FinetuneMethod::ALL[(k + d).rem_euclid(3) as usize];
+                let n = FinetuneMethod::ALL.len() as i64;
+                s.method = FinetuneMethod::ALL[(k + d).rem_euclid(n) as usize];
+                // the untouched default dataset follows the method: text data or preference pairs
+                if s.method.is_dpo() && s.data == Path::new(DEFAULT_DATA) {
+                    s.data = PathBuf::from(DEMO_PREFS);
+                } else if !s.method.is_dpo() && s.data == Path::new(DEMO_PREFS) {
+                    s.data = PathBuf::from(DEFAULT_DATA);
+                }
             }
             3 => s.rank = if d > 0 { (s.rank * 2).min(256) } else { (s.rank / 2).max(1) },
             4 => {
@@ -161,6 +178,7 @@ impl FinetuneState {
             FinetuneEvent::Saved(p) => self.saved = Some(p),
             FinetuneEvent::Failed(m) => self.message = Some(m),
             FinetuneEvent::UsingFinetuned(b) => self.using_finetuned = b,
+            FinetuneEvent::RoutingShift(r) => self.routing_shift = Some(r),
             FinetuneEvent::ProbeRouting(r) => {
                 if r.after {
                     self.probe_after = Some(r);

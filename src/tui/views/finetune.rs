@@ -1,6 +1,7 @@
 //! The fine-tune panel: the form (dataset, method, LoRA targets/rank/alpha, learning rate, steps,
 //! sequence length, batch, output), start/pause/stop/save, a progress bar with tokens/s and ETA,
-//! the loss and eval-loss chart, and the routing of a fixed probe prompt before vs after.
+//! the loss and eval-loss chart, and the routing of a fixed probe prompt before vs after. A DPO
+//! run also shows its rewards (chosen, rejected), margin and accuracy, in numbers and on the chart.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -9,7 +10,7 @@ use ratatui::widgets::{Gauge, Widget};
 
 use crossterm::event::{KeyCode, KeyEvent};
 
-use crate::engine::protocol::{Command, FinetuneCommand, FinetuneStatus, ProbeRouting};
+use crate::engine::protocol::{Command, FinetuneCommand, FinetuneStatus, PrefProgress, ProbeRouting};
 use crate::tui::app::{bind, App, KeyAction};
 use crate::tui::editor::{edit, Editor};
 use crate::tui::finetune_state::{FinetuneState, FIELDS};
@@ -41,30 +42,44 @@ pub fn render(app: &App, area: Rect, buf: &mut Buffer) {
         Layout::vertical([Constraint::Length(FIELDS.len() as u16 + 4), Constraint::Min(0)]).areas(body)
     };
     form(app, ft, form_a, buf);
-    let [prog, chart, probe] = Layout::vertical([Constraint::Length(6), Constraint::Min(5), Constraint::Length(8)]).areas(right);
+    let dpo = ft.history.last().is_some_and(|p| p.pref.is_some());
+    let prog_rows = 6 + u16::from(dpo) + u16::from(ft.routing_shift.is_some());
+    let [prog, chart, probe] = Layout::vertical([Constraint::Length(prog_rows), Constraint::Min(5), Constraint::Length(8)]).areas(right);
     progress(app, ft, prog, buf);
     let loss: Vec<(f64, f64)> = ft.history.iter().map(|p| (p.step as f64, p.loss)).collect();
     let eval: Vec<(f64, f64)> = ft.history.iter().filter_map(|p| p.eval_loss.map(|e| (p.step as f64, e))).collect();
-    line_chart(
-        app,
-        "Loss",
-        "step",
-        &[
-            Series {
-                name: "train",
-                points: loss,
-                color: 0,
-            },
-            Series {
-                name: "eval",
-                points: eval,
-                color: 1,
-            },
-        ],
-        false,
-        chart,
-        buf,
-    );
+    let mut series = vec![
+        Series {
+            name: "train",
+            points: loss,
+            color: 0,
+        },
+        Series {
+            name: "eval",
+            points: eval,
+            color: 1,
+        },
+    ];
+    if dpo {
+        let of = |f: fn(&PrefProgress) -> f64| {
+            ft.history
+                .iter()
+                .filter_map(|p| p.pref.as_ref().map(|r| (p.step as f64, f(r))))
+                .collect()
+        };
+        series.push(Series {
+            name: "margin",
+            points: of(|r| r.margin),
+            color: 2,
+        });
+        series.push(Series {
+            name: "acc",
+            points: of(|r| r.accuracy),
+            color: 3,
+        });
+    }
+    let title = if dpo { "Loss · DPO (eval: chosen responses)" } else { "Loss" };
+    line_chart(app, title, "step", &series, false, chart, buf);
     probe_routing(app, ft, probe, buf);
 }
 
@@ -157,6 +172,25 @@ fn progress(app: &App, ft: &FinetuneState, area: Rect, buf: &mut Buffer) {
         Span::styled("  ETA ", t.style(Role::Muted)),
         Span::styled(eta, t.style(Role::Text)),
     ]));
+    if let Some(r) = last.and_then(|p| p.pref.as_ref()) {
+        ls.push(Line::from(vec![
+            Span::styled("rewards ", t.style(Role::Muted)),
+            Span::styled(format!("{:+.3}", r.reward_chosen), t.style(Role::Success)),
+            Span::styled(" / ", t.style(Role::Muted)),
+            Span::styled(format!("{:+.3}", r.reward_rejected), t.style(Role::Warning)),
+            Span::styled("  margin ", t.style(Role::Muted)),
+            Span::styled(format!("{:+.3}", r.margin), t.style(Role::Text)),
+            Span::styled("  acc ", t.style(Role::Muted)),
+            Span::styled(format!("{:.0}%", r.accuracy * 100.0), t.style(Role::Text)),
+        ]));
+    }
+    if let Some(r) = &ft.routing_shift {
+        let per: Vec<String> = r.layers.iter().map(|(l, moved, _)| format!("{l}:{:.1}%", 100.0 * moved)).collect();
+        ls.push(Line::from(vec![
+            Span::styled("routing moved ", t.style(Role::Muted)),
+            Span::styled(per.join(" "), t.style(Role::Text)),
+        ]));
+    }
     if let Some(p) = &ft.saved {
         ls.push(Line::from(Span::styled(
             format!("adapter saved to {}", sanitize(&p.display().to_string())),
@@ -322,6 +356,7 @@ fn send(app: &mut App, c: FinetuneCommand, out: &mut Vec<Command>) {
         app.ft.probe_before = None;
         app.ft.probe_after = None;
         app.ft.saved = None;
+        app.ft.routing_shift = None;
     }
     app.ft.awaiting = true;
     out.push(Command::Finetune(c));

@@ -2,6 +2,7 @@
 
 use candle_core::cuda_backend::WrapErr;
 
+use super::quant::QuantArgs;
 use super::{Decoder, LayerPtrs, SSM_THREADS};
 use crate::error::Result;
 use crate::ops::cuda::{func, suffix, Launch, Module};
@@ -17,19 +18,14 @@ impl Decoder {
         let warps = th / 32;
         let cap = (s.sms * o.blocks_per_sm).max(1);
         let rows_grid = |m: usize| (m.div_ceil(warps as usize) as u32).clamp(1, cap);
-        let vec_ok = |kdim: usize| i32::from((kdim * s.es) % 16 == 0);
         let split = if o.split_k > 0 { o.split_k } else { 2 };
         let out = b.out[slot];
         // dynamic shared memory: the normalised input of the kernels that have one (K elements)
         let xs = u32::try_from((s.d * s.es).div_ceil(16) * 16)
             .map_err(|_| crate::error::Error::Invalid("fast decode: hidden size too large".into()))?;
-        let f_embed = func(dev, Module::Decode, &format!("embed_{sfx}"))?;
-        let f_fc1 = func(dev, Module::Decode, &format!("moe_fc1_{sfx}"))?;
-        let f_resid = func(dev, Module::Decode, &format!("gemv_resid_{sfx}"))?;
-        let f_head = func(dev, Module::Decode, &format!("head_{sfx}"))?;
+        // the products' kernels: dense (decode.cu) or the weight's packed format (qgemv.cu)
+        let wf = |name: &str, w| self.weight_func(name, w);
         let f_final = func(dev, Module::Decode, "sample_final")?;
-        let f_inconv = func(dev, Module::Decode, &format!("in_proj_conv_{sfx}"))?;
-        let f_rows = func(dev, Module::Decode, &format!("gemv_rows_{sfx}"))?;
         let f_ssm = func(dev, Module::MambaStep, &format!("ssm_step_{sfx}"))?;
         let n_mamba = self.mamba_idx.len();
         // words of the out buffer: [token, mamba sums (3 per layer), moe (E + 1 per layer)]
@@ -41,12 +37,13 @@ impl Decoder {
         }
         let mut v = Vec::new();
         v.push(
-            Launch::new(f_embed, (s.d.div_ceil(256) as u32, 1, 1), 256, 0)
+            Launch::new(wf("embed", &b.emb)?, (s.d.div_ceil(256) as u32, 1, 1), 256, 0)
                 .label("embed")
-                .ptr(b.emb)
+                .ptr(b.emb.p)
                 .ptr(b.tok)
                 .i32(s.d)
-                .ptr(b.res),
+                .ptr(b.res)
+                .quant_args(&b.emb, 0),
         );
         let r2 = s.r + 2 * s.n;
         let mut table_off = 0u64;
@@ -73,9 +70,9 @@ impl Decoder {
                     // in_proj with the block's RMSNorm, conv window + SiLU as epilogue:
                     // xz = W_in · T(rmsnorm(res)) (2·di), v = SiLU(conv(window)) (di)
                     v.push(
-                        Launch::new(f_inconv.clone(), (rows_grid(2 * s.di), 1, 1), th, xs)
+                        Launch::new(wf("in_proj_conv", in_w)?, (rows_grid(2 * s.di), 1, 1), th, xs)
                             .label("mamba.in_proj+norm+conv")
-                            .ptr(*in_w)
+                            .ptr(in_w.p)
                             .i32(2 * s.di)
                             .i32(s.d)
                             .ptr(b.res)
@@ -89,18 +86,20 @@ impl Decoder {
                             .ptr(*conv_w)
                             .ptr(*conv_b)
                             .ptr(b.v)
-                            .int(vec_ok(s.d)),
+                            .int(in_w.vec(s.d, s.es))
+                            .quant_args(in_w, 0),
                     );
                     // x_proj: dbc = W_x · v (R + 2N rows), one block per row
                     v.push(
-                        Launch::new(f_rows.clone(), (r2 as u32, 1, 1), th, 0)
+                        Launch::new(wf("gemv_rows", x_w)?, (r2 as u32, 1, 1), th, 0)
                             .label("mamba.x_proj")
-                            .ptr(*x_w)
+                            .ptr(x_w.p)
                             .i32(r2)
                             .i32(s.di)
                             .ptr(b.v)
                             .ptr(b.dbc)
-                            .int(vec_ok(s.di)),
+                            .int(x_w.vec(s.di, s.es))
+                            .quant_args(x_w, 0),
                     );
                     // dt_proj + softplus + SSM update + D skip + gate; state in place
                     v.push(
@@ -134,9 +133,9 @@ impl Decoder {
                     );
                     // out_proj into the residual stream
                     v.push(
-                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, 0)
+                        Launch::new(wf("gemv_resid", out_w)?, (rows_grid(s.d), split, 1), th, 0)
                             .label("mamba.out_proj+residual")
-                            .ptr(*out_w)
+                            .ptr(out_w.p)
                             .ptr(0)
                             .ptr(0)
                             .i32(s.d)
@@ -145,7 +144,8 @@ impl Decoder {
                             .ptr(b.res)
                             .ptr(0)
                             .ptr(*out_b)
-                            .int(vec_ok(s.di)),
+                            .int(out_w.vec(s.di, s.es))
+                            .quant_args(out_w, 0),
                     );
                 }
                 LayerPtrs::Moe {
@@ -154,17 +154,21 @@ impl Decoder {
                     router_b,
                     n_experts,
                     slot: es,
+                    fc1,
+                    fc2,
                 } => {
                     let route = b.route + (16 * es) as u64;
                     let fc1_tab = b.table + table_off;
                     let fc2_tab = fc1_tab + (8 * n_experts) as u64;
+                    // the packed experts' scales pointers, at the same places of their table
+                    let (fc1_stab, fc2_stab) = (b.stable + table_off, b.stable + table_off + (8 * n_experts) as u64);
                     table_off += (16 * n_experts) as u64;
                     let telem = if o.probe { moe_words[*es] } else { 0 };
                     let epi = if s.gated { 1 } else { 2 };
                     // router (in every block) + the chosen expert's fc1 with the block's
                     // RMSNorm and the (gated) activation
                     v.push(
-                        Launch::new(f_fc1.clone(), (rows_grid(s.f), 1, 1), th, xs)
+                        Launch::new(wf("moe_fc1", fc1)?, (rows_grid(s.f), 1, 1), th, xs)
                             .label("moe.router+fc1+norm+act")
                             .ptr(*router_w)
                             .ptr(*router_b)
@@ -180,11 +184,12 @@ impl Decoder {
                             .ptr(b.h)
                             .int(epi)
                             .int(s.act)
-                            .int(vec_ok(s.d)),
+                            .int(fc1.vec(s.d, s.es))
+                            .quant_args(fc1, fc1_stab),
                     );
                     // fc2, scaled by the gate, into the residual stream
                     v.push(
-                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, 0)
+                        Launch::new(wf("gemv_resid", fc2)?, (rows_grid(s.d), split, 1), th, 0)
                             .label("moe.fc2+gate+residual")
                             .ptr(0)
                             .ptr(fc2_tab)
@@ -195,15 +200,16 @@ impl Decoder {
                             .ptr(b.res)
                             .ptr(route + 4)
                             .ptr(0)
-                            .int(vec_ok(s.f)),
+                            .int(fc2.vec(s.f, s.es))
+                            .quant_args(fc2, fc2_stab),
                     );
                 }
             }
         }
         v.push(
-            Launch::new(f_head, (s.head_blocks, 1, 1), th, xs)
+            Launch::new(wf("head", &b.emb)?, (s.head_blocks, 1, 1), th, xs)
                 .label("head+layernorm+argmax")
-                .ptr(b.emb)
+                .ptr(b.emb.p)
                 .i32(s.vocab)
                 .i32(s.d)
                 .ptr(b.res)
@@ -213,7 +219,8 @@ impl Decoder {
                 .ptr(b.logits)
                 .ptr(b.pv)
                 .ptr(b.pi)
-                .int(vec_ok(s.d)),
+                .int(b.emb.vec(s.d, s.es))
+                .quant_args(&b.emb, 0),
         );
         let parts = if o.probe { b.parts } else { 0 };
         v.push(match &self.sampler {

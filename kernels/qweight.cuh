@@ -31,6 +31,9 @@ struct FmtInt8 {
             for (int i = 0; i < 4; i++)
                 c[4 * q + i] = __uint_as_float(__byte_perm(u[q], 0x4B000000u, 0x7440u | (unsigned)i)) - 8388736.0f;
     }
+    static __device__ __forceinline__ float in_word(unsigned int word, int i) {
+        return __uint_as_float(__byte_perm(word ^ 0x80808080u, 0x4B000000u, 0x7440u | (unsigned)i)) - 8388736.0f;
+    }
     static __device__ __forceinline__ float code(const unsigned char* row, int k) {
         return (float)(signed char)row[k];
     }
@@ -56,6 +59,7 @@ struct FmtFp8 {
 #pragma unroll
             for (int i = 0; i < 4; i++) c[4 * q + i] = value((u[q] >> (8 * i)) & 0xFFu);
     }
+    static __device__ __forceinline__ float in_word(unsigned int word, int i) { return value((word >> (8 * i)) & 0xFFu); }
     static __device__ __forceinline__ float code(const unsigned char* row, int k) { return value(row[k]); }
 };
 
@@ -72,6 +76,9 @@ struct FmtQ4 {
 #pragma unroll
             for (int e = 0; e < 8; e++)
                 c[8 * q + e] = __uint_as_float(0x4B000000u | ((u[q] >> (4 * e)) & 0xFu)) - 8388616.0f;
+    }
+    static __device__ __forceinline__ float in_word(unsigned int word, int e) {
+        return __uint_as_float(0x4B000000u | ((word >> (4 * e)) & 0xFu)) - 8388616.0f;
     }
     static __device__ __forceinline__ float code(const unsigned char* row, int k) {
         const unsigned int b = row[k >> 1];
@@ -105,6 +112,81 @@ __device__ __forceinline__ float chunk_dot(const uint4& w, const float (&xf)[F::
         s1 = fmaf(c[i + 1], xf[i + 1], s1);
     }
     return s0 + s1;
+}
+
+// Word i (0..3) of a 16-byte load (a select chain: i is not known at compile time).
+__device__ __forceinline__ unsigned int word_of(const uint4& w, int i) {
+    return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
+}
+
+// Whether chunk_dot_x applies: the activations of a 16-byte piece of x (P of them) cover whole
+// words of codes (EW = C / 4 codes a word). Not so for q4 with f32 activations (P 4, EW 8).
+template <typename F, typename T>
+struct PiecesOfWords {
+    static constexpr int P = 16 / sizeof(T);
+    static constexpr int EW = F::C / 4;
+    static constexpr bool value = P >= EW && P % EW == 0;
+};
+
+// Σ value·x over chunk c (its 16-byte load of codes w; x the whole vector), x read as NX 16-byte
+// pieces starting at piece `rot` of the chunk and wrapping: consecutive lanes' chunks lie
+// S = C·sizeof(T) bytes apart in x, so lanes 128/S apart would hit the same shared-memory banks
+// with the same piece; rotating by (c·S / 128) mod NX gives the lanes of one 128-byte wavefront
+// different pieces (bf16 q4: S 64, lanes 2 apart start 1 piece later; bf16 int8: S 32, lanes 4
+// apart). Piece v holds x[c·C + v·P, +P), i.e. the codes of words v·(P/EW) .. + P/EW. TWO: a
+// second row's load w1 with the same x (its sum in s1).
+template <typename F, typename T, bool TWO>
+__device__ __forceinline__ void chunk_dot_x(const uint4& w0, const uint4& w1, const T* x, int c, float& s0, float& s1) {
+    constexpr int P = PiecesOfWords<F, T>::P, EW = PiecesOfWords<F, T>::EW, NX = F::C / P, WP = P / EW;
+    constexpr int S = F::C * (int)sizeof(T);
+    const int rot = ((c * S) >> 7) & (NX - 1);
+    const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)c * F::C);
+#pragma unroll
+    for (int p = 0; p < NX; p++) {
+        const int v = (p + rot) & (NX - 1);
+        const uint4 xr = xv[v];
+        const T* xt = reinterpret_cast<const T*>(&xr);
+#pragma unroll
+        for (int wi = 0; wi < WP; wi++) {
+            const unsigned int u0 = word_of(w0, v * WP + wi);
+            const unsigned int u1 = TWO ? word_of(w1, v * WP + wi) : 0u;
+#pragma unroll
+            for (int e = 0; e < EW; e++) {
+                const float xx = to_f(xt[wi * EW + e]);
+                s0 = fmaf(F::in_word(u0, e), xx, s0);
+                if (TWO) s1 = fmaf(F::in_word(u1, e), xx, s1);
+            }
+        }
+    }
+}
+
+// Σ value·x over chunk c for one row (chunk_dot_x where it applies, else all of x's chunk
+// loaded at once).
+template <typename F, typename T>
+__device__ __forceinline__ float chunk_sum(const uint4& w, const T* x, int c) {
+    if constexpr (PiecesOfWords<F, T>::value) {
+        float s0 = 0.0f, s1 = 0.0f;
+        chunk_dot_x<F, T, false>(w, w, x, c, s0, s1);
+        return s0;
+    } else {
+        float xf[F::C];
+        load_x<T, F::C>(x + (size_t)c * F::C, xf);
+        return chunk_dot<F>(w, xf);
+    }
+}
+
+// The same for two rows with the same x.
+template <typename F, typename T>
+__device__ __forceinline__ float2 chunk_sum2(const uint4& w0, const uint4& w1, const T* x, int c) {
+    if constexpr (PiecesOfWords<F, T>::value) {
+        float s0 = 0.0f, s1 = 0.0f;
+        chunk_dot_x<F, T, true>(w0, w1, x, c, s0, s1);
+        return make_float2(s0, s1);
+    } else {
+        float xf[F::C];
+        load_x<T, F::C>(x + (size_t)c * F::C, xf);
+        return make_float2(chunk_dot<F>(w0, xf), chunk_dot<F>(w1, xf));
+    }
 }
 
 // 16-byte loads in flight per lane and row.
@@ -143,9 +225,7 @@ struct QRows {
                 for (int u = 0; u < QDOT_BATCH; u++)
                     if (base + 32 * u < e) {
                         const int c = base + 32 * u;
-                        float xf[C];
-                        load_x<T, C>(x + (size_t)c * C, xf);
-                        const float d = chunk_dot<F>(a[u], xf);
+                        const float d = chunk_sum<F, T>(a[u], x, c);
                         acc = F::GROUPED ? fmaf(d, scale(j, c * C, K), acc) : acc + d;
                     }
             }
@@ -182,10 +262,8 @@ struct QRows {
                 for (int u = 0; u < B; u++)
                     if (base + 32 * u < e) {
                         const int c = base + 32 * u;
-                        float xf[C];
-                        load_x<T, C>(x + (size_t)c * C, xf);
-                        const float d0 = chunk_dot<F>(w0[u], xf);
-                        const float d1 = chunk_dot<F>(w1[u], xf);
+                        const float2 d = chunk_sum2<F, T>(w0[u], w1[u], x, c);
+                        const float d0 = d.x, d1 = d.y;
                         if (F::GROUPED) {
                             a0 = fmaf(d0, scale(j0, c * C, K), a0);
                             a1 = fmaf(d1, scale(j1, c * C, K), a1);

@@ -33,34 +33,58 @@ const FORMATS: [QuantFormat; 4] = [
     QuantFormat::Q4 { group: 128 },
 ];
 
-/// The value `kernels/qweight.cuh` decodes from byte `i` of a little-endian word, emulated: int8
-/// by PRMT into 2²³ + (b + 128), fp8 by moving the byte's bits into an f32 times 2¹²⁰, q4 by
-/// 2²³ + nibble (element `n` of a 16-byte load is nibble `n % 8` of word `n / 8`).
-fn kernel_value(format: QuantFormat, words: [u32; 4], n: usize) -> f32 {
-    match format {
-        QuantFormat::Int8 => {
-            let u = words[n / 4] ^ 0x8080_8080;
-            let byte = (u >> (8 * (n % 4))) & 0xFF; // __byte_perm(u, 0x4B000000, 0x7440 | i)
-            f32::from_bits(0x4B00_0000 | byte) - 8_388_736.0
-        }
-        QuantFormat::Fp8 => {
-            let b = (words[n / 4] >> (8 * (n % 4))) & 0xFF;
-            let bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20);
-            f32::from_bits(bits) * f32::from_bits(0x7B80_0000)
-        }
-        QuantFormat::Q4 { .. } => {
-            let nib = (words[n / 8] >> (4 * (n % 8))) & 0xF;
-            f32::from_bits(0x4B00_0000 | nib) - 8_388_616.0
-        }
-    }
-}
-
 /// Elements of a format in one 16-byte load.
 fn chunk(format: QuantFormat) -> usize {
     match format {
         QuantFormat::Q4 { .. } => 32,
         _ => 16,
     }
+}
+
+/// The value `kernels/qweight.cuh` (`F::in_word`) decodes as code `i` of a little-endian word,
+/// emulated: int8 by PRMT into 2²³ + (b + 128), fp8 by moving the byte's bits into an f32 times
+/// 2¹²⁰, q4 by 2²³ + nibble.
+fn in_word(format: QuantFormat, word: u32, i: usize) -> f32 {
+    match format {
+        QuantFormat::Int8 => {
+            let byte = ((word ^ 0x8080_8080) >> (8 * i)) & 0xFF; // __byte_perm(.., 0x4B000000, 0x7440 | i)
+            f32::from_bits(0x4B00_0000 | byte) - 8_388_736.0
+        }
+        QuantFormat::Fp8 => {
+            let b = (word >> (8 * i)) & 0xFF;
+            let bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20);
+            f32::from_bits(bits) * f32::from_bits(0x7B80_0000)
+        }
+        QuantFormat::Q4 { .. } => f32::from_bits(0x4B00_0000 | ((word >> (4 * i)) & 0xF)) - 8_388_616.0,
+    }
+}
+
+/// Element `n` of a 16-byte load: code `n % EW` of word `n / EW` (EW = chunk / 4 codes a word).
+fn kernel_value(format: QuantFormat, words: [u32; 4], n: usize) -> f32 {
+    let ew = chunk(format) / 4;
+    in_word(format, words[n / ew], n % ew)
+}
+
+/// Σ value·x over chunk `c` of a row (its load `words`; x the whole vector) as `chunk_dot_x`
+/// reads it with 16-bit activations: P = 8 activations a 16-byte piece, NX = C / P pieces read
+/// from piece (c·S / 128) mod NX on (S = 2C bytes of x a chunk), wrapping; piece v holds the
+/// codes of words v·P/EW .. + P/EW.
+fn kernel_chunk_sum(format: QuantFormat, words: [u32; 4], x: &[f32], c: usize) -> f32 {
+    let (cc, p) = (chunk(format), 8);
+    let (ew, nx) = (cc / 4, cc / p);
+    let wp = p / ew;
+    let rot = ((c * cc * 2) >> 7) & (nx - 1);
+    let mut s = 0f32;
+    for piece in 0..nx {
+        let v = (piece + rot) & (nx - 1);
+        for wi in 0..wp {
+            let word = words[v * wp + wi];
+            for e in 0..ew {
+                s += in_word(format, word, e) * x[c * cc + v * p + wi * ew + e];
+            }
+        }
+    }
+    s
 }
 
 #[test]
@@ -83,9 +107,9 @@ fn kernel_decoding_gives_every_code_its_value() {
     }
 }
 
-/// One row of a quantised matrix dotted with x as the kernels' vector path does it: 16-byte
-/// loads of codes (little-endian words), the chunk's sum Σ value·x scaled once per row (int8,
-/// fp8) or per chunk by its group's scale (q4).
+/// One row of a quantised matrix dotted with x as the kernels' vector path does it (16-bit
+/// activations): 16-byte loads of codes (little-endian words), each chunk's sum Σ value·x
+/// ([`kernel_chunk_sum`]) scaled once per row (int8, fp8) or per chunk by its group's scale (q4).
 fn kernel_row_dot(w: &QWeight, row: usize, x: &[f32]) -> f32 {
     let rb = QWeight::row_bytes(w.format, w.cols);
     let codes = &w.data[row * rb..(row + 1) * rb];
@@ -94,7 +118,7 @@ fn kernel_row_dot(w: &QWeight, row: usize, x: &[f32]) -> f32 {
     let mut acc = 0f32;
     for (ci, load) in codes.chunks(16).enumerate() {
         let words: [u32; 4] = std::array::from_fn(|q| u32::from_le_bytes([load[4 * q], load[4 * q + 1], load[4 * q + 2], load[4 * q + 3]]));
-        let d: f32 = (0..c).map(|n| kernel_value(w.format, words, n) * x[ci * c + n]).sum();
+        let d = kernel_chunk_sum(w.format, words, x, ci);
         acc += match per_row {
             true => d,
             false => d * w.scales[row * w.cols / w.group_len() + ci * c / w.group_len()].to_f32(),

@@ -64,7 +64,7 @@ if [ "${PHASE#finetune}" = "$PHASE" ] && [ "$PHASE" != s6bench ]; then
     log "parity tests"
     [ -x gpu_parity ] && timeout "${TEST_TIMEOUT:-150}" ./gpu_parity --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|fixture bf16|assert|Δ|left|right" | tee -a "$S"
     for t in *_gpu; do # the other CUDA-only test binaries carried along (tests/*_gpu.rs)
-        [ -x "$t" ] && [ "$PHASE" != s7 ] || continue # s7 runs them after its benches
+        [ -x "$t" ] && [ "$PHASE" != s7 ] && [ "$PHASE" != s8 ] || continue # s7 runs them after its benches
         log "$t"
         timeout 60 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
     done
@@ -122,6 +122,27 @@ elif [ "$PHASE" = s7 ]; then # the user's path: host sampler (default) vs --devi
         timeout 60 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
     done
     wait $FXPID; cat /tmp/fx.log >> "$S"
+elif [ "$PHASE" = s8 ]; then # megakernel + device sampler first look; this build beside blackmamba-base
+    log "megakernel_gpu"
+    [ -x megakernel_gpu ] && timeout 120 ./megakernel_gpu --test-threads=1 --nocapture 2>&1 | tee "$OUT/mk.log" | grep -E "^test |test result|panicked|FAILED|error|Δ|mismatch" | head -60 | tee -a "$S"
+    bench 28 $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph,user
+    bench 28ds $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes user --device-sampler
+    [ -x blackmamba-base ] && BIN=./blackmamba-base bench 28old $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph
+    P="$(cat prompt.txt 2>/dev/null)"
+    for b in "blackmamba" "blackmamba --device-sampler" "blackmamba-base"; do
+        set -- $b
+        [ -x "$1" ] || continue
+        log "$b generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 512 (prompt.txt)"
+        timeout 100 ./$1 generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 512 ${2:-} --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
+    done
+    bench 15 $M15 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph,user
+    BENCH_TIMEOUT=60 bench 28mk $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes mega
+    [ -x blackmamba-base ] && BIN=./blackmamba-base bench 15old $M15 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph
+    for t in *_gpu; do
+        [ -x "$t" ] && [ "$t" != megakernel_gpu ] || continue
+        log "$t"
+        timeout 90 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
+    done
 elif [ "$PHASE" = s6tests ]; then
     moe_fixtures
 elif [ "$PHASE" = s6 ] || [ "$PHASE" = s6bench ]; then

@@ -28,7 +28,7 @@ __device__ void cast8(long long n, const S* __restrict__ in, T* __restrict__ out
         out[i] = from_f<T>(to_f(in[i]));
 }
 
-extern "C" __global__ void cast_bf16_f32(long long n, const bf16* in, float* out) { cast8<bf16, float, 1, 2>(n, in, out); }
-extern "C" __global__ void cast_f32_bf16(long long n, const float* in, bf16* out) { cast8<float, bf16, 2, 1>(n, in, out); }
-extern "C" __global__ void cast_f16_f32(long long n, const f16* in, float* out) { cast8<f16, float, 1, 2>(n, in, out); }
-extern "C" __global__ void cast_f32_f16(long long n, const float* in, f16* out) { cast8<float, f16, 2, 1>(n, in, out); }
+extern "C" __global__ void cast_bf16_f32(const CastParams<bf16, float> p) { cast8<bf16, float, 1, 2>(p.n, p.src, p.dst); }
+extern "C" __global__ void cast_f32_bf16(const CastParams<float, bf16> p) { cast8<float, bf16, 2, 1>(p.n, p.src, p.dst); }
+extern "C" __global__ void cast_f16_f32(const CastParams<f16, float> p) { cast8<f16, float, 1, 2>(p.n, p.src, p.dst); }
+extern "C" __global__ void cast_f32_f16(const CastParams<float, f16> p) { cast8<float, f16, 2, 1>(p.n, p.src, p.dst); }

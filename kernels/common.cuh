@@ -11,6 +11,8 @@
 typedef __nv_bfloat16 bf16;
 typedef __half f16;
 
+#include "params.cuh"
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(f16 x) { return __half2float(x); }

@@ -46,12 +46,10 @@ __device__ void gated_act_bwd(long long n, int f, int act, const T* __restrict__
 }
 
 #define GATED_ACT(T, S)                                                                                            \
-    extern "C" __global__ void gated_act_fwd_##S(long long n, int f, int act, const T* __restrict__ a,            \
-                                                 T* __restrict__ h) {                                             \
-        gated_act_fwd<T>(n, f, act, a, h);                                                                         \
+    extern "C" __global__ void gated_act_fwd_##S(const GatedActFwdParams<T> p) {                                   \
+        gated_act_fwd<T>(p.n, p.f, p.act, p.a, p.h);                                                               \
     }                                                                                                              \
-    extern "C" __global__ void gated_act_bwd_##S(long long n, int f, int act, const T* __restrict__ a,            \
-                                                 const T* __restrict__ dh, T* __restrict__ da) {                  \
-        gated_act_bwd<T>(n, f, act, a, dh, da);                                                                    \
+    extern "C" __global__ void gated_act_bwd_##S(const GatedActBwdParams<T> p) {                                   \
+        gated_act_bwd<T>(p.n, p.f, p.act, p.a, p.dh, p.da);                                                        \
     }
 INSTANTIATE_T(GATED_ACT)

@@ -40,17 +40,12 @@ __device__ void conv_xproj_impl(int di, int K, int R2, const T* __restrict__ xz,
 }
 
 #define STEP_KERNELS(T, S)                                                                                              \
-    extern "C" __global__ void conv_xproj_##S(int di, int K, int R2, const T* xz, int xz_stride, const float* conv,    \
-                                              const float* cw, const float* cb, const T* Wx, T* dbc, int vec) {         \
-        conv_xproj_impl<T>(di, K, R2, xz, xz_stride, conv, cw, cb, Wx, dbc, vec);                                       \
+    extern "C" __global__ void conv_xproj_##S(const ConvXprojParams<T> p) {                                           \
+        conv_xproj_impl<T>(p.di, p.K, p.R2, p.xz, p.xz_stride, p.conv, p.cw, p.cb, p.Wx, p.dbc, p.vec);                 \
     }                                                                                                                   \
-    extern "C" __global__ void ssm_step_##S(int Bn, int di, int R, int N, int K, const T* xz, int xz_stride,            \
-                                            const float* conv_in, float* conv_out, const float* cw, const float* cb,    \
-                                            const T* dbc, const T* Wdt, const float* dt_bias, const float* A_log,       \
-                                            const float* Dp, const float* h_in, float* h_out, T* y, float* telem,       \
-                                            int telem_mode) {                                                           \
-        ssm_step_impl<T>(Bn, di, R, N, K, xz, xz_stride, conv_in, conv_out, cw, cb, dbc, Wdt, dt_bias, A_log, Dp,     \
-                         h_in, h_out, y, telem, telem_mode, blockIdx.x);                                                            \
+    extern "C" __global__ void ssm_step_##S(const SsmStepParams<T> p) {                                                 \
+        ssm_step_impl<T>(p.Bn, p.di, p.R, p.N, p.K, p.xz, p.xz_stride, p.conv_in, p.conv_out, p.cw, p.cb, p.dbc, p.Wdt, \
+                         p.dt_bias, p.A_log, p.Dp, p.h_in, p.h_out, p.y, p.telem, p.telem_mode, blockIdx.x);            \
     }
 
 INSTANTIATE_T(STEP_KERNELS)

@@ -24,9 +24,7 @@
 #define NMAX 16
 static_assert(2 * NMAX == 32, "scan_tail_bwd sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
 
-struct ScanIn {
-    int Bn, L, di, N, LC, Q;
-};
+// ScanIn: kernels/params.cuh
 
 // u at position s of sequence b, channel c (rows of stride su); s < 0 reads the conv state,
 // u_{−j} = state[b, c, K−j], or zero without one.
@@ -117,14 +115,11 @@ __device__ void conv_silu_bwd(int Bn, int L, int di, int K, int tile, const TU* 
 }
 
 #define CONV_SILU(S, T)                                                                                               \
-    extern "C" __global__ void conv_silu_fwd_##S(int Bn, int L, int di, int K, const T* u, int su, const float* st,     \
-                                                 const float* cw, const float* cb, float* v, bf16* v16, float* st_out) { \
-        conv_silu_fwd<T>(Bn, L, di, K, u, su, st, cw, cb, v, v16, st_out);                                            \
+    extern "C" __global__ void conv_silu_fwd_##S(const ConvSiluFwdParams<T> p) {                                     \
+        conv_silu_fwd<T>(p.Bn, p.L, p.di, p.K, p.u, p.su, p.st, p.cw, p.cb, p.v, p.v16, p.st_out);                    \
     }                                                                                                                 \
-    extern "C" __global__ void conv_silu_bwd_##S(int Bn, int L, int di, int K, int tile, const T* u, int su,           \
-                                                 const float* st, const float* cw, const float* cb, const float* gv, \
-                                                 const bf16* gv2, T* du, int sdu, float* part) {                     \
-        conv_silu_bwd<T>(Bn, L, di, K, tile, u, su, st, cw, cb, gv, gv2, du, sdu, part);                              \
+    extern "C" __global__ void conv_silu_bwd_##S(const ConvSiluBwdParams<T> p) {                                     \
+        conv_silu_bwd<T>(p.Bn, p.L, p.di, p.K, p.tile, p.u, p.su, p.st, p.cw, p.cb, p.gv, p.gv2, p.du, p.sdu, p.part); \
     }
 CONV_SILU(f32, float)
 CONV_SILU(bf16, bf16)
@@ -173,9 +168,13 @@ struct TailIo {
 // from h0 or 0), Lq (chunk start carries from 0) becomes R (the carry entering each chunk's end).
 // The loads of CARRY_BATCH chunks are issued before their (serial) composition.
 #define CARRY_BATCH 8
-extern "C" __global__ void scan_tail_carry_f32(ScanIn s, const float* __restrict__ P, const float* __restrict__ h0,
-                                               const float* __restrict__ sum_delta, float* __restrict__ HS,
-                                               float* __restrict__ LR) {
+extern "C" __global__ void scan_tail_carry_f32(const ScanTailCarryParams p) {
+    const ScanIn s = p.s;
+    const float* __restrict__ P = p.P;
+    const float* __restrict__ h0 = p.h0;
+    const float* __restrict__ sum_delta = p.sum_delta;
+    float* __restrict__ HS = p.HS;
+    float* __restrict__ LR = p.LR;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     const int dn = s.di * s.N;
     if (i >= s.Bn * dn) return;
@@ -426,8 +425,10 @@ __device__ void scan_tail_bwd(ScanIn s, int cpg, const TailIo<T>& io, const floa
 }
 
 // dbc (B, L, 2N) = Σ over the channel blocks of dbc_part (B, CB, L, 2N), in a fixed order.
-extern "C" __global__ void scan_tail_dbc_f32(int Bn, int CB, int L2N, const float* __restrict__ part,
-                                             float* __restrict__ dbc) {
+extern "C" __global__ void scan_tail_dbc_f32(const ScanTailDbcParams p) {
+    const int Bn = p.Bn, CB = p.CB, L2N = p.L2N;
+    const float* __restrict__ part = p.part;
+    float* __restrict__ dbc = p.dbc;
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)Bn * L2N) return;
     const size_t b = i / L2N, j = i % L2N;
@@ -439,17 +440,14 @@ extern "C" __global__ void scan_tail_dbc_f32(int Bn, int CB, int L2N, const floa
 // Exported per dtype T of dt, z, go and their gradients (v, dv f32 always).
 #define SCAN_TAIL(S, T)                                                                                               \
     extern "C" __global__ void __launch_bounds__(BWD_BLOCK, 4)                                                       \
-        scan_tail_chunks_##S(ScanIn s, const float* v, const T* dt, const T* z, const T* go, int sv, int sdt, int sz, \
-                             const float* bc, const float* P, float* sum_delta, float* S_, float* Lq) {               \
-        const TailIo<T> io{v, dt, z, go, sv, sdt, sz, nullptr, nullptr, nullptr, nullptr, 0, 0, 0};                   \
-        scan_tail_chunks<T>(s, io, bc, P, sum_delta, S_, Lq);                                                         \
+        scan_tail_chunks_##S(const ScanTailChunksParams<T> p) {                                                      \
+        const TailIo<T> io{p.v, p.dt, p.z, p.go, p.sv, p.sdt, p.sz, nullptr, nullptr, nullptr, nullptr, 0, 0, 0};     \
+        scan_tail_chunks<T>(p.s, io, p.bc, p.P, p.sum_delta, p.S_, p.Lq);                                             \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(BWD_BLOCK)                                                          \
-        scan_tail_bwd_##S(ScanIn s, int cpg, const float* v, const T* dt, const T* z, const T* go, int sv, int sdt,  \
-                          int sz, const float* bc, const float* P, const float* H, const float* R, float* dv, T* ddt, \
-                          T* dz, T* yg, int sdv, int sddt, int sdz, float* dbc_part, float* dP) {                    \
-        const TailIo<T> io{v, dt, z, go, sv, sdt, sz, dv, ddt, dz, yg, sdv, sddt, sdz};                               \
-        scan_tail_bwd<T>(s, cpg, io, bc, P, H, R, dbc_part, dP);                                                      \
+        scan_tail_bwd_##S(const ScanTailBwdParams<T> p) {                                                             \
+        const TailIo<T> io{p.v, p.dt, p.z, p.go, p.sv, p.sdt, p.sz, p.dv, p.ddt, p.dz, p.yg, p.sdv, p.sddt, p.sdz};   \
+        scan_tail_bwd<T>(p.s, p.cpg, io, p.bc, p.P, p.H, p.R, p.dbc_part, p.dP);                                      \
     }
 SCAN_TAIL(f32, float)
 SCAN_TAIL(bf16, bf16)

@@ -368,7 +368,10 @@ __device__ __forceinline__ bool mk_fmt_ok(uint32_t fmts, int n) {
 // One token. Dynamic shared memory (floats): xs[d] | aux[max(xr, E_max)] | rows[max tile rows] | red[40].
 // The host passes the sizes of aux and rows in `aux_n` and `rows_n`.
 extern "C" __global__ void __launch_bounds__(MK_THREADS, 1)
-    megakernel(const MkParams* __restrict__ params, uint32_t token, uint32_t epoch, int aux_n, int rows_n) {
+    megakernel(const MegakernelParams kp) {
+    const MkParams* __restrict__ params = kp.params;
+    const uint32_t token = kp.token, epoch = kp.epoch;
+    const int aux_n = kp.aux_n, rows_n = kp.rows_n;
     extern __shared__ float smem[];
     __shared__ MkParams P;
     __shared__ MkInstr in;

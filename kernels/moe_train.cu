@@ -7,9 +7,14 @@
 //                       (grid-stride over the rows).
 #include "common.cuh"
 
-extern "C" __global__ void moe_gate_bwd_bf16(long long n, int d, const float* __restrict__ g, const bf16* __restrict__ y,
-                                             const float* __restrict__ gate, float* __restrict__ dgate,
-                                             bf16* __restrict__ dy) {
+extern "C" __global__ void moe_gate_bwd_bf16(const MoeGateBwdParams p) {
+    const long long n = p.n;
+    const int d = p.d;
+    const float* __restrict__ g = p.g;
+    const bf16* __restrict__ y = p.y;
+    const float* __restrict__ gate = p.gate;
+    float* __restrict__ dgate = p.dgate;
+    bf16* __restrict__ dy = p.dy;
     __shared__ float red[33];
     for (long long r = blockIdx.x; r < n; r += gridDim.x) {
         const float* gr = g + r * d;

@@ -8,31 +8,33 @@
 //   sumsq_f32   *acc += Σ g²  (f64 accumulator; one per step, summed over tensors)
 #include "common.cuh"
 
-extern "C" __global__ void adamw_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                                     float* __restrict__ v, unsigned long long n, float lr, float b1, float b2,
-                                     float bc1, float bc2, float eps, float decay, float gscale,
-                                     void* __restrict__ wc, int wc_kind) {
+extern "C" __global__ void adamw_f32(const AdamwParams p) {
+    float* __restrict__ w = p.w;
+    const float* __restrict__ g = p.g;
+    float* __restrict__ m = p.m;
+    float* __restrict__ v = p.v;
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float gi = g[i] * gscale;
-        const float mi = b1 * m[i] + (1.0f - b1) * gi;
-        const float vi = b2 * v[i] + (1.0f - b2) * (gi * gi);
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+        const float gi = g[i] * p.gscale;
+        const float mi = p.b1 * m[i] + (1.0f - p.b1) * gi;
+        const float vi = p.b2 * v[i] + (1.0f - p.b2) * (gi * gi);
         m[i] = mi;
         v[i] = vi;
-        const float upd = (mi / bc1) / (sqrtf(vi / bc2) + eps);
-        const float wi = w[i] * decay - upd * lr;
+        const float upd = (mi / p.bc1) / (sqrtf(vi / p.bc2) + p.eps);
+        const float wi = w[i] * p.decay - upd * p.lr;
         w[i] = wi;
-        if (wc_kind == 1) static_cast<bf16*>(wc)[i] = from_f<bf16>(wi);
-        else if (wc_kind == 2) static_cast<f16*>(wc)[i] = from_f<f16>(wi);
+        if (p.wc_kind == 1) static_cast<bf16*>(p.wc)[i] = from_f<bf16>(wi);
+        else if (p.wc_kind == 2) static_cast<f16*>(p.wc)[i] = from_f<f16>(wi);
     }
 }
 
-extern "C" __global__ void sumsq_f32(const float* __restrict__ g, unsigned long long n, double* __restrict__ acc) {
+extern "C" __global__ void sumsq_f32(const SumsqParams p) {
+    const float* __restrict__ g = p.g;
     __shared__ float red[33];
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     float s = 0.0f;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride)
         s = fmaf(g[i], g[i], s);
     s = block_sum(s, red);
-    if (threadIdx.x == 0) atomicAdd(acc, (double)s);
+    if (threadIdx.x == 0) atomicAdd(p.acc, (double)s);
 }

@@ -114,8 +114,12 @@ __device__ void router_top1_impl(int Tn, int d, int E, const T* __restrict__ x, 
 // order[pos] = token at sorted position pos (grouped by expert, token order within a group),
 // inverse[t] = pos of token t, counts[e] = tokens of expert e.
 // shared: E · blockDim.x ints (dynamic)
-extern "C" __global__ void moe_group(int Tn, int E, const int* __restrict__ expert, int* __restrict__ order,
-                                     int* __restrict__ inverse, int* __restrict__ counts) {
+extern "C" __global__ void moe_group(const MoeGroupParams p) {
+    const int Tn = p.Tn, E = p.E;
+    const int* __restrict__ expert = p.expert;
+    int* __restrict__ order = p.order;
+    int* __restrict__ inverse = p.inverse;
+    int* __restrict__ counts = p.counts;
     extern __shared__ int cnt[];  // [E][nthreads]
     __shared__ int base[17];
     const int nt = blockDim.x, tid = threadIdx.x;
@@ -166,18 +170,22 @@ extern "C" __global__ void moe_group(int Tn, int E, const int* __restrict__ expe
 // Rows of the expert-major padded layout (E, stride, ·) of the batched expert products:
 // padpos[t] = expert[t]·stride + inverse[t] − base[expert[t]] (base[e]: expert e's first position in
 // moe_group's order) and order_pad[padpos[t]] = t; padding rows of order_pad keep the caller's value.
-extern "C" __global__ void moe_pad_index(int Tn, int E, const int* __restrict__ expert, const int* __restrict__ inverse,
-                                         const int* __restrict__ base, int stride, int* __restrict__ padpos,
-                                         int* __restrict__ order_pad) {
+extern "C" __global__ void moe_pad_index(const MoePadIndexParams p) {
+    const int Tn = p.Tn, E = p.E, stride = p.stride;
+    const int* __restrict__ expert = p.expert;
+    const int* __restrict__ inverse = p.inverse;
+    const int* __restrict__ base = p.base;
+    int* __restrict__ padpos = p.padpos;
+    int* __restrict__ order_pad = p.order_pad;
     for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < Tn; t += gridDim.x * blockDim.x) {
         const int e = expert[t];
         if (e < 0 || e >= E) {
             padpos[t] = 0;
             continue;
         }
-        const int p = e * stride + inverse[t] - base[e];
-        padpos[t] = p;
-        order_pad[p] = t;
+        const int pos = e * stride + inverse[t] - base[e];
+        padpos[t] = pos;
+        order_pad[pos] = t;
     }
 }
 
@@ -205,27 +213,21 @@ __device__ void moe_act_impl(int n, int f, const T* __restrict__ a, T* __restric
 }
 
 #define PREFILL_KERNELS(T, S)                                                                                           \
-    extern "C" __global__ void add_rmsnorm_##S(int d, const float* res, const float* add, float* res_out,              \
-                                               const float* w, float eps, T* out) {                                     \
-        add_rmsnorm_impl<T, float>(d, res, add, res_out, w, eps, out);                                                  \
+    extern "C" __global__ void add_rmsnorm_##S(const AddRmsnormParams<T, float> p) {                                    \
+        add_rmsnorm_impl<T, float>(p.d, p.res, p.add, p.res_out, p.w, p.eps, p.out);                                    \
     }                                                                                                                   \
-    extern "C" __global__ void add_rmsnorm_t_##S(int d, const float* res, const T* add, float* res_out,                \
-                                                 const float* w, float eps, T* out) {                                   \
-        add_rmsnorm_impl<T, T>(d, res, add, res_out, w, eps, out);                                                      \
+    extern "C" __global__ void add_rmsnorm_t_##S(const AddRmsnormParams<T, T> p) {                                      \
+        add_rmsnorm_impl<T, T>(p.d, p.res, p.add, p.res_out, p.w, p.eps, p.out);                                        \
     }                                                                                                                   \
-    extern "C" __global__ void conv1d_fwd_##S(int Bn, int L, int di, int K, const T* xz, int xz_stride,                \
-                                              const float* conv_in, const float* cw, const float* cb, float* v, T* vt,  \
-                                              float* conv_out) {                                                        \
-        conv1d_fwd_impl<T>(Bn, L, di, K, xz, xz_stride, conv_in, cw, cb, v, vt, conv_out);                             \
+    extern "C" __global__ void conv1d_fwd_##S(const Conv1dFwdParams<T> p) {                                             \
+        conv1d_fwd_impl<T>(p.Bn, p.L, p.di, p.K, p.xz, p.xz_stride, p.conv_in, p.cw, p.cb, p.v, p.vt, p.conv_out);      \
     }                                                                                                                   \
-    extern "C" __global__ void router_top1_##S(int Tn, int d, int E, const T* x, const float* Wr, const float* br,     \
-                                               float* logits, int* expert, float* gate, int in_smem) {                  \
-        router_top1_impl<T>(Tn, d, E, x, Wr, br, logits, expert, gate, in_smem);                                        \
+    extern "C" __global__ void router_top1_##S(const RouterTop1Params<T> p) {                                           \
+        router_top1_impl<T>(p.Tn, p.d, p.E, p.x, p.Wr, p.br, p.logits, p.expert, p.gate, p.in_smem);                    \
     }                                                                                                                   \
-    extern "C" __global__ void moe_unpermute_##S(int Tn, int d, const T* ys, const int* inverse, const float* gate,    \
-                                                 float* y) {                                                            \
-        moe_unpermute_impl<T>(Tn, d, ys, inverse, gate, y);                                                             \
+    extern "C" __global__ void moe_unpermute_##S(const MoeUnpermuteParams<T> p) {                                       \
+        moe_unpermute_impl<T>(p.Tn, p.d, p.ys, p.inverse, p.gate, p.y);                                                 \
     }                                                                                                                   \
-    extern "C" __global__ void moe_act_##S(int n, int f, const T* a, T* h, int act) { moe_act_impl<T>(n, f, a, h, act); }
+    extern "C" __global__ void moe_act_##S(const MoeActParams<T> p) { moe_act_impl<T>(p.n, p.f, p.a, p.h, p.act); }
 
 INSTANTIATE_T(PREFILL_KERNELS)

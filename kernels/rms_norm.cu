@@ -62,7 +62,10 @@ __device__ void rms_norm_bwd(long long rows, int d, float eps, int smem_acc, con
 
 // dw[k] = Σ_b part[b, k]. 256 threads a block, 32 columns: lane (threadIdx.x % 32) picks the
 // column, warp j (of 8) sums partial rows j, j + 8, ..., then the 8 sums are added in order.
-extern "C" __global__ void rms_norm_dw(int nb, int d, const float* __restrict__ part, float* __restrict__ dw) {
+extern "C" __global__ void rms_norm_dw(const RmsNormDwParams p) {
+    const int nb = p.nb, d = p.d;
+    const float* __restrict__ part = p.part;
+    float* __restrict__ dw = p.dw;
     __shared__ float s[8][33];
     const int lane = threadIdx.x & 31, j = threadIdx.x >> 5;
     const int k = blockIdx.x * 32 + lane;
@@ -80,12 +83,10 @@ extern "C" __global__ void rms_norm_dw(int nb, int d, const float* __restrict__ 
 }
 
 #define RMS_NORM(T, S)                                                                                                 \
-    extern "C" __global__ void rms_norm_fwd_##S(long long rows, int d, float eps, const float* x, const float* w,     \
-                                                T* y) {                                                                \
-        rms_norm_fwd<T>(rows, d, eps, x, w, y);                                                                        \
+    extern "C" __global__ void rms_norm_fwd_##S(const RmsNormFwdParams<T> p) {                                         \
+        rms_norm_fwd<T>(p.rows, p.d, p.eps, p.x, p.w, p.y);                                                            \
     }                                                                                                                  \
-    extern "C" __global__ void rms_norm_bwd_##S(long long rows, int d, float eps, int smem_acc, const float* x,       \
-                                                const float* w, const T* g, float* dx, float* part) {                 \
-        rms_norm_bwd<T>(rows, d, eps, smem_acc, x, w, g, dx, part);                                                    \
+    extern "C" __global__ void rms_norm_bwd_##S(const RmsNormBwdParams<T> p) {                                         \
+        rms_norm_bwd<T>(p.rows, p.d, p.eps, p.smem_acc, p.x, p.w, p.g, p.dx, p.part);                                  \
     }
 INSTANTIATE_T(RMS_NORM)

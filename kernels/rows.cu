@@ -8,8 +8,12 @@
 // Grid-stride over the n·d elements, consecutive threads on consecutive columns.
 #include "common.cuh"
 
-extern "C" __global__ void gather_rows_f32(long long n, int d, const unsigned* __restrict__ idx,
-                                           const float* __restrict__ x, float* __restrict__ out) {
+extern "C" __global__ void gather_rows_f32(const GatherRowsParams p) {
+    const long long n = p.n;
+    const int d = p.d;
+    const unsigned* __restrict__ idx = p.idx;
+    const float* __restrict__ x = p.x;
+    float* __restrict__ out = p.out;
     const long long total = n * d, stride = (long long)gridDim.x * blockDim.x;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
         const long long i = e / d, k = e - i * d;
@@ -27,9 +31,9 @@ __device__ void scatter_add_rows(long long n, int d, const unsigned* __restrict_
     }
 }
 
-extern "C" __global__ void scatter_add_rows_f32(long long n, int d, const unsigned* idx, const float* src, float* dst) {
-    scatter_add_rows<float>(n, d, idx, src, dst);
+extern "C" __global__ void scatter_add_rows_f32(const ScatterAddRowsParams<float> p) {
+    scatter_add_rows<float>(p.n, p.d, p.idx, p.src, p.dst);
 }
-extern "C" __global__ void scatter_add_rows_bf16(long long n, int d, const unsigned* idx, const bf16* src, float* dst) {
-    scatter_add_rows<bf16>(n, d, idx, src, dst);
+extern "C" __global__ void scatter_add_rows_bf16(const ScatterAddRowsParams<bf16> p) {
+    scatter_add_rows<bf16>(p.n, p.d, p.idx, p.src, p.dst);
 }

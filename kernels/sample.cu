@@ -142,9 +142,15 @@ __device__ void sort_desc(float* cv, int* ci, int n) {
 // reads the fed token tok[0], samples the next one into tok[0] and out[0], step[0] += 1; with
 // parts, also the telemetry sums of sample_final. logits are penalised in place.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_logits(float* __restrict__ logits, int V, SampleState* __restrict__ st, unsigned* __restrict__ hist,
-                  unsigned int* __restrict__ tok, unsigned int* __restrict__ step, unsigned int* __restrict__ out,
-                  const float* __restrict__ parts, int n_layers, int nblk) {
+    sample_logits(const SampleLogitsParams p) {
+    float* __restrict__ logits = p.logits;
+    const int V = p.V, n_layers = p.n_layers, nblk = p.nblk;
+    SampleState* __restrict__ st = p.st;
+    unsigned* __restrict__ hist = p.hist;
+    unsigned int* __restrict__ tok = p.tok;
+    unsigned int* __restrict__ step = p.step;
+    unsigned int* __restrict__ out = p.out;
+    const float* __restrict__ parts = p.parts;
     pdl_wait();
     pdl_trigger();
     __shared__ SampleState s;

@@ -22,9 +22,7 @@
 static_assert(2 * NMAX == 32, "scan_bwd_f32 sums its 2·NMAX dB/dC terms across the 32 lanes of a warp");
 
 
-struct ScanIn {
-    int Bn, L, di, N, LC, Q;
-};
+// ScanIn: kernels/params.cuh
 
 // The forward kernels keep a[n] = A[c,n]·log2(e) and take exp2f (one MUFU.EX2) of Δ·a[n]: the
 // decay exp(Δ·A) without expf's range reduction, once per (token, channel, state).
@@ -35,130 +33,123 @@ struct ScanIn {
 #define SCAN_UNROLL 4
 
 
+// The chunk kernels read their params struct in place (`pr`, the kernel's __grid_constant__
+// argument), field by field where each is used: copying every field into a local up front made
+// the compiler keep them all in registers (scan_chunk_out_bf16: 100 instead of 77).
 template <typename TI>
-__device__ void scan_chunk_sum_impl(ScanIn s, const TI* __restrict__ dt, long long dt_bs, int dt_ts,
-                                    const float* __restrict__ dt_bias, const float* __restrict__ A, int a_is_log,
-                                    const TI* __restrict__ Bm, long long bc_bs, int bc_ts, const float* __restrict__ v,
-                                    long long v_bs, int v_ts, float* __restrict__ sum_delta, float* __restrict__ S) {
+__device__ void scan_chunk_sum_impl(const ScanChunkSumParams<TI>& pr) {
     extern __shared__ float sb[];  // (LC, N) B values of the chunk
     const int b = blockIdx.z, q = blockIdx.y;
-    const int t0 = q * s.LC, nt = min(s.L, t0 + s.LC) - t0;
-    for (int i = threadIdx.x; i < nt * s.N; i += blockDim.x)
-        sb[i] = to_f(Bm[(size_t)b * bc_bs + (size_t)(t0 + i / s.N) * bc_ts + i % s.N]);
+    const int t0 = q * pr.s.LC, nt = min(pr.s.L, t0 + pr.s.LC) - t0;
+    for (int i = threadIdx.x; i < nt * pr.s.N; i += blockDim.x)
+        sb[i] = to_f(pr.Bm[(size_t)b * pr.bc_bs + (size_t)(t0 + i / pr.s.N) * pr.bc_ts + i % pr.s.N]);
     __syncthreads();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= s.di) return;
+    if (c >= pr.s.di) return;
     float a[NMAX], h[NMAX];
 #pragma unroll
     for (int n = 0; n < NMAX; n++) {
         a[n] = 0.0f;
         h[n] = 0.0f;
-        if (n < s.N) a[n] = (a_is_log ? -expf(A[(size_t)c * s.N + n]) : A[(size_t)c * s.N + n]) * LOG2E_F;
+        if (n < pr.s.N) a[n] = (pr.a_is_log ? -expf(pr.A[(size_t)c * pr.s.N + n]) : pr.A[(size_t)c * pr.s.N + n]) * LOG2E_F;
     }
     float sd = 0.0f;
-    const float bias_c = dt_bias != nullptr ? dt_bias[c] : 0.0f;
+    const float bias_c = pr.dt_bias != nullptr ? pr.dt_bias[c] : 0.0f;
     for (int t = 0; t < nt; t += SCAN_UNROLL) {
         float raw[SCAN_UNROLL], vv[SCAN_UNROLL];
 #pragma unroll
         for (int u = 0; u < SCAN_UNROLL; u++)
             if (t + u < nt) {
-                raw[u] = to_f(dt[(size_t)b * dt_bs + (size_t)(t0 + t + u) * dt_ts + c]);
-                vv[u] = v[(size_t)b * v_bs + (size_t)(t0 + t + u) * v_ts + c];
+                raw[u] = to_f(pr.dt[(size_t)b * pr.dt_bs + (size_t)(t0 + t + u) * pr.dt_ts + c]);
+                vv[u] = pr.v[(size_t)b * pr.v_bs + (size_t)(t0 + t + u) * pr.v_ts + c];
             }
 #pragma unroll
         for (int u = 0; u < SCAN_UNROLL; u++)
             if (t + u < nt) {
-                const float delta = dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
+                const float delta = pr.dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
                 const float dv = delta * vv[u];
                 sd += delta;
 #pragma unroll
                 for (int n = 0; n < NMAX; n++)
-                    if (n < s.N) h[n] = exp2f(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
+                    if (n < pr.s.N) h[n] = exp2f(delta * a[n]) * h[n] + dv * sb[(t + u) * pr.s.N + n];
             }
     }
-    const size_t o = ((size_t)b * s.Q + q) * s.di + c;
-    sum_delta[o] = sd;
+    const size_t o = ((size_t)b * pr.s.Q + q) * pr.s.di + c;
+    pr.sum_delta[o] = sd;
 #pragma unroll
     for (int n = 0; n < NMAX; n++)
-        if (n < s.N) S[o * s.N + n] = h[n];
+        if (n < pr.s.N) pr.Sst[o * pr.s.N + n] = h[n];
 }
 
 template <typename TI>
-__device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long long dt_bs, int dt_ts,
-                                    const float* __restrict__ dt_bias, const float* __restrict__ A, int a_is_log,
-                                    const TI* __restrict__ Bm, const TI* __restrict__ Cm, long long bc_bs, int bc_ts,
-                                    const float* __restrict__ v, long long v_bs, int v_ts, const TI* __restrict__ z,
-                                    long long z_bs, int z_ts, const float* __restrict__ Dp, const float* __restrict__ h0,
-                                    const float* __restrict__ sum_delta, const float* __restrict__ S,
-                                    TI* __restrict__ y_t, float* __restrict__ y_raw, float* __restrict__ h_last,
-                                    float* __restrict__ hsq, float* __restrict__ dsum) {
+__device__ void scan_chunk_out_impl(const ScanChunkOutParams<TI>& pr) {
     extern __shared__ float sm[];  // B (LC, N), C (LC, N), then telemetry (LC) x 2
     float* sb = sm;
-    float* sc = sm + s.LC * s.N;
-    float* th = sc + s.LC * s.N;
-    float* td = th + s.LC;
+    float* sc = sm + pr.s.LC * pr.s.N;
+    float* th = sc + pr.s.LC * pr.s.N;
+    float* td = th + pr.s.LC;
     const int b = blockIdx.z, q = blockIdx.y;
-    const int t0 = q * s.LC, nt = min(s.L, t0 + s.LC) - t0;
-    for (int i = threadIdx.x; i < nt * s.N; i += blockDim.x) {
-        const size_t off = (size_t)b * bc_bs + (size_t)(t0 + i / s.N) * bc_ts + i % s.N;
-        sb[i] = to_f(Bm[off]);
-        sc[i] = to_f(Cm[off]);
+    const int t0 = q * pr.s.LC, nt = min(pr.s.L, t0 + pr.s.LC) - t0;
+    for (int i = threadIdx.x; i < nt * pr.s.N; i += blockDim.x) {
+        const size_t off = (size_t)b * pr.bc_bs + (size_t)(t0 + i / pr.s.N) * pr.bc_ts + i % pr.s.N;
+        sb[i] = to_f(pr.Bm[off]);
+        sc[i] = to_f(pr.Cm[off]);
     }
-    const bool telem = hsq != nullptr;
+    const bool telem = pr.hsq != nullptr;
     if (telem)
-        for (int i = threadIdx.x; i < s.LC; i += blockDim.x) th[i] = td[i] = 0.0f;
+        for (int i = threadIdx.x; i < pr.s.LC; i += blockDim.x) th[i] = td[i] = 0.0f;
     __syncthreads();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    const bool live = c < s.di;
+    const bool live = c < pr.s.di;
     const int cc = live ? c : 0;
     float a[NMAX], h[NMAX];
 #pragma unroll
     for (int n = 0; n < NMAX; n++) {
         a[n] = 0.0f;
         h[n] = 0.0f;
-        if (n < s.N) {
-            a[n] = (a_is_log ? -expf(A[(size_t)cc * s.N + n]) : A[(size_t)cc * s.N + n]) * LOG2E_F;
-            if (h0 != nullptr) h[n] = h0[((size_t)b * s.di + cc) * s.N + n];
+        if (n < pr.s.N) {
+            a[n] = (pr.a_is_log ? -expf(pr.A[(size_t)cc * pr.s.N + n]) : pr.A[(size_t)cc * pr.s.N + n]) * LOG2E_F;
+            if (pr.h0 != nullptr) h[n] = pr.h0[((size_t)b * pr.s.di + cc) * pr.s.N + n];
         }
     }
     // compose the transfers of the chunks before this one
     for (int p = 0; p < q; p++) {
-        const size_t o = ((size_t)b * s.Q + p) * s.di + cc;
-        const float sdp = sum_delta[o];
+        const size_t o = ((size_t)b * pr.s.Q + p) * pr.s.di + cc;
+        const float sdp = pr.sum_delta[o];
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
-            if (n < s.N) h[n] = exp2f(a[n] * sdp) * h[n] + S[o * s.N + n];
+            if (n < pr.s.N) h[n] = exp2f(a[n] * sdp) * h[n] + pr.Sst[o * pr.s.N + n];
     }
-    const float dc = Dp != nullptr ? Dp[cc] : 0.0f;
-    const float bias_c = dt_bias != nullptr ? dt_bias[cc] : 0.0f;
+    const float dc = pr.Dp != nullptr ? pr.Dp[cc] : 0.0f;
+    const float bias_c = pr.dt_bias != nullptr ? pr.dt_bias[cc] : 0.0f;
     for (int t = 0; t < nt; t += SCAN_UNROLL) {
         float raw[SCAN_UNROLL], vv[SCAN_UNROLL], zz[SCAN_UNROLL];
 #pragma unroll
         for (int u = 0; u < SCAN_UNROLL; u++)
             if (t + u < nt) {
                 const int tt = t0 + t + u;
-                raw[u] = to_f(dt[(size_t)b * dt_bs + (size_t)tt * dt_ts + cc]);
-                vv[u] = v[(size_t)b * v_bs + (size_t)tt * v_ts + cc];
-                zz[u] = y_t != nullptr ? to_f(z[(size_t)b * z_bs + (size_t)tt * z_ts + cc]) : 0.0f;
+                raw[u] = to_f(pr.dt[(size_t)b * pr.dt_bs + (size_t)tt * pr.dt_ts + cc]);
+                vv[u] = pr.v[(size_t)b * pr.v_bs + (size_t)tt * pr.v_ts + cc];
+                zz[u] = pr.y_t != nullptr ? to_f(pr.z[(size_t)b * pr.z_bs + (size_t)tt * pr.z_ts + cc]) : 0.0f;
             }
 #pragma unroll
         for (int u = 0; u < SCAN_UNROLL; u++) {
             if (t + u >= nt) break;
             const int tt = t0 + t + u;
-            const float delta = dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
+            const float delta = pr.dt_bias != nullptr ? softplus_f(raw[u] + bias_c) : raw[u];
             const float dv = delta * vv[u];
             float y = 0.0f, hs = 0.0f;
 #pragma unroll
             for (int n = 0; n < NMAX; n++)
-                if (n < s.N) {
-                    h[n] = exp2f(delta * a[n]) * h[n] + dv * sb[(t + u) * s.N + n];
-                    y = fmaf(h[n], sc[(t + u) * s.N + n], y);
+                if (n < pr.s.N) {
+                    h[n] = exp2f(delta * a[n]) * h[n] + dv * sb[(t + u) * pr.s.N + n];
+                    y = fmaf(h[n], sc[(t + u) * pr.s.N + n], y);
                     hs = fmaf(h[n], h[n], hs);
                 }
             if (live) {
-                const size_t oi = ((size_t)b * s.L + tt) * s.di + c;
-                if (y_raw != nullptr) y_raw[oi] = y;
-                if (y_t != nullptr) y_t[oi] = from_f<TI>((y + vv[u] * dc) * silu_f(zz[u]));
+                const size_t oi = ((size_t)b * pr.s.L + tt) * pr.s.di + c;
+                if (pr.y_raw != nullptr) pr.y_raw[oi] = y;
+                if (pr.y_t != nullptr) pr.y_t[oi] = from_f<TI>((y + vv[u] * dc) * silu_f(zz[u]));
             }
             if (telem) {
                 hs = warp_sum(live ? hs : 0.0f);
@@ -170,16 +161,16 @@ __device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long lo
             }
         }
     }
-    if (live && h_last != nullptr && q == s.Q - 1) {
+    if (live && pr.h_last != nullptr && q == pr.s.Q - 1) {
 #pragma unroll
         for (int n = 0; n < NMAX; n++)
-            if (n < s.N) h_last[((size_t)b * s.di + c) * s.N + n] = h[n];
+            if (n < pr.s.N) pr.h_last[((size_t)b * pr.s.di + c) * pr.s.N + n] = h[n];
     }
     if (telem) {
         __syncthreads();
         for (int i = threadIdx.x; i < nt; i += blockDim.x) {
-            atomicAdd(hsq + (size_t)b * s.L + t0 + i, th[i]);
-            atomicAdd(dsum + (size_t)b * s.L + t0 + i, td[i]);
+            atomicAdd(pr.hsq + (size_t)b * pr.s.L + t0 + i, th[i]);
+            atomicAdd(pr.dsum + (size_t)b * pr.s.L + t0 + i, td[i]);
         }
     }
 }
@@ -192,15 +183,24 @@ __device__ void scan_chunk_out_impl(ScanIn s, const TI* __restrict__ dt, long lo
 //   dB, dC: (B, L, N) outputs (accumulated with atomics; zeroed by the caller)
 //   dA: (di, N) output (accumulated with atomics; zeroed by the caller)
 // dynamic shared memory: LC · 2N floats
-extern "C" __global__ void scan_bwd_f32(ScanIn s, const float* __restrict__ dt, long long dt_bs, int dt_ts,
-                                        const float* __restrict__ A, const float* __restrict__ Bm,
-                                        const float* __restrict__ Cm, long long bc_bs, int bc_ts,
-                                        const float* __restrict__ v, long long v_bs, int v_ts,
-                                        const float* __restrict__ h0, const float* __restrict__ gy,
-                                        float* __restrict__ hs, float* __restrict__ hist, float* __restrict__ dv,
-                                        long long dv_bs, int dv_ts, float* __restrict__ dd, long long dd_bs, int dd_ts,
-                                        float* __restrict__ dB, float* __restrict__ dC, long long dbc_bs, int dbc_ts,
-                                        float* __restrict__ dA) {
+extern "C" __global__ void scan_bwd_f32(const ScanBwdParams p) {
+    const ScanIn s = p.s;
+    const float* __restrict__ dt = p.dt;
+    const float* __restrict__ A = p.A;
+    const float* __restrict__ Bm = p.Bm;
+    const float* __restrict__ Cm = p.Cm;
+    const float* __restrict__ v = p.v;
+    const float* __restrict__ h0 = p.h0;
+    const float* __restrict__ gy = p.gy;
+    float* __restrict__ hs = p.hs;
+    float* __restrict__ hist = p.hist;
+    float* __restrict__ dv = p.dv;
+    float* __restrict__ dd = p.dd;
+    float* __restrict__ dB = p.dB;
+    float* __restrict__ dC = p.dC;
+    float* __restrict__ dA = p.dA;
+    const long long dt_bs = p.dt_bs, bc_bs = p.bc_bs, v_bs = p.v_bs, dv_bs = p.dv_bs, dd_bs = p.dd_bs, dbc_bs = p.dbc_bs;
+    const int dt_ts = p.dt_ts, bc_ts = p.bc_ts, v_ts = p.v_ts, dv_ts = p.dv_ts, dd_ts = p.dd_ts, dbc_ts = p.dbc_ts;
     extern __shared__ float red[];  // (LC, 2N): block sums of dB, dC for the current chunk
     const int b = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -304,20 +304,11 @@ extern "C" __global__ void scan_bwd_f32(ScanIn s, const float* __restrict__ dt, 
 }
 
 #define SCAN_KERNELS(T, S)                                                                                              \
-    extern "C" __global__ void scan_chunk_sum_##S(ScanIn s, const T* dt, long long dt_bs, int dt_ts,                   \
-                                                  const float* dt_bias, const float* A, int a_is_log, const T* Bm,     \
-                                                  long long bc_bs, int bc_ts, const float* v, long long v_bs, int v_ts, \
-                                                  float* sum_delta, float* Sst) {                                         \
-        scan_chunk_sum_impl<T>(s, dt, dt_bs, dt_ts, dt_bias, A, a_is_log, Bm, bc_bs, bc_ts, v, v_bs, v_ts, sum_delta,  \
-                               Sst);                                                                                      \
+    extern "C" __global__ void scan_chunk_sum_##S(const __grid_constant__ ScanChunkSumParams<T> p) {                    \
+        scan_chunk_sum_impl<T>(p);                                                     \
     }                                                                                                                   \
-    extern "C" __global__ void scan_chunk_out_##S(                                                                      \
-        ScanIn s, const T* dt, long long dt_bs, int dt_ts, const float* dt_bias, const float* A, int a_is_log,         \
-        const T* Bm, const T* Cm, long long bc_bs, int bc_ts, const float* v, long long v_bs, int v_ts, const T* z,     \
-        long long z_bs, int z_ts, const float* Dp, const float* h0, const float* sum_delta, const float* Sst, T* y_t,     \
-        float* y_raw, float* h_last, float* hsq, float* dsum) {                                                         \
-        scan_chunk_out_impl<T>(s, dt, dt_bs, dt_ts, dt_bias, A, a_is_log, Bm, Cm, bc_bs, bc_ts, v, v_bs, v_ts, z, z_bs, \
-                               z_ts, Dp, h0, sum_delta, Sst, y_t, y_raw, h_last, hsq, dsum);                             \
+    extern "C" __global__ void scan_chunk_out_##S(const __grid_constant__ ScanChunkOutParams<T> p) {                    \
+        scan_chunk_out_impl<T>(p);                                                       \
     }
 
 INSTANTIATE_T(SCAN_KERNELS)

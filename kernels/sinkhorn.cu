@@ -12,10 +12,16 @@
 #define EMAX 32
 
 // K: (T, E) f64 scratch, d0: (T) f64 scratch; trace: (max_iters, 4) f64.
-extern "C" __global__ void sinkhorn_run(int T, int E, const float* __restrict__ cost, double scale, int zyphra,
-                                        int max_iters, double tol, double* __restrict__ K, double* __restrict__ d0,
-                                        float* __restrict__ plan, unsigned int* __restrict__ assign,
-                                        double* __restrict__ trace, int* __restrict__ status) {
+extern "C" __global__ void sinkhorn_run(const SinkhornParams p) {
+    const int T = p.T, E = p.E, zyphra = p.zyphra, max_iters = p.max_iters;
+    const double scale = p.scale, tol = p.tol;
+    const float* __restrict__ cost = p.cost;
+    double* __restrict__ K = p.K;
+    double* __restrict__ d0 = p.d0;
+    float* __restrict__ plan = p.plan;
+    unsigned int* __restrict__ assign = p.assign;
+    double* __restrict__ trace = p.trace;
+    int* __restrict__ status = p.status;
     __shared__ double sh[33];
     __shared__ double d1[EMAX], prev[EMAX];
     __shared__ int done;

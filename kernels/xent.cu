@@ -166,14 +166,10 @@ __device__ void xent_bwd(int v, int vec, const T* __restrict__ logits, const uns
 }
 
 #define XENT(T, S)                                                                                          \
-    extern "C" __global__ void xent_fwd_##S(int v, int vec, const T* __restrict__ logits,                   \
-                                            const unsigned* __restrict__ targets, float* __restrict__ out) { \
-        xent_fwd<T>(v, vec, logits, targets, out);                                                          \
+    extern "C" __global__ void xent_fwd_##S(const XentFwdParams<T> p) {                                     \
+        xent_fwd<T>(p.v, p.vec, p.logits, p.targets, p.out);                                                \
     }                                                                                                       \
-    extern "C" __global__ void xent_bwd_##S(int v, int vec, const T* __restrict__ logits,                   \
-                                            const unsigned* __restrict__ targets,                           \
-                                            const float* __restrict__ res, const float* __restrict__ grad,  \
-                                            T* __restrict__ dx) {                                           \
-        xent_bwd<T>(v, vec, logits, targets, res, grad, dx);                                                \
+    extern "C" __global__ void xent_bwd_##S(const XentBwdParams<T> p) {                                     \
+        xent_bwd<T>(p.v, p.vec, p.logits, p.targets, p.res, p.grad, p.dx);                                  \
     }
 INSTANTIATE_T(XENT)

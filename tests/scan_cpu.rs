@@ -187,3 +187,26 @@ fn every_weight_gets_the_twins_gradient() {
         );
     }
 }
+
+/// The inference scan (f32 loop, vectorised exp; no autograd) against the twin: y and the last
+/// state, for N = 16 (the unrolled loop) and other N, zero and non-zero initial states, lengths
+/// across the twin's chunks, and work large enough to split over threads.
+#[test]
+fn inference_scan_matches_the_twin() {
+    for (i, &(bn, len, di, n, zero)) in [
+        (1, 1, 3, 16, true),
+        (2, 70, 8, 16, false),
+        (2, 33, 5, 5, false),
+        (1, 130, 600, 16, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = inputs(bn, len, di, n, 40 + i as u64, zero);
+        let fast = blackmamba::ops::scan_cpu_infer::selective_scan(&x[0], &x[1], &x[2], &x[3], &x[4], &x[5]).unwrap();
+        let twin = selective_scan(&x[0], &x[1], &x[2], &x[3], &x[4], &x[5], false).unwrap();
+        let (ey, eh) = (max_rel(&fast.y, &twin.y), max_rel(&fast.h_last, &twin.h_last));
+        assert!(ey < 2e-5 && eh < 2e-5, "case {i}: y {ey:e}, last state {eh:e}");
+        assert_eq!(fast.y.dims(), twin.y.dims());
+    }
+}

@@ -173,6 +173,7 @@ fn view_tables() -> Vec<(&'static str, View, &'static [Binding<KeyAction>])> {
         ("state", View::State, views::state::KEYS),
         ("finetune", View::Finetune, views::finetune::KEYS),
         ("finetune field", View::Finetune, views::finetune::FIELD_KEYS),
+        ("compare", View::Compare, views::compare::KEYS),
         ("picker", View::Chat, views::picker::KEYS),
         ("picker list", View::Chat, views::picker::LIST_KEYS),
     ]

@@ -5,9 +5,11 @@
 use std::path::PathBuf;
 
 use blackmamba::catalog::{Availability, Catalog, ModelChoice};
-use blackmamba::engine::protocol::{Command, EngineEvent, LoadSpec, ModelInfo};
+use blackmamba::engine::protocol::{Command, CompareWith, EngineEvent, LoadSpec, ModelInfo};
+use blackmamba::quant::QuantFormat;
 use blackmamba::tui::app::{App, Msg, View};
 use blackmamba::tui::demo;
+use blackmamba::tui::picker::PickTarget;
 use blackmamba::tui::theme::Theme;
 use blackmamba::tui::ui;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -291,4 +293,81 @@ fn the_picker_before_the_list_comes_and_at_every_size() {
     key(&mut app, KeyCode::PageUp);
     let s = screen(&app, 80, 24);
     assert!(s.contains("Zyphra/BlackMamba-1.5B") && !s.contains("someone/model-39"), "{s}");
+}
+
+#[test]
+fn the_weight_format_goes_with_the_load_and_shows_in_the_status_bar() {
+    let (mut app, _) = picker_app(false);
+    assert_eq!(app.picker.format, None, "a dense model: as loaded");
+    assert!(screen(&app, 100, 30).contains("weights ‹ as loaded ›"));
+    // Ctrl-F: as loaded → int8 → fp8 → q4 (q4g64) → q4g128 → as loaded
+    let mut seen = vec![];
+    for _ in 0..5 {
+        ctrl(&mut app, 'f');
+        seen.push(app.picker.format_name());
+    }
+    assert_eq!(seen, ["int8", "fp8", "q4g64", "q4g128", "as loaded"]);
+    ctrl(&mut app, 'f');
+    assert!(screen(&app, 100, 30).contains("weights ‹ int8 ›"));
+    // the loaded model again, now in int8: a load, not "already loaded"
+    let spec = load_cmd(&key(&mut app, KeyCode::Enter));
+    let q = spec.quant.expect("a format");
+    assert_eq!(q.format, QuantFormat::Int8);
+    assert_eq!(q.parts, blackmamba::quant::Part::DEFAULT.to_vec());
+    let mut info = demo::model_info(2, 8, false);
+    info.label = "embedded [int8]".into();
+    info.quant = Some("int8".into());
+    app.update(Msg::Engine(EngineEvent::Loaded(Box::new(info))));
+    app.notice = None;
+    let s = screen(&app, 100, 30);
+    assert!(s.contains("cpu f32 int8 weights"), "{s}");
+    // opening again starts from the loaded model's format; as loaded goes back to dense
+    ctrl(&mut app, 'k');
+    assert_eq!(app.picker.format, Some(QuantFormat::Int8));
+    app.update(Msg::Engine(EngineEvent::Models(catalog(false))));
+    for _ in 0..4 {
+        ctrl(&mut app, 'f');
+    }
+    assert_eq!(app.picker.format, None);
+    let spec = load_cmd(&key(&mut app, KeyCode::Enter));
+    assert_eq!(spec.quant, None);
+}
+
+#[test]
+fn the_compare_view_picks_model_b_with_the_picker() {
+    let mut app = App::new(Theme::default_theme());
+    let mut info = demo::model_info(2, 8, false);
+    info.label = "embedded".into();
+    demo::conversation(&mut app, &info, 1, 6, 3);
+    key(&mut app, KeyCode::F(6));
+    assert_eq!(app.view, View::Compare);
+    let cmds = key(&mut app, KeyCode::Char('m'));
+    assert!(matches!(cmds[..], [Command::ListModels]), "{cmds:?}");
+    assert_eq!(app.picker.target, PickTarget::Compare);
+    app.update(Msg::Engine(EngineEvent::Models(catalog(false))));
+    assert!(screen(&app, 100, 30).contains("Compare with"));
+    for c in "tests/fixtures/olmoe-tiny".chars() {
+        key(&mut app, KeyCode::Char(c));
+    }
+    let cmds = key(&mut app, KeyCode::Enter);
+    let [Command::Compare {
+        text,
+        with: CompareWith::Model(spec),
+    }] = &cmds[..]
+    else {
+        panic!("one comparison: {cmds:?}")
+    };
+    assert_eq!(spec.model.as_deref(), Some("tests/fixtures/olmoe-tiny"));
+    // the chat's text: every message
+    assert!(!text.is_empty() && app.chat.messages.iter().all(|m| text.contains(&m.text())));
+    assert!(!app.picker.open && app.switching.is_none(), "comparing loads nothing in place");
+    assert!(app.cmp.pending.is_some());
+    // Ctrl-K later is the ordinary picker again
+    app.update(Msg::Engine(EngineEvent::Error {
+        id: None,
+        message: "x".into(),
+    }));
+    assert!(app.cmp.pending.is_none());
+    ctrl(&mut app, 'k');
+    assert_eq!(app.picker.target, PickTarget::Load);
 }

@@ -47,6 +47,7 @@ fn chat_views_resize_and_quit_in_a_pty() {
         ("Sinkhorn", "Convergence"),
         ("State", "SSM state"),
         ("Fine-tune", "Probe prompt routing"),
+        ("Compare", "pick model B"),
     ] {
         t.send(b"\t");
         t.wait(title, 20, |s| s.contains(&format!("╭ {title} ")) && s.contains(marker));

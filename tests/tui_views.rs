@@ -143,16 +143,17 @@ fn small_terminals() {
 fn tab_order_and_titles() {
     let mut app = small_app();
     let mut seen = vec![];
-    for _ in 0..5 {
+    for _ in 0..6 {
         seen.push(app.view.title());
         let s = screen(&app, 80, 24);
         assert!(s.contains(&format!("╭ {} ", app.view.title())), "{s}");
+        assert!(s.contains("F1 Chat") && s.contains("F6 Compare"), "every tab fits 80 columns: {s}");
         key(&mut app, KeyCode::Tab, KeyModifiers::NONE);
     }
-    assert_eq!(seen, ["Chat", "Routing", "Sinkhorn", "State", "Fine-tune"]);
+    assert_eq!(seen, ["Chat", "Routing", "Sinkhorn", "State", "Fine-tune", "Compare"]);
     assert_eq!(app.view, View::Chat);
     key(&mut app, KeyCode::BackTab, KeyModifiers::SHIFT);
-    assert_eq!(app.view, View::Finetune);
+    assert_eq!(app.view, View::Compare);
     let cmds = key(&mut app, KeyCode::F(3), KeyModifiers::NONE);
     assert_eq!(app.view, View::Sinkhorn);
     assert!(

@@ -41,6 +41,7 @@ fn mamba_info(m: &Model, label: &str, untrained: bool, load_secs: f64, notes: &[
         bytes_per_token: packed_decode_bytes(m).unwrap_or(active as f64 * dtype.size_in_bytes() as f64),
         load_secs,
         finetune_available: finetune::AVAILABLE,
+        quant: None,
         notes: notes.to_vec(),
     }
 }
@@ -94,6 +95,7 @@ fn transformer_info(l: &AnyLoaded, m: &MoeLm) -> ModelInfo {
         bytes_per_token: active as f64 * dtype.size_in_bytes() as f64,
         load_secs: l.load_secs,
         finetune_available: false,
+        quant: None,
         notes: l.notes.clone(),
     }
 }

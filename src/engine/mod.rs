@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod chat_moe;
+pub mod compare;
 pub mod finetune;
 pub mod info;
 pub mod protocol;
@@ -156,15 +157,18 @@ struct Worker {
     label: String,
     hist: RouterHistory,
     opts: EngineOpts,
+    /// What the current model was loaded from (`None`: it was handed over loaded).
+    spec: Option<LoadSpec>,
 }
 
 impl Worker {
     fn start(source: Source, opts: EngineOpts, sink: &mut Sink) -> Result<Self> {
-        let loaded = match source {
-            Source::Loaded(l) => AnyLoaded::from(*l),
-            Source::Spec(spec) => load(&spec, &opts, sink)?,
+        let (mut loaded, spec) = match source {
+            Source::Loaded(l) => (AnyLoaded::from(*l), None),
+            Source::Spec(spec) => (load(&spec, &opts, sink)?, Some(spec)),
         };
-        let info = model_info_any(&loaded);
+        let mut info = model_info_any(&loaded);
+        info.quant = quant_name(&mut loaded.model)?;
         let hist = RouterHistory::new(&info.moe_layers);
         let chat = Chat::new(loaded.model, loaded.eos)?;
         sink(EngineEvent::Loaded(Box::new(info)));
@@ -174,6 +178,7 @@ impl Worker {
             label: loaded.label,
             hist,
             opts,
+            spec,
         })
     }
 
@@ -228,6 +233,7 @@ impl Worker {
                 }
                 return Ok(());
             }
+            Command::Compare { text, with } => return compare::run(self, &text, &with, emit),
             Command::Shutdown => return Ok(()),
             _ => {}
         }
@@ -280,7 +286,7 @@ impl Worker {
                 };
                 ft.handle(c, model, &self.tok, &self.label, emit)
             }
-            Command::ListModels | Command::Load(_) | Command::Shutdown => Ok(()),
+            Command::ListModels | Command::Load(_) | Command::Compare { .. } | Command::Shutdown => Ok(()),
         }
     }
 
@@ -292,8 +298,10 @@ impl Worker {
                 "a fine-tuning run is going (step {done} of {steps}); stop it with x in the Fine-tune view before loading another model"
             )));
         }
-        let loaded = load(spec, &self.opts, emit)?;
-        let info = model_info_any(&loaded);
+        let mut loaded = load(spec, &self.opts, emit)?;
+        let mut info = model_info_any(&loaded);
+        info.quant = quant_name(&mut loaded.model)?;
+        self.spec = Some(spec.clone());
         self.chat = Chat::new(loaded.model, loaded.eos)?;
         self.hist = RouterHistory::new(&info.moe_layers);
         self.tok = loaded.tokenizer;
@@ -343,7 +351,7 @@ fn handle_moe(
         Command::Sinkhorn { window, max_iters, tol } => sinkhorn_report(hist, window, max_iters, tol, emit),
         Command::SaveChat(_) | Command::LoadChat(_) => only("saving and loading a conversation"),
         Command::Finetune(_) => only("fine-tuning"),
-        Command::ListModels | Command::Load(_) | Command::Shutdown => Ok(()),
+        Command::ListModels | Command::Load(_) | Command::Compare { .. } | Command::Shutdown => Ok(()),
     }
 }
 
@@ -357,6 +365,14 @@ fn sinkhorn_report(hist: &RouterHistory, window: usize, max_iters: usize, tol: f
     let r = sinkhorn::window_report(hist, window, max_iters, tol);
     emit(EngineEvent::Sinkhorn(Box::new(r)));
     Ok(())
+}
+
+/// The weight format of a quantised BlackMamba (`None`: dense, or a transformer).
+fn quant_name(m: &mut AnyModel) -> Result<Option<String>> {
+    match m {
+        AnyModel::BlackMamba(m) => Ok(crate::quant::apply::model_format(m)?.map(|f| f.name())),
+        AnyModel::Transformer(_) => Ok(None),
+    }
 }
 
 /// Loads the model named by `spec`, reporting stages.
@@ -425,7 +441,11 @@ fn load(spec: &LoadSpec, eo: &EngineOpts, sink: &mut dyn FnMut(EngineEvent)) -> 
                     done: 2,
                     total,
                 });
-                crate::quant::apply::quantize_model(m, q)?;
+                let q = crate::quant::QuantSpec {
+                    ggml: q.ggml && eo.kernels.enabled,
+                    ..q.clone()
+                };
+                crate::quant::apply::quantize_model(m, &q)?;
                 loaded.label = format!("{} [{}]", loaded.label, q.format);
             }
         }

@@ -96,8 +96,21 @@ pub enum Command {
     /// until the new one is ready; success starts a new chat ([`EngineEvent::Loaded`]), failure
     /// keeps the old model ([`EngineEvent::LoadFailed`]).
     Load(LoadSpec),
+    /// Run `text` (blank: a built-in paragraph) through the chat's model and the one `with` names
+    /// and set their routes side by side (answered by [`EngineEvent::Compare`]).
+    Compare { text: String, with: CompareWith },
     /// Stop the engine thread.
     Shutdown,
+}
+
+/// Model B of a comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompareWith {
+    /// Another model (the picker's choice), loaded for the comparison only.
+    Model(LoadSpec),
+    /// The chat's model in another weight format: quantised (`Some`), or dense as loaded (`None`,
+    /// for a model that runs quantised).
+    Format(Option<crate::quant::QuantSpec>),
 }
 
 /// Fine-tuning commands.
@@ -180,6 +193,8 @@ pub enum EngineEvent {
     Sinkhorn(Box<SinkhornReport>),
     /// Fine-tuning news.
     Finetune(FinetuneEvent),
+    /// Two models' routes over one text (answer to [`Command::Compare`]).
+    Compare(Box<crate::engine::compare::CompareReport>),
     /// Something worth a line in the status area (e.g. "saved chat.json").
     Notice(String),
     /// A request failed; the engine keeps running.
@@ -214,6 +229,8 @@ pub struct ModelInfo {
     pub load_secs: f64,
     /// Whether this build can fine-tune.
     pub finetune_available: bool,
+    /// The weight format when quantised (`int8`, `fp8`, `q4g64`, `q4g128`); `None`: dense.
+    pub quant: Option<String>,
     /// What the loader says the user should know (e.g. a checkpoint read without its conversion,
     /// and why), one line each.
     pub notes: Vec<String>,

@@ -17,6 +17,7 @@ use candle_core::cuda_backend::{set_cast_hook, CudaStorageSlice};
 use candle_core::{CudaStorage, DType, Layout};
 
 use crate::ops::cuda::{func, to_candle, Launch, Module};
+use crate::ops::params::{to_i64, CastParams};
 
 const THREADS: u32 = 256;
 
@@ -71,12 +72,17 @@ fn run(s: &CudaStorage, layout: &Layout, to: DType, name: &str) -> candle_core::
     }
     let (outp, _) = address(&out, 0)?;
     let blocks = n.div_ceil(8 * THREADS as usize).clamp(1, 1 << 16) as u32;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = CastParams {
+        src: inp,
+        dst: outp,
+        n: to_i64(n, "cast: elements").map_err(to_candle)?,
+    };
+    // SAFETY: in addresses the storage's n contiguous elements from its start offset (16-byte
+    // aligned, checked by `cast`), out the n elements just allocated (returned); the kernel's
+    // dtypes are the pair its name was picked for.
     unsafe {
         Launch::new(func(&dev, Module::Cast, name).map_err(to_candle)?, (blocks, 1, 1), THREADS, 0)
-            .i64(n)
-            .ptr(inp)
-            .ptr(outp)
+            .params(params)
             .label("cast")
             .run(&dev.cuda_stream())
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchArgs, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
@@ -191,40 +191,24 @@ pub fn empty(shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
     Ok(unsafe { Tensor::empty(shape, dtype, dev) }?)
 }
 
-/// The sizes of the selective-scan kernels (`ScanIn` in kernels/scan.cu).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct ScanIn {
-    pub bn: i32,
-    pub l: i32,
-    pub di: i32,
-    pub n: i32,
-    pub lc: i32,
-    pub q: i32,
+/// A kernel's params struct (`crate::ops::params`) as a launch holds it: the one argument of
+/// the kernel, passed by value (the driver copies the struct at launch). Implemented by the
+/// `params!` macro for the structs of `crate::ops::params` only.
+pub trait KernelParams: std::fmt::Debug + Send + Sync {
+    /// Pushes the struct onto cudarc's argument list.
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>);
+    /// The struct's address, for `cuLaunchKernelEx`'s argument array.
+    fn as_arg(&self) -> *mut std::ffi::c_void;
 }
 
-// SAFETY: plain #[repr(C)] struct of i32, as the kernel declares it.
-unsafe impl DeviceRepr for ScanIn {}
-
-/// One kernel argument.
-#[derive(Debug, Clone, Copy)]
-pub enum Arg {
-    Ptr(u64),
-    I32(i32),
-    I64(i64),
-    U32(u32),
-    U64(u64),
-    F32(f32),
-    F64(f64),
-    Scan(ScanIn),
-}
-
-/// A kernel with its arguments and launch shape, ready to run (and to run again: the decode
+/// A kernel with its params struct and launch shape, ready to run (and to run again: the decode
 /// step builds its launches once and replays them).
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub func: CudaFunction,
-    pub args: Vec<Arg>,
+    /// The kernel's one argument, its params struct (`crate::ops::params`); `None` until
+    /// [`Launch::params`] sets it (then `run` refuses to launch).
+    pub params: Option<std::sync::Arc<dyn KernelParams>>,
     pub grid: (u32, u32, u32),
     pub block: u32,
     pub smem: u32,
@@ -236,22 +220,19 @@ pub struct Launch {
     pub cooperative: bool,
     /// A short label (profiles).
     pub label: &'static str,
-    /// The first argument that did not fit its kernel type (then `run` refuses to launch).
-    pub bad: Option<String>,
 }
 
 impl Launch {
     pub fn new(func: CudaFunction, grid: (u32, u32, u32), block: u32, smem: u32) -> Self {
         Self {
             func,
-            args: Vec::new(),
+            params: None,
             grid,
             block,
             smem,
             pdl: false,
             cooperative: false,
             label: "",
-            bad: None,
         }
     }
     pub fn pdl(mut self, on: bool) -> Self {
@@ -267,85 +248,34 @@ impl Launch {
         self.label = l;
         self
     }
-    pub fn ptr(mut self, p: u64) -> Self {
-        self.args.push(Arg::Ptr(p));
-        self
-    }
-    /// An `int` argument from a size; one over `i32::MAX` makes `run` fail.
-    pub fn i32(mut self, v: usize) -> Self {
-        let x = self.checked(i32::try_from(v).ok(), v, "i32");
-        self.args.push(Arg::I32(x));
-        self
-    }
-    pub fn int(mut self, v: i32) -> Self {
-        self.args.push(Arg::I32(v));
-        self
-    }
-    /// A `long long` argument from a size; one over `i64::MAX` makes `run` fail.
-    pub fn i64(mut self, v: usize) -> Self {
-        let x = self.checked(i64::try_from(v).ok(), v, "i64");
-        self.args.push(Arg::I64(x));
-        self
-    }
-    fn checked<T: Default>(&mut self, x: Option<T>, v: usize, ty: &str) -> T {
-        x.unwrap_or_else(|| {
-            let i = self.args.len();
-            self.bad
-                .get_or_insert_with(|| format!("argument {i} = {v} does not fit the kernel's {ty}"));
-            T::default()
-        })
-    }
-    pub fn u32(mut self, v: u32) -> Self {
-        self.args.push(Arg::U32(v));
-        self
-    }
-    pub fn u64(mut self, v: u64) -> Self {
-        self.args.push(Arg::U64(v));
-        self
-    }
-    pub fn f32(mut self, v: f32) -> Self {
-        self.args.push(Arg::F32(v));
-        self
-    }
-    pub fn f64(mut self, v: f64) -> Self {
-        self.args.push(Arg::F64(v));
-        self
-    }
-    pub fn scan(mut self, s: ScanIn) -> Self {
-        self.args.push(Arg::Scan(s));
+    /// The kernel's params struct: the twin of the struct its `kernels/*.cu` declaration takes
+    /// by value (`crate::ops::params`, `kernels/params.cuh`).
+    pub fn params<P: KernelParams + 'static>(mut self, p: P) -> Self {
+        self.params = Some(std::sync::Arc::new(p));
         self
     }
 
-    /// Enqueues the kernel on `stream` (asynchronous). Fails without launching when an
-    /// argument did not fit its type.
+    /// Enqueues the kernel on `stream` (asynchronous). Fails without launching when no params
+    /// struct was set.
     ///
     /// # Safety
-    /// The argument list must match the kernel's declaration in `kernels/*.cu`, and every pointer
-    /// argument must address live device memory of the size the kernel reads or writes there,
-    /// until the launch has completed on the stream.
+    /// The params struct must be the one the kernel's declaration in `kernels/*.cu` takes, and
+    /// every pointer in it must address live device memory of the size the kernel reads or
+    /// writes there (or be 0 where the kernel allows null), until the launch has completed on
+    /// the stream.
     pub unsafe fn run(&self, stream: &CudaStream) -> Result<()> {
-        if let Some(bad) = &self.bad {
-            return Err(internal(format!("launch of {}: {bad}", self.label_or_name())));
-        }
+        let Some(params) = &self.params else {
+            return Err(internal(format!("launch of {}: no params struct", self.label_or_name())));
+        };
         if self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0 {
             return Ok(());
         }
         if self.pdl || self.cooperative {
             // SAFETY: the caller's promise, as for this function.
-            return unsafe { self.run_ex(stream) };
+            return unsafe { self.run_ex(stream, params.as_ref()) };
         }
         let mut b = stream.launch_builder(&self.func);
-        for a in &self.args {
-            match a {
-                Arg::Ptr(v) | Arg::U64(v) => b.arg(v),
-                Arg::I32(v) => b.arg(v),
-                Arg::I64(v) => b.arg(v),
-                Arg::U32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-                Arg::F64(v) => b.arg(v),
-                Arg::Scan(v) => b.arg(v),
-            };
-        }
+        params.push(&mut b);
         let cfg = LaunchConfig {
             grid_dim: self.grid,
             block_dim: (self.block, 1, 1),
@@ -368,22 +298,9 @@ impl Launch {
     ///
     /// # Safety
     /// As for [`Launch::run`].
-    unsafe fn run_ex(&self, stream: &CudaStream) -> Result<()> {
+    unsafe fn run_ex(&self, stream: &CudaStream, params: &dyn KernelParams) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        use std::ffi::c_void;
-        let mut params: Vec<*mut c_void> = self
-            .args
-            .iter()
-            .map(|a| match a {
-                Arg::Ptr(v) | Arg::U64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-                Arg::I32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-                Arg::I64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-                Arg::U32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-                Arg::F32(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-                Arg::F64(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-                Arg::Scan(v) => std::ptr::from_ref(v).cast_mut().cast::<c_void>(),
-            })
-            .collect();
+        let mut args = [params.as_arg()];
         // SAFETY: an all-zero attribute is valid (id 0 = ignore, value bytes unused).
         let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
         let mut n_attrs = 0;
@@ -410,9 +327,9 @@ impl Launch {
             numAttrs: n_attrs as u32,
         };
         stream.context().bind_to_thread().w()?;
-        // SAFETY: params point at the argument values in self.args, which outlive the call (the
-        // driver copies them at launch); their order and types match the kernel's declaration.
-        unsafe { sys::cuLaunchKernelEx(&cfg, self.func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+        // SAFETY: args holds the address of the params struct, which `params` keeps alive across
+        // the call (the driver copies it at launch); the struct is the kernel's declared argument.
+        unsafe { sys::cuLaunchKernelEx(&cfg, self.func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
             .w()?;
         LAUNCHES.fetch_add(1, Ordering::Relaxed);

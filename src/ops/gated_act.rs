@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tens
 use crate::error::{Error, Result};
 use crate::ops::act::Activation;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, storage_ptr, suffix, to_candle, Launch, Module};
+use crate::ops::params::{to_i32, to_i64, GatedActBwdParams, GatedActFwdParams, MoeActParams};
 
 const THREADS: u32 = 256;
 /// Grid cap of the grid-stride kernels.
@@ -81,7 +82,15 @@ impl CustomOp1 for GatedAct {
             other => candle_core::bail!("gated activation: no kernel for {other:?}"),
         };
         let sfx = suffix(s.dtype()).map_err(to_candle)?;
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = GatedActFwdParams {
+            a: ap,
+            h: hp,
+            n: to_i64(n, "gated activation: rows").map_err(to_candle)?,
+            f: to_i32(f, "gated activation: width").map_err(to_candle)?,
+            act: self.act.code(),
+        };
+        // SAFETY: a is the op's contiguous (n, 2f) input, h the (n, f) buffer just allocated in
+        // the same dtype (returned).
         unsafe {
             Launch::new(
                 func(&dev, Module::GatedAct, &format!("gated_act_fwd_{sfx}")).map_err(to_candle)?,
@@ -89,11 +98,7 @@ impl CustomOp1 for GatedAct {
                 THREADS,
                 0,
             )
-            .i64(n)
-            .i32(f)
-            .int(self.act.code())
-            .ptr(ap)
-            .ptr(hp)
+            .params(params)
             .label("gated-act")
             .run(&stream)
         }
@@ -115,7 +120,17 @@ impl GatedAct {
         let a = a.contiguous()?;
         let dh = grad.to_dtype(a.dtype())?.contiguous()?;
         let da = empty(&[n, 2 * f], a.dtype(), dev)?;
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = GatedActBwdParams {
+            a: dptr(&a)?,
+            dh: dptr(&dh)?,
+            da: dptr(&da)?,
+            n: to_i64(n, "gated activation: rows")?,
+            f: to_i32(f, "gated activation: width")?,
+            act: self.act.code(),
+        };
+        // SAFETY: a (n, 2f), dh (n, f) and da (n, 2f), all in a's dtype, are the contiguous
+        // tensors above, held until this function returns (candle's stream orders their release
+        // after the launch).
         unsafe {
             Launch::new(
                 func(cd, Module::GatedAct, &format!("gated_act_bwd_{}", suffix(a.dtype())?))?,
@@ -123,12 +138,7 @@ impl GatedAct {
                 THREADS,
                 0,
             )
-            .i64(n)
-            .i32(f)
-            .int(self.act.code())
-            .ptr(dptr(&a)?)
-            .ptr(dptr(&dh)?)
-            .ptr(dptr(&da)?)
+            .params(params)
             .label("gated-act-bwd")
             .run(&cd.cuda_stream())
         }?;
@@ -146,7 +156,15 @@ pub fn gated_act_inference(a: &Tensor, act: Activation) -> Result<Tensor> {
     let dev = a.device();
     let cd = cuda_device(dev)?;
     let h = empty(&[n, f], dt, dev)?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = MoeActParams {
+        a: dptr(&a)?,
+        h: dptr(&h)?,
+        n: to_i32(n, "expert activation: rows")?,
+        f: to_i32(f, "expert activation: width")?,
+        act: act.code(),
+    };
+    // SAFETY: a (n, 2f) and h (n, f) in the same dtype are the contiguous tensors above, held
+    // until this function returns (h is returned).
     unsafe {
         Launch::new(
             func(cd, Module::Prefill, &format!("moe_act_{}", suffix(dt)?))?,
@@ -154,11 +172,7 @@ pub fn gated_act_inference(a: &Tensor, act: Activation) -> Result<Tensor> {
             256,
             0,
         )
-        .i32(n)
-        .i32(f)
-        .ptr(dptr(&a)?)
-        .ptr(dptr(&h)?)
-        .int(act.code())
+        .params(params)
         .run(&cd.cuda_stream())
     }?;
     Ok(h)

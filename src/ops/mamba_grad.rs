@@ -16,8 +16,10 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::ops::cuda::{cuda_device, dptr, empty, f32_ptr, func, to_candle, Launch, Module, ScanIn};
+use crate::ops::cuda::{cuda_device, dptr, empty, f32_ptr, func, to_candle, Launch, Module};
 use crate::ops::mamba_kernels::{conv_backward, conv_forward, tail_backward, ConvDims, TailPtrs, KMAX, NMAX, THREADS};
+use crate::ops::params::ScanIn;
+use crate::ops::scan_kernels::ScanArgs;
 
 fn f32c(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.contiguous()?)
@@ -53,7 +55,10 @@ impl CustomOp3 for ConvSiluOp {
         let d = ConvDims { bn, len, di, k: self.k };
         let (st, st_out) = (dptr(&self.st).map_err(to_candle)?, dptr(&self.st_out).map_err(to_candle)?);
         let (up, wp, bp) = (f32_ptr(su, lu, "conv")?, f32_ptr(sw, lw, "conv")?, f32_ptr(sb, lb, "conv")?);
-        conv_forward(&dev, "f32", d, up, di, st, wp, bp, vp, 0, st_out).map_err(to_candle)?;
+        // SAFETY: u (B, L, di), w (di, 1, K) and b (di) are the op's contiguous f32 inputs
+        // (f32_ptr checks), st and st_out (B, di, K) f32 are held by the op, v (B, L, di) f32 is
+        // the output just allocated (returned).
+        unsafe { conv_forward(&dev, "f32", d, up, di, st, wp, bp, vp, 0, st_out) }.map_err(to_candle)?;
         Ok((CudaStorage::wrap_cuda_slice(v, dev), Shape::from((bn, len, di))))
     }
 }
@@ -66,17 +71,21 @@ impl ConvSiluOp {
         let (u, w, b, gv) = (u.contiguous()?, w.contiguous()?, b.contiguous()?, f32c(grad)?);
         let du = empty(&[bn, len, di], DType::F32, dev)?; // every element written
         let d = ConvDims { bn, len, di, k: self.k };
-        let (dw, db) = conv_backward(
-            dev,
-            cd,
-            "f32",
-            d,
-            (dptr(&u)?, di, dptr(&self.st)?),
-            &w,
-            &b,
-            (dptr(&gv)?, 0),
-            (dptr(&du)?, di),
-        )?;
+        // SAFETY: u, gv and du (B, L, di) f32 and st (B, di, K) f32 are contiguous tensors held
+        // until this function returns.
+        let (dw, db) = unsafe {
+            conv_backward(
+                dev,
+                cd,
+                "f32",
+                d,
+                (dptr(&u)?, di, dptr(&self.st)?),
+                &w,
+                &b,
+                (dptr(&gv)?, 0),
+                (dptr(&du)?, di),
+            )
+        }?;
         Ok((du, dw, db))
     }
 }
@@ -127,12 +136,12 @@ impl CustomOp3 for ScanTailOp {
         let dev = s1.device().clone();
         let s = self.dims;
         let (bn, len, di, n, lc, q) = (
-            s.bn as usize,
-            s.l as usize,
+            s.Bn as usize,
+            s.L as usize,
             s.di as usize,
-            s.n as usize,
-            s.lc as usize,
-            s.q as usize,
+            s.N as usize,
+            s.LC as usize,
+            s.Q as usize,
         );
         let (pv, pbc, pp) = (
             f32_ptr(s1, l1, "scan tail")?,
@@ -153,8 +162,28 @@ impl CustomOp3 for ScanTailOp {
         let (bc_bs, bc_ts) = (len * 2 * n, 2 * n);
         let f4 = |i: usize| (i * 4) as u64;
         let (pdt, pz, pd, pbias) = (pv + f4(di), pv + f4(2 * di), pp + f4(di * n), pp + f4(di * n + di));
+        // vdz = [v; dt; z] (B, L, 3, di), bc = [B; C] (B, L, 2N), p = [A_log; D; dt_bias] read in
+        // place as strided views
+        let args = ScanArgs {
+            dims: s,
+            dt: (pdt, v_bs, v_ts),
+            dt_bias: pbias,
+            a: pp,
+            a_is_log: true,
+            b: pbc,
+            c: pbc + f4(n),
+            bc: (bc_bs, bc_ts),
+            v: (pv, v_bs, v_ts),
+            z: (pz, v_bs, v_ts),
+            d: pd,
+            h0: dptr(&self.h0).map_err(to_candle)?,
+        };
         if q > 1 {
-            // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+            let params = args.chunk_sum_params(sdp, ssp).map_err(to_candle)?;
+            // SAFETY: vdz (B, L, 3, di), bc (B, L, 2N) and p (di·N + 2·di) are the op's
+            // contiguous f32 inputs (f32_ptr checks) and the views above stay inside them;
+            // sum_delta (B, Q, di) and big_s (B, Q, di, N) are the f32 scratch above, alive until
+            // this function returns (the stream orders their release after the launch).
             unsafe {
                 Launch::new(
                     func(&dev, Module::Scan, "scan_chunk_sum_f32").map_err(to_candle)?,
@@ -162,26 +191,16 @@ impl CustomOp3 for ScanTailOp {
                     THREADS,
                     (lc * n * 4) as u32,
                 )
-                .scan(s)
-                .ptr(pdt)
-                .i64(v_bs)
-                .i32(v_ts)
-                .ptr(pbias)
-                .ptr(pp)
-                .int(1)
-                .ptr(pbc)
-                .i64(bc_bs)
-                .i32(bc_ts)
-                .ptr(pv)
-                .i64(v_bs)
-                .i32(v_ts)
-                .ptr(sdp)
-                .ptr(ssp)
+                .params(params)
                 .run(&stream)
             }
             .map_err(to_candle)?;
         }
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = args
+            .chunk_out_params(sdp, ssp, op, 0, dptr(&self.h_last).map_err(to_candle)?, 0, 0)
+            .map_err(to_candle)?;
+        // SAFETY: as above; h0 and h_last (B, di, N) f32 are held by the op, out (B, L, di) f32
+        // is the output just allocated (returned).
         unsafe {
             Launch::new(
                 func(&dev, Module::Scan, "scan_chunk_out_f32").map_err(to_candle)?,
@@ -189,32 +208,7 @@ impl CustomOp3 for ScanTailOp {
                 THREADS,
                 ((2 * lc * n + 2 * lc) * 4) as u32,
             )
-            .scan(s)
-            .ptr(pdt)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(pbias)
-            .ptr(pp)
-            .int(1)
-            .ptr(pbc)
-            .ptr(pbc + f4(n))
-            .i64(bc_bs)
-            .i32(bc_ts)
-            .ptr(pv)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(pz)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(pd)
-            .ptr(dptr(&self.h0).map_err(to_candle)?)
-            .ptr(sdp)
-            .ptr(ssp)
-            .ptr(op)
-            .ptr(0)
-            .ptr(dptr(&self.h_last).map_err(to_candle)?)
-            .ptr(0)
-            .ptr(0)
+            .params(params)
             .run(&stream)
         }
         .map_err(to_candle)?;
@@ -225,10 +219,10 @@ impl CustomOp3 for ScanTailOp {
 impl ScanTailOp {
     fn backward(&self, vdz: &Tensor, bc: &Tensor, p: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (bn, len, di, n) = (
-            self.dims.bn as usize,
-            self.dims.l as usize,
+            self.dims.Bn as usize,
+            self.dims.L as usize,
             self.dims.di as usize,
-            self.dims.n as usize,
+            self.dims.N as usize,
         );
         let dev = vdz.device();
         let cd = cuda_device(dev)?;
@@ -248,7 +242,10 @@ impl ScanTailOp {
             dz: (pg + f4(2 * di), 3 * di),
             yg: 0,
         };
-        tail_backward(dev, cd, "f32", self.dims, &io, dptr(&bc)?, dptr(&p)?, dptr(&self.h0)?, &dbc, &dp)?;
+        // SAFETY: io's pointers are strided views inside vdz and dvdz (B, L, 3, di) f32 and go
+        // (B, L, di) f32; bc (B, L, 2N), p (di·N + 2·di) and h0 (B, di, N) are contiguous f32;
+        // all are held until this function returns.
+        unsafe { tail_backward(dev, cd, "f32", self.dims, &io, dptr(&bc)?, dptr(&p)?, dptr(&self.h0)?, &dbc, &dp) }?;
         Ok((dvdz, dbc, dp))
     }
 }
@@ -290,14 +287,7 @@ pub fn scan_tail(x: &TailIn) -> Result<(Tensor, Tensor)> {
     let op = ScanTailOp {
         h0: f32c(&x.h0.detach())?,
         h_last: h_last.clone(),
-        dims: ScanIn {
-            bn: bn as i32,
-            l: len as i32,
-            di: di as i32,
-            n: n as i32,
-            lc: lc as i32,
-            q: len.div_ceil(lc) as i32,
-        },
+        dims: ScanIn::new(bn, len, di, n, lc, len.div_ceil(lc))?,
     };
     Ok((vdz.apply_op3(&bc, &p, op)?, h_last))
 }

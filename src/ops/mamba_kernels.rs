@@ -11,7 +11,10 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::ops::cuda::{dptr, empty, func, Launch, Module, ScanIn};
+use crate::ops::cuda::{dptr, empty, func, Launch, Module};
+use crate::ops::params::{
+    to_i32, ConvSiluBwdParams, ConvSiluFwdParams, ScanIn, ScanTailBwdParams, ScanTailCarryParams, ScanTailChunksParams, ScanTailDbcParams,
+};
 
 /// Largest conv width the kernels take (`KMAX` in kernels/mamba_train.cu).
 pub const KMAX: usize = 8;
@@ -43,8 +46,12 @@ pub struct ConvDims {
 /// v = SiLU(conv(u) + b) (f32, (B, L, di)) and, where not 0, `v16` its bf16 copy and `st_out`
 /// (B, di, K) the conv state after the sequence. `u` rows of stride `su`, of the kernel's dtype
 /// `sfx` ("f32" or "bf16"); `st` the state before (0: zeros); `w` (di, K), `b` (di) f32.
+///
+/// # Safety
+/// Every pointer that is not 0 must address live device memory of the shape and dtype above
+/// (u: B·L rows of stride `su` holding di values), until the launch completes on the stream.
 #[allow(clippy::too_many_arguments)] // pointers of one launch
-pub fn conv_forward(
+pub unsafe fn conv_forward(
     dev: &CudaDevice,
     sfx: &str,
     d: ConvDims,
@@ -57,7 +64,21 @@ pub fn conv_forward(
     v16: u64,
     st_out: u64,
 ) -> Result<()> {
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = ConvSiluFwdParams {
+        u,
+        st,
+        cw: w,
+        cb: b,
+        v,
+        v16,
+        st_out,
+        Bn: to_i32(d.bn, "conv: batch")?,
+        L: to_i32(d.len, "conv: length")?,
+        di: to_i32(d.di, "conv: channels")?,
+        K: to_i32(d.k, "conv: width")?,
+        su: to_i32(su, "conv: u row stride")?,
+    };
+    // SAFETY: the caller's promise (see `# Safety`).
     unsafe {
         Launch::new(
             func(dev, Module::MambaTrain, &format!("conv_silu_fwd_{sfx}"))?,
@@ -65,18 +86,7 @@ pub fn conv_forward(
             THREADS,
             0,
         )
-        .i32(d.bn)
-        .i32(d.len)
-        .i32(d.di)
-        .i32(d.k)
-        .ptr(u)
-        .i32(su)
-        .ptr(st)
-        .ptr(w)
-        .ptr(b)
-        .ptr(v)
-        .ptr(v16)
-        .ptr(st_out)
+        .params(params)
         .run(&dev.cuda_stream())
     }
 }
@@ -84,8 +94,12 @@ pub fn conv_forward(
 /// The conv's backward: the gradient of v is `gv` (f32, (B, L, di)) plus `gv2` (bf16, same shape)
 /// where not 0; du written at rows of stride `sdu` in the kernel's dtype; returns (dw (di, 1, K),
 /// db (di)) f32. `u`, `su`, `st`, `w`, `b` as [`conv_forward`].
+///
+/// # Safety
+/// As for [`conv_forward`]: `u`, `st`, `gv`, `gv2` (where not 0) and du (B·L rows of stride
+/// `sdu`) must address live device memory of those shapes until the launch completes.
 #[allow(clippy::too_many_arguments)] // pointers of one launch
-pub fn conv_backward(
+pub unsafe fn conv_backward(
     dev: &Device,
     cd: &CudaDevice,
     sfx: &str,
@@ -98,29 +112,34 @@ pub fn conv_backward(
 ) -> Result<(Tensor, Tensor)> {
     let tiles = d.len.div_ceil(CONV_TILE);
     let part = empty(&[d.bn * tiles, d.k + 1, d.di], DType::F32, dev)?;
+    let params = ConvSiluBwdParams {
+        u,
+        st,
+        cw: dptr(w)?,
+        cb: dptr(b)?,
+        gv,
+        gv2,
+        du,
+        part: dptr(&part)?,
+        Bn: to_i32(d.bn, "conv backward: batch")?,
+        L: to_i32(d.len, "conv backward: length")?,
+        di: to_i32(d.di, "conv backward: channels")?,
+        K: to_i32(d.k, "conv backward: width")?,
+        tile: to_i32(CONV_TILE, "conv backward: tile")?,
+        su: to_i32(su, "conv backward: u row stride")?,
+        sdu: to_i32(sdu, "conv backward: du row stride")?,
+    };
+    // SAFETY: the caller's promise for the raw pointers (see `# Safety`); w (di, 1, K) and b
+    // (di) are the caller's f32 tensors, part (B·tiles, K+1, di) f32 the scratch above (every
+    // element written), all held until this function returns.
     unsafe {
-        // every element written
         Launch::new(
             func(cd, Module::MambaTrain, &format!("conv_silu_bwd_{sfx}"))?,
             (d.di.div_ceil(THREADS as usize) as u32, tiles as u32, d.bn as u32),
             THREADS,
             0,
         )
-        .i32(d.bn)
-        .i32(d.len)
-        .i32(d.di)
-        .i32(d.k)
-        .i32(CONV_TILE)
-        .ptr(u)
-        .i32(su)
-        .ptr(st)
-        .ptr(dptr(w)?)
-        .ptr(dptr(b)?)
-        .ptr(gv)
-        .ptr(gv2)
-        .ptr(du)
-        .i32(sdu)
-        .ptr(dptr(&part)?)
+        .params(params)
         .run(&cd.cuda_stream())
     }?;
     let sums = part.sum(0)?; // (K+1, di): the tiles' partial sums, in a fixed order
@@ -148,10 +167,15 @@ pub struct TailPtrs {
 /// `scan_tail_carry_f32`, `scan_tail_bwd_*`, `scan_tail_dbc_f32`): writes every element of io's
 /// dv, ddt and dz (and yg) and the gradients of B and C into `dbc` ((B, L, 2N) f32), adds those
 /// of [A_log; D; bias] into `dp` ((di·N + 2·di) f32, zeroed by the caller). `bc` (B, L, 2N) and `p` f32 as the
-/// kernels read them; `h0` the state before the sequence (0: zeros). `dims.lc` / `dims.q` are
+/// kernels read them; `h0` the state before the sequence (0: zeros). `dims.LC` / `dims.Q` are
 /// set here.
+///
+/// # Safety
+/// Every pointer of `io` that is not 0, and `bc`, `p` and `h0` (where not 0), must address
+/// live device memory of the shapes above for `dims` (B·L rows of the given strides holding di
+/// values for the (B, L, di) tensors) until the launches complete on the stream.
 #[allow(clippy::too_many_arguments)] // pointers of three launches
-pub fn tail_backward(
+pub unsafe fn tail_backward(
     dev: &Device,
     cd: &CudaDevice,
     sfx: &str,
@@ -163,11 +187,11 @@ pub fn tail_backward(
     dbc: &Tensor,
     dp: &Tensor,
 ) -> Result<()> {
-    let (bn, len, di, n) = (dims.bn as usize, dims.l as usize, dims.di as usize, dims.n as usize);
+    let (bn, len, di, n) = (dims.Bn as usize, dims.L as usize, dims.di as usize, dims.N as usize);
     let (lc, q) = (BWD_CHUNK, len.div_ceil(BWD_CHUNK));
     let dims = ScanIn {
-        lc: lc as i32,
-        q: q as i32,
+        LC: to_i32(lc, "scan backward: chunk length")?,
+        Q: to_i32(q, "scan backward: chunks")?,
         ..dims
     };
     let stream = cd.cuda_stream();
@@ -176,27 +200,48 @@ pub fn tail_backward(
     let hs = empty(&[bn * q * di * n], DType::F32, dev)?;
     let lr = empty(&[bn * q * di * n], DType::F32, dev)?;
     let cbs = di.div_ceil(BWD_CHANNELS); // blocks of channels, for the chunk summaries and the gradients
-    let inputs = |l: Launch| {
-        l.ptr(io.v.0)
-            .ptr(io.dt.0)
-            .ptr(io.z.0)
-            .ptr(io.go)
-            .i32(io.v.1)
-            .i32(io.dt.1)
-            .i32(io.z.1)
-            .ptr(bc)
-            .ptr(p)
+    let (sv, sdt, sz) = (
+        to_i32(io.v.1, "scan backward: v row stride")?,
+        to_i32(io.dt.1, "scan backward: dt row stride")?,
+        to_i32(io.z.1, "scan backward: z row stride")?,
+    );
+    let params = ScanTailChunksParams {
+        v: io.v.0,
+        dt: io.dt.0,
+        z: io.z.0,
+        go: io.go,
+        bc,
+        P: p,
+        sum_delta: dptr(&sum_delta)?,
+        S_: dptr(&hs)?,
+        Lq: dptr(&lr)?,
+        s: dims,
+        sv,
+        sdt,
+        sz,
     };
-    let chunks = Launch::new(
-        func(cd, Module::MambaTrain, &format!("scan_tail_chunks_{sfx}"))?,
-        (cbs as u32, q as u32, bn as u32),
-        BWD_THREADS,
-        0,
-    )
-    .scan(dims);
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
-    unsafe { inputs(chunks).ptr(dptr(&sum_delta)?).ptr(dptr(&hs)?).ptr(dptr(&lr)?).run(&stream) }?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    // SAFETY: io, bc and p by the caller's promise (see `# Safety`); sum_delta (B·Q·di), hs and
+    // lr (B·Q·di·N) are the f32 scratch above, held until this function returns (candle's
+    // stream orders their release after the launches).
+    unsafe {
+        Launch::new(
+            func(cd, Module::MambaTrain, &format!("scan_tail_chunks_{sfx}"))?,
+            (cbs as u32, q as u32, bn as u32),
+            BWD_THREADS,
+            0,
+        )
+        .params(params)
+        .run(&stream)
+    }?;
+    let params = ScanTailCarryParams {
+        P: p,
+        h0,
+        sum_delta: dptr(&sum_delta)?,
+        HS: dptr(&hs)?,
+        LR: dptr(&lr)?,
+        s: dims,
+    };
+    // SAFETY: as above; h0 (B, di, N) f32 or 0 by the caller's promise.
     unsafe {
         // 2. composed into each chunk's start state and incoming carry (in place)
         Launch::new(
@@ -205,12 +250,7 @@ pub fn tail_backward(
             256,
             0,
         )
-        .scan(dims)
-        .ptr(p)
-        .ptr(h0)
-        .ptr(dptr(&sum_delta)?)
-        .ptr(dptr(&hs)?)
-        .ptr(dptr(&lr)?)
+        .params(params)
         .run(&stream)
     }?;
     // 3. the gradients, chunk groups in parallel; dB, dC per channel block, then summed
@@ -218,32 +258,52 @@ pub fn tail_backward(
     let cpg = q.div_ceil(groups);
     let groups = q.div_ceil(cpg);
     let dbc_part = empty(&[bn, cbs, len, 2 * n], DType::F32, dev)?; // every element written
-    let bwd = Launch::new(
-        func(cd, Module::MambaTrain, &format!("scan_tail_bwd_{sfx}"))?,
-        (cbs as u32, groups as u32, bn as u32),
-        BWD_THREADS,
-        0,
-    )
-    .scan(dims)
-    .int(cpg as i32);
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = ScanTailBwdParams {
+        v: io.v.0,
+        dt: io.dt.0,
+        z: io.z.0,
+        go: io.go,
+        bc,
+        P: p,
+        H: dptr(&hs)?,
+        R: dptr(&lr)?,
+        dv: io.dv.0,
+        ddt: io.ddt.0,
+        dz: io.dz.0,
+        yg: io.yg,
+        dbc_part: dptr(&dbc_part)?,
+        dP: dptr(dp)?,
+        s: dims,
+        cpg: to_i32(cpg, "scan backward: chunks per block")?,
+        sv,
+        sdt,
+        sz,
+        sdv: to_i32(io.dv.1, "scan backward: dv row stride")?,
+        sddt: to_i32(io.ddt.1, "scan backward: ddt row stride")?,
+        sdz: to_i32(io.dz.1, "scan backward: dz row stride")?,
+    };
+    // SAFETY: as above; dbc_part (B, CB, L, 2N) f32 is the scratch above, dp the caller's
+    // (di·N + 2·di) f32 tensor.
     unsafe {
-        inputs(bwd)
-            .ptr(dptr(&hs)?)
-            .ptr(dptr(&lr)?)
-            .ptr(io.dv.0)
-            .ptr(io.ddt.0)
-            .ptr(io.dz.0)
-            .ptr(io.yg)
-            .i32(io.dv.1)
-            .i32(io.ddt.1)
-            .i32(io.dz.1)
-            .ptr(dptr(&dbc_part)?)
-            .ptr(dptr(dp)?)
-            .run(&stream)
+        Launch::new(
+            func(cd, Module::MambaTrain, &format!("scan_tail_bwd_{sfx}"))?,
+            (cbs as u32, groups as u32, bn as u32),
+            BWD_THREADS,
+            0,
+        )
+        .params(params)
+        .run(&stream)
     }?;
     let total = bn * len * 2 * n;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = ScanTailDbcParams {
+        part: dptr(&dbc_part)?,
+        dbc: dptr(dbc)?,
+        Bn: to_i32(bn, "scan backward: batch")?,
+        CB: to_i32(cbs, "scan backward: channel blocks")?,
+        L2N: to_i32(len * 2 * n, "scan backward: B/C row")?,
+    };
+    // SAFETY: dbc_part (B, CB, L, 2N) f32 is the scratch above, dbc the caller's (B, L, 2N)
+    // f32 tensor; both held until this function returns.
     unsafe {
         Launch::new(
             func(cd, Module::MambaTrain, "scan_tail_dbc_f32")?,
@@ -251,11 +311,7 @@ pub fn tail_backward(
             256,
             0,
         )
-        .i32(bn)
-        .i32(cbs)
-        .i32(len * 2 * n)
-        .ptr(dptr(&dbc_part)?)
-        .ptr(dptr(dbc)?)
+        .params(params)
         .run(&stream)
     }
 }

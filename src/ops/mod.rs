@@ -2,7 +2,9 @@
 //! the host ops, each beside its slow twin. Nothing here knows the model: every op takes tensors
 //! (or device buffers) and sizes; `crate::model` chooses which op runs a layer's math.
 //!
-//! * `cuda`: loading the kernels, device pointers, checked launches (feature `cuda`);
+//! * `cuda`: loading the kernels, device pointers, launches (feature `cuda`); [`params`]: each
+//!   kernel's `#[repr(C)]` params struct, the twin of `kernels/params.cuh` (built without CUDA
+//!   too, so that `tests/kernel_params.rs` compares the two);
 //! * [`act`]: the experts' activation and its kernel code;
 //! * [`scan`]: the selective scan from tensor ops (the twin), [`scan_train::training_scan`] for
 //!   fine-tuning; `scan_kernels`: the chunked scan kernels; `scan_grad`: the scan as an autograd
@@ -29,6 +31,7 @@ pub mod mamba_grad;
 pub mod mamba_kernels;
 #[cfg(feature = "cuda")]
 pub mod optim;
+pub mod params;
 pub mod prof;
 #[cfg(feature = "cuda")]
 pub mod rms_norm;
@@ -38,6 +41,7 @@ pub mod rows;
 pub mod sample;
 pub mod scan;
 pub mod scan_cpu;
+pub mod scan_cpu_infer;
 #[cfg(feature = "cuda")]
 pub mod scan_grad;
 #[cfg(feature = "cuda")]

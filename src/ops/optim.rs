@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, func, sm_count, Launch, Module};
+use crate::ops::params::{AdamwParams, SumsqParams};
 
 /// The scalars of one AdamW update (bias corrections bc1 = 1 − β₁ᵗ, bc2 = 1 − β₂ᵗ; decay =
 /// 1 − lr · weight decay, or 1; gscale multiplies the gradient: clipping).
@@ -70,24 +71,29 @@ pub fn adamw(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamStep, cast:
     }
     let cd = cuda_device(w.device())?;
     let cap = sm_count(cd)? * 8;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = AdamwParams {
+        w: dptr(w)?,
+        g: dptr(&g)?,
+        m: dptr(m)?,
+        v: dptr(v)?,
+        wc,
+        n: n as u64,
+        lr: s.lr as f32,
+        b1: s.beta1 as f32,
+        b2: s.beta2 as f32,
+        bc1: s.bc1 as f32,
+        bc2: s.bc2 as f32,
+        eps: s.eps as f32,
+        decay: s.decay as f32,
+        gscale: s.gscale as f32,
+        wc_kind,
+    };
+    // SAFETY: w, g, m and v are contiguous f32 CUDA tensors of n values each and wc a
+    // contiguous copy of n values in the dtype wc_kind names (all checked above); the caller
+    // holds them until the step is queued, and candle's stream orders their release after it.
     unsafe {
         Launch::new(func(cd, Module::Optim, "adamw_f32")?, (blocks_for(n, 256, cap), 1, 1), 256, 0)
-            .ptr(dptr(w)?)
-            .ptr(dptr(&g)?)
-            .ptr(dptr(m)?)
-            .ptr(dptr(v)?)
-            .u64(n as u64)
-            .f32(s.lr as f32)
-            .f32(s.beta1 as f32)
-            .f32(s.beta2 as f32)
-            .f32(s.bc1 as f32)
-            .f32(s.bc2 as f32)
-            .f32(s.eps as f32)
-            .f32(s.decay as f32)
-            .f32(s.gscale as f32)
-            .ptr(wc)
-            .int(wc_kind)
+            .params(params)
             .run(&cd.cuda_stream())
     }
 }
@@ -106,12 +112,16 @@ pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
         if n == 0 {
             continue;
         }
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = SumsqParams {
+            g: dptr(&g)?,
+            acc: dptr(&acc)?,
+            n: n as u64,
+        };
+        // SAFETY: g is the contiguous f32 copy above (n values), acc the (1) f64 tensor above;
+        // both live until the sum is read back below.
         unsafe {
             Launch::new(f.clone(), (blocks_for(n, 256, cap), 1, 1), 256, 0)
-                .ptr(dptr(&g)?)
-                .u64(n as u64)
-                .ptr(dptr(&acc)?)
+                .params(params)
                 .run(&cd.cuda_stream())
         }?;
     }

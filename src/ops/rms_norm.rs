@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tens
 
 use crate::error::{Error, Result};
 use crate::ops::cuda::{cuda_device, dptr, empty, f32_ptr, func, sm_count, suffix, to_candle, Launch, Module};
+use crate::ops::params::{to_i32, to_i64, RmsNormBwdParams, RmsNormDwParams, RmsNormFwdParams};
 
 const THREADS: u32 = 256;
 /// Backward blocks per SM (each keeps a d-float dw accumulator in shared memory).
@@ -112,7 +113,17 @@ impl CustomOp2 for RmsNormOp {
             other => candle_core::bail!("rms norm: no kernel for output {other:?}"),
         };
         let sfx = suffix(self.out).map_err(to_candle)?;
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = RmsNormFwdParams {
+            x: xp,
+            w: wp,
+            y: yp,
+            rows: to_i64(self.rows, "rms norm rows").map_err(to_candle)?,
+            d: to_i32(self.d, "rms norm width").map_err(to_candle)?,
+            eps: self.eps,
+        };
+        // SAFETY: x and w address the op's contiguous (rows, d) and (d) f32 inputs (checked by
+        // f32_ptr), y the (rows, d) output just allocated; all live until the launch completes
+        // (candle keeps the inputs, y is returned).
         unsafe {
             Launch::new(
                 func(&dev, Module::RmsNorm, &format!("rms_norm_fwd_{sfx}")).map_err(to_candle)?,
@@ -120,12 +131,7 @@ impl CustomOp2 for RmsNormOp {
                 THREADS,
                 0,
             )
-            .i64(self.rows)
-            .i32(self.d)
-            .f32(self.eps)
-            .ptr(xp)
-            .ptr(wp)
-            .ptr(yp)
+            .params(params)
             .label("rms-norm")
             .run(&stream)
         }
@@ -159,7 +165,20 @@ impl RmsNormOp {
             None
         };
         let stream = cd.cuda_stream();
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = RmsNormBwdParams {
+            x: dptr(&x)?,
+            w: dptr(&w)?,
+            g: dptr(&g)?,
+            dx: dptr(&dx)?,
+            part: part.as_ref().map_or(Ok(0), dptr)?,
+            rows: to_i64(rows, "rms norm rows")?,
+            d: to_i32(d, "rms norm width")?,
+            eps: self.eps,
+            smem_acc: i32::from(smem_acc),
+        };
+        // SAFETY: x (rows, d) f32, w (d) f32, g (rows, d) out-dtype and dx (rows, d) f32 are the
+        // contiguous tensors above, part (blocks, d) f32 or null; all are held by this function
+        // until it returns, and candle's stream orders their release after the launch.
         unsafe {
             Launch::new(
                 func(cd, Module::RmsNorm, &format!("rms_norm_bwd_{}", suffix(self.out)?))?,
@@ -167,29 +186,25 @@ impl RmsNormOp {
                 THREADS,
                 if smem_acc && part.is_some() { (d * 4) as u32 } else { 0 },
             )
-            .i64(rows)
-            .i32(d)
-            .f32(self.eps)
-            .int(i32::from(smem_acc))
-            .ptr(dptr(&x)?)
-            .ptr(dptr(&w)?)
-            .ptr(dptr(&g)?)
-            .ptr(dptr(&dx)?)
-            .ptr(part.as_ref().map_or(Ok(0), dptr)?)
+            .params(params)
             .label("rms-norm-bwd")
             .run(&stream)
         }?;
         let Some(part) = part else {
             return Ok((dx, None));
         };
-        let dw = empty(&[d], DType::F32, dev)?;
+        let dw = empty(&[d], DType::F32, dev)?; // (d)
+        let params = RmsNormDwParams {
+            part: dptr(&part)?,
+            dw: dptr(&dw)?,
+            nb: to_i32(blocks as usize, "rms norm blocks")?,
+            d: to_i32(d, "rms norm width")?,
+        };
+        // SAFETY: part (blocks, d) and dw (d) are the f32 tensors above, live until they drop
+        // after the launch is queued (candle's stream orders the release).
         unsafe {
-            // (d)
             Launch::new(func(cd, Module::RmsNorm, "rms_norm_dw")?, (d.div_ceil(32) as u32, 1, 1), 256, 0)
-                .i32(blocks as usize)
-                .i32(d)
-                .ptr(dptr(&part)?)
-                .ptr(dptr(&dw)?)
+                .params(params)
                 .label("rms-norm-dw")
                 .run(&stream)
         }?;

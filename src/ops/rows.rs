@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tens
 
 use crate::error::{Error, Result};
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, f32_ptr, func, suffix, to_candle, Launch, Module};
+use crate::ops::params::{to_i32, to_i64, GatherRowsParams, ScatterAddRowsParams};
 
 const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 16 * 132;
@@ -33,7 +34,16 @@ pub fn scatter_add_rows(src: &Tensor, idx: &Tensor, rows: usize) -> Result<Tenso
     let cd = cuda_device(dev)?;
     let (src, idx) = (src.contiguous()?, idx.contiguous()?);
     let dst = Tensor::zeros((rows, d), DType::F32, dev)?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = ScatterAddRowsParams {
+        idx: dptr(&idx)?,
+        src: dptr(&src)?,
+        dst: dptr(&dst)?,
+        n: to_i64(n, "scatter rows: source rows")?,
+        d: to_i32(d, "scatter rows: row width")?,
+    };
+    // SAFETY: idx (n) u32, src (n, d) and dst (rows, d) f32 are the contiguous tensors above,
+    // held until this function returns (candle's stream orders their release after the launch);
+    // the caller's indices are < rows (the kernel does not check them).
     unsafe {
         Launch::new(
             func(cd, Module::Rows, &format!("scatter_add_rows_{}", suffix(src.dtype())?))?,
@@ -41,11 +51,7 @@ pub fn scatter_add_rows(src: &Tensor, idx: &Tensor, rows: usize) -> Result<Tenso
             THREADS,
             0,
         )
-        .i64(n)
-        .i32(d)
-        .ptr(dptr(&idx)?)
-        .ptr(dptr(&src)?)
-        .ptr(dptr(&dst)?)
+        .params(params)
         .label("scatter-rows")
         .run(&cd.cuda_stream())
     }?;
@@ -93,7 +99,16 @@ impl CustomOp1 for SelectRows {
         let out = dev.alloc_zeros::<f32>(n * d)?;
         let stream = dev.cuda_stream();
         let op = out.device_ptr(&stream).0;
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = GatherRowsParams {
+            idx: dptr(&self.idx).map_err(to_candle)?,
+            x: f32_ptr(s, l, "row selection")?,
+            out: op,
+            n: to_i64(n, "select rows: indices").map_err(to_candle)?,
+            d: to_i32(d, "select rows: row width").map_err(to_candle)?,
+        };
+        // SAFETY: idx (n) u32 is held by the op, x the op's contiguous (R, d) f32 input, out the
+        // (n, d) f32 buffer just allocated (returned); the indices are < R (the caller's promise
+        // in select_rows; the kernel does not check them).
         unsafe {
             Launch::new(
                 func(&dev, Module::Rows, "gather_rows_f32").map_err(to_candle)?,
@@ -101,11 +116,7 @@ impl CustomOp1 for SelectRows {
                 THREADS,
                 0,
             )
-            .i64(n)
-            .i32(d)
-            .ptr(dptr(&self.idx).map_err(to_candle)?)
-            .ptr(f32_ptr(s, l, "row selection")?)
-            .ptr(op)
+            .params(params)
             .label("gather-rows")
             .run(&stream)
         }

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ops::cuda::{cuda_device, dptr, func, Launch, Module};
+use crate::ops::params::{to_i32, SampleLogitsParams};
 use crate::sampling::SamplingParams;
 
 /// Threads of the sampling kernel (`SAMPLE_THREADS`).
@@ -168,18 +169,19 @@ impl DeviceSampler {
         nblk: usize,
     ) -> Result<Launch> {
         let f = func(cuda_device(self.state.device())?, Module::Sample, "sample_logits")?;
-        Ok(Launch::new(f, (1, 1, 1), THREADS, 0)
-            .label("sample")
-            .ptr(logits)
-            .i32(vocab)
-            .ptr(dptr(&self.state)?)
-            .ptr(dptr(&self.hist)?)
-            .ptr(tok)
-            .ptr(step)
-            .ptr(out)
-            .ptr(parts)
-            .i32(n_layers)
-            .i32(nblk))
+        let params = SampleLogitsParams {
+            logits,
+            st: dptr(&self.state)?,
+            hist: dptr(&self.hist)?,
+            tok,
+            step,
+            out,
+            parts,
+            V: to_i32(vocab, "device sampler: vocabulary")?,
+            n_layers: to_i32(n_layers, "device sampler: layers")?,
+            nblk: to_i32(nblk, "device sampler: blocks")?,
+        };
+        Ok(Launch::new(f, (1, 1, 1), THREADS, 0).label("sample").params(params))
     }
 
     /// Samples once from `logits` (vocab) f32 on this sampler's device, `fed` being the token just
@@ -198,8 +200,7 @@ impl DeviceSampler {
         let base = dptr(&words)?;
         let l = self.launch(dptr(logits)?, logits.dim(0)?, base, base + 4, base + 8, 0, 0, 0)?;
         let stream = cuda_device(dev)?.cuda_stream();
-        // SAFETY: sample_logits(float*, int, SampleState*, unsigned*, unsigned*, unsigned*,
-        // unsigned*, const float*, int, int) as `launch` builds it, over the contiguous logits
+        // SAFETY: `launch` fills SampleLogitsParams with the contiguous (vocab) f32 logits
         // tensor, this sampler's buffers and the three words of `words`, all alive until the
         // synchronising read below.
         unsafe { l.run(&stream) }?;

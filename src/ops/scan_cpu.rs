@@ -64,7 +64,7 @@ impl Inputs<'_> {
 }
 
 /// Channel ranges, one per thread.
-fn channel_ranges(di: usize, work: usize) -> Vec<(usize, usize)> {
+pub(crate) fn channel_ranges(di: usize, work: usize) -> Vec<(usize, usize)> {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     // below ~64k state updates a thread costs more than it saves
     let threads = cores.min(di).min(work.div_ceil(1 << 16)).max(1);
@@ -189,7 +189,7 @@ fn forward(d: Dims, x: &Inputs) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Runs `f` on every channel range, on threads when there is more than one.
-fn per_range<T: Send>(ranges: &[(usize, usize)], f: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
+pub(crate) fn per_range<T: Send>(ranges: &[(usize, usize)], f: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
     if ranges.len() == 1 {
         return ranges.iter().map(|&(s, e)| f(s, e)).collect();
     }

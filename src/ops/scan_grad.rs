@@ -12,7 +12,9 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::ops::cuda::{dptr, dptr_opt, f32_ptr, func, to_candle, Launch, Module, ScanIn};
+use crate::ops::cuda::{dptr, dptr_opt, f32_ptr, func, to_candle, Launch, Module};
+use crate::ops::params::{to_i32, to_i64, ScanBwdParams, ScanIn};
+use crate::ops::scan_kernels::ScanArgs;
 
 /// Chunk length of the backward pass (its per-channel history lives in a (B, LC, N, d_inner) scratch).
 const BWD_CHUNK: usize = 16;
@@ -46,14 +48,7 @@ impl CustomOp3 for ScanOp {
         );
         let lc = len.div_ceil(32).div_ceil(16).clamp(1, 16) * 16;
         let q = len.div_ceil(lc);
-        let dims = ScanIn {
-            bn: bn as i32,
-            l: len as i32,
-            di: di as i32,
-            n: n as i32,
-            lc: lc as i32,
-            q: q as i32,
-        };
+        let dims = ScanIn::new(bn, len, di, n, lc, q).map_err(to_candle)?;
         let y = dev.alloc_zeros::<f32>(bn * len * di)?;
         let sum_delta = dev.alloc_zeros::<f32>((bn * q * di).max(1))?;
         let big_s = dev.alloc_zeros::<f32>((bn * q * di * n).max(1))?;
@@ -65,8 +60,27 @@ impl CustomOp3 for ScanOp {
         let grid = (di.div_ceil(128) as u32, q as u32, bn as u32);
         let (v_bs, v_ts) = (len * 2 * di, 2 * di);
         let (bc_bs, bc_ts) = (len * 2 * n, 2 * n);
+        // vd = [v, Δ] (B, L, 2, di) and bc = [B, C] (B, L, 2N) read in place as strided views
+        let args = ScanArgs {
+            dims,
+            dt: (pvd + (di * 4) as u64, v_bs, v_ts),
+            dt_bias: 0,
+            a: pa,
+            a_is_log: false,
+            b: pbc,
+            c: pbc + (n * 4) as u64,
+            bc: (bc_bs, bc_ts),
+            v: (pvd, v_bs, v_ts),
+            z: (0, 0, 0),
+            d: 0,
+            h0,
+        };
         if q > 1 {
-            // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+            let params = args.chunk_sum_params(sdp, ssp).map_err(to_candle)?;
+            // SAFETY: vd (B, L, 2, di), bc (B, L, 2N) and a (di, N) are the op's contiguous f32
+            // inputs (f32_ptr checks), the views above stay inside them; sum_delta (B, Q, di)
+            // and big_s (B, Q, di, N) are the f32 scratch above, alive until this function
+            // returns (the stream orders their release after the launch).
             unsafe {
                 Launch::new(
                     func(&dev, Module::Scan, "scan_chunk_sum_f32").map_err(to_candle)?,
@@ -74,26 +88,14 @@ impl CustomOp3 for ScanOp {
                     128,
                     (lc * n * 4) as u32,
                 )
-                .scan(dims)
-                .ptr(pvd + (di * 4) as u64)
-                .i64(v_bs)
-                .i32(v_ts)
-                .ptr(0)
-                .ptr(pa)
-                .int(0)
-                .ptr(pbc)
-                .i64(bc_bs)
-                .i32(bc_ts)
-                .ptr(pvd)
-                .i64(v_bs)
-                .i32(v_ts)
-                .ptr(sdp)
-                .ptr(ssp)
+                .params(params)
                 .run(&stream)
             }
             .map_err(to_candle)?;
         }
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = args.chunk_out_params(sdp, ssp, 0, yp, 0, 0, 0).map_err(to_candle)?;
+        // SAFETY: as above; h0 (B, di, N) f32 is held by the op (or null), y (B, L, di) f32 is
+        // the output just allocated (returned).
         unsafe {
             Launch::new(
                 func(&dev, Module::Scan, "scan_chunk_out_f32").map_err(to_candle)?,
@@ -101,32 +103,7 @@ impl CustomOp3 for ScanOp {
                 128,
                 ((2 * lc * n + 2 * lc) * 4) as u32,
             )
-            .scan(dims)
-            .ptr(pvd + (di * 4) as u64)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(0)
-            .ptr(pa)
-            .int(0)
-            .ptr(pbc)
-            .ptr(pbc + (n * 4) as u64)
-            .i64(bc_bs)
-            .i32(bc_ts)
-            .ptr(pvd)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(0)
-            .i64(0)
-            .i32(0)
-            .ptr(0)
-            .ptr(h0)
-            .ptr(sdp)
-            .ptr(ssp)
-            .ptr(0)
-            .ptr(yp)
-            .ptr(0)
-            .ptr(0)
-            .ptr(0)
+            .params(params)
             .run(&stream)
         }
         .map_err(to_candle)?;
@@ -153,17 +130,47 @@ impl ScanOp {
         let dbc = Tensor::zeros((bn, len, 2 * n), DType::F32, dev)?;
         let da = Tensor::zeros((di, n), DType::F32, dev)?;
         let (pvd, pbc, pdvd, pdbc) = (dptr(&vd)?, dptr(&bc)?, dptr(&dvd)?, dptr(&dbc)?);
-        let dims = ScanIn {
-            bn: bn as i32,
-            l: len as i32,
-            di: di as i32,
-            n: n as i32,
-            lc: lc as i32,
-            q: q as i32,
+        // vd = [v, Δ] (B, L, 2, di) and bc = [B, C] (B, L, 2N) read in place as strided views
+        let (v_bs, v_ts) = (
+            to_i64(len * 2 * di, "scan backward: v batch stride")?,
+            to_i32(2 * di, "scan backward: v row stride")?,
+        );
+        let (bc_bs, bc_ts) = (
+            to_i64(len * 2 * n, "scan backward: B/C batch stride")?,
+            to_i32(2 * n, "scan backward: B/C row stride")?,
+        );
+        let params = ScanBwdParams {
+            dt: pvd + (di * 4) as u64,
+            A: dptr(&a)?,
+            Bm: pbc,
+            Cm: pbc + (n * 4) as u64,
+            v: pvd,
+            h0: dptr_opt(self.h0.as_ref())?,
+            gy: dptr(&gy)?,
+            hs: dptr(&hs)?,
+            hist: dptr(&hist)?,
+            dv: pdvd,
+            dd: pdvd + (di * 4) as u64,
+            dB: pdbc,
+            dC: pdbc + (n * 4) as u64,
+            dA: dptr(&da)?,
+            dt_bs: v_bs,
+            bc_bs,
+            v_bs,
+            dv_bs: v_bs,
+            dd_bs: v_bs,
+            dbc_bs: bc_bs,
+            s: ScanIn::new(bn, len, di, n, lc, q)?,
+            dt_ts: v_ts,
+            bc_ts,
+            v_ts,
+            dv_ts: v_ts,
+            dd_ts: v_ts,
+            dbc_ts: bc_ts,
         };
-        let (v_bs, v_ts) = (len * 2 * di, 2 * di);
-        let (bc_bs, bc_ts) = (len * 2 * n, 2 * n);
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        // SAFETY: vd and dvd (B, L, 2, di), bc and dbc (B, L, 2N), a and da (di, N), gy (B, L,
+        // di), hs (B·Q·di·N), hist (B·LC·N·di) and h0 (B, di, N, or null) are the contiguous f32
+        // tensors above (the strided views stay inside them), held until this function returns.
         unsafe {
             Launch::new(
                 func(cd, Module::Scan, "scan_bwd_f32")?,
@@ -171,33 +178,7 @@ impl ScanOp {
                 128,
                 (lc * 2 * n * 4) as u32,
             )
-            .scan(dims)
-            .ptr(pvd + (di * 4) as u64)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(dptr(&a)?)
-            .ptr(pbc)
-            .ptr(pbc + (n * 4) as u64)
-            .i64(bc_bs)
-            .i32(bc_ts)
-            .ptr(pvd)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(dptr_opt(self.h0.as_ref())?)
-            .ptr(dptr(&gy)?)
-            .ptr(dptr(&hs)?)
-            .ptr(dptr(&hist)?)
-            .ptr(pdvd)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(pdvd + (di * 4) as u64)
-            .i64(v_bs)
-            .i32(v_ts)
-            .ptr(pdbc)
-            .ptr(pdbc + (n * 4) as u64)
-            .i64(bc_bs)
-            .i32(bc_ts)
-            .ptr(dptr(&da)?)
+            .params(params)
             .run(&cd.cuda_stream())
         }?;
         Ok((dvd, dbc, da))

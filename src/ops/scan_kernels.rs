@@ -7,7 +7,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::ops::cuda::{cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module, ScanIn};
+use crate::ops::cuda::{cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
+use crate::ops::params::{to_i32, to_i64, ScanChunkOutParams, ScanChunkSumParams, ScanIn};
 use crate::ops::scan::ScanOut;
 
 /// Chunk length and count of the chunked scan for a sequence of `len` tokens.
@@ -32,9 +33,82 @@ pub(crate) struct ScanArgs {
     pub(crate) h0: u64,
 }
 
+impl ScanArgs {
+    /// `scan_chunk_sum_T`'s params, writing ΣΔ to `sum_delta` (B, Q, di) and the chunks' own
+    /// states to `sst` (B, Q, di, N).
+    pub(crate) fn chunk_sum_params(&self, sum_delta: u64, sst: u64) -> Result<ScanChunkSumParams> {
+        Ok(ScanChunkSumParams {
+            dt: self.dt.0,
+            dt_bias: self.dt_bias,
+            A: self.a,
+            Bm: self.b,
+            v: self.v.0,
+            sum_delta,
+            Sst: sst,
+            dt_bs: to_i64(self.dt.1, "scan: dt batch stride")?,
+            bc_bs: to_i64(self.bc.0, "scan: B/C batch stride")?,
+            v_bs: to_i64(self.v.1, "scan: v batch stride")?,
+            s: self.dims,
+            dt_ts: to_i32(self.dt.2, "scan: dt row stride")?,
+            a_is_log: i32::from(self.a_is_log),
+            bc_ts: to_i32(self.bc.1, "scan: B/C row stride")?,
+            v_ts: to_i32(self.v.2, "scan: v row stride")?,
+        })
+    }
+
+    /// `scan_chunk_out_T`'s params with the scratch of [`ScanArgs::chunk_sum_params`] and the
+    /// outputs (0 for one not wanted): y_t (B, L, di) gated in T, y_raw (B, L, di) f32, h_last
+    /// (B, di, N) f32, hsq and dsum (B, L) f32 telemetry.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn chunk_out_params(
+        &self,
+        sum_delta: u64,
+        sst: u64,
+        y_t: u64,
+        y_raw: u64,
+        h_last: u64,
+        hsq: u64,
+        dsum: u64,
+    ) -> Result<ScanChunkOutParams> {
+        Ok(ScanChunkOutParams {
+            dt: self.dt.0,
+            dt_bias: self.dt_bias,
+            A: self.a,
+            Bm: self.b,
+            Cm: self.c,
+            v: self.v.0,
+            z: self.z.0,
+            Dp: self.d,
+            h0: self.h0,
+            sum_delta,
+            Sst: sst,
+            y_t,
+            y_raw,
+            h_last,
+            hsq,
+            dsum,
+            dt_bs: to_i64(self.dt.1, "scan: dt batch stride")?,
+            bc_bs: to_i64(self.bc.0, "scan: B/C batch stride")?,
+            v_bs: to_i64(self.v.1, "scan: v batch stride")?,
+            z_bs: to_i64(self.z.1, "scan: z batch stride")?,
+            s: self.dims,
+            dt_ts: to_i32(self.dt.2, "scan: dt row stride")?,
+            a_is_log: i32::from(self.a_is_log),
+            bc_ts: to_i32(self.bc.1, "scan: B/C row stride")?,
+            v_ts: to_i32(self.v.2, "scan: v row stride")?,
+            z_ts: to_i32(self.z.2, "scan: z row stride")?,
+        })
+    }
+}
+
 /// Runs the two chunked-scan kernels. Outputs: y_t (T, gated), y_raw (f32), h_last, telemetry.
+///
+/// # Safety
+/// The pointers of `a` must address live device memory of the shapes and dtypes
+/// [`ScanChunkOutParams`] documents for `a.dims` and `dtype`, until the launches complete on the
+/// device's stream.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scan_launch(
+pub(crate) unsafe fn scan_launch(
     dev: &candle_core::Device,
     dtype: DType,
     a: &ScanArgs,
@@ -48,7 +122,7 @@ pub(crate) fn scan_launch(
     let stream = cd.cuda_stream();
     let sfx = suffix(dtype)?;
     let s = a.dims;
-    let (bn, q, di, n, lc) = (s.bn as usize, s.q as usize, s.di as usize, s.n as usize, s.lc as usize);
+    let (bn, q, di, n, lc) = (s.Bn as usize, s.Q as usize, s.di as usize, s.N as usize, s.LC as usize);
     let grid = (di.div_ceil(128) as u32, q as u32, bn as u32);
     // scratch: per chunk ΣΔ (B, Q, di) and the chunk's own state S (B, Q, di, N)
     let (sum_delta, big_s) = if q > 1 {
@@ -60,7 +134,10 @@ pub(crate) fn scan_launch(
         (None, None)
     };
     if let (Some(sd), Some(ss)) = (&sum_delta, &big_s) {
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = a.chunk_sum_params(dptr(sd)?, dptr(ss)?)?;
+        // SAFETY: the inputs of `a` are live views of the shapes its dims give (this function's
+        // `# Safety`), sd (B, Q, di) and ss (B, Q, di, N) the f32 scratch above, held to the end
+        // of this function (candle's stream orders their release after both launches).
         unsafe {
             Launch::new(
                 func(cd, Module::Scan, &format!("scan_chunk_sum_{sfx}"))?,
@@ -68,25 +145,21 @@ pub(crate) fn scan_launch(
                 128,
                 (lc * n * 4) as u32,
             )
-            .scan(s)
-            .ptr(a.dt.0)
-            .i64(a.dt.1)
-            .i32(a.dt.2)
-            .ptr(a.dt_bias)
-            .ptr(a.a)
-            .int(i32::from(a.a_is_log))
-            .ptr(a.b)
-            .i64(a.bc.0)
-            .i32(a.bc.1)
-            .ptr(a.v.0)
-            .i64(a.v.1)
-            .i32(a.v.2)
-            .ptr(dptr(sd)?)
-            .ptr(dptr(ss)?)
+            .params(params)
             .run(&stream)
         }?;
     }
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = a.chunk_out_params(
+        dptr_opt(sum_delta.as_ref())?,
+        dptr_opt(big_s.as_ref())?,
+        dptr_opt(y_t)?,
+        dptr_opt(y_raw)?,
+        dptr_opt(h_last)?,
+        dptr_opt(hsq)?,
+        dptr_opt(dsum)?,
+    )?;
+    // SAFETY: as above; the outputs are the caller's tensors (or null), of the shapes
+    // ScanChunkOutParams gives for `a.dims`.
     unsafe {
         Launch::new(
             func(cd, Module::Scan, &format!("scan_chunk_out_{sfx}"))?,
@@ -94,32 +167,7 @@ pub(crate) fn scan_launch(
             128,
             ((2 * lc * n + 2 * lc) * 4) as u32,
         )
-        .scan(s)
-        .ptr(a.dt.0)
-        .i64(a.dt.1)
-        .i32(a.dt.2)
-        .ptr(a.dt_bias)
-        .ptr(a.a)
-        .int(i32::from(a.a_is_log))
-        .ptr(a.b)
-        .ptr(a.c)
-        .i64(a.bc.0)
-        .i32(a.bc.1)
-        .ptr(a.v.0)
-        .i64(a.v.1)
-        .i32(a.v.2)
-        .ptr(a.z.0)
-        .i64(a.z.1)
-        .i32(a.z.2)
-        .ptr(a.d)
-        .ptr(a.h0)
-        .ptr(dptr_opt(sum_delta.as_ref())?)
-        .ptr(dptr_opt(big_s.as_ref())?)
-        .ptr(dptr_opt(y_t)?)
-        .ptr(dptr_opt(y_raw)?)
-        .ptr(dptr_opt(h_last)?)
-        .ptr(dptr_opt(hsq)?)
-        .ptr(dptr_opt(dsum)?)
+        .params(params)
         .run(&stream)
     }
 }
@@ -154,14 +202,7 @@ pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
     );
     let (lc, q) = scan_chunks(len);
     let args = ScanArgs {
-        dims: ScanIn {
-            bn: bn as i32,
-            l: len as i32,
-            di: di as i32,
-            n: n as i32,
-            lc: lc as i32,
-            q: q as i32,
-        },
+        dims: ScanIn::new(bn, len, di, n, lc, q)?,
         dt: (dptr(&delta)?, len * di, di),
         dt_bias: 0,
         a: dptr(&a)?,
@@ -177,7 +218,9 @@ pub fn selective_scan(v: &Tensor, delta: &Tensor, a: &Tensor, b: &Tensor, c: &Te
     let y = empty(&[bn, len, di], DType::F32, dev)?;
     let h_last = empty(&[bn, di, n], DType::F32, dev)?;
     let (hsq, dsum) = telemetry_sums(bn, len, want_norm, dev)?;
-    scan_launch(dev, DType::F32, &args, None, Some(&y), Some(&h_last), hsq.as_ref(), dsum.as_ref())?;
+    // SAFETY: the pointers of `args` address the contiguous f32 tensors above (v, delta (B, L,
+    // di), a (di, N), b, c (B, L, N), h0 (B, di, N)), held until this function returns.
+    unsafe { scan_launch(dev, DType::F32, &args, None, Some(&y), Some(&h_last), hsq.as_ref(), dsum.as_ref()) }?;
     Ok(ScanOut {
         y,
         h_last,

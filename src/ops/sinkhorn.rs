@@ -6,6 +6,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module};
+use crate::ops::params::{to_i32, SinkhornParams};
 use crate::sinkhorn::{SinkhornIter, SinkhornOpts, SinkhornResult, Variant};
 
 /// Runs Sinkhorn on router logits `cost` (T, E) f32 on a CUDA device. E must be at most 32.
@@ -31,22 +32,27 @@ pub fn sinkhorn(cost: &Tensor, opts: &SinkhornOpts) -> Result<SinkhornResult> {
         Variant::Zyphra => (2.0, 1),
         Variant::Standard => (1.0, 0),
     };
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = SinkhornParams {
+        cost: dptr(&cost)?,
+        K: dptr(&k)?,
+        d0: dptr(&d0)?,
+        plan: dptr(&plan)?,
+        assign: dptr(&assign)?,
+        trace: dptr(&trace)?,
+        status: dptr(&status)?,
+        scale,
+        tol: opts.tol,
+        T: to_i32(t, "device Sinkhorn: tokens")?,
+        E: to_i32(e, "device Sinkhorn: experts")?,
+        zyphra,
+        max_iters: to_i32(iters, "device Sinkhorn: iterations")?,
+    };
+    // SAFETY: cost (T, E) f32, K (T·E) f64, d0 (T) f64, plan (T, E) f32, assign (T) u32,
+    // trace (max(iters, 1)·4) f64 and status (2) u32 (read as int) are the contiguous tensors
+    // above, all live until the results are read back below.
     unsafe {
         Launch::new(func(cd, Module::Sinkhorn, "sinkhorn_run")?, (1, 1, 1), 1024, 0)
-            .i32(t)
-            .i32(e)
-            .ptr(dptr(&cost)?)
-            .f64(scale)
-            .int(zyphra)
-            .i32(iters)
-            .f64(opts.tol)
-            .ptr(dptr(&k)?)
-            .ptr(dptr(&d0)?)
-            .ptr(dptr(&plan)?)
-            .ptr(dptr(&assign)?)
-            .ptr(dptr(&trace)?)
-            .ptr(dptr(&status)?)
+            .params(params)
             .run(&cd.cuda_stream())
     }?;
     let status: Vec<u32> = status.to_vec1()?;

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tens
 
 use crate::error::{Error, Result};
 use crate::ops::cuda::{cuda_device, dptr, empty, func, storage_ptr, suffix, to_candle, Launch, Module};
+use crate::ops::params::{to_i32, XentBwdParams, XentFwdParams};
 
 const THREADS: u32 = 256;
 
@@ -79,7 +80,15 @@ impl CustomOp2 for CrossEntropyOp {
         let out = dev.alloc_zeros::<f32>(self.n * 2)?; // (n, 2)
         let op = out.device_ptr(&stream).0;
         let sfx = suffix(s1.dtype()).map_err(to_candle)?;
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = XentFwdParams {
+            logits: xp,
+            targets: tp,
+            out: op,
+            v: to_i32(self.v, "cross-entropy: vocabulary").map_err(to_candle)?,
+            vec: vec_flag(self.v, s1.dtype(), &[xp]),
+        };
+        // SAFETY: logits (n, V) and targets (n) u32 are the op's contiguous inputs (storage_ptr
+        // checks), out the (n, 2) f32 buffer just allocated (returned).
         unsafe {
             Launch::new(
                 func(&dev, Module::Xent, &format!("xent_fwd_{sfx}")).map_err(to_candle)?,
@@ -87,11 +96,7 @@ impl CustomOp2 for CrossEntropyOp {
                 THREADS,
                 0,
             )
-            .i32(self.v)
-            .int(vec_flag(self.v, s1.dtype(), &[xp]))
-            .ptr(xp)
-            .ptr(tp)
-            .ptr(op)
+            .params(params)
             .label("xent")
             .run(&stream)
         }
@@ -118,7 +123,18 @@ impl CrossEntropyOp {
         let g = grad.to_dtype(DType::F32)?.contiguous()?; // (n, 2)
         let d = empty(&[n, v], x.dtype(), dev)?; // (n, V)
         let (xp, dp) = (dptr(&x)?, dptr(&d)?);
-        // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+        let params = XentBwdParams {
+            logits: xp,
+            targets: dptr(&t)?,
+            res: dptr(&res)?,
+            grad: dptr(&g)?,
+            dx: dp,
+            v: to_i32(v, "cross-entropy: vocabulary")?,
+            vec: vec_flag(v, x.dtype(), &[xp, dp]),
+        };
+        // SAFETY: logits (n, V), targets (n) u32, res and grad (n, 2) f32 and dx (n, V) are the
+        // contiguous tensors above, held until this function returns (candle's stream orders
+        // their release after the launch).
         unsafe {
             Launch::new(
                 func(cd, Module::Xent, &format!("xent_bwd_{}", suffix(x.dtype())?))?,
@@ -126,13 +142,7 @@ impl CrossEntropyOp {
                 THREADS,
                 0,
             )
-            .i32(v)
-            .int(vec_flag(v, x.dtype(), &[xp, dp]))
-            .ptr(xp)
-            .ptr(dptr(&t)?)
-            .ptr(dptr(&res)?)
-            .ptr(dptr(&g)?)
-            .ptr(dp)
+            .params(params)
             .label("xent-bwd")
             .run(&cd.cuda_stream())
         }?;

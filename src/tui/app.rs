@@ -7,6 +7,7 @@ use crate::chat_template::Role as Speaker;
 use crate::engine::protocol::{CancelFlag, Command, EngineEvent, ModelInfo, ReqId, SinkhornReport};
 use crate::generate::{GenStats, StopReason};
 use crate::sampling::SamplingParams;
+use crate::tui::compare_state::CompareState;
 use crate::tui::editor::Editor;
 use crate::tui::finetune_state::FinetuneState;
 use crate::tui::keymap::{step_in, Binding, Chord};
@@ -14,7 +15,7 @@ use crate::tui::picker::Picker;
 use crate::tui::store::Telemetry;
 use crate::tui::theme::Theme;
 
-/// The five views, in Tab order.
+/// The six views, in Tab order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
     Chat,
@@ -22,10 +23,18 @@ pub enum View {
     Sinkhorn,
     State,
     Finetune,
+    Compare,
 }
 
 impl View {
-    pub const ALL: [Self; 5] = [Self::Chat, Self::Routing, Self::Sinkhorn, Self::State, Self::Finetune];
+    pub const ALL: [Self; 6] = [
+        Self::Chat,
+        Self::Routing,
+        Self::Sinkhorn,
+        Self::State,
+        Self::Finetune,
+        Self::Compare,
+    ];
     pub fn title(self) -> &'static str {
         match self {
             Self::Chat => "Chat",
@@ -33,6 +42,7 @@ impl View {
             Self::Sinkhorn => "Sinkhorn",
             Self::State => "State",
             Self::Finetune => "Fine-tune",
+            Self::Compare => "Compare",
         }
     }
     pub fn index(self) -> usize {
@@ -220,6 +230,8 @@ pub struct App {
     /// State view: selected Mamba slot.
     pub state_layer: usize,
     pub ft: FinetuneState,
+    /// The compare view (F6) and the routing view's format comparison.
+    pub cmp: CompareState,
     pub busy: Option<Busy>,
     pub stats: Option<(GenStats, StopReason)>,
     /// The model picker (Ctrl-K).
@@ -250,6 +262,7 @@ impl App {
             sink: SinkhornState::default(),
             state_layer: 0,
             ft: FinetuneState::default(),
+            cmp: CompareState::default(),
             busy: None,
             stats: None,
             picker: Picker::default(),
@@ -330,6 +343,7 @@ impl App {
             View::Sinkhorn => self.sink.layer = step_in(self.sink.layer, d.signum(), self.moe_count()),
             View::State => self.state_layer = step_in(self.state_layer, d.signum(), self.mamba_count()),
             View::Finetune => self.ft.sel = step_in(self.ft.sel, d.signum(), crate::tui::finetune_state::FIELDS.len()),
+            View::Compare => self.cmp.move_sel(d),
         }
     }
 
@@ -401,6 +415,7 @@ impl App {
         self.sink.layer = 0;
         self.state_layer = 0;
         self.stats = None;
+        self.cmp = CompareState::default();
         self.ft = FinetuneState {
             spec: self.ft.spec.clone(),
             ..FinetuneState::default()

@@ -32,6 +32,7 @@ pub fn model_info(pairs: usize, experts: usize, untrained: bool) -> ModelInfo {
         bytes_per_token: 1.6e6,
         load_secs: 0.25,
         finetune_available: crate::engine::finetune::AVAILABLE,
+        quant: None,
         notes: Vec::new(),
     }
 }
@@ -156,6 +157,7 @@ pub fn transformer_info(layers: usize, experts: usize) -> ModelInfo {
         bytes_per_token: 6e5,
         load_secs: 0.25,
         finetune_available: false,
+        quant: None,
         notes: Vec::new(),
     }
 }

@@ -6,6 +6,7 @@
 //! owns the model, and both post into one std channel that this loop drains.
 
 pub mod app;
+pub mod compare_state;
 pub mod demo;
 pub mod editor;
 pub mod finetune_state;

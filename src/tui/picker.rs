@@ -1,10 +1,11 @@
 //! The model picker (Ctrl-K): the models the engine can load ([`crate::catalog`]), a field for any
-//! folder, hub id or random shape, and the device and dtype to load on. Drawn by
+//! folder, hub id or random shape, the device and dtype to load on and the weight format. Drawn by
 //! `views::picker`, whose key table changes it through these methods, [`Picker::paste`] and
 //! [`Picker::set_catalog`]. Choosing a model yields the [`LoadSpec`] the engine loads.
 
 use crate::catalog::{split_revision, Catalog, ModelChoice};
 use crate::engine::protocol::{LoadSpec, ModelInfo};
+use crate::quant::{QuantFormat, QuantSpec};
 use crate::tui::editor::Editor;
 use crate::tui::keymap::step_in;
 
@@ -17,6 +18,25 @@ pub const RUNTIMES: [(&str, &str); 6] = [
     ("cuda", "f16"),
     ("cuda", "f32"),
 ];
+
+/// The weight formats the picker offers, in the order Ctrl-F cycles them (`None`: as loaded).
+pub const FORMATS: [Option<QuantFormat>; 5] = [
+    None,
+    Some(QuantFormat::Int8),
+    Some(QuantFormat::Fp8),
+    Some(QuantFormat::Q4 { group: 64 }),
+    Some(QuantFormat::Q4 { group: 128 }),
+];
+
+/// What the picker chooses a model for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PickTarget {
+    /// Load it in place of the current model (Ctrl-K).
+    #[default]
+    Load,
+    /// Compare the current model with it (the compare view's `m`).
+    Compare,
+}
 
 /// Picker state. Kept while closed, so a failed load can be retried with the same text.
 #[derive(Debug, Clone, Default)]
@@ -31,8 +51,12 @@ pub struct Picker {
     /// (device, dtype) to load on.
     pub device: String,
     pub dtype: String,
-    /// `--quant` of the command line: every model the picker loads is quantised the same way.
+    /// `--quant` of the command line: its parts and GGML choice go with every format picked.
     pub quant: Option<crate::quant::QuantSpec>,
+    /// The weight format of the next model loaded (`None`: as loaded, bf16/f32).
+    pub format: Option<QuantFormat>,
+    /// What Enter does with the chosen model.
+    pub target: PickTarget,
     /// Select the loaded model's row when the catalog comes.
     pending_select: bool,
 }
@@ -52,9 +76,11 @@ impl Picker {
     pub fn open(&mut self, current: Option<&ModelInfo>) {
         self.open = true;
         self.pending_select = true;
+        self.target = PickTarget::Load;
         if let Some(m) = current {
             self.device.clone_from(&m.device);
             self.dtype.clone_from(&m.dtype);
+            self.format = m.quant.as_deref().and_then(|q| q.parse().ok());
         } else if self.device.is_empty() {
             self.device = "cpu".into();
             self.dtype = "f32".into();
@@ -113,6 +139,31 @@ impl Picker {
         }
     }
 
+    /// Moves to the next (`d` > 0) or previous weight format of [`FORMATS`].
+    pub fn cycle_format(&mut self, d: isize) {
+        let n = FORMATS.len() as isize;
+        let i = FORMATS.iter().position(|f| *f == self.format).unwrap_or(0) as isize;
+        self.format = FORMATS[(i + d).rem_euclid(n) as usize];
+    }
+
+    /// The format's name as the picker shows it: `as loaded` or `int8`, `fp8`, `q4g64`, `q4g128`.
+    pub fn format_name(&self) -> String {
+        self.format.map_or_else(|| "as loaded".to_string(), QuantFormat::name)
+    }
+
+    /// The `--quant` spec of `format`: the command line's parts and GGML choice when it gave
+    /// `--quant`, else the defaults.
+    pub fn quant_spec(&self, format: QuantFormat) -> QuantSpec {
+        match &self.quant {
+            Some(q) => QuantSpec { format, ..q.clone() },
+            None => QuantSpec {
+                format,
+                parts: crate::quant::Part::DEFAULT.to_vec(),
+                ggml: true,
+            },
+        }
+    }
+
     /// Pasted text goes into the typed entry (one line).
     pub fn paste(&mut self, text: &str) {
         self.sel = self.choices().len();
@@ -155,7 +206,7 @@ impl Picker {
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.clone()),
             adapter: None,
-            quant: self.quant.clone(),
+            quant: self.format.map(|f| self.quant_spec(f)),
         };
         PickerAction::Load(spec, name)
     }

@@ -55,6 +55,7 @@ pub fn draw(app: &App, area: Rect, buf: &mut Buffer) {
             View::Sinkhorn => views::sinkhorn::render(app, body, buf),
             View::State => views::state::render(app, body, buf),
             View::Finetune => views::finetune::render(app, body, buf),
+            View::Compare => views::compare::render(app, body, buf),
         }
         if app.model.is_none() || app.switching.is_some() {
             loading(app, body, buf);
@@ -122,9 +123,14 @@ fn tabs(app: &App, area: Rect, buf: &mut Buffer) {
         };
         spans.push(Span::styled(format!(" F{} {} ", i + 1, v.title()), style));
     }
-    let used: usize = spans.iter().map(|s| width(&s.content)).sum();
-    if let Some(m) = &app.model {
-        let label = format!(" {} ", sanitize(&m.label));
+    let mut used: usize = spans.iter().map(|s| width(&s.content)).sum();
+    let label = app.model.as_ref().map(|m| format!(" {} ", sanitize(&m.label)));
+    let label_w = label.as_ref().map_or(0, |l| width(l) + 2);
+    // a narrow terminal keeps every tab and the model's label, dropping the program's name
+    if used + label_w > usize::from(area.width) {
+        used -= width(&spans.remove(0).content);
+    }
+    if let Some(label) = label {
         let room = usize::from(area.width).saturating_sub(used);
         if room > width(&label) + 1 {
             spans.push(Span::raw(" ".repeat(room - width(&label))));
@@ -184,7 +190,10 @@ pub fn status_text(app: &App) -> String {
         parts.push(format!("decode {:.1} tok/s", s.decode_tok_s()));
     }
     if let Some(m) = &app.model {
-        parts.push(format!("{} {}", m.device, m.dtype));
+        match &m.quant {
+            Some(q) => parts.push(format!("{} {} {q} weights", m.device, m.dtype)),
+            None => parts.push(format!("{} {}", m.device, m.dtype)),
+        }
         if m.is_gpu {
             if let Some((s, _)) = &app.stats {
                 let bps = s.decode_tok_s() * m.bytes_per_token;
@@ -238,6 +247,7 @@ pub fn legend_keys(app: &App) -> Vec<(String, &'static str)> {
         View::Sinkhorn => keymap::legend(views::sinkhorn::KEYS),
         View::State => keymap::legend(views::state::KEYS),
         View::Finetune => keymap::legend(views::finetune::legend(app)),
+        View::Compare => keymap::legend(views::compare::KEYS),
     };
     keys.extend(keymap::legend(update::GLOBAL_KEYS));
     keys
@@ -256,6 +266,7 @@ pub fn help_sections() -> Vec<Section> {
     out.push(views::sinkhorn::help());
     out.push(views::state::help());
     out.push(views::finetune::help());
+    out.push(views::compare::help());
     out.push(views::picker::help());
     out.push(update::help_section());
     out

@@ -47,7 +47,7 @@ pub const ALWAYS_KEYS: &[Binding<GlobalAction>] = &[
 pub const GLOBAL_KEYS: &[Binding<GlobalAction>] = &[
     global(
         &[Chord::key(KeyCode::Tab)],
-        "next view: Chat, Routing, Sinkhorn, State, Fine-tune",
+        "next view: Chat, Routing, Sinkhorn, State, Fine-tune, Compare",
         |app, _, out| app.ft.editing.is_none() && go(app, app.view.step(1), out),
     )
     .legend("views"),
@@ -61,10 +61,11 @@ pub const GLOBAL_KEYS: &[Binding<GlobalAction>] = &[
             Chord::key(KeyCode::F(3)),
             Chord::key(KeyCode::F(4)),
             Chord::key(KeyCode::F(5)),
+            Chord::key(KeyCode::F(6)),
         ],
         "jump to a view",
         |app, k, out| match k.code {
-            KeyCode::F(n @ 1..=5) => go(app, View::ALL[usize::from(n) - 1], out),
+            KeyCode::F(n @ 1..=6) => go(app, View::ALL[usize::from(n) - 1], out),
             _ => false,
         },
     ),
@@ -224,6 +225,7 @@ impl App {
             View::Sinkhorn => views::sinkhorn::key(self, k, out),
             View::State => views::state::key(self, k, out),
             View::Finetune => views::finetune::key(self, k, out),
+            View::Compare => views::compare::key(self, k, out),
         }
     }
 
@@ -338,6 +340,12 @@ impl App {
                 let label = self.model.as_ref().map(|m| m.label.clone());
                 self.picker.set_catalog(c, label.as_deref());
             }
+            EngineEvent::Compare(r) => {
+                self.loading = None;
+                let what = format!("compared with {}: see the Compare view (F6)", r.b.label);
+                self.cmp.set_report(r);
+                self.notify(what, false);
+            }
             EngineEvent::Notice(s) => self.notify(s, false),
             EngineEvent::Error { id, message } => {
                 if id.is_some_and(|id| current(id, &self.busy)) {
@@ -346,6 +354,9 @@ impl App {
                 if self.ft.awaiting {
                     self.ft.awaiting = false;
                     self.ft.message = Some(message.clone());
+                }
+                if self.cmp.pending.take().is_some() {
+                    self.loading = None;
                 }
                 self.notify(message, true);
             }

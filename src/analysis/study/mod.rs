@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::lm::{run, AnyLoaded};
+use crate::lm::{run, AnyLoaded, AnyModel};
 
 /// One text of the set: a domain (a file; its name is the file's stem).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,8 +122,35 @@ pub fn collect_routes(
     max_tokens: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<ModelRoutes> {
+    let who = Labelled {
+        model: &loaded.model,
+        tokenizer: &loaded.tokenizer,
+        label: &loaded.label,
+        untrained: loaded.untrained,
+    };
+    collect_routes_of(who, sources, chunk, max_tokens, progress)
+}
+
+/// A model with its tokenizer and the name a report gives it (borrowed: the TUI's engine compares
+/// the model it chats with without giving it up).
+#[derive(Clone, Copy)]
+pub struct Labelled<'a> {
+    pub model: &'a AnyModel,
+    pub tokenizer: &'a tokenizers::Tokenizer,
+    pub label: &'a str,
+    pub untrained: bool,
+}
+
+/// [`collect_routes`] on a borrowed model.
+pub fn collect_routes_of(
+    loaded: Labelled<'_>,
+    sources: &[Source],
+    chunk: usize,
+    max_tokens: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ModelRoutes> {
     let mut r = ModelRoutes {
-        label: loaded.label.clone(),
+        label: loaded.label.to_string(),
         family: loaded.model.family().to_string(),
         untrained: loaded.untrained,
         num_layers: loaded.model.num_layers(),
@@ -144,7 +171,7 @@ pub fn collect_routes(
             return Err(Error::Invalid(format!("source '{}': no tokens", src.name)));
         }
         let done = r.n_tokens();
-        let streamed = run::stream(&loaded.model, &ids, chunk, &mut |c| {
+        let streamed = run::stream(loaded.model, &ids, chunk, &mut |c| {
             let (start, part, probe) = (c.start, c.ids, c.probe);
             if r.layers.is_empty() {
                 r.layers = probe.moe.iter().map(|m| m.layer).collect();

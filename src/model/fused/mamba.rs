@@ -9,7 +9,8 @@ use crate::error::Result;
 use crate::model::mamba::MambaMixer;
 use crate::model::probe::MambaRecord;
 use crate::model::state::LayerState;
-use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module, ScanIn};
+use crate::ops::cuda::{blocks_for, cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
+use crate::ops::params::{to_i32, Conv1dFwdParams, ConvXprojParams, ScanIn, SsmStepParams};
 use crate::ops::prof::{self, lap};
 use crate::ops::scan_kernels::{scan_chunks, scan_launch, telemetry_sums, ScanArgs};
 
@@ -53,26 +54,32 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
     let new_conv = empty(&[bn, di, k], DType::F32, dev)?;
     let conv_in = state.conv.contiguous()?;
     let cw = m.conv_w.contiguous()?;
+    let cb = m.conv_b.contiguous()?;
+    let params = Conv1dFwdParams {
+        xz: dptr(&xz)?,
+        conv_in: dptr(&conv_in)?,
+        cw: dptr(&cw)?, // (di, 1, K)
+        cb: dptr(&cb)?,
+        v: dptr(&v)?,
+        vt: dptr(&vt)?,
+        conv_out: dptr(&new_conv)?,
+        Bn: to_i32(bn, "Mamba prefill: batch")?,
+        L: to_i32(len, "Mamba prefill: length")?,
+        di: to_i32(di, "Mamba prefill: d_inner")?,
+        K: to_i32(k, "Mamba prefill: conv width")?,
+        xz_stride: to_i32(2 * di, "Mamba prefill: in_proj width")?,
+    };
+    // SAFETY: xz (B, L, 2·di) T, conv_in and new_conv (B, di, K) f32, cw (di, 1, K) and cb (di)
+    // f32, v (B, L, di) f32 and vt (B, L, di) T are contiguous tensors bound in this function
+    // until it returns.
     unsafe {
-        // (di, 1, K)
         Launch::new(
             func(cd, Module::Prefill, &format!("conv1d_fwd_{sfx}"))?,
             (di.div_ceil(THREADS as usize) as u32, (bn * len).min(65535) as u32, 1),
             THREADS,
             0,
         )
-        .i32(bn)
-        .i32(len)
-        .i32(di)
-        .i32(k)
-        .ptr(dptr(&xz)?)
-        .i32(2 * di)
-        .ptr(dptr(&conv_in)?)
-        .ptr(dptr(&cw)?)
-        .ptr(dptr(&m.conv_b.contiguous()?)?)
-        .ptr(dptr(&v)?)
-        .ptr(dptr(&vt)?)
-        .ptr(dptr(&new_conv)?)
+        .params(params)
         .run(&stream)
     }?;
     lap(&mut laps, "mamba.conv")?;
@@ -91,14 +98,7 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
         state.ssm.contiguous()?,
     );
     let args = ScanArgs {
-        dims: ScanIn {
-            bn: bn as i32,
-            l: len as i32,
-            di: di as i32,
-            n: n as i32,
-            lc: lc as i32,
-            q: q as i32,
-        },
+        dims: ScanIn::new(bn, len, di, n, lc, q)?,
         dt: (dptr(&dtr)?, len * di, di),
         dt_bias: dptr(&dt_bias)?,
         a: dptr(&a_log)?,
@@ -114,7 +114,11 @@ pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: 
     let y = empty(&[bn, len, di], dt, dev)?;
     let h_last = empty(&[bn, di, n], DType::F32, dev)?;
     let (hsq, dsum) = telemetry_sums(bn, len, probe.is_some(), dev)?;
-    scan_launch(dev, dt, &args, Some(&y), None, Some(&h_last), hsq.as_ref(), dsum.as_ref())?;
+    // SAFETY: args' pointers address the tensors above, bound in this function until it returns:
+    // dtr (B, L, di) T, dt_bias and dd (di) f32, a_log (di, N) f32, B and C (B, L, N) as strided
+    // views into xdbl (B, L, R+2N) T, v (B, L, di) f32, z into xz (B, L, 2di) T, h0 (B, di, N) f32;
+    // y (B, L, di) T and h_last (B, di, N) f32 are the outputs just allocated.
+    unsafe { scan_launch(dev, dt, &args, Some(&y), None, Some(&h_last), hsq.as_ref(), dsum.as_ref()) }?;
     lap(&mut laps, "mamba.scan")?;
     let out = m.out_proj.forward(&y)?; // (B, L, d) eq. 9
     lap(&mut laps, "mamba.out_proj")?;
@@ -164,7 +168,22 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
     let dbc = empty(&[bn, r2], dt, dev)?;
     let vec = i32::from((di * es) % 16 == 0);
     let warps = THREADS / 32;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = ConvXprojParams {
+        xz: dptr(&xz)?,
+        conv: dptr(&conv_in)?,
+        cw: dptr(&cw)?,
+        cb: dptr(&cb)?,
+        Wx: dptr(&wx)?,
+        dbc: dptr(&dbc)?,
+        di: to_i32(di, "Mamba step: d_inner")?,
+        K: to_i32(k, "Mamba step: conv width")?,
+        R2: to_i32(r2, "Mamba step: x_proj rows")?,
+        xz_stride: to_i32(2 * di, "Mamba step: in_proj width")?,
+        vec,
+    };
+    // SAFETY: xz (B, 2·di) T, conv_in (B, di, K) f32, cw (di, 1, K) and cb (di) f32, wx
+    // (R+2N, di) T and dbc (B, R+2N) T are the contiguous tensors above, bound until this
+    // function returns (candle's stream orders their release after the launch).
     unsafe {
         Launch::new(
             func(cd, Module::MambaStep, &format!("conv_xproj_{sfx}"))?,
@@ -172,17 +191,7 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
             THREADS,
             (di * es) as u32,
         )
-        .i32(di)
-        .i32(k)
-        .i32(r2)
-        .ptr(dptr(&xz)?)
-        .i32(2 * di)
-        .ptr(dptr(&conv_in)?)
-        .ptr(dptr(&cw)?)
-        .ptr(dptr(&cb)?)
-        .ptr(dptr(&wx)?)
-        .ptr(dptr(&dbc)?)
-        .int(vec)
+        .params(params)
         .run(&stream)
     }?;
     let y = empty(&[bn, di], dt, dev)?;
@@ -194,7 +203,40 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
         None
     };
     let h_in = state.ssm.contiguous()?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    // contiguous views bound here so that they outlive the launch
+    let (wdt, dt_bias, a_log, dd) = (
+        m.dt_proj.weight.contiguous()?,
+        m.dt_bias.contiguous()?,
+        m.a_log.contiguous()?,
+        m.d.contiguous()?,
+    );
+    let params = SsmStepParams {
+        xz: dptr(&xz)?,
+        conv_in: dptr(&conv_in)?,
+        conv_out: dptr(&new_conv)?,
+        cw: dptr(&cw)?,
+        cb: dptr(&cb)?,
+        dbc: dptr(&dbc)?,
+        Wdt: dptr(&wdt)?,
+        dt_bias: dptr(&dt_bias)?,
+        A_log: dptr(&a_log)?,
+        Dp: dptr(&dd)?,
+        h_in: dptr(&h_in)?,
+        h_out: dptr(&new_h)?,
+        y: dptr(&y)?,
+        telem: dptr_opt(telem.as_ref())?,
+        Bn: to_i32(bn, "Mamba step: batch")?,
+        di: to_i32(di, "Mamba step: d_inner")?,
+        R: to_i32(r, "Mamba step: dt rank")?,
+        N: to_i32(n, "Mamba step: state size")?,
+        K: to_i32(k, "Mamba step: conv width")?,
+        xz_stride: to_i32(2 * di, "Mamba step: in_proj width")?,
+        telem_mode: 0,
+    };
+    // SAFETY: every pointer is a contiguous tensor bound in this function until it returns:
+    // xz (B, 2·di) T, conv_in / new_conv (B, di, K) f32, cw, cb, dbc (B, R+2N) T, wdt (di, R)
+    // T, dt_bias and dd (di) f32, a_log (di, N) f32, h_in / new_h (B, di, N) f32, y (B, di) T,
+    // telem (B, 3) f32 or null.
     unsafe {
         Launch::new(
             func(cd, Module::MambaStep, &format!("ssm_step_{sfx}"))?,
@@ -202,27 +244,7 @@ pub fn mamba_step(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Opt
             THREADS,
             0,
         )
-        .i32(bn)
-        .i32(di)
-        .i32(r)
-        .i32(n)
-        .i32(k)
-        .ptr(dptr(&xz)?)
-        .i32(2 * di)
-        .ptr(dptr(&conv_in)?)
-        .ptr(dptr(&new_conv)?)
-        .ptr(dptr(&cw)?)
-        .ptr(dptr(&cb)?)
-        .ptr(dptr(&dbc)?)
-        .ptr(dptr(&m.dt_proj.weight.contiguous()?)?)
-        .ptr(dptr(&m.dt_bias.contiguous()?)?)
-        .ptr(dptr(&m.a_log.contiguous()?)?)
-        .ptr(dptr(&m.d.contiguous()?)?)
-        .ptr(dptr(&h_in)?)
-        .ptr(dptr(&new_h)?)
-        .ptr(dptr(&y)?)
-        .ptr(dptr_opt(telem.as_ref())?)
-        .int(0)
+        .params(params)
         .run(&stream)
     }?;
     let out = m.out_proj.forward(&y)?; // (B, d)

@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::ops::cuda::{cuda_device, dptr, dptr_opt, empty, func, suffix, Launch, Module};
+use crate::ops::params::{to_i32, AddRmsnormParams};
 
 pub mod mamba;
 pub mod mamba_train;
@@ -51,16 +52,22 @@ pub fn add_rmsnorm(res: &Tensor, add: Option<&Tensor>, w: &Tensor, eps: f64, out
     };
     let res_out = empty(&dims, DType::F32, dev)?;
     let out = empty(&dims, out_dtype, dev)?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let w = w.contiguous()?;
+    let params = AddRmsnormParams {
+        res: dptr(&res)?,
+        add: dptr_opt(add.as_ref())?,
+        res_out: dptr(&res_out)?,
+        w: dptr(&w)?,
+        out: dptr(&out)?,
+        d: to_i32(d, "add_rmsnorm: width")?,
+        eps: eps as f32,
+    };
+    // SAFETY: res and res_out (rows, d) f32, add (rows, d) f32 or in out's dtype (the kernel
+    // picked by its dtype above) or null, w (d) and out (rows, d) are contiguous tensors bound in
+    // this function until it returns.
     unsafe {
         Launch::new(func(cd, Module::Prefill, &name)?, (rows as u32, 1, 1), THREADS, 0)
-            .i32(d)
-            .ptr(dptr(&res)?)
-            .ptr(dptr_opt(add.as_ref())?)
-            .ptr(dptr(&res_out)?)
-            .ptr(dptr(&w.contiguous()?)?)
-            .f32(eps as f32)
-            .ptr(dptr(&out)?)
+            .params(params)
             .run(&cd.cuda_stream())
     }?;
     Ok((res_out, out))

@@ -11,6 +11,7 @@ use crate::model::moe::{Route, Routing, SwitchMlp};
 use crate::model::probe::MoeRecord;
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, suffix, Launch, Module};
 use crate::ops::gated_act::gated_act_inference;
+use crate::ops::params::{to_i32, MoeGroupParams, MoeUnpermuteParams, RouterTop1Params};
 use crate::ops::prof::{self, lap};
 
 /// Fused SwitchMLP (greedy routing): router + sigmoid + top-1 and the token grouping on device,
@@ -86,7 +87,26 @@ fn moe_run(
                                                                   // the router weights in each block's shared memory when they fit the default 48 KB
     let w_bytes = n_exp * d * 4;
     let in_smem = w_bytes <= 48 * 1024;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let (tn, di, ne) = (
+        to_i32(n_tok, "moe: tokens")?,
+        to_i32(d, "moe: width")?,
+        to_i32(n_exp, "moe: experts")?,
+    );
+    let params = RouterTop1Params {
+        x: dptr(&xs)?,
+        Wr: dptr(&wr)?,
+        br: dptr(&bias)?,
+        logits: dptr(&logits)?,
+        expert: dptr(&expert)?,
+        gate: dptr(&gate)?,
+        Tn: tn,
+        d: di,
+        E: ne,
+        in_smem: i32::from(in_smem),
+    };
+    // SAFETY: xs (T, d) in the model dtype, wr (E, d) and bias (E) f32, logits (T, E) f32,
+    // expert (T) u32 (read as int) and gate (T) f32 are contiguous tensors bound in this function
+    // until it returns.
     unsafe {
         Launch::new(
             func(cd, Module::Prefill, &format!("router_top1_{sfx}"))?,
@@ -94,16 +114,7 @@ fn moe_run(
             THREADS,
             if in_smem { w_bytes as u32 } else { 0 },
         )
-        .i32(n_tok)
-        .i32(d)
-        .i32(n_exp)
-        .ptr(dptr(&xs)?)
-        .ptr(dptr(&wr)?)
-        .ptr(dptr(&bias)?)
-        .ptr(dptr(&logits)?)
-        .ptr(dptr(&expert)?)
-        .ptr(dptr(&gate)?)
-        .int(i32::from(in_smem))
+        .params(params)
         .run(&stream)
     }?;
     lap(&mut laps, "moe.router")?;
@@ -131,15 +142,19 @@ fn moe_run(
             let inverse = empty(&[n_tok], DType::U32, dev)?;
             let counts = empty(&[n_exp], DType::U32, dev)?;
             let nt: u32 = if n_exp <= 8 { 1024 } else { 512 };
-            // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+            let params = MoeGroupParams {
+                expert: dptr(&expert)?,
+                order: dptr(&order)?,
+                inverse: dptr(&inverse)?,
+                counts: dptr(&counts)?,
+                Tn: tn,
+                E: ne,
+            };
+            // SAFETY: expert, order and inverse (T) and counts (E) are contiguous u32 tensors
+            // (read as int) bound here until the counts are read back below.
             unsafe {
                 Launch::new(func(cd, Module::Prefill, "moe_group")?, (1, 1, 1), nt, nt * n_exp as u32 * 4)
-                    .i32(n_tok)
-                    .i32(n_exp)
-                    .ptr(dptr(&expert)?)
-                    .ptr(dptr(&order)?)
-                    .ptr(dptr(&inverse)?)
-                    .ptr(dptr(&counts)?)
+                    .params(params)
                     .run(&stream)
             }?;
             let counts: Vec<u32> = counts.to_vec1()?; // the one host sync: sizes of the expert products
@@ -157,7 +172,17 @@ fn moe_run(
     };
     lap(&mut laps, "moe.experts")?;
     let y = empty(&[n_tok, d], DType::F32, dev)?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    let params = MoeUnpermuteParams {
+        ys: dptr(&ys)?,
+        inverse: dptr(&rows_of)?,
+        gate: dptr(&gate)?,
+        y: dptr(&y)?,
+        Tn: tn,
+        d: di,
+    };
+    // SAFETY: ys (rows, d) in the model dtype, rows_of (T) u32 (read as int; each < rows),
+    // gate (T) f32 and y (T, d) f32 are contiguous tensors bound in this function until it
+    // returns.
     unsafe {
         Launch::new(
             func(cd, Module::Prefill, &format!("moe_unpermute_{sfx}"))?,
@@ -165,12 +190,7 @@ fn moe_run(
             THREADS,
             0,
         )
-        .i32(n_tok)
-        .i32(d)
-        .ptr(dptr(&ys)?)
-        .ptr(dptr(&rows_of)?)
-        .ptr(dptr(&gate)?)
-        .ptr(dptr(&y)?)
+        .params(params)
         .run(&stream)
     }?;
     lap(&mut laps, "moe.unpermute")?;

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::model::moe::{Mlp, SwitchMlp};
 use crate::ops::cuda::{blocks_for, cuda_device, dptr, empty, func, Launch, Module};
 use crate::ops::gated_act::gated_act_inference;
+use crate::ops::params::{to_i32, MoePadIndexParams};
 
 /// Whether an expert can run on this path: gated, no bias, no adapter, contiguous weights.
 fn plain(e: &Mlp, dtype: DType) -> bool {
@@ -59,22 +60,27 @@ pub(super) fn experts_batched(
     let base = Tensor::new(base.as_slice(), dev)?;
     let padpos = empty(&[n_tok], DType::U32, dev)?;
     let order_pad = Tensor::zeros(n_exp * rows, DType::U32, dev)?;
+    let params = MoePadIndexParams {
+        expert: dptr(expert)?,
+        inverse: dptr(inverse)?,
+        base: dptr(&base)?,
+        padpos: dptr(&padpos)?,
+        order_pad: dptr(&order_pad)?, // padding rows gather token 0
+        Tn: to_i32(n_tok, "batched experts: tokens")?,
+        E: to_i32(n_exp, "batched experts: experts")?,
+        stride: to_i32(rows, "batched experts: rows per expert")?,
+    };
+    // SAFETY: expert and inverse (T) are the caller's contiguous u32 tensors, base (E),
+    // padpos (T) and order_pad (E·rows) the u32 tensors above (all read as int), bound until
+    // this function returns.
     unsafe {
-        // padding rows gather token 0
         Launch::new(
             func(cd, Module::Prefill, "moe_pad_index")?,
             (blocks_for(n_tok, THREADS, launch_cap(dev)?), 1, 1),
             THREADS,
             0,
         )
-        .i32(n_tok)
-        .i32(n_exp)
-        .ptr(dptr(expert)?)
-        .ptr(dptr(inverse)?)
-        .ptr(dptr(&base)?)
-        .i32(rows)
-        .ptr(dptr(&padpos)?)
-        .ptr(dptr(&order_pad)?)
+        .params(params)
         .run(&stream)
     }?;
     let x_pad = xs.index_select(&order_pad, 0)?.contiguous()?; // (E·R, d)

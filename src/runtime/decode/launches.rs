@@ -2,12 +2,17 @@
 
 use candle_core::cuda_backend::WrapErr;
 
-use super::quant::QuantArgs;
 use super::{Decoder, LayerPtrs, SSM_THREADS};
 use crate::error::Result;
 use crate::ops::cuda::{func, suffix, Launch, Module};
+use crate::ops::params::{
+    to_i32, EmbedParams, GemvResidParams, GemvRowsParams, HeadParams, InProjConvParams, MoeFc1Params, SampleFinalParams, SsmStepParams,
+};
 
 impl Decoder {
+    /// The step's launches writing to out slot `slot`. Their pointers address `self.bufs` and
+    /// the weights that `self._hold` keeps alive; running them is `unsafe` at the call sites
+    /// (`enqueue_eager`, the graph capture, `profile`), which rely on that.
     pub(super) fn build(&self, slot: usize) -> Result<Vec<Launch>> {
         let s = self.sizes;
         let b = &self.bufs;
@@ -35,15 +40,30 @@ impl Decoder {
             moe_words.push(out + 4 * w as u64);
             w += e + 1;
         }
+        let i = to_i32;
+        // the sizes as the kernels' ints, checked once
+        let (d, di, f, k) = (
+            i(s.d, "decode: hidden size")?,
+            i(s.di, "decode: d_inner")?,
+            i(s.f, "decode: ffn size")?,
+            i(s.k, "decode: conv width")?,
+        );
+        let (two_di, r, n) = (
+            i(2 * s.di, "decode: in_proj rows")?,
+            i(s.r, "decode: dt rank")?,
+            i(s.n, "decode: state size")?,
+        );
         let mut v = Vec::new();
         v.push(
             Launch::new(wf("embed", &b.emb)?, (s.d.div_ceil(256) as u32, 1, 1), 256, 0)
                 .label("embed")
-                .ptr(b.emb.p)
-                .ptr(b.tok)
-                .i32(s.d)
-                .ptr(b.res)
-                .quant_args(&b.emb, 0),
+                .params(EmbedParams {
+                    emb: b.emb.rows(),
+                    tok: b.tok,
+                    res: b.res,
+                    q: b.emb.packed(0),
+                    d,
+                }),
         );
         let r2 = s.r + 2 * s.n;
         let mut table_off = 0u64;
@@ -59,7 +79,7 @@ impl Decoder {
                     dt_w,
                     dt_b,
                     a_log,
-                    d,
+                    d: d_skip,
                     out_w,
                     out_b,
                     slot: ms,
@@ -72,80 +92,88 @@ impl Decoder {
                     v.push(
                         Launch::new(wf("in_proj_conv", in_w)?, (rows_grid(2 * s.di), 1, 1), th, xs)
                             .label("mamba.in_proj+norm+conv")
-                            .ptr(in_w.p)
-                            .i32(2 * s.di)
-                            .i32(s.d)
-                            .ptr(b.res)
-                            .ptr(*norm)
-                            .f32(s.eps)
-                            .ptr(*in_b)
-                            .ptr(b.xz)
-                            .i32(s.di)
-                            .i32(s.k)
-                            .ptr(conv)
-                            .ptr(*conv_w)
-                            .ptr(*conv_b)
-                            .ptr(b.v)
-                            .int(in_w.vec(s.d, s.es))
-                            .quant_args(in_w, 0),
+                            .params(InProjConvParams {
+                                W: in_w.rows(),
+                                res: b.res,
+                                nw: *norm,
+                                bias: *in_b,
+                                xz: b.xz,
+                                conv,
+                                cw: *conv_w,
+                                cb: *conv_b,
+                                vout: b.v,
+                                q: in_w.packed(0),
+                                M: two_di,
+                                K: d,
+                                eps: s.eps,
+                                di,
+                                KC: k,
+                                vec: in_w.vec(s.d, s.es),
+                            }),
                     );
                     // x_proj: dbc = W_x · v (R + 2N rows), one block per row
                     v.push(
                         Launch::new(wf("gemv_rows", x_w)?, (r2 as u32, 1, 1), th, 0)
                             .label("mamba.x_proj")
-                            .ptr(x_w.p)
-                            .i32(r2)
-                            .i32(s.di)
-                            .ptr(b.v)
-                            .ptr(b.dbc)
-                            .int(x_w.vec(s.di, s.es))
-                            .quant_args(x_w, 0),
+                            .params(GemvRowsParams {
+                                W: x_w.rows(),
+                                x: b.v,
+                                out: b.dbc,
+                                q: x_w.packed(0),
+                                M: i(r2, "decode: x_proj rows")?,
+                                K: di,
+                                vec: x_w.vec(s.di, s.es),
+                            }),
                     );
                     // dt_proj + softplus + SSM update + D skip + gate; state in place
                     v.push(
                         Launch::new(f_ssm.clone(), (s.ssm_blocks, 1, 1), SSM_THREADS, 0)
                             .label("mamba.ssm_step")
-                            .i32(1)
-                            .i32(s.di)
-                            .i32(s.r)
-                            .i32(s.n)
-                            .i32(s.k)
-                            .ptr(b.xz)
-                            .i32(2 * s.di)
-                            .ptr(conv)
-                            .ptr(conv)
-                            .ptr(*conv_w)
-                            .ptr(*conv_b)
-                            .ptr(b.dbc)
-                            .ptr(*dt_w)
-                            .ptr(*dt_b)
-                            .ptr(*a_log)
-                            .ptr(*d)
-                            .ptr(ssm)
-                            .ptr(ssm)
-                            .ptr(b.y)
-                            .ptr(if o.probe {
-                                b.parts + (ms * s.ssm_blocks as usize * 12) as u64
-                            } else {
-                                0
-                            })
-                            .int(1),
+                            .params(SsmStepParams {
+                                xz: b.xz,
+                                conv_in: conv,
+                                conv_out: conv,
+                                cw: *conv_w,
+                                cb: *conv_b,
+                                dbc: b.dbc,
+                                Wdt: *dt_w,
+                                dt_bias: *dt_b,
+                                A_log: *a_log,
+                                Dp: *d_skip,
+                                h_in: ssm,
+                                h_out: ssm,
+                                y: b.y,
+                                telem: if o.probe {
+                                    b.parts + (ms * s.ssm_blocks as usize * 12) as u64
+                                } else {
+                                    0
+                                },
+                                Bn: 1,
+                                di,
+                                R: r,
+                                N: n,
+                                K: k,
+                                xz_stride: two_di,
+                                telem_mode: 1,
+                            }),
                     );
                     // out_proj into the residual stream
                     v.push(
                         Launch::new(wf("gemv_resid", out_w)?, (rows_grid(s.d), split, 1), th, 0)
                             .label("mamba.out_proj+residual")
-                            .ptr(out_w.p)
-                            .ptr(0)
-                            .ptr(0)
-                            .i32(s.d)
-                            .i32(s.di)
-                            .ptr(b.y)
-                            .ptr(b.res)
-                            .ptr(0)
-                            .ptr(*out_b)
-                            .int(out_w.vec(s.di, s.es))
-                            .quant_args(out_w, 0),
+                            .params(GemvResidParams {
+                                W: out_w.rows(),
+                                wtab: 0,
+                                route: 0,
+                                x: b.y,
+                                res: b.res,
+                                gate: 0,
+                                bias: *out_b,
+                                q: out_w.packed(0),
+                                M: d,
+                                K: di,
+                                vec: out_w.vec(s.di, s.es),
+                            }),
                     );
                 }
                 LayerPtrs::Moe {
@@ -170,38 +198,42 @@ impl Decoder {
                     v.push(
                         Launch::new(wf("moe_fc1", fc1)?, (rows_grid(s.f), 1, 1), th, xs)
                             .label("moe.router+fc1+norm+act")
-                            .ptr(*router_w)
-                            .ptr(*router_b)
-                            .i32(*n_experts)
-                            .ptr(fc1_tab)
-                            .ptr(route)
-                            .ptr(telem)
-                            .i32(s.f)
-                            .i32(s.d)
-                            .ptr(b.res)
-                            .ptr(*norm)
-                            .f32(s.eps)
-                            .ptr(b.h)
-                            .int(epi)
-                            .int(s.act)
-                            .int(fc1.vec(s.d, s.es))
-                            .quant_args(fc1, fc1_stab),
+                            .params(MoeFc1Params {
+                                Wr: *router_w,
+                                br: *router_b,
+                                wtab: fc1_tab,
+                                route,
+                                telem,
+                                res: b.res,
+                                nw: *norm,
+                                out: b.h,
+                                q: fc1.packed(fc1_stab),
+                                E: i(*n_experts, "decode: experts")?,
+                                M: f,
+                                K: d,
+                                eps: s.eps,
+                                epi,
+                                act: s.act,
+                                vec: fc1.vec(s.d, s.es),
+                            }),
                     );
                     // fc2, scaled by the gate, into the residual stream
                     v.push(
                         Launch::new(wf("gemv_resid", fc2)?, (rows_grid(s.d), split, 1), th, 0)
                             .label("moe.fc2+gate+residual")
-                            .ptr(0)
-                            .ptr(fc2_tab)
-                            .ptr(route)
-                            .i32(s.d)
-                            .i32(s.f)
-                            .ptr(b.h)
-                            .ptr(b.res)
-                            .ptr(route + 4)
-                            .ptr(0)
-                            .int(fc2.vec(s.f, s.es))
-                            .quant_args(fc2, fc2_stab),
+                            .params(GemvResidParams {
+                                W: fc2.rows(),
+                                wtab: fc2_tab,
+                                route,
+                                x: b.h,
+                                res: b.res,
+                                gate: route + 4,
+                                bias: 0,
+                                q: fc2.packed(fc2_stab),
+                                M: d,
+                                K: f,
+                                vec: fc2.vec(s.f, s.es),
+                            }),
                     );
                 }
             }
@@ -209,33 +241,35 @@ impl Decoder {
         v.push(
             Launch::new(wf("head", &b.emb)?, (s.head_blocks, 1, 1), th, xs)
                 .label("head+layernorm+argmax")
-                .ptr(b.emb.p)
-                .i32(s.vocab)
-                .i32(s.d)
-                .ptr(b.res)
-                .ptr(b.final_w)
-                .ptr(b.final_b)
-                .f32(s.eps)
-                .ptr(b.logits)
-                .ptr(b.pv)
-                .ptr(b.pi)
-                .int(b.emb.vec(s.d, s.es))
-                .quant_args(&b.emb, 0),
+                .params(HeadParams {
+                    E: b.emb.rows(),
+                    res: b.res,
+                    lw: b.final_w,
+                    lb: b.final_b,
+                    logits: b.logits,
+                    pv: b.pv,
+                    pi: b.pi,
+                    q: b.emb.packed(0),
+                    V: i(s.vocab, "decode: vocabulary")?,
+                    K: d,
+                    eps: s.eps,
+                    vec: b.emb.vec(s.d, s.es),
+                }),
         );
         let parts = if o.probe { b.parts } else { 0 };
         v.push(match &self.sampler {
             Some(smp) => smp.launch(b.logits, s.vocab, b.tok, b.step, out, parts, n_mamba, s.ssm_blocks as usize)?,
-            None => Launch::new(f_final, (1, 1, 1), 1024, 0)
-                .label("argmax")
-                .ptr(b.pv)
-                .ptr(b.pi)
-                .i32(s.head_blocks as usize)
-                .ptr(b.tok)
-                .ptr(b.step)
-                .ptr(out)
-                .ptr(parts)
-                .i32(n_mamba)
-                .i32(s.ssm_blocks as usize),
+            None => Launch::new(f_final, (1, 1, 1), 1024, 0).label("argmax").params(SampleFinalParams {
+                pv: b.pv,
+                pi: b.pi,
+                tok: b.tok,
+                step: b.step,
+                out,
+                parts,
+                n: i(s.head_blocks as usize, "decode: head blocks")?,
+                n_layers: i(n_mamba, "decode: Mamba layers")?,
+                nblk: i(s.ssm_blocks as usize, "decode: SSM blocks")?,
+            }),
         });
         Ok(v.into_iter().map(|l| l.pdl(o.pdl)).collect())
     }

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::{Mixer, Model};
 use crate::ops::cuda::{compute_capability, cuda_device, dptr, func, sm_count, suffix, Launch, Module};
+use crate::ops::params::SetTokenParams;
 
 mod io;
 mod launches;
@@ -566,8 +567,10 @@ impl Decoder {
             });
         }
         let f = func(&self.dev, Module::Decode, "set_token")?;
-        // SAFETY: set_token(unsigned* tok, unsigned id) writes one word of the token buffer.
-        unsafe { Launch::new(f, (1, 1, 1), 32, 0).ptr(self.bufs.tok).u32(id).run(&self.stream) }?;
+        let params = SetTokenParams { tok: self.bufs.tok, id };
+        // SAFETY: set_token writes the one u32 word of the token buffer, which this decoder
+        // allocated and holds (`self._hold`).
+        unsafe { Launch::new(f, (1, 1, 1), 32, 0).params(params).run(&self.stream) }?;
         self.steps = 0;
         Ok(())
     }

@@ -1,13 +1,14 @@
 //! The decoder's packed weights (`--quant`): which matrices its quantised kernels read
 //! (`kernels/qgemv.cu`: the decode kernel bodies instantiated per format), their device pointers,
-//! the kernel names and the arguments they add, and the bytes a step reads.
+//! the kernel names and the params fields they fill, and the bytes a step reads.
 //!
 //! A quantised linear (in_proj, x_proj, out_proj, the experts' fc1/fc2, the embedding and tied
 //! head) is read packed when [`DecodeOpts::packed`](super::DecodeOpts) is on: its codes and f16
 //! scales are uploaded once per model ([`QLinear::device_parts`]) and the kernel
-//! `{fmt}_{name}_{dtype}` takes the codes where the dense one takes the weights, plus the scales,
-//! the experts' scales table and the q4 group's log2 at the end. Every other matrix (and a
-//! quantised dt_proj or router, which the decoder reads inside other kernels) is read dense.
+//! `{fmt}_{name}_{dtype}` takes the params struct of the dense one with the dense pointer null
+//! ([`WRef::rows`]) and the matrix in its `q` ([`WRef::packed`]: the codes, the scales, the
+//! experts' scales table and the q4 group's log2). Every other matrix (and a quantised dt_proj or
+//! router, which the decoder reads inside other kernels) is read dense.
 
 use candle_core::cuda_backend::cudarc::driver::CudaFunction;
 use candle_core::{Device, Tensor};
@@ -15,7 +16,8 @@ use candle_core::{Device, Tensor};
 use super::Decoder;
 use crate::error::Result;
 use crate::model::linear::Linear;
-use crate::ops::cuda::{func, suffix, Launch, Module};
+use crate::ops::cuda::{func, suffix, Module};
+use crate::ops::params::PackedRows;
 use crate::quant::{QLinear, QWeight, QuantFormat};
 
 /// A packed matrix's scales and format.
@@ -42,9 +44,9 @@ pub(super) fn kernel_format(f: QuantFormat) -> &'static str {
     }
 }
 
-/// log2 of the q4 group (0 for a per-row format).
-pub(super) fn group_shift(f: QuantFormat) -> usize {
-    f.group().map_or(0, |g| g.trailing_zeros() as usize)
+/// log2 of the q4 group (0 for a per-row format), the kernels' `gshift`.
+pub(super) fn group_shift(f: QuantFormat) -> i32 {
+    f.group().map_or(0, |g| g.trailing_zeros() as i32)
 }
 
 /// The packed form of a matrix the decoder may read, `None` where it reads the dense one
@@ -128,19 +130,28 @@ impl WRef {
         };
         i32::from(row % 16 == 0)
     }
-}
 
-/// The arguments the quantised kernels add at the end (none for a dense matrix): the scales, the
-/// experts' scales table (`stab`, 0 outside the MoE launches) and the q4 group's log2.
-pub(super) trait QuantArgs {
-    fn quant_args(self, w: &WRef, stab: u64) -> Self;
-}
+    /// The dense pointer of a launch's params (`W`, `emb`, `E`): the rows, 0 where packed (the
+    /// quantised kernels read [`WRef::packed`] instead) or for an expert table.
+    pub fn rows(&self) -> u64 {
+        match self.q {
+            Some(_) => 0,
+            None => self.p,
+        }
+    }
 
-impl QuantArgs for Launch {
-    fn quant_args(self, w: &WRef, stab: u64) -> Self {
-        match w.q {
-            Some(q) => self.ptr(q.scales).ptr(stab).i32(group_shift(q.format)),
-            None => self,
+    /// The `q` of a launch's params: the codes, scales and q4 group of a packed matrix, with
+    /// `stab` the experts' scales table beside the codes table (0 outside the MoE launches); all
+    /// zero for a dense matrix.
+    pub fn packed(&self, stab: u64) -> PackedRows {
+        match self.q {
+            Some(q) => PackedRows {
+                codes: self.p,
+                scales: q.scales,
+                stab,
+                gshift: group_shift(q.format),
+            },
+            None => PackedRows::default(),
         }
     }
 }
@@ -223,5 +234,27 @@ mod tests {
         assert_eq!(common_format(both.iter(), false), None);
         both[1].quant = Some(std::sync::Arc::new(qlinear(8, 128, QuantFormat::Fp8)));
         assert_eq!(common_format(both.iter(), true), None);
+    }
+
+    #[test]
+    fn params_fields_of_dense_and_packed_matrices() {
+        let dense = WRef { p: 0x1000, q: None };
+        assert_eq!(dense.rows(), 0x1000);
+        assert_eq!(dense.packed(0x3000), PackedRows::default());
+        let q4 = WRef {
+            p: 0x1000,
+            q: Some(QRef {
+                scales: 0x2000,
+                format: QuantFormat::Q4 { group: 128 },
+            }),
+        };
+        assert_eq!(q4.rows(), 0);
+        let want = PackedRows {
+            codes: 0x1000,
+            scales: 0x2000,
+            stab: 0x3000,
+            gshift: 7,
+        };
+        assert_eq!(q4.packed(0x3000), want);
     }
 }

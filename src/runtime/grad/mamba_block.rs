@@ -34,8 +34,9 @@ use candle_core::{DType, Tensor};
 use crate::error::Result;
 use crate::model::linear::Linear;
 use crate::model::{Mixer, Model};
-use crate::ops::cuda::{cuda_device, dptr, empty, ScanIn};
+use crate::ops::cuda::{cuda_device, dptr, empty};
 use crate::ops::mamba_kernels::{conv_backward, conv_forward, tail_backward, ConvDims, TailPtrs, KMAX, NMAX};
+use crate::ops::params::ScanIn;
 use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
 
 /// What [`half_block_grads`] returns: the gradient of the block's input and, for each of the
@@ -95,7 +96,10 @@ pub fn half_block_grads(model: &Model, i: usize, h: &Tensor, g: &Tensor) -> Resu
     let cdims = ConvDims { bn, len, di, k };
     let (v, v16) = (empty(&[n, di], DType::F32, dev)?, empty(&[n, di], bf, dev)?);
     let (pxz, pw, pb) = (dptr(&xz)?, dptr(&conv_w)?, dptr(&conv_b)?);
-    conv_forward(cd, "bf16", cdims, pxz, 2 * di, 0, pw, pb, dptr(&v)?, dptr(&v16)?, 0)?;
+    // SAFETY: xz (n, 2·di) bf16 (u in each row's first di values), conv_w (di, 1, K) and
+    // conv_b (di) f32, v (n, di) f32 and v16 (n, di) bf16 are contiguous tensors bound in this
+    // function until it returns (dptr checks contiguity).
+    unsafe { conv_forward(cd, "bf16", cdims, pxz, 2 * di, 0, pw, pb, dptr(&v)?, dptr(&v16)?, 0) }?;
     let xdbl = v16.matmul(&w_x.t()?)?; // (n, R + 2N) bf16: [δ; B; C]
     let delta_low = xdbl.narrow(1, 0, r)?.contiguous()?; // (n, R)
     let dt = delta_low.matmul(&w_dt.t()?)?; // (n, di) bf16, before the bias
@@ -120,29 +124,29 @@ pub fn half_block_grads(model: &Model, i: usize, h: &Tensor, g: &Tensor) -> Resu
         dz: (dptr(&dxz)? + half, 2 * di),
         yg: dptr(&yg)?,
     };
-    let dims = ScanIn {
-        bn: bn as i32,
-        l: len as i32,
-        di: di as i32,
-        n: ns as i32,
-        lc: 0,
-        q: 0,
-    };
-    tail_backward(dev, cd, "bf16", dims, &io, dptr(&bc)?, dptr(&p)?, 0, &dbc, &dp)?;
+    let dims = ScanIn::new(bn, len, di, ns, 0, 0)?; // LC and Q are set by tail_backward
+                                                    // SAFETY: io's pointers address v and dv (n, di) f32, dt, ddt, go and yg (n, di) bf16, and
+                                                    // the z halves of xz / dxz (n, 2·di) bf16 (rows of stride 2·di); bc (n, 2N) and p
+                                                    // (di·N + 2·di) are contiguous f32; all are bound in this function until it returns.
+    unsafe { tail_backward(dev, cd, "bf16", dims, &io, dptr(&bc)?, dptr(&p)?, 0, &dbc, &dp) }?;
     let d_delta = ddt.matmul(&w_dt)?; // (n, R)
     let dxdbl = Tensor::cat(&[&d_delta, &dbc.to_dtype(bf)?], 1)?; // (n, R + 2N) bf16
     let dv2 = dxdbl.matmul(&w_x)?; // (n, di) bf16: x_proj's share of dv
-    let (dconv_w, dconv_b) = conv_backward(
-        dev,
-        cd,
-        "bf16",
-        cdims,
-        (pxz, 2 * di, 0),
-        &conv_w,
-        &conv_b,
-        (dptr(&dv)?, dptr(&dv2)?),
-        (dptr(&dxz)?, 2 * di),
-    )?;
+                                   // SAFETY: xz and dxz (n, 2·di) bf16 (u / du in each row's first di values), dv (n, di) f32
+                                   // and dv2 (n, di) bf16 are contiguous tensors bound in this function until it returns.
+    let (dconv_w, dconv_b) = unsafe {
+        conv_backward(
+            dev,
+            cd,
+            "bf16",
+            cdims,
+            (pxz, 2 * di, 0),
+            &conv_w,
+            &conv_b,
+            (dptr(&dv)?, dptr(&dv2)?),
+            (dptr(&dxz)?, 2 * di),
+        )
+    }?;
     let dxn = dxz.matmul(&w_in)?; // (n, d) bf16
     let (dx, dnorm) = rms_norm_backward(&hd, &wn, eps, bf, &dxn, trained(&blk.norm))?;
     let dh = (g + dx.reshape((bn, len, d))?)?;

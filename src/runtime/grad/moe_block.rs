@@ -32,6 +32,7 @@ use crate::model::moe::Route;
 use crate::model::{Mixer, Model};
 use crate::ops::cuda::{cuda_device, dptr, empty, func, Launch, Module};
 use crate::ops::gated_act::{gated_act, gated_act_backward};
+use crate::ops::params::{to_i32, to_i64, MoeGateBwdParams};
 use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
 
 /// The gradients at the gate of out = y·gate (kernels/moe_train.cu): g (n, d) f32, y (n, d) bf16,
@@ -43,7 +44,34 @@ fn gate_backward(g: &Tensor, y: &Tensor, gate: &Tensor) -> Result<(Tensor, Tenso
     let (g, y, gate) = (g.contiguous()?, y.contiguous()?, gate.contiguous()?);
     let dgate = empty(&[n, 1], DType::F32, dev)?;
     let dy = empty(&[n, d], DType::BF16, dev)?;
-    // SAFETY: arguments as the kernel declares them (kernels/*.cu); each pointer addresses a live tensor above.
+    if g.dtype() != DType::F32
+        || y.dtype() != DType::BF16
+        || gate.dtype() != DType::F32
+        || y.elem_count() != n * d
+        || gate.elem_count() != n
+    {
+        return Err(crate::error::Error::Invalid(format!(
+            "MoE gate backward: needs g (n, d) f32, y (n, d) bf16, gate (n, 1) f32; got {:?} {:?}, {:?} {:?}, {:?} {:?}",
+            g.dims(),
+            g.dtype(),
+            y.dims(),
+            y.dtype(),
+            gate.dims(),
+            gate.dtype()
+        )));
+    }
+    let params = MoeGateBwdParams {
+        g: dptr(&g)?,
+        y: dptr(&y)?,
+        gate: dptr(&gate)?,
+        dgate: dptr(&dgate)?,
+        dy: dptr(&dy)?,
+        n: to_i64(n, "MoE gate backward: rows")?,
+        d: to_i32(d, "MoE gate backward: width")?,
+    };
+    // SAFETY: g (n, d) f32, y (n, d) bf16, gate (n) f32 (checked above), dgate (n) f32 and dy
+    // (n, d) bf16 are the contiguous tensors above, held until this function returns (candle's
+    // stream orders their release after the launch).
     unsafe {
         Launch::new(
             func(cd, Module::MoeTrain, "moe_gate_bwd_bf16")?,
@@ -51,13 +79,7 @@ fn gate_backward(g: &Tensor, y: &Tensor, gate: &Tensor) -> Result<(Tensor, Tenso
             256,
             0,
         )
-        .i64(n)
-        .i32(d)
-        .ptr(dptr(&g)?)
-        .ptr(dptr(&y)?)
-        .ptr(dptr(&gate)?)
-        .ptr(dptr(&dgate)?)
-        .ptr(dptr(&dy)?)
+        .params(params)
         .label("moe-gate-bwd")
         .run(&cd.cuda_stream())
     }?;

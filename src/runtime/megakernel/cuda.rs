@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::ops::cuda::{cuda_device, dptr, func, sm_count, Launch, Module};
+use crate::ops::params::{to_i32, MegakernelParams};
 
 use super::host::{HostState, HostWeights, LayerW, MlpW};
 use super::interp::{RouteOut, TokenOut};
@@ -70,6 +71,8 @@ pub struct MegaDecoder {
     stream: Arc<CudaStream>,
     schedule: Schedule,
     launch_base: Launch,
+    /// The device address of the kernel's parameter block (in `_hold`).
+    params_p: u64,
     /// Every device allocation the kernel addresses (kept alive while the decoder lives).
     _hold: Vec<Tensor>,
     logits: Tensor,
@@ -324,12 +327,12 @@ impl MegaDecoder {
             smem as u32,
         )
         .cooperative(true)
-        .label("megakernel")
-        .ptr(params_p);
+        .label("megakernel");
         Ok(Self {
             stream: cdev.cuda_stream(),
             schedule,
             launch_base,
+            params_p,
             _hold: hold,
             logits,
             route,
@@ -362,9 +365,14 @@ impl MegaDecoder {
         let aux_n = cfg.x_proj_rows().max(self.route_stride - 1);
         let smem = self.launch_base.smem as usize / 4;
         let rows_n = smem - 40 - d - aux_n;
-        let launch = self.launch_base.clone().u32(token).u32(self.epoch).i32(aux_n).i32(rows_n);
-        // SAFETY: the arguments match `megakernel(const MkParams*, uint32_t token, uint32_t
-        // epoch, int aux_n, int rows_n)`; the params block and every pointer in it (weights,
+        let launch = self.launch_base.clone().params(MegakernelParams {
+            params: self.params_p,
+            token,
+            epoch: self.epoch,
+            aux_n: to_i32(aux_n, "megakernel: aux size")?,
+            rows_n: to_i32(rows_n, "megakernel: tile rows")?,
+        });
+        // SAFETY: MegakernelParams is the kernel's argument; the params block and every pointer in it (weights,
         // tables, buffers, counters, instruction words) are device allocations held in
         // `self._hold` with the sizes the kernel indexes (documented in kernels/megakernel.cu),
         // and the dynamic shared memory is d + aux_n + rows_n + 40 floats as the kernel carves it.

@@ -1,6 +1,7 @@
 //! One file per view; each draws the App without changing it.
 
 pub mod chat;
+pub mod compare;
 pub mod finetune;
 pub mod picker;
 pub mod routing;

@@ -1,6 +1,7 @@
 //! The model picker overlay (Ctrl-K): one row per loadable model with its size and whether it
 //! loads now, a typed entry for any folder / hub id / random shape, the device and dtype to load
-//! on, and what choosing the selected row will do.
+//! on, the weight format (Ctrl-F), and what choosing the selected row will do. Opened from the
+//! compare view (`m`), Enter compares the chosen model with the current one instead of loading it.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
@@ -10,11 +11,11 @@ use ratatui::widgets::{Clear, Widget};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use crate::catalog::{human_bytes, human_count, Availability, ModelChoice};
-use crate::engine::protocol::Command;
+use crate::engine::protocol::{Command, CompareWith};
 use crate::tui::app::{bind, App, KeyAction, Loading};
 use crate::tui::editor::edit;
 use crate::tui::keymap::{find, section, step_in, Binding, Chord, Section};
-use crate::tui::picker::{Picker, PickerAction};
+use crate::tui::picker::{PickTarget, Picker, PickerAction};
 use crate::tui::text::{clip, fit, sanitize, width, wrap};
 use crate::tui::theme::Role;
 use crate::tui::widgets::{framed, lines};
@@ -22,12 +23,16 @@ use crate::tui::widgets::{framed, lines};
 /// Title of the overlay.
 pub const TITLE: &str = "Model: Enter loads, Esc closes";
 
-/// Bytes per parameter of a dtype name.
-fn dtype_bytes(dtype: &str) -> f64 {
-    if dtype == "f32" {
-        4.0
-    } else {
-        2.0
+/// Title of the overlay when it picks model B of a comparison.
+pub const TITLE_COMPARE: &str = "Compare with: Enter runs the text through both, Esc closes";
+
+/// Bytes per parameter of a dtype name, or of the weight format when one is picked (scales and
+/// the parts kept dense not counted).
+fn dtype_bytes(dtype: &str, format: Option<crate::quant::QuantFormat>) -> f64 {
+    match format {
+        Some(f) => f.bits() as f64 / 8.0,
+        None if dtype == "f32" => 4.0,
+        None => 2.0,
     }
 }
 
@@ -43,7 +48,11 @@ pub fn render(app: &App, body: Rect, buf: &mut Buffer) {
     let h = body.height.min(u16::try_from(want).unwrap_or(u16::MAX));
     let area = Rect::new(body.x + (body.width - w) / 2, body.y, w, h);
     Clear.render(area, buf);
-    let inner = framed(app, TITLE, true, area, buf);
+    let title = match p.target {
+        PickTarget::Load => TITLE,
+        PickTarget::Compare => TITLE_COMPARE,
+    };
+    let inner = framed(app, title, true, area, buf);
     if inner.is_empty() {
         return;
     }
@@ -77,7 +86,7 @@ pub fn render(app: &App, body: Rect, buf: &mut Buffer) {
     for i in (first..n).take(body_rows) {
         let sel = i == p.sel;
         match p.choices().get(i) {
-            Some(c) => out.push(choice_row(app, c, current == Some(c.label.as_str()), sel, name_w, cols, &p.dtype)),
+            Some(c) => out.push(choice_row(app, c, current == Some(c.label.as_str()), sel, name_w, cols, p)),
             None => out.push(other_row(p, sel, app, iw)),
         }
     }
@@ -96,7 +105,7 @@ fn columns(params: &str, memory: &str, status: &str, w: usize) -> String {
     fit(&format!("{params:<PARAMS_W$}{memory:<MEMORY_W$}{status}"), w)
 }
 
-fn choice_row<'a>(app: &App, c: &ModelChoice, loaded: bool, sel: bool, name_w: usize, cols: usize, dtype: &str) -> Line<'a> {
+fn choice_row<'a>(app: &App, c: &ModelChoice, loaded: bool, sel: bool, name_w: usize, cols: usize, p: &Picker) -> Line<'a> {
     let t = &app.theme;
     let base = if sel { t.style(Role::Selection) } else { t.style(Role::Text) };
     let mark = if loaded { "● " } else { "  " };
@@ -104,9 +113,10 @@ fn choice_row<'a>(app: &App, c: &ModelChoice, loaded: bool, sel: bool, name_w: u
         || "?".into(),
         |(total, active)| format!("{} ({})", human_count(total), human_count(active)),
     );
-    let memory = c
-        .params
-        .map_or_else(|| "?".into(), |(total, _)| human_bytes(total as f64 * dtype_bytes(dtype)));
+    let memory = c.params.map_or_else(
+        || "?".into(),
+        |(total, _)| human_bytes(total as f64 * dtype_bytes(&p.dtype, p.format)),
+    );
     let status = c.availability.short();
     let status_role = match c.availability {
         Availability::Ready => Role::Success,
@@ -199,6 +209,11 @@ fn footer<'a>(app: &App, p: &Picker, w: usize) -> Vec<Line<'a>> {
             t.style(Role::Muted),
         ),
     ]));
+    out.push(Line::from(vec![
+        Span::styled("weights ", t.style(Role::Muted)),
+        Span::styled(format!("‹ {} ›", p.format_name()), t.style(Role::Accent)),
+        Span::styled("  Ctrl-F changes (int8, fp8, q4, q4g128: BlackMamba)", t.style(Role::Muted)),
+    ]));
     if let Some(c) = &p.catalog {
         let mode = if c.offline { "offline: cache only" } else { "online" };
         let hub = if c.cache_dir.as_os_str().is_empty() {
@@ -208,7 +223,7 @@ fn footer<'a>(app: &App, p: &Picker, w: usize) -> Vec<Line<'a>> {
         };
         out.push(Line::from(Span::styled(clip(&hub, w), t.style(Role::Muted))));
     }
-    if !app.chat.messages.is_empty() {
+    if !app.chat.messages.is_empty() && p.target == PickTarget::Load {
         out.push(Line::from(Span::styled(
             "loading another model ends this chat",
             t.style(Role::Warning),
@@ -246,6 +261,12 @@ pub const KEYS: &[Binding<KeyAction>] = &[
     bind(&[Chord::key(KeyCode::BackTab)], "previous device and dtype", |app, _, _| {
         app.picker.cycle_runtime(-1)
     }),
+    bind(
+        &[Chord::ctrl('f')],
+        "next weight format for the model loaded: as loaded, int8, fp8, q4, q4g128",
+        |app, _, _| app.picker.cycle_format(1),
+    )
+    .legend("format"),
     bind(
         &[Chord::key(KeyCode::Esc), Chord::ctrl('k')],
         "close; the current model stays",
@@ -333,16 +354,27 @@ fn load(app: &mut App, action: PickerAction, out: &mut Vec<Command>) {
         }
         PickerAction::Load(spec, name) => (spec, name),
     };
+    if app.picker.target == PickTarget::Compare {
+        app.picker.open = false;
+        crate::tui::compare_state::request(app, CompareWith::Model(spec), name, out);
+        return;
+    }
     let same = app.model.as_ref().is_some_and(|m| {
         spec.revision.is_none()
             && crate::loader::ModelSource::parse(spec.model.as_deref(), None).is_ok_and(|s| s.label() == m.label)
             && spec.device.as_deref() == Some(m.device.as_str())
             && spec.dtype.as_deref() == Some(m.dtype.as_str())
+            && spec.quant.as_ref().map(|q| q.format.name()) == m.quant
     });
     if same {
         app.picker.open = false;
         app.notify(
-            format!("{name} is already loaded ({} {})", app.picker.device, app.picker.dtype),
+            format!(
+                "{name} is already loaded ({} {}, {})",
+                app.picker.device,
+                app.picker.dtype,
+                app.picker.format_name()
+            ),
             false,
         );
         return;

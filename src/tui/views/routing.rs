@@ -3,7 +3,8 @@
 //! layer, and per-layer load balance over the conversation. For a top-k model (OLMoE, Mixtral) the
 //! grid shows each token's first expert, the detail all k with their router probabilities, the
 //! loads count every choice, and with more than ten experts the legend gives the id range and the
-//! load sparkline one column per group of experts.
+//! load sparkline one column per group of experts. `c` ("compare with bf16") runs the chat's text
+//! through the model in another weight format and adds each layer's routing flips to the table.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -192,10 +193,21 @@ fn token_detail(app: &App, moe: &[(usize, usize)], area: Rect, buf: &mut Buffer)
 
 fn balance_table(app: &App, moe: &[(usize, usize)], area: Rect, buf: &mut Buffer) {
     let t = &app.theme;
-    let inner = framed(app, "Balance over the conversation", false, area, buf);
+    // the `c` toggle: flips of the chat's text under another weight format, per layer
+    let flips = app.cmp.format_report().filter(|_| app.cmp.in_routing);
+    let title = match (flips, app.cmp.in_routing) {
+        (Some(r), _) => format!("Balance; flips {} vs {}", r.b.format, r.a.format),
+        (None, true) if app.cmp.pending.is_some() => "Balance; comparing formats…".to_string(),
+        _ => "Balance over the conversation".to_string(),
+    };
+    let inner = framed(app, &title, false, area, buf);
     const LEVELS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let mut ls = vec![Line::from(Span::styled(
-        "layer loads      CV   entropy busiest sticky",
+        if flips.is_some() {
+            "layer loads      CV   entropy busiest sticky  flips"
+        } else {
+            "layer loads      CV   entropy busiest sticky"
+        },
         t.style(Role::Muted),
     ))];
     for (slot, &(l, e)) in moe.iter().enumerate() {
@@ -230,6 +242,9 @@ fn balance_table(app: &App, moe: &[(usize, usize)], area: Rect, buf: &mut Buffer
                 t.style(Role::Text),
             ));
         }
+        if let Some(f) = flips.and_then(|r| r.layers.iter().find(|f| f.slot_a == slot)) {
+            spans.push(Span::styled(format!(" {:>5.1}%", f.flip_share() * 100.0), t.style(Role::Accent)));
+        }
         ls.push(Line::from(spans));
     }
     lines(inner, buf, ls);
@@ -257,6 +272,22 @@ pub const KEYS: &[Binding<KeyAction>] = &[
             app.routing_sel = None;
         },
     ),
+    bind(
+        &[Chord::ch('c')],
+        "compare with bf16: flips per layer of the chat's text under another weight format (toggle)",
+        |app, _, out| {
+            app.cmp.in_routing = !app.cmp.in_routing;
+            // each time on: the chat's text as it is now
+            if app.cmp.in_routing {
+                let (with, what) = crate::tui::compare_state::format_target(app);
+                crate::tui::compare_state::request(app, with, what, out);
+                if app.cmp.pending.is_none() {
+                    app.cmp.in_routing = false;
+                }
+            }
+        },
+    )
+    .legend("compare"),
 ];
 
 /// The help section of this view.

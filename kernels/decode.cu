@@ -1,6 +1,7 @@
 // Batch-1 decode kernels: the extern entry points of the device functions in decode.cuh (what
 // each computes is described there), launched one per grid-wide dependency by
-// src/ops/decode/launches.rs, with programmatic dependent launch.
+// src/runtime/decode/launches.rs, with programmatic dependent launch. These read dense weights
+// (`const T*`); the params structs' `q` (a packed matrix) is for the twins in qgemv.cu, null here.
 #include "decode.cuh"
 
 extern "C" __global__ void sample_final(const SampleFinalParams p) {

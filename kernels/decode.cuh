@@ -16,8 +16,52 @@
 //
 // Launched with programmatic dependent launch: a kernel may start while the previous one runs; it
 // waits for it (pdl_wait), then lets the next one launch.
+//
+// The weight matrices are "rows" of type WR: a dense `const T*` (row j at W + j·K, these kernels'
+// own entry points in decode.cu) or a packed format's rows (`QRows` of kernels/qweight.cuh, the
+// quantised entry points in qgemv.cu), read through `Rows<T, WR>`: one kernel body, one
+// instantiation per weight format.
 #pragma once
 #include "common.cuh"
+
+// What the kernel bodies ask of a weight matrix WR with activations of type T. The primary
+// template delegates to a packed format's members (kernels/qweight.cuh); the dense `const T*`
+// is the specialisation below.
+template <typename T, typename WR>
+struct Rows {
+    // Elements per 16-byte load of a row (the unit the K slices are rounded to).
+    static __device__ __forceinline__ int chunk(const WR& W) { return WR::C; }
+    // One warp: row j (K elements) dotted with x over [k0, k1); every lane gets the sum.
+    static __device__ __forceinline__ float dot(const WR& W, int j, int K, const T* x, int k0, int k1, bool vec) {
+        return warp_sum(W.template lane_dot<T>(j, K, x, k0, k1, vec));
+    }
+    // One warp: rows j0 and j1 dotted with the same x (all K), their loads in flight together.
+    static __device__ __forceinline__ float2 dot2(const WR& W, int j0, int j1, int K, const T* x, bool vec) {
+        const float2 p = W.template lane_dot2<T>(j0, j1, K, x, vec);
+        return make_float2(warp_sum(p.x), warp_sum(p.y));
+    }
+    // Element (j, k) as f32.
+    static __device__ __forceinline__ float at(const WR& W, size_t j, int k, int K) { return W.at(j, k, K); }
+    // The matrix of expert e of a pointer table (wtab[e], and the format's own tables).
+    static __device__ __forceinline__ WR table(const WR& W, const unsigned long long* wtab, int e) {
+        return W.from_table(wtab, e);
+    }
+};
+
+template <typename T>
+struct Rows<T, const T*> {
+    static __device__ __forceinline__ int chunk(const T*) { return 16 / sizeof(T); }
+    static __device__ __forceinline__ float dot(const T* W, int j, int K, const T* x, int k0, int k1, bool vec) {
+        return warp_dot<T>(W + (size_t)j * K, x, k0, k1, vec);
+    }
+    static __device__ __forceinline__ float2 dot2(const T* W, int j0, int j1, int K, const T* x, bool vec) {
+        return warp_dot2<T>(W + (size_t)j0 * K, W + (size_t)j1 * K, x, K, vec);
+    }
+    static __device__ __forceinline__ float at(const T* W, size_t j, int k, int K) { return to_f(W[j * (size_t)K + k]); }
+    static __device__ __forceinline__ const T* table(const T*, const unsigned long long* wtab, int e) {
+        return reinterpret_cast<const T*>(wtab[e]);
+    }
+};
 
 // Normalised input of a block: xs[k] = T(norm(res)[k]) for k < K. norm_kind 0: RMSNorm with
 // weight nw; 1: LayerNorm with weight nw and bias nb. `red` holds >= 33 floats.
@@ -43,20 +87,21 @@ __device__ __forceinline__ void norm_prologue(const float* __restrict__ res, con
 }
 
 // res (d) = E[tok[0]] as f32.
-template <typename T>
-__device__ void embed_impl(const T* __restrict__ emb, const unsigned int* __restrict__ tok, int d, float* __restrict__ res) {
+template <typename T, typename WR>
+__device__ void embed_impl(WR emb, const unsigned int* __restrict__ tok, int d, float* __restrict__ res) {
     pdl_wait();
     pdl_trigger();
-    const size_t row = (size_t)tok[0] * (size_t)d;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += gridDim.x * blockDim.x) res[j] = to_f(emb[row + j]);
+    const size_t row = tok[0];
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += gridDim.x * blockDim.x)
+        res[j] = Rows<T, WR>::at(emb, row, j, d);
 }
 
 // Mamba in_proj with the block's RMSNorm and the conv step as epilogue:
 //   xz[j] = T(T(w_j · T(rmsnorm(res))) + bias[j])        j < M = 2·di (u = xz[:di], z = xz[di:])
 //   v[c]  = T(SiLU(cb[c] + Σ_k cw[c,k] · window_k))      c < di, window = [conv[c, 1..KC], u_c]
 // The conv state is only read here (the SSM step shifts it). dynamic smem: K · sizeof(T).
-template <typename T>
-__device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const float* __restrict__ res,
+template <typename T, typename WR>
+__device__ void in_proj_conv_impl(WR W, int M, int K, const float* __restrict__ res,
                                   const float* __restrict__ nw, float eps, const T* __restrict__ bias, T* __restrict__ xz,
                                   int di, int KC, const float* __restrict__ conv, const float* __restrict__ cw,
                                   const float* __restrict__ cb, T* __restrict__ vout, int vec) {
@@ -68,7 +113,7 @@ __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const f
     pdl_trigger();
     norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
     for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
-        const float dot = warp_dot<T>(W + (size_t)j * K, xs, 0, K, vec != 0);
+        const float dot = Rows<T, WR>::dot(W, j, K, xs, 0, K, vec != 0);
         float a = round_to<T>(dot);
         if (bias != nullptr) a = round_to<T>(a + to_f(bias[j]));
         if (lane == 0) {
@@ -84,19 +129,18 @@ __device__ void in_proj_conv_impl(const T* __restrict__ W, int M, int K, const f
 }
 
 // out[j] = T(w_j · x), one block per row j (blockIdx.x, grid-stride), its warps splitting K.
-template <typename T>
-__device__ void gemv_rows_impl(const T* __restrict__ W, int M, int K, const T* __restrict__ x, T* __restrict__ out,
-                               int vec) {
+template <typename T, typename WR>
+__device__ void gemv_rows_impl(WR W, int M, int K, const T* __restrict__ x, T* __restrict__ out, int vec) {
     __shared__ float part[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    constexpr int V = 16 / sizeof(T);
+    const int V = Rows<T, WR>::chunk(W);
     int per = (K + nwarps - 1) / nwarps;
     per = (per + V - 1) / V * V;
     const int k0 = min(K, warp * per), k1 = min(K, k0 + per);
     pdl_wait();
     pdl_trigger();
     for (int j = blockIdx.x; j < M; j += gridDim.x) {
-        const float a = warp_dot<T>(W + (size_t)j * K, x, k0, k1, vec != 0);
+        const float a = Rows<T, WR>::dot(W, j, K, x, k0, k1, vec != 0);
         __syncthreads();  // part is free again
         if (lane == 0) part[warp] = a;
         __syncthreads();
@@ -106,12 +150,6 @@ __device__ void gemv_rows_impl(const T* __restrict__ W, int M, int K, const T* _
             out[j] = from_f<T>(s);
         }
     }
-}
-
-// The weight matrix of this launch: W itself, or wtab[route[0]] (the chosen expert's) when given.
-template <typename T>
-__device__ __forceinline__ const T* pick_weight(const T* W, const unsigned long long* wtab, const int* route) {
-    return wtab != nullptr ? reinterpret_cast<const T*>(wtab[route[0]]) : W;
 }
 
 // The router of one MoE layer over the block's normalised input xs (K elements of T):
@@ -170,12 +208,13 @@ __device__ __forceinline__ void publish_route(int* route, float* telem, const fl
 //   epi 1: out[j] = T(T(act(T(w_j·x))) · T(w_{j+M}·x))        j < M, rows = 2M (gated MLP)
 //   epi 2: out[j] = T(act(T(w_j·x)))                          j < M, rows = M
 //   dynamic smem: K · sizeof(T). The expert is known only after the router, so its rows are
-//   loaded after the norm; the router weights are asked of L2 before the wait.
-template <typename T>
+//   loaded after the norm; the router weights are asked of L2 before the wait. `proto`: a packed
+//   format's rows carrying its tables (wtab holds the codes); dense, wtab holds the rows.
+template <typename T, typename WR = const T*>
 __device__ void moe_fc1_impl(const float* __restrict__ Wr, const float* __restrict__ br, int E,
                              const unsigned long long* __restrict__ wtab, int* __restrict__ route, float* __restrict__ telem,
                              int M, int K, const float* __restrict__ res, const float* __restrict__ nw, float eps,
-                             T* __restrict__ out, int epi, int act, int vec) {
+                             T* __restrict__ out, int epi, int act, int vec, WR proto = WR()) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* xs = reinterpret_cast<T*>(smem_raw);
     __shared__ float red[33];
@@ -189,13 +228,13 @@ __device__ void moe_fc1_impl(const float* __restrict__ Wr, const float* __restri
     norm_prologue<T>(res, nw, nullptr, eps, 0, K, xs, red);
     const int best = router_top1<T>(Wr, br, E, K, xs, part, logits, &chosen);
     if (blockIdx.x == 0 && threadIdx.x == 0) publish_route(route, telem, logits, E, best);
-    const T* w = reinterpret_cast<const T*>(wtab[chosen]);
+    const WR w = Rows<T, WR>::table(proto, wtab, chosen);
     for (int j = blockIdx.x * nwarps + warp; j < M; j += gridDim.x * nwarps) {
         if (epi == 1) {
-            const float2 gu = warp_dot2<T>(w + (size_t)j * K, w + (size_t)(j + M) * K, xs, K, vec != 0);
+            const float2 gu = Rows<T, WR>::dot2(w, j, j + M, K, xs, vec != 0);
             if (lane == 0) out[j] = from_f<T>(round_to<T>(act_f(round_to<T>(gu.x), act)) * round_to<T>(gu.y));
         } else {
-            const float a = round_to<T>(warp_dot<T>(w + (size_t)j * K, xs, 0, K, vec != 0));
+            const float a = round_to<T>(Rows<T, WR>::dot(w, j, K, xs, 0, K, vec != 0));
             if (lane == 0) out[j] = from_f<T>(act_f(a, act));
         }
     }
@@ -206,11 +245,11 @@ __device__ void moe_fc1_impl(const float* __restrict__ Wr, const float* __restri
 // product is rounded through T first (as the twin's T output) and added without atomics.
 // With wtab, the weight is the expert that route names (written by the previous kernel, the fused
 // router + fc1).
-template <typename T>
-__device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, const int* route, int M, int K,
+template <typename T, typename WR>
+__device__ void gemv_resid_impl(WR W, const unsigned long long* wtab, const int* route, int M, int K,
                                 const T* __restrict__ x, float* __restrict__ res, const float* __restrict__ gate,
                                 const T* __restrict__ bias, int vec, int bx, int nbx, int split, int nsplit) {
-    constexpr int V = 16 / sizeof(T);
+    const int V = Rows<T, WR>::chunk(W);
     int per = (K + nsplit - 1) / nsplit;
     per = (per + V - 1) / V * V;
     const int k0 = min(K, split * per), k1 = min(K, k0 + per);
@@ -218,10 +257,10 @@ __device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, cons
     const int j0 = bx * nwarps + warp;
     pdl_wait();
     pdl_trigger();
-    const T* w = pick_weight<T>(W, wtab, route);
+    const WR w = wtab != nullptr ? Rows<T, WR>::table(W, wtab, route[0]) : W;
     const float g = gate != nullptr ? gate[0] : 1.0f;
     for (int j = j0; j < M; j += nbx * nwarps) {
-        float a = warp_dot<T>(w + (size_t)j * K, x, k0, k1, vec != 0);
+        float a = Rows<T, WR>::dot(w, j, K, x, k0, k1, vec != 0);
         if (lane == 0) {
             if (nsplit == 1) {
                 a = round_to<T>(a);
@@ -238,8 +277,8 @@ __device__ void gemv_resid_impl(const T* W, const unsigned long long* wtab, cons
 // LM head: logits[j] = E_j · T(layernorm(res)) in f32 for j < V; each block leaves the argmax of
 // its rows' logits in (pv, pi)[blockIdx.x] (greedy decoding takes the winner in sample_final;
 // sampling reads the logits in kernels/sample.cu).
-template <typename T>
-__device__ void head_impl(const T* __restrict__ E, int V, int K, const float* __restrict__ res,
+template <typename T, typename WR>
+__device__ void head_impl(WR E, int V, int K, const float* __restrict__ res,
                           const float* __restrict__ lw, const float* __restrict__ lb, float eps, float* __restrict__ logits,
                           float* __restrict__ pv, int* __restrict__ pi, int vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -254,7 +293,7 @@ __device__ void head_impl(const T* __restrict__ E, int V, int K, const float* __
     norm_prologue<T>(res, lw, lb, eps, 1, K, xs, red);
     ArgMax best{-INFINITY, 0x7fffffff};
     for (int j = j0; j < V; j += gridDim.x * nwarps) {
-        const float l = warp_dot<T>(E + (size_t)j * K, xs, 0, K, vec != 0);
+        const float l = Rows<T, WR>::dot(E, j, K, xs, 0, K, vec != 0);
         if (lane == 0) logits[j] = l;
         best = argmax_pick(best, ArgMax{l, j});
     }

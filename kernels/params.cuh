@@ -430,14 +430,28 @@ template <typename T> struct SsmStepParams {
     int telem_mode;  // 0: (B, 3) sums; 1: per-block partials (the decode step's)
 };
 
-// ---- batch-1 decode (decode.cuh / decode.cu, sample.cu) ----
-// res is the f32 residual stream (d); vec: 1 when the rows of K values are 16-byte multiples.
+// ---- batch-1 decode (decode.cuh / decode.cu, qgemv.cu, sample.cu) ----
+// res is the f32 residual stream (d); vec: 1 when the rows of K values (dense: K elements of T;
+// packed: the row's codes) are 16-byte multiples. Each kernel reading a weight matrix has a dense
+// entry point (decode.cu: the matrix is W / emb / E, or the rows wtab points to) and one per
+// packed format (qgemv.cu, `--quant`: the matrix is q, the dense pointer is null); both take the
+// same struct, each leaving the other's matrix unread.
+
+// The packed form of a decode kernel's weight matrix (kernels/qweight.cuh's QRows), all zero for
+// a dense launch.
+struct PackedRows {
+    const unsigned char* codes;      // (rows, row bytes) codes, or null where wtab holds them
+    const f16* scales;               // the matrix's f16 scales, or null for a table launch
+    const unsigned long long* stab;  // with wtab: the experts' scales pointers, laid out as wtab's
+    int gshift;                      // log2 of the q4 group (6 or 7); 0 for int8 and fp8
+};
 
 // embed_T: res = E[tok[0]].
 template <typename T> struct EmbedParams {
     const T* emb;               // (V, d)
     const unsigned int* tok;    // (1) u32
     float* res;                 // (d) f32
+    PackedRows q;               // the packed embedding (qgemv.cu)
     int d;
 };
 
@@ -452,6 +466,7 @@ template <typename T> struct InProjConvParams {
     const float* cw;     // (di, KC) f32
     const float* cb;     // (di) f32
     T* vout;             // (di)
+    PackedRows q;        // the packed W (qgemv.cu)
     int M;
     int K;
     float eps;
@@ -462,9 +477,10 @@ template <typename T> struct InProjConvParams {
 
 // gemv_rows_T: out = W · x, one block per row.
 template <typename T> struct GemvRowsParams {
-    const T* W;  // (M, K)
-    const T* x;  // (K)
-    T* out;      // (M)
+    const T* W;    // (M, K)
+    const T* x;    // (K)
+    T* out;        // (M)
+    PackedRows q;  // the packed W (qgemv.cu)
     int M;
     int K;
     int vec;
@@ -480,6 +496,7 @@ template <typename T> struct MoeFc1Params {
     const float* res;                // (K) f32
     const float* nw;                 // (K) f32 RMSNorm weight
     T* out;                          // the activation (see moe_fc1_impl)
+    PackedRows q;                    // packed experts (qgemv.cu): codes in wtab, scales in q.stab
     int E;
     int M;
     int K;
@@ -499,6 +516,7 @@ template <typename T> struct GemvResidParams {
     float* res;                      // (M) f32
     const float* gate;               // (1) f32 or null
     const T* bias;                   // (M) or null
+    PackedRows q;                    // the packed W, or with wtab the experts' (as MoeFc1Params)
     int M;
     int K;
     int vec;
@@ -513,6 +531,7 @@ template <typename T> struct HeadParams {
     float* logits;      // (V) f32
     float* pv;          // (gridDim.x) f32 candidates' values
     int* pi;            // (gridDim.x) candidates' ids
+    PackedRows q;       // the packed E (qgemv.cu)
     int V;
     int K;
     float eps;

@@ -111,6 +111,7 @@ pub fn decoder_run(
         "eager" => "our kernels launched one by one, sync per token",
         "graph-nopdl" => "one CUDA graph per token, no PDL, sync per token",
         "graph" => "one CUDA graph per token, sync per token",
+        "graph-dense" => "one CUDA graph per token over the dense copies of quantised weights, sync per token",
         "pipelined" => "one CUDA graph per token, two tokens in flight",
         _ => "one CUDA graph per token with the telemetry probe, sync per token",
     };

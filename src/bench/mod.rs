@@ -108,7 +108,12 @@ pub struct BenchReport {
     pub dtype: String,
     pub params_total: usize,
     pub params_active: usize,
+    /// Bytes of weights and state a decode step reads on the decoder's path (a quantised
+    /// model's packed codes and scales, `--quant`).
     pub bytes_per_token: usize,
+    /// The same over the dense copies of quantised matrices (what `step`, `step-slow`,
+    /// `graph-dense` and the megakernel read); equal to `bytes_per_token` for a dense model.
+    pub bytes_per_token_dense: usize,
     /// Device-to-device copy bandwidth measured here (bytes read + written per second), GB/s.
     pub hbm_copy_gb_s: Option<f64>,
     pub prefill: Option<PrefillResult>,
@@ -164,9 +169,23 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
     let dev = model.device.clone();
     let (params_total, params_active) = model.cfg.param_counts();
     #[cfg(feature = "cuda")]
-    let bytes = crate::runtime::decode::Decoder::bytes_per_token(model);
+    let (bytes, dense_bytes) = (
+        crate::runtime::decode::Decoder::bytes_per_token(model),
+        crate::runtime::decode::Decoder::dense_bytes_per_token(model),
+    );
     #[cfg(not(feature = "cuda"))]
-    let bytes = params_active * model.dtype.size_in_bytes();
+    let (bytes, dense_bytes) = {
+        let b = params_active * model.dtype.size_in_bytes();
+        (b, b)
+    };
+    // the decoder reads packed weights; Model::step (--no-kernels, the CPU) the dense copies
+    #[cfg(feature = "cuda")]
+    let user_bytes = match model.runs_kernels() && model.kernels.decoder && crate::runtime::decode::Decoder::supports(model).is_ok() {
+        true => bytes,
+        false => dense_bytes,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let user_bytes = dense_bytes;
     let mut rep = BenchReport {
         model: label.to_string(),
         device: if dev.is_cuda() { "cuda".into() } else { "cpu".into() },
@@ -174,6 +193,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
         params_total,
         params_active,
         bytes_per_token: bytes,
+        bytes_per_token_dense: dense_bytes,
         hbm_copy_gb_s: None,
         prefill: None,
         prefill_slow: None,
@@ -261,18 +281,20 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                 } else {
                     "Model::step on the tensor-op path; host argmax; launches not counted"
                 };
-                rep.decode.push(decode_result(mode, &times, None, bytes, ceiling, note));
+                rep.decode.push(decode_result(mode, &times, None, dense_bytes, ceiling, note));
             }
             #[cfg(feature = "cuda")]
-            "eager" | "graph" | "pipelined" | "graph-probe" | "graph-nopdl" => {
+            "eager" | "graph" | "pipelined" | "graph-probe" | "graph-nopdl" | "graph-dense" => {
                 if !dev.is_cuda() {
                     return Err(Error::Invalid(format!("bench mode {mode} needs --device cuda")));
                 }
                 let opts = crate::runtime::decode::DecodeOpts {
                     probe: mode == "graph-probe",
                     pdl: o.decode.pdl && mode != "graph-nopdl",
+                    packed: o.decode.packed && mode != "graph-dense",
                     ..o.decode
                 };
+                let bytes = if opts.packed { bytes } else { dense_bytes };
                 let track = mode == "graph";
                 let (res, mem) = cuda::decoder_run(
                     model,
@@ -302,7 +324,7 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                     return Err(Error::Invalid("bench mode mega needs --device cuda".into()));
                 }
                 let n = o.gen_len;
-                rep.decode.push(cuda::mega_run(model, &st0, first, n, bytes, ceiling)?);
+                rep.decode.push(cuda::mega_run(model, &st0, first, n, dense_bytes, ceiling)?);
             }
             "user" => {
                 let tok = match &o.tokenizer {
@@ -310,13 +332,13 @@ pub fn run(model: &mut Model, label: &str, o: &BenchOpts) -> Result<BenchReport>
                     None => crate::tokenizer::neox()?,
                 };
                 rep.decode
-                    .push(user_run(model, &tok, &ids[..o.prompt_len], o.gen_len, bytes, ceiling)?);
+                    .push(user_run(model, &tok, &ids[..o.prompt_len], o.gen_len, user_bytes, ceiling)?);
             }
             other => {
                 return Err(Error::Invalid(format!(
                     "bench mode '{other}': use step, step-slow, user{}",
                     if cfg!(feature = "cuda") {
-                        ", eager, graph, graph-nopdl, pipelined, graph-probe or mega (opt-in megakernel)"
+                        ", eager, graph, graph-nopdl, graph-dense, pipelined, graph-probe or mega (opt-in megakernel)"
                     } else {
                         " (the decoder modes need a build with --features cuda)"
                     }

@@ -85,8 +85,9 @@ pub struct BenchArgs {
     pub reps: usize,
     /// Decode modes, comma-separated: step, step-slow, user (`generate` with the default sampling:
     /// the path users run), and on CUDA the bare decoder: eager, graph, graph-nopdl, pipelined,
-    /// graph-probe, and mega (the opt-in megakernel, not in the default list) (default: step,
-    /// user, eager, graph, graph-nopdl, pipelined, graph-probe).
+    /// graph-probe, graph-dense (a `--quant` model's dense copies, the quantised kernels' twin),
+    /// and mega (the opt-in megakernel); mega and graph-dense are not in the default list
+    /// (default: step, user, eager, graph, graph-nopdl, pipelined, graph-probe).
     #[arg(long, value_delimiter = ',', conflicts_with = "path")]
     pub modes: Vec<String>,
     /// Shorthand for the decode modes: `user` (= --modes user: `generate` with the default
@@ -307,6 +308,13 @@ fn print_report(r: &BenchReport) {
         r.params_active as f64 / 1e6,
         r.bytes_per_token as f64 / 1e6
     );
+    if r.bytes_per_token_dense != r.bytes_per_token {
+        println!(
+            "  quantised: {:.1} MB per token packed (decoder), {:.1} MB over the dense copies (step, graph-dense)",
+            r.bytes_per_token as f64 / 1e6,
+            r.bytes_per_token_dense as f64 / 1e6
+        );
+    }
     if let Some(c) = r.hbm_copy_gb_s {
         println!("device copy bandwidth (measured ceiling): {c:.0} GB/s");
     }

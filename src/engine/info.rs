@@ -38,12 +38,28 @@ fn mamba_info(m: &Model, label: &str, untrained: bool, load_secs: f64, notes: &[
         vocab: cfg.vocab_size,
         params_total: total,
         params_active: active,
-        bytes_per_token: active as f64 * dtype.size_in_bytes() as f64,
+        bytes_per_token: packed_decode_bytes(m).unwrap_or(active as f64 * dtype.size_in_bytes() as f64),
         load_secs,
         finetune_available: finetune::AVAILABLE,
         quant: None,
         notes: notes.to_vec(),
     }
+}
+
+/// Bytes per token the GPU decoder reads for a quantised model (its packed codes and scales, see
+/// `runtime::decode`), where the decoder runs it; `None` elsewhere (then: the active parameters
+/// at the model's dtype).
+fn packed_decode_bytes(m: &Model) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::runtime::decode::Decoder;
+        let packed = Decoder::bytes_per_token(m);
+        if m.runs_kernels() && m.kernels.decoder && Decoder::supports(m).is_ok() && packed != Decoder::dense_bytes_per_token(m) {
+            return Some(packed as f64);
+        }
+    }
+    let _ = m;
+    None
 }
 
 /// The facts the UI shows about a transformer: every layer is an MoE layer, none a Mamba layer.

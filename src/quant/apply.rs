@@ -1,10 +1,11 @@
 //! Quantising a loaded model in place, and the quantised linear layer it runs.
 //!
 //! Every quantised linear keeps its dequantised weight as its dense `weight` (in the model's
-//! dtype): the GPU paths, fine-tuning and `--no-kernels` compute with it (the dequantise-then-
+//! dtype): the prefill, fine-tuning and `--no-kernels` compute with it (the dequantise-then-
 //! matmul twin, exactly the quantised values), while the CPU's forward reads only the packed
-//! codes through candle's GGML matmul where the format has one ([`QLinear::matmul`]). Dropping the
-//! dense copy waits for the GPU's dequantising kernels.
+//! codes through candle's GGML matmul where the format has one ([`QLinear::matmul`]) and the CUDA
+//! decoder reads them through its quantised kernels ([`QLinear::device_parts`]). The dense copy
+//! stays while the prefill needs it.
 
 use std::sync::Arc;
 
@@ -21,6 +22,8 @@ use crate::model::{Mixer, Model};
 pub struct QLinear {
     pub weight: QWeight,
     ggml: Option<QMatMul>,
+    /// The codes (u8) and scales (f16) on a GPU, uploaded by the first decoder that reads them.
+    gpu: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl QLinear {
@@ -33,7 +36,27 @@ impl QLinear {
             }
             None => None,
         };
-        Ok(Self { weight, ggml: mm })
+        Ok(Self {
+            weight,
+            ggml: mm,
+            gpu: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The packed codes as a u8 tensor of `rows · row bytes` and the scales as an f16 tensor, on
+    /// `device` (the flat layouts of [`QWeight`]). Kept after the first call for that device, so
+    /// every decoder of the model shares one copy.
+    pub fn device_parts(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some((c, s)) = self.gpu.get() {
+            if c.device().same_device(device) {
+                return Ok((c.clone(), s.clone()));
+            }
+        }
+        let w = &self.weight;
+        let codes = Tensor::from_slice(&w.data, w.data.len(), device)?;
+        let scales = Tensor::from_slice(&w.scales, w.scales.len(), device)?;
+        let _ = self.gpu.set((codes.clone(), scales.clone()));
+        Ok((codes, scales))
     }
 
     /// Whether the CPU runs this layer through a GGML matmul.

@@ -15,8 +15,10 @@
 //! `f16` step: no code saturates, so every element is within half a step (s/2; for fp8 half the
 //! E4M3 spacing at that value, times s) of its original. `docs/quantization.md` documents the
 //! checkpoint layout. On the CPU, `int8` and `q4` run through candle's GGML matmuls (`Q8_0` and
-//! `Q4_0` blocks hold exactly these codes and scales); `fp8`, the GPU and `--no-kernels` run the
-//! dequantise-then-matmul twin (the dense copy every linear keeps, see [`apply`]).
+//! `Q4_0` blocks hold exactly these codes and scales); the CUDA decoder reads the packed codes
+//! through its quantised kernels (`kernels/qgemv.cu`); `fp8` on the CPU, the GPU's prefill and
+//! `--no-kernels` run the dequantise-then-matmul twin (the dense copy every linear keeps, see
+//! [`apply`]).
 
 pub mod apply;
 pub mod checkpoint;

@@ -1,7 +1,10 @@
 //! Params of the single-token Mamba step (kernels/mamba_step.cu), the batch-1 decode kernels
-//! (kernels/decode.cuh, kernels/decode.cu, kernels/sample.cu) and the prefill kernels
-//! (kernels/prefill.cu). `res` is the f32 residual stream (d); `vec` is 1 when the rows of K
-//! values are 16-byte multiples (the 16-byte load path).
+//! (kernels/decode.cuh, kernels/decode.cu, kernels/qgemv.cu, kernels/sample.cu) and the prefill
+//! kernels (kernels/prefill.cu). `res` is the f32 residual stream (d); `vec` is 1 when the rows of
+//! K values (dense: elements; packed: the row's codes) are 16-byte multiples (the 16-byte load
+//! path). A decode kernel reading a weight matrix takes the same struct in its dense entry point
+//! (decode.cu: the matrix is `W`, `emb` or `E`, or the rows `wtab` points to) and in its packed
+//! ones (qgemv.cu, `--quant`: the matrix is `q`, a [`PackedRows`], and the dense pointer is 0).
 
 use super::params;
 
@@ -70,6 +73,19 @@ params! {
         telem_mode: "int" => i32,
     }
 
+    /// The packed form of a decode kernel's weight matrix (`QRows` of kernels/qweight.cuh), all
+    /// zero for a dense launch.
+    struct PackedRows {
+        /// (rows, row bytes) codes, or 0 where `wtab` holds them
+        codes: "const unsigned char*" => u64,
+        /// the matrix's f16 scales, or 0 for a table launch
+        scales: "const f16*" => u64,
+        /// with `wtab`: the experts' scales pointers, laid out as `wtab`'s codes pointers
+        stab: "const unsigned long long*" => u64,
+        /// log2 of the q4 group (6 or 7); 0 for int8 and fp8
+        gshift: "int" => i32,
+    }
+
     /// `embed_T`: res = E[tok[0]].
     struct EmbedParams {
         /// (V, d) T
@@ -78,6 +94,8 @@ params! {
         tok: "const unsigned int*" => u64,
         /// (d) f32
         res: "float*" => u64,
+        /// the packed embedding (qgemv.cu)
+        q: "PackedRows" => PackedRows,
         d: "int" => i32,
     }
 
@@ -102,6 +120,8 @@ params! {
         cb: "const float*" => u64,
         /// (di) T
         vout: "T*" => u64,
+        /// the packed W (qgemv.cu)
+        q: "PackedRows" => PackedRows,
         M: "int" => i32,
         K: "int" => i32,
         eps: "float" => f32,
@@ -118,6 +138,8 @@ params! {
         x: "const T*" => u64,
         /// (M) T
         out: "T*" => u64,
+        /// the packed W (qgemv.cu)
+        q: "PackedRows" => PackedRows,
         M: "int" => i32,
         K: "int" => i32,
         vec: "int" => i32,
@@ -142,6 +164,8 @@ params! {
         nw: "const float*" => u64,
         /// the activation (see `moe_fc1_impl`)
         out: "T*" => u64,
+        /// packed experts (qgemv.cu): codes in `wtab`, scales in `q.stab`
+        q: "PackedRows" => PackedRows,
         E: "int" => i32,
         M: "int" => i32,
         K: "int" => i32,
@@ -170,6 +194,8 @@ params! {
         gate: "const float*" => u64,
         /// (M) T or 0
         bias: "const T*" => u64,
+        /// the packed W, or with `wtab` the experts' (as in [`MoeFc1Params`])
+        q: "PackedRows" => PackedRows,
         M: "int" => i32,
         K: "int" => i32,
         vec: "int" => i32,
@@ -191,6 +217,8 @@ params! {
         pv: "float*" => u64,
         /// (blocks) candidates' ids
         pi: "int*" => u64,
+        /// the packed E (qgemv.cu)
+        q: "PackedRows" => PackedRows,
         V: "int" => i32,
         K: "int" => i32,
         eps: "float" => f32,

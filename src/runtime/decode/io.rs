@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 
 use super::{unsupported, Decoder};
 use crate::error::{Error, Result};
+use crate::model::linear::Linear;
 use crate::model::probe::{MambaRecord, MoeRecord, Probe};
 use crate::model::state::{LayerState, State};
 use crate::model::{Mixer, Model};
@@ -120,27 +121,48 @@ impl Decoder {
     }
 
     /// Bytes the step must read from device memory at least (weights it touches once, the state
-    /// read and written): the numerator of achieved bandwidth.
+    /// read and written): the numerator of achieved bandwidth. Quantised linears count as their
+    /// codes and scales, which the decoder reads ([`super::DecodeOpts::packed`], the default);
+    /// [`Decoder::dense_bytes_per_token`] is the same step over the dense copies.
     pub fn bytes_per_token(model: &Model) -> usize {
+        Self::step_bytes(model, true)
+    }
+
+    /// [`Decoder::bytes_per_token`] with every matrix read dense (`Model::step`, the decoder with
+    /// `packed` off, or an unquantised model).
+    pub fn dense_bytes_per_token(model: &Model) -> usize {
+        Self::step_bytes(model, false)
+    }
+
+    fn step_bytes(model: &Model, packed: bool) -> usize {
+        use super::quant::{matrix_bytes, row_bytes};
         let cfg = &model.cfg;
         let es = model.dtype.size_in_bytes();
-        let (d, di, n, k, r) = (cfg.hidden_size, cfg.d_inner(), cfg.state_size, cfg.conv_dimension, cfg.dt_rank());
-        let mut bytes = cfg.vocab_size * d * es + d * es + 2 * d * 4; // head (+ embedding row), final norm
+        let (d, di, n, k) = (cfg.hidden_size, cfg.d_inner(), cfg.state_size, cfg.conv_dimension);
+        let lin = |l: &Linear| matrix_bytes(&l.weight, l.quant.as_deref(), packed, es);
+        let q = model.head_quant.as_deref();
+        // head, the embedding row, the final norm
+        let mut bytes = matrix_bytes(&model.embedding, q, packed, es) + row_bytes(&model.embedding, q, packed, es) + 2 * d * 4;
         for l in &model.layers {
             bytes += d * 4; // norm
             match &l.mixer {
-                Mixer::Mamba(_) => {
-                    bytes += (2 * di * d + (r + 2 * n) * di + di * r + d * di) * es; // matrices
+                Mixer::Mamba(m) => {
+                    bytes += lin(&m.in_proj) + lin(&m.x_proj) + lin(&m.out_proj); // matrices
+                    bytes += m.dt_proj.weight.elem_count() * es; // read dense inside the SSM step
                     bytes += (di * k + di + di + di * n + di) * 4; // conv w/b, dt bias, A_log, D
                     bytes += 2 * (di * k + di * n) * 4; // state read + written
                 }
                 Mixer::Moe(m) => {
                     let e = m.experts.len();
-                    bytes += e * d * 4 + e * 4; // router
-                    bytes += (cfg.fc1_rows() * d + d * cfg.ffn_hidden_size) * es;
-                    // one expert
+                    // the router, then one expert (packed only where all are, as the decoder reads them)
+                    bytes += e * d * 4 + e * 4;
+                    for fc1 in [true, false] {
+                        let ls: Vec<&Linear> = m.experts.iter().map(|x| if fc1 { &x.fc1 } else { &x.fc2 }).collect();
+                        let on = super::quant::common_format(ls.iter().copied(), packed).is_some();
+                        bytes += ls.first().map_or(0, |l| matrix_bytes(&l.weight, l.quant.as_deref(), on, es));
+                    }
                 }
-                Mixer::Dense(_) => bytes += (cfg.fc1_rows() * d + d * cfg.ffn_hidden_size) * es,
+                Mixer::Dense(m) => bytes += lin(&m.fc1) + lin(&m.fc2),
             }
         }
         bytes

@@ -23,19 +23,14 @@ impl Decoder {
         let warps = th / 32;
         let cap = (s.sms * o.blocks_per_sm).max(1);
         let rows_grid = |m: usize| (m.div_ceil(warps as usize) as u32).clamp(1, cap);
-        let vec_ok = |kdim: usize| i32::from((kdim * s.es) % 16 == 0);
         let split = if o.split_k > 0 { o.split_k } else { 2 };
         let out = b.out[slot];
         // dynamic shared memory: the normalised input of the kernels that have one (K elements)
         let xs = u32::try_from((s.d * s.es).div_ceil(16) * 16)
             .map_err(|_| crate::error::Error::Invalid("fast decode: hidden size too large".into()))?;
-        let f_embed = func(dev, Module::Decode, &format!("embed_{sfx}"))?;
-        let f_fc1 = func(dev, Module::Decode, &format!("moe_fc1_{sfx}"))?;
-        let f_resid = func(dev, Module::Decode, &format!("gemv_resid_{sfx}"))?;
-        let f_head = func(dev, Module::Decode, &format!("head_{sfx}"))?;
+        // the products' kernels: dense (decode.cu) or the weight's packed format (qgemv.cu)
+        let wf = |name: &str, w| self.weight_func(name, w);
         let f_final = func(dev, Module::Decode, "sample_final")?;
-        let f_inconv = func(dev, Module::Decode, &format!("in_proj_conv_{sfx}"))?;
-        let f_rows = func(dev, Module::Decode, &format!("gemv_rows_{sfx}"))?;
         let f_ssm = func(dev, Module::MambaStep, &format!("ssm_step_{sfx}"))?;
         let n_mamba = self.mamba_idx.len();
         // words of the out buffer: [token, mamba sums (3 per layer), moe (E + 1 per layer)]
@@ -60,12 +55,13 @@ impl Decoder {
         );
         let mut v = Vec::new();
         v.push(
-            Launch::new(f_embed, (s.d.div_ceil(256) as u32, 1, 1), 256, 0)
+            Launch::new(wf("embed", &b.emb)?, (s.d.div_ceil(256) as u32, 1, 1), 256, 0)
                 .label("embed")
                 .params(EmbedParams {
-                    emb: b.emb,
+                    emb: b.emb.rows(),
                     tok: b.tok,
                     res: b.res,
+                    q: b.emb.packed(0),
                     d,
                 }),
         );
@@ -94,10 +90,10 @@ impl Decoder {
                     // in_proj with the block's RMSNorm, conv window + SiLU as epilogue:
                     // xz = W_in · T(rmsnorm(res)) (2·di), v = SiLU(conv(window)) (di)
                     v.push(
-                        Launch::new(f_inconv.clone(), (rows_grid(2 * s.di), 1, 1), th, xs)
+                        Launch::new(wf("in_proj_conv", in_w)?, (rows_grid(2 * s.di), 1, 1), th, xs)
                             .label("mamba.in_proj+norm+conv")
                             .params(InProjConvParams {
-                                W: *in_w,
+                                W: in_w.rows(),
                                 res: b.res,
                                 nw: *norm,
                                 bias: *in_b,
@@ -106,25 +102,27 @@ impl Decoder {
                                 cw: *conv_w,
                                 cb: *conv_b,
                                 vout: b.v,
+                                q: in_w.packed(0),
                                 M: two_di,
                                 K: d,
                                 eps: s.eps,
                                 di,
                                 KC: k,
-                                vec: vec_ok(s.d),
+                                vec: in_w.vec(s.d, s.es),
                             }),
                     );
                     // x_proj: dbc = W_x · v (R + 2N rows), one block per row
                     v.push(
-                        Launch::new(f_rows.clone(), (r2 as u32, 1, 1), th, 0)
+                        Launch::new(wf("gemv_rows", x_w)?, (r2 as u32, 1, 1), th, 0)
                             .label("mamba.x_proj")
                             .params(GemvRowsParams {
-                                W: *x_w,
+                                W: x_w.rows(),
                                 x: b.v,
                                 out: b.dbc,
+                                q: x_w.packed(0),
                                 M: i(r2, "decode: x_proj rows")?,
                                 K: di,
-                                vec: vec_ok(s.di),
+                                vec: x_w.vec(s.di, s.es),
                             }),
                     );
                     // dt_proj + softplus + SSM update + D skip + gate; state in place
@@ -161,19 +159,20 @@ impl Decoder {
                     );
                     // out_proj into the residual stream
                     v.push(
-                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, 0)
+                        Launch::new(wf("gemv_resid", out_w)?, (rows_grid(s.d), split, 1), th, 0)
                             .label("mamba.out_proj+residual")
                             .params(GemvResidParams {
-                                W: *out_w,
+                                W: out_w.rows(),
                                 wtab: 0,
                                 route: 0,
                                 x: b.y,
                                 res: b.res,
                                 gate: 0,
                                 bias: *out_b,
+                                q: out_w.packed(0),
                                 M: d,
                                 K: di,
-                                vec: vec_ok(s.di),
+                                vec: out_w.vec(s.di, s.es),
                             }),
                     );
                 }
@@ -183,17 +182,21 @@ impl Decoder {
                     router_b,
                     n_experts,
                     slot: es,
+                    fc1,
+                    fc2,
                 } => {
                     let route = b.route + (16 * es) as u64;
                     let fc1_tab = b.table + table_off;
                     let fc2_tab = fc1_tab + (8 * n_experts) as u64;
+                    // the packed experts' scales pointers, at the same places of their table
+                    let (fc1_stab, fc2_stab) = (b.stable + table_off, b.stable + table_off + (8 * n_experts) as u64);
                     table_off += (16 * n_experts) as u64;
                     let telem = if o.probe { moe_words[*es] } else { 0 };
                     let epi = if s.gated { 1 } else { 2 };
                     // router (in every block) + the chosen expert's fc1 with the block's
                     // RMSNorm and the (gated) activation
                     v.push(
-                        Launch::new(f_fc1.clone(), (rows_grid(s.f), 1, 1), th, xs)
+                        Launch::new(wf("moe_fc1", fc1)?, (rows_grid(s.f), 1, 1), th, xs)
                             .label("moe.router+fc1+norm+act")
                             .params(MoeFc1Params {
                                 Wr: *router_w,
@@ -204,50 +207,53 @@ impl Decoder {
                                 res: b.res,
                                 nw: *norm,
                                 out: b.h,
+                                q: fc1.packed(fc1_stab),
                                 E: i(*n_experts, "decode: experts")?,
                                 M: f,
                                 K: d,
                                 eps: s.eps,
                                 epi,
                                 act: s.act,
-                                vec: vec_ok(s.d),
+                                vec: fc1.vec(s.d, s.es),
                             }),
                     );
                     // fc2, scaled by the gate, into the residual stream
                     v.push(
-                        Launch::new(f_resid.clone(), (rows_grid(s.d), split, 1), th, 0)
+                        Launch::new(wf("gemv_resid", fc2)?, (rows_grid(s.d), split, 1), th, 0)
                             .label("moe.fc2+gate+residual")
                             .params(GemvResidParams {
-                                W: 0,
+                                W: fc2.rows(),
                                 wtab: fc2_tab,
                                 route,
                                 x: b.h,
                                 res: b.res,
                                 gate: route + 4,
                                 bias: 0,
+                                q: fc2.packed(fc2_stab),
                                 M: d,
                                 K: f,
-                                vec: vec_ok(s.f),
+                                vec: fc2.vec(s.f, s.es),
                             }),
                     );
                 }
             }
         }
         v.push(
-            Launch::new(f_head, (s.head_blocks, 1, 1), th, xs)
+            Launch::new(wf("head", &b.emb)?, (s.head_blocks, 1, 1), th, xs)
                 .label("head+layernorm+argmax")
                 .params(HeadParams {
-                    E: b.emb,
+                    E: b.emb.rows(),
                     res: b.res,
                     lw: b.final_w,
                     lb: b.final_b,
                     logits: b.logits,
                     pv: b.pv,
                     pi: b.pi,
+                    q: b.emb.packed(0),
                     V: i(s.vocab, "decode: vocabulary")?,
                     K: d,
                     eps: s.eps,
-                    vec: vec_ok(s.d),
+                    vec: b.emb.vec(s.d, s.es),
                 }),
         );
         let parts = if o.probe { b.parts } else { 0 };

@@ -9,6 +9,10 @@
 //! (+activation) in one kernel → fc2(+gate, +residual); head(+LayerNorm, +argmax candidates) →
 //! final argmax.
 //! The slow twin is [`Model::step`] with host sampling; `tests/gpu_parity.rs` compares them.
+//!
+//! A quantised model (`--quant`) runs the same kernel bodies over its packed weights
+//! (`kernels/qgemv.cu`, see [`quant`]); its twin is this decoder over the dense copies
+//! ([`DecodeOpts::packed`] off), compared in `tests/quant_gpu.rs`.
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
@@ -19,12 +23,16 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::linear::Linear;
 use crate::model::{Mixer, Model};
 use crate::ops::cuda::{compute_capability, cuda_device, dptr, func, sm_count, suffix, Launch, Module};
 use crate::ops::params::SetTokenParams;
 
 mod io;
 mod launches;
+mod quant;
+
+use quant::{common_format, linear_ref, weight_ref, WRef};
 
 /// Launch shapes and sampling of a [`Decoder`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,6 +51,9 @@ pub struct DecodeOpts {
     /// Programmatic dependent launch: each kernel starts while the previous one finishes
     /// (sm_90 and newer; [`Decoder::new`] turns it off on older GPUs).
     pub pdl: bool,
+    /// Read quantised linears (`--quant`) packed, through the quantised kernels; off, every
+    /// matrix is read as its dense copy (the dequantise-then-matmul twin).
+    pub packed: bool,
 }
 
 impl Default for DecodeOpts {
@@ -54,6 +65,7 @@ impl Default for DecodeOpts {
             probe: false,
             sampler: false,
             pdl: true,
+            packed: true,
         }
     }
 }
@@ -66,16 +78,16 @@ const SSM_THREADS: u32 = 512;
 enum LayerPtrs {
     Mamba {
         norm: u64,
-        in_w: u64,
+        in_w: WRef,
         in_b: u64,
         conv_w: u64,
         conv_b: u64,
-        x_w: u64,
+        x_w: WRef,
         dt_w: u64,
         dt_b: u64,
         a_log: u64,
         d: u64,
-        out_w: u64,
+        out_w: WRef,
         out_b: u64,
         slot: usize,
     },
@@ -85,6 +97,10 @@ enum LayerPtrs {
         router_b: u64,
         n_experts: usize,
         slot: usize,
+        /// The experts' fc1 and fc2 as the table launches read them (`p` 0: the tables hold the
+        /// pointers; packed: codes in `table`, scales in `stable`).
+        fc1: WRef,
+        fc2: WRef,
     },
 }
 
@@ -150,7 +166,10 @@ struct Bufs {
     conv: u64,
     ssm: u64,
     table: u64,
-    emb: u64,
+    /// Beside `table`: the packed experts' scales pointers (0 for dense layers).
+    stable: u64,
+    /// The embedding, also the head.
+    emb: WRef,
     final_w: u64,
     final_b: u64,
 }
@@ -278,8 +297,10 @@ impl Decoder {
             hold.push(t);
             Ok(p)
         };
+        let mdev = &model.device;
         let mut layers = Vec::new();
         let mut table: Vec<i64> = Vec::new();
+        let mut stable: Vec<i64> = Vec::new();
         let (mut mamba_idx, mut moe_idx) = (Vec::new(), Vec::new());
         for (i, b) in model.layers.iter().enumerate() {
             let norm = keep(&b.norm)?;
@@ -287,19 +308,19 @@ impl Decoder {
                 Mixer::Mamba(m) => {
                     layers.push(LayerPtrs::Mamba {
                         norm,
-                        in_w: keep(&m.in_proj.weight)?,
+                        in_w: linear_ref(&m.in_proj, mdev, opts.packed, &mut keep)?,
                         in_b: match &m.in_proj.bias {
                             Some(t) => keep(&t.to_dtype(dtype)?)?,
                             None => 0,
                         },
                         conv_w: keep(&m.conv_w)?,
                         conv_b: keep(&m.conv_b)?,
-                        x_w: keep(&m.x_proj.weight)?,
+                        x_w: linear_ref(&m.x_proj, mdev, opts.packed, &mut keep)?,
                         dt_w: keep(&m.dt_proj.weight)?,
                         dt_b: keep(&m.dt_bias)?,
                         a_log: keep(&m.a_log)?,
                         d: keep(&m.d)?,
-                        out_w: keep(&m.out_proj.weight)?,
+                        out_w: linear_ref(&m.out_proj, mdev, opts.packed, &mut keep)?,
                         out_b: match &m.out_proj.bias {
                             Some(t) => keep(&t.to_dtype(dtype)?)?,
                             None => 0,
@@ -310,13 +331,24 @@ impl Decoder {
                 }
                 Mixer::Moe(m) => {
                     let ne = m.experts.len();
-                    // table: per MoE layer, fc1 pointers of its experts then fc2 pointers
-                    for e in &m.experts {
-                        table.push(keep(&e.fc1.weight)? as i64);
-                    }
-                    for e in &m.experts {
-                        table.push(keep(&e.fc2.weight)? as i64);
-                    }
+                    // table: per MoE layer, fc1 pointers of its experts then fc2 pointers (the
+                    // codes where packed, their scales at the same places of stable)
+                    let mut refs = |fc1: bool| -> Result<WRef> {
+                        let ls: Vec<&Linear> = m.experts.iter().map(|e| if fc1 { &e.fc1 } else { &e.fc2 }).collect();
+                        // packed only where every expert is, in one format
+                        let format = common_format(ls.iter().copied(), opts.packed);
+                        for l in &ls {
+                            let w = linear_ref(l, mdev, format.is_some(), &mut keep)?;
+                            table.push(w.p as i64);
+                            stable.push(w.q.map_or(0, |q| q.scales as i64));
+                        }
+                        Ok(WRef {
+                            p: 0,
+                            q: format.map(|format| quant::QRef { scales: 0, format }),
+                        })
+                    };
+                    let fc1 = refs(true)?;
+                    let fc2 = refs(false)?;
                     let bias = m.router.bias.as_ref().ok_or_else(|| unsupported("a router without bias"))?;
                     layers.push(LayerPtrs::Moe {
                         norm,
@@ -324,23 +356,28 @@ impl Decoder {
                         router_b: keep(&bias.to_dtype(DType::F32)?)?,
                         n_experts: ne,
                         slot: moe_idx.len(),
+                        fc1,
+                        fc2,
                     });
                     moe_idx.push((i, ne));
                 }
                 Mixer::Dense(_) => return Err(unsupported("a dense MLP layer")),
             }
         }
-        let emb = keep(&model.embedding)?;
+        let emb = weight_ref(&model.embedding, model.head_quant.as_deref(), mdev, opts.packed, &mut keep)?;
         let final_w = keep(&model.final_w)?;
         let final_b = keep(&model.final_b)?;
-        let mdev = &model.device;
         if table.is_empty() {
             table.push(0);
+            stable.push(0);
         }
         let table_len = table.len();
         let table_dev = Tensor::from_vec(table, table_len, &Device::Cpu)?.to_device(mdev)?;
         let table_p = dptr(&table_dev)?;
         hold.push(table_dev);
+        let stable_dev = Tensor::from_vec(stable, table_len, &Device::Cpu)?.to_device(mdev)?;
+        let stable_p = dptr(&stable_dev)?;
+        hold.push(stable_dev);
         let mut alloc = |n: usize, dt: DType| -> Result<u64> {
             let t = Tensor::zeros(n.max(1), dt, mdev)?;
             let p = dptr(&t)?;
@@ -374,6 +411,7 @@ impl Decoder {
             conv: alloc(n_mamba * di * k, DType::F32)?,
             ssm: alloc(n_mamba * di * n, DType::F32)?,
             table: table_p,
+            stable: stable_p,
             emb,
             final_w,
             final_b,

@@ -19,6 +19,8 @@
 //!
 //! `bench --finetune` times the training step instead: see [`finetune`].
 
+pub mod context;
+pub mod context_plot;
 pub mod device_random;
 pub mod finetune;
 pub mod finetune_profile;

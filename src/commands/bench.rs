@@ -3,6 +3,7 @@
 
 use clap::Args;
 
+use crate::bench::context::{ContextFill, ContextOpts, ContextReport};
 use crate::bench::finetune::{FinetuneBenchOpts, FinetuneBenchReport};
 use crate::bench::{self, BenchOpts, BenchReport};
 use crate::commands::ModelArgs;
@@ -130,10 +131,94 @@ pub struct BenchArgs {
     /// Print the report as JSON only.
     #[arg(long)]
     pub json: bool,
+    /// Decode speed against context length instead: comma-separated token counts (1k = 1024),
+    /// e.g. 1k,4k,16k,64k. Any family --model loads (BlackMamba, OLMoE, Mixtral); --gen-len tokens
+    /// are generated after each context with the default sampling (the user's path).
+    #[arg(long, value_name = "LIST", conflicts_with_all = CONTEXT_EXCLUDES)]
+    pub context: Option<String>,
+    /// --context: how the context gets into the cache or state: prefill (run random tokens through
+    /// the model) or synthetic (a cache of as many random keys and values; a random state).
+    #[arg(long, value_enum, default_value = "prefill", requires = "context")]
+    pub context_fill: ContextFill,
+    /// --context: tokens per forward call of the prefill fill.
+    #[arg(long, default_value_t = 512, requires = "context")]
+    pub fill_chunk: usize,
+    /// --context: also draw decode tok/s against context as a PNG.
+    #[arg(long, value_name = "FILE", requires = "context")]
+    pub plot: Option<std::path::PathBuf>,
+    /// --plot: also draw the curves of earlier `bench --context --json` reports (e.g. another
+    /// model's), comma-separated files.
+    #[arg(long, value_name = "JSON", value_delimiter = ',', requires = "plot")]
+    pub plot_with: Vec<std::path::PathBuf>,
+}
+
+/// Flags that mean nothing to `--context`.
+const CONTEXT_EXCLUDES: [&str; 7] = ["finetune", "modes", "path", "sweep", "slow_prefill", "profile", "prefill_batch"];
+
+/// `bench --context`: decode speed against context length, on either family.
+fn run_context(m: &ModelArgs, a: &BenchArgs, list: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let contexts = bench::context::parse_contexts(list)?;
+    let mut others = Vec::new();
+    for p in &a.plot_with {
+        let text = std::fs::read_to_string(p).with_context(|| format!("--plot-with {}: cannot read it", p.display()))?;
+        let rep: ContextReport =
+            serde_json::from_str(&text).with_context(|| format!("--plot-with {}: not a `bench --context --json` report", p.display()))?;
+        others.push(rep);
+    }
+    let l = super::load_any(m)?;
+    let opts = ContextOpts {
+        contexts,
+        gen_len: a.gen_len,
+        fill: a.context_fill,
+        chunk: a.fill_chunk,
+        seed: a.seed,
+    };
+    bench::context::check(&l.model, &opts)?;
+    if !a.json {
+        eprintln!("loaded {} in {:.1} s", l.label, l.load_secs);
+    }
+    let rep = bench::context::run(&l.model, &l.tokenizer, &l.eos, &l.label, &opts)?;
+    if let Some(path) = &a.plot {
+        let mut all = vec![rep.clone()];
+        all.extend(others);
+        bench::context_plot::latency_by_context(&all, path)?;
+        if !a.json {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        print_context(&rep, a.gen_len);
+    }
+    Ok(())
+}
+
+fn print_context(r: &ContextReport, gen_len: usize) {
+    let fill = match r.fill {
+        ContextFill::Prefill => "filled by prefill",
+        ContextFill::Synthetic => "filled synthetically",
+    };
+    println!(
+        "decode speed against context: {} ({}) on {} ({}), contexts {fill}, {gen_len} tokens each with the default sampling",
+        r.model, r.family, r.device, r.dtype
+    );
+    let mem = if r.memory == "state" { "state bytes" } else { "KV-cache bytes" };
+    println!("{:>9} {:>10} {:>10} {:>15} {:>8}", "context", "tok/s", "ms/token", mem, "fill s");
+    for x in &r.rows {
+        println!(
+            "{:>9} {:>10.1} {:>10.3} {:>15} {:>8.2}",
+            x.context, x.tok_s, x.ms_per_token, x.memory_bytes, x.fill_secs
+        );
+    }
 }
 
 pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
     use anyhow::Context;
+    if let Some(list) = &a.context {
+        return run_context(m, a, list);
+    }
     let device = crate::loader::device(m.device)?;
     let dtype = crate::loader::dtype(m.dtype, &device);
     let source = crate::loader::ModelSource::parse(m.model.as_deref(), m.revision.as_deref())?;

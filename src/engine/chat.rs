@@ -1,11 +1,9 @@
-//! Chat turns on the recurrent state: one snapshot per turn so that "regenerate" and "undo" restore
-//! the state without reading anything again, and conversations saved as JSON with those snapshots.
+//! Chat turns on the recurrent state (the shared loop: [`super::turns`]): one snapshot per turn
+//! so that "regenerate" and "undo" restore the state without reading anything again, and
+//! conversations saved as JSON with those snapshots.
 //!
 //! A turn feeds `prefix` = (the previous answer's unfed last token, unless it was end-of-text) +
-//! `close_turn` + `prompt_for_turn`. All of it but its last id is read first, in chunks of
-//! [`PREFILL_CHUNK`] with a cancel check between them (cancelled there, the turn is dropped:
-//! `Rewound`, then `Done`); the state there is the turn's `ready` snapshot. Generation starts from
-//! `ready` with that last id, so regenerating is: restore `ready`, generate again.
+//! `close_turn` + `prompt_for_turn`.
 
 use std::path::Path;
 
@@ -13,233 +11,114 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::chat_template::{close_turn, prompt_for_turn, STOP_STRINGS};
-use crate::engine::protocol::{CancelFlag, ConversationInfo, EngineEvent, ReqId};
+use crate::chat_template::{close_turn, prompt_for_turn};
+use crate::engine::protocol::{CancelFlag, EngineEvent, ReqId};
 use crate::engine::telemetry::{records, RouterHistory};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenEvent, GenOutcome, GenStats, StopReason};
+use crate::generate::{generate, GenEvent};
 use crate::model::probe::Probe;
 use crate::model::state::{State, StateSnapshot};
 use crate::model::{Logits, Model};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::EOS_ID;
 
-/// Prompt tokens read per forward call; the cancel flag is checked between calls, so Esc stops a
-/// long paste within one chunk.
-pub const PREFILL_CHUNK: usize = 128;
+use super::turns::{with_chat_stops, Answer, Dialog, Memory, TurnModel};
+pub use super::turns::{Emit, PREFILL_CHUNK};
 
-/// One question and its answer.
-#[derive(Debug, Clone)]
-pub struct Turn {
-    pub user: String,
-    pub answer: String,
-    /// The state (and unfed token) before this turn: what "undo" restores.
-    pub before: State,
-    pub before_pending: Option<u32>,
-    /// The state before the last prompt id: what "regenerate" restores.
-    pub ready: State,
-    pub last_id: u32,
-    /// Ids fed from `ready` on: `last_id` and the answer's fed tokens.
-    pub fed: Vec<u32>,
-    /// The answer's last sampled id, not yet fed.
-    pub pending: Option<u32>,
-    pub regens: u64,
-}
+/// One question and its answer, with the states to go back to.
+pub type Turn = super::turns::Turn<State>;
 
-/// A turn that was answered: its `ready` snapshot, the outcome, the ids fed and the state after.
-type Answered = (State, GenOutcome, Vec<u32>, State);
+/// The conversation the engine holds for BlackMamba.
+pub type Conversation = Dialog<State>;
 
-/// The conversation the engine holds.
-#[derive(Debug, Clone)]
-pub struct Conversation {
-    pub system: Option<String>,
-    pub turns: Vec<Turn>,
-    pub state: State,
-    pub pending: Option<u32>,
-}
-
-/// Where events go.
-pub type Emit<'a> = &'a mut dyn FnMut(EngineEvent);
-
-impl Conversation {
-    pub fn new(model: &Model, system: Option<String>) -> Result<Self> {
-        Ok(Self {
-            system,
-            turns: Vec::new(),
-            state: model.new_state(1)?,
-            pending: None,
-        })
+impl Memory for State {
+    fn pos(&self) -> usize {
+        self.pos
     }
+}
 
-    /// Answers `user`. On error the conversation is as before and the UI is told to drop the turn.
-    #[allow(clippy::too_many_arguments)]
-    pub fn chat(
-        &mut self,
-        model: &Model,
-        tok: &Tokenizer,
-        hist: &mut RouterHistory,
-        id: ReqId,
-        user: &str,
-        params: &SamplingParams,
-        cancel: &CancelFlag,
-        emit: Emit<'_>,
-    ) -> Result<()> {
-        let first = self.turns.is_empty() && self.state.pos == 0;
+impl TurnModel for Model {
+    type Mem = State;
+
+    fn prefix(&self, tok: &Tokenizer, pending: Option<u32>, system: Option<&str>, user: &str, first: bool) -> Result<Vec<u32>> {
         let mut prefix = Vec::new();
         if !first {
-            if let Some(p) = self.pending.filter(|&p| p != EOS_ID) {
+            if let Some(p) = pending.filter(|&p| p != EOS_ID) {
                 prefix.push(p);
             }
             prefix.extend(close_turn(tok)?);
         }
-        prefix.extend(prompt_for_turn(tok, self.system.as_deref(), user, first)?);
-        model.check_ids(&prefix)?;
-        let Some((&last_id, head)) = prefix.split_last() else {
-            return Err(Error::Invalid("empty prompt".into()));
-        };
-        emit(EngineEvent::TurnStarted {
-            id,
-            user: user.to_string(),
-        });
-        let run = (|| -> Result<Option<Answered>> {
-            let mut ready = self.state.clone();
-            let t0 = std::time::Instant::now();
-            // in chunks, so that a long paste can be cancelled while it is read
-            for chunk in head.chunks(PREFILL_CHUNK) {
-                if cancel.is_cancelled() {
-                    return Ok(None);
-                }
-                let mut probe = Probe::new();
-                let pos0 = ready.pos;
-                let ids = Tensor::from_slice(chunk, (1, chunk.len()), &model.device)?;
-                model.forward(&ids, &mut ready, Logits::Last, Some(&mut probe))?;
-                hist.push(&probe, pos0);
-                emit(EngineEvent::Prompt {
-                    id,
-                    tokens: records(tok, chunk, pos0, false, Some(&probe)),
-                });
-            }
-            if cancel.is_cancelled() {
-                return Ok(None);
-            }
-            let head_secs = t0.elapsed().as_secs_f64();
-            let (mut out, fed, end) = answer(model, tok, hist, id, &ready, last_id, params, cancel, emit)?;
-            // the prompt was read in two calls (all but its last id, then the last id)
-            out.stats.prompt_tokens += head.len();
-            out.stats.prefill_secs += head_secs;
-            out.stats.ttft_secs += head_secs;
-            Ok(Some((ready, out, fed, end)))
-        })();
-        match run {
-            Ok(Some((ready, out, fed, end))) => {
-                let turn = Turn {
-                    user: user.to_string(),
-                    answer: out.text.clone(),
-                    before: std::mem::replace(&mut self.state, end),
-                    before_pending: std::mem::replace(&mut self.pending, out.pending),
-                    ready,
-                    last_id,
-                    fed,
-                    pending: out.pending,
-                    regens: 0,
-                };
-                self.turns.push(turn);
-                emit(EngineEvent::Done {
-                    id,
-                    stats: out.stats,
-                    stop: out.stop,
-                });
-                Ok(())
-            }
-            Ok(None) => {
-                // cancelled while reading the prompt: the turn never happened
-                hist.truncate(self.state.pos);
-                emit(EngineEvent::Rewound {
-                    pos: self.state.pos,
-                    turns: self.turns.len(),
-                });
-                emit(EngineEvent::Done {
-                    id,
-                    stats: GenStats::default(),
-                    stop: StopReason::Cancelled,
-                });
-                Ok(())
-            }
-            Err(e) => {
-                hist.truncate(self.state.pos);
-                emit(EngineEvent::Rewound {
-                    pos: self.state.pos,
-                    turns: self.turns.len(),
-                });
-                Err(e)
-            }
-        }
+        prefix.extend(prompt_for_turn(tok, system, user, first)?);
+        self.check_ids(&prefix)?;
+        Ok(prefix)
     }
 
-    /// Samples the last answer again from the state saved before it (seed moved on by one).
-    #[allow(clippy::too_many_arguments)]
-    pub fn regenerate(
-        &mut self,
-        model: &Model,
+    fn read(&self, tok: &Tokenizer, hist: &mut RouterHistory, id: ReqId, chunk: &[u32], mem: &mut State, emit: Emit<'_>) -> Result<()> {
+        let mut probe = Probe::new();
+        let pos0 = mem.pos;
+        let ids = Tensor::from_slice(chunk, (1, chunk.len()), &self.device)?;
+        self.forward(&ids, mem, Logits::Last, Some(&mut probe))?;
+        hist.push(&probe, pos0);
+        emit(EngineEvent::Prompt {
+            id,
+            tokens: records(tok, chunk, pos0, false, Some(&probe)),
+        });
+        Ok(())
+    }
+
+    fn answer(
+        &self,
         tok: &Tokenizer,
         hist: &mut RouterHistory,
         id: ReqId,
+        ready: &State,
+        last_id: u32,
         params: &SamplingParams,
         cancel: &CancelFlag,
         emit: Emit<'_>,
-    ) -> Result<()> {
-        let n = self.turns.len();
-        let Some(turn) = self.turns.last_mut() else {
-            return Err(Error::Invalid("nothing to regenerate: the conversation is empty".into()));
-        };
-        hist.truncate(turn.ready.pos);
-        emit(EngineEvent::Rewound {
-            pos: turn.ready.pos,
-            turns: n - 1,
-        });
-        emit(EngineEvent::TurnStarted {
-            id,
-            user: turn.user.clone(),
-        });
-        turn.regens += 1;
-        let mut p = params.clone();
-        p.seed = p.seed.wrapping_add(turn.regens);
-        let ready = turn.ready.clone();
-        match answer(model, tok, hist, id, &ready, turn.last_id, &p, cancel, emit) {
-            Ok((out, fed, end)) => {
-                let Some(turn) = self.turns.last_mut() else {
-                    return Err(Error::Invalid("nothing to regenerate: the conversation is empty".into()));
-                };
-                turn.answer = out.text.clone();
-                turn.fed = fed;
-                turn.pending = out.pending;
-                self.state = end;
-                self.pending = out.pending;
-                emit(EngineEvent::Done {
+    ) -> Result<Answer<State>> {
+        let params = with_chat_stops(params);
+        let mut state = ready.clone();
+        let out = generate(self, tok, &mut state, &[last_id], &params, true, cancel.as_atomic(), |ev| {
+            match ev {
+                GenEvent::Prefilled { probe, .. } => {
+                    if let Some(p) = probe {
+                        hist.push(p, ready.pos);
+                    }
+                    emit(EngineEvent::Prompt {
+                        id,
+                        tokens: records(tok, &[last_id], ready.pos, false, probe),
+                    });
+                }
+                GenEvent::Token { id: tid, pos, text, probe } => {
+                    if let Some(p) = probe {
+                        hist.push(p, pos);
+                    }
+                    let rec = records(tok, &[tid], pos, true, probe).pop().unwrap_or_default();
+                    emit(EngineEvent::Token {
+                        id,
+                        text: text.to_string(),
+                        rec: Box::new(rec),
+                    });
+                }
+                GenEvent::Tail { text } => emit(EngineEvent::Tail {
                     id,
-                    stats: out.stats,
-                    stop: out.stop,
-                });
-                Ok(())
+                    text: text.to_string(),
+                }),
             }
-            Err(e) => {
-                self.undo(hist, emit);
-                Err(e)
-            }
-        }
+            Ok(())
+        })?;
+        // Fed ids: the last prompt id then the answer, less an unfed last token.
+        let n_fed = state.pos - ready.pos;
+        let fed: Vec<u32> = std::iter::once(last_id).chain(out.tokens.iter().copied()).take(n_fed).collect();
+        Ok((out, fed, state))
     }
+}
 
-    /// Removes the last turn; returns false when there is none.
-    pub fn undo(&mut self, hist: &mut RouterHistory, emit: Emit<'_>) -> bool {
-        let Some(turn) = self.turns.pop() else { return false };
-        self.state = turn.before;
-        self.pending = turn.before_pending;
-        hist.truncate(self.state.pos);
-        emit(EngineEvent::Rewound {
-            pos: self.state.pos,
-            turns: self.turns.len(),
-        });
-        true
+impl Dialog<State> {
+    /// An empty conversation with a zero state.
+    pub fn new(model: &Model, system: Option<String>) -> Result<Self> {
+        Ok(Self::with_state(model.new_state(1)?, system))
     }
 
     /// Writes the conversation as JSON (atomically), one state snapshot per turn.
@@ -309,15 +188,6 @@ impl Conversation {
         }
         Ok(conv)
     }
-
-    /// What the UI shows of the conversation.
-    pub fn info(&self) -> ConversationInfo {
-        ConversationInfo {
-            system: self.system.clone(),
-            turns: self.turns.iter().map(|t| (t.user.clone(), t.answer.clone())).collect(),
-            pos: self.state.pos,
-        }
-    }
 }
 
 const FORMAT: &str = "blackmamba-chat";
@@ -350,59 +220,4 @@ fn replay(model: &Model, state: &mut State, ids: &[u32]) -> Result<()> {
     let t = Tensor::from_slice(ids, (1, ids.len()), &model.device)?;
     model.forward(&t, state, Logits::Last, None)?;
     Ok(())
-}
-
-/// Generates an answer from `ready` + `last_id`; returns the outcome and the ids it fed.
-#[allow(clippy::too_many_arguments)]
-fn answer(
-    model: &Model,
-    tok: &Tokenizer,
-    hist: &mut RouterHistory,
-    id: ReqId,
-    ready: &State,
-    last_id: u32,
-    params: &SamplingParams,
-    cancel: &CancelFlag,
-    emit: Emit<'_>,
-) -> Result<(GenOutcome, Vec<u32>, State)> {
-    let mut params = params.clone();
-    for s in STOP_STRINGS {
-        if !params.stop.iter().any(|x| x == s) {
-            params.stop.push((*s).to_string());
-        }
-    }
-    let mut state = ready.clone();
-    let out = generate(model, tok, &mut state, &[last_id], &params, true, cancel.as_atomic(), |ev| {
-        match ev {
-            GenEvent::Prefilled { probe, .. } => {
-                if let Some(p) = probe {
-                    hist.push(p, ready.pos);
-                }
-                emit(EngineEvent::Prompt {
-                    id,
-                    tokens: records(tok, &[last_id], ready.pos, false, probe),
-                });
-            }
-            GenEvent::Token { id: tid, pos, text, probe } => {
-                if let Some(p) = probe {
-                    hist.push(p, pos);
-                }
-                let rec = records(tok, &[tid], pos, true, probe).pop().unwrap_or_default();
-                emit(EngineEvent::Token {
-                    id,
-                    text: text.to_string(),
-                    rec: Box::new(rec),
-                });
-            }
-            GenEvent::Tail { text } => emit(EngineEvent::Tail {
-                id,
-                text: text.to_string(),
-            }),
-        }
-        Ok(())
-    })?;
-    // Fed ids: the last prompt id then the answer, less an unfed last token.
-    let n_fed = state.pos - ready.pos;
-    let fed: Vec<u32> = std::iter::once(last_id).chain(out.tokens.iter().copied()).take(n_fed).collect();
-    Ok((out, fed, state))
 }

@@ -13,6 +13,7 @@ pub mod info;
 pub mod protocol;
 pub mod sinkhorn;
 pub mod telemetry;
+pub mod turns;
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;

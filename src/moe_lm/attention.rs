@@ -64,6 +64,26 @@ impl LayerCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Bytes the cached keys and values take on their device.
+    pub fn bytes(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, v)| {
+            k.elem_count() * k.dtype().size_in_bytes() + v.elem_count() * v.dtype().size_in_bytes()
+        })
+    }
+
+    /// A cache holding `k` and `v`, (1, kv_heads, S, d) each (for benchmarks that fill a long
+    /// context without running it).
+    pub fn from_kv(k: Tensor, v: Tensor) -> Result<Self> {
+        if k.dims() != v.dims() || k.rank() != 4 {
+            return Err(crate::error::Error::Invalid(format!(
+                "internal: key and value caches must be (1, kv_heads, S, d) alike, got {:?} and {:?}",
+                k.dims(),
+                v.dims()
+            )));
+        }
+        Ok(Self { kv: Some((k, v)) })
+    }
 }
 
 /// One layer's attention weights and shape.

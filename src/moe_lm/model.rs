@@ -39,6 +39,11 @@ impl KvCache {
         self.layers.get(i).map_or(0, LayerCache::len)
     }
 
+    /// Bytes the keys and values of all layers take on their device.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::bytes).sum()
+    }
+
     /// Forgets everything (a new conversation).
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = LayerCache::default());
@@ -164,6 +169,28 @@ impl MoeLm {
             layers: vec![LayerCache::default(); self.layers.len()],
             pos: 0,
         }
+    }
+
+    /// A cache as after `len` tokens, filled with random normal keys and values of the model's
+    /// shape and dtype (each layer keeps what its window keeps): the attention of the next token
+    /// reads exactly as much as after running `len` real tokens, without the prefill's cost.
+    pub fn synthetic_cache(&self, len: usize) -> Result<KvCache> {
+        let keep = match self.cfg.sliding_window {
+            Some(w) => len.min(w.saturating_sub(1)),
+            None => len,
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for _ in &self.layers {
+            if keep == 0 {
+                layers.push(LayerCache::default());
+                continue;
+            }
+            let shape = (1, self.cfg.num_key_value_heads, keep, self.cfg.head_dim);
+            let k = Tensor::randn(0f32, 1f32, shape, self.device())?.to_dtype(self.dtype())?;
+            let v = Tensor::randn(0f32, 1f32, shape, self.device())?.to_dtype(self.dtype())?;
+            layers.push(LayerCache::from_kv(k, v)?);
+        }
+        Ok(KvCache { layers, pos: len })
     }
 
     /// Runs `ids` after what `cache` holds; returns the logits of every position (T, V) in f32

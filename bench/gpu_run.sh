@@ -123,8 +123,6 @@ elif [ "$PHASE" = s7 ]; then # the user's path: host sampler (default) vs --devi
     done
     wait $FXPID; cat /tmp/fx.log >> "$S"
 elif [ "$PHASE" = s8 ]; then # megakernel + device sampler first look; this build beside blackmamba-base
-    log "megakernel_gpu"
-    [ -x megakernel_gpu ] && timeout 120 ./megakernel_gpu --test-threads=1 --nocapture 2>&1 | tee "$OUT/mk.log" | grep -E "^test |test result|panicked|FAILED|error|Δ|mismatch" | head -60 | tee -a "$S"
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph,user
     bench 28ds $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes user --device-sampler
     [ -x blackmamba-base ] && BIN=./blackmamba-base bench 28old $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph
@@ -136,10 +134,16 @@ elif [ "$PHASE" = s8 ]; then # megakernel + device sampler first look; this buil
         timeout 100 ./$1 generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 512 ${2:-} --prompt "$P" 2>&1 >/dev/null | tail -2 | tee -a "$S"
     done
     bench 15 $M15 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph,user
-    BENCH_TIMEOUT=60 bench 28mk $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes mega
     [ -x blackmamba-base ] && BIN=./blackmamba-base bench 15old $M15 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph
+    log "quant_gpu"
+    [ -x quant_gpu ] && timeout 90 ./quant_gpu --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED|assert|left|right" | head -40 | tee -a "$S"
+    bench 28i8 $M28 --quant int8 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph,graph-dense,user
+    bench 28q4 $M28 --quant q4 --quant-keep fc2 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph,user
+    log "megakernel_gpu"
+    [ -x megakernel_gpu ] && timeout 90 ./megakernel_gpu --test-threads=1 --nocapture 2>&1 | tee "$OUT/mk.log" | grep -E "^test |test result|panicked|FAILED|error|Δ|mismatch" | head -60 | tee -a "$S"
+    BENCH_TIMEOUT=60 bench 28mk $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes mega
     for t in *_gpu; do
-        [ -x "$t" ] && [ "$t" != megakernel_gpu ] || continue
+        [ -x "$t" ] && [ "$t" != megakernel_gpu ] && [ "$t" != quant_gpu ] || continue
         log "$t"
         timeout 90 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
     done

@@ -86,7 +86,7 @@ params! {
         gshift: "int" => i32,
     }
 
-    /// `embed_T`: res = E[tok[0]].
+    /// `embed_T`: `res = E[tok[0]]`.
     struct EmbedParams {
         /// (V, d) T
         emb: "const T*" => u64,
@@ -180,7 +180,7 @@ params! {
     /// `gemv_resid_T`: res += gate · (W · x) (split-K over gridDim.y); W, or the routed expert's
     /// matrix from `wtab`.
     struct GemvResidParams {
-        /// (M, K) T or 0 (then wtab[route[0]])
+        /// (M, K) T or 0 (then `wtab[route[0]]`)
         W: "const T*" => u64,
         /// (E) device addresses or 0
         wtab: "const unsigned long long*" => u64,
@@ -225,7 +225,7 @@ params! {
         vec: "int" => i32,
     }
 
-    /// `sample_final`: argmax over the blocks' candidates -> tok, out[0]; step += 1; the
+    /// `sample_final`: argmax over the blocks' candidates -> tok, `out[0]`; step += 1; the
     /// telemetry sums.
     struct SampleFinalParams {
         /// (n) f32
@@ -245,7 +245,7 @@ params! {
         nblk: "int" => i32,
     }
 
-    /// `set_token`: tok[0] = id.
+    /// `set_token`: `tok[0] = id`.
     struct SetTokenParams {
         /// (1) u32
         tok: "unsigned int*" => u64,
@@ -371,7 +371,7 @@ params! {
         stride: "int" => i32,
     }
 
-    /// `moe_unpermute_T` (kernels/prefill.cu): y[t] = f32(ys[inverse[t]]) · gate[t].
+    /// `moe_unpermute_T` (kernels/prefill.cu): `y[t] = f32(ys[inverse[t]]) · gate[t]`.
     struct MoeUnpermuteParams {
         /// (rows, d) T in grouped (or padded) order
         ys: "const T*" => u64,

@@ -38,7 +38,7 @@ params! {
         smem_acc: "int" => i32,
     }
 
-    /// `rms_norm_dw`: dw[k] = Σ_b part[b, k].
+    /// `rms_norm_dw`: `dw[k] = Σ_b part[b, k]`.
     struct RmsNormDwParams {
         /// (nb, d) f32
         part: "const float*" => u64,
@@ -48,7 +48,7 @@ params! {
         d: "int" => i32,
     }
 
-    /// `gather_rows_f32`: out[i, k] = x[idx[i], k].
+    /// `gather_rows_f32`: `out[i, k] = x[idx[i], k]`.
     struct GatherRowsParams {
         /// (n) u32 < R
         idx: "const unsigned int*" => u64,
@@ -60,7 +60,7 @@ params! {
         d: "int" => i32,
     }
 
-    /// `scatter_add_rows_T`: dst[idx[i], k] += src[i, k] (float atomics).
+    /// `scatter_add_rows_T`: `dst[idx[i], k] += src[i, k]` (float atomics).
     struct ScatterAddRowsParams {
         /// (n) u32 < R
         idx: "const unsigned int*" => u64,
@@ -72,7 +72,7 @@ params! {
         d: "int" => i32,
     }
 
-    /// `cast_I_O`: dst[i] = O(src[i]); both 16-byte aligned.
+    /// `cast_I_O`: `dst[i] = O(src[i])`; both 16-byte aligned.
     struct CastParams {
         /// (n) I
         src: "const I*" => u64,
@@ -81,7 +81,7 @@ params! {
         n: "long long" => i64,
     }
 
-    /// `xent_fwd_T`: out[r] = (loss, lse) of logits row r; one block per row.
+    /// `xent_fwd_T`: `out[r]` = (loss, lse) of logits row r; one block per row.
     struct XentFwdParams {
         /// (n, v) T
         logits: "const T*" => u64,
@@ -188,8 +188,8 @@ params! {
         n: "unsigned long long" => u64,
     }
 
-    /// `moe_gate_bwd_bf16` (kernels/moe_train.cu): dgate[r] = Σ_k g[r, k] · y[r, k],
-    /// dy[r, k] = bf16(g[r, k] · gate[r]).
+    /// `moe_gate_bwd_bf16` (kernels/moe_train.cu): `dgate[r] = Σ_k g[r, k] · y[r, k]`,
+    /// `dy[r, k] = bf16(g[r, k] · gate[r])`.
     struct MoeGateBwdParams {
         /// (n, d) f32
         g: "const float*" => u64,

@@ -142,6 +142,8 @@ elif [ "$PHASE" = s8 ]; then # megakernel + device sampler first look; this buil
     log "megakernel_gpu"
     [ -x megakernel_gpu ] && timeout 90 ./megakernel_gpu --test-threads=1 --nocapture 2>&1 | tee "$OUT/mk.log" | grep -E "^test |test result|panicked|FAILED|error|Δ|mismatch" | head -60 | tee -a "$S"
     BENCH_TIMEOUT=60 bench 28mk $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes mega
+    log "torch baseline"
+    PYTHONUNBUFFERED=1 timeout 100 python3 torch_baseline.py --shape 2.8b --gen-len 256 --eager-len 32 2>&1 | tail -6 | tee -a "$S"
     for t in *_gpu; do
         [ -x "$t" ] && [ "$t" != megakernel_gpu ] && [ "$t" != quant_gpu ] || continue
         log "$t"

@@ -34,6 +34,11 @@ impl HubEnv {
     pub fn repo_dir(&self, repo: &str) -> PathBuf {
         self.cache_dir.join(format!("models--{}", repo.replace('/', "--")))
     }
+
+    /// The folder of one dataset repo in the cache (`datasets--owner--name`).
+    pub fn dataset_dir(&self, repo: &str) -> PathBuf {
+        self.cache_dir.join(format!("datasets--{}", repo.replace('/', "--")))
+    }
 }
 
 /// `$XDG_CACHE_HOME/blackmamba` (an absolute `XDG_CACHE_HOME` only, as the XDG spec asks), else
@@ -57,10 +62,14 @@ fn safe_revision(revision: &str) -> bool {
 /// The commit a revision names in the cache: the content of `refs/<revision>` when that file
 /// exists, else the revision itself (a commit sha), as Python's `huggingface_hub` does.
 pub fn cached_commit(env: &HubEnv, repo: &str, revision: &str) -> Option<String> {
+    commit_in(&env.repo_dir(repo), revision)
+}
+
+/// [`cached_commit`] in the cache folder `dir` of any repo (model or dataset).
+pub fn commit_in(dir: &Path, revision: &str) -> Option<String> {
     if !safe_revision(revision) {
         return None;
     }
-    let dir = env.repo_dir(repo);
     let commit = match std::fs::read_to_string(dir.join("refs").join(revision)) {
         Ok(c) => c.trim().to_string(),
         Err(_) => revision.to_string(),

@@ -19,7 +19,8 @@ pub struct EvalArgs {
     /// openbookqa, lambada, or all; scored as lm-evaluation-harness does (docs/eval.md).
     #[arg(long, value_delimiter = ',')]
     pub task: Vec<String>,
-    /// Folder of task files: TASK/SPLIT.jsonl (scripts/extract-olmo-tasks.py writes one).
+    /// Folder of task files: TASK/SPLIT.jsonl, TASK/SPLIT/*.arrow (datasets' save_to_disk) or
+    /// TASK/SPLIT*.parquet (docs/eval.md). Without it: the task's hub dataset (Parquet), cached.
     #[arg(long, requires = "task")]
     pub task_dir: Option<PathBuf>,
     /// Split to score (default: lm-eval's, else validation, else test, whichever has a file).

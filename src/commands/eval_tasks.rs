@@ -6,9 +6,9 @@ use anyhow::Context;
 
 use super::eval::EvalArgs;
 use super::ModelArgs;
-use crate::eval::data;
 use crate::eval::run::{evaluate, EvalOpts, TaskReport};
 use crate::eval::tasks::{Task, ALL};
+use crate::eval::{data, hub_tasks};
 use crate::finetune::loss::inference_view;
 use crate::tokenizer::EOS_ID;
 
@@ -43,17 +43,22 @@ pub fn parse_tasks(names: &[String]) -> anyhow::Result<Vec<Task>> {
 
 pub fn run(m: &ModelArgs, a: &EvalArgs) -> anyhow::Result<()> {
     let tasks = parse_tasks(&a.task)?;
-    let dir = a.task_dir.as_deref().context(
-        "--task-dir DIR: the folder of task files (TASK/SPLIT.jsonl; scripts/extract-olmo-tasks.py writes one); reading tasks from the hub is not built yet",
-    )?;
     if a.limit == Some(0) {
         anyhow::bail!("--limit must be at least 1");
     }
     // Read every task file before loading the model, so a bad file fails fast.
-    let datasets = tasks
-        .iter()
-        .map(|&t| data::load(dir, t, a.split.as_deref()))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Without --task-dir: each task's hub dataset (Parquet), from the cache or downloaded.
+    let split = a.split.as_deref();
+    let datasets = match &a.task_dir {
+        Some(dir) => tasks.iter().map(|&t| data::load(dir, t, split)).collect::<Result<Vec<_>, _>>()?,
+        None => {
+            let env = super::environment::hub_env();
+            tasks
+                .iter()
+                .map(|&t| hub_tasks::resolve(&env, t, split).and_then(|folder| data::load_folder(&folder, t, split)))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
     let loaded = super::load(m)?;
     let model = inference_view(&loaded.model)?;
     let opts = EvalOpts {

@@ -7,7 +7,7 @@
 //! after a sequence's end cannot change its earlier positions (the models are causal), so the
 //! result equals reading each pair from scratch ([`loglikelihood_full`]).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
@@ -322,26 +322,27 @@ fn padded(seqs: &[Vec<u32>], start: usize, width: usize, dev: &Device) -> Result
     Ok(Tensor::from_vec(flat, (seqs.len(), width), dev)?)
 }
 
-/// logits (n, T, V) where row t predicts continuation token t -> the score of each continuation
-/// (log-softmax and argmax on the device; only (n, T) numbers come back).
+/// logits (n, T, V) where row t predicts continuation token t -> the score of each continuation,
+/// by the same host arithmetic as [`loglikelihood_batch`] ([`log_prob`]), so the two paths differ
+/// only by the model's own rounding.
 fn gather(logits: &Tensor, conts: &[Vec<u32>]) -> Result<Vec<LogLik>> {
-    let (n, t, _) = logits.dims3()?;
-    let logits = logits.to_dtype(DType::F32)?;
-    let targets = padded(conts, 0, t, logits.device())?; // (n, T)
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?
-        .gather(&targets.unsqueeze(2)?, 2)?
-        .squeeze(2)?
-        .to_vec2::<f32>()?;
-    let best = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
-    let mut out = Vec::with_capacity(n);
-    for (i, c) in conts.iter().enumerate() {
-        let logprob = logp[i][..c.len()].iter().map(|&x| x as f64).sum();
-        let greedy = best[i][..c.len()] == c[..];
-        out.push(LogLik {
-            logprob,
-            greedy,
-            tokens: c.len(),
-        });
-    }
-    Ok(out)
+    let (_, t, v) = logits.dims3()?;
+    let host = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    conts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut ll = LogLik {
+                logprob: 0.0,
+                greedy: true,
+                tokens: c.len(),
+            };
+            for (j, &tok) in c.iter().enumerate().take(t) {
+                let (lp, best) = log_prob(&host[(i * t + j) * v..(i * t + j + 1) * v], tok)?;
+                ll.logprob += lp;
+                ll.greedy &= best == tok;
+            }
+            Ok(ll)
+        })
+        .collect()
 }

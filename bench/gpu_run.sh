@@ -122,12 +122,12 @@ elif [ "$PHASE" = s7 ]; then # the user's path: host sampler (default) vs --devi
         timeout 60 "./$t" --test-threads=1 2>&1 | tee -a "$OUT/tests.log" | grep -E "^test |test result|panicked|FAILED" | tee -a "$S"
     done
     wait $FXPID; cat /tmp/fx.log >> "$S"
-elif [ "$PHASE" = s8 ]; then # megakernel + device sampler first look; this build beside blackmamba-base
+elif [ "$PHASE" = s8 ]; then # the user path (device sampler by default, --host-sampler twin) beside blackmamba-base, quant, megakernel
     bench 28 $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph,user
-    bench 28ds $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes user --device-sampler
+    bench 28hs $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes user --host-sampler
     [ -x blackmamba-base ] && BIN=./blackmamba-base bench 28old $M28 --prompt-len 2048 --gen-len 512 --reps 2 --modes graph
     P="$(cat prompt.txt 2>/dev/null)"
-    for b in "blackmamba" "blackmamba --device-sampler" "blackmamba-base"; do
+    for b in "blackmamba" "blackmamba --host-sampler" "blackmamba-base"; do
         set -- $b
         [ -x "$1" ] || continue
         log "$b generate --model random:2.8b --device cuda --dtype bf16 --max-tokens 512 (prompt.txt)"

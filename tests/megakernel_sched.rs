@@ -270,7 +270,7 @@ const TOL: f32 = 1e-5;
 
 #[test]
 fn interpreter_matches_model_step_on_tiny_a() {
-    let model = load_dir(fixture(), &Device::Cpu, DType::F32).unwrap().0;
+    let model = load_dir(&fixture(), &Device::Cpu, DType::F32).unwrap().0;
     let (dl, dp, ds) = parity(&model, &[3, 16], &[1, 2, 3], 512);
     println!("tiny-a, 512 tokens: max relative |Δ| logits {dl:e}, router probs {dp:e}, states {ds:e}");
     assert!(dl < TOL && dp < TOL && ds < TOL, "logits {dl:e}, probs {dp:e}, states {ds:e}");

@@ -230,7 +230,13 @@ pub fn run(m: &ModelArgs, a: &BenchArgs) -> anyhow::Result<()> {
             let mut model =
                 bench::device_random::random_model(&cfg, *seed, &device, dtype).with_context(|| format!("building random:{shape}"))?;
             model.kernels = m.kernels.kernels();
-            (model, source.label(), None)
+            let mut label = source.label();
+            if let Some(q) = m.quant_spec()? {
+                crate::quant::apply::quantize_model(&mut model, &q)
+                    .with_context(|| format!("quantising random:{shape} to {}", q.format))?;
+                label = format!("{label} [{}]", q.format);
+            }
+            (model, label, None)
         }
         _ => {
             let l = super::load(m)?;

@@ -146,10 +146,10 @@ pub struct KernelArgs {
     /// Decode with one `Model::step` per token instead of the graph-captured CUDA decoder.
     #[arg(long, global = true, env = "BLACKMAMBA_NO_DECODER", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_decoder: bool,
-    /// The CUDA decoder samples the next token on the device (only the token comes back) instead
-    /// of copying its logits to the host sampler. Opt-in until its GPU parity tests have run.
-    #[arg(long, global = true, env = "BLACKMAMBA_DEVICE_SAMPLER", value_parser = clap::builder::FalseyValueParser::new())]
-    pub device_sampler: bool,
+    /// The CUDA decoder copies its logits to the host sampler every token instead of sampling on
+    /// the device (the default, where only the token comes back): the device sampler's twin.
+    #[arg(long, global = true, env = "BLACKMAMBA_HOST_SAMPLER", value_parser = clap::builder::FalseyValueParser::new())]
+    pub host_sampler: bool,
     /// Decode with the CUDA megakernel (one persistent launch per token; issue 17) instead of the
     /// graph-captured decoder. Opt-in until its GPU parity test has run; bf16 and f32 models.
     #[arg(long, global = true, env = "BLACKMAMBA_MEGAKERNEL", value_parser = clap::builder::FalseyValueParser::new())]
@@ -185,7 +185,7 @@ impl KernelArgs {
             mamba_grad: !self.slow_mamba_grad,
             moe_grad: !self.slow_moe_grad,
             decoder: !self.no_decoder,
-            sampler: self.device_sampler,
+            sampler: !self.host_sampler,
             megakernel: self.megakernel,
         }
     }

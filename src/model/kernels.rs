@@ -24,9 +24,9 @@ pub struct Kernels {
     /// Batch-1 decode (`generate`, the chat) on the graph-captured decoder of `runtime::decode`
     /// (off: one [`crate::model::Model::step`] per token, the decoder's twin).
     pub decoder: bool,
-    /// The decoder samples the next token on the device (`ops::sample`); off, its logits are
-    /// copied to the host and sampled there (the device sampler's twin). Off by default until the
-    /// device sampler's parity tests have run on a GPU (`--device-sampler` turns it on).
+    /// The decoder samples the next token on the device (`ops::sample`); off (`--host-sampler`),
+    /// its logits are copied to the host and sampled there (the device sampler's twin). On by
+    /// default since its parity tests passed on an H100 (session 8).
     pub sampler: bool,
     /// Batch-1 decode as one persistent megakernel launch per token
     /// (`runtime::megakernel::cuda`) instead of the graph-captured decoder. Opt-in
@@ -44,7 +44,7 @@ impl Default for Kernels {
             mamba_grad: true,
             moe_grad: true,
             decoder: true,
-            sampler: false,
+            sampler: true,
             megakernel: false,
         }
     }

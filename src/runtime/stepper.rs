@@ -108,7 +108,7 @@ impl Stepper {
             }
             let on_device = match model.kernels.sampler {
                 true => crate::ops::sample::supports(&sampler.params),
-                false => Err("the device sampler is opt-in (--device-sampler)".to_string()),
+                false => Err("--host-sampler asked for the host sampler".to_string()),
             };
             let opts = DecodeOpts {
                 probe,

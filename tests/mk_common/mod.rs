@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use blackmamba::loader::load_dir;
 use blackmamba::model::config::Config;
@@ -15,13 +15,17 @@ use blackmamba::runtime::megakernel::pack::roundtrip;
 use blackmamba::runtime::megakernel::*;
 use candle_core::{DType, Device, Tensor};
 
-pub fn fixture() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-a"))
+/// The golden fixture; `BM_FIXTURE_DIR` points elsewhere when the test binary runs away from
+/// its checkout (the device machine, bench/gpu_run.sh).
+pub fn fixture() -> PathBuf {
+    std::env::var_os("BM_FIXTURE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-a")).to_path_buf())
 }
 
 /// The tiny-a fixture in f32 on the CPU.
 pub fn tiny_a() -> Model {
-    load_dir(fixture(), &Device::Cpu, DType::F32).unwrap().0
+    load_dir(&fixture(), &Device::Cpu, DType::F32).unwrap().0
 }
 
 /// A config off every default the loader accepts: dense and MoE layers of 3 and 5 experts,

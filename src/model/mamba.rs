@@ -17,6 +17,7 @@ use crate::model::probe::MambaRecord;
 use crate::model::state::LayerState;
 use crate::ops::prof::{self, lap};
 use crate::ops::scan::selective_scan;
+use crate::ops::scan_train::FusedScan;
 
 /// Weights of one Mamba mixer; names as under `decoder.layers.{i}.mixer.`.
 #[derive(Debug, Clone)]
@@ -89,7 +90,7 @@ impl MambaMixer {
     /// `ops::scan_train::training_scan`); without a probe only. (On CUDA, fine-tuning takes the
     /// whole mixer past the projections as fused ops instead: `Model::block` picks
     /// `model::fused::mamba_train`.)
-    pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>, fused_scan: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>, fused_scan: FusedScan) -> Result<Tensor> {
         let (_b, len, _d) = x.dims3()?;
         let (di, k) = (self.d_inner, self.d_conv);
         let mut laps = prof::start(x.device())?; // `bench --finetune --profile`; None otherwise
@@ -113,9 +114,12 @@ impl MambaMixer {
         let (delta, bm, cm) = self.ssm_params(&v)?; // (B, L, di), (B, L, N), (B, L, N)
         lap(&mut laps, "mamba x_proj+dt_proj+softplus")?;
         let a = self.a_log.exp()?.neg()?; // eq. 6: (di, N)
-        let fused = match fused_scan && probe.is_none() {
-            true => crate::ops::scan_train::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
-            false => None,
+        let fused = match (fused_scan, probe.is_none()) {
+            (FusedScan::Train, true) => crate::ops::scan_train::training_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?,
+            (FusedScan::Infer, true) if v.device().is_cpu() => {
+                Some(crate::ops::scan_cpu_infer::selective_scan(&v, &delta, &a, &bm, &cm, &state.ssm)?)
+            }
+            _ => None,
         };
         let scan = match fused {
             Some(s) => s,

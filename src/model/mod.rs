@@ -366,7 +366,7 @@ impl Model {
                 let rec = probe.filter(|p| !p.moe_only).map(|p| &mut p.mamba[slot(false)]);
                 match (seq, self.fused_training_mixer(m, &normed, st, rec.is_some())?) {
                     (true, Some(out)) => out,
-                    (true, None) => m.forward(&normed, st, rec, self.scans_fused())?,
+                    (true, None) => m.forward(&normed, st, rec, self.fused_scan())?,
                     (false, _) => m.step(&normed, st, rec)?,
                 }
             }
@@ -461,14 +461,22 @@ impl Model {
         self.trains_with_kernels() || (self.kernels.enabled && self.differentiable && self.device.is_cpu())
     }
 
-    /// Whether a full-sequence read scans with the fused op of [`crate::ops::scan_train`]: when
-    /// fine-tuning ([`Model::trains_with_fused_scan`]), and for inference on the CPU with the
-    /// kernels on, where the sequential loop of [`crate::ops::scan_cpu`] does L·d_inner·N updates
-    /// against the tensor-op scan's L·log₂(chunk) rounds of (B, chunk, d_inner, N) tensors (the
-    /// scorer of `eval` and CPU prefill spent over half their time there). `--no-kernels` keeps the
-    /// tensor-op scan, the twin both are tested against.
-    pub fn scans_fused(&self) -> bool {
-        self.trains_with_fused_scan() || (self.kernels.enabled && self.device.is_cpu())
+    /// Which scan a full-sequence read takes: the fine-tuning ops when training
+    /// ([`Model::trains_with_fused_scan`], also for a DPO reference pass, so policy and reference
+    /// agree exactly), and for inference on the CPU with the kernels on the f32 loop of
+    /// [`crate::ops::scan_cpu_infer`] (L·d_inner·N updates against the tensor-op scan's
+    /// L·log₂(chunk) rounds of (B, chunk, d_inner, N) tensors, which took over half of `eval`'s and
+    /// CPU prefill's time). `--no-kernels` keeps the tensor-op scan, the twin both are tested against.
+    pub fn fused_scan(&self) -> crate::ops::scan_train::FusedScan {
+        use crate::ops::scan_train::FusedScan;
+        match (
+            self.trains_with_fused_scan(),
+            self.kernels.enabled && self.device.is_cpu() && !self.differentiable,
+        ) {
+            (true, _) => FusedScan::Train,
+            (false, true) => FusedScan::Infer,
+            (false, false) => FusedScan::Off,
+        }
     }
 
     /// Whether forward/step take the fused CUDA kernels (see [`Model::kernels`]).

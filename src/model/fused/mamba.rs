@@ -34,7 +34,7 @@ pub(crate) fn mamba_fusable(m: &MambaMixer, seq: bool) -> bool {
 /// Fused full-sequence Mamba mixer: x (B, L, d) -> (B, L, d). Twin: [`MambaMixer::forward`].
 pub fn mamba_forward(m: &MambaMixer, x: &Tensor, state: &mut LayerState, probe: Option<&mut MambaRecord>) -> Result<Tensor> {
     if !mamba_fusable(m, true) {
-        return m.forward(x, state, probe, false);
+        return m.forward(x, state, probe, crate::ops::scan_train::FusedScan::Off);
     }
     let (bn, len, _d) = x.dims3()?;
     let (di, k, n, r) = (m.d_inner, m.d_conv, m.d_state, m.dt_rank);
